@@ -1,0 +1,5 @@
+"""``python -m trustmesh``."""
+
+from trustmesh.cli import entrypoint
+
+entrypoint()

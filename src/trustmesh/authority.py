@@ -1,0 +1,561 @@
+"""The certificate authority: PKI + store + audit.
+
+:class:`CertificateAuthority` owns the CA files in ``TRUSTMESH_HOME`` (root and
+intermediate certificates, their encrypted keys, ``config.toml``) and the
+database. Every operation that hands something out records it and appends an
+audit event in the same transaction, and only then returns it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp
+
+from trustmesh.audit import AuditEvent, AuditReport, verify_chain
+from trustmesh.config import CONFIG_NAME, CAConfig
+from trustmesh.errors import ConfigError, ConflictError, NotFoundError
+from trustmesh.files import stage_file
+from trustmesh.pki import (
+    KeyType,
+    LeafRequest,
+    OCSPStatus,
+    PrivateKey,
+    Profile,
+    RevokedEntry,
+    SpiffeID,
+    build_crl,
+    build_ocsp_response,
+    check_csr,
+    create_intermediate,
+    create_root,
+    describe_key,
+    dump_private_key,
+    fingerprint,
+    generate_private_key,
+    issue_leaf,
+    key_type_of,
+    load_pem_certificates,
+    load_private_key,
+    parse_reason,
+    request_matches_issuer,
+)
+from trustmesh.store import CertificateRecord, Store, open_store
+
+__all__ = [
+    "CA_FILES",
+    "CertificateAuthority",
+    "Issued",
+    "default_actor",
+    "default_home",
+]
+
+#: Files ``ca init`` creates in TRUSTMESH_HOME, and their modes.
+CA_FILES = {
+    "root.pem": 0o644,
+    "root.key": 0o600,
+    "intermediate.pem": 0o644,
+    "intermediate.key": 0o600,
+}
+_SERIAL_ATTEMPTS = 5
+
+
+def default_home() -> Path:
+    """Return ``$TRUSTMESH_HOME`` or ``~/.trustmesh``."""
+    return Path(os.environ.get("TRUSTMESH_HOME") or Path.home() / ".trustmesh")
+
+
+def default_actor() -> str:
+    """Return ``cli:USER@HOST``: who acts, for audit events."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate the CA handed out.
+
+    Attributes:
+        certificate: The leaf.
+        chain: Leaf followed by the intermediate.
+        bundle: Trust anchors (the root).
+        record: What the store recorded.
+        key: The generated private key (``issue`` only; never stored).
+    """
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+    bundle: tuple[x509.Certificate, ...]
+    record: CertificateRecord
+    key: PrivateKey | None = None
+
+
+def _now(now: datetime | None) -> datetime:
+    return (now or datetime.now(UTC)).replace(microsecond=0)
+
+
+def _serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+class CertificateAuthority:
+    """A CA loaded from ``home``; see :meth:`init` and :meth:`open`.
+
+    Args:
+        home: The directory holding the CA files.
+        config: Its configuration.
+        store: The open store.
+        passphrase: Unlocks the intermediate key; None for read-only use.
+    """
+
+    def __init__(
+        self, home: Path, config: CAConfig, store: Store, passphrase: bytes | None
+    ) -> None:
+        self.home = home
+        self.config = config
+        self.store = store
+        self._passphrase = passphrase
+        self._key: PrivateKey | None = None
+        self.root = self._load_cert("root.pem")
+        self.intermediate = self._load_cert("intermediate.pem")
+        ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        self.issuer_id = ski.value.digest.hex()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        home: Path,
+        *,
+        trust_domain: str,
+        passphrase: bytes,
+        key_type: KeyType = KeyType.EC_P256,
+        db_url: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> CertificateAuthority:
+        """Create a root and an intermediate CA in ``home``.
+
+        Raises:
+            ConfigError: A CA already exists there, the trust domain is invalid,
+                the passphrase is empty, or the database cannot be reached.
+        """
+        existing = [n for n in (CONFIG_NAME, *CA_FILES) if (home / n).exists()]
+        if existing:
+            raise ConfigError(
+                f"A CA already exists in {home} ({', '.join(existing)}); refusing to "
+                f"overwrite it. Use another TRUSTMESH_HOME or remove the directory.",
+                path=str(home),
+            )
+        if not passphrase:
+            raise ConfigError(
+                "The CA passphrase is empty: set TRUSTMESH_CA_PASSPHRASE or pass "
+                "--passphrase-file with a non-empty passphrase."
+            )
+        SpiffeID.trust_domain_id(trust_domain)  # validates
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
+        store = open_store(url)  # fail on a bad database before writing any file
+        start = _now(now)
+        root_key = generate_private_key(key_type)
+        root = create_root(root_key, trust_domain, now=start)
+        inter_key = generate_private_key(key_type)
+        inter = create_intermediate(root, root_key, inter_key, trust_domain, now=start)
+        pem = serialization.Encoding.PEM
+        contents = {
+            "root.pem": root.public_bytes(pem),
+            "root.key": dump_private_key(root_key, passphrase),
+            "intermediate.pem": inter.public_bytes(pem),
+            "intermediate.key": dump_private_key(inter_key, passphrase),
+        }
+        config = CAConfig.new(trust_domain, url, key_type)
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for name, data in contents.items():
+                staged.append((stage_file(home / name, data, mode=CA_FILES[name]), home / name))
+            staged.append(
+                (stage_file(home / CONFIG_NAME, config.dumps().encode()), home / CONFIG_NAME)
+            )
+            with store.transaction() as conn:
+                store.append_audit(
+                    conn,
+                    at=start,
+                    actor=actor or default_actor(),
+                    action="init",
+                    subject=SpiffeID.trust_domain_id(trust_domain).uri,
+                    details={
+                        "key_type": key_type.value,
+                        "root_serial": _serial_hex(root.serial_number),
+                        "intermediate_serial": _serial_hex(inter.serial_number),
+                    },
+                )
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        except BaseException:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            store.close()
+            raise
+        return cls(home, config, store, passphrase)
+
+    @classmethod
+    def open(cls, home: Path, *, passphrase: bytes | None = None) -> CertificateAuthority:
+        """Open the CA in ``home``; a passphrase is needed only to sign.
+
+        Raises:
+            ConfigError: No CA there, or its database cannot be reached.
+        """
+        config = CAConfig.load(home / CONFIG_NAME)
+        store = open_store(config.db)
+        return cls(home, config, store, passphrase)
+
+    def close(self) -> None:
+        """Release the database."""
+        self.store.close()
+
+    def __enter__(self) -> CertificateAuthority:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_cert(self, name: str) -> x509.Certificate:
+        path = self.home / name
+        try:
+            return load_pem_certificates(path.read_bytes(), source=str(path))[0]
+        except FileNotFoundError:
+            raise ConfigError(
+                f"The CA in {self.home} is incomplete: {name} is missing.", path=str(path)
+            ) from None
+
+    @property
+    def signing_key(self) -> PrivateKey:
+        """The intermediate's private key, decrypted on first use.
+
+        Raises:
+            PKIError: No or a wrong passphrase.
+        """
+        if self._key is None:
+            path = self.home / "intermediate.key"
+            self._key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+        return self._key
+
+    @property
+    def bundle(self) -> tuple[x509.Certificate, ...]:
+        """The trust anchors relying parties should trust."""
+        return (self.root,)
+
+    # -- issuance -------------------------------------------------------------------
+
+    def issue(
+        self,
+        spiffe_id: str,
+        *,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
+        ttl: timedelta | None = None,
+        profile: str | None = None,
+        key_type: KeyType | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+        deliver: Callable[[Issued], None] | None = None,
+    ) -> Issued:
+        """Generate a key and issue a certificate for it.
+
+        Args:
+            spiffe_id: The identity.
+            dns: DNS SANs.
+            ips: IP SANs.
+            ttl: Lifetime (profile default when None).
+            profile: Profile name (the default profile when None).
+            key_type: Subject key type (the CA's key type when None).
+            actor: Who asks, for the audit log.
+            now: The current time (for tests).
+            deliver: Called with the result inside the transaction; if it raises,
+                nothing is recorded. Use it to stage output files.
+
+        Raises:
+            SpiffeIDError, PolicyError: The request is not allowed.
+        """
+        prof = self.config.profile(profile)
+        sid = SpiffeID.parse(spiffe_id)
+        addresses = tuple(self._parse_ip(ip) for ip in ips)
+        ktype = key_type or self.config.key_type
+        prof.check_spiffe_id(sid)
+        for name in dns:
+            prof.check_dns(name)
+        for ip in addresses:
+            prof.check_ip(ip)
+        if ktype not in prof.key_types:
+            prof.check_key(generate_private_key(ktype).public_key())
+        lifetime = prof.resolve_ttl(ttl)
+        key = generate_private_key(ktype)
+        request = LeafRequest(key.public_key(), sid, tuple(dns), addresses, prof.eku)
+        return self._sign(
+            request, prof, lifetime, key=key, actor=actor, now=now, deliver=deliver, action="issue"
+        )
+
+    def sign(
+        self,
+        csr: bytes | x509.CertificateSigningRequest,
+        *,
+        ttl: timedelta | None = None,
+        profile: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+        source: str = "CSR",
+        deliver: Callable[[Issued], None] | None = None,
+    ) -> Issued:
+        """Check a CSR against a profile and sign it.
+
+        Raises:
+            CSRError: The CSR is malformed or badly signed.
+            PolicyError: The profile forbids what it asks for.
+        """
+        prof = self.config.profile(profile)
+        request = check_csr(csr, prof, source=source)
+        lifetime = prof.resolve_ttl(ttl)
+        return self._sign(
+            request, prof, lifetime, actor=actor, now=now, deliver=deliver, action="sign"
+        )
+
+    @staticmethod
+    def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            raise ConfigError(
+                f"{value!r} is not an IP address: pass --ip 10.0.0.7 or --ip ::1.",
+                field="ip",
+            ) from None
+
+    def _sign(
+        self,
+        request: LeafRequest,
+        profile: Profile,
+        ttl: timedelta,
+        *,
+        action: str,
+        key: PrivateKey | None = None,
+        actor: str | None,
+        now: datetime | None,
+        deliver: Callable[[Issued], None] | None,
+    ) -> Issued:
+        start = _now(now)
+        signing_key = self.signing_key
+        for attempt in range(_SERIAL_ATTEMPTS):
+            cert = issue_leaf(
+                request,
+                self.intermediate,
+                signing_key,
+                ttl=ttl,
+                now=start,
+                crl_urls=self.config.crl_urls,
+                ocsp_urls=self.config.ocsp_urls,
+            )
+            record = self._record_for(cert, request, profile)
+            issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
+            try:
+                with self.store.transaction() as conn:
+                    self.store.add_certificate(conn, record)
+                    self.store.append_audit(
+                        conn,
+                        at=start,
+                        actor=actor or default_actor(),
+                        action=action,
+                        subject=record.serial,
+                        details={
+                            "spiffe_id": record.spiffe_id,
+                            "profile": profile.name,
+                            "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            "fingerprint": record.fingerprint,
+                        },
+                    )
+                    if deliver is not None:
+                        deliver(issued)
+            except ConflictError as exc:
+                if exc.details.get("reason") != "duplicate_serial" or (
+                    attempt == _SERIAL_ATTEMPTS - 1
+                ):
+                    raise
+                continue
+            return issued
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _record_for(
+        self, cert: x509.Certificate, request: LeafRequest, profile: Profile
+    ) -> CertificateRecord:
+        ktype = key_type_of(request.public_key)
+        return CertificateRecord(
+            issuer=self.issuer_id,
+            serial=_serial_hex(cert.serial_number),
+            spiffe_id=request.spiffe_id.uri,
+            dns=request.dns,
+            ips=tuple(str(ip) for ip in request.ips),
+            profile=profile.name,
+            key_type=ktype.value if ktype else describe_key(request.public_key),
+            fingerprint=fingerprint(cert).replace(":", "").lower(),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            issued_at=cert.not_valid_before_utc,
+            pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        )
+
+    # -- revocation -----------------------------------------------------------------
+
+    def revoke(
+        self,
+        serial: str | None = None,
+        *,
+        spiffe_id: str | None = None,
+        reason: str = "unspecified",
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> list[CertificateRecord]:
+        """Revoke one certificate by serial, or every unexpired one of an identity.
+
+        Returns:
+            The records that were revoked by this call (already revoked ones are
+            returned unchanged and not audited again).
+
+        Raises:
+            NotFoundError: No such serial, or no unexpired certificate for the ID.
+        """
+        reason_name = parse_reason(reason)
+        at = _now(now)
+        who = actor or default_actor()
+        if (serial is None) == (spiffe_id is None):
+            raise ConfigError("Give either a serial or --id SPIFFE_ID to revoke, not both.")
+        if serial is not None:
+            serials = [self._normalize_serial(serial)]
+        else:
+            sid = SpiffeID.parse(spiffe_id or "")
+            records = self.store.find_certificates(spiffe_id=sid.uri, valid_at=at)
+            serials = [r.serial for r in records if r.revoked_at is None]
+            if not serials:
+                raise NotFoundError(
+                    f"No unrevoked, unexpired certificate for {sid}; see 'trustmesh list "
+                    f"--id {sid}'.",
+                    spiffe_id=sid.uri,
+                )
+        revoked: list[CertificateRecord] = []
+        with self.store.transaction() as conn:
+            for value in serials:
+                before = self.store.get_certificate(value, conn)
+                after = self.store.mark_revoked(conn, value, at=at, reason=reason_name)
+                if before.revoked_at is None:
+                    self.store.append_audit(
+                        conn,
+                        at=at,
+                        actor=who,
+                        action="revoke",
+                        subject=after.serial,
+                        details={"spiffe_id": after.spiffe_id, "reason": reason_name},
+                    )
+                revoked.append(after)
+        return revoked
+
+    @staticmethod
+    def _normalize_serial(value: str) -> str:
+        cleaned = value.strip().lower().replace(":", "")
+        if cleaned.startswith("0x"):
+            cleaned = cleaned[2:]
+        try:
+            return _serial_hex(int(cleaned, 16))
+        except ValueError:
+            raise ConfigError(
+                f"{value!r} is not a certificate serial: give it in hex as 'trustmesh "
+                f"list' prints it.",
+                field="serial",
+            ) from None
+
+    def crl(
+        self, *, actor: str | None = None, now: datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        """Build a CRL of unexpired revoked certificates with the next CRL number."""
+        at = _now(now)
+        entries = [
+            RevokedEntry(int(serial, 16), datetime.fromtimestamp(revoked_at, UTC), reason)
+            for serial, revoked_at, reason in self.store.revoked_entries(now=at)
+        ]
+        key = self.signing_key
+        with self.store.transaction() as conn:
+            number = self.store.next_counter(conn, "crl_number")
+            crl = build_crl(
+                self.intermediate,
+                key,
+                entries,
+                number=number,
+                now=at,
+                lifetime=self.config.crl_lifetime,
+            )
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="crl",
+                subject=str(number),
+                details={"entries": len(entries)},
+            )
+        return crl
+
+    def ocsp_response(
+        self, request: ocsp.OCSPRequest, *, now: datetime | None = None
+    ) -> ocsp.OCSPResponse:
+        """Answer an OCSP request for a certificate of this CA."""
+        if not request_matches_issuer(request, self.intermediate):
+            status = OCSPStatus("unknown")
+        else:
+            try:
+                record = self.store.get_certificate(_serial_hex(request.serial_number))
+            except NotFoundError:
+                status = OCSPStatus("unknown")
+            else:
+                if record.revoked_at is not None:
+                    status = OCSPStatus(
+                        "revoked", record.revoked_at, record.revocation_reason or "unspecified"
+                    )
+                else:
+                    status = OCSPStatus("good")
+        return build_ocsp_response(request, status, self.intermediate, self.signing_key, now=now)
+
+    # -- listing, export, audit -----------------------------------------------------
+
+    def record_export(
+        self, kind: str, path: str, *, subject: str, actor: str | None = None
+    ) -> None:
+        """Audit an export (``p12``, ``truststore``, ``bundle``)."""
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=_now(None),
+                actor=actor or default_actor(),
+                action="export",
+                subject=subject,
+                details={"kind": kind, "path": path},
+            )
+
+    def verify_audit(self) -> AuditReport:
+        """Check the audit chain end to end."""
+        return verify_chain(
+            self.store.audit_events(), expected_count=self.store.counter("audit_seq")
+        )
+
+    def audit_tail(self, n: int) -> list[AuditEvent]:
+        """Return the last ``n`` audit events."""
+        return self.store.audit_events(last=n)

@@ -1,0 +1,74 @@
+"""The ``trustmesh`` command line: one module per command group.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad usage or bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import click
+
+from trustmesh import __version__
+from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
+
+from .audit import audit_group
+from .ca import ca_group
+from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
+from .export import export_group
+
+__all__ = ["cli", "main"]
+
+#: Errors caused by what the user gave us: exit code 2.
+_INPUT_ERRORS = (ConfigError, PKIError, NotFoundError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="trustmesh")
+def cli() -> None:
+    """trustmesh: short-lived SPIFFE identities and mutual TLS for microservices."""
+
+
+cli.add_command(ca_group)
+cli.add_command(issue_command)
+cli.add_command(sign_command)
+cli.add_command(revoke_command)
+cli.add_command(list_command)
+cli.add_command(crl_command)
+cli.add_command(export_group)
+cli.add_command(audit_group)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (does not call :func:`sys.exit`)."""
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="trustmesh",
+            standalone_mode=False,
+        )
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 2 if isinstance(exc, click.UsageError) else exc.exit_code
+    except _INPUT_ERRORS as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        return 2
+    except TrustmeshError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        return 1
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Shared CLI plumbing: the home directory, passphrases, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from trustmesh.authority import CertificateAuthority, default_home
+from trustmesh.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+def home_option(func: F) -> F:
+    """Add ``--home`` (default ``$TRUSTMESH_HOME`` or ``~/.trustmesh``)."""
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="CA directory (default: $TRUSTMESH_HOME or ~/.trustmesh).",
+    )(func)
+
+
+def passphrase_option(func: F) -> F:
+    """Add ``--passphrase-file``."""
+    return click.option(
+        "--passphrase-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="File holding the CA key passphrase (default: $TRUSTMESH_CA_PASSPHRASE, "
+        "or a prompt on a terminal).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """Add ``--json``."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def resolve_home(home: Path | None) -> Path:
+    """Return the CA directory to use."""
+    return home if home is not None else default_home()
+
+
+def read_secret(
+    path: Path | None, env: str, *, what: str, option: str, confirm: bool = False
+) -> bytes:
+    """Return a secret from a file, an environment variable, or a TTY prompt.
+
+    Raises:
+        ConfigError: None of them is available, or the file cannot be read.
+    """
+    if path is not None:
+        try:
+            value = path.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot read {what} from {path}: {exc.strerror}.", path=str(path)
+            ) from None
+        if not value:
+            raise ConfigError(f"{path} is empty: put the {what} in it.", path=str(path))
+        return value.encode()
+    if os.environ.get(env):
+        return os.environ[env].encode()
+    if sys.stdin.isatty():
+        value = click.prompt(what.capitalize(), hide_input=True, confirmation_prompt=confirm)
+        if value:
+            return str(value).encode()
+    raise ConfigError(f"No {what}: set {env}, pass {option}, or run on a terminal.")
+
+
+def ca_passphrase(path: Path | None, *, confirm: bool = False) -> bytes:
+    """Return the CA key passphrase."""
+    return read_secret(
+        path,
+        "TRUSTMESH_CA_PASSPHRASE",
+        what="CA passphrase",
+        option="--passphrase-file",
+        confirm=confirm,
+    )
+
+
+def open_ca(
+    home: Path | None, passphrase_file: Path | None = None, *, sign: bool = False
+) -> CertificateAuthority:
+    """Open the CA, unlocking its key when ``sign`` is True."""
+    passphrase = ca_passphrase(passphrase_file) if sign else None
+    ca = CertificateAuthority.open(resolve_home(home), passphrase=passphrase)
+    if sign:
+        try:
+            _ = ca.signing_key  # fail now on a wrong passphrase, before any work
+        except BaseException:
+            ca.close()
+            raise
+    return ca
+
+
+def print_json(data: object) -> None:
+    """Print JSON to stdout."""
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def print_table(
+    title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]
+) -> None:
+    """Print a Rich table for people."""
+    table = Table(title=title, show_lines=False, header_style="bold")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    console.print(table)
+
+
+def print_fields(title: str, fields: Sequence[tuple[str, object]]) -> None:
+    """Print a two-column key/value table."""
+    table = Table(title=title, show_header=False, header_style="bold")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in fields:
+        table.add_row(key, "" if value is None else str(value))
+    console.print(table)

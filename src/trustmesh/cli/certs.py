@@ -1,0 +1,303 @@
+"""``trustmesh issue|sign|revoke|list|crl``: certificates of workloads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from trustmesh.authority import Issued
+from trustmesh.errors import ConfigError
+from trustmesh.files import atomic_write, stage_file
+from trustmesh.pki import (
+    REASONS,
+    KeyType,
+    dump_private_key,
+    glob_match,
+    parse_duration,
+    pem_certificates,
+)
+from trustmesh.store import CertificateRecord
+
+from ._common import (
+    home_option,
+    json_option,
+    open_ca,
+    passphrase_option,
+    print_fields,
+    print_json,
+    print_table,
+)
+
+PEM = serialization.Encoding.PEM
+
+
+def _ttl(value: str | None) -> timedelta | None:
+    return None if value is None else parse_duration(value, field="--ttl")
+
+
+def _summary(issued: Issued, written: list[Path]) -> dict[str, object]:
+    data = issued.record.to_json()
+    data["files"] = [str(p) for p in written]
+    return data
+
+
+def _print_issued(issued: Issued, written: list[Path], as_json: bool) -> None:
+    if as_json:
+        print_json(_summary(issued, written))
+        return
+    record = issued.record
+    print_fields(
+        "issued",
+        [
+            ("SPIFFE ID", record.spiffe_id),
+            ("serial", record.serial),
+            ("profile", record.profile),
+            ("key", record.key_type),
+            ("DNS", ", ".join(record.dns) or "-"),
+            ("IP", ", ".join(record.ips) or "-"),
+            ("not after", record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")),
+            ("files", "\n".join(str(p) for p in written)),
+        ],
+    )
+
+
+class _Staged:
+    """Files prepared inside the issuing transaction, renamed after it commits."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []
+
+    def add(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+        self.pending.append((stage_file(path, data, mode=mode), path))
+
+    def commit(self) -> list[Path]:
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+        return [final for _, final in self.pending]
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+@click.command("issue")
+@click.argument("spiffe_id")
+@click.option("--dns", multiple=True, help="DNS SAN (repeatable).")
+@click.option("--ip", multiple=True, help="IP SAN (repeatable).")
+@click.option("--ttl", default=None, help="Lifetime, e.g. 24h (default: the profile's).")
+@click.option("--profile", default=None, help="Certificate profile from config.toml.")
+@click.option("--key-type", type=click.Choice([k.value for k in KeyType]), default=None)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for key.pem, cert.pem, chain.pem and bundle.pem.",
+)
+@home_option
+@passphrase_option
+@json_option
+def issue_command(
+    spiffe_id: str,
+    dns: tuple[str, ...],
+    ip: tuple[str, ...],
+    ttl: str | None,
+    profile: str | None,
+    key_type: str | None,
+    out: Path,
+    home: Path | None,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Generate a key here and issue a certificate for SPIFFE_ID.
+
+    The key never leaves this machine and is not stored by the CA. Writes
+    key.pem (0600), cert.pem, chain.pem (leaf + intermediate) and bundle.pem
+    (trust anchors) into --out.
+    """
+    lifetime = _ttl(ttl)
+    with open_ca(home, passphrase_file, sign=True) as ca:
+        staged = _Staged()
+
+        def deliver(issued: Issued) -> None:
+            out.mkdir(parents=True, exist_ok=True)
+            if issued.key is not None:
+                staged.add(out / "key.pem", dump_private_key(issued.key), mode=0o600)
+            staged.add(out / "cert.pem", issued.certificate.public_bytes(PEM))
+            staged.add(out / "chain.pem", pem_certificates(issued.chain))
+            staged.add(out / "bundle.pem", pem_certificates(issued.bundle))
+
+        try:
+            issued = ca.issue(
+                spiffe_id,
+                dns=dns,
+                ips=ip,
+                ttl=lifetime,
+                profile=profile,
+                key_type=KeyType.parse(key_type) if key_type else None,
+                deliver=deliver,
+            )
+        except BaseException:
+            staged.discard()
+            raise
+        _print_issued(issued, staged.commit(), as_json)
+
+
+@click.command("sign")
+@click.argument("csr_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--ttl", default=None, help="Lifetime, e.g. 24h (default: the profile's).")
+@click.option("--profile", default=None, help="Certificate profile from config.toml.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the certificate chain (leaf + intermediate, PEM).",
+)
+@home_option
+@passphrase_option
+@json_option
+def sign_command(
+    csr_file: Path,
+    ttl: str | None,
+    profile: str | None,
+    out: Path,
+    home: Path | None,
+    passphrase_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Check CSR_FILE against a profile and sign it.
+
+    The CSR must carry exactly one SPIFFE ID as a URI SAN. Writes the leaf
+    followed by the intermediate to --out.
+    """
+    try:
+        data = csr_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read {csr_file}: {exc.strerror}.", path=str(csr_file)) from None
+    lifetime = _ttl(ttl)
+    with open_ca(home, passphrase_file, sign=True) as ca:
+        staged = _Staged()
+        try:
+            issued = ca.sign(
+                data,
+                ttl=lifetime,
+                profile=profile,
+                source=str(csr_file),
+                deliver=lambda i: staged.add(out, pem_certificates(i.chain)),
+            )
+        except BaseException:
+            staged.discard()
+            raise
+        _print_issued(issued, staged.commit(), as_json)
+
+
+@click.command("revoke")
+@click.argument("serial", required=False)
+@click.option("--id", "spiffe_id", default=None, help="Revoke every valid certificate of this ID.")
+@click.option(
+    "--reason",
+    default="unspecified",
+    show_default=True,
+    help=f"RFC 5280 reason: {', '.join(REASONS)}.",
+)
+@home_option
+@json_option
+def revoke_command(
+    serial: str | None, spiffe_id: str | None, reason: str, home: Path | None, as_json: bool
+) -> None:
+    """Revoke a certificate by SERIAL, or all of an identity's with --id."""
+    if (serial is None) == (spiffe_id is None):
+        raise click.UsageError("Give a SERIAL or --id SPIFFE_ID (exactly one).")
+    with open_ca(home) as ca:
+        records = ca.revoke(serial, spiffe_id=spiffe_id, reason=reason)
+    if as_json:
+        print_json([r.to_json() for r in records])
+        return
+    for r in records:
+        click.echo(f"revoked {r.serial} ({r.spiffe_id}), reason {r.revocation_reason}")
+
+
+def _rows(records: list[CertificateRecord], now: datetime) -> list[list[object]]:
+    return [
+        [
+            r.serial,
+            r.spiffe_id,
+            r.status(now),
+            r.not_after.strftime("%Y-%m-%d %H:%M"),
+            r.profile,
+            r.revocation_reason or "",
+        ]
+        for r in records
+    ]
+
+
+@click.command("list")
+@click.option(
+    "--id", "id_glob", default=None, help="SPIFFE ID or glob (* in a segment, ** across)."
+)
+@click.option("--revoked", is_flag=True, help="Only revoked certificates.")
+@click.option("--expiring", default=None, help="Only valid ones expiring within this, e.g. 7d.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many rows.")
+@home_option
+@json_option
+def list_command(
+    id_glob: str | None,
+    revoked: bool,
+    expiring: str | None,
+    limit: int,
+    home: Path | None,
+    as_json: bool,
+) -> None:
+    """List issued certificates, newest first."""
+    now = datetime.now(UTC)
+    window = parse_duration(expiring, field="--expiring") if expiring else None
+    with open_ca(home) as ca:
+        exact = id_glob if id_glob and "*" not in id_glob else None
+        records = ca.store.find_certificates(
+            spiffe_id=exact,
+            revoked=True if revoked else (False if window else None),
+            expiring_before=now + window if window else None,
+            valid_at=now if window else None,
+            limit=None if id_glob and not exact else limit,
+        )
+    if id_glob and not exact:
+        records = [r for r in records if glob_match(r.spiffe_id, id_glob, sep="/")][:limit]
+    if as_json:
+        print_json([r.to_json(now) for r in records])
+        return
+    print_table(
+        f"{len(records)} certificate(s)",
+        ["serial", "SPIFFE ID", "status", "not after (UTC)", "profile", "reason"],
+        _rows(records, now),
+    )
+
+
+@click.command("crl")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to this file (DER unless --pem); default: PEM to stdout.",
+)
+@click.option("--pem", is_flag=True, help="Write PEM instead of DER.")
+@home_option
+@passphrase_option
+def crl_command(
+    out: Path | None, pem: bool, home: Path | None, passphrase_file: Path | None
+) -> None:
+    """Build a CRL of the unexpired revoked certificates, signed by the intermediate."""
+    with open_ca(home, passphrase_file, sign=True) as ca:
+        crl = ca.crl()
+    if out is None:
+        click.echo(crl.public_bytes(PEM).decode(), nl=False)
+        return
+    encoding = PEM if pem else serialization.Encoding.DER
+    atomic_write(out, crl.public_bytes(encoding))
+    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    click.echo(f"wrote CRL number {number} with {len(crl)} entries to {out}", err=True)

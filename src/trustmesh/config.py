@@ -1,0 +1,148 @@
+"""The CA's ``config.toml``: trust domain, database, key type and profiles."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from trustmesh.errors import ConfigError
+from trustmesh.files import atomic_write
+from trustmesh.pki import (
+    DEFAULT_CRL_LIFETIME,
+    KeyType,
+    Profile,
+    default_profile,
+    format_duration,
+    parse_duration,
+)
+
+__all__ = ["CONFIG_NAME", "CAConfig"]
+
+CONFIG_NAME = "config.toml"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """Settings of one CA, as stored in ``TRUSTMESH_HOME/config.toml``.
+
+    Args:
+        trust_domain: The SPIFFE trust domain.
+        db: The database URL.
+        key_type: Key type of the CA keys and the default for ``issue``.
+        crl_lifetime: ``nextUpdate`` - ``thisUpdate`` of CRLs.
+        crl_urls: CRL distribution points written into leaves.
+        ocsp_urls: OCSP responders written into leaves.
+        profiles: Certificate profiles by name.
+        default_profile: The profile used when none is named.
+    """
+
+    trust_domain: str
+    db: str
+    key_type: KeyType = KeyType.EC_P256
+    crl_lifetime: timedelta = DEFAULT_CRL_LIFETIME
+    crl_urls: tuple[str, ...] = ()
+    ocsp_urls: tuple[str, ...] = ()
+    profiles: Mapping[str, Profile] = field(default_factory=dict)
+    default_profile: str = "service"
+
+    @classmethod
+    def new(cls, trust_domain: str, db: str, key_type: KeyType) -> CAConfig:
+        """Return the configuration ``ca init`` writes."""
+        profile = default_profile(trust_domain)
+        return cls(trust_domain, db, key_type, profiles={profile.name: profile})
+
+    def profile(self, name: str | None) -> Profile:
+        """Return a profile by name (the default one for None).
+
+        Raises:
+            ConfigError: No profile has that name.
+        """
+        wanted = name or self.default_profile
+        try:
+            return self.profiles[wanted]
+        except KeyError:
+            raise ConfigError(
+                f"Unknown profile {wanted!r}: config.toml defines "
+                f"{sorted(self.profiles)}. Use one of them or add [profiles.{wanted}].",
+                field="profile",
+            ) from None
+
+    @classmethod
+    def load(cls, path: Path) -> CAConfig:
+        """Read a ``config.toml``.
+
+        Raises:
+            ConfigError: Missing, unparsable or invalid.
+        """
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(
+                f"No CA in {path.parent}: {path.name} is missing. Run 'trustmesh ca init "
+                f"--trust-domain example.org' or set TRUSTMESH_HOME.",
+                path=str(path),
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}.", path=str(path)) from None
+        try:
+            trust_domain = str(data["trust_domain"])
+            db = str(data["db"])
+        except KeyError as exc:
+            raise ConfigError(f"{path}: setting {exc.args[0]} is missing.") from None
+        raw_profiles = data.get("profiles", {})
+        if not isinstance(raw_profiles, dict) or not raw_profiles:
+            raise ConfigError(f"{path}: define at least one [profiles.NAME] table.")
+        profiles = {name: Profile.from_mapping(name, body) for name, body in raw_profiles.items()}
+        default = str(data.get("default_profile", "service"))
+        if default not in profiles:
+            raise ConfigError(
+                f"{path}: default_profile {default!r} is not one of {sorted(profiles)}."
+            )
+        return cls(
+            trust_domain=trust_domain,
+            db=db,
+            key_type=KeyType.parse(str(data.get("key_type", "ec-p256"))),
+            crl_lifetime=parse_duration(str(data.get("crl_lifetime", "24h")), field="crl_lifetime"),
+            crl_urls=tuple(data.get("crl_urls", [])),
+            ocsp_urls=tuple(data.get("ocsp_urls", [])),
+            profiles=profiles,
+            default_profile=default,
+        )
+
+    def dumps(self) -> str:
+        """Return the TOML text of this configuration."""
+        lines = [
+            "# trustmesh CA configuration, written by 'trustmesh ca init'.",
+            "# Profiles say what a certificate may contain; see docs/profiles.md.",
+            f"trust_domain = {_toml_value(self.trust_domain)}",
+            f"db = {_toml_value(self.db)}",
+            f"key_type = {_toml_value(self.key_type.value)}",
+            f"crl_lifetime = {_toml_value(format_duration(self.crl_lifetime))}",
+            f"crl_urls = {_toml_value(list(self.crl_urls))}",
+            f"ocsp_urls = {_toml_value(list(self.ocsp_urls))}",
+            f"default_profile = {_toml_value(self.default_profile)}",
+        ]
+        for name, profile in self.profiles.items():
+            lines += ["", f"[profiles.{name}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in profile.to_mapping().items()]
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: Path) -> None:
+        """Write atomically."""
+        atomic_write(path, self.dumps().encode(), mode=0o644)

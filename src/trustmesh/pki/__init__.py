@@ -1,0 +1,83 @@
+"""The PKI core: pure functions over cryptography objects.
+
+No I/O, no database, no web: everything here takes certificates, keys and
+settings and returns new ones, so it is easy to test and to reuse.
+"""
+
+from ._bundles import (
+    fingerprint,
+    load_pem_certificates,
+    pem_certificates,
+    pkcs12_keystore,
+    pkcs12_truststore,
+)
+from ._crl import DEFAULT_CRL_LIFETIME, REASONS, RevokedEntry, build_crl, parse_reason
+from ._csr import MAX_CSR_BYTES, check_csr, load_csr, request_from_csr
+from ._durations import format_duration, parse_duration
+from ._issue import (
+    BACKDATE,
+    LeafRequest,
+    create_intermediate,
+    create_root,
+    issue_leaf,
+    new_serial,
+)
+from ._keys import (
+    KeyType,
+    PrivateKey,
+    PublicKey,
+    describe_key,
+    dump_private_key,
+    generate_private_key,
+    key_type_of,
+    load_private_key,
+    signature_hash_for,
+)
+from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
+from ._profiles import Profile, default_profile
+from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
+from ._verify import spiffe_id_of, verify_chain
+
+__all__ = [
+    "BACKDATE",
+    "DEFAULT_CRL_LIFETIME",
+    "MAX_CSR_BYTES",
+    "REASONS",
+    "KeyType",
+    "LeafRequest",
+    "OCSPStatus",
+    "PrivateKey",
+    "Profile",
+    "PublicKey",
+    "RevokedEntry",
+    "SpiffeID",
+    "build_crl",
+    "build_ocsp_response",
+    "check_csr",
+    "create_intermediate",
+    "create_root",
+    "default_profile",
+    "describe_key",
+    "dump_private_key",
+    "fingerprint",
+    "format_duration",
+    "generate_private_key",
+    "glob_match",
+    "issue_leaf",
+    "key_type_of",
+    "load_csr",
+    "load_pem_certificates",
+    "load_private_key",
+    "match_spiffe_pattern",
+    "new_serial",
+    "parse_duration",
+    "parse_reason",
+    "pem_certificates",
+    "pkcs12_keystore",
+    "pkcs12_truststore",
+    "request_from_csr",
+    "request_matches_issuer",
+    "signature_hash_for",
+    "spiffe_id_of",
+    "verify_chain",
+]

@@ -1,0 +1,297 @@
+"""Building and signing certificates: the root, the intermediate and workload leaves.
+
+The leaf profile follows DESIGN.md ("Identity") and the X.509-SVID spec: exactly
+one URI SAN, optional DNS/IP SANs, no hostname-like CN, EKU from the profile,
+SKI/AKI, back-dated notBefore. The intermediate carries no name constraints:
+rustls-based peers and pyca's verifier reject chains that have URI ones.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ._keys import PrivateKey, PublicKey, signature_hash_for
+from ._spiffe import SpiffeID
+
+__all__ = [
+    "BACKDATE",
+    "DEFAULT_INTERMEDIATE_LIFETIME",
+    "DEFAULT_ROOT_LIFETIME",
+    "LeafRequest",
+    "create_intermediate",
+    "create_root",
+    "issue_leaf",
+    "new_serial",
+]
+
+DEFAULT_ROOT_LIFETIME = timedelta(days=3650)
+DEFAULT_INTERMEDIATE_LIFETIME = timedelta(days=365)
+#: notBefore is set this far in the past to absorb clock skew between hosts.
+BACKDATE = timedelta(minutes=1)
+_EKU_OIDS = {
+    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+    "server": ExtendedKeyUsageOID.SERVER_AUTH,
+}
+
+
+def new_serial() -> int:
+    """Return a random positive 159-bit serial number (RFC 5280 allows 20 octets)."""
+    while True:
+        serial = secrets.randbits(159)
+        if serial >= 1 << 64:  # at least 64 bits of entropy visible, never 0
+            return serial
+
+
+def _now(now: datetime | None) -> datetime:
+    current = now or datetime.now(UTC)
+    if current.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return current.replace(microsecond=0)
+
+
+def _ca_name(trust_domain: str, common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def create_root(
+    key: PrivateKey,
+    trust_domain: str,
+    *,
+    lifetime: timedelta = DEFAULT_ROOT_LIFETIME,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """Create a self-signed root CA certificate for a trust domain.
+
+    Args:
+        key: The root's private key.
+        trust_domain: Goes into the subject as ``O=`` and into a URI SAN as the
+            trust domain's SPIFFE ID.
+        lifetime: Validity period (10 years by default).
+        now: The current time (for tests).
+
+    Returns:
+        The root certificate.
+    """
+    start = _now(now)
+    name = _ca_name(trust_domain, "trustmesh Root CA")
+    public = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(new_serial())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(start + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(SpiffeID.trust_domain_id(trust_domain).uri)]
+            ),
+            critical=False,
+        )
+    )
+    return builder.sign(key, signature_hash_for(key))
+
+
+def create_intermediate(
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    key: PrivateKey,
+    trust_domain: str,
+    *,
+    lifetime: timedelta = DEFAULT_INTERMEDIATE_LIFETIME,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """Create the online intermediate CA (pathlen 0) signed by the root.
+
+    Args:
+        root: The root certificate.
+        root_key: The root's private key.
+        key: The intermediate's private key.
+        trust_domain: The trust domain (subject ``O=`` and URI SAN).
+        lifetime: Validity period (1 year by default), capped at the root's.
+        now: The current time (for tests).
+
+    Returns:
+        The intermediate certificate.
+    """
+    start = _now(now)
+    not_after = min(start + lifetime, root.not_valid_after_utc)
+    public = key.public_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_ca_name(trust_domain, "trustmesh Intermediate CA"))
+        .issuer_name(root.subject)
+        .public_key(public)
+        .serial_number(new_serial())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(SpiffeID.trust_domain_id(trust_domain).uri)]
+            ),
+            critical=False,
+        )
+    )
+    return builder.sign(root_key, signature_hash_for(root_key))
+
+
+@dataclass(frozen=True)
+class LeafRequest:
+    """What a workload certificate will certify, after policy checks.
+
+    Args:
+        public_key: The subject's public key.
+        spiffe_id: The identity (the only URI SAN).
+        dns: DNS SANs for hostname checks.
+        ips: IP SANs.
+        eku: ``client`` and/or ``server``.
+
+    .. versionadded:: 0.1
+    """
+
+    public_key: PublicKey
+    spiffe_id: SpiffeID
+    dns: tuple[str, ...] = ()
+    ips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    eku: tuple[str, ...] = ("client", "server")
+
+
+def issue_leaf(
+    request: LeafRequest,
+    issuer: x509.Certificate,
+    issuer_key: PrivateKey,
+    *,
+    ttl: timedelta,
+    serial: int | None = None,
+    now: datetime | None = None,
+    crl_urls: Sequence[str] = (),
+    ocsp_urls: Sequence[str] = (),
+) -> x509.Certificate:
+    """Sign a workload (leaf) certificate.
+
+    The lifetime ends no later than the issuer's own ``notAfter``.
+
+    Args:
+        request: The checked request.
+        issuer: The issuing (intermediate) certificate.
+        issuer_key: Its private key.
+        ttl: Lifetime from now; ``notBefore`` is back-dated by :data:`BACKDATE`.
+        serial: The serial number; a fresh random one when None.
+        now: The current time (for tests).
+        crl_urls: CRL distribution point URLs to embed.
+        ocsp_urls: OCSP responder URLs to embed (AIA).
+
+    Returns:
+        The leaf certificate.
+    """
+    start = _now(now)
+    not_after = min(start + ttl, issuer.not_valid_after_utc)
+    key = request.public_key
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(request.spiffe_id.uri)]
+    sans += [x509.DNSName(name) for name in request.dns]
+    sans += [x509.IPAddress(ip) for ip in request.ips]
+    is_rsa = isinstance(key, rsa.RSAPublicKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [x509.NameAttribute(NameOID.ORGANIZATION_NAME, request.spiffe_id.trust_domain)]
+            )
+        )
+        .issuer_name(issuer.subject)
+        .public_key(key)
+        .serial_number(serial if serial is not None else new_serial())
+        .not_valid_before(start - BACKDATE)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=is_rsa,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([_EKU_OIDS[name] for name in request.eku]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if crl_urls:
+        builder = builder.add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        full_name=[x509.UniformResourceIdentifier(u) for u in crl_urls],
+                        relative_name=None,
+                        reasons=None,
+                        crl_issuer=None,
+                    )
+                ]
+            ),
+            critical=False,
+        )
+    if ocsp_urls:
+        builder = builder.add_extension(
+            x509.AuthorityInformationAccess(
+                [
+                    x509.AccessDescription(
+                        x509.oid.AuthorityInformationAccessOID.OCSP,
+                        x509.UniformResourceIdentifier(u),
+                    )
+                    for u in ocsp_urls
+                ]
+            ),
+            critical=False,
+        )
+    return builder.sign(issuer_key, signature_hash_for(issuer_key))

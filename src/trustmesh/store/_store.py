@@ -1,0 +1,483 @@
+"""The certificate and audit store: SQLite by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+
+from trustmesh.audit import GENESIS, AuditEvent
+from trustmesh.errors import ConfigError, ConflictError, NotFoundError, StoreError
+
+from ._schema import audit_events, certificates, counters
+
+__all__ = ["CertificateRecord", "Store", "normalize_url", "open_store"]
+
+
+def _ts(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    """One certificate as the store knows it.
+
+    .. versionadded:: 0.1
+    """
+
+    issuer: str
+    serial: str
+    spiffe_id: str
+    dns: tuple[str, ...]
+    ips: tuple[str, ...]
+    profile: str
+    key_type: str
+    fingerprint: str
+    not_before: datetime
+    not_after: datetime
+    issued_at: datetime
+    pem: str
+    revoked_at: datetime | None = None
+    revocation_reason: str | None = None
+
+    def status(self, now: datetime | None = None) -> str:
+        """Return ``revoked``, ``expired`` or ``valid``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if (now or datetime.now(UTC)) > self.not_after:
+            return "expired"
+        return "valid"
+
+    def to_json(self, now: datetime | None = None) -> dict[str, Any]:
+        """Return a JSON-ready mapping (times as RFC 3339)."""
+
+        def iso(value: datetime | None) -> str | None:
+            return None if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+        return {
+            "serial": self.serial,
+            "spiffe_id": self.spiffe_id,
+            "status": self.status(now),
+            "dns": list(self.dns),
+            "ips": list(self.ips),
+            "profile": self.profile,
+            "key_type": self.key_type,
+            "fingerprint": self.fingerprint,
+            "not_before": iso(self.not_before),
+            "not_after": iso(self.not_after),
+            "issued_at": iso(self.issued_at),
+            "revoked_at": iso(self.revoked_at),
+            "revocation_reason": self.revocation_reason,
+            "issuer": self.issuer,
+        }
+
+
+def _record(row: Any) -> CertificateRecord:
+    return CertificateRecord(
+        issuer=row.issuer,
+        serial=row.serial,
+        spiffe_id=row.spiffe_id,
+        dns=tuple(filter(None, row.dns.split(","))),
+        ips=tuple(filter(None, row.ips.split(","))),
+        profile=row.profile,
+        key_type=row.key_type,
+        fingerprint=row.fingerprint,
+        not_before=_dt(row.not_before) or datetime.min,
+        not_after=_dt(row.not_after) or datetime.min,
+        issued_at=_dt(row.issued_at) or datetime.min,
+        pem=row.pem,
+        revoked_at=_dt(row.revoked_at),
+        revocation_reason=row.revocation_reason,
+    )
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgresql://`` and ``postgres://`` to the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def _redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid URL>"
+
+
+def _migration_config(connection: Connection) -> Config:
+    cfg = Config()
+    cfg.set_main_option(
+        "script_location", str(resources.files("trustmesh.store").joinpath("migrations"))
+    )
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+class Store:
+    """Certificates, counters and audit events in one database.
+
+    Open one with :func:`open_store`. Writes happen inside :meth:`transaction`,
+    which on SQLite takes the write lock at ``BEGIN`` (so read-then-write
+    sequences such as appending to the audit chain are serialized) and on
+    PostgreSQL relies on row locks of the ``counters`` table.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.url = engine.url.render_as_string(hide_password=True)
+        self.dialect = engine.dialect.name
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release all connections."""
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """Run a block in one transaction; commit on success, roll back on error.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except IntegrityError as exc:
+            raise ConflictError(
+                f"The database refused a duplicate record: {exc.orig}", reason="duplicate"
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
+            ) from exc
+
+    # -- counters -------------------------------------------------------------------
+
+    def next_counter(self, conn: Connection, name: str) -> int:
+        """Increment a counter and return its new value (row-locked until commit)."""
+        result = conn.execute(
+            update(counters)
+            .where(counters.c.name == name)
+            .values(value=counters.c.value + 1)
+            .returning(counters.c.value)
+        ).scalar_one()
+        return int(result)
+
+    def counter(self, name: str) -> int:
+        """Return a counter's current value."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(select(counters.c.value).where(counters.c.name == name)).scalar_one()
+            )
+
+    # -- certificates ---------------------------------------------------------------
+
+    def add_certificate(self, conn: Connection, record: CertificateRecord) -> None:
+        """Insert a certificate record.
+
+        Raises:
+            ConflictError: (on commit) the issuer already has this serial.
+        """
+        try:
+            with conn.begin_nested() if self.dialect == "postgresql" else contextlib.nullcontext():
+                conn.execute(
+                    insert(certificates).values(
+                        issuer=record.issuer,
+                        serial=record.serial,
+                        spiffe_id=record.spiffe_id,
+                        dns=",".join(record.dns),
+                        ips=",".join(record.ips),
+                        profile=record.profile,
+                        key_type=record.key_type,
+                        fingerprint=record.fingerprint,
+                        not_before=_ts(record.not_before),
+                        not_after=_ts(record.not_after),
+                        issued_at=_ts(record.issued_at),
+                        pem=record.pem,
+                    )
+                )
+        except IntegrityError as exc:
+            raise ConflictError(
+                f"Serial {record.serial} already exists for issuer {record.issuer}.",
+                serial=record.serial,
+                reason="duplicate_serial",
+            ) from exc
+
+    def get_certificate(self, serial: str, conn: Connection | None = None) -> CertificateRecord:
+        """Return the certificate with this serial (any issuer; newest first).
+
+        Raises:
+            NotFoundError: No such serial.
+        """
+        query = (
+            select(certificates)
+            .where(certificates.c.serial == serial.lower().lstrip("0"))
+            .order_by(certificates.c.id.desc())
+            .limit(1)
+        )
+        with contextlib.ExitStack() as stack:
+            c = conn or stack.enter_context(self.engine.connect())
+            row = c.execute(query).first()
+        if row is None:
+            raise NotFoundError(
+                f"No certificate with serial {serial} was issued by this CA; check it with "
+                f"'trustmesh list'.",
+                serial=serial,
+            )
+        return _record(row)
+
+    def find_certificates(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        revoked: bool | None = None,
+        expiring_before: datetime | None = None,
+        valid_at: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[CertificateRecord]:
+        """Return certificates matching all given filters, newest first.
+
+        Args:
+            spiffe_id: Exact SPIFFE ID.
+            revoked: Only revoked (True) or only unrevoked (False).
+            expiring_before: ``not_after`` earlier than this.
+            valid_at: Not expired at this time.
+            limit: At most this many.
+        """
+        query = select(certificates).order_by(certificates.c.id.desc())
+        if spiffe_id is not None:
+            query = query.where(certificates.c.spiffe_id == spiffe_id)
+        if revoked is True:
+            query = query.where(certificates.c.revoked_at.is_not(None))
+        elif revoked is False:
+            query = query.where(certificates.c.revoked_at.is_(None))
+        if expiring_before is not None:
+            query = query.where(certificates.c.not_after < _ts(expiring_before))
+        if valid_at is not None:
+            query = query.where(certificates.c.not_after >= _ts(valid_at))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def iter_certificates(self, batch: int = 5000) -> Iterator[CertificateRecord]:
+        """Yield every certificate, newest first, without loading all at once."""
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=batch).execute(
+                select(certificates).order_by(certificates.c.id.desc())
+            )
+            for row in result:
+                yield _record(row)
+
+    def mark_revoked(
+        self, conn: Connection, serial: str, *, at: datetime, reason: str
+    ) -> CertificateRecord:
+        """Mark a certificate revoked (idempotent: a second call changes nothing).
+
+        Raises:
+            NotFoundError: No such serial.
+        """
+        record = self.get_certificate(serial, conn)
+        if record.revoked_at is None:
+            conn.execute(
+                update(certificates)
+                .where(certificates.c.issuer == record.issuer)
+                .where(certificates.c.serial == record.serial)
+                .values(revoked_at=_ts(at), revocation_reason=reason)
+            )
+        return self.get_certificate(serial, conn)
+
+    def revoked_entries(self, *, now: datetime) -> list[tuple[str, int, str]]:
+        """Return ``(serial_hex, revoked_at, reason)`` of revoked, unexpired certificates."""
+        query = (
+            select(
+                certificates.c.serial,
+                certificates.c.revoked_at,
+                certificates.c.revocation_reason,
+            )
+            .where(certificates.c.revoked_at.is_not(None))
+            .where(certificates.c.not_after >= _ts(now))
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], int(r[1]), r[2] or "unspecified") for r in conn.execute(query)]
+
+    def count_certificates(self) -> int:
+        """Return how many certificates are recorded."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(certificates)).scalar_one())
+
+    # -- audit ----------------------------------------------------------------------
+
+    def append_audit(
+        self,
+        conn: Connection,
+        *,
+        at: datetime,
+        actor: str,
+        action: str,
+        subject: str,
+        details: dict[str, Any] | None = None,
+    ) -> AuditEvent:
+        """Append an event to the hash chain inside the caller's transaction."""
+        seq = self.next_counter(conn, "audit_seq")
+        prev = GENESIS
+        if seq > 1:
+            prev_row = conn.execute(
+                select(audit_events.c.hash).where(audit_events.c.seq == seq - 1)
+            ).scalar()
+            prev = prev_row or GENESIS
+        sealed = AuditEvent(
+            seq=seq,
+            at=_ts(at),
+            actor=actor,
+            action=action,
+            subject=subject,
+            details=dict(details or {}),
+            prev_hash=prev,
+        ).sealed()
+        conn.execute(
+            insert(audit_events).values(
+                seq=sealed.seq,
+                at=sealed.at,
+                actor=sealed.actor,
+                action=sealed.action,
+                subject=sealed.subject,
+                details=json.dumps(dict(sealed.details), sort_keys=True),
+                prev_hash=sealed.prev_hash,
+                hash=sealed.hash,
+            )
+        )
+        return sealed
+
+    def audit_events(self, *, last: int | None = None) -> list[AuditEvent]:
+        """Return audit events in order (only the last ``last`` ones when given)."""
+        query = select(audit_events).order_by(audit_events.c.seq)
+        if last is not None:
+            query = query.where(audit_events.c.seq > self.counter("audit_seq") - last)
+        with self.engine.connect() as conn:
+            return [
+                AuditEvent(
+                    seq=int(r.seq),
+                    at=int(r.at),
+                    actor=r.actor,
+                    action=r.action,
+                    subject=r.subject,
+                    details=json.loads(r.details),
+                    prev_hash=r.prev_hash,
+                    hash=r.hash,
+                )
+                for r in conn.execute(query)
+            ]
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _migrate(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # One process migrates at a time; the others wait, then find it done.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7219040221)"))
+        current = MigrationContext.configure(conn).get_current_revision()
+        cfg = _migration_config(conn)
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        if current != head:
+            command.upgrade(cfg, "head")
+
+
+def open_store(url: str, *, migrate: bool = True) -> Store:
+    """Connect to the database at ``url`` and bring its schema up to date.
+
+    Args:
+        url: ``sqlite:///path`` or ``postgresql://user@host:port/db``.
+        migrate: Apply pending migrations (Alembic) first.
+
+    Raises:
+        ConfigError: The URL is malformed or the database cannot be reached.
+    """
+    full = normalize_url(url)
+    try:
+        parsed = make_url(full)
+    except ArgumentError:
+        raise ConfigError(
+            f"Database URL {url!r} is not valid: use sqlite:///PATH or "
+            f"postgresql://USER@HOST:PORT/DB.",
+            field="db",
+        ) from None
+    if parsed.get_backend_name() not in {"sqlite", "postgresql"}:
+        raise ConfigError(
+            f"Database URL {_redact(full)} uses {parsed.get_backend_name()!r}: trustmesh "
+            f"supports sqlite:/// and postgresql:// URLs.",
+            field="db",
+        )
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 5}
+        kwargs["pool_pre_ping"] = True
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigError(
+            f"Cannot use database URL {_redact(full)}: {exc}. For PostgreSQL install "
+            f"the 'postgres' extra (psycopg).",
+            field="db",
+        ) from None
+    if engine.dialect.name == "sqlite":
+        _sqlite_setup(engine)
+    try:
+        if migrate:
+            _migrate(engine)
+        else:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        engine.dispose()
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(
+            f"Cannot reach the database at {_redact(full)}: {reason}. Check the URL "
+            f"(--db or db in config.toml) and that the server is running.",
+            field="db",
+        ) from None
+    return Store(engine)

@@ -1,0 +1,1 @@
+"""Alembic migrations, applied programmatically when a store is opened."""
