@@ -18,7 +18,8 @@ from trustmesh.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console(highlight=False, soft_wrap=True)
+# Pipes and CI logs get wide tables instead of 80 columns of wrapped cells.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def home_option(func: F) -> F:
