@@ -21,13 +21,19 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    insert,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoResultFound,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from trustmesh.audit import GENESIS, AuditEvent
 from trustmesh.errors import ConfigError, ConflictError, NotFoundError, StoreError
@@ -35,6 +41,77 @@ from trustmesh.errors import ConfigError, ConflictError, NotFoundError, StoreErr
 from ._schema import audit_events, certificates, counters
 
 __all__ = ["CertificateRecord", "Store", "normalize_url", "open_store"]
+
+
+# The issuance hot path (add_certificate, next_counter, append_audit) runs these on
+# the driver's cursor (see _execute): building, compiling and executing Core
+# statements cost several times more than the database work itself (see
+# bench/issuance.py and bench/RESULTS.md). Table and column names match
+# _schema.py. Written with SQLite's "?" placeholders.
+@dataclass(frozen=True)
+class _HotSQL:
+    insert_certificate: str
+    next_counter: str
+    audit_hash: str
+    insert_audit: str
+
+    def for_postgresql(self) -> _HotSQL:
+        """psycopg placeholders; a duplicate serial returns no row instead of aborting
+        the transaction (what a savepoint around a plain INSERT did, in one round trip).
+        """
+        return _HotSQL(
+            insert_certificate=self.insert_certificate.replace("?", "%s")
+            + " ON CONFLICT (issuer, serial) DO NOTHING RETURNING id",
+            next_counter=self.next_counter.replace("?", "%s"),
+            audit_hash=self.audit_hash.replace("?", "%s"),
+            insert_audit=self.insert_audit.replace("?", "%s"),
+        )
+
+
+_SQLITE_SQL = _HotSQL(
+    insert_certificate=(
+        "INSERT INTO certificates (issuer, serial, spiffe_id, dns, ips, profile, key_type, "
+        "fingerprint, not_before, not_after, issued_at, pem) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    next_counter="UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value",
+    audit_hash="SELECT hash FROM audit_events WHERE seq = ?",
+    insert_audit=(
+        "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+)
+_HOT_SQL = {"sqlite": _SQLITE_SQL, "postgresql": _SQLITE_SQL.for_postgresql()}
+
+
+def _execute(conn: Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    """Run one hot-path statement on ``conn``'s driver cursor and return the cursor.
+
+    The statement runs in the connection's transaction (begun here if none is).
+    Driver errors are raised as the SQLAlchemy exceptions ``conn.execute`` would
+    raise (``IntegrityError``, ``OperationalError``, ...), so callers and
+    :meth:`Store.transaction` handle them the same way.
+    """
+    if not conn.in_transaction():
+        conn.begin()  # what conn.execute would do (autobegin; BEGIN IMMEDIATE on SQLite)
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(sql, params)
+    except dbapi_error as exc:
+        cursor.close()
+        raise DBAPIError.instance(sql, params, exc, dbapi_error, dialect=conn.dialect) from exc
+    return cursor
+
+
+def _execute_one(conn: Connection, sql: str, params: tuple[Any, ...]) -> Any:
+    """Run a statement returning at most one row; return that row (or None)."""
+    cursor = _execute(conn, sql, params)
+    try:
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    return rows[0] if rows else None
 
 
 def _ts(value: datetime) -> int:
@@ -184,13 +261,10 @@ class Store:
 
     def next_counter(self, conn: Connection, name: str) -> int:
         """Increment a counter and return its new value (row-locked until commit)."""
-        result = conn.execute(
-            update(counters)
-            .where(counters.c.name == name)
-            .values(value=counters.c.value + 1)
-            .returning(counters.c.value)
-        ).scalar_one()
-        return int(result)
+        row = _execute_one(conn, _HOT_SQL[self.dialect].next_counter, (name,))
+        if row is None:
+            raise NoResultFound("No row was found when one was required")  # as scalar_one()
+        return int(row[0])
 
     def counter(self, name: str) -> int:
         """Return a counter's current value."""
@@ -207,30 +281,40 @@ class Store:
         Raises:
             ConflictError: (on commit) the issuer already has this serial.
         """
+        sql = _HOT_SQL[self.dialect].insert_certificate
+        params = (
+            record.issuer,
+            record.serial,
+            record.spiffe_id,
+            ",".join(record.dns),
+            ",".join(record.ips),
+            record.profile,
+            record.key_type,
+            record.fingerprint,
+            _ts(record.not_before),
+            _ts(record.not_after),
+            _ts(record.issued_at),
+            record.pem,
+        )
         try:
-            with conn.begin_nested() if self.dialect == "postgresql" else contextlib.nullcontext():
-                conn.execute(
-                    insert(certificates).values(
-                        issuer=record.issuer,
-                        serial=record.serial,
-                        spiffe_id=record.spiffe_id,
-                        dns=",".join(record.dns),
-                        ips=",".join(record.ips),
-                        profile=record.profile,
-                        key_type=record.key_type,
-                        fingerprint=record.fingerprint,
-                        not_before=_ts(record.not_before),
-                        not_after=_ts(record.not_after),
-                        issued_at=_ts(record.issued_at),
-                        pem=record.pem,
-                    )
-                )
+            cursor = _execute(conn, sql, params)
         except IntegrityError as exc:
-            raise ConflictError(
-                f"Serial {record.serial} already exists for issuer {record.issuer}.",
-                serial=record.serial,
-                reason="duplicate_serial",
-            ) from exc
+            raise self._duplicate(record) from exc
+        try:
+            # PostgreSQL's ON CONFLICT DO NOTHING RETURNING gives no row for a duplicate.
+            inserted = cursor.fetchone() is not None if self.dialect == "postgresql" else True
+        finally:
+            cursor.close()
+        if not inserted:
+            raise self._duplicate(record)
+
+    @staticmethod
+    def _duplicate(record: CertificateRecord) -> ConflictError:
+        return ConflictError(
+            f"Serial {record.serial} already exists for issuer {record.issuer}.",
+            serial=record.serial,
+            reason="duplicate_serial",
+        )
 
     def get_certificate(self, serial: str, conn: Connection | None = None) -> CertificateRecord:
         """Return the certificate with this serial (any issuer; newest first).
@@ -348,13 +432,12 @@ class Store:
         details: dict[str, Any] | None = None,
     ) -> AuditEvent:
         """Append an event to the hash chain inside the caller's transaction."""
+        sql = _HOT_SQL[self.dialect]
         seq = self.next_counter(conn, "audit_seq")
         prev = GENESIS
         if seq > 1:
-            prev_row = conn.execute(
-                select(audit_events.c.hash).where(audit_events.c.seq == seq - 1)
-            ).scalar()
-            prev = prev_row or GENESIS
+            prev_row = _execute_one(conn, sql.audit_hash, (seq - 1,))
+            prev = (prev_row[0] if prev_row else None) or GENESIS
         sealed = AuditEvent(
             seq=seq,
             at=_ts(at),
@@ -364,18 +447,20 @@ class Store:
             details=dict(details or {}),
             prev_hash=prev,
         ).sealed()
-        conn.execute(
-            insert(audit_events).values(
-                seq=sealed.seq,
-                at=sealed.at,
-                actor=sealed.actor,
-                action=sealed.action,
-                subject=sealed.subject,
-                details=json.dumps(dict(sealed.details), sort_keys=True),
-                prev_hash=sealed.prev_hash,
-                hash=sealed.hash,
-            )
-        )
+        _execute(
+            conn,
+            sql.insert_audit,
+            (
+                sealed.seq,
+                sealed.at,
+                sealed.actor,
+                sealed.action,
+                sealed.subject,
+                json.dumps(dict(sealed.details), sort_keys=True),
+                sealed.prev_hash,
+                sealed.hash,
+            ),
+        ).close()
         return sealed
 
     def audit_events(self, *, last: int | None = None) -> list[AuditEvent]:
