@@ -12,6 +12,7 @@ import contextlib
 import getpass
 import ipaddress
 import os
+import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,10 +22,20 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
+from sqlalchemy import Connection
 
-from trustmesh.audit import AuditEvent, AuditReport, verify_chain
+from trustmesh.audit import AuditEvent, AuditReport
+from trustmesh.audit import verify_chain as verify_audit_chain
 from trustmesh.config import CONFIG_NAME, CAConfig
-from trustmesh.errors import ConfigError, ConflictError, NotFoundError
+from trustmesh.errors import (
+    ConfigError,
+    ConflictError,
+    CSRError,
+    NotFoundError,
+    PolicyError,
+    ScopeError,
+    TokenError,
+)
 from trustmesh.files import stage_file
 from trustmesh.pki import (
     KeyType,
@@ -42,15 +53,24 @@ from trustmesh.pki import (
     describe_key,
     dump_private_key,
     fingerprint,
+    format_duration,
     generate_private_key,
     issue_leaf,
     key_type_of,
     load_pem_certificates,
     load_private_key,
+    match_spiffe_pattern,
     parse_reason,
     request_matches_issuer,
+    verify_chain,
 )
-from trustmesh.store import CertificateRecord, Store, open_store
+from trustmesh.store import (
+    CertificateRecord,
+    Store,
+    add_join_token,
+    consume_join_token,
+    open_store,
+)
 
 __all__ = [
     "CA_FILES",
@@ -68,6 +88,18 @@ CA_FILES = {
     "intermediate.key": 0o600,
 }
 _SERIAL_ATTEMPTS = 5
+#: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
+JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
+DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+MAX_TOKEN_TTL = timedelta(days=7)
+
+
+def _same_key(a: object, b: object) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return bool(
+        getattr(a, "public_bytes")(der, spki) == getattr(b, "public_bytes")(der, spki)  # noqa: B009
+    )
 
 
 def default_home() -> Path:
@@ -355,6 +387,8 @@ class CertificateAuthority:
         actor: str | None,
         now: datetime | None,
         deliver: Callable[[Issued], None] | None,
+        within: Callable[[Connection], None] | None = None,
+        extra: dict[str, str] | None = None,
     ) -> Issued:
         start = _now(now)
         signing_key = self.signing_key
@@ -372,6 +406,8 @@ class CertificateAuthority:
             issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
             try:
                 with self.store.transaction() as conn:
+                    if within is not None:
+                        within(conn)
                     self.store.add_certificate(conn, record)
                     self.store.append_audit(
                         conn,
@@ -384,6 +420,7 @@ class CertificateAuthority:
                             "profile": profile.name,
                             "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
                             "fingerprint": record.fingerprint,
+                            **(extra or {}),
                         },
                     )
                     if deliver is not None:
@@ -415,6 +452,184 @@ class CertificateAuthority:
             issued_at=cert.not_valid_before_utc,
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
         )
+
+    # -- enrollment and renewal -----------------------------------------------------
+
+    def create_join_token(
+        self,
+        spiffe_pattern: str,
+        *,
+        ttl: timedelta = DEFAULT_TOKEN_TTL,
+        uses: int = 1,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> str:
+        """Create a join token for an ID (or glob of IDs) and return it.
+
+        Only its SHA-256 is stored; the token is shown once.
+
+        Raises:
+            ConfigError: Bad pattern, lifetime or use count.
+            PolicyError: The default profile would never certify such an ID.
+        """
+        if "*" not in spiffe_pattern:
+            self.config.profile(None).check_spiffe_id(SpiffeID.parse(spiffe_pattern))
+        elif not spiffe_pattern.startswith(f"spiffe://{self.config.trust_domain}/"):
+            raise ConfigError(
+                f"Token pattern {spiffe_pattern!r} must start with "
+                f"spiffe://{self.config.trust_domain}/.",
+                field="spiffe_id",
+            )
+        if uses < 1:
+            raise ConfigError("--uses must be at least 1.", field="uses")
+        if ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL:
+            raise ConfigError(
+                f"A join token lives between 1 s and {format_duration(MAX_TOKEN_TTL)}; "
+                f"ask for a --ttl in that range.",
+                field="ttl",
+            )
+        start = _now(now)
+        token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self.store.transaction() as conn:
+            stored = add_join_token(
+                conn,
+                token=token,
+                spiffe_pattern=spiffe_pattern,
+                uses=uses,
+                expires_at=start + ttl,
+                created_at=start,
+                created_by=actor or default_actor(),
+            )
+            self.store.append_audit(
+                conn,
+                at=start,
+                actor=actor or default_actor(),
+                action="token",
+                subject=spiffe_pattern,
+                details={
+                    "token_sha256": stored.token_hash[:16],
+                    "uses": uses,
+                    "expires_at": (start + ttl).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                },
+            )
+        return token
+
+    def enroll(
+        self,
+        token: str,
+        csr: bytes,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign a CSR for a service's first identity, spending one use of a token.
+
+        The token is checked and spent in the same transaction that records the
+        certificate: a refused CSR gives the use back, a used token never yields
+        a certificate.
+
+        Raises:
+            TokenError: The token is unknown, used up or expired (reason in details).
+            ScopeError: The CSR asks for an ID the token is not bound to.
+            CSRError, PolicyError: The CSR is not acceptable.
+        """
+        start = _now(now)
+        profile = self.config.profile(None)
+        request = check_csr(csr, profile, source="the CSR")
+        lifetime = profile.resolve_ttl(None)
+
+        def spend(conn: Connection) -> None:
+            result = consume_join_token(conn, token, now=start)
+            if isinstance(result, str):
+                messages = {
+                    "unknown": "The join token is not known to this CA: create one with "
+                    "'trustmesh token create SPIFFE_ID'.",
+                    "used": "The join token was already used: create a new one with "
+                    "'trustmesh token create'.",
+                    "expired": "The join token expired: create a new one with "
+                    "'trustmesh token create'.",
+                }
+                raise TokenError(messages[result], reason=f"token_{result}")
+            if not match_spiffe_pattern(request.spiffe_id, result.spiffe_pattern):
+                raise ScopeError(
+                    f"The join token is for {result.spiffe_pattern}, not "
+                    f"{request.spiffe_id}: use a token created for this identity.",
+                    reason="token_wrong_identity",
+                )
+
+        return self._sign(
+            request,
+            profile,
+            lifetime,
+            action="enroll",
+            actor=actor,
+            now=start,
+            deliver=None,
+            within=spend,
+        )
+
+    def renew(
+        self,
+        current: x509.Certificate,
+        csr: bytes,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+        allow_same_key: bool = False,
+    ) -> Issued:
+        """Renew the identity ``current`` proves, for the CSR's (new) key.
+
+        Raises:
+            VerificationError: ``current`` is expired, revoked or not ours.
+            PolicyError: The CSR asks for a different SPIFFE ID.
+            CSRError: The CSR reuses the current key (unless allowed) or is bad.
+        """
+        start = _now(now)
+        spiffe_id = verify_chain(
+            current,
+            [self.intermediate],
+            list(self.bundle),
+            usage="client",
+            now=start,
+            is_revoked=self.is_revoked,
+        )
+        old = self.store.get_certificate(_serial_hex(current.serial_number))
+        profile = self.config.profile(old.profile if old.profile in self.config.profiles else None)
+        request = check_csr(csr, profile, source="the renewal CSR")
+        if request.spiffe_id != spiffe_id:
+            raise PolicyError(
+                f"A renewal keeps the identity: the CSR asks for {request.spiffe_id} but "
+                f"the caller is {spiffe_id}. Enroll with a join token for a new identity.",
+                reason="identity_change",
+            )
+        if not allow_same_key and _same_key(request.public_key, current.public_key()):
+            raise CSRError(
+                "The renewal CSR reuses the current key: generate a new key for each renewal.",
+                reason="same_key",
+            )
+        return self._sign(
+            request,
+            profile,
+            profile.resolve_ttl(None),
+            action="renew",
+            actor=actor or str(spiffe_id),
+            now=start,
+            deliver=None,
+            extra={"renews": old.serial},
+        )
+
+    def is_revoked(self, cert: x509.Certificate) -> bool:
+        """Return True when ``cert`` is revoked, or is a leaf this CA never recorded.
+
+        CA certificates (ours) are never in the table and count as not revoked.
+        """
+        if cert == self.intermediate or cert in self.bundle:
+            return False
+        try:
+            record = self.store.get_certificate(_serial_hex(cert.serial_number))
+        except NotFoundError:
+            return True  # signed by our key but not recorded: fail closed
+        return record.revoked_at is not None
 
     # -- revocation -----------------------------------------------------------------
 
@@ -552,7 +767,7 @@ class CertificateAuthority:
 
     def verify_audit(self) -> AuditReport:
         """Check the audit chain end to end."""
-        return verify_chain(
+        return verify_audit_chain(
             self.store.audit_events(), expected_count=self.store.counter("audit_seq")
         )
 

@@ -50,6 +50,7 @@ class CAConfig:
         ocsp_urls: OCSP responders written into leaves.
         profiles: Certificate profiles by name.
         default_profile: The profile used when none is named.
+        admins: SPIFFE IDs (or globs) that may revoke any certificate over the API.
     """
 
     trust_domain: str
@@ -60,6 +61,7 @@ class CAConfig:
     ocsp_urls: tuple[str, ...] = ()
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     default_profile: str = "service"
+    admins: tuple[str, ...] = ()
 
     @classmethod
     def new(cls, trust_domain: str, db: str, key_type: KeyType) -> CAConfig:
@@ -123,6 +125,7 @@ class CAConfig:
             ocsp_urls=tuple(data.get("ocsp_urls", [])),
             profiles=profiles,
             default_profile=default,
+            admins=tuple(str(a) for a in data.get("admins", [])),
         )
 
     def dumps(self) -> str:
@@ -137,6 +140,8 @@ class CAConfig:
             f"crl_urls = {_toml_value(list(self.crl_urls))}",
             f"ocsp_urls = {_toml_value(list(self.ocsp_urls))}",
             f"default_profile = {_toml_value(self.default_profile)}",
+            "# SPIFFE IDs (or globs) allowed to revoke any certificate through 'ca serve'.",
+            f"admins = {_toml_value(list(self.admins))}",
         ]
         for name, profile in self.profiles.items():
             lines += ["", f"[profiles.{name}]"]

@@ -17,6 +17,7 @@ from .audit import audit_group
 from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
 from .export import export_group
+from .token import token_group
 
 __all__ = ["cli", "main"]
 
@@ -38,6 +39,7 @@ cli.add_command(list_command)
 cli.add_command(crl_command)
 cli.add_command(export_group)
 cli.add_command(audit_group)
+cli.add_command(token_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

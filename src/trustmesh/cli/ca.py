@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -125,3 +126,45 @@ def show_command(home: Path | None, as_json: bool) -> None:
             print_json(_describe(ca))
         else:
             _show(ca)
+
+
+@ca_group.command("serve")
+@click.option(
+    "--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on."
+)
+@click.option(
+    "--admin",
+    "admins",
+    multiple=True,
+    help="SPIFFE ID (or glob) that may revoke any certificate (repeatable; adds to "
+    "'admins' in config.toml).",
+)
+@click.option("--log-level", default="info", show_default=True)
+@home_option
+@passphrase_option
+def serve_command(
+    listen: str,
+    admins: tuple[str, ...],
+    log_level: str,
+    home: Path | None,
+    passphrase_file: Path | None,
+) -> None:
+    """Run the CA's HTTPS API: bundle, enroll, renew, revoke, CRL and OCSP.
+
+    The server presents a certificate the CA issues to itself (naming localhost
+    and the listen address), so `curl --cacert bundle.pem` works.
+    """
+    from trustmesh.ca_server import parse_listen, serve
+
+    parse_listen(listen)  # bad input fails before the passphrase is needed
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    with open_ca(home, passphrase_file, sign=True) as ca:
+        serve(
+            ca,
+            listen=listen,
+            admins=tuple(ca.config.admins) + admins,
+            log_level=log_level,
+            ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
+        )

@@ -62,3 +62,15 @@ audit_events = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+#: One-time (or few-time) join tokens for first enrollment; only the hash is kept.
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),  # SHA-256 hex of the token
+    Column("spiffe_pattern", Text, nullable=False),  # an ID or a glob
+    Column("uses_left", Integer, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+)

@@ -414,6 +414,19 @@ class Store:
         with self.engine.connect() as conn:
             return [(r[0], int(r[1]), r[2] or "unspecified") for r in conn.execute(query)]
 
+    def revocation_state(self) -> tuple[int, int]:
+        """Return ``(number of revoked certificates, latest revocation time)``.
+
+        Cheap to poll: it changes whenever anything is revoked, so a cached CRL
+        can be reused while it stays the same.
+        """
+        query = select(func.count(), func.coalesce(func.max(certificates.c.revoked_at), 0)).where(
+            certificates.c.revoked_at.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            count, latest = conn.execute(query).one()
+        return int(count), int(latest)
+
     def count_certificates(self) -> int:
         """Return how many certificates are recorded."""
         with self.engine.connect() as conn:

@@ -1,0 +1,350 @@
+"""The CA's HTTP API (Starlette): bundle, enrollment, renewal, revocation, CRL, OCSP.
+
+Every route answers JSON or a standard binary format; every error is an RFC 9457
+``application/problem+json`` document whose ``detail`` says what to do. Bad input is
+always a 4xx. Routes that need an identity read the client certificate the TLS layer
+verified (ASGI TLS extension, filled by :mod:`trustmesh.tls`) and check it again
+against the store (revocation) before acting.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509 import ocsp
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from trustmesh.authority import CertificateAuthority, Issued
+from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.pki import SpiffeID, match_spiffe_pattern, pem_certificates, verify_chain
+
+from ._problems import problem, problem_for
+
+__all__ = ["MAX_BODY", "ServerSettings", "create_app"]
+
+log = logging.getLogger("trustmesh.ca_server")
+
+#: Request bodies larger than this are refused with 413.
+MAX_BODY = 64 * 1024
+PEM = serialization.Encoding.PEM
+
+
+@dataclass
+class ServerSettings:
+    """Runtime settings of ``ca serve``.
+
+    Args:
+        admins: SPIFFE IDs (or globs) allowed to revoke any certificate.
+        crl_max_age: Seconds a built CRL is reused while nothing was revoked.
+    """
+
+    admins: tuple[str, ...] = ()
+    crl_max_age: int = 300
+    _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _jwk(cert: x509.Certificate) -> dict[str, Any]:
+    key = cert.public_key()
+    jwk: dict[str, Any] = {
+        "use": "x509-svid",
+        "x5c": [base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()],
+    }
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        size = (key.curve.key_size + 7) // 8
+        numbers = key.public_numbers()
+        jwk |= {
+            "kty": "EC",
+            "crv": {"secp256r1": "P-256", "secp384r1": "P-384"}.get(key.curve.name, key.curve.name),
+            "x": _b64url(numbers.x.to_bytes(size, "big")),
+            "y": _b64url(numbers.y.to_bytes(size, "big")),
+        }
+    elif isinstance(key, rsa.RSAPublicKey):
+        numbers_rsa = key.public_numbers()
+        jwk |= {
+            "kty": "RSA",
+            "n": _b64url(numbers_rsa.n.to_bytes((numbers_rsa.n.bit_length() + 7) // 8, "big")),
+            "e": _b64url(numbers_rsa.e.to_bytes((numbers_rsa.e.bit_length() + 7) // 8, "big")),
+        }
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        jwk |= {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+    return jwk
+
+
+def _issued_json(issued: Issued) -> dict[str, Any]:
+    record = issued.record
+    return {
+        "spiffe_id": record.spiffe_id,
+        "serial": record.serial,
+        "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "certificate": issued.certificate.public_bytes(PEM).decode(),
+        "chain": pem_certificates(issued.chain).decode(),
+        "bundle": pem_certificates(issued.bundle).decode(),
+    }
+
+
+async def _read_body(request: Request) -> bytes | Response:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
+        return problem(
+            413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return problem(
+                413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: Request, *fields: str) -> dict[str, Any] | Response:
+    body = await _read_body(request)
+    if isinstance(body, Response):
+        return body
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return problem(400, "Bad request", "The body is not JSON: send a JSON object.")
+    if not isinstance(data, dict):
+        return problem(400, "Bad request", "The body must be a JSON object.")
+    missing = [f for f in fields if not isinstance(data.get(f), str) or not data.get(f)]
+    if missing:
+        return problem(
+            400, "Bad request", f"Missing or non-string field(s) {missing}: send {list(fields)}."
+        )
+    return data
+
+
+def _peer_certificate(request: Request) -> x509.Certificate | None:
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    if not chain:
+        return None
+    return x509.load_pem_x509_certificate(chain[0].encode())
+
+
+def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> Starlette:
+    """Build the ASGI app for an open CA (its signing key unlocked)."""
+    opts = settings or ServerSettings()
+
+    def caller(request: Request) -> tuple[x509.Certificate, SpiffeID]:
+        cert = _peer_certificate(request)
+        if cert is None:
+            raise VerificationError(
+                "This route needs a client certificate: call it over mTLS with your "
+                "current identity (e.g. curl --cert chain.pem --key key.pem).",
+                reason="no_client_certificate",
+            )
+        spiffe_id = verify_chain(
+            cert, [ca.intermediate], list(ca.bundle), usage="client", is_revoked=ca.is_revoked
+        )
+        return cert, spiffe_id
+
+    async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await work()
+        except TrustmeshError as exc:
+            response = problem_for(exc)
+            log.info(
+                "denied %s %s: %s (%s)",
+                request.method,
+                request.url.path,
+                exc.details.get("reason") or type(exc).__name__,
+                exc.message,
+            )
+            return response
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        def check() -> None:
+            with ca.store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        try:
+            await run_in_threadpool(check)
+        except Exception as exc:  # any database failure means not ready
+            return problem(
+                503, "Not ready", f"The database is not reachable: {type(exc).__name__}."
+            )
+        return JSONResponse({"status": "ready", "database": "ok", "keys": "loaded"})
+
+    async def bundle(request: Request) -> Response:
+        fmt = request.query_params.get("format", "pem")
+        if fmt == "spiffe":
+            doc = {
+                "keys": [_jwk(c) for c in ca.bundle],
+                "spiffe_refresh_hint": 300,
+                "spiffe_sequence": 1,
+            }
+            return JSONResponse(doc, headers={"Cache-Control": "max-age=300"})
+        if fmt != "pem":
+            return problem(400, "Bad request", f"Unknown format {fmt!r}: use 'pem' or 'spiffe'.")
+        return Response(
+            pem_certificates(ca.bundle),
+            media_type="application/x-pem-file",
+            headers={"Cache-Control": "max-age=300"},
+        )
+
+    def current_crl() -> tuple[bytes, int]:
+        state = ca.store.revocation_state()
+        with opts._crl_lock:
+            cached = opts._crl_cache
+            if (
+                cached is not None
+                and cached[0] == state
+                and time.monotonic() - cached[1] < opts.crl_max_age
+            ):
+                return cached[2], cached[3]
+            crl = ca.crl(actor="ca-server")
+            number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+            der = crl.public_bytes(serialization.Encoding.DER)
+            opts._crl_cache = (state, time.monotonic(), der, number)
+            return der, number
+
+    async def crl(request: Request) -> Response:
+        der, number = await run_in_threadpool(current_crl)
+        etag = f'"crl-{number}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"ETag": etag})
+        return Response(
+            der,
+            media_type="application/pkix-crl",
+            headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
+        )
+
+    async def ocsp_get(request: Request) -> Response:
+        encoded = request.path_params["request"]
+        try:
+            der = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_")
+        except ValueError:
+            return problem(400, "Bad OCSP request", "The URL does not hold a base64 OCSP request.")
+        return await answer_ocsp(der)
+
+    async def ocsp_post(request: Request) -> Response:
+        body = await _read_body(request)
+        if isinstance(body, Response):
+            return body
+        return await answer_ocsp(body)
+
+    async def answer_ocsp(der: bytes) -> Response:
+        try:
+            req = ocsp.load_der_ocsp_request(der)
+        except ValueError:
+            malformed = ocsp.OCSPResponseBuilder.build_unsuccessful(
+                ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+            )
+            return Response(
+                malformed.public_bytes(serialization.Encoding.DER),
+                media_type="application/ocsp-response",
+            )
+        response = await run_in_threadpool(ca.ocsp_response, req)
+        return Response(
+            response.public_bytes(serialization.Encoding.DER),
+            media_type="application/ocsp-response",
+            headers={"Cache-Control": "max-age=60"},
+        )
+
+    async def enroll(request: Request) -> Response:
+        async def work() -> Response:
+            data = await _json_body(request, "token", "csr")
+            if isinstance(data, Response):
+                return data
+            client = request.client.host if request.client else "?"
+            issued = await run_in_threadpool(
+                ca.enroll, data["token"], data["csr"].encode(), actor=f"enroll:{client}"
+            )
+            log.info("enrolled %s serial %s", issued.record.spiffe_id, issued.record.serial)
+            return JSONResponse(_issued_json(issued), status_code=201)
+
+        return await guarded(request, work)
+
+    async def renew(request: Request) -> Response:
+        async def work() -> Response:
+            cert, spiffe_id = caller(request)
+            data = await _json_body(request, "csr")
+            if isinstance(data, Response):
+                return data
+            issued = await run_in_threadpool(
+                ca.renew, cert, data["csr"].encode(), actor=str(spiffe_id)
+            )
+            log.info("renewed %s serial %s", issued.record.spiffe_id, issued.record.serial)
+            return JSONResponse(_issued_json(issued), status_code=201)
+
+        return await guarded(request, work)
+
+    async def revoke(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = caller(request)
+            data = await _json_body(request)
+            if isinstance(data, Response):
+                return data
+            serial, target = data.get("serial"), data.get("spiffe_id")
+            if (serial is None) == (target is None) or not all(
+                isinstance(v, str) for v in (serial, target) if v is not None
+            ):
+                return problem(400, "Bad request", "Send exactly one of 'serial' or 'spiffe_id'.")
+            reason = data.get("reason", "unspecified")
+            if not isinstance(reason, str):
+                return problem(400, "Bad request", "'reason' must be a string.")
+            is_admin = any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
+            if not is_admin:
+                if target is not None:
+                    owner = str(target)
+                else:
+                    owner = (
+                        await run_in_threadpool(ca.store.get_certificate, str(serial))
+                    ).spiffe_id
+                if owner != spiffe_id.uri:
+                    return problem(
+                        403,
+                        "Not allowed",
+                        f"{spiffe_id} may revoke only its own certificates; ask an admin "
+                        f"(one of {list(opts.admins)}) to revoke others.",
+                        reason="not_owner",
+                    )
+            records = await run_in_threadpool(
+                lambda: ca.revoke(serial, spiffe_id=target, reason=reason, actor=str(spiffe_id))
+            )
+            return JSONResponse({"revoked": [r.to_json() for r in records]})
+
+        return await guarded(request, work)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/v1/bundle", bundle),
+            Route("/v1/crl", crl),
+            Route("/v1/ocsp", ocsp_post, methods=["POST"]),
+            Route("/v1/ocsp/{request:path}", ocsp_get),
+            Route("/v1/enroll", enroll, methods=["POST"]),
+            Route("/v1/renew", renew, methods=["POST"]),
+            Route("/v1/revoke", revoke, methods=["POST"]),
+        ],
+    )

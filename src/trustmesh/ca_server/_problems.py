@@ -1,0 +1,68 @@
+"""RFC 9457 problem documents and the mapping from our exceptions to HTTP statuses."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import Response
+
+from trustmesh.errors import (
+    CertificateRevokedError,
+    ConfigError,
+    ConflictError,
+    CSRError,
+    NotFoundError,
+    PolicyError,
+    ScopeError,
+    SpiffeIDError,
+    StoreError,
+    TokenError,
+    TrustmeshError,
+    VerificationError,
+)
+
+__all__ = ["problem", "problem_for", "status_for"]
+
+# Most specific first: the first class in an exception's MRO found here wins.
+_STATUS: dict[type[BaseException], tuple[int, str]] = {
+    CertificateRevokedError: (403, "Certificate revoked"),
+    VerificationError: (401, "Client certificate not accepted"),
+    CSRError: (400, "Bad certificate signing request"),
+    SpiffeIDError: (400, "Bad SPIFFE ID"),
+    PolicyError: (403, "Not allowed by the certificate profile"),
+    ScopeError: (403, "Not allowed"),
+    TokenError: (401, "Join token not accepted"),
+    NotFoundError: (404, "Not found"),
+    ConflictError: (409, "Conflict"),
+    ConfigError: (400, "Bad request"),
+    StoreError: (503, "Database unavailable"),
+}
+
+
+def status_for(exc: BaseException) -> tuple[int, str]:
+    """Return ``(status, title)`` for an exception by walking its MRO."""
+    for cls in type(exc).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return 500, "Internal error"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+    """Return an ``application/problem+json`` response."""
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    body["detail"] = detail
+    body.update({k: v for k, v in extra.items() if v is not None})
+    headers = {"Cache-Control": "no-store"}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Mutual realm="trustmesh"'
+    return Response(
+        json.dumps(body), status_code=status, media_type="application/problem+json", headers=headers
+    )
+
+
+def problem_for(exc: TrustmeshError) -> Response:
+    """Return the problem response for one of our exceptions."""
+    status, title = status_for(exc)
+    reason = exc.details.get("reason")
+    return problem(status, title, exc.message, reason=reason)
