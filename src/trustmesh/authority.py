@@ -66,6 +66,7 @@ from trustmesh.pki import (
 )
 from trustmesh.store import (
     CertificateRecord,
+    RevocationEvent,
     Store,
     add_join_token,
     consume_join_token,
@@ -674,7 +675,7 @@ class CertificateAuthority:
                 before = self.store.get_certificate(value, conn)
                 after = self.store.mark_revoked(conn, value, at=at, reason=reason_name)
                 if before.revoked_at is None:
-                    self.store.append_audit(
+                    event = self.store.append_audit(
                         conn,
                         at=at,
                         actor=who,
@@ -682,8 +683,14 @@ class CertificateAuthority:
                         subject=after.serial,
                         details={"spiffe_id": after.spiffe_id, "reason": reason_name},
                     )
+                    # Feed subscribers on every replica hear of it at commit.
+                    self.store.notify_revocation(conn, event.seq)
                 revoked.append(after)
         return revoked
+
+    def revocations_since(self, cursor: int, *, limit: int = 1000) -> list[RevocationEvent]:
+        """Return revocation events after ``cursor`` (the audit sequence number), oldest first."""
+        return self.store.revocation_events(since=cursor, limit=limit)
 
     @staticmethod
     def _normalize_serial(value: str) -> str:

@@ -10,11 +10,12 @@ against the store (revocation) before acting.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +23,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509 import ocsp
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustmesh.authority import CertificateAuthority, Issued
-from trustmesh.errors import TrustmeshError, VerificationError
-from trustmesh.pki import SpiffeID, match_spiffe_pattern, pem_certificates, verify_chain
+from trustmesh.errors import ConfigError, ScopeError, TrustmeshError, VerificationError
+from trustmesh.pki import SpiffeID, glob_match, match_spiffe_pattern, pem_certificates, verify_chain
+from trustmesh.store import token_hash
 
+from ._feed import RevocationHub
+from ._limits import RateLimiter
 from ._problems import problem, problem_for
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
@@ -51,10 +63,19 @@ class ServerSettings:
     Args:
         admins: SPIFFE IDs (or globs) allowed to revoke any certificate.
         crl_max_age: Seconds a built CRL is reused while nothing was revoked.
+        enroll_rate_per_ip, enroll_burst_per_ip: Token bucket for enrollments per
+            client address.
+        enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
+        feed_heartbeat: Seconds between keep-alive comments on the event stream.
     """
 
     admins: tuple[str, ...] = ()
     crl_max_age: int = 300
+    enroll_rate_per_ip: float = 5.0
+    enroll_burst_per_ip: int = 20
+    enroll_rate_per_token: float = 1.0
+    enroll_burst_per_token: int = 5
+    feed_heartbeat: float = 15.0
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
 
@@ -147,9 +168,105 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
     return x509.load_pem_x509_certificate(chain[0].encode())
 
 
-def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> Starlette:
+_ROUTE_TEMPLATES = ("/v1/ocsp/",)
+
+
+class _Metrics:
+    """Prometheus metrics of one app (own registry, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.issued = Counter(
+            "trustmesh_ca_certificates_issued",
+            "Certificates issued over the API",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.revoked = Counter(
+            "trustmesh_ca_revocations",
+            "Certificates revoked over the API",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.denied = Counter(
+            "trustmesh_ca_denials",
+            "Requests refused, by route and reason",
+            ["route", "reason"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "trustmesh_ca_request_seconds",
+            "Request latency",
+            ["method", "route", "status"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Timed:
+    """ASGI wrapper recording request latency by route template and status."""
+
+    def __init__(self, app: Starlette, metrics: _Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.state = app.state
+        self.routes = app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            path = str(scope.get("path", ""))
+            route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
+            if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
+                route = "other"
+            if not path.endswith("/stream"):
+                self.metrics.latency.labels(scope.get("method", ""), route, str(status)).observe(
+                    time.perf_counter() - start
+                )
+
+
+_KNOWN_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/v1/bundle",
+    "/v1/crl",
+    "/v1/ocsp",
+    "/v1/enroll",
+    "/v1/renew",
+    "/v1/revoke",
+    "/v1/revocations",
+    "/v1/certificates",
+    "/v1/openapi.json",
+}
+
+
+def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> ASGIApp:
     """Build the ASGI app for an open CA (its signing key unlocked)."""
     opts = settings or ServerSettings()
+    hub = RevocationHub(ca)
+    metrics = _Metrics()
+    per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
+    per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
+
+    def is_admin(spiffe_id: SpiffeID) -> bool:
+        return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
 
     def caller(request: Request) -> tuple[x509.Certificate, SpiffeID]:
         cert = _peer_certificate(request)
@@ -169,6 +286,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             return await work()
         except TrustmeshError as exc:
             response = problem_for(exc)
+            metrics.denied.labels(
+                route=request.url.path, reason=str(exc.details.get("reason") or type(exc).__name__)
+            ).inc()
             log.info(
                 "denied %s %s: %s (%s)",
                 request.method,
@@ -276,9 +396,20 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             if isinstance(data, Response):
                 return data
             client = request.client.host if request.client else "?"
+            wait = max(per_ip.allow(client), per_token.allow(token_hash(data["token"])))
+            if wait > 0:
+                metrics.denied.labels(route="/v1/enroll", reason="rate_limited").inc()
+                return problem(
+                    429,
+                    "Too many enrollments",
+                    f"Slow down: retry in {wait:.1f} s.",
+                    reason="rate_limited",
+                    headers={"Retry-After": str(max(1, round(wait)))},
+                )
             issued = await run_in_threadpool(
                 ca.enroll, data["token"], data["csr"].encode(), actor=f"enroll:{client}"
             )
+            metrics.issued.labels(kind="enroll").inc()
             log.info("enrolled %s serial %s", issued.record.spiffe_id, issued.record.serial)
             return JSONResponse(_issued_json(issued), status_code=201)
 
@@ -293,6 +424,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             issued = await run_in_threadpool(
                 ca.renew, cert, data["csr"].encode(), actor=str(spiffe_id)
             )
+            metrics.issued.labels(kind="renew").inc()
             log.info("renewed %s serial %s", issued.record.spiffe_id, issued.record.serial)
             return JSONResponse(_issued_json(issued), status_code=201)
 
@@ -312,8 +444,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             reason = data.get("reason", "unspecified")
             if not isinstance(reason, str):
                 return problem(400, "Bad request", "'reason' must be a string.")
-            is_admin = any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
-            if not is_admin:
+            if not is_admin(spiffe_id):
                 if target is not None:
                     owner = str(target)
                 else:
@@ -321,9 +452,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                         await run_in_threadpool(ca.store.get_certificate, str(serial))
                     ).spiffe_id
                 if owner != spiffe_id.uri:
-                    return problem(
-                        403,
-                        "Not allowed",
+                    raise ScopeError(
                         f"{spiffe_id} may revoke only its own certificates; ask an admin "
                         f"(one of {list(opts.admins)}) to revoke others.",
                         reason="not_owner",
@@ -331,11 +460,120 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             records = await run_in_threadpool(
                 lambda: ca.revoke(serial, spiffe_id=target, reason=reason, actor=str(spiffe_id))
             )
+            for record in records:
+                metrics.revoked.labels(reason=record.revocation_reason or "unspecified").inc()
+            await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
             return JSONResponse({"revoked": [r.to_json() for r in records]})
 
         return await guarded(request, work)
 
-    return Starlette(
+    def cursor_param(request: Request) -> int:
+        raw = request.query_params.get("since") or request.headers.get("last-event-id") or "0"
+        if not raw.isdigit():
+            raise ConfigError(
+                f"since={raw!r} is not a cursor: pass the last cursor you saw (an integer), "
+                f"or 0 for everything.",
+                reason="bad_cursor",
+            )
+        return int(raw)
+
+    async def revocations(request: Request) -> Response:
+        async def work() -> Response:
+            caller(request)
+            since = cursor_param(request)
+            raw_limit = request.query_params.get("limit", "1000")
+            if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+                raise ConfigError("limit must be an integer from 1 to 1000.", reason="bad_limit")
+            events = await run_in_threadpool(ca.revocations_since, since, limit=int(raw_limit))
+            cursor = events[-1].cursor if events else max(since, 0)
+            return JSONResponse(
+                {"events": [e.to_json() for e in events], "cursor": cursor},
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return await guarded(request, work)
+
+    async def revocation_stream(request: Request) -> Response:
+        async def work() -> Response:
+            caller(request)
+            since = cursor_param(request)
+
+            async def events() -> AsyncIterator[str]:
+                cursor = since
+                yield "retry: 1000\n: trustmesh revocation feed\n\n"
+                while True:
+                    batch = await run_in_threadpool(ca.revocations_since, cursor)
+                    for event in batch:
+                        cursor = event.cursor
+                        yield (
+                            f"id: {event.cursor}\nevent: revocation\n"
+                            f"data: {json.dumps(event.to_json())}\n\n"
+                        )
+                    if len(batch) == 1000:
+                        continue
+                    if not await hub.wait_beyond(cursor, opts.feed_heartbeat):
+                        yield ": keep-alive\n\n"
+                    if await request.is_disconnected():
+                        return
+
+            return StreamingResponse(
+                events(),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            )
+
+        return await guarded(request, work)
+
+    async def certificates(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = caller(request)
+            if not is_admin(spiffe_id):
+                raise ScopeError(
+                    f"Listing certificates is for admins ({list(opts.admins)}); {spiffe_id} "
+                    f"is not one.",
+                    reason="not_admin",
+                )
+            query = request.query_params
+            limit_raw, offset_raw = query.get("limit", "100"), query.get("offset", "0")
+            if not (limit_raw.isdigit() and 1 <= int(limit_raw) <= 1000 and offset_raw.isdigit()):
+                raise ConfigError(
+                    "limit must be 1-1000 and offset a non-negative integer.", reason="bad_paging"
+                )
+            limit, offset = int(limit_raw), int(offset_raw)
+            revoked_raw = query.get("revoked")
+            revoked = None if revoked_raw is None else revoked_raw.lower() in {"1", "true", "yes"}
+            pattern = query.get("id")
+            exact = pattern if pattern and "*" not in pattern else None
+
+            def fetch() -> list[dict[str, Any]]:
+                records = ca.store.find_certificates(
+                    spiffe_id=exact,
+                    revoked=revoked,
+                    limit=None if pattern and not exact else offset + limit,
+                )
+                if pattern and not exact:
+                    records = [r for r in records if glob_match(r.spiffe_id, pattern, sep="/")]
+                return [r.to_json() for r in records[offset : offset + limit]]
+
+            items = await run_in_threadpool(fetch)
+            next_offset = offset + limit if len(items) == limit else None
+            return JSONResponse({"certificates": items, "next_offset": next_offset})
+
+        return await guarded(request, work)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        await hub.start()
+        try:
+            yield
+        finally:
+            await hub.stop()
+
+    app = Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -346,5 +584,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/enroll", enroll, methods=["POST"]),
             Route("/v1/renew", renew, methods=["POST"]),
             Route("/v1/revoke", revoke, methods=["POST"]),
+            Route("/v1/revocations", revocations),
+            Route("/v1/revocations/stream", revocation_stream),
+            Route("/v1/certificates", certificates),
+            Route("/metrics", metrics_endpoint),
         ],
     )
+    app.state.hub = hub
+    return _Timed(app, metrics)

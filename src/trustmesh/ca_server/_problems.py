@@ -48,12 +48,19 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     return 500, "Internal error"
 
 
-def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
+def problem(
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
     """Return an ``application/problem+json`` response."""
     body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
     body["detail"] = detail
     body.update({k: v for k, v in extra.items() if v is not None})
-    headers = {"Cache-Control": "no-store"}
+    headers = {"Cache-Control": "no-store", **(headers or {})}
     if status == 401:
         headers["WWW-Authenticate"] = 'Mutual realm="trustmesh"'
     return Response(

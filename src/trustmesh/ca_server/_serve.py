@@ -112,7 +112,7 @@ def serve(
             limit_concurrency=1000,
             log_level=log_level,
             access_log=False,
-            lifespan="off",
+            lifespan="on",
         )
         server = uvicorn.Server(config)
         url = f"https://{'localhost' if host in {'0.0.0.0', '::'} else host}:{port}"  # noqa: S104

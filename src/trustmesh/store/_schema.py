@@ -61,6 +61,7 @@ audit_events = Table(
     Column("details", Text, nullable=False),  # canonical JSON
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
+    Index("ix_audit_events_action_seq", "action", "seq"),
 )
 
 #: One-time (or few-time) join tokens for first enrollment; only the hash is kept.

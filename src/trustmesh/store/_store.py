@@ -40,7 +40,14 @@ from trustmesh.errors import ConfigError, ConflictError, NotFoundError, StoreErr
 
 from ._schema import audit_events, certificates, counters
 
-__all__ = ["CertificateRecord", "Store", "normalize_url", "open_store"]
+__all__ = [
+    "REVOCATION_CHANNEL",
+    "CertificateRecord",
+    "RevocationEvent",
+    "Store",
+    "normalize_url",
+    "open_store",
+]
 
 
 # The issuance hot path (add_certificate, next_counter, append_audit) runs these on
@@ -173,6 +180,31 @@ class CertificateRecord:
             "revoked_at": iso(self.revoked_at),
             "revocation_reason": self.revocation_reason,
             "issuer": self.issuer,
+        }
+
+
+#: PostgreSQL NOTIFY channel carrying the cursor of each new revocation.
+REVOCATION_CHANNEL = "trustmesh_revocations"
+
+
+@dataclass(frozen=True)
+class RevocationEvent:
+    """One entry of the revocation feed; ``cursor`` increases monotonically."""
+
+    cursor: int
+    serial: str
+    spiffe_id: str
+    reason: str
+    revoked_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the feed's JSON form."""
+        return {
+            "cursor": self.cursor,
+            "serial": self.serial,
+            "spiffe_id": self.spiffe_id,
+            "reason": self.reason,
+            "revoked_at": self.revoked_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
 
 
@@ -475,6 +507,55 @@ class Store:
             ),
         ).close()
         return sealed
+
+    def notify_revocation(self, conn: Connection, cursor: int) -> None:
+        """Tell listeners on other connections (other replicas) at commit time.
+
+        PostgreSQL only (``NOTIFY`` on :data:`REVOCATION_CHANNEL`); SQLite
+        subscribers poll :meth:`latest_revocation_cursor`.
+        """
+        if self.dialect == "postgresql":
+            conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": REVOCATION_CHANNEL, "payload": str(cursor)},
+            )
+
+    def revocation_events(self, *, since: int, limit: int = 1000) -> list[RevocationEvent]:
+        """Return revocations recorded after audit sequence ``since``, oldest first."""
+        query = (
+            select(
+                audit_events.c.seq,
+                audit_events.c.at,
+                audit_events.c.subject,
+                audit_events.c.details,
+            )
+            .where(audit_events.c.action == "revoke")
+            .where(audit_events.c.seq > since)
+            .order_by(audit_events.c.seq)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            events = []
+            for seq, at, serial, details in conn.execute(query):
+                facts = json.loads(details)
+                events.append(
+                    RevocationEvent(
+                        cursor=int(seq),
+                        serial=serial,
+                        spiffe_id=str(facts.get("spiffe_id", "")),
+                        reason=str(facts.get("reason", "unspecified")),
+                        revoked_at=datetime.fromtimestamp(int(at), UTC),
+                    )
+                )
+            return events
+
+    def latest_revocation_cursor(self) -> int:
+        """Return the cursor of the newest revocation (0 when none)."""
+        query = select(func.coalesce(func.max(audit_events.c.seq), 0)).where(
+            audit_events.c.action == "revoke"
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
 
     def audit_events(self, *, last: int | None = None) -> list[AuditEvent]:
         """Return audit events in order (only the last ``last`` ones when given)."""

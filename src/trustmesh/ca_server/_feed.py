@@ -1,0 +1,130 @@
+"""The revocation feed: wake subscribers when any replica records a revocation.
+
+The store is the source of truth (events are audit rows with a monotonically
+increasing cursor). This hub only tells waiting subscribers *when* to look: a
+PostgreSQL ``LISTEN`` on the channel every revocation ``NOTIFY``s at commit
+(sub-second across replicas), plus a periodic poll of the newest cursor as the
+safety net (and the only mechanism on SQLite). A subscriber that reconnects with
+its last cursor misses nothing, whatever happened meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.store import REVOCATION_CHANNEL
+
+__all__ = ["RevocationHub"]
+
+log = logging.getLogger("trustmesh.ca_server.feed")
+
+
+class RevocationHub:
+    """Tracks the newest revocation cursor and wakes waiters when it grows.
+
+    Args:
+        ca: The open CA.
+        poll_interval: Seconds between polls of the newest cursor.
+    """
+
+    def __init__(self, ca: CertificateAuthority, *, poll_interval: float | None = None) -> None:
+        self.ca = ca
+        postgres = ca.store.dialect == "postgresql"
+        self.poll_interval = poll_interval or (1.0 if postgres else 0.25)
+        self.latest = 0
+        self._changed: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    async def start(self) -> None:
+        """Start polling (and listening, on PostgreSQL)."""
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Condition()
+        self.latest = await run_in_threadpool(self.ca.store.latest_revocation_cursor)
+        self._tasks.append(asyncio.create_task(self._poll()))
+        if self.ca.store.dialect == "postgresql":
+            self._listener = threading.Thread(
+                target=self._listen, name="revocation-listen", daemon=True
+            )
+            self._listener.start()
+
+    async def stop(self) -> None:
+        """Stop background work."""
+        self._stop.set()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def bump(self, cursor: int) -> None:
+        """Record that revocations up to ``cursor`` exist and wake waiters."""
+        if cursor <= self.latest or self._changed is None:
+            return
+        self.latest = cursor
+        async with self._changed:
+            self._changed.notify_all()
+
+    def bump_threadsafe(self, cursor: int) -> None:
+        """:meth:`bump` from another thread."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.bump(cursor), self._loop)
+
+    async def wait_beyond(self, cursor: int, timeout: float) -> bool:
+        """Wait until a revocation newer than ``cursor`` is known; False on timeout."""
+        if self.latest > cursor:
+            return True
+        if self._changed is None:
+            return False
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.latest > cursor or self._stop.is_set()),
+                    timeout,
+                )
+            except TimeoutError:
+                return False
+        return self.latest > cursor
+
+    async def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.bump(await run_in_threadpool(self.ca.store.latest_revocation_cursor))
+            except Exception as exc:  # the database may be down: keep trying
+                log.warning("revocation poll failed: %s", exc)
+            await asyncio.sleep(self.poll_interval)
+
+    def _listen(self) -> None:
+        import psycopg
+
+        url = self.ca.store.engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False
+        )
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {REVOCATION_CHANNEL}")
+                    log.info("listening for revocations on %s", REVOCATION_CHANNEL)
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            self._on_notify(note)
+            except Exception as exc:  # reconnect; polling covers the gap
+                log.warning("revocation listener lost PostgreSQL (%s); reconnecting", exc)
+                self._stop.wait(1.0)
+
+    def _on_notify(self, note: Any) -> None:
+        try:
+            self.bump_threadsafe(int(note.payload))
+        except ValueError:
+            log.warning("ignoring revocation notice with payload %r", note.payload)
