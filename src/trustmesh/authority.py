@@ -520,6 +520,7 @@ class CertificateAuthority:
         token: str,
         csr: bytes,
         *,
+        ttl: timedelta | None = None,
         actor: str | None = None,
         now: datetime | None = None,
     ) -> Issued:
@@ -537,7 +538,7 @@ class CertificateAuthority:
         start = _now(now)
         profile = self.config.profile(None)
         request = check_csr(csr, profile, source="the CSR")
-        lifetime = profile.resolve_ttl(None)
+        lifetime = profile.resolve_ttl(ttl)
 
         def spend(conn: Connection) -> None:
             result = consume_join_token(conn, token, now=start)
@@ -574,6 +575,7 @@ class CertificateAuthority:
         current: x509.Certificate,
         csr: bytes,
         *,
+        ttl: timedelta | None = None,
         actor: str | None = None,
         now: datetime | None = None,
         allow_same_key: bool = False,
@@ -611,7 +613,7 @@ class CertificateAuthority:
         return self._sign(
             request,
             profile,
-            profile.resolve_ttl(None),
+            profile.resolve_ttl(ttl),
             action="renew",
             actor=actor or str(spiffe_id),
             now=start,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from cryptography import x509
@@ -40,7 +41,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import ConfigError, ScopeError, TrustmeshError, VerificationError
-from trustmesh.pki import SpiffeID, glob_match, match_spiffe_pattern, pem_certificates, verify_chain
+from trustmesh.pki import (
+    SpiffeID,
+    glob_match,
+    match_spiffe_pattern,
+    parse_duration,
+    pem_certificates,
+    verify_chain,
+)
 from trustmesh.store import token_hash
 
 from ._feed import RevocationHub
@@ -281,6 +289,14 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         )
         return cert, spiffe_id
 
+    def ttl_field(data: dict[str, Any]) -> timedelta | None:
+        value = data.get("ttl")
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError("'ttl' must be a duration string such as '1h'.", reason="bad_ttl")
+        return parse_duration(value, field="ttl")
+
     async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
         try:
             return await work()
@@ -407,7 +423,12 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
             issued = await run_in_threadpool(
-                ca.enroll, data["token"], data["csr"].encode(), actor=f"enroll:{client}"
+                lambda: ca.enroll(
+                    data["token"],
+                    data["csr"].encode(),
+                    ttl=ttl_field(data),
+                    actor=f"enroll:{client}",
+                )
             )
             metrics.issued.labels(kind="enroll").inc()
             log.info("enrolled %s serial %s", issued.record.spiffe_id, issued.record.serial)
@@ -422,7 +443,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             if isinstance(data, Response):
                 return data
             issued = await run_in_threadpool(
-                ca.renew, cert, data["csr"].encode(), actor=str(spiffe_id)
+                lambda: ca.renew(
+                    cert, data["csr"].encode(), ttl=ttl_field(data), actor=str(spiffe_id)
+                )
             )
             metrics.issued.labels(kind="renew").inc()
             log.info("renewed %s serial %s", issued.record.spiffe_id, issued.record.serial)

@@ -271,6 +271,17 @@ class Store:
         self.engine.dispose()
 
     @contextlib.contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection for reads; database failures become :class:`StoreError`."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
+            ) from exc
+
+    @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
         """Run a block in one transaction; commit on success, roll back on error.
 
@@ -300,7 +311,7 @@ class Store:
 
     def counter(self, name: str) -> int:
         """Return a counter's current value."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return int(
                 conn.execute(select(counters.c.value).where(counters.c.name == name)).scalar_one()
             )
@@ -361,7 +372,7 @@ class Store:
             .limit(1)
         )
         with contextlib.ExitStack() as stack:
-            c = conn or stack.enter_context(self.engine.connect())
+            c = conn or stack.enter_context(self._connect())
             row = c.execute(query).first()
         if row is None:
             raise NotFoundError(
@@ -402,12 +413,12 @@ class Store:
             query = query.where(certificates.c.not_after >= _ts(valid_at))
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [_record(row) for row in conn.execute(query)]
 
     def iter_certificates(self, batch: int = 5000) -> Iterator[CertificateRecord]:
         """Yield every certificate, newest first, without loading all at once."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=batch).execute(
                 select(certificates).order_by(certificates.c.id.desc())
             )
@@ -443,7 +454,7 @@ class Store:
             .where(certificates.c.revoked_at.is_not(None))
             .where(certificates.c.not_after >= _ts(now))
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [(r[0], int(r[1]), r[2] or "unspecified") for r in conn.execute(query)]
 
     def revocation_state(self) -> tuple[int, int]:
@@ -455,13 +466,13 @@ class Store:
         query = select(func.count(), func.coalesce(func.max(certificates.c.revoked_at), 0)).where(
             certificates.c.revoked_at.is_not(None)
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             count, latest = conn.execute(query).one()
         return int(count), int(latest)
 
     def count_certificates(self) -> int:
         """Return how many certificates are recorded."""
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return int(conn.execute(select(func.count()).select_from(certificates)).scalar_one())
 
     # -- audit ----------------------------------------------------------------------
@@ -534,7 +545,7 @@ class Store:
             .order_by(audit_events.c.seq)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             events = []
             for seq, at, serial, details in conn.execute(query):
                 facts = json.loads(details)
@@ -554,7 +565,7 @@ class Store:
         query = select(func.coalesce(func.max(audit_events.c.seq), 0)).where(
             audit_events.c.action == "revoke"
         )
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return int(conn.execute(query).scalar_one())
 
     def audit_events(self, *, last: int | None = None) -> list[AuditEvent]:
@@ -562,7 +573,7 @@ class Store:
         query = select(audit_events).order_by(audit_events.c.seq)
         if last is not None:
             query = query.where(audit_events.c.seq > self.counter("audit_seq") - last)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [
                 AuditEvent(
                     seq=int(r.seq),

@@ -1,0 +1,107 @@
+"""Faults on real processes: the CA's PostgreSQL goes away and comes back."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.pki import KeyType, pem_certificates
+from trustmesh.store import normalize_url
+
+from .conftest import PASSPHRASE
+from .test_ca_server import assert_problem, make_csr
+from .test_feed import ADMIN, Subscriber, http_client, identity, running_server
+
+
+@pytest.fixture
+def own_database() -> Iterator[tuple[str, str]]:
+    """A database of its own, so the test can cut it off without touching others."""
+    base = os.environ.get("TRUSTMESH_TEST_POSTGRES_URL")
+    if not base:
+        pytest.skip("TRUSTMESH_TEST_POSTGRES_URL is not set")
+    name = f"tm_fault_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalize_url(base), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalize_url(base)).set(database=name).render_as_string(hide_password=False)
+    yield url, name
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        conn.execute(
+            text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+            {"n": name},
+        )
+        conn.execute(text(f'DROP DATABASE "{name}"'))
+    admin.dispose()
+
+
+def set_database_online(name: str, online: bool) -> None:
+    engine = create_engine(
+        normalize_url(os.environ["TRUSTMESH_TEST_POSTGRES_URL"]), isolation_level="AUTOCOMMIT"
+    )
+    with engine.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(online).lower()}'))
+        if not online:
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                {"n": name},
+            )
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_database_outage_gives_503_records_nothing_and_recovers(
+    tmp_path: Path, own_database: tuple[str, str]
+) -> None:
+    url, name = own_database
+    home = tmp_path / "home"
+    with CertificateAuthority.init(
+        home,
+        trust_domain="example.org",
+        passphrase=PASSPHRASE,
+        key_type=KeyType.EC_P256,
+        db_url=url,
+    ) as ca:
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(pem_certificates(ca.bundle))
+        reader, _ = identity(ca, "spiffe://example.org/reader", tmp_path / "reader")
+        admin, _ = identity(ca, ADMIN, tmp_path / "admin")
+        _, before_outage = identity(ca, "spiffe://example.org/a", tmp_path / "a")
+        _, during_outage = identity(ca, "spiffe://example.org/b", tmp_path / "b")
+        token = ca.create_join_token("spiffe://example.org/new")
+    _, csr = make_csr("spiffe://example.org/new")
+    with running_server(home, bundle, tmp_path / "serve.log") as server_url:
+        subscriber = Subscriber(server_url, bundle, reader)
+        try:
+            with http_client(server_url, bundle, admin) as http:
+                assert http.post("/v1/revoke", json={"serial": before_outage}).status_code == 200
+                assert subscriber.next()[1]["serial"] == before_outage
+
+                set_database_online(name, False)
+                ready = http.get("/readyz")
+                assert_problem(ready, 503)
+                assert_problem(http.post("/v1/enroll", json={"token": token, "csr": csr}), 503)
+                assert_problem(http.post("/v1/revoke", json={"serial": during_outage}), 503)
+                assert http.get("/healthz").status_code == 200  # alive, just not ready
+
+                set_database_online(name, True)
+                assert http.get("/readyz").status_code == 200
+                enrolled = http.post("/v1/enroll", json={"token": token, "csr": csr})
+                assert enrolled.status_code == 201, enrolled.text  # the token was not spent
+                assert http.post("/v1/revoke", json={"serial": during_outage}).status_code == 200
+            # the stream picks up after the outage without a gap
+            assert subscriber.next(timeout=10)[1]["serial"] == during_outage
+        finally:
+            subscriber.close()
+    with CertificateAuthority.open(home) as ca:
+        assert ca.verify_audit().ok
+        assert [
+            r.spiffe_id for r in ca.store.find_certificates(spiffe_id="spiffe://example.org/new")
+        ] == ["spiffe://example.org/new"]
