@@ -40,7 +40,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from trustmesh.authority import CertificateAuthority, Issued
-from trustmesh.errors import ConfigError, ScopeError, TrustmeshError, VerificationError
+from trustmesh.errors import (
+    ConfigError,
+    ScopeError,
+    StoreError,
+    TrustmeshError,
+    VerificationError,
+)
 from trustmesh.pki import (
     SpiffeID,
     glob_match,
@@ -53,6 +59,7 @@ from trustmesh.store import token_hash
 
 from ._feed import RevocationHub
 from ._limits import RateLimiter
+from ._openapi import openapi_response
 from ._problems import problem, problem_for
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
@@ -364,6 +371,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             return der, number
 
     async def crl(request: Request) -> Response:
+        return await guarded(request, lambda: crl_response(request))
+
+    async def crl_response(request: Request) -> Response:
         der, number = await run_in_threadpool(current_crl)
         etag = f'"crl-{number}"'
         if request.headers.get("if-none-match") == etag:
@@ -399,7 +409,18 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 malformed.public_bytes(serialization.Encoding.DER),
                 media_type="application/ocsp-response",
             )
-        response = await run_in_threadpool(ca.ocsp_response, req)
+        try:
+            response = await run_in_threadpool(ca.ocsp_response, req)
+        except StoreError:
+            # RFC 6960 tryLater: the client retries, never takes silence for "good".
+            unavailable = ocsp.OCSPResponseBuilder.build_unsuccessful(
+                ocsp.OCSPResponseStatus.TRY_LATER
+            )
+            return Response(
+                unavailable.public_bytes(serialization.Encoding.DER),
+                media_type="application/ocsp-response",
+                headers={"Cache-Control": "no-store"},
+            )
         return Response(
             response.public_bytes(serialization.Encoding.DER),
             media_type="application/ocsp-response",
@@ -611,6 +632,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/revocations/stream", revocation_stream),
             Route("/v1/certificates", certificates),
             Route("/metrics", metrics_endpoint),
+            Route("/v1/openapi.json", openapi_response),
         ],
     )
     app.state.hub = hub
