@@ -13,6 +13,7 @@ import click
 from trustmesh import __version__
 from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
 
+from .agent import agent_command
 from .audit import audit_group
 from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
@@ -40,12 +41,13 @@ cli.add_command(crl_command)
 cli.add_command(export_group)
 cli.add_command(audit_group)
 cli.add_command(token_group)
+cli.add_command(agent_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (does not call :func:`sys.exit`)."""
     try:
-        cli.main(
+        result = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="trustmesh",
             standalone_mode=False,
@@ -68,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    # Without standalone mode click returns ctx.exit(n)'s code instead of raising.
+    return result if isinstance(result, int) else 0
 
 
 def entrypoint() -> None:

@@ -206,21 +206,59 @@ def sign_command(
     show_default=True,
     help=f"RFC 5280 reason: {', '.join(REASONS)}.",
 )
+@click.option("--ca", "ca_url", default=None, help="Revoke through this CA API instead of --home.")
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --ca: the identity to call with, leaf + intermediate (e.g. chain.pem).",
+)
+@click.option(
+    "--key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Its key."
+)
+@click.option(
+    "--bundle",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --ca: the CA's root certificate(s), PEM (e.g. bundle.pem).",
+)
 @home_option
 @json_option
 def revoke_command(
-    serial: str | None, spiffe_id: str | None, reason: str, home: Path | None, as_json: bool
+    serial: str | None,
+    spiffe_id: str | None,
+    reason: str,
+    ca_url: str | None,
+    cert: Path | None,
+    key: Path | None,
+    bundle: Path | None,
+    home: Path | None,
+    as_json: bool,
 ) -> None:
-    """Revoke a certificate by SERIAL, or all of an identity's with --id."""
+    """Revoke a certificate by SERIAL, or all of an identity's with --id.
+
+    With --ca, revoke through a running CA server, authenticated by --cert/--key:
+    an admin identity may revoke any certificate, others only their own.
+    """
     if (serial is None) == (spiffe_id is None):
         raise click.UsageError("Give a SERIAL or --id SPIFFE_ID (exactly one).")
-    with open_ca(home) as ca:
-        records = ca.revoke(serial, spiffe_id=spiffe_id, reason=reason)
+    if ca_url is None:
+        if cert or key or bundle:
+            raise click.UsageError("--cert, --key and --bundle go with --ca URL.")
+        with open_ca(home) as ca:
+            records = [r.to_json() for r in ca.revoke(serial, spiffe_id=spiffe_id, reason=reason)]
+    else:
+        if cert is None or key is None or bundle is None:
+            raise click.UsageError("--ca needs --cert, --key and --bundle.")
+        from trustmesh.client import CAClient
+
+        with CAClient(ca_url, bundle=bundle, cert=cert, key=key) as client:
+            records = client.revoke(serial, spiffe_id, reason=reason)
     if as_json:
-        print_json([r.to_json() for r in records])
+        print_json(records)
         return
     for r in records:
-        click.echo(f"revoked {r.serial} ({r.spiffe_id}), reason {r.revocation_reason}")
+        click.echo(f"revoked {r['serial']} ({r['spiffe_id']}), reason {r['revocation_reason']}")
 
 
 def _rows(records: list[CertificateRecord], now: datetime) -> list[list[object]]:

@@ -1,0 +1,37 @@
+"""The renewal agent: keeps one workload's key, certificate and bundle fresh on disk."""
+
+from ._agent import MAX_SLEEP, RELOAD_TIMEOUT, Agent, Outcome, Reload
+from ._identity import (
+    IDENTITY_FILES,
+    LocalIdentity,
+    Unusable,
+    inspect_identity,
+    new_key_and_csr,
+    write_identity,
+)
+from ._schedule import (
+    JITTER_FRACTION,
+    MAX_BACKOFF,
+    RENEW_FRACTION,
+    backoff_delay,
+    next_renewal,
+)
+
+__all__ = [
+    "IDENTITY_FILES",
+    "JITTER_FRACTION",
+    "MAX_BACKOFF",
+    "MAX_SLEEP",
+    "RELOAD_TIMEOUT",
+    "RENEW_FRACTION",
+    "Agent",
+    "LocalIdentity",
+    "Outcome",
+    "Reload",
+    "Unusable",
+    "backoff_delay",
+    "inspect_identity",
+    "new_key_and_csr",
+    "next_renewal",
+    "write_identity",
+]

@@ -1,0 +1,168 @@
+"""``trustmesh agent``: keep one workload's identity fresh on disk."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from trustmesh.errors import TrustmeshError
+from trustmesh.pki import KeyType, SpiffeID
+
+from ._common import json_option, print_json
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """Set the yielded event on SIGINT or SIGTERM (restoring the old handlers after)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger("trustmesh.agent").info(
+            "%s received, stopping", signal.Signals(signum).name
+        )
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@click.command("agent")
+@click.option("--ca", "ca_url", required=True, help="CA API URL, e.g. https://ca.internal:8443.")
+@click.option("--id", "spiffe_id", required=True, help="The SPIFFE ID to hold.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for key.pem (0600), cert.pem, chain.pem and bundle.pem.",
+)
+@click.option(
+    "--bundle",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CA root certificate(s), PEM, to verify the CA with (from 'trustmesh export "
+    "bundle'; default: bundle.pem in --out, present after the first enrollment).",
+)
+@click.option(
+    "--token",
+    envvar="TRUSTMESH_JOIN_TOKEN",
+    default=None,
+    help="Join token for the first enrollment (default: $TRUSTMESH_JOIN_TOKEN).",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the join token (read whenever an enrollment is needed).",
+)
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+    help="Type of each new key.",
+)
+@click.option(
+    "--exec",
+    "exec_command",
+    default=None,
+    help="Command run (without a shell) after new files are written, e.g. 'nginx -s reload'.",
+)
+@click.option(
+    "--signal",
+    "signal_spec",
+    default=None,
+    help="Or send a signal after new files are written: PID:SIGNAL, e.g. 1234:HUP.",
+)
+@click.option(
+    "--ttl", default=None, help="Lifetime to ask for, e.g. 1h (default: the CA profile's)."
+)
+@click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
+@click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default=None,
+    help="Log level on stderr (default: warning with --once, info otherwise).",
+)
+@json_option
+def agent_command(
+    ca_url: str,
+    spiffe_id: str,
+    out: Path,
+    bundle: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    key_type: str,
+    exec_command: str | None,
+    signal_spec: str | None,
+    ttl: str | None,
+    once: bool,
+    renew_now: bool,
+    timeout: float,
+    log_level: str | None,
+    as_json: bool,
+) -> None:
+    """Keep the key, certificate and bundle of identity --id fresh in --out.
+
+    Enrolls with the join token when --out holds no valid certificate for --id,
+    renews over mTLS (with a new key each time) after 2/3 of the certificate's
+    lifetime, writes the files atomically and then runs --exec or sends --signal.
+    Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
+    and retrying with backoff while the CA is unreachable (the files stay in place).
+
+    An expired certificate cannot renew: give a new join token. Exit codes with
+    --once: 0 valid files are in place, 1 the CA was unreachable or refused (or the
+    reload failed), 2 bad input such as a missing token or an unreadable bundle.
+    """
+    from trustmesh.agent import Agent, Reload
+
+    if token and token_file:
+        raise click.UsageError("Give --token or --token-file, not both.")
+    if exec_command is not None and signal_spec is not None:
+        raise click.UsageError("Give --exec or --signal, not both.")
+    logging.basicConfig(
+        level=(log_level or ("warning" if once else "info")).upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    # httpx logs every request at INFO; the agent's own lines say what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    reload = None
+    if exec_command is not None:
+        reload = Reload.from_command(exec_command)
+    elif signal_spec is not None:
+        reload = Reload.from_signal(signal_spec)
+    agent = Agent(
+        ca_url,
+        SpiffeID.parse(spiffe_id),
+        out,
+        bundle=bundle,
+        token=token or None,
+        token_file=token_file,
+        key_type=KeyType.parse(key_type),
+        reload=reload,
+        timeout=timeout,
+        ttl=ttl,
+    )
+    if not once:
+        with _stop_on_signals() as stop:
+            agent.run(stop, renew_now=renew_now)
+        return
+    outcome = agent.ensure(force=renew_now)
+    if as_json:
+        print_json(outcome.to_json())
+    else:
+        click.echo(outcome.describe())
+    if outcome.reload_error is not None:  # the files are in place, the workload has not seen them
+        raise TrustmeshError(outcome.reload_error)

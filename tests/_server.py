@@ -1,0 +1,101 @@
+"""A real `trustmesh ca serve` process on 127.0.0.1 for tests that call the CA API."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.pki import pem_certificates
+
+from .conftest import PASSPHRASE
+
+ADMIN = "spiffe://example.org/admin"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    """A running `ca serve`: its URL, CA home and the trust bundle to verify it with."""
+
+    url: str
+    home: Path
+    bundle: Path
+    process: subprocess.Popen[str]
+
+    def ca(self) -> CertificateAuthority:
+        return CertificateAuthority.open(self.home, passphrase=PASSPHRASE)
+
+
+@contextmanager
+def running_server(
+    home: Path, workdir: Path, *, admins: tuple[str, ...] = (ADMIN,)
+) -> Iterator[Server]:
+    """Start `python -m trustmesh ca serve` for the CA in ``home`` and wait until it answers."""
+    with CertificateAuthority.open(home) as ca:
+        bundle = workdir / "bundle.pem"
+        bundle.write_bytes(pem_certificates(ca.bundle))
+    port = free_port()
+    log_path = workdir / "serve.log"
+    admin_args = [arg for admin in admins for arg in ("--admin", admin)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "trustmesh",
+                "ca",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                *admin_args,
+                "--log-level",
+                "warning",
+            ],
+            env={
+                **os.environ,
+                "TRUSTMESH_HOME": str(home),
+                "TRUSTMESH_CA_PASSPHRASE": PASSPHRASE.decode(),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        url = f"https://127.0.0.1:{port}"
+        ctx = ssl.create_default_context(cafile=str(bundle))
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    if httpx.get(f"{url}/healthz", verify=ctx, timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ca serve did not start: {log_path.read_text()}")
+                time.sleep(0.1)
+            yield Server(url, home, bundle, process)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
