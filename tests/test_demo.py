@@ -1,4 +1,5 @@
-"""`make demo` runs end to end: real CLI, real mTLS, real CRL refusal."""
+"""`make demo` runs end to end: real CLI, real mTLS, real CRL refusal, then the CA
+server with real agent processes, a renewal, the revocation feed, CRL and OCSP."""
 
 from __future__ import annotations
 
@@ -19,4 +20,10 @@ def test_demo_runs_end_to_end() -> None:
     assert 'billing -> orders: 200 {"caller": "spiffe://demo.example/billing"}' in out
     assert "refused: certificate revoked" in out
     assert "audit chain intact: 6 event(s) verified" in out
+    # act two: the CA as a service
+    assert "enrolled spiffe://demo.example/payments" in out
+    assert "replaying a used token: exit 1" in out
+    assert "inventory renewed: serial" in out
+    assert "'spiffe_id': 'spiffe://demo.example/payments', 'reason': 'keyCompromise'" in out
+    assert "POST /v1/ocsp: REVOKED" in out
     assert out.rstrip().endswith("demo succeeded")

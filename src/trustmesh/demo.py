@@ -15,14 +15,19 @@ import secrets
 import shlex
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
 
+import httpx
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp
 
 from trustmesh.cli import main as cli_main
 from trustmesh.errors import VerificationError
@@ -208,14 +213,245 @@ def run(workdir: Path) -> int:
 
     ok = first.startswith("200") and '"caller"' in first and second.startswith("failed")
     ok = ok and any("revoked" in o for o in server.outcomes)
+    service = run_service_act(workdir, home)
     say("\n== What happened")
     say(f"- a CA for {TRUST_DOMAIN} was created with encrypted keys in {home}")
     say("- two identities were issued; billing called orders over mTLS and was identified as")
     say(f"  {json.loads(first.split(' ', 1)[1])['caller'] if first.startswith('200') else '?'}")
     say("- billing was revoked; with the new CRL the server refused its next handshake")
     say("- the audit chain verifies")
+    say("- the CA ran as a service: two agents enrolled with one-time join tokens, one renewed by")
+    say(f"  itself ({service.get('renewal', '?')}), and the revocation of payments reached a feed")
+    latency = service.get("latency", "?")
+    say(f"  subscriber {latency} after the revoke call; CRL and OCSP say revoked")
+    ok = ok and bool(service.get("ok"))
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def command(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a trustmesh command as its own process, printing it like a shell would."""
+    say(f"\n$ trustmesh {shlex.join(argv)}")
+    result = subprocess.run(
+        [sys.executable, "-m", "trustmesh", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if result.stdout.strip():
+        say(result.stdout.rstrip())
+    if result.returncode != 0:
+        raise SystemExit(f"demo: command failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def serial_of(directory: Path) -> str:
+    cert = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+    return format(cert.serial_number, "x")
+
+
+def run_service_act(workdir: Path, home: Path) -> dict[str, object]:
+    """Act two: `ca serve`, agents, a renewal, the revocation feed, CRL and OCSP."""
+    result: dict[str, object] = {}
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    bundle = workdir / "bundle.pem"
+    trustmesh("export", "bundle", "--out", str(bundle))
+    ops = workdir / "ops"
+    trustmesh("issue", f"spiffe://{TRUST_DOMAIN}/ops", "--ttl", "1h", "--out", str(ops), show=False)
+    say(f"(issued spiffe://{TRUST_DOMAIN}/ops into {ops}: the operator's admin identity)")
+
+    say("\n== 7. Run the CA as a service")
+    argv = [
+        "ca",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"spiffe://{TRUST_DOMAIN}/ops",
+    ]
+    say(f"\n$ trustmesh {shlex.join(argv)} &")
+    log = (workdir / "ca-serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", *argv, "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    agent: subprocess.Popen[bytes] | None = None
+    try:
+        ctx = ssl.create_default_context(cafile=str(bundle))
+        ctx.load_cert_chain(ops / "chain.pem", ops / "key.pem")
+        http = httpx.Client(base_url=url, verify=ctx, timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("demo: ca serve did not start; see ca-serve.log")
+        say(f"ready: {http.get('/readyz').json()}")
+
+        say("\n== 8. Two services enroll with one-time join tokens, through the agent")
+        dirs = {}
+        for name in ("payments", "inventory"):
+            spiffe_id = f"spiffe://{TRUST_DOMAIN}/{name}"
+            token = command("token", "create", spiffe_id, "--ttl", "5m").stdout.strip()
+            dirs[name] = workdir / name
+            command(
+                "agent",
+                "--ca",
+                url,
+                "--id",
+                spiffe_id,
+                "--out",
+                str(dirs[name]),
+                "--bundle",
+                str(bundle),
+                "--token",
+                token,
+                "--once",
+                "--ttl",
+                "1h",
+            )
+        replay = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "trustmesh",
+                "agent",
+                "--ca",
+                url,
+                "--id",
+                f"spiffe://{TRUST_DOMAIN}/payments",
+                "--out",
+                str(workdir / "thief"),
+                "--bundle",
+                str(bundle),
+                "--token",
+                token,
+                "--once",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        say(f"replaying a used token: exit {replay.returncode}: {replay.stderr.strip()}")
+
+        say("\n== 9. inventory's agent keeps running and renews by itself (6 s certificates)")
+        agent_argv = [
+            "agent",
+            "--ca",
+            url,
+            "--id",
+            f"spiffe://{TRUST_DOMAIN}/inventory",
+            "--out",
+            str(dirs["inventory"]),
+            "--ttl",
+            "6s",
+            "--renew-now",
+        ]
+        say(f"\n$ trustmesh {shlex.join(agent_argv)} &")
+        before = serial_of(dirs["inventory"])
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "trustmesh", *agent_argv, "--log-level", "warning"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        seen = [before]
+        deadline = time.monotonic() + 20
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            current = serial_of(dirs["inventory"])
+            if current != seen[-1]:
+                seen.append(current)
+                say(f"inventory renewed: serial {seen[-2][:12]}… -> {current[:12]}…")
+        result["renewal"] = (
+            f"{len(seen) - 1} renewals in {20 - max(0, deadline - time.monotonic()):.0f} s"
+        )
+
+        say("\n== 10. Subscribe to the revocation feed, then revoke payments through the server")
+        events: list[tuple[float, dict[str, object]]] = []
+        opened = threading.Event()
+
+        cursor = http.get("/v1/revocations").json()["cursor"]  # only what happens from now on
+
+        def subscribe() -> None:
+            with http.stream(
+                "GET", "/v1/revocations/stream", params={"since": cursor}, timeout=None
+            ) as response:
+                opened.set()
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append((time.monotonic(), json.loads(line[6:])))
+                        return
+
+        threading.Thread(target=subscribe, daemon=True).start()
+        opened.wait(10)
+        payments_serial = serial_of(dirs["payments"])
+        say(
+            f"\n$ trustmesh revoke --ca {url} --cert {ops / 'chain.pem'} --key "
+            f"{ops / 'key.pem'} --bundle {bundle} {payments_serial} --reason keyCompromise"
+        )
+        say("(sent here as the same POST /v1/revoke over mTLS, to time the feed precisely)")
+        start = time.monotonic()
+        revoked = http.post(
+            "/v1/revoke", json={"serial": payments_serial, "reason": "keyCompromise"}
+        )
+        say(f"{revoked.status_code}: revoked {revoked.json()['revoked'][0]['spiffe_id']}")
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if events:
+            arrived, event = events[0]
+            result["latency"] = f"{(arrived - start) * 1000:.0f} ms"
+            say(f"feed event: {event}  ({result['latency']} after the revoke request was sent)")
+
+        say("\n== 11. The CRL and the OCSP responder say revoked")
+        crl = x509.load_der_x509_crl(http.get("/v1/crl").content)
+        listed = crl.get_revoked_certificate_by_serial_number(int(payments_serial, 16)) is not None
+        say(f"GET /v1/crl: serial {payments_serial[:12]}… listed: {listed}")
+        leaf = x509.load_pem_x509_certificate((dirs["payments"] / "cert.pem").read_bytes())
+        issuer = x509.load_pem_x509_certificate((home / "intermediate.pem").read_bytes())
+        request = (
+            ocsp.OCSPRequestBuilder()
+            .add_certificate(leaf, issuer, hashes.SHA256())
+            .build()
+            .public_bytes(serialization.Encoding.DER)
+        )
+        answer = ocsp.load_der_ocsp_response(
+            http.post(
+                "/v1/ocsp", content=request, headers={"Content-Type": "application/ocsp-request"}
+            ).content
+        )
+        status = answer.certificate_status.name
+        say(f"POST /v1/ocsp: {status} (reason {answer.revocation_reason})")
+        result["ok"] = (
+            replay.returncode != 0
+            and len(seen) >= 2
+            and bool(events)
+            and listed
+            and status == "REVOKED"
+        )
+        http.close()
+    finally:
+        if agent is not None:
+            agent.terminate()
+            agent.wait(timeout=15)
+        server.terminate()
+        server.wait(timeout=20)
+        log.close()
+    return result
 
 
 def main() -> int:
