@@ -194,6 +194,10 @@ def test_enroll_with_token_then_replay_is_refused(server: Server, tmp_path: Path
         )
     with server.ca() as ca:
         assert ca.store.count_certificates() == before + 1  # the replay issued nothing
+        denial = ca.audit_tail(1)[0]  # ...and was audited with its reason
+        assert (denial.action, denial.subject) == ("deny", "token_used")
+        assert denial.details == {"route": "/v1/enroll", "reason": "token_used"}
+        assert ca.verify_audit().ok
 
 
 def test_enroll_refusals_issue_nothing(server: Server) -> None:

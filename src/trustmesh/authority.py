@@ -774,6 +774,18 @@ class CertificateAuthority:
                 details={"kind": kind, "path": path},
             )
 
+    def record_denial(self, route: str, reason: str, *, actor: str, subject: str) -> None:
+        """Audit a refused request (enroll, renew, revoke) with its reason."""
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=_now(None),
+                actor=actor,
+                action="deny",
+                subject=subject,
+                details={"route": route, "reason": reason},
+            )
+
     def verify_audit(self) -> AuditReport:
         """Check the audit chain end to end."""
         return verify_audit_chain(

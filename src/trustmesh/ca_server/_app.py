@@ -184,6 +184,8 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
+#: Refusals on these routes are also written to the audit chain.
+_AUDITED_DENIALS = {"/v1/enroll", "/v1/renew", "/v1/revoke"}
 
 
 class _Metrics:
@@ -309,16 +311,32 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             return await work()
         except TrustmeshError as exc:
             response = problem_for(exc)
-            metrics.denied.labels(
-                route=request.url.path, reason=str(exc.details.get("reason") or type(exc).__name__)
-            ).inc()
+            reason = str(exc.details.get("reason") or type(exc).__name__)
+            route = request.url.path
+            client = request.client.host if request.client else "?"
+            metrics.denied.labels(route=route, reason=reason).inc()
             log.info(
-                "denied %s %s: %s (%s)",
+                "denied %s %s: %s",
                 request.method,
-                request.url.path,
-                exc.details.get("reason") or type(exc).__name__,
+                route,
                 exc.message,
+                extra={
+                    "event": "deny",
+                    "route": route,
+                    "reason": reason,
+                    "status": response.status_code,
+                    "client": client,
+                },
             )
+            if route in _AUDITED_DENIALS and not isinstance(exc, StoreError):
+                peer = _peer_certificate(request)
+                actor = f"{route}:{client}" if peer is None else f"serial:{peer.serial_number:x}"
+                try:
+                    await run_in_threadpool(
+                        lambda: ca.record_denial(route, reason, actor=actor, subject=reason)
+                    )
+                except StoreError as store_exc:
+                    log.warning("could not audit a denial: %s", store_exc.message)
             return response
 
     async def healthz(_: Request) -> Response:
@@ -452,7 +470,17 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 )
             )
             metrics.issued.labels(kind="enroll").inc()
-            log.info("enrolled %s serial %s", issued.record.spiffe_id, issued.record.serial)
+            log.info(
+                "enrolled %s serial %s",
+                issued.record.spiffe_id,
+                issued.record.serial,
+                extra={
+                    "event": "enroll",
+                    "spiffe_id": issued.record.spiffe_id,
+                    "serial": issued.record.serial,
+                    "client": client,
+                },
+            )
             return JSONResponse(_issued_json(issued), status_code=201)
 
         return await guarded(request, work)
@@ -469,7 +497,16 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 )
             )
             metrics.issued.labels(kind="renew").inc()
-            log.info("renewed %s serial %s", issued.record.spiffe_id, issued.record.serial)
+            log.info(
+                "renewed %s serial %s",
+                issued.record.spiffe_id,
+                issued.record.serial,
+                extra={
+                    "event": "renew",
+                    "spiffe_id": issued.record.spiffe_id,
+                    "serial": issued.record.serial,
+                },
+            )
             return JSONResponse(_issued_json(issued), status_code=201)
 
         return await guarded(request, work)
@@ -506,6 +543,18 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             )
             for record in records:
                 metrics.revoked.labels(reason=record.revocation_reason or "unspecified").inc()
+                log.info(
+                    "revoked %s serial %s",
+                    record.spiffe_id,
+                    record.serial,
+                    extra={
+                        "event": "revoke",
+                        "spiffe_id": record.spiffe_id,
+                        "serial": record.serial,
+                        "reason": record.revocation_reason,
+                        "caller": str(spiffe_id),
+                    },
+                )
             await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
             return JSONResponse({"revoked": [r.to_json() for r in records]})
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
+from trustmesh.logs import configure_logging
 from trustmesh.pki import KeyType, describe_key, fingerprint
 from trustmesh.store import normalize_url
 
@@ -140,12 +140,20 @@ def show_command(home: Path | None, as_json: bool) -> None:
     "'admins' in config.toml).",
 )
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default="json",
+    show_default=True,
+    help="JSON lines for log shippers, or text for people.",
+)
 @home_option
 @passphrase_option
 def serve_command(
     listen: str,
     admins: tuple[str, ...],
     log_level: str,
+    log_format: str,
     home: Path | None,
     passphrase_file: Path | None,
 ) -> None:
@@ -157,9 +165,7 @@ def serve_command(
     from trustmesh.ca_server import parse_listen, serve
 
     parse_listen(listen)  # bad input fails before the passphrase is needed
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    configure_logging(log_level, log_format)
     with open_ca(home, passphrase_file, sign=True) as ca:
         serve(
             ca,
