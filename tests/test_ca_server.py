@@ -4,15 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import ssl
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,72 +23,13 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.ca_server import MAX_BODY
 from trustmesh.pki import dump_private_key, pem_certificates
 
-from .conftest import PASSPHRASE
-
-ADMIN = "spiffe://example.org/admin"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    url: str
-    home: Path
-    bundle: Path
-    process: subprocess.Popen[str]
-
-    def ca(self) -> CertificateAuthority:
-        return CertificateAuthority.open(self.home, passphrase=PASSPHRASE)
+from ._server import ADMIN, Server, running_server
 
 
 @pytest.fixture
 def server(ca: CertificateAuthority, home: Path, tmp_path: Path) -> Iterator[Server]:
-    bundle = tmp_path / "bundle.pem"
-    bundle.write_bytes(pem_certificates(ca.bundle))
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trustmesh",
-            "ca",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--admin",
-            ADMIN,
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "TRUSTMESH_HOME": str(home)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"https://127.0.0.1:{port}"
-    ctx = ssl.create_default_context(cafile=str(bundle))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", verify=ctx, timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log.close()
-            pytest.fail(f"ca serve did not start: {(tmp_path / 'serve.log').read_text()}")
-        time.sleep(0.1)
-    yield Server(url, home, bundle, process)
-    process.terminate()
-    process.wait(timeout=15)
-    log.close()
+    with running_server(home, tmp_path) as running:
+        yield running
 
 
 def make_csr(spiffe_id: str) -> tuple[ec.EllipticCurvePrivateKey, str]:

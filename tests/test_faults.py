@@ -15,9 +15,10 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import KeyType, pem_certificates
 from trustmesh.store import normalize_url
 
+from ._server import ADMIN, running_server
 from .conftest import PASSPHRASE
 from .test_ca_server import assert_problem, make_csr
-from .test_feed import ADMIN, Subscriber, http_client, identity, running_server
+from .test_feed import Subscriber, http_client, identity
 
 
 @pytest.fixture
@@ -77,7 +78,8 @@ def test_database_outage_gives_503_records_nothing_and_recovers(
         _, during_outage = identity(ca, "spiffe://example.org/b", tmp_path / "b")
         token = ca.create_join_token("spiffe://example.org/new")
     _, csr = make_csr("spiffe://example.org/new")
-    with running_server(home, bundle, tmp_path / "serve.log") as server_url:
+    with running_server(home, tmp_path) as server:
+        server_url = server.url
         subscriber = Subscriber(server_url, bundle, reader)
         try:
             with http_client(server_url, bundle, admin) as http:

@@ -4,16 +4,10 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
-import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,62 +17,8 @@ import pytest
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
 
+from ._server import ADMIN, running_server
 from .conftest import PASSPHRASE
-
-ADMIN = "spiffe://example.org/admin"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def running_server(home: Path, bundle: Path, log_file: Path) -> Iterator[str]:
-    """Run `trustmesh ca serve` as a real process until the block ends."""
-    port = free_port()
-    with log_file.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trustmesh",
-                "ca",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                ADMIN,
-                "--log-level",
-                "warning",
-            ],
-            env={**os.environ, "TRUSTMESH_HOME": str(home)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"https://127.0.0.1:{port}"
-        ctx = ssl.create_default_context(cafile=str(bundle))
-        deadline = time.monotonic() + 30
-        try:
-            while True:
-                try:
-                    if httpx.get(f"{url}/healthz", verify=ctx, timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ca serve did not start: {log_file.read_text()}")
-                time.sleep(0.1)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def identity(ca: CertificateAuthority, spiffe_id: str, directory: Path) -> tuple[Path, str]:
@@ -157,7 +97,8 @@ def test_feed_lists_since_cursor_and_requires_mtls(tmp_path: Path) -> None:
         ]
         for serial in serials:
             ca.revoke(serial, reason="superseded")
-    with running_server(home, bundle, tmp_path / "serve.log") as url:
+    with running_server(home, tmp_path) as server:
+        url = server.url
         with http_client(url, bundle, None) as anonymous:
             response = anonymous.get("/v1/revocations")
             assert response.status_code == 401
@@ -186,7 +127,8 @@ def test_stream_delivers_backlog_then_live_events(tmp_path: Path) -> None:
         _, live = identity(ca, "spiffe://example.org/live", tmp_path / "live")
         _, cli = identity(ca, "spiffe://example.org/cli", tmp_path / "cli")
         ca.revoke(old)
-    with running_server(home, bundle, tmp_path / "serve.log") as url:
+    with running_server(home, tmp_path) as server:
+        url = server.url
         subscriber = Subscriber(url, bundle, reader)
         try:
             _, first = subscriber.next()
@@ -226,7 +168,8 @@ def test_metrics_and_admin_listing(tmp_path: Path) -> None:
     with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
         admin, _ = identity(ca, ADMIN, tmp_path / "admin")
         other, _ = identity(ca, "spiffe://example.org/ns/a/web", tmp_path / "other")
-    with running_server(home, bundle, tmp_path / "serve.log") as url:
+    with running_server(home, tmp_path) as server:
+        url = server.url
         with http_client(url, bundle, other) as http:
             refused = http.get("/v1/certificates")
             assert refused.status_code == 403
@@ -252,8 +195,8 @@ def test_enroll_is_rate_limited_per_token(tmp_path: Path) -> None:
     with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
         token = ca.create_join_token("spiffe://example.org/web")
     with (
-        running_server(home, bundle, tmp_path / "serve.log") as url,
-        http_client(url, bundle, None) as http,
+        running_server(home, tmp_path) as server,
+        http_client(server.url, bundle, None) as http,
     ):
         statuses = [
             http.post("/v1/enroll", json={"token": token, "csr": "not a csr"}).status_code
@@ -276,10 +219,13 @@ def test_revocation_reaches_other_replica_within_a_second(tmp_path: Path, pg_url
         targets = [
             identity(ca, f"spiffe://example.org/t{i}", tmp_path / f"t{i}")[1] for i in range(5)
         ]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     with (
-        running_server(home, bundle, tmp_path / "a.log") as url_a,
-        running_server(home, bundle, tmp_path / "b.log") as url_b,
+        running_server(home, tmp_path / "a") as replica_a,
+        running_server(home, tmp_path / "b") as replica_b,
     ):
+        url_a, url_b = replica_a.url, replica_b.url
         subscriber = Subscriber(url_b, bundle, reader)
         try:
             latencies = []
