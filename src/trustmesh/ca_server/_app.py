@@ -9,6 +9,7 @@ against the store (revocation) before acting.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -68,6 +69,8 @@ log = logging.getLogger("trustmesh.ca_server")
 
 #: Request bodies larger than this are refused with 413.
 MAX_BODY = 64 * 1024
+#: A request body must arrive within this many seconds (slow senders get 408).
+BODY_TIMEOUT = 10.0
 PEM = serialization.Encoding.PEM
 
 
@@ -82,6 +85,7 @@ class ServerSettings:
             client address.
         enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
         feed_heartbeat: Seconds between keep-alive comments on the event stream.
+        body_timeout: Seconds a request body may take to arrive (408 after).
     """
 
     admins: tuple[str, ...] = ()
@@ -91,6 +95,7 @@ class ServerSettings:
     enroll_rate_per_token: float = 1.0
     enroll_burst_per_token: int = 5
     feed_heartbeat: float = 15.0
+    body_timeout: float = BODY_TIMEOUT
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
 
@@ -139,26 +144,35 @@ def _issued_json(issued: Issued) -> dict[str, Any]:
     }
 
 
-async def _read_body(request: Request) -> bytes | Response:
+async def _read_body(request: Request, timeout: float = BODY_TIMEOUT) -> bytes | Response:
+    too_large = problem(
+        413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
+    )
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        return problem(
-            413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
-        )
+        return too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return problem(
-                413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY:
+                    return too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        return problem(
+            408,
+            "Request timeout",
+            f"The request body did not arrive within {timeout:g} s; send it at once.",
+        )
     return b"".join(chunks)
 
 
-async def _json_body(request: Request, *fields: str) -> dict[str, Any] | Response:
-    body = await _read_body(request)
+async def _json_body(
+    request: Request, *fields: str, timeout: float = BODY_TIMEOUT
+) -> dict[str, Any] | Response:
+    body = await _read_body(request, timeout)
     if isinstance(body, Response):
         return body
     try:
@@ -411,7 +425,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         return await answer_ocsp(der)
 
     async def ocsp_post(request: Request) -> Response:
-        body = await _read_body(request)
+        body = await _read_body(request, opts.body_timeout)
         if isinstance(body, Response):
             return body
         return await answer_ocsp(body)
@@ -447,7 +461,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def enroll(request: Request) -> Response:
         async def work() -> Response:
-            data = await _json_body(request, "token", "csr")
+            data = await _json_body(request, "token", "csr", timeout=opts.body_timeout)
             if isinstance(data, Response):
                 return data
             client = request.client.host if request.client else "?"
@@ -488,7 +502,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def renew(request: Request) -> Response:
         async def work() -> Response:
             cert, spiffe_id = caller(request)
-            data = await _json_body(request, "csr")
+            data = await _json_body(request, "csr", timeout=opts.body_timeout)
             if isinstance(data, Response):
                 return data
             issued = await run_in_threadpool(
@@ -514,7 +528,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def revoke(request: Request) -> Response:
         async def work() -> Response:
             _, spiffe_id = caller(request)
-            data = await _json_body(request)
+            data = await _json_body(request, timeout=opts.body_timeout)
             if isinstance(data, Response):
                 return data
             serial, target = data.get("serial"), data.get("spiffe_id")
