@@ -46,13 +46,13 @@ class Server:
 
 @contextmanager
 def running_server(
-    home: Path, workdir: Path, *, admins: tuple[str, ...] = (ADMIN,)
+    home: Path, workdir: Path, *, admins: tuple[str, ...] = (ADMIN,), port: int | None = None
 ) -> Iterator[Server]:
     """Start `python -m trustmesh ca serve` for the CA in ``home`` and wait until it answers."""
     with CertificateAuthority.open(home) as ca:
         bundle = workdir / "bundle.pem"
         bundle.write_bytes(pem_certificates(ca.bundle))
-    port = free_port()
+    port = port or free_port()
     log_path = workdir / "serve.log"
     admin_args = [arg for admin in admins for arg in ("--admin", admin)]
     with log_path.open("w") as log:

@@ -657,3 +657,39 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     assert f"Cannot reach the CA at {down}" in text
     assert "Keeping certificate" in text
     assert snapshot(steady) == before
+
+
+def test_loop_recovers_when_the_ca_comes_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Kill the CA: the agent keeps its files and retries; restart the CA on the same
+    address: the agent renews by itself, with no one touching it."""
+    home = tmp_path / "ca"
+    CertificateAuthority.init(home, trust_domain="example.org", passphrase=PASSPHRASE).close()
+    port = free_port()
+    spiffe_id = "spiffe://example.org/phoenix"
+    out, log = tmp_path / "phoenix", tmp_path / "agent.log"
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with running_server(home, tmp_path / "first", port=port) as first:
+        enrolled(first, spiffe_id, out, capsys)
+        url = first.url
+    before = snapshot(out)
+    command = [sys.executable, "-m", "trustmesh", "agent", "--ca", url, "--id", spiffe_id]
+    command += ["--out", str(out), "--renew-now"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: log.read_text().count("WARNING") >= 2)  # CA down: retrying
+            assert snapshot(out) == before  # the files stay in place meanwhile
+            with running_server(home, tmp_path / "second", port=port):
+                wait_for(lambda: snapshot(out) != before, timeout=40)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            process.kill()
+    assert f"renewed {spiffe_id}" in log.read_text()
+    assert (
+        leaf(out).serial_number
+        != x509.load_pem_x509_certificate(before["cert.pem"][0]).serial_number
+    )
