@@ -163,6 +163,24 @@ def test_stream_delivers_backlog_then_live_events(tmp_path: Path) -> None:
             resumed.close()
 
 
+def test_stream_ends_when_the_subscriber_is_revoked(tmp_path: Path) -> None:
+    home, bundle = _setup(tmp_path, None)
+    with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
+        reader, reader_serial = identity(ca, "spiffe://example.org/reader", tmp_path / "reader")
+    with running_server(home, tmp_path) as server:
+        with (
+            http_client(server.url, bundle, reader) as http,
+            http.stream("GET", "/v1/revocations/stream") as response,
+        ):
+            lines = response.iter_lines()
+            assert next(lines) == "retry: 1000"
+            with CertificateAuthority.open(home) as ca:
+                ca.revoke(reader_serial)
+            rest = list(lines)  # ends: the server closes the stream
+        assert f'"serial": "{reader_serial}"' in "\n".join(rest)
+        assert "event: closed" in rest
+
+
 def test_metrics_and_admin_listing(tmp_path: Path) -> None:
     home, bundle = _setup(tmp_path, None)
     with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:

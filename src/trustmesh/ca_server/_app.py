@@ -602,7 +602,8 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def revocation_stream(request: Request) -> Response:
         async def work() -> Response:
-            caller(request)
+            subscriber, _ = caller(request)
+            subscriber_serial = format(subscriber.serial_number, "x")
             since = cursor_param(request)
 
             async def events() -> AsyncIterator[str]:
@@ -616,6 +617,10 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                             f"id: {event.cursor}\nevent: revocation\n"
                             f"data: {json.dumps(event.to_json())}\n\n"
                         )
+                        if event.serial == subscriber_serial:
+                            # The subscriber itself was revoked: the stream ends here.
+                            yield 'event: closed\ndata: {"reason": "revoked"}\n\n'
+                            return
                     if len(batch) == 1000:
                         continue
                     if not await hub.wait_beyond(cursor, opts.feed_heartbeat):
