@@ -46,7 +46,12 @@ class Server:
 
 @contextmanager
 def running_server(
-    home: Path, workdir: Path, *, admins: tuple[str, ...] = (ADMIN,), port: int | None = None
+    home: Path,
+    workdir: Path,
+    *,
+    admins: tuple[str, ...] = (ADMIN,),
+    port: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     """Start `python -m trustmesh ca serve` for the CA in ``home`` and wait until it answers."""
     with CertificateAuthority.open(home) as ca:
@@ -66,6 +71,7 @@ def running_server(
                 "--listen",
                 f"127.0.0.1:{port}",
                 *admin_args,
+                *extra_args,
                 "--log-level",
                 "warning",
             ],

@@ -228,6 +228,23 @@ def test_enroll_is_rate_limited_per_token(tmp_path: Path) -> None:
         assert limited.json()["reason"] == "rate_limited"
 
 
+def test_enroll_limit_per_address_is_set_from_the_command_line(tmp_path: Path) -> None:
+    home, bundle = _setup(tmp_path, None)
+    with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
+        tokens = [ca.create_join_token(f"spiffe://example.org/w{i}") for i in range(4)]
+    with (
+        running_server(
+            home, tmp_path, extra_args=("--enroll-rate", "0.1", "--enroll-burst", "2")
+        ) as server,
+        http_client(server.url, bundle, None) as http,
+    ):
+        statuses = [
+            http.post("/v1/enroll", json={"token": t, "csr": "not a csr"}).status_code
+            for t in tokens
+        ]
+    assert statuses == [400, 400, 429, 429]  # each token is fresh: the address is limited
+
+
 @pytest.mark.postgres
 def test_revocation_reaches_other_replica_within_a_second(tmp_path: Path, pg_url: str) -> None:
     home, bundle = _setup(tmp_path, pg_url)
@@ -261,3 +278,31 @@ def test_revocation_reaches_other_replica_within_a_second(tmp_path: Path, pg_url
         with http_client(url_b, bundle, reader) as http:
             page = http.get("/v1/revocations").json()
             assert [e["serial"] for e in page["events"]] == targets
+
+
+def test_subscribers_woken_together_share_one_query(ca: CertificateAuthority) -> None:
+    import asyncio
+
+    from trustmesh.ca_server._feed import RevocationHub
+
+    serial = ca.issue("spiffe://example.org/gone").record.serial
+    ca.revoke(serial, reason="keyCompromise")
+    queries: list[int] = []
+    original = ca.revocations_since
+
+    def counted(cursor: int, *, limit: int = 1000) -> list[Any]:
+        queries.append(cursor)
+        time.sleep(0.05)  # a slow database: every subscriber arrives while it runs
+        return original(cursor, limit=limit)
+
+    ca.revocations_since = counted  # type: ignore[method-assign]
+    hub = RevocationHub(ca)
+
+    async def fan_out() -> list[list[Any]]:
+        return await asyncio.gather(*(hub.events_since(0) for _ in range(100)))
+
+    results = asyncio.run(fan_out())
+    assert queries == [0]
+    assert all([e.serial for e in batch] == [serial] for batch in results)
+    assert asyncio.run(hub.events_since(0))[0].serial == serial  # done: the next one asks again
+    assert queries == [0, 0]

@@ -138,6 +138,30 @@ def test_migrations_are_idempotent(tmp_path: Path) -> None:
     store.close()
 
 
+def test_migrations_build_exactly_the_declared_schema(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from trustmesh.store._schema import metadata
+
+    store = open_store(f"sqlite:///{tmp_path / 'x.db'}")
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    store.close()
+    assert diff == []
+
+
+def test_lookup_by_serial_uses_an_index(ca: CertificateAuthority) -> None:
+    serial = _issue_some(ca, 3)[1]
+    with ca.store.engine.connect() as conn:
+        plan = conn.execute(
+            text("EXPLAIN QUERY PLAN SELECT * FROM certificates WHERE serial = :s"), {"s": serial}
+        ).all()
+    detail = " ".join(str(row[-1]) for row in plan)
+    assert "USING INDEX ix_certificates_serial" in detail, detail
+    assert ca.store.get_certificate(serial).serial == serial
+
+
 def test_unknown_database_scheme_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="supports sqlite:/// and postgresql://"):
         open_store("mysql://root@localhost/x")

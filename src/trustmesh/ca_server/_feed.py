@@ -19,7 +19,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.store import REVOCATION_CHANNEL
+from trustmesh.store import REVOCATION_CHANNEL, RevocationEvent
 
 __all__ = ["RevocationHub"]
 
@@ -44,6 +44,7 @@ class RevocationHub:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
+        self._inflight: dict[int, asyncio.Future[list[RevocationEvent]]] = {}
 
     async def start(self) -> None:
         """Start polling (and listening, on PostgreSQL)."""
@@ -96,6 +97,19 @@ class RevocationHub:
             except TimeoutError:
                 return False
         return self.latest > cursor
+
+    async def events_since(self, cursor: int) -> list[RevocationEvent]:
+        """Return the events after ``cursor``, sharing one query among concurrent callers.
+
+        When a revocation wakes every subscriber, they all ask from the same cursor:
+        one database query answers all of them instead of one query each.
+        """
+        pending = self._inflight.get(cursor)
+        if pending is None:
+            pending = asyncio.ensure_future(run_in_threadpool(self.ca.revocations_since, cursor))
+            self._inflight[cursor] = pending
+            pending.add_done_callback(lambda _done: self._inflight.pop(cursor, None))
+        return list(await asyncio.shield(pending))
 
     async def _poll(self) -> None:
         while not self._stop.is_set():

@@ -85,10 +85,15 @@ def serve(
     *,
     listen: str = "127.0.0.1:8443",
     admins: tuple[str, ...] = (),
+    enroll_rate: float = 5.0,
+    enroll_burst: int = 20,
     ready: Callable[[str], None] | None = None,
     log_level: str = "info",
 ) -> None:
-    """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully)."""
+    """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully).
+
+    ``enroll_rate``/``enroll_burst`` are the per-client-address enrollment limit.
+    """
     host, port = parse_listen(listen)
     with tempfile.TemporaryDirectory(prefix="trustmesh-ca-serve-") as tmp:
         os.chmod(tmp, 0o700)
@@ -98,7 +103,10 @@ def serve(
         def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
             return server_context(chain, key, cadata=roots, client_cert="optional")
 
-        app = create_app(ca, ServerSettings(admins=admins))
+        settings = ServerSettings(
+            admins=admins, enroll_rate_per_ip=enroll_rate, enroll_burst_per_ip=enroll_burst
+        )
+        app = create_app(ca, settings)
         config = uvicorn.Config(
             app,
             host=host,

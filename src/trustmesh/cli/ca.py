@@ -139,6 +139,21 @@ def show_command(home: Path | None, as_json: bool) -> None:
     help="SPIFFE ID (or glob) that may revoke any certificate (repeatable; adds to "
     "'admins' in config.toml).",
 )
+@click.option(
+    "--enroll-rate",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Enrollments per second allowed from one client address (token bucket refill).",
+)
+@click.option(
+    "--enroll-burst",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Enrollments one client address may make at once before --enroll-rate applies. "
+    "Raise both when many agents enroll through one NAT or load balancer.",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
     "--log-format",
@@ -152,6 +167,8 @@ def show_command(home: Path | None, as_json: bool) -> None:
 def serve_command(
     listen: str,
     admins: tuple[str, ...],
+    enroll_rate: float,
+    enroll_burst: int,
     log_level: str,
     log_format: str,
     home: Path | None,
@@ -171,6 +188,8 @@ def serve_command(
             ca,
             listen=listen,
             admins=tuple(ca.config.admins) + admins,
+            enroll_rate=enroll_rate,
+            enroll_burst=enroll_burst,
             log_level=log_level,
             ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
         )

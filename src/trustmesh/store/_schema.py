@@ -36,6 +36,7 @@ certificates = Table(
     Column("revocation_reason", String(32), nullable=True),
     Column("pem", Text, nullable=False),
     UniqueConstraint("issuer", "serial", name="uq_certificates_issuer_serial"),
+    Index("ix_certificates_serial", "serial"),
     Index("ix_certificates_spiffe_id", "spiffe_id"),
     Index("ix_certificates_not_after", "not_after"),
     Index("ix_certificates_revoked_at", "revoked_at"),
