@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv check lint types layers test demo bench clean
+.PHONY: venv peers check lint types layers test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Standard OAuth2/OIDC software (openid-client, oidc-provider) the tests run against ours.
+$(PEERS): tests/peers/package.json tests/peers/package-lock.json
+	npm ci --prefix tests/peers --no-audit --no-fund --loglevel=error
+	touch $(PEERS)
+
+peers: $(PEERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -26,7 +34,7 @@ layers: $(STAMP)
 
 check: lint types layers
 
-test: check
+test: check $(PEERS)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
