@@ -76,3 +76,119 @@ join_tokens = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("created_by", Text, nullable=False),
 )
+
+# --- The identity server (``idp serve``). Lists are space-separated; times Unix seconds. ---
+
+#: OAuth clients. Secrets are kept only as a salted hash (``sha256$SALT$HEX``).
+idp_clients = Table(
+    "idp_clients",
+    metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("secret_hash", Text, nullable=True),
+    Column("auth_method", String(32), nullable=False),
+    Column("grant_types", Text, nullable=False, default=""),
+    Column("scopes", Text, nullable=False, default=""),
+    Column("roles", Text, nullable=False, default=""),
+    Column("audience", Text, nullable=False, default=""),
+    Column("redirect_uris", Text, nullable=False, default=""),
+    Column("jwks", Text, nullable=True),  # JSON, for private_key_jwt
+    Column("tls_spiffe_id", Text, nullable=True),  # for tls_client_auth
+    Column("disabled", Integer, nullable=False, default=0),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+#: End users. Passwords are argon2id hashes.
+idp_users = Table(
+    "idp_users",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("username", String(128), nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),
+    Column("roles", Text, nullable=False, default=""),
+    Column("scopes", Text, nullable=False, default=""),
+    Column("email", Text, nullable=True),
+    Column("disabled", Integer, nullable=False, default=0),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+#: Token-signing keys: published from ``published_at``, sign from ``active_at``,
+#: stop signing at ``retired_at`` and leave the JWKS at ``removed_at``.
+idp_signing_keys = Table(
+    "idp_signing_keys",
+    metadata,
+    Column("kid", String(64), primary_key=True),
+    Column("alg", String(16), nullable=False),
+    Column("private_pem", Text, nullable=False),  # encrypted with the CA passphrase
+    Column("public_jwk", Text, nullable=False),  # JSON
+    Column("published_at", BigInteger, nullable=False),
+    Column("active_at", BigInteger, nullable=False),
+    Column("retired_at", BigInteger, nullable=True),
+    Column("removed_at", BigInteger, nullable=True),
+)
+
+#: Authorization codes (hash only), single use.
+idp_authorization_codes = Table(
+    "idp_authorization_codes",
+    metadata,
+    Column("code_hash", String(64), primary_key=True),
+    Column("client_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("redirect_uri", Text, nullable=False),
+    Column("scope", Text, nullable=False, default=""),
+    Column("nonce", Text, nullable=True),
+    Column("code_challenge", Text, nullable=False),
+    Column("code_challenge_method", String(8), nullable=False),
+    Column("auth_time", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("used_at", BigInteger, nullable=True),
+    Column("family_id", String(64), nullable=True),  # refresh family minted from it
+)
+
+#: Refresh tokens (hash only). Each use rotates; reuse of a rotated one revokes the family.
+idp_refresh_tokens = Table(
+    "idp_refresh_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("family_id", String(64), nullable=False),
+    Column("client_id", String(64), nullable=False),
+    Column("user_id", String(64), nullable=True),
+    Column("scope", Text, nullable=False, default=""),
+    Column("auth_time", BigInteger, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("rotated_at", BigInteger, nullable=True),
+    Column("revoked_at", BigInteger, nullable=True),
+    Index("ix_idp_refresh_tokens_family_id", "family_id"),
+)
+
+#: Revoked access tokens, until they expire: the list verifiers poll.
+idp_revoked_tokens = Table(
+    "idp_revoked_tokens",
+    metadata,
+    Column("jti", String(64), primary_key=True),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=False),
+    Index("ix_idp_revoked_tokens_expires_at", "expires_at"),
+)
+
+#: ``jti`` of private_key_jwt client assertions already used (replay protection).
+idp_assertion_jtis = Table(
+    "idp_assertion_jtis",
+    metadata,
+    Column("key", String(200), primary_key=True),  # client_id + " " + jti
+    Column("expires_at", BigInteger, nullable=False),
+)
+
+#: Failed-login counters, per ``user:NAME`` and per ``ip:ADDRESS``.
+idp_login_failures = Table(
+    "idp_login_failures",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_start", BigInteger, nullable=False),
+    Column("locked_until", BigInteger, nullable=True),
+)
