@@ -48,6 +48,7 @@ from trustmesh.errors import (
     TrustmeshError,
     VerificationError,
 )
+from trustmesh.limits import RateLimiter
 from trustmesh.pki import (
     SpiffeID,
     glob_match,
@@ -59,7 +60,6 @@ from trustmesh.pki import (
 from trustmesh.store import token_hash
 
 from ._feed import RevocationHub
-from ._limits import RateLimiter
 from ._openapi import openapi_response
 from ._problems import problem, problem_for
 
