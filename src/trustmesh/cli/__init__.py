@@ -18,6 +18,7 @@ from .audit import audit_group
 from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
 from .export import export_group
+from .idp import idp_group
 from .token import token_group
 
 __all__ = ["cli", "main"]
@@ -41,6 +42,7 @@ cli.add_command(crl_command)
 cli.add_command(export_group)
 cli.add_command(audit_group)
 cli.add_command(token_group)
+cli.add_command(idp_group)
 cli.add_command(agent_command)
 
 
