@@ -165,7 +165,7 @@ def revoke_access_token(ctx: IdpContext, jti: str, expires_at: int) -> bool:
 
 def is_access_token_revoked(ctx: IdpContext, jti: str) -> bool:
     """True if the token with this ``jti`` was revoked."""
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         row = conn.execute(
             select(idp_revoked_tokens.c.jti).where(idp_revoked_tokens.c.jti == jti[:64])
         ).first()
@@ -175,7 +175,7 @@ def is_access_token_revoked(ctx: IdpContext, jti: str) -> bool:
 def revoked_access_tokens(ctx: IdpContext, now: int | None = None) -> list[dict[str, Any]]:
     """Revoked access tokens that have not expired: ``[{"jti", "exp"}]``."""
     at = int(time.time()) if now is None else now
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         rows = conn.execute(
             select(idp_revoked_tokens.c.jti, idp_revoked_tokens.c.expires_at)
             .where(idp_revoked_tokens.c.expires_at > at)
@@ -208,7 +208,7 @@ def find_refresh_token(ctx: IdpContext, token: str) -> RefreshTokenRecord | None
     """The stored refresh token ``token`` hashes to, if any."""
     if not token or len(token) > MAX_TOKEN_SIZE:
         return None
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         row = conn.execute(
             select(idp_refresh_tokens).where(idp_refresh_tokens.c.token_hash == token_hash(token))
         ).first()
