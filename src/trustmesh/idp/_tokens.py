@@ -23,7 +23,7 @@ from typing import Any
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from trustmesh.errors import ConflictError
 from trustmesh.store import idp_refresh_tokens, idp_revoked_tokens, token_hash
@@ -151,11 +151,14 @@ def read_access_token(ctx: IdpContext, token: str) -> dict[str, Any] | None:
 
 def revoke_access_token(ctx: IdpContext, jti: str, expires_at: int) -> bool:
     """Put an access token on the revocation list; False if it already was."""
+    now = int(time.time())
     try:
         with ctx.store.transaction() as conn:
+            # Expired entries can no longer matter: drop them as new ones arrive.
+            conn.execute(delete(idp_revoked_tokens).where(idp_revoked_tokens.c.expires_at <= now))
             conn.execute(
                 insert(idp_revoked_tokens).values(
-                    jti=jti[:64], expires_at=expires_at, revoked_at=int(time.time())
+                    jti=jti[:64], expires_at=expires_at, revoked_at=now
                 )
             )
     except ConflictError:  # already listed
