@@ -14,6 +14,7 @@ import pytest
 from authlib.oauth2.rfc6749.grants import BaseGrant, TokenEndpointMixin
 from joserfc import jwt
 from joserfc.jwk import KeySet
+from sqlalchemy import text
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -120,3 +121,26 @@ async def _scenario(app: Any, extension: _Extension, creds: dict[str, str]) -> N
         assert r.json() == {"client_id": "abc"}
     events = [(e.action, e.details.get("grant_type")) for e in app.ctx.ca.audit_tail(20)]
     assert ("idp.token", "urn:example:grant") in events
+
+
+def test_a_failing_database_is_503_not_500(
+    app_and_client: tuple[Any, _Extension, dict[str, str]],
+) -> None:
+    """When the database fails, the token endpoint answers 503 temporarily_unavailable."""
+    app, _, creds = app_and_client
+    with app.ctx.store.transaction() as conn:
+        conn.execute(text("DROP TABLE idp_clients"))
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as http:
+            return await http.post(
+                "/token",
+                auth=(creds["client_id"], creds["client_secret"]),
+                data={"grant_type": "client_credentials"},
+            )
+
+    response = asyncio.run(call())
+    assert response.status_code == 503
+    assert response.json()["error"] == "temporarily_unavailable"
+    assert response.headers["retry-after"] == "5"
