@@ -84,6 +84,14 @@ def test_discovery_lists_the_machine_endpoints(idp: Idp) -> None:
         "tls_client_auth",
     }
     assert oidc["tls_client_certificate_bound_access_tokens"] is True
+    with idp.http() as http:
+        jwks = http.get(f"{idp.url}/jwks")
+    assert jwks.headers["content-type"].startswith("application/jwk-set+json")
+    keys = jwks.json()["keys"]
+    assert len(keys) == 1
+    assert keys[0]["alg"] == "ES256"
+    assert keys[0]["use"] == "sig"
+    assert not {"d", "p", "q"} & set(keys[0])  # public parts only
 
 
 def test_client_credentials_issues_an_rfc9068_token(idp: Idp) -> None:
