@@ -15,10 +15,10 @@ from what is registered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -71,8 +71,6 @@ def problem(status: int, title: str, detail: str) -> JSONResponse:
 
 
 def _peer_der(request: Request) -> bytes | None:
-    import ssl
-
     tls = request.scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     if not chain:
@@ -347,10 +345,6 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
         routes.extend(extension.install(ctx))
     routes += [Route(p, not_allowed, methods=["GET"]) for p in ("/token", "/introspect", "/revoke")]
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-
     async def not_found(request: Request, _exc: Exception) -> Response:
         return problem(
             404,
@@ -375,7 +369,6 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
 
     app = Starlette(
         routes=routes,
-        lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
     known = {getattr(r, "path", "") for r in routes}
