@@ -182,6 +182,40 @@ def test_bad_requests_get_oauth_errors_not_500(idp: Idp) -> None:
         assert r.json()["error"] == "invalid_client"
 
 
+def test_hostile_parameter_values_get_4xx(idp: Idp, tmp_path: Path) -> None:
+    """Quotes, backslashes and non-ASCII in scope, resource or an assertion are 4xx, not 500."""
+    creds = idp.add_client("hostile", "--scope", "read", "--audience", "api")
+    for field, value, error in [
+        ("scope", 'read "x\\y" caf\u00e9', "invalid_scope"),
+        ("resource", 'a"b\\c\u00e9', "invalid_target"),
+        ("grant_type", 'x"\\\u00e9', "unsupported_grant_type"),
+    ]:
+        data = {"grant_type": "client_credentials", field: value}
+        with idp.http() as http:
+            r = http.post(
+                idp.token_url, auth=(creds["client_id"], creds["client_secret"]), data=data
+            )
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"] == error
+        assert '"' not in r.json()["error_description"]
+    forged = jwt.encode(
+        {"alg": "ES256"},
+        {"iss": 'x"\u00e9', "sub": 'x"\u00e9', "aud": idp.token_url, "exp": 1, "jti": "j"},
+        ECKey.generate_key("P-256"),
+    )
+    with idp.http() as http:
+        r = http.post(
+            idp.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": JWT_BEARER,
+                "client_assertion": forged,
+            },
+        )
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_client"
+
+
 def test_oversized_body_is_refused_413(idp: Idp) -> None:
     """A body over the cap is refused with 413 before it is parsed."""
     with idp.http() as http:
