@@ -174,6 +174,29 @@ def test_bad_requests_get_oauth_errors_not_500(idp: Idp) -> None:
         )
         assert r.status_code == 400
         assert "more than once" in r.json()["error_description"]
+        for header in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode()):
+            r = http.post(
+                idp.token_url,
+                headers={"Authorization": header},
+                data={"grant_type": "client_credentials"},
+            )
+            assert r.status_code == 401
+            assert "Malformed HTTP Basic" in r.json()["error_description"]
+        r = http.post(
+            f"{idp.url}/introspect", auth=auth, data={"token": "x", "token_type_hint": "id_token"}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"] == "unsupported_token_type"
+        r = http.post(f"{idp.url}/introspect", auth=auth, data={"hint": "no token"})
+        assert r.status_code == 400
+        assert "token" in r.json()["error_description"]
+        r = http.post(
+            idp.token_url,
+            content=b"grant_type=client_credentials&x=\xff\xfe",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert r.status_code == 400
+        assert "UTF-8" in r.json()["error_description"]
         r = http.get(idp.token_url)
         assert r.status_code == 405
         assert r.json()["error"] == "invalid_request"

@@ -28,6 +28,8 @@ tokens, and adds a :attr:`IdpAuthorizationServer.token_listeners` entry (or its 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import json
 import logging
@@ -35,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from authlib.oauth2.rfc6749 import (
     AuthorizationServer,
@@ -48,7 +51,6 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
-from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from cryptography import x509
@@ -194,8 +196,25 @@ class IdpOAuth2Request(OAuth2Request):
 
     def claimed_client_id(self) -> str | None:
         """The client_id the request names (not yet authenticated)."""
-        basic_id, _ = extract_basic_authorization(self.headers)
+        basic_id, _ = basic_credentials(self.headers)
         return basic_id or self._form.get("client_id") or None
+
+
+def basic_credentials(headers: Any) -> tuple[str | None, str | None]:
+    """``(client_id, secret)`` from ``Authorization: Basic`` (RFC 6749 §2.3.1: each part
+    form-urlencoded); ``(None, None)`` when absent or malformed (bad base64 or UTF-8)."""
+    value = headers.get("Authorization") or ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None, None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None, None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        return None, None
+    return unquote_plus(client_id) or None, unquote_plus(secret) or None
 
 
 def _has_basic(request: IdpOAuth2Request) -> bool:
@@ -252,7 +271,7 @@ class _ClientAuthentication(ClientAuthentication):
 def _secret_basic(query_client: Callable[[str], Any], request: IdpOAuth2Request) -> Any:
     if not _has_basic(request):
         return None
-    client_id, secret = extract_basic_authorization(request.headers)
+    client_id, secret = basic_credentials(request.headers)
     if not client_id or not secret:
         raise InvalidClientError(
             status_code=401,
@@ -730,6 +749,8 @@ class IdpAuthorizationServer(AuthorizationServer):
         return Response(body or b"", status_code=status, headers=header_map)
 
     def handle_error_response(self, request: IdpOAuth2Request, error: OAuth2Error) -> Response:
+        if error.error == "unsupported_token_type":
+            error.status_code = 400  # RFC 7009 §2.2.1 (Authlib answers 401)
         if not error.description:
             error.description = _DEFAULT_DESCRIPTIONS.get(
                 error.error, "The request was refused; see RFC 6749 section 5.2."
