@@ -513,6 +513,14 @@ def test_tls_client_auth_binds_the_token_to_the_certificate(idp: Idp, tmp_path: 
         r = http.post(idp.token_url, data=form)
     assert r.status_code == 400
     assert "mTLS" in r.json()["error_description"]
+    # The right certificate, once revoked.
+    with idp.ca() as ca:
+        ca.revoke(format(leaf.serial_number, "x"), reason="keyCompromise")
+    with idp.http(chain, key) as http:
+        r = http.post(idp.token_url, data=form)
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_client"
+    assert "revoked" in r.json()["error_description"]
     # A certificate from a foreign CA with the right SPIFFE ID: the TLS layer refuses it.
     foreign = CertificateAuthority.init(
         tmp_path / "foreign", trust_domain="example.org", passphrase=PASSPHRASE
