@@ -733,3 +733,11 @@ def test_db_option_points_idp_commands_elsewhere(
     assert [c["name"] for c in json.loads(capsys.readouterr().out)] == ["elsewhere"]
     assert main(["idp", "client", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_port_in_use_exits_1(idp: Idp) -> None:
+    """A second server on a taken port fails with exit 1 and says what to change."""
+    port = idp.url.rsplit(":", 1)[1]
+    result = idp.cli("idp", "serve", "--listen", f"127.0.0.1:{port}", check=False)
+    assert result.returncode == 1
+    assert "port in use" in result.stderr
