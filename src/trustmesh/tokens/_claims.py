@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -23,9 +23,8 @@ def certificate_thumbprint(cert: x509.Certificate | bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
-@dataclass(frozen=True, slots=True)
-class AccessTokenClaims:
-    """A verified access token.
+class AccessTokenClaims(NamedTuple):
+    """A verified access token (immutable: verified tokens are cached and shared).
 
     Attributes:
         issuer: ``iss``.
@@ -39,7 +38,7 @@ class AccessTokenClaims:
         scopes: ``scope`` split on spaces.
         roles: ``roles``.
         certificate_thumbprint: ``cnf["x5t#S256"]`` for certificate-bound tokens.
-        claims: Every claim as received.
+        claims: Every claim as received (read-only).
         source: ``"jwt"`` or ``"introspection"``.
 
     .. versionadded:: 0.1

@@ -10,17 +10,18 @@ the same checks synchronously and does its rare fetches on a private event loop.
 from __future__ import annotations
 
 import asyncio
+import binascii
 import hashlib
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 import httpx
 from cryptography import x509
@@ -28,7 +29,7 @@ from cryptography import x509
 from ._claims import AccessTokenClaims, certificate_thumbprint
 from ._config import MAX_TOKEN_BYTES, IssuerConfig
 from ._errors import ExpiredTokenError, InvalidTokenError, TokenVerifierUnavailableError
-from ._keys import KeySet, b64url_decode, load_jwks
+from ._keys import KeySet, load_jwks
 
 __all__ = ["DEFAULT_TOKEN_CACHE_SIZE", "AsyncVerifier", "Verifier"]
 
@@ -39,10 +40,11 @@ DEFAULT_TOKEN_CACHE_SIZE = 10_000
 #: Discovery, JWKS, revocation and introspection answers larger than this are refused.
 MAX_DOCUMENT_BYTES = 512 * 1024
 
-_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+#: Distinct JOSE headers whose checks are remembered (providers use a handful).
+_MAX_HEADERS = 64
+_json = json.JSONDecoder().decode
+_NOTHING_FETCHED: frozenset[str] = frozenset()
 _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
-# Claims only an ID token carries (OIDC Core §2, §3.1.3.6).
-_ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash")
 
 Cert = x509.Certificate | bytes | None
 
@@ -74,6 +76,7 @@ class _IssuerState:
         self.issuer = config.issuer
         self.allowed = frozenset(config.algorithms)
         self.audiences = frozenset(config.audiences)
+        self.require_bound = config.require_bound_tokens
         self.leeway = config.leeway.total_seconds()
         self.max_lifetime = config.max_lifetime.total_seconds()
         self.max_age = config.jwks_max_age.total_seconds()
@@ -228,6 +231,7 @@ class AsyncVerifier:
         self._cache_size = token_cache_size
         self._cache: dict[str, _Cached] = {}
         self._introspected: dict[bytes, _Introspected] = {}
+        self._headers: dict[str, tuple[str, str | None]] = {}
 
     # -- public API -----------------------------------------------------------------
 
@@ -253,14 +257,19 @@ class AsyncVerifier:
             InvalidTokenError: Refused; ``.reason`` says which check failed.
             TokenVerifierUnavailableError: The issuer could not be reached to decide.
         """
+        at = time.time() if now is None else _timestamp(now)
+        try:
+            return self._check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
+        except _NeedFetch as first:
+            need = first
         attempted: set[str] = set()
-        at = _timestamp(now)
         while True:
+            attempted.add(need.kind)
+            await self._fetch(need.state, need.kind, token, at)
             try:
                 return self._check(token, client_cert, skip_binding, at, attempted)
-            except _NeedFetch as need:
-                attempted.add(need.kind)
-                await self._fetch(need.state, need.kind, token, at)
+            except _NeedFetch as again:
+                need = again
 
     async def refresh(self) -> None:
         """Fetch every issuer's keys and revocation list now (warm-up; never raises)."""
@@ -300,7 +309,7 @@ class AsyncVerifier:
         cert: Cert,
         skip_binding: bool,
         now: float,
-        attempted: set[str],
+        attempted: AbstractSet[str],
     ) -> AccessTokenClaims:
         if len(token) > MAX_TOKEN_BYTES:
             raise _refuse(
@@ -314,7 +323,7 @@ class AsyncVerifier:
             except UnicodeDecodeError:
                 raise _refuse("malformed", "Token is not ASCII; expected a compact JWS.") from None
         mono = time.monotonic()
-        cached = self._cache.get(token)
+        cached = self._cache.get(token) if self._cache_size else None
         if cached is not None:
             owner = cached.state
             if (
@@ -329,40 +338,25 @@ class AsyncVerifier:
                     self._check_binding(owner, cached.claims, cert)
                 return cached.claims
             del self._cache[token]
-        match = _JWS.fullmatch(token)
-        if match is None:
+        parts = token.split(".")
+        if len(parts) != 3:
             return self._check_opaque(token, cert, skip_binding, now, mono, attempted)
-        h64, p64, s64 = match.groups()
+        h64, p64, s64 = parts
+        header = self._headers.get(h64)
+        if header is None:
+            header = self._parse_header(h64)
+        alg, kid = header
         try:
-            header = json.loads(b64url_decode(h64))
-            payload = json.loads(b64url_decode(p64))
-            signature = b64url_decode(s64)
+            if "+" in token or "/" in token or "=" in token:
+                raise ValueError("base64 or padding, not base64url")
+            payload = _json(_b64(p64).decode())
+            signature = _b64(s64)
         except ValueError:
             raise _refuse(
                 "malformed", "Token is not a JWS: a part is not base64url-encoded JSON."
             ) from None
-        if type(header) is not dict or type(payload) is not dict:
-            raise _refuse("malformed", "Token header or payload is not a JSON object.")
-        alg = header.get("alg")
-        if alg not in self._algorithms:
-            raise _refuse(
-                "alg_not_allowed",
-                f"Token alg {alg!r} is not allowed: only {sorted(self._algorithms)} are "
-                f"(never none, never HMAC). Sign with the provider's asymmetric key.",
-                alg=str(alg)[:20],
-            )
-        if "crit" in header:
-            raise _refuse(
-                "bad_header",
-                "Token header has crit extensions; none are supported, so it is refused.",
-            )
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _AT_JWT:
-            raise _refuse(
-                "not_access_token",
-                f"Token typ is {typ!r}, expected 'at+jwt' (RFC 9068): an ID token or other "
-                f"JWT is not an access token. Request an access token from the provider.",
-            )
+        if type(payload) is not dict:
+            raise _refuse("malformed", "Token payload is not a JSON object.")
         iss = payload.get("iss")
         state = self._issuers.get(iss) if isinstance(iss, str) else None
         if state is None:
@@ -378,10 +372,7 @@ class AsyncVerifier:
                 f"{sorted(state.allowed)}.",
                 alg=alg,
             )
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise _refuse("bad_header", "Token kid is not a string.")
-        if state.keys_due(mono):
+        if state.keys is None or mono - state.keys_at >= state.max_age:
             # A fetch in flight (lock held) is waited for rather than reported as failed.
             if "keys" not in attempted and (state.can_fetch_keys(mono) or state.lock.locked()):
                 raise _NeedFetch(state, "keys")
@@ -392,9 +383,7 @@ class AsyncVerifier:
                     f"fetched (see the log). Check the provider is up and trusted (CA bundle).",
                     issuer=state.issuer,
                 )
-        keys = state.keys
-        assert keys is not None  # noqa: S101 - keys_due() is False or we raised
-        key, known = keys.find(kid, alg)
+        key, known = state.keys.find(kid, alg)
         if key is None:
             if not known:
                 if "keys" not in attempted and "kid" not in attempted:
@@ -415,11 +404,11 @@ class AsyncVerifier:
                 )
             raise _refuse(
                 "alg_mismatch",
-                f"Token alg {alg!r} is not the algorithm pinned to key {kid!r} "
-                f"({sorted(key.algorithms) if key else 'another'}); the key's type decides.",
+                f"Token alg {alg!r} is not the algorithm pinned to key {kid!r}; the key's "
+                f"type decides which algorithm it verifies.",
                 kid=kid,
             )
-        if not key.verifiers[alg](token[: match.end(2)].encode("ascii"), signature):
+        if not key.verifiers[alg](token[: len(h64) + len(p64) + 1].encode("ascii"), signature):
             raise _refuse(
                 "bad_signature",
                 f"Token signature does not verify with key {kid!r} of {state.issuer!r}: the "
@@ -427,8 +416,9 @@ class AsyncVerifier:
                 kid=kid,
             )
         claims = self._claims(state, payload, now)
-        self._check_revocation(state, claims, mono, attempted)
-        if not skip_binding:
+        if state.revocation_url is not None:
+            self._check_revocation(state, claims, mono, attempted)
+        if not skip_binding and (claims.certificate_thumbprint is not None or state.require_bound):
             self._check_binding(state, claims, cert)
         if self._cache_size:
             if len(self._cache) >= self._cache_size:
@@ -438,63 +428,120 @@ class AsyncVerifier:
             )
         return claims
 
+    def _parse_header(self, h64: str) -> tuple[str, str | None]:
+        """Check a JOSE header once; identical headers (most of them) are then cached."""
+        try:
+            header = _json(_b64(h64).decode())
+        except ValueError:
+            raise _refuse(
+                "malformed", "Token is not a JWS: the header is not base64url-encoded JSON."
+            ) from None
+        if type(header) is not dict:
+            raise _refuse("malformed", "Token header is not a JSON object.")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _refuse(
+                "alg_not_allowed",
+                f"Token alg {str(alg)[:20]!r} is not allowed: only {sorted(self._algorithms)} "
+                f"are (never none, never HMAC). Sign with the provider's asymmetric key.",
+                alg=str(alg)[:20],
+            )
+        if "crit" in header:
+            raise _refuse(
+                "bad_header",
+                "Token header has crit extensions; none are supported, so it is refused.",
+            )
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in _AT_JWT:
+            raise _refuse(
+                "not_access_token",
+                f"Token typ is {str(typ)[:40]!r}, expected 'at+jwt' (RFC 9068): an ID token or "
+                f"other JWT is not an access token. Request an access token from the provider.",
+            )
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise _refuse("bad_header", "Token kid is not a string.")
+        # jku, x5u, x5c and jwk are never read: keys come only from the configured JWKS.
+        parsed = (alg, kid)
+        if len(self._headers) < _MAX_HEADERS:
+            self._headers[h64] = parsed
+        return parsed
+
     def _claims(
         self, state: _IssuerState, payload: dict[str, object], now: float
     ) -> AccessTokenClaims:
         leeway = state.leeway
-        for marker in _ID_TOKEN_CLAIMS:
-            if marker in payload:
-                raise _refuse(
-                    "not_access_token",
-                    f"Token carries {marker!r}, an ID token claim: ID tokens are not access "
-                    f"tokens. Send the access token instead.",
-                )
-        exp = _num(payload, "exp")
-        if exp is None:
-            raise _refuse("missing_exp", "Token has no exp claim; tokens must expire.")
+        if "nonce" in payload or "at_hash" in payload or "c_hash" in payload:
+            raise _refuse(
+                "not_access_token",
+                "Token carries nonce/at_hash/c_hash, ID token claims: ID tokens are not "
+                "access tokens. Send the access token instead.",
+            )
+        exp = payload.get("exp")
+        if type(exp) is not int and type(exp) is not float:
+            if exp is None:
+                raise _refuse("missing_exp", "Token has no exp claim; tokens must expire.")
+            raise _refuse("bad_claim", "Token exp is not a number.", claim="exp")
         if now > exp + leeway:
             raise ExpiredTokenError(
                 "expired",
                 f"Token expired {int(now - exp)} s ago (leeway {leeway:g} s). Get a new one.",
             )
-        iat = _num(payload, "iat")
-        if iat is None:
-            raise _refuse("missing_claim", "Token has no iat claim (RFC 9068).", claim="iat")
+        iat = payload.get("iat")
+        if type(iat) is not int and type(iat) is not float:
+            if iat is None:
+                raise _refuse("missing_claim", "Token has no iat claim (RFC 9068).", claim="iat")
+            raise _refuse("bad_claim", "Token iat is not a number.", claim="iat")
         if iat > now + leeway:
             raise ExpiredTokenError(
                 "not_yet_valid",
                 f"Token iat is {int(iat - now)} s in the future (leeway {leeway:g} s). "
                 f"Check the clocks (NTP).",
             )
-        nbf = _num(payload, "nbf")
-        if nbf is not None and nbf > now + leeway:
-            raise ExpiredTokenError(
-                "not_yet_valid",
-                f"Token is not valid for another {int(nbf - now)} s (nbf; leeway {leeway:g} s).",
-            )
+        nbf = payload.get("nbf")
+        if nbf is not None:
+            if type(nbf) is not int and type(nbf) is not float:
+                raise _refuse("bad_claim", "Token nbf is not a number.", claim="nbf")
+            if nbf > now + leeway:
+                raise ExpiredTokenError(
+                    "not_yet_valid",
+                    f"Token is not valid for another {int(nbf - now)} s (nbf; leeway "
+                    f"{leeway:g} s).",
+                )
         if exp - iat > state.max_lifetime:
             raise _refuse(
                 "lifetime_too_long",
                 f"Token lifetime {int(exp - iat)} s is over the cap of {state.max_lifetime:g} s "
                 f"for {state.issuer!r}. Issue shorter-lived tokens or raise max_lifetime.",
             )
-        audience = self._audience(state, payload.get("aud"))
-        sub = _required_str(payload, "sub")
-        client_id = _required_str(payload, "client_id")
-        jti = _required_str(payload, "jti")
+        aud = payload.get("aud")
+        if type(aud) is str and aud in state.audiences:
+            audience: tuple[str, ...] = (aud,)
+        else:
+            audience = self._audience(state, aud)
+        sub = payload.get("sub")
+        client_id = payload.get("client_id")
+        jti = payload.get("jti")
+        if type(sub) is not str or type(client_id) is not str or type(jti) is not str:
+            sub = _required_str(payload, "sub")
+            client_id = _required_str(payload, "client_id")
+            jti = _required_str(payload, "jti")
+        scope = payload.get("scope")
+        roles = payload.get("roles")
+        cnf = payload.get("cnf")
         return AccessTokenClaims(
-            issuer=state.issuer,
-            subject=sub,
-            audience=audience,
-            client_id=client_id,
-            expires_at=int(exp),
-            issued_at=int(iat),
-            not_before=None if nbf is None else int(nbf),
-            jwt_id=jti,
-            scopes=_scopes(payload.get("scope")),
-            roles=_roles(payload.get("roles")),
-            certificate_thumbprint=_thumbprint(payload.get("cnf")),
-            claims=payload,
+            state.issuer,
+            sub,
+            audience,
+            client_id,
+            int(exp),
+            int(iat),
+            None if nbf is None else int(nbf),
+            jti,
+            frozenset(scope.split()) if type(scope) is str else _scopes(scope),
+            _roles(roles),
+            None if cnf is None else _thumbprint(cnf),
+            MappingProxyType(payload),
         )
 
     @staticmethod
@@ -520,7 +567,11 @@ class AsyncVerifier:
         return audience
 
     def _check_revocation(
-        self, state: _IssuerState, claims: AccessTokenClaims, mono: float, attempted: set[str]
+        self,
+        state: _IssuerState,
+        claims: AccessTokenClaims,
+        mono: float,
+        attempted: AbstractSet[str],
     ) -> None:
         if state.revocation_url is None:
             return
@@ -577,7 +628,7 @@ class AsyncVerifier:
         skip_binding: bool,
         now: float,
         mono: float,
-        attempted: set[str],
+        attempted: AbstractSet[str],
     ) -> AccessTokenClaims:
         intro = self._introspecting
         if intro is None or token.count(".") == 2 or not token.isprintable() or not token:
@@ -781,9 +832,17 @@ class AsyncVerifier:
             scopes=_scopes(doc.get("scope")),
             roles=_roles(doc.get("roles")),
             certificate_thumbprint=_thumbprint(doc.get("cnf")),
-            claims=doc,
+            claims=MappingProxyType(doc),
             source="introspection",
         )
+
+
+def _b64(value: str) -> bytes:
+    # Strict base64url: a2b_base64 in strict mode refuses anything outside the
+    # alphabet, and the caller refuses '+', '/' and '=' (plain base64) beforehand.
+    return binascii.a2b_base64(
+        value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), strict_mode=True
+    )
 
 
 def _timestamp(now: datetime | float | None) -> float:
@@ -823,9 +882,14 @@ def _scopes(scope: object) -> frozenset[str]:
 def _roles(roles: object) -> tuple[str, ...]:
     if roles is None:
         return ()
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise _refuse("bad_claim", "Token roles is not a list of strings.", claim="roles")
-    return tuple(str(r) for r in roles)
+    if type(roles) is list:
+        values = tuple(roles)
+        for role in values:
+            if type(role) is not str:
+                break
+        else:
+            return values
+    raise _refuse("bad_claim", "Token roles is not a list of strings.", claim="roles")
 
 
 def _thumbprint(cnf: object) -> str | None:
@@ -871,16 +935,21 @@ class Verifier:
         now: datetime | float | None = None,
     ) -> AccessTokenClaims:
         """Verify an access token; see :meth:`AsyncVerifier.verify_access_token`."""
+        at = time.time() if now is None else _timestamp(now)
+        check = self._async._check
+        try:
+            return check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
+        except _NeedFetch as first:
+            need = first
         attempted: set[str] = set()
-        at = _timestamp(now)
         while True:
+            attempted.add(need.kind)
+            with self._lock:
+                self._loop.run_until_complete(self._async._fetch(need.state, need.kind, token, at))
             try:
-                return self._async._check(token, client_cert, skip_binding, at, attempted)
-            except _NeedFetch as need:
-                attempted.add(need.kind)
-                with self._lock:
-                    fetch = self._async._fetch(need.state, need.kind, token, at)
-                    self._loop.run_until_complete(fetch)
+                return check(token, client_cert, skip_binding, at, attempted)
+            except _NeedFetch as again:
+                need = again
 
     def refresh(self) -> None:
         """Fetch every issuer's keys and revocation list now (never raises)."""
