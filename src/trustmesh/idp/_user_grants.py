@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from authlib.oauth2.rfc6749 import grants  # type: ignore[import-untyped]
 from authlib.oauth2.rfc6749.errors import (  # type: ignore[import-untyped]
@@ -57,7 +57,9 @@ __all__ = [
     "UserCodeGrant",
     "UserRefreshGrant",
     "UserSide",
+    "at_hash",
     "granted_scope",
+    "profile_claims",
     "user_grants",
 ]
 
@@ -65,16 +67,6 @@ __all__ = [
 OIDC_SCOPES = frozenset({"openid", "profile", "email", "offline_access"})
 #: Lifetime of ID tokens.
 ID_TOKEN_LIFETIME = timedelta(minutes=10)
-
-
-class AccessTokenMinter(Protocol):
-    """The server core's RFC 9068 access token function, seen from the user side."""
-
-    def __call__(
-        self, client: Any, *, sub: str, scope: str, roles: list[str], now: datetime
-    ) -> tuple[str, int]:
-        """Return ``(access_token, expires_in)``."""
-        ...
 
 
 @dataclass
@@ -85,10 +77,9 @@ class UserSide:
         store: The database (and audit chain).
         users: Accounts and sign-in.
         issuer: The ``iss`` of every token.
-        mint_access_token: Mints an RFC 9068 access token (the core's signer).
-        sign_id_token: Signs ID token claims (header ``typ`` ``JWT``) with the
-            current signing key; returns the compact JWS.
-        id_token_alg: The algorithm of ``sign_id_token`` (for ``at_hash``).
+        sign_id_token: Signs ID token claims with the server's current signing key
+            (header ``typ`` ``JWT``); given the access token issued alongside, it
+            adds ``at_hash`` computed with that key's algorithm. Returns the JWS.
         forms: Login form token signer.
         clock: Returns the current time (tests inject one).
     """
@@ -96,9 +87,7 @@ class UserSide:
     store: Store
     users: UserStore
     issuer: str
-    mint_access_token: AccessTokenMinter
-    sign_id_token: Callable[[dict[str, Any]], str]
-    id_token_alg: str = "ES256"  # noqa: S105 - an algorithm name
+    sign_id_token: Callable[[dict[str, Any], str | None], str]
     forms: FormSigner = field(default_factory=FormSigner)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     code_lifetime: timedelta = CODE_LIFETIME
@@ -118,7 +107,7 @@ def granted_scope(scope: str | None, user: User) -> str:
     return " ".join(s for s in (scope or "").split() if s in allowed)
 
 
-def _half_hash(value: str, alg: str) -> str:
+def at_hash(value: str, alg: str) -> str:
     """OIDC ``at_hash``: left half of the hash of the token, base64url (Core 3.1.3.6)."""
     bits = {"256": hashlib.sha256, "384": hashlib.sha384, "512": hashlib.sha512}
     digest = bits.get(alg[-3:], hashlib.sha256)(value.encode()).digest()
@@ -180,25 +169,25 @@ class _UserGrantMixin:
 
     side: ClassVar[UserSide]
     request: Any
+    server: Any
+    GRANT_TYPE: ClassVar[str | None]
 
     def _tokens(self, user: User, scope: str, include_refresh_token: bool) -> dict[str, Any]:
-        side = self.side
-        client = self.request.client
-        access, expires_in = side.mint_access_token(
-            client, sub=user.user_id, scope=scope, roles=list(user.roles), now=side.clock()
+        """The server's RFC 9068 access token for the user, plus a refresh token."""
+        token: dict[str, Any] = self.server.generate_token(
+            client=self.request.client,
+            grant_type=self.GRANT_TYPE,
+            user=user,
+            scope=scope,
+            include_refresh_token=False,
         )
-        token: dict[str, Any] = {
-            "token_type": "Bearer",
-            "access_token": access,
-            "expires_in": expires_in,
-            "scope": scope,
-        }
         if include_refresh_token:
             token["refresh_token"] = new_secret()
         return token
 
     def _save_refresh(self, token: dict[str, Any], *, family_id: str, auth_time: int) -> None:
-        """Store the new refresh token (if any) inside the caller's flow."""
+        """Let the server record the issuance, then store the refresh token (hashed)."""
+        self.server.save_token(token, self.request)
         side = self.side
         client_id = self.request.client.get_client_id()
         with side.store.transaction() as conn:
@@ -448,7 +437,6 @@ class IDTokenExtension:
             "azp": client_id,
             "iat": int(now.timestamp()),
             "exp": int((now + ID_TOKEN_LIFETIME).timestamp()),
-            "at_hash": _half_hash(token["access_token"], self.side.id_token_alg),
         }
         code = request.authorization_code
         if isinstance(code, AuthorizationCode):
@@ -458,7 +446,7 @@ class IDTokenExtension:
         elif isinstance(request.refresh_token, RefreshToken) and request.refresh_token.auth_time:
             claims["auth_time"] = request.refresh_token.auth_time
         claims.update(profile_claims(user, scope))
-        token["id_token"] = self.side.sign_id_token(claims)
+        token["id_token"] = self.side.sign_id_token(claims, token.get("access_token"))
 
 
 def profile_claims(user: User, scope: list[str] | set[str]) -> dict[str, Any]:

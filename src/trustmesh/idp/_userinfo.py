@@ -82,15 +82,13 @@ class UserinfoEndpoint:
 def user_discovery(issuer: str, *, id_token_algs: list[str]) -> dict[str, Any]:
     """Return the discovery fields the user side adds (OpenID Connect Discovery 1.0).
 
-    ``grant_types_supported`` and ``scopes_supported`` list only the user side's
-    values; the caller merges them with its own.
+    ``grant_types_supported`` and ``response_types_supported`` follow the registered
+    grants (the server computes them).
     """
     return {
         "authorization_endpoint": f"{issuer}/authorize",
         "userinfo_endpoint": f"{issuer}/userinfo",
-        "response_types_supported": ["code"],
         "response_modes_supported": ["query"],
-        "grant_types_supported": ["authorization_code", "refresh_token"],
         "code_challenge_methods_supported": ["S256"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": id_token_algs,

@@ -91,6 +91,10 @@ class User:
     created_at: datetime
     updated_at: datetime
 
+    def get_user_id(self) -> str:
+        """Return the id tokens carry as ``sub`` (Authlib's user protocol)."""
+        return self.user_id
+
     def to_json(self, *, locked_until: datetime | None = None) -> dict[str, Any]:
         """Return a JSON-ready mapping (times as RFC 3339)."""
         return {
