@@ -17,9 +17,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from authlib.common.urls import add_params_to_uri  # type: ignore[import-untyped]
-from authlib.oauth2.base import OAuth2Error  # type: ignore[import-untyped]
-from authlib.oauth2.rfc6749.requests import (  # type: ignore[import-untyped]
+from authlib.common.urls import add_params_to_uri
+from authlib.oauth2.base import OAuth2Error
+from authlib.oauth2.rfc6749.requests import (
     BasicOAuth2Payload,
     OAuth2Request,
 )
@@ -40,7 +40,7 @@ log = logging.getLogger("trustmesh.idp")
 _MAX_FIELD = 4096  # longest accepted value of one form or query parameter
 
 
-class _Payload(BasicOAuth2Payload):  # type: ignore[misc]
+class _Payload(BasicOAuth2Payload):
     """Authlib payload that keeps repeated parameters (refused as duplicates)."""
 
     def __init__(self, items: list[tuple[str, str]]) -> None:

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-from authlib.oauth2.rfc6749 import grants  # type: ignore[import-untyped]
-from authlib.oauth2.rfc6749.errors import (  # type: ignore[import-untyped]
+from authlib.oauth2.rfc6749 import grants
+from authlib.oauth2.rfc6749.errors import (
     InvalidGrantError,
     InvalidRequestError,
 )
-from authlib.oauth2.rfc7636 import CodeChallenge  # type: ignore[import-untyped]
+from authlib.oauth2.rfc7636 import CodeChallenge
 
 from trustmesh.store import Store
 
@@ -114,7 +114,7 @@ def at_hash(value: str, alg: str) -> str:
     return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode()
 
 
-class S256CodeChallenge(CodeChallenge):  # type: ignore[misc]
+class S256CodeChallenge(CodeChallenge):
     """PKCE (RFC 7636), required on every authorization request, ``S256`` only.
 
     ``plain`` and a missing ``code_challenge_method`` (which RFC 7636 reads as
@@ -208,7 +208,7 @@ class _UserGrantMixin:
                 set_code_family(conn, code.code_hash, family_id)
 
 
-class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):  # type: ignore[misc]
+class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):
     """``authorization_code`` for people signed in on the login page (PKCE S256 required)."""
 
     TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = [
@@ -309,7 +309,7 @@ class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):  # type: ig
         self._save_refresh(token, family_id=uuid.uuid4().hex, auth_time=code.auth_time)
 
 
-class UserRefreshGrant(_UserGrantMixin, grants.RefreshTokenGrant):  # type: ignore[misc]
+class UserRefreshGrant(_UserGrantMixin, grants.RefreshTokenGrant):
     """``refresh_token`` with rotation and reuse detection."""
 
     TOKEN_ENDPOINT_AUTH_METHODS: ClassVar[list[str]] = [
