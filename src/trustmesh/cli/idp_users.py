@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from trustmesh.authority import default_actor
+from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import ConfigError
 from trustmesh.idp import UserStore
+from trustmesh.store import Store, open_store
 
-from ._common import home_option, json_option, open_ca, print_fields, print_json, print_table
+from ._common import home_option, json_option, print_fields, print_json, print_table, resolve_home
 
 __all__ = ["user_group"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 #: Environment variable ``idp user add`` reads the password from when no file is given.
 PASSWORD_ENV = "TRUSTMESH_IDP_USER_PASSWORD"  # noqa: S105 - a variable name
@@ -53,6 +60,27 @@ def _read_password(path: str | None) -> str:
     return value
 
 
+def _db_option(func: F) -> F:
+    """Add ``--db`` (default: the CA's database from config.toml)."""
+    return click.option(
+        "--db",
+        "db_url",
+        default=None,
+        help="Database URL (default: the CA's, from config.toml in the home).",
+    )(func)
+
+
+@contextlib.contextmanager
+def _users(home: Path | None, db_url: str | None) -> Iterator[UserStore]:
+    """The user store of the CA's database (or ``--db``); no passphrase needed."""
+    config = CAConfig.load(resolve_home(home) / CONFIG_NAME)
+    store: Store = open_store(db_url or config.db)
+    try:
+        yield UserStore(store)
+    finally:
+        store.close()
+
+
 @click.group("user")
 def user_group() -> None:
     """Manage the people who sign in on the login page."""
@@ -70,6 +98,7 @@ def user_group() -> None:
     help=f"File holding the password, or '-' for standard input (default: ${PASSWORD_ENV}, "
     "or a prompt on a terminal).",
 )
+@_db_option
 @home_option
 @json_option
 def add_command(
@@ -78,13 +107,14 @@ def add_command(
     scopes: tuple[str, ...],
     email: str | None,
     password_file: str | None,
+    db_url: str | None,
     home: Path | None,
     as_json: bool,
 ) -> None:
     """Create the account NAME with a password (stored as an argon2id hash)."""
     password = _read_password(password_file)
-    with open_ca(home) as ca:
-        user = UserStore(ca.store).add(
+    with _users(home, db_url) as users:
+        user = users.add(
             name, password, roles=roles, scopes=scopes, email=email, actor=default_actor()
         )
     if as_json:
@@ -103,13 +133,13 @@ def add_command(
 
 
 @user_group.command("list")
+@_db_option
 @home_option
 @json_option
-def list_command(home: Path | None, as_json: bool) -> None:
+def list_command(db_url: str | None, home: Path | None, as_json: bool) -> None:
     """List accounts: roles, scopes, and whether each is disabled or locked out."""
     now = datetime.now(UTC)
-    with open_ca(home) as ca:
-        users = UserStore(ca.store)
+    with _users(home, db_url) as users:
         accounts = users.all()
         locks = users.locks(now=now)
     if as_json:
@@ -138,12 +168,13 @@ def list_command(home: Path | None, as_json: bool) -> None:
 
 @user_group.command("disable")
 @click.argument("name")
+@_db_option
 @home_option
 @json_option
-def disable_command(name: str, home: Path | None, as_json: bool) -> None:
+def disable_command(name: str, db_url: str | None, home: Path | None, as_json: bool) -> None:
     """Disable the account NAME: no more sign-ins, and its refresh tokens are revoked."""
-    with open_ca(home) as ca:
-        user = UserStore(ca.store).disable(name, actor=default_actor())
+    with _users(home, db_url) as users:
+        user = users.disable(name, actor=default_actor())
     if as_json:
         print_json(user.to_json())
     else:
@@ -152,9 +183,10 @@ def disable_command(name: str, home: Path | None, as_json: bool) -> None:
 
 @user_group.command("unlock")
 @click.argument("name")
+@_db_option
 @home_option
-def unlock_command(name: str, home: Path | None) -> None:
+def unlock_command(name: str, db_url: str | None, home: Path | None) -> None:
     """Clear the failed sign-in lock of NAME (after checking who was guessing)."""
-    with open_ca(home) as ca:
-        cleared = UserStore(ca.store).unlock(name, actor=default_actor())
+    with _users(home, db_url) as users:
+        cleared = users.unlock(name, actor=default_actor())
     click.echo(f"unlocked {name}" if cleared else f"{name} was not locked")

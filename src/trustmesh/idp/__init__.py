@@ -84,6 +84,7 @@ from ._tokens import (
     revoke_refresh_family,
     revoked_access_tokens,
 )
+from ._user_side import UserSideExtension
 from ._users import DEFAULT_LOCKOUT, LockoutPolicy, LoginResult, User, UserStore
 
 __all__ = [
@@ -113,6 +114,7 @@ __all__ = [
     "SigningKey",
     "SigningKeyInfo",
     "User",
+    "UserSideExtension",
     "UserStore",
     "add_client",
     "certificate_thumbprint",

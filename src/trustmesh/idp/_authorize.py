@@ -13,24 +13,23 @@ later ones redirect to the client with the standard ``error`` parameters.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from authlib.common.urls import add_params_to_uri
 from authlib.oauth2.base import OAuth2Error
-from authlib.oauth2.rfc6749.requests import (
-    BasicOAuth2Payload,
-    OAuth2Request,
-)
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from trustmesh.limits import RateLimiter
 
+from ._app import oauth_request
+from ._context import IdpContext
 from ._login import AUTHORIZE_PARAMS, LOGIN_COOKIE, error_page, login_page, security_headers
+from ._server import IdpOAuth2Request
 from ._user_grants import UserSide
 
 __all__ = ["AuthorizeEndpoint"]
@@ -40,21 +39,11 @@ log = logging.getLogger("trustmesh.idp")
 _MAX_FIELD = 4096  # longest accepted value of one form or query parameter
 
 
-class _Payload(BasicOAuth2Payload):
-    """Authlib payload that keeps repeated parameters (refused as duplicates)."""
-
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        super().__init__({k: v for k, v in items})
-        self._datalist: dict[str, list[str]] = {}
-        for key, value in items:
-            self._datalist.setdefault(key, []).append(value)
-
-
 class AuthorizeEndpoint:
     """The ASGI handler of ``/authorize`` (GET shows the form, POST signs in).
 
     Args:
-        server: The Authlib ``AuthorizationServer`` with the user grants registered.
+        ctx: The server context (its Authlib server has the user grants registered).
         side: The user side (store, users, form signer, issuer).
         path: Where the form posts to.
         login_rate: Sign-in attempts per second per address (token bucket) before 429,
@@ -64,14 +53,15 @@ class AuthorizeEndpoint:
 
     def __init__(
         self,
-        server: Any,
+        ctx: IdpContext,
         side: UserSide,
         *,
         path: str = "/authorize",
         login_rate: float = 2.0,
         login_burst: int = 20,
     ) -> None:
-        self.server = server
+        self.ctx = ctx
+        self.server = ctx.authorization_server()
         self.side = side
         self.path = path
         self.limiter = RateLimiter(login_rate, login_burst)
@@ -91,10 +81,22 @@ class AuthorizeEndpoint:
 
     # -- helpers ------------------------------------------------------------------
 
-    def _oauth_request(self, request: Request, items: list[tuple[str, str]]) -> Any:
-        oauth = OAuth2Request(request.method, str(request.url), headers=dict(request.headers))
-        oauth.payload = _Payload(items)
-        return oauth
+    @staticmethod
+    def _oauth_request(request: Request, items: list[tuple[str, str]]) -> IdpOAuth2Request:
+        """An Authlib request holding only the authorization parameters."""
+        lists: dict[str, list[str]] = {}
+        for key, value in items:
+            lists.setdefault(key, []).append(value)
+        single = {k: v[0] for k, v in lists.items()}
+        return IdpOAuth2Request(
+            request.method,
+            str(request.url),
+            request.headers,
+            form=single if request.method == "POST" else {},
+            args=single if request.method == "GET" else {},
+            lists=lists,
+            client_host=request.client.host if request.client else "?",
+        )
 
     def _validate(self, oauth: Any) -> tuple[Any, str] | Response:
         """Return ``(grant, redirect_uri)``, or the response that refuses the request."""
@@ -208,15 +210,11 @@ class AuthorizeEndpoint:
                 status=429,
                 headers={"Retry-After": str(int(wait) + 1)},
             )
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != "application/x-www-form-urlencoded":
-            return error_page(
-                "Unsupported form",
-                "Submit the sign-in form as application/x-www-form-urlencoded.",
-                status=415,
-            )
-        form: FormData = await request.form(max_fields=40)
-        items = [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        read = await oauth_request(self.ctx, request)  # size- and time-capped body
+        if isinstance(read, Response):
+            detail = json.loads(bytes(read.body)).get("error_description", "")
+            return error_page("Cannot read the sign-in form", detail, status=read.status_code)
+        items = [(k, v) for k, v in read.form.items()]
         refused = self._too_long(items)
         if refused is not None:
             return refused

@@ -22,8 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from trustmesh.store import Store, token_hash
-from trustmesh.store._schema import idp_authorization_codes, idp_refresh_tokens
+from trustmesh.store import Store, idp_authorization_codes, idp_refresh_tokens, token_hash
 
 __all__ = [
     "CODE_LIFETIME",

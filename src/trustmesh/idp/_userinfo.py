@@ -42,7 +42,7 @@ class UserinfoEndpoint:
     """
 
     def __init__(
-        self, side: UserSide, verify_access_token: Callable[[str], dict[str, Any]]
+        self, side: UserSide, verify_access_token: Callable[[str, Request], dict[str, Any]]
     ) -> None:
         self.side = side
         self.verify = verify_access_token
@@ -58,9 +58,11 @@ class UserinfoEndpoint:
                 "Send the access token as 'Authorization: Bearer TOKEN'.",
             )
         try:
-            claims = await run_in_threadpool(self.verify, token.strip())
+            claims = await run_in_threadpool(self.verify, token.strip(), request)
         except TrustmeshError as exc:
-            return _bearer_error(401, "invalid_token", f"The access token is not valid: {exc}")
+            return _bearer_error(
+                401, "invalid_token", f"The access token is not valid: {exc.message}."
+            )
         scope = str(claims.get("scope") or "").split()
         if "openid" not in scope:
             return _bearer_error(

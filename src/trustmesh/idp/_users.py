@@ -29,8 +29,7 @@ from sqlalchemy import Connection, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from trustmesh.errors import ConfigError, ConflictError, NotFoundError
-from trustmesh.store import Store
-from trustmesh.store._schema import idp_login_failures, idp_refresh_tokens, idp_users
+from trustmesh.store import Store, idp_login_failures, idp_refresh_tokens, idp_users
 
 __all__ = [
     "DEFAULT_LOCKOUT",
