@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
+from sqlalchemy import insert, select
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
-from trustmesh.pki import KeyType
+from trustmesh.pki import KeyType, dump_private_key, pem_certificates
+from trustmesh.store import idp_refresh_tokens, token_hash
 
 from ._idp import Idp, running_idp
 from .conftest import PASSPHRASE
@@ -284,3 +291,337 @@ def test_client_add_bad_input_exits_2(
     assert main(["idp", "client", "add", "ok", "--scope", "read"]) == 1  # duplicate name
     assert main(["idp", "client", "rotate-secret", "nobody"]) == 2
     assert "idp client list" in capsys.readouterr().err
+
+
+def test_client_secret_post(idp: Idp) -> None:
+    """A client_secret_post client authenticates in the body, and not with Basic."""
+    creds = idp.add_client("poster", "--scope", "read", "--auth-method", "client_secret_post")
+    with idp.http() as http:
+        r = http.post(
+            idp.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": creds["client_id"],
+                "client_secret": creds["client_secret"],
+            },
+        )
+        assert r.status_code == 200, r.text
+        assert _verify(idp, r.json()["access_token"])[1]["sub"] == creds["client_id"]
+        basic = http.post(
+            idp.token_url,
+            auth=(creds["client_id"], creds["client_secret"]),
+            data={"grant_type": "client_credentials"},
+        )
+        assert basic.status_code == 401
+        assert "client_secret_post" in basic.json()["error_description"]
+        wrong = http.post(
+            idp.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_id": creds["client_id"],
+                "client_secret": "tms_wrong",
+            },
+        )
+        assert wrong.status_code == 400
+        assert wrong.json()["error"] == "invalid_client"
+
+
+def _jwks_client(idp: Idp, tmp_path: Path, name: str) -> tuple[dict[str, Any], ECKey]:
+    key = ECKey.generate_key("P-256", parameters={"kid": f"{name}-key"})
+    jwks = tmp_path / f"{name}.jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    creds = idp.add_client(
+        name, "--scope", "read", "--auth-method", "private_key_jwt", "--jwks-file", str(jwks)
+    )
+    return creds, key
+
+
+def _assertion(client_id: str, key: ECKey, aud: str, **overrides: Any) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": aud,
+        "iat": now,
+        "exp": now + 60,
+        "jti": uuid.uuid4().hex,
+        **overrides,
+    }
+    return jwt.encode({"alg": "ES256", "kid": key.kid or ""}, claims, key)
+
+
+def test_private_key_jwt_and_replay(idp: Idp, tmp_path: Path) -> None:
+    """A signed assertion authenticates once; replaying it, a foreign key or a bad aud fail."""
+    creds, key = _jwks_client(idp, tmp_path, "signer")
+    assertion = _assertion(creds["client_id"], key, idp.token_url)
+    form = {
+        "grant_type": "client_credentials",
+        "client_assertion_type": JWT_BEARER,
+        "client_assertion": assertion,
+    }
+    with idp.http() as http:
+        r = http.post(idp.token_url, data=form)
+        assert r.status_code == 200, r.text
+        claims = _verify(idp, r.json()["access_token"])[1]
+        assert claims["sub"] == creds["client_id"]
+        replay = http.post(idp.token_url, data=form)
+        assert replay.status_code == 400
+        assert replay.json()["error"] == "invalid_client"
+        assert "replayed" in replay.json()["error_description"]
+        # The issuer is an accepted audience too.
+        r = http.post(
+            idp.token_url,
+            data={**form, "client_assertion": _assertion(creds["client_id"], key, idp.url)},
+        )
+        assert r.status_code == 200, r.text
+        cases = {
+            "aud": _assertion(creds["client_id"], key, "https://elsewhere.example/token"),
+            "lives": _assertion(
+                creds["client_id"], key, idp.token_url, exp=int(time.time()) + 3600
+            ),
+            "expired": _assertion(
+                creds["client_id"],
+                key,
+                idp.token_url,
+                iat=int(time.time()) - 300,
+                exp=int(time.time()) - 200,
+            ),
+            "jti": _assertion(creds["client_id"], key, idp.token_url, jti=""),
+            "signature": _assertion(
+                creds["client_id"],
+                ECKey.generate_key("P-256", parameters={"kid": "signer-key"}),
+                idp.token_url,
+            ),
+        }
+        for case, bad in cases.items():
+            r = http.post(idp.token_url, data={**form, "client_assertion": bad})
+            assert r.status_code == 400, case
+            assert r.json()["error"] == "invalid_client", case
+            assert case in r.json()["error_description"], (case, r.json())
+    denied = [d for a, _, d in _audit_actions(idp) if a == "idp.deny"]
+    assert any(d.get("reason") == "assertion_replayed" for d in denied)
+
+
+def _identity(ca: CertificateAuthority, spiffe_id: str, directory: Path) -> tuple[Path, Path]:
+    issued = ca.issue(spiffe_id)
+    assert issued.key is not None
+    chain, key = directory / f"{uuid.uuid4().hex}.pem", directory / f"{uuid.uuid4().hex}.key"
+    chain.write_bytes(pem_certificates(issued.chain))
+    key.write_bytes(dump_private_key(issued.key))
+    return chain, key
+
+
+def test_tls_client_auth_binds_the_token_to_the_certificate(idp: Idp, tmp_path: Path) -> None:
+    """mTLS with the registered SPIFFE ID gets a token whose cnf is the cert's thumbprint."""
+    spiffe_id = "spiffe://example.org/ns/prod/svc/billing"
+    creds = idp.add_client(
+        "billing",
+        "--scope",
+        "read",
+        "--auth-method",
+        "tls_client_auth",
+        "--tls-spiffe-id",
+        spiffe_id,
+    )
+    assert creds["client_secret"] is None
+    with idp.ca() as ca:
+        chain, key = _identity(ca, spiffe_id, tmp_path)
+        other_chain, other_key = _identity(ca, "spiffe://example.org/ns/prod/svc/other", tmp_path)
+    form = {"grant_type": "client_credentials", "client_id": creds["client_id"]}
+    with idp.http(chain, key) as http:
+        r = http.post(idp.token_url, data=form)
+    assert r.status_code == 200, r.text
+    claims = _verify(idp, r.json()["access_token"])[1]
+    leaf = x509.load_pem_x509_certificate(chain.read_bytes())
+    der = leaf.public_bytes(serialization.Encoding.DER)
+    expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    assert claims["cnf"] == {"x5t#S256": expected}
+    # Another of our certificates, with the wrong SPIFFE ID.
+    with idp.http(other_chain, other_key) as http:
+        r = http.post(idp.token_url, data=form)
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_client"
+    assert "svc/other" in r.json()["error_description"]
+    # No certificate at all.
+    with idp.http() as http:
+        r = http.post(idp.token_url, data=form)
+    assert r.status_code == 400
+    assert "mTLS" in r.json()["error_description"]
+    # A certificate from a foreign CA with the right SPIFFE ID: the TLS layer refuses it.
+    foreign = CertificateAuthority.init(
+        tmp_path / "foreign", trust_domain="example.org", passphrase=PASSPHRASE
+    )
+    with foreign:
+        f_chain, f_key = _identity(foreign, spiffe_id, tmp_path)
+    with idp.http(f_chain, f_key) as http:
+        try:
+            r = http.post(idp.token_url, data=form)
+        except httpx.TransportError:
+            refused_by = "tls"
+        else:  # should TLS 1.3 let the request through, the server must still refuse it
+            assert r.json()["error"] == "invalid_client"
+            refused_by = "http"
+    assert refused_by == "tls"
+
+
+def test_refresh_tokens_introspect_and_revoke_by_family(idp: Idp) -> None:
+    """Stored refresh tokens are active until rotated or revoked; revoking one ends its family."""
+    creds = idp.add_client("refresher", "--scope", "read")
+    auth = (creds["client_id"], creds["client_secret"])
+    now = int(time.time())
+    tokens = {name: f"rt_{uuid.uuid4().hex}" for name in ("old", "current", "sibling", "other")}
+    with idp.ca() as ca, ca.store.transaction() as conn:
+        for name, value in tokens.items():
+            conn.execute(
+                insert(idp_refresh_tokens).values(
+                    token_hash=token_hash(value),
+                    family_id="fam-other" if name == "other" else "fam-1",
+                    client_id=creds["client_id"],
+                    user_id="u1",
+                    scope="read",
+                    created_at=now,
+                    expires_at=now + 3600,
+                    rotated_at=now if name == "old" else None,
+                    revoked_at=None,
+                )
+            )
+    with idp.http() as http:
+
+        def active(name: str) -> bool:
+            r = http.post(
+                f"{idp.url}/introspect",
+                auth=auth,
+                data={"token": tokens[name], "token_type_hint": "refresh_token"},
+            )
+            return bool(r.json()["active"])
+
+        assert not active("old")
+        assert active("current")
+        info = http.post(f"{idp.url}/introspect", auth=auth, data={"token": tokens["current"]})
+        assert info.json()["token_type"] == "refresh_token"
+        assert info.json()["sub"] == "u1"
+        r = http.post(
+            f"{idp.url}/revoke",
+            auth=auth,
+            data={"token": tokens["current"], "token_type_hint": "refresh_token"},
+        )
+        assert r.status_code == 200
+        assert not active("current")
+        assert not active("sibling")
+        assert active("other")
+    with idp.ca() as ca, ca.store.transaction() as conn:
+        rows = conn.execute(select(idp_refresh_tokens)).all()
+    revoked = {r.token_hash for r in rows if r.revoked_at is not None}
+    assert revoked == {token_hash(tokens[n]) for n in ("old", "current", "sibling")}
+
+
+def test_audience_parameter_within_the_allowed_ones(idp: Idp) -> None:
+    """resource= picks one of the client's audiences; any other is invalid_target."""
+    creds = idp.add_client(
+        "multi-aud", "--scope", "read", "--audience", "api", "--audience", "billing"
+    )
+    assert _verify(idp, _token(idp, creds).json()["access_token"])[1]["aud"] == "api"
+    r = _token(idp, creds, resource="billing")
+    assert _verify(idp, r.json()["access_token"])[1]["aud"] == "billing"
+    r = _token(idp, creds, resource="admin")
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_target"
+
+
+def test_key_rotation_publishes_before_signing(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """A rotated key is in the JWKS at once, signs after the delay; the old one stays published."""
+    with running_idp(ca.home, tmp_path) as server:
+        creds = server.add_client("rotation", "--scope", "read")
+        first_kid = _verify(server, _token(server, creds).json()["access_token"])[0]["kid"]
+        rotated = json.loads(
+            server.cli("idp", "keys", "rotate", "--publish-delay", "3s", "--json").stdout
+        )
+        new_kid = rotated["kid"]
+        assert rotated["status"] == "pending"
+        time.sleep(1.2)  # the server reloads keys every second
+        with server.http() as http:
+            kids = [k["kid"] for k in http.get(f"{server.url}/jwks").json()["keys"]]
+        assert new_kid in kids
+        assert first_kid in kids
+        assert _verify(server, _token(server, creds).json()["access_token"])[0]["kid"] == first_kid
+        time.sleep(3)
+        header, _ = _verify(server, _token(server, creds).json()["access_token"])
+        assert header["kid"] == new_kid
+        with server.http() as http:
+            kids = [k["kid"] for k in http.get(f"{server.url}/jwks").json()["keys"]]
+        assert {first_kid, new_kid} <= set(kids)
+        listed = json.loads(server.cli("idp", "keys", "list", "--json").stdout)
+        status = {k["kid"]: k["status"] for k in listed}
+        assert status == {first_kid: "retired", new_kid: "signing"}
+        # RS256 keys too.
+        rsa = json.loads(
+            server.cli(
+                "idp", "keys", "rotate", "--alg", "RS256", "--publish-delay", "0s", "--json"
+            ).stdout
+        )
+        time.sleep(1.2)
+        header, _ = _verify(server, _token(server, creds).json()["access_token"])
+        assert header == {"alg": "RS256", "typ": "at+jwt", "kid": rsa["kid"]}
+    events = [e.action for e in ca.audit_tail(200)]
+    assert "idp.key.rotate" in events
+
+
+def test_rate_limit_per_client(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """Past its burst a client gets 429 slow_down with Retry-After; others still get tokens."""
+    with running_idp(
+        ca.home, tmp_path, extra_args=("--token-rate", "0.2", "--token-burst", "3")
+    ) as server:
+        creds = server.add_client("greedy", "--scope", "read")
+        polite = server.add_client("polite", "--scope", "read")
+        codes = [_token(server, creds).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200]
+        assert codes[3:] == [429, 429]
+        r = _token(server, creds)
+        assert r.json()["error"] == "slow_down"
+        assert int(r.headers["retry-after"]) >= 1
+        assert _token(server, polite).status_code == 200
+        with server.http() as http:
+            metrics = http.get(f"{server.url}/metrics").text
+        assert 'trustmesh_idp_denials_total{reason="rate_limited_client",route="/token"}' in metrics
+        assert 'trustmesh_idp_tokens_issued_total{grant_type="client_credentials"} 4.0' in metrics
+        assert "trustmesh_idp_request_seconds_bucket" in metrics
+
+
+def test_serve_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad --listen, --access-ttl or --issuer fail at once with exit 2."""
+    assert main(["idp", "serve", "--listen", "nope"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["idp", "serve", "--access-ttl", "5h"]) == 2
+    assert "1h" in capsys.readouterr().err
+    assert main(["idp", "serve", "--issuer", "http://x"]) == 2
+    assert "https://" in capsys.readouterr().err
+
+
+@pytest.mark.postgres
+def test_idp_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The same server works on PostgreSQL: token, private_key_jwt replay, revoke, audit."""
+    home = tmp_path / "pg-home"
+    CertificateAuthority.init(
+        home, trust_domain="example.org", passphrase=PASSPHRASE, db_url=pg_url
+    ).close()
+    with running_idp(home, tmp_path) as server:
+        creds = server.add_client("pg", "--scope", "read")
+        token = _token(server, creds).json()["access_token"]
+        signer, key = _jwks_client(server, tmp_path, "pg-signer")
+        form = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": _assertion(signer["client_id"], key, server.token_url),
+        }
+        with server.http() as http:
+            assert http.post(server.token_url, data=form).status_code == 200
+            assert http.post(server.token_url, data=form).status_code == 400
+            auth = (creds["client_id"], creds["client_secret"])
+            assert http.post(f"{server.url}/revoke", auth=auth, data={"token": token}).is_success
+            r = http.post(f"{server.url}/introspect", auth=auth, data={"token": token})
+            assert r.json() == {"active": False}
+            assert http.get(f"{server.url}/revoked").json()["revoked"]
+        with server.ca() as ca:
+            assert ca.store.dialect == "postgresql"
+            actions = {e.action for e in ca.audit_tail(100)}
+            assert {"idp.token", "idp.revoke", "idp.deny", "idp.client.add"} <= actions
