@@ -327,6 +327,22 @@ def test_replayed_code_is_refused_and_revokes_its_tokens(
     replays = [d for a, _, d in _audit(idp) if a == "idp.code.replay"]
     assert replays
     assert replays[-1]["refresh_tokens_revoked"] == 1
+    assert replays[-1]["access_token_revoked"] is True
+    # The access token the code produced is revoked too: inactive and on the list.
+    access = first.json()["access_token"]
+    jti = _decode(idp, access)[1]["jti"]
+    with idp.http() as http:
+        introspected = http.post(
+            f"{idp.url}/introspect",
+            auth=(client["client_id"], client["client_secret"]),
+            data={"token": access},
+        ).json()
+        listed = http.get(f"{idp.url}/revoked").json()["revoked"]
+        info = http.get(f"{idp.url}/userinfo", headers={"Authorization": f"Bearer {access}"})
+    assert introspected == {"active": False}
+    assert jti in {e["jti"] for e in listed}
+    assert info.status_code == 401
+    assert "revoked" in info.json()["error_description"]
 
 
 def test_pkce_mismatch_is_refused(idp: Idp, client: dict[str, Any], alice: dict[str, Any]) -> None:
@@ -386,6 +402,58 @@ def test_unregistered_redirect_uri_is_an_error_page_never_a_redirect(
             assert "location" not in response.headers
             assert response.headers["content-type"].startswith("text/html")
             assert "Cannot sign in" in response.text
+
+
+def test_malformed_authorization_requests_get_an_error_page(
+    idp: Idp, client: dict[str, Any]
+) -> None:
+    """Repeated parameters, quotes in the redirect URI and oversized values: a 400 page."""
+    _, challenge = pkce_pair()
+    params = authorize_params(client["client_id"], REDIRECT, challenge)
+    with idp.http() as http:
+        repeated = http.get(
+            f"{idp.url}/authorize",
+            params=[*params.items(), ("redirect_uri", "https://evil.example/cb")],
+        )
+        quoted = http.get(
+            f"{idp.url}/authorize", params={**params, "redirect_uri": 'https://e.example/"x'}
+        )
+        huge = http.get(f"{idp.url}/authorize", params={**params, "state": "x" * 5000})
+    for response in (repeated, quoted, huge):
+        assert response.status_code == 400, response.text
+        assert "location" not in response.headers
+        assert response.headers["content-type"].startswith("text/html")
+
+
+def test_prompt_none_answers_login_required(idp: Idp, client: dict[str, Any]) -> None:
+    """There is no sign-in session to reuse: prompt=none redirects with login_required."""
+    _, challenge = pkce_pair()
+    params = authorize_params(client["client_id"], REDIRECT, challenge, prompt="none")
+    with idp.http() as http:
+        response = http.get(f"{idp.url}/authorize", params=params)
+    assert response.status_code == 302
+    got = query(response.headers["location"])
+    assert got["error"] == "login_required"
+    assert got["state"] == params["state"]
+
+
+def test_public_client_needs_its_code_verifier(idp: Idp, alice: dict[str, Any]) -> None:
+    """A public client (no secret) is protected by PKCE: no verifier, no token."""
+    public = idp.add_client(
+        "spa", "--redirect-uri", REDIRECT, "--scope", "openid", "--auth-method", "none"
+    )
+    code, verifier, _ = _code(idp, public)
+    with idp.http() as http:
+        base = {"grant_type": "authorization_code", "client_id": public["client_id"]}
+        bad = http.post(idp.token_url, data={**base, "code": code, "redirect_uri": REDIRECT})
+        assert bad.status_code == 400
+        code, verifier, _ = _code(idp, public)
+        good = http.post(
+            idp.token_url,
+            data={**base, "code": code, "redirect_uri": REDIRECT, "code_verifier": verifier},
+        )
+    assert good.status_code == 200, good.text
+    assert _decode(idp, good.json()["access_token"])[1]["sub"] == alice["user_id"]
 
 
 def test_unsupported_response_type_is_refused(idp: Idp, client: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from ._user_tokens import (
     claim_refresh_token,
     find_refresh_token,
     new_secret,
+    revoke_code_access_token,
     revoke_family,
     save_code,
     save_refresh_token,
@@ -205,7 +206,14 @@ class _UserGrantMixin:
                 )
             code = self.request.authorization_code
             if isinstance(code, AuthorizationCode):
-                set_code_family(conn, code.code_hash, family_id)
+                minted = getattr(self.request, "minted_claims", None) or {}
+                set_code_family(
+                    conn,
+                    code.code_hash,
+                    family_id,
+                    access_jti=minted.get("jti"),
+                    access_expires_at=minted.get("exp"),
+                )
 
 
 class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):
@@ -252,9 +260,10 @@ class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):
             return record
         if status == "replayed" and record is not None:
             revoked = 0
-            if record.family_id:
-                with side.store.transaction() as conn:
+            with side.store.transaction() as conn:
+                if record.family_id:
                     revoked = revoke_family(conn, record.family_id, now=now)
+                access_revoked = revoke_code_access_token(conn, record, now=now)
             side.audit(
                 "idp.code.replay",
                 record.user_id,
@@ -262,6 +271,8 @@ class UserCodeGrant(_UserGrantMixin, grants.AuthorizationCodeGrant):
                 client_id=client_id,
                 family_id=record.family_id,
                 refresh_tokens_revoked=revoked,
+                access_token_revoked=access_revoked,
+                jti=record.access_jti,
             )
             raise InvalidGrantError(
                 "The authorization code was already used. Codes are single use; the "

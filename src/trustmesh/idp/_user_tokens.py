@@ -4,7 +4,8 @@ Codes live 60 seconds and are claimed with one conditional ``UPDATE``, so two
 concurrent redemptions can never both succeed. A code presented again after it was
 used is a replay (RFC 6749 section 4.1.2: "the authorization server MUST deny the
 request and SHOULD revoke ... all tokens previously issued based on that
-authorization code"): the refresh token family minted from it is revoked.
+authorization code"): the refresh token family and the access token minted from it
+are revoked.
 
 Each code redemption starts a refresh token *family*. Every refresh rotates: the
 presented token is marked ``rotated_at`` (again one conditional ``UPDATE``) and a
@@ -22,7 +23,13 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from trustmesh.store import Store, idp_authorization_codes, idp_refresh_tokens, token_hash
+from trustmesh.store import (
+    Store,
+    idp_authorization_codes,
+    idp_refresh_tokens,
+    idp_revoked_tokens,
+    token_hash,
+)
 
 __all__ = [
     "CODE_LIFETIME",
@@ -34,6 +41,7 @@ __all__ = [
     "claim_refresh_token",
     "find_refresh_token",
     "new_secret",
+    "revoke_code_access_token",
     "revoke_family",
     "save_code",
     "save_refresh_token",
@@ -73,6 +81,8 @@ class AuthorizationCode:
     expires_at: int
     used_at: int | None
     family_id: str | None
+    access_jti: str | None = None
+    access_expires_at: int | None = None
 
     def get_redirect_uri(self) -> str:
         """Return the redirect URI the code was issued for."""
@@ -180,6 +190,8 @@ def _code(row: Any) -> AuthorizationCode:
         expires_at=int(row.expires_at),
         used_at=row.used_at,
         family_id=row.family_id,
+        access_jti=row.access_jti,
+        access_expires_at=row.access_expires_at,
     )
 
 
@@ -218,13 +230,40 @@ def claim_code(
         return record, "ok"
 
 
-def set_code_family(conn: Connection, code_hash: str, family_id: str) -> None:
-    """Remember which refresh family a code started (for replay revocation)."""
+def set_code_family(
+    conn: Connection,
+    code_hash: str,
+    family_id: str,
+    *,
+    access_jti: str | None = None,
+    access_expires_at: int | None = None,
+) -> None:
+    """Remember what a code produced (refresh family, access token) for replay revocation."""
     conn.execute(
         update(idp_authorization_codes)
         .where(idp_authorization_codes.c.code_hash == code_hash)
-        .values(family_id=family_id)
+        .values(
+            family_id=family_id,
+            access_jti=access_jti[:64] if access_jti else None,
+            access_expires_at=access_expires_at,
+        )
     )
+
+
+def revoke_code_access_token(conn: Connection, code: AuthorizationCode, *, now: datetime) -> bool:
+    """Put the access token a code produced on the revocation list (if unexpired)."""
+    if not code.access_jti or not code.access_expires_at or code.access_expires_at <= _ts(now):
+        return False
+    listed = conn.execute(
+        select(idp_revoked_tokens.c.jti).where(idp_revoked_tokens.c.jti == code.access_jti)
+    ).first()
+    if listed is None:
+        conn.execute(
+            insert(idp_revoked_tokens).values(
+                jti=code.access_jti, expires_at=code.access_expires_at, revoked_at=_ts(now)
+            )
+        )
+    return listed is None
 
 
 def save_refresh_token(
