@@ -585,6 +585,7 @@ def test_rate_limit_per_client(tmp_path: Path, ca: CertificateAuthority) -> None
         assert 'trustmesh_idp_denials_total{reason="rate_limited_client",route="/token"}' in metrics
         assert 'trustmesh_idp_tokens_issued_total{grant_type="client_credentials"} 4.0' in metrics
         assert "trustmesh_idp_request_seconds_bucket" in metrics
+    assert server.process.returncode == 0  # SIGTERM: a clean shutdown
 
 
 def test_serve_bad_input_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -354,7 +354,7 @@ def get_client(conn: Connection, name_or_id: str) -> IdpClient:
 
 def list_clients(store: Store) -> list[IdpClient]:
     """Every client, by name."""
-    with store.transaction() as conn:
+    with store.reader() as conn:
         rows = conn.execute(select(idp_clients).order_by(idp_clients.c.name)).all()
     return [_from_row(r) for r in rows]
 

@@ -163,7 +163,7 @@ def create_signing_key(
 
 def list_signing_keys(store: Store) -> list[SigningKeyInfo]:
     """Every key, oldest first."""
-    with store.transaction() as conn:
+    with store.reader() as conn:
         rows = conn.execute(
             select(idp_signing_keys).order_by(idp_signing_keys.c.active_at, idp_signing_keys.c.kid)
         ).all()
@@ -246,7 +246,7 @@ class KeyRing:
         with self._lock:
             if time.monotonic() - self._loaded_at < self.reload_interval:
                 return self._keys
-            with self.store.transaction() as conn:
+            with self.store.reader() as conn:
                 rows = conn.execute(select(idp_signing_keys)).all()
             keys: dict[str, SigningKey] = {}
             for row in rows:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,10 @@ log = logging.getLogger("trustmesh.idp")
 
 #: The SPIFFE ID path of the identity server's own certificate.
 IDP_SERVER_PATH = "/trustmesh/idp"
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def create_context(
@@ -110,4 +116,14 @@ def serve(
         )
         if ready is not None:
             ready(url)
-        server.run()
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
+        # dying by the signal, so supervisors see a clean stop.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            server.run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            log.info("identity server stopped", extra={"event": "stop"})

@@ -659,7 +659,7 @@ class IdpAuthorizationServer(AuthorizationServer):
     # -- Authlib framework integration --------------------------------------------------
 
     def query_client(self, client_id: str) -> IdpClient | None:
-        with self.ctx.store.transaction() as conn:
+        with self.ctx.store.reader() as conn:
             return load_client(conn, client_id)
 
     def create_oauth2_request(self, request: Any) -> IdpOAuth2Request:

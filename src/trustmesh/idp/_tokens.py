@@ -23,7 +23,7 @@ from typing import Any
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from trustmesh.errors import ConflictError
 from trustmesh.store import idp_refresh_tokens, idp_revoked_tokens, token_hash
@@ -151,11 +151,14 @@ def read_access_token(ctx: IdpContext, token: str) -> dict[str, Any] | None:
 
 def revoke_access_token(ctx: IdpContext, jti: str, expires_at: int) -> bool:
     """Put an access token on the revocation list; False if it already was."""
+    now = int(time.time())
     try:
         with ctx.store.transaction() as conn:
+            # Expired entries can no longer matter: drop them as new ones arrive.
+            conn.execute(delete(idp_revoked_tokens).where(idp_revoked_tokens.c.expires_at <= now))
             conn.execute(
                 insert(idp_revoked_tokens).values(
-                    jti=jti[:64], expires_at=expires_at, revoked_at=int(time.time())
+                    jti=jti[:64], expires_at=expires_at, revoked_at=now
                 )
             )
     except ConflictError:  # already listed
@@ -165,7 +168,7 @@ def revoke_access_token(ctx: IdpContext, jti: str, expires_at: int) -> bool:
 
 def is_access_token_revoked(ctx: IdpContext, jti: str) -> bool:
     """True if the token with this ``jti`` was revoked."""
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         row = conn.execute(
             select(idp_revoked_tokens.c.jti).where(idp_revoked_tokens.c.jti == jti[:64])
         ).first()
@@ -175,7 +178,7 @@ def is_access_token_revoked(ctx: IdpContext, jti: str) -> bool:
 def revoked_access_tokens(ctx: IdpContext, now: int | None = None) -> list[dict[str, Any]]:
     """Revoked access tokens that have not expired: ``[{"jti", "exp"}]``."""
     at = int(time.time()) if now is None else now
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         rows = conn.execute(
             select(idp_revoked_tokens.c.jti, idp_revoked_tokens.c.expires_at)
             .where(idp_revoked_tokens.c.expires_at > at)
@@ -208,7 +211,7 @@ def find_refresh_token(ctx: IdpContext, token: str) -> RefreshTokenRecord | None
     """The stored refresh token ``token`` hashes to, if any."""
     if not token or len(token) > MAX_TOKEN_SIZE:
         return None
-    with ctx.store.transaction() as conn:
+    with ctx.store.reader() as conn:
         row = conn.execute(
             select(idp_refresh_tokens).where(idp_refresh_tokens.c.token_hash == token_hash(token))
         ).first()
