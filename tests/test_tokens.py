@@ -170,6 +170,21 @@ def test_async_verifier(provider: ProviderServer, bundle: Path, minter: Minter) 
     assert provider.count("/jwks") == 1
 
 
+def test_sync_verifier_shared_by_threads(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """Threads share one Verifier: one JWKS fetch, every token verified, the cache bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokens = [minter.token() for _ in range(200)]
+    with Verifier(config(provider, bundle), token_cache_size=5) as v:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(v.verify_access_token, tokens * 2))
+        assert len(v._async._cache) <= 5
+    assert [r.jwt_id for r in results] == [json.loads(_payload(t))["jti"] for t in tokens * 2]
+    assert provider.count("/jwks") == 1
+
+
 def _payload(token: str) -> bytes:
     import base64
 
