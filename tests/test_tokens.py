@@ -14,6 +14,8 @@ import json
 import logging
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -165,6 +167,21 @@ def test_async_verifier(provider: ProviderServer, bundle: Path, minter: Minter) 
             assert info.value.reason == "bad_audience"
 
     asyncio.run(run())
+    assert provider.count("/jwks") == 1
+
+
+def test_sync_verifier_shared_by_threads(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """Threads share one Verifier: one JWKS fetch, every token verified, the cache bounded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokens = [minter.token() for _ in range(200)]
+    with Verifier(config(provider, bundle), token_cache_size=5) as v:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(v.verify_access_token, tokens * 2))
+        assert len(v._async._cache) <= 5
+    assert [r.jwt_id for r in results] == [json.loads(_payload(t))["jti"] for t in tokens * 2]
     assert provider.count("/jwks") == 1
 
 
@@ -816,3 +833,95 @@ def b64_std(data: bytes) -> str:
 def test_opaque_token_without_introspection_is_refused(verifier: Verifier) -> None:
     """With no introspection configured an opaque token is simply malformed."""
     refused(verifier, "2YotnFZFEjr1zCsicMWpAA", "malformed")
+
+
+# -- trustmesh token verify ------------------------------------------------------------------
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trustmesh", "token", "verify", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_verify_prints_claims_as_json(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """`python -m trustmesh token verify --json` prints the claims of a valid token, exit 0."""
+    token = minter.token()
+    result = _cli(
+        token,
+        "--issuer",
+        provider.url,
+        "--audience",
+        "orders",
+        "--ca-bundle",
+        str(bundle),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["valid"] is True
+    assert out["claims"]["sub"] == "svc-billing"
+    assert out["claims"]["jti"] == json.loads(_payload(token))["jti"]
+
+
+def test_cli_verify_refuses_with_reason_and_exit_1(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """A refused token (read from stdin) prints the reason on stderr and exits 1."""
+    common = ["--issuer", provider.url, "--ca-bundle", str(bundle)]
+    result = _cli("-", "--audience", "billing", *common, "--json", stdin=minter.token() + "\n")
+    assert result.returncode == 1
+    assert "refused (bad_audience)" in result.stderr
+    assert json.loads(result.stdout)["reason"] == "bad_audience"
+    result = _cli(minter.token(), "--audience", "orders", "--issuer", provider.url)
+    assert result.returncode == 1
+    assert "refused (keys_unavailable)" in result.stderr  # our CA is not in the system store
+
+
+def test_cli_verify_table_binding_and_bad_input(
+    provider: ProviderServer,
+    bundle: Path,
+    minter: Minter,
+    client_certs: tuple[object, object],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The table shows the claims; binding needs --client-cert; bad options exit 2."""
+    from trustmesh.cli import main
+
+    mine = client_certs[0].certificate  # type: ignore[attr-defined]
+    cert_file = tmp_path / "cert.pem"
+    cert_file.write_bytes(pem_certificates([mine]))
+    common = [
+        "token",
+        "verify",
+        "--issuer",
+        provider.url,
+        "--audience",
+        "orders",
+        "--ca-bundle",
+        str(bundle),
+    ]
+    assert main([*common, minter.token(tenant="acme")]) == 0
+    out = capsys.readouterr().out
+    assert "valid access token" in out
+    assert "svc-billing" in out
+    assert "acme" in out
+    bound = minter.token(cnf={"x5t#S256": certificate_thumbprint(mine)})
+    assert main([*common, bound]) == 1
+    assert "cnf_missing_cert" in capsys.readouterr().err
+    assert main([*common, bound, "--client-cert", str(cert_file)]) == 0
+    assert certificate_thumbprint(mine) in capsys.readouterr().out
+    assert main([*common, bound, "--ignore-binding"]) == 0
+    assert "not checked" in capsys.readouterr().err
+    assert main([*common, minter.token(), "--leeway", "soon"]) == 2
+    assert main([*common, minter.token(), "--client-cert", str(tmp_path / "missing.pem")]) == 2
+    assert main(["token", "verify", "x", "--issuer", "http://idp", "--audience", "a"]) == 2
+    assert "https://" in capsys.readouterr().err

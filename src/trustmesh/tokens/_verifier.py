@@ -337,7 +337,7 @@ class AsyncVerifier:
                 if not skip_binding:
                     self._check_binding(owner, cached.claims, cert)
                 return cached.claims
-            del self._cache[token]
+            self._cache.pop(token, None)
         parts = token.split(".")
         if len(parts) != 3:
             return self._check_opaque(token, cert, skip_binding, now, mono, attempted)
@@ -422,7 +422,7 @@ class AsyncVerifier:
             self._check_binding(state, claims, cert)
         if self._cache_size:
             if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]
+                self._evict(self._cache)
             self._cache[token] = _Cached(
                 claims, state, state.generation, claims.expires_at + state.leeway
             )
@@ -641,7 +641,7 @@ class AsyncVerifier:
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._introspected.get(digest)
         if entry is not None and now > entry.valid_until:
-            del self._introspected[digest]
+            self._introspected.pop(digest, None)
             entry = None
         if entry is None:
             if state.introspection_url is None:
@@ -664,6 +664,15 @@ class AsyncVerifier:
         if not skip_binding:
             self._check_binding(state, entry.claims, cert)
         return entry.claims
+
+    @staticmethod
+    def _evict(cache: dict[str, _Cached] | dict[bytes, _Introspected]) -> None:
+        # Oldest first (dicts keep insertion order). Verifier threads may race here;
+        # losing the race only means another thread evicted first.
+        try:
+            del cache[next(iter(cache))]  # type: ignore[arg-type]
+        except (KeyError, RuntimeError, StopIteration):
+            pass
 
     # -- fetching ---------------------------------------------------------------------
 
@@ -791,7 +800,7 @@ class AsyncVerifier:
         except InvalidTokenError as exc:
             entry = _Introspected(None, exc, now + ttl)
         if len(self._introspected) >= settings.cache_size:
-            del self._introspected[next(iter(self._introspected))]
+            self._evict(self._introspected)
         self._introspected[digest] = entry
 
     def _introspected_claims(
