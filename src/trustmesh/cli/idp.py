@@ -30,6 +30,7 @@ from ._common import (
     print_table,
     resolve_home,
 )
+from .idp_users import user_group
 
 __all__ = ["idp_group"]
 
@@ -470,3 +471,6 @@ def keys_list_command(
             for r in rows
         ],
     )
+
+
+idp_group.add_command(user_group)

@@ -84,11 +84,14 @@ from ._tokens import (
     revoke_refresh_family,
     revoked_access_tokens,
 )
+from ._user_side import UserSideExtension
+from ._users import DEFAULT_LOCKOUT, LockoutPolicy, LoginResult, User, UserStore
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",
     "AUTH_METHODS",
     "CLIENT_AUTH_METHODS",
+    "DEFAULT_LOCKOUT",
     "DEFAULT_PUBLISH_DELAY",
     "GRANT_TYPES",
     "IDP_SERVER_PATH",
@@ -104,10 +107,15 @@ __all__ = [
     "IdpSettings",
     "InvalidTargetError",
     "KeyRing",
+    "LockoutPolicy",
+    "LoginResult",
     "MintedToken",
     "RefreshTokenRecord",
     "SigningKey",
     "SigningKeyInfo",
+    "User",
+    "UserSideExtension",
+    "UserStore",
     "add_client",
     "certificate_thumbprint",
     "create_app",

@@ -7,10 +7,11 @@ userinfo) adds its :class:`~trustmesh.idp.IdpExtension` to :func:`default_extens
 from __future__ import annotations
 
 from ._app import IdpExtension
+from ._user_side import UserSideExtension
 
 __all__ = ["default_extensions"]
 
 
 def default_extensions() -> list[IdpExtension]:
-    """Extensions mounted by ``trustmesh idp serve`` (none yet: the machine side only)."""
-    return []
+    """Extensions mounted by ``trustmesh idp serve``: the user side."""
+    return [UserSideExtension()]
