@@ -194,7 +194,13 @@ class AuthorizeEndpoint:
         params = {k: v for k, v in items if k in AUTHORIZE_PARAMS}
         existing = request.cookies.get(LOGIN_COOKIE)
         cookie = existing if existing and len(existing) <= 64 else self.side.forms.new_cookie()
-        return self._form(grant, params, cookie, set_cookie=cookie != existing)
+        return self._form(
+            grant,
+            params,
+            cookie,
+            set_cookie=cookie != existing,
+            username=params.get("login_hint", "")[:128],
+        )
 
     # -- POST -----------------------------------------------------------------------
 

@@ -310,7 +310,7 @@ def _refresh(row: Any) -> RefreshToken:
 
 def find_refresh_token(store: Store, token: str) -> RefreshToken | None:
     """Return the stored refresh token, or None."""
-    with store.transaction() as conn:
+    with store.reader() as conn:
         row = conn.execute(
             select(idp_refresh_tokens).where(idp_refresh_tokens.c.token_hash == token_hash(token))
         ).first()
