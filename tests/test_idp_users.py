@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -556,3 +557,60 @@ def test_disabled_user_is_refused(idp: Idp, client: dict[str, Any]) -> None:
     after = _refresh(idp, client, tokens["refresh_token"])
     assert after.status_code == 400
     assert after.json()["error"] == "invalid_grant"
+
+
+# -- races and PostgreSQL ---------------------------------------------------------------
+
+
+def test_concurrent_redemptions_of_one_code_yield_one_token(
+    idp: Idp, client: dict[str, Any], alice: dict[str, Any]
+) -> None:
+    """Eight simultaneous exchanges of one code: exactly one gets tokens."""
+    code, verifier, _ = _code(idp, client)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda _: _exchange(idp, client, code, verifier).status_code, range(8))
+        )
+    assert sorted(statuses) == [200] + [400] * 7
+
+
+def test_concurrent_refreshes_with_one_token_revoke_the_family(
+    idp: Idp, client: dict[str, Any], alice: dict[str, Any]
+) -> None:
+    """A refresh token raced by several requests: at most one wins, then the family dies."""
+    code, verifier, _ = _code(idp, client)
+    token = _exchange(idp, client, code, verifier).json()["refresh_token"]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _refresh(idp, client, token), range(6)))
+    winners = [r.json()["refresh_token"] for r in responses if r.status_code == 200]
+    assert len(winners) <= 1
+    assert all(r.json()["error"] == "invalid_grant" for r in responses if r.status_code != 200)
+    for newest in winners:  # the winner's successor was revoked with the family
+        assert _refresh(idp, client, newest).status_code == 400
+
+
+@pytest.mark.postgres
+def test_code_flow_refresh_and_lockout_on_postgresql(
+    ca: CertificateAuthority, pg_url: str, tmp_path: Path
+) -> None:
+    """The whole user side against PostgreSQL: code + PKCE, rotation, reuse, lockout."""
+    with running_idp(ca.home, tmp_path, db=pg_url) as server:
+        web = server.add_client("web", "--redirect-uri", REDIRECT, "--scope", "openid")
+        user = _add_user(server, "pgalice", "--role", "dev")
+        code, verifier, _ = _code(server, web, user="pgalice")
+        tokens = _exchange(server, web, code, verifier)
+        assert tokens.status_code == 200, tokens.text
+        assert _decode(server, tokens.json()["access_token"])[1]["sub"] == user["user_id"]
+        assert _exchange(server, web, code, verifier).json()["error"] == "invalid_grant"
+        code, verifier, _ = _code(server, web, user="pgalice")
+        first = _exchange(server, web, code, verifier).json()["refresh_token"]
+        second = _refresh(server, web, first)
+        assert second.status_code == 200
+        assert _refresh(server, web, first).json()["error"] == "invalid_grant"
+        assert _refresh(server, web, second.json()["refresh_token"]).status_code == 400
+        _, challenge = pkce_pair()
+        params = authorize_params(web["client_id"], REDIRECT, challenge)
+        with server.http() as http:
+            for i in range(5):
+                sign_in(http, server.url, params, "pgalice", f"wrong-guess-{i}")
+            assert sign_in(http, server.url, params, "pgalice", PASSWORD).status_code == 429
