@@ -289,6 +289,7 @@ def test_client_add_bad_input_exits_2(
     assert main(["idp", "client", "add", "ok", "--scope", "read"]) == 0
     capsys.readouterr()
     assert main(["idp", "client", "add", "ok", "--scope", "read"]) == 1  # duplicate name
+    assert "exists already" in capsys.readouterr().err
     assert main(["idp", "client", "rotate-secret", "nobody"]) == 2
     assert "idp client list" in capsys.readouterr().err
 

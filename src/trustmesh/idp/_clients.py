@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from trustmesh.errors import ConfigError, NotFoundError
+from trustmesh.errors import ConfigError, ConflictError, NotFoundError
 from trustmesh.store import Store, idp_clients
 
 __all__ = [
@@ -288,6 +288,13 @@ def add_client(
                 f"http://localhost for native apps) without a fragment.",
                 field="redirect_uri",
             )
+    taken = conn.execute(select(idp_clients.c.client_id).where(idp_clients.c.name == name)).first()
+    if taken is not None:
+        raise ConflictError(
+            f"A client named {name!r} exists already ({taken.client_id}): pick another name, "
+            f"or use `trustmesh idp client rotate-secret {name}` for new credentials.",
+            reason="duplicate",
+        )
     stamp = int(time.time()) if now is None else now
     secret = (
         CLIENT_SECRET_PREFIX + secrets.token_urlsafe(32) if auth_method in _SECRET_METHODS else None

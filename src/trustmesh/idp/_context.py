@@ -6,7 +6,9 @@ the Authlib ``AuthorizationServer`` and every extension (the user side plugs in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,6 +127,9 @@ class IdpContext:
     metrics: IdpMetrics = field(default_factory=IdpMetrics)
     metadata: dict[str, Any] = field(default_factory=dict)
     server: IdpAuthorizationServer | None = None
+    # SQLite has one writer at a time and makes waiting writers sleep (busy timeout back-off);
+    # queueing our own writers on a lock instead keeps p99 latency down.
+    _writes: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def issuer(self) -> str:
@@ -146,7 +151,8 @@ class IdpContext:
         happened. ``details`` must never hold secrets or token contents.
         """
         try:
-            with self.store.transaction() as conn:
+            lock = self._writes if self.store.dialect == "sqlite" else contextlib.nullcontext()
+            with lock, self.store.transaction() as conn:
                 self.store.append_audit(
                     conn,
                     at=datetime.fromtimestamp(int(time.time()), UTC),
