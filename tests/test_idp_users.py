@@ -403,6 +403,8 @@ def test_unregistered_redirect_uri_is_an_error_page_never_a_redirect(
             assert "location" not in response.headers
             assert response.headers["content-type"].startswith("text/html")
             assert "Cannot sign in" in response.text
+    denied = [d for a, _, d in _audit(idp) if a == "idp.deny" and d["route"] == "/authorize"]
+    assert any(d["redirect_uri"] == "https://evil.example/cb" for d in denied)
 
 
 def test_malformed_authorization_requests_get_an_error_page(
@@ -455,6 +457,20 @@ def test_public_client_needs_its_code_verifier(idp: Idp, alice: dict[str, Any]) 
         )
     assert good.status_code == 200, good.text
     assert _decode(idp, good.json()["access_token"])[1]["sub"] == alice["user_id"]
+
+
+def test_disabled_client_cannot_start_a_sign_in(idp: Idp) -> None:
+    """A disabled client's authorization requests get an error page."""
+    app = idp.add_client("retired-app", "--redirect-uri", REDIRECT, "--scope", "openid")
+    idp.cli("idp", "client", "disable", "retired-app")
+    _, challenge = pkce_pair()
+    with idp.http() as http:
+        response = http.get(
+            f"{idp.url}/authorize", params=authorize_params(app["client_id"], REDIRECT, challenge)
+        )
+    assert response.status_code == 400
+    assert "disabled" in response.text
+    assert "location" not in response.headers
 
 
 def test_unsupported_response_type_is_refused(idp: Idp, client: dict[str, Any]) -> None:

@@ -106,17 +106,56 @@ class AuthorizeEndpoint:
             redirect_uri = grant.validate_consent_request()
         except OAuth2Error as error:
             error.state = oauth.payload.state
+            self._deny(oauth, error.error, error.get_error_description() or "")
             return self._error(error)
         except ValueError:
             # Authlib puts request values into its descriptions and refuses characters
             # RFC 6749 forbids there (quotes, backslashes, non-ASCII).
+            self._deny(oauth, "invalid_request", "forbidden characters in a parameter")
             return error_page(
                 "Invalid authorization request",
                 "A parameter of the authorization request contains characters OAuth does "
                 "not allow (such as quotes or non-ASCII). Check the link that sent you here.",
                 status=400,
             )
+        client = grant.request.client
+        if getattr(client, "disabled", False):
+            self._deny(oauth, "unauthorized_client", "client disabled")
+            return error_page(
+                "Cannot sign in to this application",
+                f"The application {client.get_client_id()} is disabled on this identity "
+                f"server; ask its administrator.",
+                status=400,
+            )
         return grant, str(redirect_uri)
+
+    def _deny(self, oauth: IdpOAuth2Request, error: str, description: str) -> None:
+        """Log, count and audit a refused authorization request (no secrets in it)."""
+        client_id = str(oauth.payload.client_id or "")[:64]
+        self.ctx.metrics.denied.labels(route="/authorize", reason=error).inc()
+        log.info(
+            "refused /authorize: %s",
+            description,
+            extra={
+                "event": "deny",
+                "route": "/authorize",
+                "reason": error,
+                "status": 400,
+                "client": oauth.client_host,
+                "client_id": client_id,
+            },
+        )
+        self.ctx.audit(
+            "idp.deny",
+            client_id or oauth.client_host,
+            actor=f"ip:{oauth.client_host}",
+            details={
+                "route": "/authorize",
+                "error": error,
+                "reason": description[:200],
+                "redirect_uri": str(oauth.payload.redirect_uri or "")[:500],
+            },
+        )
 
     def _error(self, error: Any) -> Response:
         if error.redirect_uri:
