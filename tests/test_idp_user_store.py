@@ -95,6 +95,7 @@ def test_authenticate_success_and_wrong_password(users: UserStore, store: Store)
     unknown = users.authenticate("mallory", PASSWORD, ip="10.0.0.1", now=T0)
     assert unknown.reason == "invalid"  # unknown users look the same
     assert _actions(store)[-3:] == ["idp.login.success", "idp.login.failure", "idp.login.failure"]
+    assert users._dummy_hash is not None  # the unknown user cost a hash too
     assert all(PASSWORD not in str(e.details) for e in store.audit_events())
 
 

@@ -258,6 +258,12 @@ def test_code_flow_with_pkce_issues_access_refresh_and_id_tokens(
     assert _decode(idp, new["id_token"])[1]["auth_time"] == id_claims["auth_time"]
     actions = [a for a, _, _ in _audit(idp)]
     assert "idp.login.success" in actions
+    # Nothing secret in the server's log or the audit chain.
+    log = idp.log.read_text()
+    audit = json.dumps(_audit(idp))
+    for secret in (code, verifier, body["refresh_token"], new["refresh_token"], PASSWORD):
+        assert secret not in log
+        assert secret not in audit
 
 
 def test_scopes_the_user_lacks_are_not_granted(
