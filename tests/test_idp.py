@@ -84,6 +84,14 @@ def test_discovery_lists_the_machine_endpoints(idp: Idp) -> None:
         "tls_client_auth",
     }
     assert oidc["tls_client_certificate_bound_access_tokens"] is True
+    with idp.http() as http:
+        jwks = http.get(f"{idp.url}/jwks")
+    assert jwks.headers["content-type"].startswith("application/jwk-set+json")
+    keys = jwks.json()["keys"]
+    assert len(keys) == 1
+    assert keys[0]["alg"] == "ES256"
+    assert keys[0]["use"] == "sig"
+    assert not {"d", "p", "q"} & set(keys[0])  # public parts only
 
 
 def test_client_credentials_issues_an_rfc9068_token(idp: Idp) -> None:
@@ -627,3 +635,36 @@ def test_idp_on_postgresql(tmp_path: Path, pg_url: str) -> None:
             assert ca.store.dialect == "postgresql"
             actions = {e.action for e in ca.audit_tail(100)}
             assert {"idp.token", "idp.revoke", "idp.deny", "idp.client.add"} <= actions
+
+
+def test_keys_cli_before_any_server(
+    ca: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no key yet, `keys rotate` makes one that signs at once; `keys list` shows it."""
+    assert main(["idp", "keys", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["idp", "keys", "rotate", "--publish-delay", "10m", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["status"] == "signing"
+    assert main(["idp", "keys", "rotate", "--publish-delay", "10m", "--json"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["status"] == "pending"
+    assert main(["idp", "keys", "list"]) == 0
+    table = capsys.readouterr().out
+    assert first["kid"] in table
+    assert "pending" in table
+    assert main(["idp", "keys", "rotate", "--publish-delay", "soon"]) == 2
+    assert "--publish-delay" in capsys.readouterr().err
+
+
+def test_db_option_points_idp_commands_elsewhere(
+    ca: CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--db makes idp commands use another database than the CA's (migrated on first use)."""
+    other = f"sqlite:///{tmp_path / 'idp.db'}"
+    assert main(["idp", "client", "add", "elsewhere", "--scope", "a", "--db", other]) == 0
+    capsys.readouterr()
+    assert main(["idp", "client", "list", "--json", "--db", other]) == 0
+    assert [c["name"] for c in json.loads(capsys.readouterr().out)] == ["elsewhere"]
+    assert main(["idp", "client", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []

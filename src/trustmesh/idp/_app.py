@@ -15,10 +15,10 @@ from what is registered.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -29,6 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from trustmesh.errors import ConfigError, StoreError
 from trustmesh.limits import RateLimiter
 
 from ._context import METRICS_CONTENT_TYPE, IdpContext
@@ -70,8 +71,6 @@ def problem(status: int, title: str, detail: str) -> JSONResponse:
 
 
 def _peer_der(request: Request) -> bytes | None:
-    import ssl
-
     tls = request.scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     if not chain:
@@ -245,6 +244,23 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
             headers={"Cache-Control": "max-age=60"},
         )
 
+    async def guarded(func: Callable[..., Response], *args: Any) -> Response:
+        """Run an Authlib call in a worker thread; a failing database is a 503, not a 500."""
+        try:
+            return await run_in_threadpool(func, *args)
+        except (StoreError, ConfigError) as exc:
+            log.error(
+                "cannot serve a request: %s",
+                exc.message,
+                extra={"event": "unavailable", "reason": type(exc).__name__},
+            )
+            return oauth_error(
+                503,
+                "temporarily_unavailable",
+                "The identity server cannot reach its database or keys right now; retry shortly.",
+                headers={"Retry-After": "5"},
+            )
+
     def limited(oreq: IdpOAuth2Request) -> Response | None:
         wait = per_ip.allow(f"ip:{oreq.client_host}")
         reason = "rate_limited_ip"
@@ -282,15 +298,13 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
         refused = limited(oreq)
         if refused is not None:
             return refused
-        response: Response = await run_in_threadpool(server.create_token_response, oreq)
-        return response
+        return await guarded(server.create_token_response, oreq)
 
     async def endpoint(name: str, request: Request) -> Response:
         oreq = await oauth_request(ctx, request)
         if isinstance(oreq, Response):
             return oreq
-        response: Response = await run_in_threadpool(server.create_endpoint_response, name, oreq)
-        return response
+        return await guarded(server.create_endpoint_response, name, oreq)
 
     async def introspect(request: Request) -> Response:
         return await endpoint("introspection", request)
@@ -331,10 +345,6 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
         routes.extend(extension.install(ctx))
     routes += [Route(p, not_allowed, methods=["GET"]) for p in ("/token", "/introspect", "/revoke")]
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-
     async def not_found(request: Request, _exc: Exception) -> Response:
         return problem(
             404,
@@ -359,7 +369,6 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
 
     app = Starlette(
         routes=routes,
-        lifespan=lifespan,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
     known = {getattr(r, "path", "") for r in routes}

@@ -192,7 +192,7 @@ def rotate_signing_key(
     """Publish a new key now that signs after ``publish_delay`` seconds.
 
     The keys signing until then retire at that moment (they stay published until
-    their tokens expire).
+    their tokens expire). With no key signing yet, the new key signs at once.
 
     Raises:
         ConfigError: Bad algorithm or a negative delay.
@@ -200,6 +200,13 @@ def rotate_signing_key(
     if publish_delay < 0:
         raise ConfigError("--publish-delay must not be negative.", field="publish_delay")
     start = int(time.time()) if now is None else now
+    signing_now = [
+        k
+        for k in list_signing_keys(store)
+        if k.active_at <= start and (k.retired_at is None or k.retired_at > start)
+    ]
+    if not signing_now:
+        publish_delay = 0  # nothing signs yet: there is nothing to wait for
     info = create_signing_key(
         store, passphrase, alg=alg, published_at=start, active_at=start + publish_delay
     )
