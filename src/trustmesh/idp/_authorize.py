@@ -237,7 +237,7 @@ class AuthorizeEndpoint:
             grant,
             params,
             cookie,
-            set_cookie=cookie != existing,
+            set_cookie=True,  # (re)start its lifetime with the new form token
             username=params.get("login_hint", "")[:128],
         )
 
