@@ -636,3 +636,19 @@ def test_code_flow_refresh_and_lockout_on_postgresql(
             for i in range(5):
                 sign_in(http, server.url, params, "pgalice", f"wrong-guess-{i}")
             assert sign_in(http, server.url, params, "pgalice", PASSWORD).status_code == 429
+
+
+def test_sign_in_posts_are_rate_limited_per_address(idp: Idp) -> None:
+    """Past the per-address budget, sign-in posts get 429 before any password is checked.
+
+    (Last in the module: it spends this address's budget on the shared server.)
+    """
+    with idp.http() as http:
+        statuses = [
+            http.post(f"{idp.url}/authorize", data={"username": "x", "password": "y"}).status_code
+            for _ in range(30)
+        ]
+    assert statuses[0] == 400  # no form token
+    assert 429 in statuses
+    limited = statuses.index(429)
+    assert set(statuses[limited:]) <= {429, 400}

@@ -49,6 +49,9 @@ class AuthorizeEndpoint:
         login_rate: Sign-in attempts per second per address (token bucket) before 429,
             in front of the lockout counters.
         login_burst: Bucket size of ``login_rate``.
+        page_rate: Login page views per second per address (bounds the audit writes
+            that refused requests cause).
+        page_burst: Bucket size of ``page_rate``.
     """
 
     def __init__(
@@ -59,12 +62,15 @@ class AuthorizeEndpoint:
         path: str = "/authorize",
         login_rate: float = 2.0,
         login_burst: int = 20,
+        page_rate: float = 20.0,
+        page_burst: int = 100,
     ) -> None:
         self.ctx = ctx
         self.server = ctx.authorization_server()
         self.side = side
         self.path = path
         self.limiter = RateLimiter(login_rate, login_burst)
+        self.page_limiter = RateLimiter(page_rate, page_burst)
 
     async def __call__(self, request: Request) -> Response:
         """Dispatch on the method."""
@@ -199,6 +205,16 @@ class AuthorizeEndpoint:
         response.headers.update(headers or {})
         return response
 
+    def _slow_down(self, wait: float) -> Response:
+        self.ctx.metrics.denied.labels(route="/authorize", reason="rate_limited_ip").inc()
+        return error_page(
+            "Too many requests",
+            f"Too many sign-in requests from your address; wait {int(wait) + 1} seconds and "
+            f"try again.",
+            status=429,
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
+
     @staticmethod
     def _too_long(items: list[tuple[str, str]]) -> Response | None:
         if any(len(v) > _MAX_FIELD for _, v in items):
@@ -213,6 +229,10 @@ class AuthorizeEndpoint:
 
     async def get(self, request: Request) -> Response:
         """Validate the authorization request and show the sign-in form."""
+        address = request.client.host if request.client else "unknown"
+        wait = self.page_limiter.allow(address)
+        if wait:
+            return self._slow_down(wait)
         items = list(request.query_params.multi_items())
         refused = self._too_long(items)
         if refused is not None:
@@ -248,13 +268,7 @@ class AuthorizeEndpoint:
         address = request.client.host if request.client else "unknown"
         wait = self.limiter.allow(address)
         if wait:
-            return error_page(
-                "Too many sign-in attempts",
-                f"Too many sign-in attempts from your address; wait {int(wait) + 1} seconds "
-                f"and try again.",
-                status=429,
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
+            return self._slow_down(wait)
         read = await oauth_request(self.ctx, request)  # size- and time-capped body
         if isinstance(read, Response):
             detail = json.loads(bytes(read.body)).get("error_description", "")
