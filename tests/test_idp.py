@@ -174,12 +174,69 @@ def test_bad_requests_get_oauth_errors_not_500(idp: Idp) -> None:
         )
         assert r.status_code == 400
         assert "more than once" in r.json()["error_description"]
+        for header in ("Basic !!!", "Basic " + base64.b64encode(b"\xff\xfe:\xff").decode()):
+            r = http.post(
+                idp.token_url,
+                headers={"Authorization": header},
+                data={"grant_type": "client_credentials"},
+            )
+            assert r.status_code == 401
+            assert "Malformed HTTP Basic" in r.json()["error_description"]
+        r = http.post(
+            f"{idp.url}/introspect", auth=auth, data={"token": "x", "token_type_hint": "id_token"}
+        )
+        assert r.status_code == 400
+        assert r.json()["error"] == "unsupported_token_type"
+        r = http.post(f"{idp.url}/introspect", auth=auth, data={"hint": "no token"})
+        assert r.status_code == 400
+        assert "token" in r.json()["error_description"]
+        r = http.post(
+            idp.token_url,
+            content=b"grant_type=client_credentials&x=\xff\xfe",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert r.status_code == 400
+        assert "UTF-8" in r.json()["error_description"]
         r = http.get(idp.token_url)
         assert r.status_code == 405
         assert r.json()["error"] == "invalid_request"
         r = http.post(idp.token_url, data={"grant_type": "client_credentials"})
         assert r.status_code in {400, 401}
         assert r.json()["error"] == "invalid_client"
+
+
+def test_hostile_parameter_values_get_4xx(idp: Idp, tmp_path: Path) -> None:
+    """Quotes, backslashes and non-ASCII in scope, resource or an assertion are 4xx, not 500."""
+    creds = idp.add_client("hostile", "--scope", "read", "--audience", "api")
+    for field, value, error in [
+        ("scope", 'read "x\\y" caf\u00e9', "invalid_scope"),
+        ("resource", 'a"b\\c\u00e9', "invalid_target"),
+        ("grant_type", 'x"\\\u00e9', "unsupported_grant_type"),
+    ]:
+        data = {"grant_type": "client_credentials", field: value}
+        with idp.http() as http:
+            r = http.post(
+                idp.token_url, auth=(creds["client_id"], creds["client_secret"]), data=data
+            )
+        assert r.status_code == 400, (field, r.text)
+        assert r.json()["error"] == error
+        assert '"' not in r.json()["error_description"]
+    forged = jwt.encode(
+        {"alg": "ES256"},
+        {"iss": 'x"\u00e9', "sub": 'x"\u00e9', "aud": idp.token_url, "exp": 1, "jti": "j"},
+        ECKey.generate_key("P-256"),
+    )
+    with idp.http() as http:
+        r = http.post(
+            idp.token_url,
+            data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": JWT_BEARER,
+                "client_assertion": forged,
+            },
+        )
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_client"
 
 
 def test_oversized_body_is_refused_413(idp: Idp) -> None:
@@ -456,6 +513,14 @@ def test_tls_client_auth_binds_the_token_to_the_certificate(idp: Idp, tmp_path: 
         r = http.post(idp.token_url, data=form)
     assert r.status_code == 400
     assert "mTLS" in r.json()["error_description"]
+    # The right certificate, once revoked.
+    with idp.ca() as ca:
+        ca.revoke(format(leaf.serial_number, "x"), reason="keyCompromise")
+    with idp.http(chain, key) as http:
+        r = http.post(idp.token_url, data=form)
+    assert r.status_code == 400
+    assert r.json()["error"] == "invalid_client"
+    assert "revoked" in r.json()["error_description"]
     # A certificate from a foreign CA with the right SPIFFE ID: the TLS layer refuses it.
     foreign = CertificateAuthority.init(
         tmp_path / "foreign", trust_domain="example.org", passphrase=PASSPHRASE
@@ -668,3 +733,11 @@ def test_db_option_points_idp_commands_elsewhere(
     assert [c["name"] for c in json.loads(capsys.readouterr().out)] == ["elsewhere"]
     assert main(["idp", "client", "list", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+def test_port_in_use_exits_1(idp: Idp) -> None:
+    """A second server on a taken port fails with exit 1 and says what to change."""
+    port = idp.url.rsplit(":", 1)[1]
+    result = idp.cli("idp", "serve", "--listen", f"127.0.0.1:{port}", check=False)
+    assert result.returncode == 1
+    assert "port in use" in result.stderr

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from trustmesh.authority import CertificateAuthority
+from trustmesh.errors import TrustmeshError
 from trustmesh.pki import pem_certificates
 from trustmesh.serving import issue_server_identity, parse_listen, public_url
 from trustmesh.tls import TLSHttpToolsProtocol, server_context
@@ -123,6 +125,13 @@ def serve(
             previous = signal.signal(signal.SIGTERM, _exit_cleanly)
         try:
             server.run()
+        except SystemExit as exc:
+            if exc.code == STARTUP_FAILURE and not server.started:
+                raise TrustmeshError(
+                    f"The identity server could not start on {listen} (see the log above): "
+                    "is the port in use? Pick another --listen."
+                ) from None
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

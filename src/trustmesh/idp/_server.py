@@ -28,6 +28,8 @@ tokens, and adds a :attr:`IdpAuthorizationServer.token_listeners` entry (or its 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
 import json
 import logging
@@ -35,6 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 from authlib.oauth2.rfc6749 import (
     AuthorizationServer,
@@ -48,7 +51,6 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
-from authlib.oauth2.rfc6749.util import extract_basic_authorization
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from cryptography import x509
@@ -105,6 +107,15 @@ _CURRENT: contextvars.ContextVar[IdpOAuth2Request | None] = contextvars.ContextV
 )
 
 
+def _safe(text: str, limit: int = 400) -> str:
+    """Make text fit error_description (RFC 6749 §5.2: printable ASCII but ``"`` and ``\\``).
+
+    Descriptions quote what the client sent; Authlib refuses (ValueError) anything else.
+    """
+    cleaned = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return cleaned[:limit]
+
+
 class InvalidTargetError(OAuth2Error):
     """The requested ``resource``/``audience`` is not allowed (RFC 8707 §2)."""
 
@@ -123,7 +134,7 @@ class _UnsupportedGrantTypeError(UnsupportedGrantTypeError):
             if self.grant_type
             else ("grant_type is missing")
         )
-        return f"{given}; use one of: {', '.join(self.supported)}."
+        return _safe(f"{given}; use one of: {', '.join(self.supported)}.")
 
 
 class _Payload(BasicOAuth2Payload):
@@ -185,8 +196,25 @@ class IdpOAuth2Request(OAuth2Request):
 
     def claimed_client_id(self) -> str | None:
         """The client_id the request names (not yet authenticated)."""
-        basic_id, _ = extract_basic_authorization(self.headers)
+        basic_id, _ = basic_credentials(self.headers)
         return basic_id or self._form.get("client_id") or None
+
+
+def basic_credentials(headers: Any) -> tuple[str | None, str | None]:
+    """``(client_id, secret)`` from ``Authorization: Basic`` (RFC 6749 §2.3.1: each part
+    form-urlencoded); ``(None, None)`` when absent or malformed (bad base64 or UTF-8)."""
+    value = headers.get("Authorization") or ""
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        return None, None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None, None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        return None, None
+    return unquote_plus(client_id) or None, unquote_plus(secret) or None
 
 
 def _has_basic(request: IdpOAuth2Request) -> bool:
@@ -208,35 +236,48 @@ class _ClientAuthentication(ClientAuthentication):
                 continue
             if method == "none" and not client.check_endpoint_auth_method("none", endpoint):
                 continue
-            if getattr(client, "disabled", False):
-                raise InvalidClientError(
-                    status_code=status,
-                    description=f"Client {client.get_client_id()} is disabled.",
-                )
-            if not client.check_endpoint_auth_method(method, endpoint):
+            if getattr(client, "auth_method", method) != method:
                 registered = getattr(client, "auth_method", "another method")
                 raise InvalidClientError(
                     status_code=status,
-                    description=f"Client {client.get_client_id()} must authenticate with "
-                    f"{registered}, not {method}.",
+                    description=_safe(
+                        f"Client {client.get_client_id()} must authenticate with "
+                        f"{registered}, not {method}."
+                    ),
+                )
+            if getattr(client, "disabled", False):
+                raise InvalidClientError(
+                    status_code=status,
+                    description=_safe(f"Client {client.get_client_id()} is disabled."),
+                )
+            if not client.check_endpoint_auth_method(method, endpoint):
+                raise InvalidClientError(
+                    status_code=status,
+                    description=_safe(
+                        f"Client {client.get_client_id()} may not use {method} at {endpoint}."
+                    ),
                 )
             request.auth_method = method
             return client
         raise InvalidClientError(
             status_code=status,
-            description="No client authentication: send HTTP Basic credentials or use the "
-            f"client's registered method (this endpoint accepts {', '.join(methods)}).",
+            description=_safe(
+                "No client authentication: send HTTP Basic credentials or use the "
+                f"client's registered method (this endpoint accepts {', '.join(methods)})."
+            ),
         )
 
 
 def _secret_basic(query_client: Callable[[str], Any], request: IdpOAuth2Request) -> Any:
     if not _has_basic(request):
         return None
-    client_id, secret = extract_basic_authorization(request.headers)
+    client_id, secret = basic_credentials(request.headers)
     if not client_id or not secret:
         raise InvalidClientError(
             status_code=401,
-            description="Malformed HTTP Basic credentials: send base64(client_id:client_secret).",
+            description=_safe(
+                "Malformed HTTP Basic credentials: send base64(client_id:client_secret)."
+            ),
         )
     return _check_secret(query_client, client_id, secret, 401, "client_secret_basic")
 
@@ -247,7 +288,7 @@ def _secret_post(query_client: Callable[[str], Any], request: IdpOAuth2Request) 
         return None
     client_id = request.form.get("client_id")
     if not client_id:
-        raise InvalidClientError(description="client_secret was sent without client_id.")
+        raise InvalidClientError(description=_safe("client_secret was sent without client_id."))
     return _check_secret(query_client, client_id, secret, 400, "client_secret_post")
 
 
@@ -258,9 +299,11 @@ def _check_secret(
     if client is None or (client.auth_method == method and not client.check_client_secret(secret)):
         raise InvalidClientError(
             status_code=status,
-            description="Client authentication failed: unknown client_id or wrong "
-            "client_secret. Check both, or rotate the secret with `trustmesh idp client "
-            "rotate-secret`.",
+            description=_safe(
+                "Client authentication failed: unknown client_id or wrong "
+                "client_secret. Check both, or rotate the secret with `trustmesh idp client "
+                "rotate-secret`."
+            ),
         )
     return client
 
@@ -279,41 +322,51 @@ class _ClientAuthMethods:
             return None
         if assertion_type != JWT_BEARER_ASSERTION or not assertion:
             raise InvalidClientError(
-                description=f"private_key_jwt needs client_assertion_type={JWT_BEARER_ASSERTION}"
-                " and a client_assertion.",
+                description=_safe(
+                    f"private_key_jwt needs client_assertion_type={JWT_BEARER_ASSERTION}"
+                    " and a client_assertion."
+                ),
             )
         if len(assertion) > 8192:
-            raise InvalidClientError(description="client_assertion is larger than 8 KiB.")
+            raise InvalidClientError(description=_safe("client_assertion is larger than 8 KiB."))
         try:
             unverified = json.loads(jws.extract_compact(assertion.encode()).payload)
         except (JoseError, ValueError, TypeError):
             raise InvalidClientError(
-                description="client_assertion is not a compact JWS (header.payload.signature)."
+                description=_safe(
+                    "client_assertion is not a compact JWS (header.payload.signature)."
+                )
             ) from None
         if not isinstance(unverified, dict):
-            raise InvalidClientError(description="client_assertion claims must be a JSON object.")
+            raise InvalidClientError(
+                description=_safe("client_assertion claims must be a JSON object.")
+            )
         client_id = unverified.get("sub")
         if not isinstance(client_id, str) or unverified.get("iss") != client_id:
             raise InvalidClientError(
-                description="client_assertion must have iss and sub both equal to the client_id."
+                description=_safe(
+                    "client_assertion must have iss and sub both equal to the client_id."
+                )
             )
         if form.get("client_id") not in (None, client_id):
             raise InvalidClientError(
-                description="client_id does not match the client_assertion's sub."
+                description=_safe("client_id does not match the client_assertion's sub.")
             )
         client = query_client(client_id)
         if client is None or client.auth_method != "private_key_jwt" or not client.jwks:
             raise InvalidClientError(
-                description=f"Client {client_id} is not registered for private_key_jwt."
+                description=_safe(f"Client {client_id} is not registered for private_key_jwt.")
             )
         try:
             keys = KeySet.import_key_set(client.jwks)
             token = jwt.decode(assertion, keys, algorithms=ASSERTION_ALGORITHMS)
         except (JoseError, ValueError, TypeError, KeyError) as exc:
             raise InvalidClientError(
-                description=f"client_assertion signature check failed ({type(exc).__name__}): "
-                "sign it with a key registered with --jwks-file, using "
-                f"{'/'.join(ASSERTION_ALGORITHMS)}."
+                description=_safe(
+                    f"client_assertion signature check failed ({type(exc).__name__}): "
+                    "sign it with a key registered with --jwks-file, using "
+                    f"{'/'.join(ASSERTION_ALGORITHMS)}."
+                )
             ) from None
         claims = token.claims
         self._check_assertion_claims(client_id, claims, request)
@@ -332,28 +385,34 @@ class _ClientAuthMethods:
             a for a in aud_list if isinstance(a, str)
         ):
             raise InvalidClientError(
-                description=f"client_assertion aud must be the token endpoint "
-                f"{settings.endpoint('/token')} or the issuer {settings.issuer}."
+                description=_safe(
+                    f"client_assertion aud must be the token endpoint "
+                    f"{settings.endpoint('/token')} or the issuer {settings.issuer}."
+                )
             )
         exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
         if not isinstance(exp, int):
-            raise InvalidClientError(description="client_assertion has no numeric exp.")
+            raise InvalidClientError(description=_safe("client_assertion has no numeric exp."))
         if exp <= now - settings.leeway:
-            raise InvalidClientError(description="client_assertion has expired: mint a new one.")
+            raise InvalidClientError(
+                description=_safe("client_assertion has expired: mint a new one.")
+            )
         start = iat if isinstance(iat, int) else now
         if exp - start > settings.assertion_max_lifetime:
             raise InvalidClientError(
-                description=f"client_assertion lives {exp - start} s; the limit is "
-                f"{settings.assertion_max_lifetime} s (exp - iat)."
+                description=_safe(
+                    f"client_assertion lives {exp - start} s; the limit is "
+                    f"{settings.assertion_max_lifetime} s (exp - iat)."
+                )
             )
         if isinstance(iat, int) and iat > now + settings.leeway:
-            raise InvalidClientError(description="client_assertion iat is in the future.")
+            raise InvalidClientError(description=_safe("client_assertion iat is in the future."))
         if isinstance(nbf, int) and nbf > now + settings.leeway:
-            raise InvalidClientError(description="client_assertion is not valid yet (nbf).")
+            raise InvalidClientError(description=_safe("client_assertion is not valid yet (nbf)."))
         jti = claims.get("jti")
         if not isinstance(jti, str) or not jti or len(jti) > 128:
             raise InvalidClientError(
-                description="client_assertion needs a unique jti (at most 128 characters)."
+                description=_safe("client_assertion needs a unique jti (at most 128 characters).")
             )
         try:
             with self.ctx.store.transaction() as conn:
@@ -368,8 +427,10 @@ class _ClientAuthMethods:
         except ConflictError:
             request.denial_reason = "assertion_replayed"
             raise InvalidClientError(
-                description="client_assertion was already used (jti replayed): mint a new "
-                "assertion with a fresh jti for every request."
+                description=_safe(
+                    "client_assertion was already used (jti replayed): mint a new "
+                    "assertion with a fresh jti for every request."
+                )
             ) from None
 
     def tls_client_auth(self, query_client: Callable[[str], Any], request: IdpOAuth2Request) -> Any:
@@ -384,8 +445,10 @@ class _ClientAuthMethods:
             return None
         if request.peer_der is None:
             raise InvalidClientError(
-                description=f"Client {client_id} uses tls_client_auth: call over mTLS with "
-                f"the certificate of {client.tls_spiffe_id}."
+                description=_safe(
+                    f"Client {client_id} uses tls_client_auth: call over mTLS with "
+                    f"the certificate of {client.tls_spiffe_id}."
+                )
             )
         ca = self.ctx.ca
         try:
@@ -400,12 +463,14 @@ class _ClientAuthMethods:
         except (PKIError, ValueError) as exc:
             message = getattr(exc, "message", str(exc))
             raise InvalidClientError(
-                description=f"The client certificate was refused: {message}"[:300]
+                description=_safe(f"The client certificate was refused: {message}"[:300])
             ) from None
         if str(spiffe_id) != client.tls_spiffe_id:
             raise InvalidClientError(
-                description=f"The client certificate is for {spiffe_id}, but client "
-                f"{client_id} is registered with {client.tls_spiffe_id}."
+                description=_safe(
+                    f"The client certificate is for {spiffe_id}, but client "
+                    f"{client_id} is registered with {client.tls_spiffe_id}."
+                )
             )
         request.cnf_x5t = certificate_thumbprint(cert.public_bytes(serialization.Encoding.DER))
         return client
@@ -420,16 +485,20 @@ class IdpClientCredentialsGrant(ClientCredentialsGrant):
         client = self.authenticate_token_endpoint_client()
         if not client.check_grant_type(self.GRANT_TYPE):
             raise UnauthorizedClientError(
-                f"Client {client.get_client_id()} may not use client_credentials; register "
-                f"it with --grant-type client_credentials."
+                _safe(
+                    f"Client {client.get_client_id()} may not use client_credentials; register "
+                    f"it with --grant-type client_credentials."
+                )
             )
         self.request.client = client
         requested = (self.request.payload.scope or "").split()
         extra = sorted(set(requested) - set(client.scopes))
         if extra:
             raise InvalidScopeError(
-                f"Client {client.get_client_id()} may not request scope(s) {' '.join(extra)}; "
-                f"allowed: {' '.join(client.scopes) or '(none)'}."
+                _safe(
+                    f"Client {client.get_client_id()} may not request scope(s) "
+                    f"{' '.join(extra)}; allowed: {' '.join(client.scopes) or '(none)'}."
+                )
             )
 
     def create_token_response(self) -> tuple[int, Any, Any]:
@@ -557,7 +626,9 @@ class _Revocation(RevocationEndpoint):
         )
         if token is not None and not token.check_client(client):
             raise UnauthorizedClientError(
-                f"The token was issued to another client; only {token.client_id} may revoke it."
+                _safe(
+                    f"The token was issued to another client; only {token.client_id} may revoke it."
+                )
             )
         return token
 
@@ -678,6 +749,8 @@ class IdpAuthorizationServer(AuthorizationServer):
         return Response(body or b"", status_code=status, headers=header_map)
 
     def handle_error_response(self, request: IdpOAuth2Request, error: OAuth2Error) -> Response:
+        if error.error == "unsupported_token_type":
+            error.status_code = 400  # RFC 7009 §2.2.1 (Authlib answers 401)
         if not error.description:
             error.description = _DEFAULT_DESCRIPTIONS.get(
                 error.error, "The request was refused; see RFC 6749 section 5.2."
@@ -765,8 +838,10 @@ class IdpAuthorizationServer(AuthorizationServer):
         allowed = client.audiences or (client.client_id,)
         if wanted not in allowed:
             raise InvalidTargetError(
-                f"Client {client.client_id} may not request audience {wanted!r}; allowed: "
-                f"{' '.join(allowed)}."
+                _safe(
+                    f"Client {client.client_id} may not request audience {wanted!r}; allowed: "
+                    f"{' '.join(allowed)}."
+                )
             )
         return wanted
 
