@@ -73,7 +73,7 @@ def _metadata(idp: Idp) -> dict[str, Any]:
 
 
 def test_authlib_oauth2_client_code_flow(idp: Idp, user_id: str) -> None:
-    """Authlib: authorization URL with S256, scripted sign-in, code exchange, userinfo, refresh."""
+    """Authlib: S256 authorization URL, scripted sign-in, exchange, userinfo, refresh, revoke."""
     creds = _client(idp, "authlib-web")
     meta = _metadata(idp)
     verifier = secrets.token_urlsafe(48)
@@ -123,6 +123,17 @@ def test_authlib_oauth2_client_code_flow(idp: Idp, user_id: str) -> None:
         new = client.refresh_token(meta["token_endpoint"], refresh_token=old_refresh)
         assert new["refresh_token"] != old_refresh
         assert jwt.decode(new["access_token"], keys, algorithms=["ES256"]).claims["sub"] == user_id
+        revoked = client.revoke_token(
+            meta["revocation_endpoint"], new["refresh_token"], token_type_hint="refresh_token"
+        )
+        assert revoked.status_code == 200
+        refused = client.post(
+            meta["token_endpoint"],
+            data={"grant_type": "refresh_token", "refresh_token": new["refresh_token"]},
+            auth=(creds["client_id"], creds["client_secret"]),
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "invalid_grant"
 
 
 def _node() -> str:
@@ -168,6 +179,8 @@ def test_openid_client_code_flow(idp: Idp, user_id: str, tmp_path: Path) -> None
     assert out["refresh_rotated"] is True
     assert out["refreshed_sub"] == user_id
     assert out["reuse_error"] == "invalid_grant"
+    assert out["refresh_active_before_revocation"] is True
+    assert out["refresh_active_after_revocation"] is False
     with idp.http() as http:
         keys = KeySet.import_key_set(http.get(f"{idp.url}/jwks").json())
     access = jwt.decode(out["access_token"], keys, algorithms=["ES256"])

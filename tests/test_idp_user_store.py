@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,8 +25,7 @@ from trustmesh.idp._user_tokens import (
     save_refresh_token,
     set_code_family,
 )
-from trustmesh.store import Store, open_store
-from trustmesh.store._schema import idp_users
+from trustmesh.store import Store, idp_users, open_store
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 PASSWORD = "correct horse battery staple"
@@ -95,6 +95,7 @@ def test_authenticate_success_and_wrong_password(users: UserStore, store: Store)
     unknown = users.authenticate("mallory", PASSWORD, ip="10.0.0.1", now=T0)
     assert unknown.reason == "invalid"  # unknown users look the same
     assert _actions(store)[-3:] == ["idp.login.success", "idp.login.failure", "idp.login.failure"]
+    assert users._dummy_hash is not None  # the unknown user cost a hash too
     assert all(PASSWORD not in str(e.details) for e in store.audit_events())
 
 
@@ -251,3 +252,24 @@ def test_refresh_rotation_and_family_revocation(store: Store) -> None:
     second = find_refresh_token(store, "b")
     assert second is not None
     assert second.revoked_at is not None
+
+
+def test_cli_in_process(
+    ca: object, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`main(argv)`: add from the environment, list, unlock, and one-line errors with exit 2."""
+    from trustmesh.cli import main
+
+    monkeypatch.setenv("TRUSTMESH_IDP_USER_PASSWORD", PASSWORD)
+    assert main(["idp", "user", "add", "erin", "--role", "qa", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["roles"] == ["qa"]
+    assert main(["idp", "user", "unlock", "erin"]) == 0
+    assert "was not locked" in capsys.readouterr().out
+    assert main(["idp", "user", "add", "frank", "--password-file", str(tmp_path / "none")]) == 2
+    assert "Cannot read the password" in capsys.readouterr().err
+    assert main(["idp", "user", "add", "Bad Name", "--role", "qa"]) == 2
+    assert "Username 'Bad Name' is not valid" in capsys.readouterr().err
+    assert main(["idp", "user", "add", "erin"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["idp", "user", "list"]) == 0
+    assert "erin" in capsys.readouterr().out

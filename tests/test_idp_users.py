@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,12 @@ def test_code_flow_with_pkce_issues_access_refresh_and_id_tokens(
     assert _decode(idp, new["id_token"])[1]["auth_time"] == id_claims["auth_time"]
     actions = [a for a, _, _ in _audit(idp)]
     assert "idp.login.success" in actions
+    # Nothing secret in the server's log or the audit chain.
+    log = idp.log.read_text()
+    audit = json.dumps(_audit(idp))
+    for secret in (code, verifier, body["refresh_token"], new["refresh_token"], PASSWORD):
+        assert secret not in log
+        assert secret not in audit
 
 
 def test_scopes_the_user_lacks_are_not_granted(
@@ -402,6 +409,8 @@ def test_unregistered_redirect_uri_is_an_error_page_never_a_redirect(
             assert "location" not in response.headers
             assert response.headers["content-type"].startswith("text/html")
             assert "Cannot sign in" in response.text
+    denied = [d for a, _, d in _audit(idp) if a == "idp.deny" and d["route"] == "/authorize"]
+    assert any(d["redirect_uri"] == "https://evil.example/cb" for d in denied)
 
 
 def test_malformed_authorization_requests_get_an_error_page(
@@ -454,6 +463,20 @@ def test_public_client_needs_its_code_verifier(idp: Idp, alice: dict[str, Any]) 
         )
     assert good.status_code == 200, good.text
     assert _decode(idp, good.json()["access_token"])[1]["sub"] == alice["user_id"]
+
+
+def test_disabled_client_cannot_start_a_sign_in(idp: Idp) -> None:
+    """A disabled client's authorization requests get an error page."""
+    app = idp.add_client("retired-app", "--redirect-uri", REDIRECT, "--scope", "openid")
+    idp.cli("idp", "client", "disable", "retired-app")
+    _, challenge = pkce_pair()
+    with idp.http() as http:
+        response = http.get(
+            f"{idp.url}/authorize", params=authorize_params(app["client_id"], REDIRECT, challenge)
+        )
+    assert response.status_code == 400
+    assert "disabled" in response.text
+    assert "location" not in response.headers
 
 
 def test_unsupported_response_type_is_refused(idp: Idp, client: dict[str, Any]) -> None:
@@ -556,3 +579,76 @@ def test_disabled_user_is_refused(idp: Idp, client: dict[str, Any]) -> None:
     after = _refresh(idp, client, tokens["refresh_token"])
     assert after.status_code == 400
     assert after.json()["error"] == "invalid_grant"
+
+
+# -- races and PostgreSQL ---------------------------------------------------------------
+
+
+def test_concurrent_redemptions_of_one_code_yield_one_token(
+    idp: Idp, client: dict[str, Any], alice: dict[str, Any]
+) -> None:
+    """Eight simultaneous exchanges of one code: exactly one gets tokens."""
+    code, verifier, _ = _code(idp, client)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda _: _exchange(idp, client, code, verifier).status_code, range(8))
+        )
+    assert sorted(statuses) == [200] + [400] * 7
+
+
+def test_concurrent_refreshes_with_one_token_revoke_the_family(
+    idp: Idp, client: dict[str, Any], alice: dict[str, Any]
+) -> None:
+    """A refresh token raced by several requests: at most one wins, then the family dies."""
+    code, verifier, _ = _code(idp, client)
+    token = _exchange(idp, client, code, verifier).json()["refresh_token"]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _refresh(idp, client, token), range(6)))
+    winners = [r.json()["refresh_token"] for r in responses if r.status_code == 200]
+    assert len(winners) <= 1
+    assert all(r.json()["error"] == "invalid_grant" for r in responses if r.status_code != 200)
+    for newest in winners:  # the winner's successor was revoked with the family
+        assert _refresh(idp, client, newest).status_code == 400
+
+
+@pytest.mark.postgres
+def test_code_flow_refresh_and_lockout_on_postgresql(
+    ca: CertificateAuthority, pg_url: str, tmp_path: Path
+) -> None:
+    """The whole user side against PostgreSQL: code + PKCE, rotation, reuse, lockout."""
+    with running_idp(ca.home, tmp_path, db=pg_url) as server:
+        web = server.add_client("web", "--redirect-uri", REDIRECT, "--scope", "openid")
+        user = _add_user(server, "pgalice", "--role", "dev")
+        code, verifier, _ = _code(server, web, user="pgalice")
+        tokens = _exchange(server, web, code, verifier)
+        assert tokens.status_code == 200, tokens.text
+        assert _decode(server, tokens.json()["access_token"])[1]["sub"] == user["user_id"]
+        assert _exchange(server, web, code, verifier).json()["error"] == "invalid_grant"
+        code, verifier, _ = _code(server, web, user="pgalice")
+        first = _exchange(server, web, code, verifier).json()["refresh_token"]
+        second = _refresh(server, web, first)
+        assert second.status_code == 200
+        assert _refresh(server, web, first).json()["error"] == "invalid_grant"
+        assert _refresh(server, web, second.json()["refresh_token"]).status_code == 400
+        _, challenge = pkce_pair()
+        params = authorize_params(web["client_id"], REDIRECT, challenge)
+        with server.http() as http:
+            for i in range(5):
+                sign_in(http, server.url, params, "pgalice", f"wrong-guess-{i}")
+            assert sign_in(http, server.url, params, "pgalice", PASSWORD).status_code == 429
+
+
+def test_sign_in_posts_are_rate_limited_per_address(idp: Idp) -> None:
+    """Past the per-address budget, sign-in posts get 429 before any password is checked.
+
+    (Last in the module: it spends this address's budget on the shared server.)
+    """
+    with idp.http() as http:
+        statuses = [
+            http.post(f"{idp.url}/authorize", data={"username": "x", "password": "y"}).status_code
+            for _ in range(30)
+        ]
+    assert statuses[0] == 400  # no form token
+    assert 429 in statuses
+    limited = statuses.index(429)
+    assert set(statuses[limited:]) <= {429, 400}

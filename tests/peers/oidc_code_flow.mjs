@@ -1,7 +1,7 @@
 // openid-client (v6, npm) runs the authorization code flow with PKCE against
 // `trustmesh idp serve`: discovery, a scripted sign-in on the login page (fetch the form,
 // post the credentials with its cookie), the code exchange with ID token validation,
-// userinfo and a refresh. Prints one JSON object with what it got; exits 1 on error.
+// userinfo, a refresh, introspection and revocation of the refresh token. Prints one JSON object with what it got; exits 1 on error.
 //
 // Usage: node oidc_code_flow.mjs ISSUER CLIENT_ID CLIENT_SECRET REDIRECT_URI USERNAME PASSWORD_FILE
 // The CA bundle comes from NODE_EXTRA_CA_CERTS.
@@ -68,6 +68,12 @@ try {
   const claims = tokens.claims();
   const userinfo = await client.fetchUserInfo(config, tokens.access_token, claims.sub);
   const refreshed = await client.refreshTokenGrant(config, tokens.refresh_token);
+  const activeBefore = await client.tokenIntrospection(
+    config, refreshed.refresh_token, { token_type_hint: 'refresh_token' });
+  await client.tokenRevocation(
+    config, refreshed.refresh_token, { token_type_hint: 'refresh_token' });
+  const activeAfter = await client.tokenIntrospection(
+    config, refreshed.refresh_token, { token_type_hint: 'refresh_token' });
   let reuse = null;
   try {
     await client.refreshTokenGrant(config, tokens.refresh_token);
@@ -84,6 +90,8 @@ try {
     refresh_rotated: refreshed.refresh_token !== tokens.refresh_token,
     refreshed_sub: refreshed.claims() ? refreshed.claims().sub : null,
     reuse_error: reuse,
+    refresh_active_before_revocation: activeBefore.active,
+    refresh_active_after_revocation: activeAfter.active,
   }));
 } catch (err) {
   console.error(`error: ${err.name}: ${err.message} ${err.code || ''} ${JSON.stringify(err.error || err.cause || '')}`);

@@ -49,6 +49,9 @@ class AuthorizeEndpoint:
         login_rate: Sign-in attempts per second per address (token bucket) before 429,
             in front of the lockout counters.
         login_burst: Bucket size of ``login_rate``.
+        page_rate: Login page views per second per address (bounds the audit writes
+            that refused requests cause).
+        page_burst: Bucket size of ``page_rate``.
     """
 
     def __init__(
@@ -59,12 +62,15 @@ class AuthorizeEndpoint:
         path: str = "/authorize",
         login_rate: float = 2.0,
         login_burst: int = 20,
+        page_rate: float = 20.0,
+        page_burst: int = 100,
     ) -> None:
         self.ctx = ctx
         self.server = ctx.authorization_server()
         self.side = side
         self.path = path
         self.limiter = RateLimiter(login_rate, login_burst)
+        self.page_limiter = RateLimiter(page_rate, page_burst)
 
     async def __call__(self, request: Request) -> Response:
         """Dispatch on the method."""
@@ -106,17 +112,56 @@ class AuthorizeEndpoint:
             redirect_uri = grant.validate_consent_request()
         except OAuth2Error as error:
             error.state = oauth.payload.state
+            self._deny(oauth, error.error, error.get_error_description() or "")
             return self._error(error)
         except ValueError:
             # Authlib puts request values into its descriptions and refuses characters
             # RFC 6749 forbids there (quotes, backslashes, non-ASCII).
+            self._deny(oauth, "invalid_request", "forbidden characters in a parameter")
             return error_page(
                 "Invalid authorization request",
                 "A parameter of the authorization request contains characters OAuth does "
                 "not allow (such as quotes or non-ASCII). Check the link that sent you here.",
                 status=400,
             )
+        client = grant.request.client
+        if getattr(client, "disabled", False):
+            self._deny(oauth, "unauthorized_client", "client disabled")
+            return error_page(
+                "Cannot sign in to this application",
+                f"The application {client.get_client_id()} is disabled on this identity "
+                f"server; ask its administrator.",
+                status=400,
+            )
         return grant, str(redirect_uri)
+
+    def _deny(self, oauth: IdpOAuth2Request, error: str, description: str) -> None:
+        """Log, count and audit a refused authorization request (no secrets in it)."""
+        client_id = str(oauth.payload.client_id or "")[:64]
+        self.ctx.metrics.denied.labels(route="/authorize", reason=error).inc()
+        log.info(
+            "refused /authorize: %s",
+            description,
+            extra={
+                "event": "deny",
+                "route": "/authorize",
+                "reason": error,
+                "status": 400,
+                "client": oauth.client_host,
+                "client_id": client_id,
+            },
+        )
+        self.ctx.audit(
+            "idp.deny",
+            client_id or oauth.client_host,
+            actor=f"ip:{oauth.client_host}",
+            details={
+                "route": "/authorize",
+                "error": error,
+                "reason": description[:200],
+                "redirect_uri": str(oauth.payload.redirect_uri or "")[:500],
+            },
+        )
 
     def _error(self, error: Any) -> Response:
         if error.redirect_uri:
@@ -160,6 +205,16 @@ class AuthorizeEndpoint:
         response.headers.update(headers or {})
         return response
 
+    def _slow_down(self, wait: float) -> Response:
+        self.ctx.metrics.denied.labels(route="/authorize", reason="rate_limited_ip").inc()
+        return error_page(
+            "Too many requests",
+            f"Too many sign-in requests from your address; wait {int(wait) + 1} seconds and "
+            f"try again.",
+            status=429,
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
+
     @staticmethod
     def _too_long(items: list[tuple[str, str]]) -> Response | None:
         if any(len(v) > _MAX_FIELD for _, v in items):
@@ -174,6 +229,10 @@ class AuthorizeEndpoint:
 
     async def get(self, request: Request) -> Response:
         """Validate the authorization request and show the sign-in form."""
+        address = request.client.host if request.client else "unknown"
+        wait = self.page_limiter.allow(address)
+        if wait:
+            return self._slow_down(wait)
         items = list(request.query_params.multi_items())
         refused = self._too_long(items)
         if refused is not None:
@@ -194,7 +253,13 @@ class AuthorizeEndpoint:
         params = {k: v for k, v in items if k in AUTHORIZE_PARAMS}
         existing = request.cookies.get(LOGIN_COOKIE)
         cookie = existing if existing and len(existing) <= 64 else self.side.forms.new_cookie()
-        return self._form(grant, params, cookie, set_cookie=cookie != existing)
+        return self._form(
+            grant,
+            params,
+            cookie,
+            set_cookie=True,  # (re)start its lifetime with the new form token
+            username=params.get("login_hint", "")[:128],
+        )
 
     # -- POST -----------------------------------------------------------------------
 
@@ -203,13 +268,7 @@ class AuthorizeEndpoint:
         address = request.client.host if request.client else "unknown"
         wait = self.limiter.allow(address)
         if wait:
-            return error_page(
-                "Too many sign-in attempts",
-                f"Too many sign-in attempts from your address; wait {int(wait) + 1} seconds "
-                f"and try again.",
-                status=429,
-                headers={"Retry-After": str(int(wait) + 1)},
-            )
+            return self._slow_down(wait)
         read = await oauth_request(self.ctx, request)  # size- and time-capped body
         if isinstance(read, Response):
             detail = json.loads(bytes(read.body)).get("error_description", "")

@@ -40,6 +40,7 @@ from ._user_tokens import (
     RefreshToken,
     claim_code,
     claim_refresh_token,
+    family_revoked,
     find_refresh_token,
     new_secret,
     revoke_code_access_token,
@@ -115,6 +116,11 @@ def at_hash(value: str, alg: str) -> str:
     return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode()
 
 
+def _printable(value: str, limit: int = 40) -> str:
+    """A request value safe inside an OAuth error_description (RFC 6749 section 4.1.2.1)."""
+    return "".join(c for c in value if " " <= c <= "~" and c not in '"\\')[:limit]
+
+
 class S256CodeChallenge(CodeChallenge):
     """PKCE (RFC 7636), required on every authorization request, ``S256`` only.
 
@@ -138,7 +144,7 @@ class S256CodeChallenge(CodeChallenge):
                 "and code_challenge_method=S256."
             )
         if method != "S256":
-            shown = f"'{method}'" if method else "missing (which means 'plain')"
+            shown = f"'{_printable(method)}'" if method else "missing (which means 'plain')"
             raise InvalidRequestError(
                 f"code_challenge_method is {shown}; this server accepts S256 only. "
                 f"Send code_challenge_method=S256."
@@ -204,6 +210,9 @@ class _UserGrantMixin:
                     now=side.clock(),
                     lifetime=side.refresh_token_lifetime,
                 )
+            if "refresh_token" in token and family_revoked(conn, family_id):
+                # A concurrent reuse revoked the family while this refresh ran.
+                revoke_family(conn, family_id, now=side.clock())
             code = self.request.authorization_code
             if isinstance(code, AuthorizationCode):
                 minted = getattr(self.request, "minted_claims", None) or {}
@@ -345,7 +354,9 @@ class UserRefreshGrant(_UserGrantMixin, grants.RefreshTokenGrant):
                 "issued to another client."
             )
         now = side.clock()
-        if record.revoked_at is not None:
+        with side.store.reader() as conn:
+            revoked = record.revoked_at is not None or family_revoked(conn, record.family_id)
+        if revoked:
             raise InvalidGrantError(
                 "The refresh token was revoked. Sign the user in again (authorization code)."
             )

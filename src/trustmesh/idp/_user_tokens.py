@@ -39,6 +39,7 @@ __all__ = [
     "RefreshToken",
     "claim_code",
     "claim_refresh_token",
+    "family_revoked",
     "find_refresh_token",
     "new_secret",
     "revoke_code_access_token",
@@ -310,7 +311,7 @@ def _refresh(row: Any) -> RefreshToken:
 
 def find_refresh_token(store: Store, token: str) -> RefreshToken | None:
     """Return the stored refresh token, or None."""
-    with store.transaction() as conn:
+    with store.reader() as conn:
         row = conn.execute(
             select(idp_refresh_tokens).where(idp_refresh_tokens.c.token_hash == token_hash(token))
         ).first()
@@ -327,6 +328,21 @@ def claim_refresh_token(conn: Connection, record: RefreshToken, *, now: datetime
         .values(rotated_at=_ts(now))
     )
     return bool(result.rowcount == 1)
+
+
+def family_revoked(conn: Connection, family_id: str) -> bool:
+    """True if any token of the family was revoked (then the whole family is dead).
+
+    Checked on every refresh, so a successor stored while a concurrent reuse revoked
+    the family (the two transactions may not see each other's rows) is refused too.
+    """
+    row = conn.execute(
+        select(idp_refresh_tokens.c.token_hash)
+        .where(idp_refresh_tokens.c.family_id == family_id)
+        .where(idp_refresh_tokens.c.revoked_at.is_not(None))
+        .limit(1)
+    ).first()
+    return row is not None
 
 
 def revoke_family(conn: Connection, family_id: str, *, now: datetime) -> int:

@@ -303,13 +303,13 @@ class UserStore:
         if conn is not None:
             row = conn.execute(query).first()
         else:
-            with self.store.transaction() as c:
+            with self.store.reader() as c:
                 row = c.execute(query).first()
         return None if row is None else _user(row)
 
     def all(self) -> list[User]:
         """Return every account, by username."""
-        with self.store.transaction() as conn:
+        with self.store.reader() as conn:
             rows = conn.execute(select(idp_users).order_by(idp_users.c.username)).all()
         return [_user(row) for row in rows]
 
@@ -375,7 +375,7 @@ class UserStore:
     def locks(self, *, now: datetime | None = None) -> dict[str, datetime]:
         """Return ``{username: lock end}`` for every locked username."""
         at = _ts(_now(now))
-        with self.store.transaction() as conn:
+        with self.store.reader() as conn:
             rows = conn.execute(
                 select(idp_login_failures.c.key, idp_login_failures.c.locked_until)
                 .where(idp_login_failures.c.key.like("user:%"))
@@ -384,7 +384,7 @@ class UserStore:
         return {key[5:]: datetime.fromtimestamp(until, UTC) for key, until in rows}
 
     def _locks(self, keys: list[str], now: datetime) -> dict[str, datetime]:
-        with self.store.transaction() as conn:
+        with self.store.reader() as conn:
             rows = conn.execute(
                 select(idp_login_failures.c.key, idp_login_failures.c.locked_until)
                 .where(idp_login_failures.c.key.in_(keys))
@@ -446,7 +446,7 @@ class UserStore:
                 )
             return LoginResult(None, "locked", retry)
 
-        with self.store.transaction() as conn:
+        with self.store.reader() as conn:
             row = conn.execute(
                 select(idp_users.c.password_hash).where(idp_users.c.username == name)
             ).first()
