@@ -2,8 +2,9 @@
 
 A key's algorithms come from its ``kty``/``crv`` (and its ``alg`` when published),
 never from a token header: an EC P-256 key verifies ES256 and nothing else, an RSA
-key RS*/PS*, an Ed25519 key EdDSA. Symmetric (``oct``) keys are never loaded, so
-no token can be checked with HMAC, and ``none`` is no algorithm at all.
+key RS*/PS*, an Ed25519 key EdDSA (or Ed25519, RFC 9864). Symmetric (``oct``) keys
+are never loaded, so no token can be checked with HMAC, and ``none`` is no
+algorithm at all.
 
 Signature checks call ``cryptography`` directly: it is the hot path, and going
 through a JOSE library costs more than the 20% the benchmark allows.
@@ -33,9 +34,22 @@ __all__ = [
 
 log = logging.getLogger("trustmesh.tokens")
 
-#: Every algorithm the verifier can ever accept (RFC 7518 and RFC 8037 names).
+#: Every algorithm the verifier can ever accept (RFC 7518, RFC 8037 and RFC 9864 names).
 ASYMMETRIC_ALGORITHMS = frozenset(
-    {"ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"}
+    {
+        "ES256",
+        "ES384",
+        "ES512",
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+        "EdDSA",
+        "Ed25519",
+        "Ed448",
+    }
 )
 
 #: RSA keys shorter than this are not loaded (RFC 7518 §3.3 requires 2048).
@@ -199,8 +213,9 @@ def load_jwk(jwk: Mapping[str, object]) -> VerificationKey:
         else:
             raise ValueError(f"OKP curve {crv!r} is not Ed25519 or Ed448")
         if alg is not None and alg not in {"EdDSA", crv}:
-            raise ValueError(f"alg {alg!r} does not fit an {crv} key (only EdDSA)")
-        verifiers["EdDSA"] = _eddsa_verifier(okp)
+            raise ValueError(f"alg {alg!r} does not fit an {crv} key (only EdDSA or {crv})")
+        # RFC 9864 names the curve in the algorithm ("Ed25519"); "EdDSA" is the older name.
+        verifiers["EdDSA"] = verifiers[crv] = _eddsa_verifier(okp)
     elif kty == "oct":
         raise ValueError("symmetric (oct) keys are never used to verify tokens")
     else:
