@@ -747,6 +747,36 @@ def test_withdrawn_key_invalidates_cached_tokens(
         refused(v, token, "unknown_kid")
 
 
+def test_replaced_key_under_the_same_kid_invalidates_cached_tokens(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """A JWKS that swaps the key behind a kid drops tokens the old key verified."""
+    cfg = config(provider, bundle, jwks_max_age=FAST, jwks_min_refetch_interval=FAST)
+    with Verifier(cfg) as v:
+        token = minter.token()
+        assert v.verify_access_token(token)
+        swapped = ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+        provider.routes["/jwks"] = {"keys": [swapped.as_dict(private=False)]}
+        time.sleep(0.25)
+        refused(v, token, "bad_signature")
+        assert v.verify_access_token(minter.token(key=swapped)).subject
+
+
+def test_jwks_still_refreshes_when_discovery_fails(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """Once jwks_uri is known, a failing discovery document does not stop key rotation."""
+    cfg = config(provider, bundle, jwks_max_age=FAST, jwks_min_refetch_interval=FAST)
+    with Verifier(cfg, token_cache_size=0) as v:
+        assert v.verify_access_token(minter.token())
+        del provider.routes[DISCOVERY]
+        new = ECKey.generate_key("P-256", parameters={"kid": "ec-2"})
+        provider.routes["/jwks"] = {"keys": [*minter.jwks()["keys"], new.as_dict(private=False)]}
+        time.sleep(0.25)
+        assert v.verify_access_token(minter.token(key=new)).subject
+        assert provider.count(DISCOVERY) == 2
+
+
 def test_token_cache_expires_and_is_bounded(
     provider: ProviderServer, bundle: Path, minter: Minter
 ) -> None:

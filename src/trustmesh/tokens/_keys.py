@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ _RSA_HASHES: dict[str, hashes.HashAlgorithm] = {
 }
 
 Verify = Callable[[bytes, bytes], bool]
+_PUBLIC_MEMBERS = ("kid", "kty", "crv", "x", "y", "n", "e", "alg")
 
 
 def b64url_decode(value: str) -> bytes:
@@ -230,6 +232,9 @@ class KeySet:
     by_kid: Mapping[str, tuple[VerificationKey, ...]]
     without_kid: tuple[VerificationKey, ...]
     skipped: int
+    #: Canonical public parameters of every usable key, to notice a key going away
+    #: even when its kid is reused.
+    material: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return sum(len(keys) for keys in self.by_kid.values()) + len(self.without_kid)
@@ -265,6 +270,7 @@ def load_jwks(document: object, *, source: str) -> KeySet:
         raise ValueError(f"{source} is not a JWKS: expected a JSON object with a 'keys' list")
     by_kid: dict[str, list[VerificationKey]] = {}
     without: list[VerificationKey] = []
+    material: set[str] = set()
     skipped = 0
     for entry in document["keys"]:
         if not isinstance(entry, dict):
@@ -280,7 +286,11 @@ def load_jwks(document: object, *, source: str) -> KeySet:
             without.append(key)
         else:
             by_kid.setdefault(key.kid, []).append(key)
-    keyset = KeySet({k: tuple(v) for k, v in by_kid.items()}, tuple(without), skipped)
+        public = {k: entry[k] for k in _PUBLIC_MEMBERS if k in entry}
+        material.add(json.dumps(public, sort_keys=True))
+    keyset = KeySet(
+        {k: tuple(v) for k, v in by_kid.items()}, tuple(without), skipped, frozenset(material)
+    )
     if not len(keyset):
         raise ValueError(f"{source} has no usable signature key ({skipped} skipped)")
     return keyset
