@@ -1,5 +1,19 @@
-"""Persistence: certificates, counters, join tokens and the audit chain (SQLite or PostgreSQL)."""
+"""Persistence: certificates, counters, join tokens and the audit chain (SQLite or PostgreSQL).
 
+The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, which
+queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
+"""
+
+from ._schema import (
+    idp_assertion_jtis,
+    idp_authorization_codes,
+    idp_clients,
+    idp_login_failures,
+    idp_refresh_tokens,
+    idp_revoked_tokens,
+    idp_signing_keys,
+    idp_users,
+)
 from ._store import (
     REVOCATION_CHANNEL,
     CertificateRecord,
@@ -18,6 +32,14 @@ __all__ = [
     "Store",
     "add_join_token",
     "consume_join_token",
+    "idp_assertion_jtis",
+    "idp_authorization_codes",
+    "idp_clients",
+    "idp_login_failures",
+    "idp_refresh_tokens",
+    "idp_revoked_tokens",
+    "idp_signing_keys",
+    "idp_users",
     "normalize_url",
     "open_store",
     "token_hash",

@@ -146,6 +146,9 @@ idp_authorization_codes = Table(
     Column("expires_at", BigInteger, nullable=False),
     Column("used_at", BigInteger, nullable=True),
     Column("family_id", String(64), nullable=True),  # refresh family minted from it
+    # The access token minted from it, revoked if the code is replayed.
+    Column("access_jti", String(64), nullable=True),
+    Column("access_expires_at", BigInteger, nullable=True),
 )
 
 #: Refresh tokens (hash only). Each use rotates; reuse of a rotated one revokes the family.

@@ -281,6 +281,10 @@ class Store:
                 f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
             ) from exc
 
+    def reader(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for reads only (no write lock on SQLite); failures become StoreError."""
+        return self._connect()
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:
         """Run a block in one transaction; commit on success, roll back on error.

@@ -71,6 +71,8 @@ def upgrade() -> None:
         sa.Column("expires_at", sa.BigInteger, nullable=False),
         sa.Column("used_at", sa.BigInteger, nullable=True),
         sa.Column("family_id", sa.String(64), nullable=True),
+        sa.Column("access_jti", sa.String(64), nullable=True),
+        sa.Column("access_expires_at", sa.BigInteger, nullable=True),
     )
     op.create_table(
         "idp_refresh_tokens",

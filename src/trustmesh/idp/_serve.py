@@ -1,0 +1,129 @@
+"""``trustmesh idp serve``: run the identity server on uvicorn over HTTPS.
+
+Its certificate comes from the local CA (SPIFFE path ``/trustmesh/idp``, naming
+``localhost`` and the listen address) and is renewed on every start. Client
+certificates are requested, not required: only tls_client_auth clients send one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.pki import pem_certificates
+from trustmesh.serving import issue_server_identity, parse_listen, public_url
+from trustmesh.tls import TLSHttpToolsProtocol, server_context
+
+from ._app import IdpExtension, create_app
+from ._context import IdpContext, IdpSettings
+from ._extensions import default_extensions
+from ._keys import KeyRing, ensure_signing_key
+
+__all__ = ["IDP_SERVER_PATH", "create_context", "serve"]
+
+log = logging.getLogger("trustmesh.idp")
+
+#: The SPIFFE ID path of the identity server's own certificate.
+IDP_SERVER_PATH = "/trustmesh/idp"
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def create_context(
+    ca: CertificateAuthority, passphrase: bytes, settings: IdpSettings
+) -> IdpContext:
+    """Build the shared context for an open CA; create the first signing key if needed."""
+    ensure_signing_key(ca.store, passphrase)
+    keys = KeyRing(
+        ca.store,
+        passphrase,
+        keep=settings.access_ttl + settings.leeway,
+        reload_interval=settings.key_reload_interval,
+    )
+    return IdpContext(ca=ca, store=ca.store, keys=keys, settings=settings)
+
+
+def serve(
+    ca: CertificateAuthority,
+    passphrase: bytes,
+    *,
+    listen: str = "127.0.0.1:9443",
+    issuer: str | None = None,
+    settings: IdpSettings | None = None,
+    extensions: Sequence[IdpExtension] | None = None,
+    ready: Callable[[str], None] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the identity server until SIGINT/SIGTERM (graceful shutdown).
+
+    Args:
+        ca: The open CA (its signing key unlocked: it issues our certificate).
+        passphrase: The CA passphrase (encrypts the token-signing keys).
+        listen: HOST:PORT.
+        issuer: Issuer URL (default ``https://HOST:PORT``).
+        settings: Runtime settings (``issuer`` is overridden by the one resolved here).
+        extensions: Extensions to mount (default: :func:`default_extensions`).
+        ready: Called with the URL once the listening socket is about to open.
+        log_level: uvicorn's log level.
+    """
+    host, port = parse_listen(listen)
+    url = (issuer or public_url(host, port)).rstrip("/")
+    opts = settings or IdpSettings(issuer=url)
+    opts.issuer = url
+    with tempfile.TemporaryDirectory(prefix="trustmesh-idp-serve-") as tmp:
+        os.chmod(tmp, 0o700)
+        chain, key = issue_server_identity(ca, host, Path(tmp), path=IDP_SERVER_PATH, actor="idp")
+        roots = pem_certificates(ca.bundle).decode()
+
+        def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            return server_context(chain, key, cadata=roots, client_cert="optional")
+
+        ctx = create_context(ca, passphrase, opts)
+        app = create_app(ctx, default_extensions() if extensions is None else extensions)
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            http=TLSHttpToolsProtocol,
+            ssl_certfile=str(chain),
+            ssl_keyfile=str(key),
+            ssl_context_factory=context_factory,
+            timeout_keep_alive=15,
+            timeout_graceful_shutdown=10,
+            limit_concurrency=1000,
+            log_level=log_level,
+            access_log=False,
+            lifespan="on",
+        )
+        server = uvicorn.Server(config)
+        log.info(
+            "identity server on %s (issuer %s)",
+            public_url(host, port),
+            url,
+            extra={"event": "start", "issuer": url},
+        )
+        if ready is not None:
+            ready(url)
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
+        # dying by the signal, so supervisors see a clean stop.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            server.run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            log.info("identity server stopped", extra={"event": "stop"})
