@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from joserfc import jwt
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import pem_certificates
@@ -163,7 +163,7 @@ class Minter:
         alg: str = "ES256",
         *,
         header: dict[str, object] | None = None,
-        key: ECKey | RSAKey | None = None,
+        key: ECKey | RSAKey | OKPKey | None = None,
         **claims: Any,
     ) -> str:
         signer = key or (self.ec if alg.startswith("ES") else self.rsa)

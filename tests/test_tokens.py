@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError, TokenError, TokenExpiredError
@@ -501,6 +501,65 @@ def test_algorithm_is_pinned_by_the_key_not_the_header(verifier: Verifier, minte
     refused(verifier, minter.token("ES256", header={"kid": "rsa-1"}), "alg_mismatch")
 
 
+def test_other_key_types_verify_with_their_pinned_algorithm(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """ES384 (P-384), Ed25519 and a lone key without kid verify; each key only its own alg."""
+    p384 = ECKey.generate_key("P-384", parameters={"kid": "p384"})
+    ed = OKPKey.generate_key("Ed25519", parameters={"kid": "ed"})
+    provider.routes["/jwks"] = {
+        "keys": [*minter.jwks()["keys"], p384.as_dict(private=False), ed.as_dict(private=False)]
+    }
+    with Verifier(config(provider, bundle, algorithms=["ES384", "Ed25519", "ES256"])) as v:
+        assert v.verify_access_token(minter.token("ES384", key=p384)).subject
+        assert v.verify_access_token(minter.token("Ed25519", key=ed)).subject
+        refused(v, minter.token("ES256", header={"kid": "p384"}), "alg_mismatch")
+        refused(v, minter.token("ES384", header={"kid": "ed"}, key=p384), "alg_mismatch")
+    lone = ECKey.generate_key("P-256")
+    provider.routes["/jwks"] = {"keys": [lone.as_dict(private=False)]}
+    with Verifier(config(provider, bundle)) as v:
+        assert v.verify_access_token(minter.token(key=lone, header={"kid": None})).subject
+        refused(v, minter.token(key=lone, header={"kid": "named"}), "unknown_kid")
+
+
+@pytest.mark.parametrize(
+    ("jwk", "message"),
+    [
+        ({"kty": "RSA", "n": b64(b"\x01" * 128), "e": "AQAB"}, "fewer than 2048"),
+        ({"kty": "EC", "crv": "P-256", "x": b64(b"\x01" * 32), "y": b64(b"\x02" * 32)}, "EC key"),
+        ({"kty": "EC", "crv": "secp256k1", "x": "AA", "y": "AA"}, "P-256, P-384 or P-521"),
+        ({"kty": "OKP", "crv": "X25519", "x": b64(b"\x01" * 32)}, "Ed25519 or Ed448"),
+        ({"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "use": "enc"}, "not 'sig'"),
+        ({"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "key_ops": ["encrypt"]}, "verify"),
+        ({"kty": "unknown"}, "kty"),
+        ({"kty": "EC", "crv": "P-256", "kid": 5}, "kid"),
+    ],
+)
+def test_unusable_jwks_are_refused(jwk: dict[str, object], message: str) -> None:
+    """Weak, off-curve, encryption-only, mismatched or unknown JWKs never become keys."""
+    with pytest.raises(ValueError, match=message):
+        load_jwk(jwk)
+
+
+def test_published_alg_narrows_an_rsa_key(minter: Minter) -> None:
+    """An RSA JWK with alg RS256 verifies RS256 only, without alg RS*/PS*; alg must fit."""
+    with_alg = load_jwk({**minter.rsa.as_dict(private=False), "alg": "RS256"})
+    assert with_alg.algorithms == {"RS256"}
+    assert load_jwk(minter.rsa.as_dict(private=False)).algorithms == {
+        "RS256",
+        "RS384",
+        "RS512",
+        "PS256",
+        "PS384",
+        "PS512",
+    }
+    assert load_jwk(minter.ec.as_dict(private=False)).algorithms == {"ES256"}
+    with pytest.raises(ValueError, match="does not fit an EC P-256 key"):
+        load_jwk({**minter.ec.as_dict(private=False), "alg": "RS256"})
+    with pytest.raises(ValueError, match="'HS256' does not fit an RSA key"):
+        load_jwk({**minter.rsa.as_dict(private=False), "alg": "HS256"})
+
+
 def test_issuer_algorithm_allow_list(
     provider: ProviderServer, bundle: Path, minter: Minter
 ) -> None:
@@ -686,6 +745,36 @@ def test_withdrawn_key_invalidates_cached_tokens(
         provider.routes["/jwks"] = {"keys": [minter.ec.as_dict(private=False)]}
         time.sleep(0.25)
         refused(v, token, "unknown_kid")
+
+
+def test_replaced_key_under_the_same_kid_invalidates_cached_tokens(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """A JWKS that swaps the key behind a kid drops tokens the old key verified."""
+    cfg = config(provider, bundle, jwks_max_age=FAST, jwks_min_refetch_interval=FAST)
+    with Verifier(cfg) as v:
+        token = minter.token()
+        assert v.verify_access_token(token)
+        swapped = ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+        provider.routes["/jwks"] = {"keys": [swapped.as_dict(private=False)]}
+        time.sleep(0.25)
+        refused(v, token, "bad_signature")
+        assert v.verify_access_token(minter.token(key=swapped)).subject
+
+
+def test_jwks_still_refreshes_when_discovery_fails(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """Once jwks_uri is known, a failing discovery document does not stop key rotation."""
+    cfg = config(provider, bundle, jwks_max_age=FAST, jwks_min_refetch_interval=FAST)
+    with Verifier(cfg, token_cache_size=0) as v:
+        assert v.verify_access_token(minter.token())
+        del provider.routes[DISCOVERY]
+        new = ECKey.generate_key("P-256", parameters={"kid": "ec-2"})
+        provider.routes["/jwks"] = {"keys": [*minter.jwks()["keys"], new.as_dict(private=False)]}
+        time.sleep(0.25)
+        assert v.verify_access_token(minter.token(key=new)).subject
+        assert provider.count(DISCOVERY) == 2
 
 
 def test_token_cache_expires_and_is_bounded(

@@ -3,7 +3,8 @@
 The test starts `node tests/peers/oidc_provider.mjs` over HTTPS (certificate from
 our CA), gets client_credentials tokens from it with plain HTTP calls, and
 verifies them with our verifier through its discovery document and JWKS; an
-opaque token goes through its RFC 7662 introspection endpoint.
+opaque token goes through its RFC 7662 introspection endpoint, and a token it
+bound to our client's mTLS certificate (RFC 8705) is checked against that certificate.
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.pki import KeyType, pem_certificates
+from trustmesh.pki import KeyType, dump_private_key, pem_certificates
 from trustmesh.serving import issue_server_identity
-from trustmesh.tokens import IntrospectionConfig, InvalidTokenError, IssuerConfig, Verifier
+from trustmesh.tokens import (
+    IntrospectionConfig,
+    InvalidTokenError,
+    IssuerConfig,
+    Verifier,
+    certificate_thumbprint,
+)
 
 from ._server import free_port
 from .conftest import PASSPHRASE
@@ -32,19 +40,30 @@ from .conftest import PASSPHRASE
 PEERS = Path(__file__).parent / "peers"
 CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
 RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
+BOUND_CLIENT = ("svc-bound", "bound-secret-0123456789abcdef")
 
 
 @dataclass
 class NodeProvider:
     issuer: str
     bundle: Path
+    client_certs: list[tuple[x509.Certificate, Path, Path]]
 
-    def token(self, resource: str, scope: str = "orders:read") -> str:
+    def token(
+        self,
+        resource: str,
+        scope: str = "orders:read",
+        *,
+        client: tuple[str, str] = CLIENT,
+        tls_identity: tuple[Path, Path] | None = None,
+    ) -> str:
         ctx = ssl.create_default_context(cafile=str(self.bundle))
+        if tls_identity is not None:
+            ctx.load_cert_chain(*tls_identity)
         response = httpx.post(
             f"{self.issuer}/token",
             data={"grant_type": "client_credentials", "scope": scope, "resource": resource},
-            auth=CLIENT,
+            auth=client,
             verify=ctx,
             timeout=10,
         )
@@ -69,12 +88,20 @@ def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProv
     chain, key = issue_server_identity(ca, "127.0.0.1", base, path="/oidc-provider")
     bundle = base / "bundle.pem"
     bundle.write_bytes(pem_certificates(ca.bundle))
+    client_certs = []
+    for name in ("billing", "attacker"):
+        issued = ca.issue(f"spiffe://example.org/ns/prod/sa/{name}")
+        assert issued.key is not None
+        cert_path, key_path = base / f"{name}.pem", base / f"{name}.key"
+        cert_path.write_bytes(pem_certificates(issued.chain))
+        key_path.write_bytes(dump_private_key(issued.key))
+        client_certs.append((issued.certificate, cert_path, key_path))
     ca.close()
     port = free_port()
     issuer = f"https://127.0.0.1:{port}"
     log = (base / "node.log").open("w")
     process = subprocess.Popen(
-        [node, str(PEERS / "oidc_provider.mjs"), str(port), str(chain), str(key)],
+        [node, str(PEERS / "oidc_provider.mjs"), str(port), str(chain), str(key), str(bundle)],
         cwd=PEERS,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -93,7 +120,7 @@ def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProv
                 log.flush()
                 pytest.fail(f"oidc-provider did not start: {(base / 'node.log').read_text()}")
             time.sleep(0.2)
-        yield NodeProvider(issuer, bundle)
+        yield NodeProvider(issuer, bundle, client_certs)
     finally:
         process.terminate()
         try:
@@ -170,3 +197,27 @@ def test_oidc_provider_opaque_token_by_introspection(node_provider: NodeProvider
         with pytest.raises(InvalidTokenError) as info:
             verifier.verify_access_token("x" * 43)
         assert info.value.reason == "inactive"
+
+
+def test_oidc_provider_certificate_bound_tokens(node_provider: NodeProvider) -> None:
+    """oidc-provider binds a token to the mTLS certificate it saw (RFC 8705); we agree.
+
+    The thumbprint is computed by oidc-provider from the TLS handshake, so this checks
+    our x5t#S256 against an independent implementation: the same certificate passes,
+    another one or none is refused.
+    """
+    (mine, cert_path, key_path), (other, _, _) = node_provider.client_certs
+    token = node_provider.token(
+        "https://orders.example/es256", client=BOUND_CLIENT, tls_identity=(cert_path, key_path)
+    )
+    config = IssuerConfig(
+        node_provider.issuer, audiences=["orders"], ca_bundle=node_provider.bundle
+    )
+    with Verifier(config) as verifier:
+        claims = verifier.verify_access_token(token, client_cert=mine)
+        assert claims.client_id == "svc-bound"
+        assert claims.certificate_thumbprint == certificate_thumbprint(mine)
+        for cert, reason in ((other, "cnf_mismatch"), (None, "cnf_missing_cert")):
+            with pytest.raises(InvalidTokenError) as info:
+                verifier.verify_access_token(token, client_cert=cert)
+            assert info.value.reason == reason

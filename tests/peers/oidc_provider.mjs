@@ -1,11 +1,13 @@
 // Node's oidc-provider (npm), a standard OpenID provider we did not write, for
 // trustmesh's token-verifier peer test (tests/test_tokens_peer.py).
 //
-// usage: node oidc_provider.mjs PORT CHAIN_PEM KEY_PEM
+// usage: node oidc_provider.mjs PORT CHAIN_PEM KEY_PEM BUNDLE_PEM
 //
 // Serves HTTPS on 127.0.0.1:PORT with the given certificate (from trustmesh's CA)
-// and issuer https://127.0.0.1:PORT. The client svc-billing gets client_credentials
-// access tokens for resource indicators (RFC 8707) whose audience is "orders":
+// and issuer https://127.0.0.1:PORT; client certificates are requested and checked
+// against BUNDLE_PEM. The client svc-billing gets client_credentials access tokens
+// for resource indicators (RFC 8707) whose audience is "orders"; svc-bound gets
+// certificate-bound ones (RFC 8705, cnf.x5t#S256 of its mTLS certificate):
 //   https://orders.example/es256   JWT access token (RFC 9068) signed ES256
 //   https://orders.example/rs256   JWT access token signed RS256
 //   https://orders.example/opaque  opaque access token, for introspection by rs-orders
@@ -15,7 +17,7 @@ import https from 'node:https';
 
 import Provider, { errors } from 'oidc-provider';
 
-const [port, chainFile, keyFile] = process.argv.slice(2);
+const [port, chainFile, keyFile, bundleFile] = process.argv.slice(2);
 const issuer = `https://127.0.0.1:${port}`;
 
 const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
@@ -38,6 +40,15 @@ const provider = new Provider(issuer, {
       scope: 'orders:read orders:write',
     },
     {
+      client_id: 'svc-bound',
+      client_secret: 'bound-secret-0123456789abcdef',
+      grant_types: ['client_credentials'],
+      redirect_uris: [],
+      response_types: [],
+      scope: 'orders:read',
+      tls_client_certificate_bound_access_tokens: true,
+    },
+    {
       client_id: 'rs-orders',
       client_secret: 'rs-secret-0123456789abcdef',
       grant_types: [],
@@ -56,6 +67,12 @@ const provider = new Provider(issuer, {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
     introspection: { enabled: true },
+    mTLS: {
+      enabled: true,
+      certificateBoundAccessTokens: true,
+      // The TLS layer verified the chain against BUNDLE_PEM; hand over the leaf.
+      getCertificate: (ctx) => (ctx.socket.authorized ? ctx.socket.getPeerX509Certificate() : undefined),
+    },
     resourceIndicators: {
       enabled: true,
       defaultResource: () => 'https://orders.example/es256',
@@ -76,7 +93,13 @@ const provider = new Provider(issuer, {
 });
 
 const server = https.createServer(
-  { cert: fs.readFileSync(chainFile), key: fs.readFileSync(keyFile) },
+  {
+    cert: fs.readFileSync(chainFile),
+    key: fs.readFileSync(keyFile),
+    ca: fs.readFileSync(bundleFile),
+    requestCert: true,
+    rejectUnauthorized: false,
+  },
   provider.callback(),
 );
 server.listen(Number(port), '127.0.0.1', () => console.log(`listening ${issuer}`));

@@ -32,7 +32,7 @@ DEFAULT_LEEWAY = timedelta(seconds=60)
 #: Longest ``exp - iat`` accepted (our identity server issues 10-minute tokens).
 DEFAULT_MAX_LIFETIME = timedelta(hours=1)
 #: Algorithms accepted unless an issuer narrows them.
-DEFAULT_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256", "EdDSA")
+DEFAULT_ALGORITHMS = ("ES256", "ES384", "RS256", "PS256", "EdDSA", "Ed25519")
 
 
 def _check_url(url: str, what: str, *, allow_http: bool) -> str:

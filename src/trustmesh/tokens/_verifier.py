@@ -148,11 +148,9 @@ class _IssuerState:
 
     def apply_keys(self, keyset: KeySet, mono: float) -> None:
         old = self.keys
-        if old is not None and set(old.by_kid) - set(keyset.by_kid):
-            # A key went away (rotated out, or withdrawn after a compromise):
-            # tokens it verified must be verified again.
-            self.generation += 1
-        if old is not None and old.without_kid and old.without_kid != keyset.without_kid:
+        if old is not None and old.material - keyset.material:
+            # A key went away (rotated out, or withdrawn after a compromise, perhaps
+            # under the same kid): tokens it verified must be verified again.
             self.generation += 1
         self.keys = keyset
         self.keys_at = mono
@@ -698,11 +696,10 @@ class AsyncVerifier:
                 url,
                 data=kwargs.get("data"),  # type: ignore[arg-type]
             )
-            if "auth" in kwargs:
-                auth = kwargs["auth"]
-                assert isinstance(auth, httpx.BasicAuth)  # noqa: S101 - our own call
-                request = next(auth.auth_flow(request))
-            response = await client.send(request, stream=True)
+            auth = kwargs.get("auth")
+            response = await client.send(
+                request, auth=auth if isinstance(auth, httpx.BasicAuth) else None, stream=True
+            )
             try:
                 if response.status_code != 200:
                     raise _FetchError(f"{url} answered HTTP {response.status_code}")
@@ -721,14 +718,16 @@ class AsyncVerifier:
             raise _FetchError(f"{url} did not send JSON") from exc
 
     async def _fetch(self, state: _IssuerState, kind: str, token: str | bytes, now: float) -> None:
+        if kind == "introspect":
+            # Per token, so not serialised behind the issuer's lock.
+            await self._introspect(state, token if isinstance(token, str) else "", now)
+            return
         async with state.lock:
             mono = time.monotonic()
             if kind in ("keys", "kid"):
                 await self._fetch_keys(state, mono)
             elif kind == "revocation":
                 await self._fetch_revocations(state, mono)
-            else:
-                await self._introspect(state, token if isinstance(token, str) else "", now)
 
     async def _fetch_keys(self, state: _IssuerState, mono: float) -> None:
         if not state.can_fetch_keys(mono):
@@ -736,7 +735,16 @@ class AsyncVerifier:
         state.keys_attempt = mono
         try:
             if state.config.discovery_url is not None:
-                state.apply_discovery(await self._get_json(state, state.config.discovery_url))
+                try:
+                    state.apply_discovery(await self._get_json(state, state.config.discovery_url))
+                except _FetchError as exc:
+                    if state.jwks_url is None:
+                        raise
+                    log.warning(
+                        "tokens: issuer %s: discovery failed (%s); using the JWKS URL found before",
+                        state.issuer,
+                        exc,
+                    )
             url = state.jwks_url
             assert url is not None  # noqa: S101 - configured or discovered
             keyset = load_jwks(await self._get_json(state, url), source=url)
