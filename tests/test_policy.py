@@ -921,3 +921,12 @@ def test_cli_check_with_a_real_token(tmp_path: Path, example_file: Path) -> None
         refused = _cli(*wrong_audience, "--token", tokens["reader"])
         assert refused.returncode == 2
         assert "--token refused (bad_audience)" in refused.stderr
+
+
+def test_many_distinct_callers_stay_correct() -> None:
+    """Decisions stay right past the per-policy caller memo's size (it is cleared, not wrong)."""
+    policy = _policy(GLOB_POLICY)
+    for i in range(5000):
+        assert policy.evaluate(_req(f"spiffe://example.org/team/t{i}")).rule == "team"
+        assert not policy.evaluate(_req(f"spiffe://example.org/x/t{i}")).allowed
+    assert policy.evaluate(_req("spiffe://example.org/ns/p/svc/orders")).rule == "ns-orders"

@@ -31,6 +31,8 @@ log = logging.getLogger("trustmesh.policy")
 MAX_POLICY_BYTES = 1024 * 1024
 #: How many of the closest rules a default-deny explanation names.
 EXPLAIN_RULES = 3
+# Distinct callers remembered per policy (cleared when full).
+_CALLER_CACHE_SIZE = 4096
 
 _TOP_KEYS = frozenset({"mode", "rules"})
 _RULE_KEYS = frozenset({"name", "description", "effect", "callers", "methods", "paths", "user"})
@@ -139,12 +141,27 @@ class Rule:
 
     def matches(self, request: PolicyRequest, method: str, key: str) -> bool:
         """Whether the rule applies (``method`` upper-case, ``key`` the path key)."""
+        return self.caller_matches(request.caller) and self._matches_rest(request, method, key)
+
+    def _matches_rest(self, request: PolicyRequest, method: str, key: str) -> bool:
+        # Everything but the caller, which Policy checks once per caller and remembers.
         return (
             (self.methods is None or method in self.methods)
-            and self.caller_matches(request.caller)
-            and self.path_matches(key)
+            and (self._path_re is None or self._path_re.fullmatch(key) is not None)
             and (self.user is None or not self.user.problems(request))
         )
+
+    def _mismatch_count(
+        self, caller_ok: bool, request: PolicyRequest, method: str, key: str
+    ) -> int:
+        count = 0 if caller_ok else 1
+        if self.methods is not None and method not in self.methods:
+            count += 1
+        if self._path_re is not None and self._path_re.fullmatch(key) is None:
+            count += 1
+        if self.user is not None:
+            count += len(self.user.problems(request))
+        return count
 
     def mismatches(self, request: PolicyRequest, method: str, key: str) -> list[str]:
         """Return every reason the rule does not apply (for explanations)."""
@@ -176,7 +193,7 @@ class Policy:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_allow", "_deny", "mode", "rules", "source")
+    __slots__ = ("_allow", "_by_caller", "_deny", "mode", "rules", "source")
 
     def __init__(self, mode: str, rules: tuple[Rule, ...], source: str) -> None:
         self.mode = mode
@@ -184,6 +201,21 @@ class Policy:
         self.source = source
         self._deny = tuple(r for r in rules if r.effect == "deny")
         self._allow = tuple(r for r in rules if r.effect == "allow")
+        # caller -> (deny rules, allow rules) whose callers match it. A service sees a
+        # handful of callers, so each request only tries the rules that can apply.
+        self._by_caller: dict[str | None, tuple[tuple[Rule, ...], tuple[Rule, ...]]] = {}
+
+    def _rules_for(self, caller: str | None) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+        entry = self._by_caller.get(caller)
+        if entry is None:
+            entry = (
+                tuple(r for r in self._deny if r.caller_matches(caller)),
+                tuple(r for r in self._allow if r.caller_matches(caller)),
+            )
+            if len(self._by_caller) >= _CALLER_CACHE_SIZE:
+                self._by_caller.clear()
+            self._by_caller[caller] = entry
+        return entry
 
     def __repr__(self) -> str:
         return f"<Policy {self.source} mode={self.mode} rules={len(self.rules)}>"
@@ -291,15 +323,16 @@ class Policy:
         shown = key
         if key == "/":
             key = ""
-        for rule in self._deny:
-            if rule.matches(request, method, key):
+        deny, allow = self._rules_for(request.caller)
+        for rule in deny:
+            if rule._matches_rest(request, method, key):
                 return self._deny_decision(
                     request,
                     rule.name,
                     f"deny rule {rule.label} matched {_describe(request, shown)}",
                 )
-        for rule in self._allow:
-            if rule.matches(request, method, key):
+        for rule in allow:
+            if rule._matches_rest(request, method, key):
                 reason = f"rule {rule.label} allows {_describe(request, shown)}"
                 return Decision(True, self.mode, rule.name, reason, request=request)
         return self._deny_decision(request, None, self._explain(request, method, key, shown))
@@ -313,14 +346,19 @@ class Policy:
         head = f"no rule allows {_describe(request, shown)}"
         if not self._allow:
             return f"{head}: the policy has no allow rules"
-        scored = []
-        for rule in self._allow:
-            problems = rule.mismatches(request, method, key)
-            scored.append((len(problems), rule.index, rule, problems))
-        scored.sort(key=lambda item: (item[0], item[1]))
-        parts = [f"{rule.label}: {', '.join(problems[:4])}" for _, _, rule, problems in scored]
-        more = len(parts) - EXPLAIN_RULES
-        text = "; ".join(parts[:EXPLAIN_RULES])
+        # Count cheaply for every rule, then word only the closest few: a stream of
+        # denied requests must not cost much more than allowed ones.
+        callers_ok = set(self._rules_for(request.caller)[1])
+        scored = sorted(
+            (rule._mismatch_count(rule in callers_ok, request, method, key), rule.index, rule)
+            for rule in self._allow
+        )
+        parts = [
+            f"{rule.label}: {', '.join(rule.mismatches(request, method, key)[:4])}"
+            for _, _, rule in scored[:EXPLAIN_RULES]
+        ]
+        more = len(scored) - EXPLAIN_RULES
+        text = "; ".join(parts)
         if more > 0:
             text += f"; {more} more rule{'s' if more > 1 else ''} further off"
         return f"{head}: closest {text}"
