@@ -930,3 +930,29 @@ def test_many_distinct_callers_stay_correct() -> None:
         assert policy.evaluate(_req(f"spiffe://example.org/team/t{i}")).rule == "team"
         assert not policy.evaluate(_req(f"spiffe://example.org/x/t{i}")).allowed
     assert policy.evaluate(_req("spiffe://example.org/ns/p/svc/orders")).rule == "ns-orders"
+
+
+def test_the_documented_policy_loads_and_decides_as_documented(tmp_path: Path) -> None:
+    """docs/policy.md's example file loads and gives the reasons the page shows."""
+    doc = (Path(__file__).parent.parent / "docs" / "policy.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    policy = _policy(example, tmp_path)
+    assert [r.name for r in policy.rules] == [
+        "orders-reads-inventory",
+        "admins-manage-items",
+        "health-checks",
+        "nobody-reaches-internal",
+    ]
+    for path in ("/items/7", "/items/../internal/x", "/items%2F..%2Fadmin"):
+        reason = policy.evaluate(_req(path=path)).reason
+        assert reason in doc, reason
+    admin = _req(
+        "spiffe://example.org/ns/prod/svc/admin-console",
+        "DELETE",
+        "/items/7/photos",
+        claims={"sub": "root", "tenant": "acme", "mfa": True},
+        scopes=("inventory:write",),
+        roles=("admin",),
+    )
+    assert policy.evaluate(admin).rule == "admins-manage-items"
+    assert policy.evaluate(_req(None, path="/healthz")).rule == "health-checks"

@@ -169,6 +169,8 @@ class Rule:
         if not self.caller_matches(request.caller):
             if request.caller is None:
                 found.append("needs a client certificate")
+            elif self.callers == (ANONYMOUS,):
+                found.append("only for callers without a certificate")
             else:
                 found.append(f"caller not in {_short(self.callers, 2)}")
         if self.methods is not None and method not in self.methods:
