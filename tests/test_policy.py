@@ -956,3 +956,19 @@ def test_the_documented_policy_loads_and_decides_as_documented(tmp_path: Path) -
     )
     assert policy.evaluate(admin).rule == "admins-manage-items"
     assert policy.evaluate(_req(None, path="/healthz")).rule == "health-checks"
+
+
+def test_a_deny_rule_for_every_caller_also_covers_anonymous_requests() -> None:
+    """A deny rule with callers ['*'] refuses requests without a certificate as well."""
+    policy = _policy(
+        """
+rules:
+  - {name: open, callers: [anonymous, "*"], paths: ["/**"]}
+  - {name: no-internal, effect: deny, callers: ["*"], paths: ["/internal/**"]}
+"""
+    )
+    assert policy.evaluate(_req(None, path="/public")).rule == "open"
+    for caller in (None, ORDERS):
+        decision = policy.evaluate(_req(caller, path="/internal/x"))
+        assert not decision.allowed
+        assert decision.rule == "no-internal"

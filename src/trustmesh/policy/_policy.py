@@ -556,7 +556,9 @@ class _Parser:
             if globs
             else None,
             _any_caller=ANY_CALLER in callers,
-            _anonymous=ANONYMOUS in callers,
+            # In a deny rule '*' covers requests without a certificate too: a deny
+            # must never be weaker for an unauthenticated caller.
+            _anonymous=ANONYMOUS in callers or (effect == "deny" and ANY_CALLER in callers),
             _path_re=path_re,
         )
 
