@@ -972,3 +972,43 @@ rules:
         decision = policy.evaluate(_req(caller, path="/internal/x"))
         assert not decision.allowed
         assert decision.rule == "no-internal"
+
+
+def test_policy_file_reloads_safely_under_concurrent_requests(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Threads deciding while the file is replaced 20 times see only whole policies."""
+    import threading
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(ALLOW_ITEMS)
+    policy = PolicyFile(path, check_interval=0)
+    seen: set[str | None] = set()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def decide() -> None:
+        try:
+            while not stop.is_set():
+                decision = policy.evaluate(_req(path="/items/1"))
+                other = policy.evaluate(_req(path="/orders/1"))
+                seen.add(decision.rule)
+                seen.add(other.rule)
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=decide) for _ in range(4)]
+    with caplog.at_level(logging.ERROR, logger="trustmesh.policy"):
+        for thread in threads:
+            thread.start()
+        for i in range(20):
+            _write_atomic(path, ALLOW_ORDERS if i % 2 == 0 else ALLOW_ITEMS)
+            time.sleep(0.02)
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not failures
+    assert seen == {"items", "orders", None}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert policy.evaluate(_req(path="/items/1")).rule == "items"  # the last version written
+    assert policy.generation > 2
