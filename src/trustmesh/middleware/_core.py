@@ -203,6 +203,8 @@ class Refusal(Exception):  # noqa: N818 - a response, not an error of ours
     headers: dict[str, str] = field(default_factory=dict)
     close: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    #: The identity refused, when known (for the log line).
+    subject: str | None = None
 
     def body(self) -> bytes:
         doc: dict[str, Any] = {
@@ -228,8 +230,12 @@ class Refusal(Exception):  # noqa: N818 - a response, not an error of ours
         return headers
 
 
-def _cert_refusal(reason: str, title: str, detail: str, *, close: bool = False) -> Refusal:
-    return Refusal(403, reason, title, detail, close=close)
+def _cert_refusal(
+    reason: str, title: str, detail: str, *, close: bool = False, subject: object = None
+) -> Refusal:
+    return Refusal(
+        403, reason, title, detail, close=close, subject=None if subject is None else str(subject)
+    )
 
 
 _SVID_TITLE = "Not a workload certificate: present an X.509-SVID with exactly one SPIFFE ID"
@@ -442,6 +448,7 @@ class Gate:
                 f"Certificate {caller.serial_hex} of {caller.spiffe_id} expired at "
                 f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}.",
                 close=True,
+                subject=caller.spiffe_id,
             )
         if when < cert.not_valid_before_utc:
             raise _cert_refusal(
@@ -450,6 +457,7 @@ class Gate:
                 f"Certificate {caller.serial_hex} of {caller.spiffe_id} is valid from "
                 f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}.",
                 close=True,
+                subject=caller.spiffe_id,
             )
 
     def check_revoked(self, caller: Caller) -> None:
@@ -463,6 +471,7 @@ class Gate:
                 f"Certificate {caller.serial_hex} of {caller.spiffe_id} is revoked (or the "
                 f"revocation feed is lost and this service fails closed).",
                 close=True,
+                subject=caller.spiffe_id,
             )
 
     def is_trusted_proxy(self, caller: Caller) -> bool:
@@ -685,6 +694,8 @@ class Gate:
             fields.update(
                 outcome="deny", status=refusal.status, reason=refusal.reason, detail=refusal.detail
             )
+            if refusal.subject is not None:
+                fields["caller"] = refusal.subject
             if refusal.extra.get("rule"):
                 fields["rule"] = refusal.extra["rule"]
             log.warning(
