@@ -198,6 +198,12 @@ def test_bad_requests_get_oauth_errors_not_500(idp: Idp) -> None:
         )
         assert r.status_code == 400
         assert "UTF-8" in r.json()["error_description"]
+        for extra in ({"client_secret": creds["client_secret"]}, {"client_id": "tmc_other"}):
+            r = http.post(
+                idp.token_url, auth=auth, data={"grant_type": "client_credentials", **extra}
+            )
+            assert r.status_code == 401
+            assert r.json()["error"] == "invalid_client"
         r = http.get(idp.token_url)
         assert r.status_code == 405
         assert r.json()["error"] == "invalid_request"
