@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-idp clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/issuance.py
 	$(BIN)/python bench/crl.py
+
+# Token verification per second (ES256, RS256; cold, cached) beside raw cryptography.
+bench-tokens: $(STAMP)
+	$(BIN)/python bench/tokens.py --markdown
 
 # Identity server: client_credentials tokens and introspections per second over HTTPS.
 bench-idp: $(STAMP)

@@ -20,7 +20,9 @@ Targets, in rotating order each round:
               table
 
 Also measured in-process (single thread): the raw ES256 signing rate of joserfc
-(jwt.encode of the same claims), the ceiling for token issuance without HTTP.
+(jwt.encode of the same claims), and Authlib's token and introspection endpoints called
+directly (the same database, no HTTP, TLS or worker threads), which splits the cost
+between the OAuth work and the HTTP stack.
 
 Every answer is checked (200, a token or active=true). It prints requests/s per
 target (median over --rounds, per-round values in brackets), p50/p99 latency, the
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import platform
@@ -142,6 +145,43 @@ def _raw_signing_rate(seconds: float = 2.0) -> float:
         jwt.encode(header, claims, key, algorithms=["ES256"])
         n += 1
     return n / (time.perf_counter() - start)
+
+
+def _in_process(
+    home: Path, issuer: str, creds: dict[str, str], token: str, count: int
+) -> dict[str, float]:
+    """Milliseconds per call of Authlib's endpoints in this process: no HTTP, TLS or threads."""
+    from starlette.datastructures import Headers
+
+    from trustmesh.idp import IdpOAuth2Request, IdpSettings, create_app, create_context
+
+    basic = base64.b64encode(f"{creds['client_id']}:{creds['client_secret']}".encode()).decode()
+    headers = Headers({"authorization": f"Basic {basic}"})
+    out: dict[str, float] = {}
+    with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
+        ctx = create_context(ca, PASSPHRASE, IdpSettings(issuer=issuer))
+        create_app(ctx)
+        server = ctx.authorization_server()
+        introspected = {"token": token}
+
+        def issue() -> None:
+            request = IdpOAuth2Request(
+                "POST", f"{issuer}/token", headers, form={"grant_type": "client_credentials"}
+            )
+            assert server.create_token_response(request).status_code == 200
+
+        def introspect() -> None:
+            request = IdpOAuth2Request("POST", f"{issuer}/introspect", headers, form=introspected)
+            response = server.create_endpoint_response("introspection", request)
+            assert b'"active":false' not in response.body
+
+        for name, call in (("token", issue), ("introspect", introspect)):
+            call()
+            start = time.perf_counter()
+            for _ in range(count):
+                call()
+            out[name] = (time.perf_counter() - start) / count * 1000
+    return out
 
 
 def main() -> None:
@@ -294,6 +334,7 @@ def main() -> None:
                     lats[name].extend(latencies)
                     cpu[name].append(used / max(1, count))
                     print(f"round {r + 1} {name}: {count / args.duration:,.0f}/s", flush=True)
+            in_process = _in_process(home, url, creds, tokens[0], 300)
         finally:
             server.terminate()
             server.wait(timeout=15)
@@ -334,6 +375,11 @@ def main() -> None:
             *rows,
             f"| raw ES256 signing (joserfc, in-process, 1 thread) | **{raw_rate:,.0f}** "
             "| - | - | - |",
+            f"| Authlib token endpoint in-process (no HTTP, 1 thread) | "
+            f"{1000 / in_process['token']:,.0f} | - | - | {in_process['token']:.2f} ms (wall) |",
+            f"| Authlib introspection in-process (no HTTP, 1 thread) | "
+            f"{1000 / in_process['introspect']:,.0f} | - | - "
+            f"| {in_process['introspect']:.2f} ms (wall) |",
             "",
             f"Ratios: token/healthz = **{token_ratio:.2f}**, "
             f"introspect/healthz = **{intro_ratio:.2f}**; "

@@ -1,5 +1,7 @@
 """`make demo` runs end to end: real CLI, real mTLS, real CRL refusal, then the CA
-server with real agent processes, a renewal, the revocation feed, CRL and OCSP."""
+server with real agent processes, a renewal, the revocation feed, CRL and OCSP, then the
+identity server issuing a token that `token verify` accepts, refuses for another audience
+and refuses once revoked."""
 
 from __future__ import annotations
 
@@ -26,4 +28,8 @@ def test_demo_runs_end_to_end() -> None:
     assert "inventory renewed: serial" in out
     assert "'spiffe_id': 'spiffe://demo.example/payments', 'reason': 'keyCompromise'" in out
     assert "POST /v1/ocsp: REVOKED" in out
+    # act three: the identity server and token verification
+    assert "grants client_credentials" in out
+    assert "refused (bad_audience)" in out
+    assert "refused (revoked)" in out
     assert out.rstrip().endswith("demo succeeded")

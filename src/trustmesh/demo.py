@@ -3,7 +3,10 @@
 In a fresh temporary ``TRUSTMESH_HOME`` it runs the real CLI to create a CA and
 issue two identities, makes an HTTP call over mutual TLS between a tiny stdlib
 server and client using them, revokes the client, and shows the next handshake
-being refused because the server checks the CRL. Every step is printed.
+being refused because the server checks the CRL. Act two runs the CA as a
+service (join tokens, the agent, renewal, the revocation feed, CRL, OCSP); act
+three runs the identity server and checks its tokens with ``token verify``.
+Every step is printed.
 """
 
 from __future__ import annotations
@@ -214,6 +217,7 @@ def run(workdir: Path) -> int:
     ok = first.startswith("200") and '"caller"' in first and second.startswith("failed")
     ok = ok and any("revoked" in o for o in server.outcomes)
     service = run_service_act(workdir, home)
+    identity = run_identity_act(workdir)
     say("\n== What happened")
     say(f"- a CA for {TRUST_DOMAIN} was created with encrypted keys in {home}")
     say("- two identities were issued; billing called orders over mTLS and was identified as")
@@ -224,7 +228,9 @@ def run(workdir: Path) -> int:
     say(f"  itself ({service.get('renewal', '?')}), and the revocation of payments reached a feed")
     latency = service.get("latency", "?")
     say(f"  subscriber {latency} after the revoke call; CRL and OCSP say revoked")
-    ok = ok and bool(service.get("ok"))
+    say("- the identity server issued a machine token; `token verify` accepted it for orders,")
+    say("  refused it for billing (wrong audience) and refused it again once it was revoked")
+    ok = ok and bool(service.get("ok")) and bool(identity.get("ok"))
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 
@@ -448,6 +454,109 @@ def run_service_act(workdir: Path, home: Path) -> dict[str, object]:
         if agent is not None:
             agent.terminate()
             agent.wait(timeout=15)
+        server.terminate()
+        server.wait(timeout=20)
+        log.close()
+    return result
+
+
+def attempt(
+    *argv: str, stdin: str | None = None, shown: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run a trustmesh command that may be refused; print its output and exit code."""
+    say(f"\n$ {shown}trustmesh {shlex.join(argv)}")
+    result = subprocess.run(
+        [sys.executable, "-m", "trustmesh", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    for stream in (result.stdout, result.stderr):
+        if stream.strip():
+            say(stream.rstrip())
+    say(f"(exit {result.returncode})")
+    return result
+
+
+def run_identity_act(workdir: Path) -> dict[str, object]:
+    """Act three: `idp serve`, a machine client's token, `token verify`, revocation."""
+    result: dict[str, object] = {}
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    bundle = workdir / "bundle.pem"
+
+    say("\n== 12. Run the identity server (OAuth 2.0 / OpenID Connect)")
+    argv = ["idp", "serve", "--listen", f"127.0.0.1:{port}"]
+    say(f"\n$ trustmesh {shlex.join(argv)} &")
+    log = (workdir / "idp-serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "trustmesh", *argv, "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        http = httpx.Client(verify=ssl.create_default_context(cafile=str(bundle)), timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("demo: idp serve did not start; see idp-serve.log")
+        discovery = http.get(f"{url}/.well-known/openid-configuration").json()
+        say(f"issuer {discovery['issuer']}, grants {', '.join(discovery['grant_types_supported'])}")
+
+        say("\n== 13. A machine client gets an access token (client_credentials)")
+        client = json.loads(
+            command(
+                "idp",
+                "client",
+                "add",
+                "reports",
+                "--scope",
+                "orders:read",
+                "--audience",
+                "orders",
+                "--json",
+            ).stdout
+        )
+        answer = http.post(
+            f"{url}/token",
+            auth=(client["client_id"], client["client_secret"]),
+            data={"grant_type": "client_credentials", "scope": "orders:read"},
+        )
+        token = answer.json()["access_token"]
+        say(f"POST /token: {answer.status_code}, a {answer.json()['expires_in']} s JWT: TOKEN=")
+        say(f"  {token[:48]}…")
+
+        say("\n== 14. orders verifies it; billing (another audience) refuses it")
+        common = ("--issuer", url, "--ca-bundle", str(bundle))
+        pipe = {"stdin": token, "shown": 'echo "$TOKEN" | '}
+        accepted = attempt("token", "verify", "-", "--audience", "orders", *common, **pipe)
+        wrong = attempt("token", "verify", "-", "--audience", "billing", *common, **pipe)
+
+        say("\n== 15. Revoke the token: verifiers see it on the revocation list")
+        revoked = http.post(
+            f"{url}/revoke",
+            auth=(client["client_id"], client["client_secret"]),
+            data={"token": token, "token_type_hint": "access_token"},
+        )
+        listed = http.get(f"{url}/revoked").json()["revoked"]
+        say(f"POST /revoke: {revoked.status_code}; GET /revoked: {listed}")
+        after = attempt("token", "verify", "-", "--audience", "orders", *common, **pipe)
+        result["ok"] = (
+            accepted.returncode == 0
+            and wrong.returncode == 1
+            and "bad_audience" in wrong.stderr + wrong.stdout
+            and after.returncode == 1
+            and "revoked" in after.stderr + after.stdout
+        )
+        http.close()
+    finally:
         server.terminate()
         server.wait(timeout=20)
         log.close()

@@ -1,0 +1,195 @@
+"""A real HTTPS server on 127.0.0.1 playing a token provider's key endpoints.
+
+It serves JSON documents by path (discovery, JWKS, revocation list,
+introspection), records every request, and can answer 503 or stop listening, so
+the verifier's caches are tested against real sockets and real TLS with
+certificates from our CA. Also mints tokens with joserfc, an independent JOSE
+implementation. Shared by the token tests and ``bench/tokens.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.pki import pem_certificates
+from trustmesh.serving import issue_server_identity
+
+Handler = Callable[[str, dict[str, str], bytes], tuple[int, object]]
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class ProviderServer:
+    """Serve ``routes`` (path -> JSON document or handler) over HTTPS (or plain HTTP)."""
+
+    context: ssl.SSLContext | None
+    port: int = 0
+    routes: dict[str, object] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    status: int = 200
+    _httpd: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.requests]
+
+    def count(self, path: str) -> int:
+        return sum(1 for r in self.requests if r.path == path)
+
+    def start(self) -> ProviderServer:
+        server = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = self.path
+                server.requests.append(Recorded(self.command, path, dict(self.headers), body))
+                route = server.routes.get(path.split("?")[0])
+                doc: object
+                if server.status != 200:
+                    status, doc = server.status, {"error": "unavailable"}
+                elif route is None:
+                    status, doc = 404, {"error": "not found"}
+                elif callable(route):
+                    status, doc = route(self.command, dict(self.headers.items()), body)
+                else:
+                    status, doc = 200, route
+                data = json.dumps(doc).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = _answer  # noqa: N815 - http.server naming
+            do_POST = _answer  # noqa: N815
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", self.port), _Handler)
+        httpd.daemon_threads = True
+        if self.context is not None:
+            httpd.socket = self.context.wrap_socket(httpd.socket, server_side=True)
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+
+def server_tls(ca: CertificateAuthority, workdir: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a certificate from ``ca`` for 127.0.0.1, and the CA bundle file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    chain, key = issue_server_identity(ca, "127.0.0.1", workdir, path="/test-idp")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, key)
+    bundle = workdir / "bundle.pem"
+    bundle.write_bytes(pem_certificates(ca.bundle))
+    return ctx, bundle
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class Minter:
+    """Signs access tokens for ``issuer`` with its keys (joserfc)."""
+
+    issuer: str
+    audience: str = "orders"
+    ec: ECKey = field(
+        default_factory=lambda: ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+    )
+    rsa: RSAKey = field(
+        default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "rsa-1"})
+    )
+
+    def jwks(self) -> dict[str, list[dict[str, Any]]]:
+        return {"keys": [self.ec.as_dict(private=False), self.rsa.as_dict(private=False)]}
+
+    def claims(self, **overrides: Any) -> dict[str, object]:
+        now = int(time.time())
+        claims: dict[str, object] = {
+            "iss": self.issuer,
+            "aud": self.audience,
+            "sub": "svc-billing",
+            "client_id": "svc-billing",
+            "iat": now,
+            "exp": now + 600,
+            "jti": uuid.uuid4().hex,
+            "scope": "orders:read orders:write",
+            "roles": ["reader"],
+        }
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def token(
+        self,
+        alg: str = "ES256",
+        *,
+        header: dict[str, object] | None = None,
+        key: ECKey | RSAKey | None = None,
+        **claims: Any,
+    ) -> str:
+        signer = key or (self.ec if alg.startswith("ES") else self.rsa)
+        kid = signer.kid
+        hdr: dict[str, object] = {"alg": alg, "typ": "at+jwt", "kid": kid}
+        hdr.update(header or {})
+        hdr = {k: v for k, v in hdr.items() if v is not None}
+        return jwt.encode(hdr, self.claims(**claims), signer, algorithms=[alg])
+
+
+def unsigned(header: dict[str, object], claims: dict[str, object], signature: bytes = b"") -> str:
+    """A compact JWS built by hand, for tokens no JOSE library would produce."""
+    h = b64(json.dumps(header).encode())
+    p = b64(json.dumps(claims).encode())
+    return f"{h}.{p}.{b64(signature)}"
+
+
+def sign_es256(header: dict[str, object], claims: dict[str, object], key: ECKey) -> str:
+    """Sign exactly ``header`` (joserfc would add or refuse parameters) with ES256."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    h = b64(json.dumps(header).encode())
+    p = b64(json.dumps(claims).encode())
+    private = key.private_key
+    assert isinstance(private, ec.EllipticCurvePrivateKey)
+    r, s = decode_dss_signature(private.sign(f"{h}.{p}".encode(), ec.ECDSA(hashes.SHA256())))
+    return f"{h}.{p}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"

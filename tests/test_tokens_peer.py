@@ -1,0 +1,172 @@
+"""trustmesh.tokens against a provider we did not write: Node's oidc-provider (npm).
+
+The test starts `node tests/peers/oidc_provider.mjs` over HTTPS (certificate from
+our CA), gets client_credentials tokens from it with plain HTTP calls, and
+verifies them with our verifier through its discovery document and JWKS; an
+opaque token goes through its RFC 7662 introspection endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from trustmesh.authority import CertificateAuthority
+from trustmesh.pki import KeyType, pem_certificates
+from trustmesh.serving import issue_server_identity
+from trustmesh.tokens import IntrospectionConfig, InvalidTokenError, IssuerConfig, Verifier
+
+from ._server import free_port
+from .conftest import PASSPHRASE
+
+PEERS = Path(__file__).parent / "peers"
+CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
+RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
+
+
+@dataclass
+class NodeProvider:
+    issuer: str
+    bundle: Path
+
+    def token(self, resource: str, scope: str = "orders:read") -> str:
+        ctx = ssl.create_default_context(cafile=str(self.bundle))
+        response = httpx.post(
+            f"{self.issuer}/token",
+            data={"grant_type": "client_credentials", "scope": scope, "resource": resource},
+            auth=CLIENT,
+            verify=ctx,
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["token_type"].lower() == "bearer"
+        token: str = body["access_token"]
+        return token
+
+
+@pytest.fixture(scope="module")
+def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProvider]:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH (Node.js runs oidc-provider, the peer provider)")
+    if not (PEERS / "node_modules" / "oidc-provider").is_dir():
+        pytest.fail("tests/peers/node_modules is missing: run `make peers` (npm ci)")
+    base = tmp_path_factory.mktemp("oidc-provider")
+    ca = CertificateAuthority.init(
+        base / "home", trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
+    )
+    chain, key = issue_server_identity(ca, "127.0.0.1", base, path="/oidc-provider")
+    bundle = base / "bundle.pem"
+    bundle.write_bytes(pem_certificates(ca.bundle))
+    ca.close()
+    port = free_port()
+    issuer = f"https://127.0.0.1:{port}"
+    log = (base / "node.log").open("w")
+    process = subprocess.Popen(
+        [node, str(PEERS / "oidc_provider.mjs"), str(port), str(chain), str(key)],
+        cwd=PEERS,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            try:
+                url = f"{issuer}/.well-known/openid-configuration"
+                if httpx.get(url, verify=ctx, timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"oidc-provider did not start: {(base / 'node.log').read_text()}")
+            time.sleep(0.2)
+        yield NodeProvider(issuer, bundle)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.mark.parametrize(("resource", "alg"), [("es256", "ES256"), ("rs256", "RS256")])
+def test_oidc_provider_tokens_are_accepted(
+    node_provider: NodeProvider, resource: str, alg: str
+) -> None:
+    """A JWT access token from oidc-provider verifies through its discovery and JWKS."""
+    token = node_provider.token(
+        f"https://orders.example/{resource}", scope="orders:read orders:write"
+    )
+    config = IssuerConfig(
+        node_provider.issuer, audiences=["orders"], ca_bundle=node_provider.bundle
+    )
+    with Verifier(config) as verifier:
+        claims = verifier.verify_access_token(token)
+    assert claims.issuer == node_provider.issuer
+    assert claims.client_id == "svc-billing"
+    assert claims.subject == "svc-billing"
+    assert claims.audience == ("orders",)
+    assert claims.scopes == {"orders:read", "orders:write"}
+    assert claims.jwt_id
+    assert claims.issued_at is not None
+    assert claims.expires_at - claims.issued_at == 600
+    header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+    assert header["alg"] == alg
+    assert header["typ"] == "at+jwt"
+
+
+def test_oidc_provider_tokens_with_the_wrong_audience_are_refused(
+    node_provider: NodeProvider,
+) -> None:
+    """The same provider's tokens are refused by a service expecting another audience."""
+    token = node_provider.token("https://orders.example/es256")
+    config = IssuerConfig(
+        node_provider.issuer, audiences=["billing"], ca_bundle=node_provider.bundle
+    )
+    with Verifier(config) as verifier:
+        with pytest.raises(InvalidTokenError) as info:
+            verifier.verify_access_token(token)
+    assert info.value.reason == "bad_audience"
+    other_issuer = IssuerConfig(
+        node_provider.issuer + "/", audiences=["orders"], ca_bundle=node_provider.bundle
+    )
+    with Verifier(other_issuer) as verifier:
+        with pytest.raises(InvalidTokenError) as info:
+            verifier.verify_access_token(token)
+    assert info.value.reason == "bad_issuer"
+
+
+def test_oidc_provider_opaque_token_by_introspection(node_provider: NodeProvider) -> None:
+    """An opaque oidc-provider token is checked at its introspection endpoint (RFC 7662)."""
+    token = node_provider.token("https://orders.example/opaque")
+    assert token.count(".") != 2
+    introspection = IntrospectionConfig(*RESOURCE_SERVER)
+    config = IssuerConfig(
+        node_provider.issuer,
+        audiences=["orders"],
+        ca_bundle=node_provider.bundle,
+        introspection=introspection,
+    )
+    with Verifier(config) as verifier:
+        claims = verifier.verify_access_token(token)
+        assert claims.source == "introspection"
+        assert claims.client_id == "svc-billing"
+        assert claims.scopes == {"orders:read"}
+        with pytest.raises(InvalidTokenError) as info:
+            verifier.verify_access_token("x" * 43)
+        assert info.value.reason == "inactive"
