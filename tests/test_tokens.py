@@ -361,6 +361,30 @@ def test_id_token_as_access_token_is_refused(verifier: Verifier, minter: Minter)
     refused(verifier, minter.token(at_hash="77QmUPtjPfzWtF2AnpK9RQ"), "not_access_token")
 
 
+def test_pre_rfc9068_access_tokens_need_an_explicit_opt_in(
+    provider: ProviderServer, bundle: Path, minter: Minter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """typ JWT tokens without client_id/jti pass only with strict_rfc9068=False (logged)."""
+    legacy: dict[str, Any] = {"client_id": None, "jti": None, "azp": "web-app"}
+    token = minter.token(header={"typ": "JWT"}, **legacy)
+    with Verifier(config(provider, bundle)) as strict:
+        refused(strict, token, "not_access_token")
+    with caplog.at_level(logging.WARNING, logger="trustmesh.tokens"):
+        cfg = config(provider, bundle, strict_rfc9068=False)
+    assert "need not be RFC 9068" in caplog.text
+    with Verifier(cfg) as v:
+        claims = v.verify_access_token(token)
+        assert claims.client_id == "web-app"
+        assert claims.jwt_id is None
+        no_typ = sign_es256({"alg": "ES256", "kid": "ec-1"}, minter.claims(**legacy), minter.ec)
+        assert v.verify_access_token(no_typ).subject == "svc-billing"
+        # ID tokens are still refused, and so are other kinds of JWT.
+        refused(v, minter.token(header={"typ": "JWT"}, nonce="n-0S6"), "not_access_token")
+        refused(v, minter.token(header={"typ": "logout+jwt"}), "not_access_token")
+        refused(v, minter.token(header={"typ": "JWT"}, aud="web-app"), "bad_audience")
+        refused(v, minter.token(header={"typ": "JWT"}, **{**legacy, "sub": None}), "missing_claim")
+
+
 def test_tampered_payload_is_refused(verifier: Verifier, minter: Minter) -> None:
     """Changing one claim after signing breaks the signature."""
     for alg in ("ES256", "RS256"):
