@@ -413,7 +413,10 @@ def client_certs(tls: tuple[CertificateAuthority, ssl.SSLContext, Path]) -> tupl
 
 
 def test_bound_token_without_or_with_another_certificate_is_refused(
-    verifier: Verifier, minter: Minter, client_certs: tuple[object, object]
+    verifier: Verifier,
+    minter: Minter,
+    client_certs: tuple[object, object],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A cnf.x5t#S256 token needs the caller's certificate, and exactly that one."""
     mine, other = (c.certificate for c in client_certs)  # type: ignore[attr-defined]
@@ -426,7 +429,9 @@ def test_bound_token_without_or_with_another_certificate_is_refused(
     refused(verifier, token, "cnf_mismatch", client_cert=other)
     refused(verifier, token, "cnf_missing_cert")
     assert verifier.verify_access_token(token, client_cert=mine, skip_binding=False)
-    assert verifier.verify_access_token(token, skip_binding=True).subject == "svc-billing"
+    with caplog.at_level(logging.WARNING, logger="trustmesh.tokens"):
+        assert verifier.verify_access_token(token, skip_binding=True).subject == "svc-billing"
+    assert "binding (cnf) not checked" in caplog.text
     refused(verifier, minter.token(cnf={"jkt": "abc"}), "cnf_unsupported", client_cert=mine)
 
 
@@ -599,6 +604,29 @@ def test_messages_never_echo_the_token(verifier: Verifier, minter: Minter) -> No
     error = refused(verifier, token, "bad_audience")
     assert token.split(".")[2] not in str(error)
     assert "expected one of ['orders']" in error.message
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    """trustmesh.tokens exports a sorted __all__ of names that exist, the callables documented."""
+    import trustmesh.tokens as tokens
+
+    # isort-style, as ruff (RUF022) keeps it: CONSTANTS, then Classes, then functions.
+    style = sorted(tokens.__all__, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
+    assert tokens.__all__ == style
+    for name in tokens.__all__:
+        value = getattr(tokens, name)
+        if callable(value):
+            assert value.__doc__, name
+    assert set(REASONS) >= {
+        "expired",
+        "bad_audience",
+        "alg_not_allowed",
+        "unknown_kid",
+        "bad_signature",
+        "revoked",
+        "cnf_mismatch",
+        "too_large",
+    }
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -233,6 +233,7 @@ class AsyncVerifier:
         self._cache: dict[str, _Cached] = {}
         self._introspected: dict[bytes, _Introspected] = {}
         self._headers: dict[str, tuple[str, str | None, bool]] = {}
+        self._skip_binding_logged = False
 
     # -- public API -----------------------------------------------------------------
 
@@ -251,7 +252,7 @@ class AsyncVerifier:
             client_cert: The caller's TLS client certificate (object or DER), when known.
                 A certificate-bound token (``cnf.x5t#S256``) is refused without it.
             skip_binding: Accept bound tokens without checking the certificate
-                (debugging only; logged).
+                (debugging only; logged once per verifier).
             now: The current time (tests); defaults to the clock.
 
         Raises:
@@ -259,6 +260,8 @@ class AsyncVerifier:
             TokenVerifierUnavailableError: The issuer could not be reached to decide.
         """
         at = time.time() if now is None else _timestamp(now)
+        if skip_binding:
+            self._warn_skip_binding()
         try:
             return self._check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
         except _NeedFetch as first:
@@ -301,6 +304,11 @@ class AsyncVerifier:
     def fetch_count(self, issuer: str) -> int:
         """How many HTTP requests went to ``issuer`` (for metrics and tests)."""
         return self._issuers[issuer].fetches
+
+    def _warn_skip_binding(self) -> None:
+        if not self._skip_binding_logged:
+            self._skip_binding_logged = True
+            log.warning("tokens: certificate binding (cnf) not checked: skip_binding=True")
 
     # -- checks (no I/O) ------------------------------------------------------------
 
@@ -975,6 +983,8 @@ class Verifier:
     ) -> AccessTokenClaims:
         """Verify an access token; see :meth:`AsyncVerifier.verify_access_token`."""
         at = time.time() if now is None else _timestamp(now)
+        if skip_binding:
+            self._async._warn_skip_binding()
         check = self._async._check
         try:
             return check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
