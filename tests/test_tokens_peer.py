@@ -14,6 +14,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,3 +222,30 @@ def test_oidc_provider_certificate_bound_tokens(node_provider: NodeProvider) -> 
             with pytest.raises(InvalidTokenError) as info:
                 verifier.verify_access_token(token, client_cert=cert)
             assert info.value.reason == reason
+
+
+def test_token_verify_cli_on_an_oidc_provider_token(node_provider: NodeProvider) -> None:
+    """`python -m trustmesh token verify` checks a token oidc-provider issued (and refuses)."""
+    token = node_provider.token("https://orders.example/rs256")
+    common = ["--issuer", node_provider.issuer, "--ca-bundle", str(node_provider.bundle), "--json"]
+    argv = [sys.executable, "-m", "trustmesh", "token", "verify", "-"]
+    ok = subprocess.run(
+        [*argv, "--audience", "orders", *common],
+        input=token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["claims"]["client_id"] == "svc-billing"
+    refused = subprocess.run(
+        [*argv, "--audience", "billing", *common],
+        input=token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["reason"] == "bad_audience"
