@@ -339,6 +339,7 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
+    app.state.ctx = ctx
     known = {getattr(r, "path", "") for r in routes}
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
