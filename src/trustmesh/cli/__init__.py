@@ -19,6 +19,7 @@ from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
 from .export import export_group
 from .idp import idp_group
+from .policy import policy_group
 from .token import token_group
 
 __all__ = ["cli", "main"]
@@ -44,6 +45,7 @@ cli.add_command(audit_group)
 cli.add_command(token_group)
 cli.add_command(idp_group)
 cli.add_command(agent_command)
+cli.add_command(policy_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
