@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -220,8 +221,6 @@ def test_certificate_expiring_on_an_open_connection_is_refused(
     with serve_asgi(protect(echo_app()), ca, server_id) as url, client(ca, leaf) as http:
         assert http.get(f"{url}/items").status_code == 200
         remaining = (leaf.cert.not_valid_after_utc - datetime.now(UTC)).total_seconds()
-        import time
-
         time.sleep(max(0.0, remaining) + 1.1)
         r = http.get(f"{url}/items")
     refused(r, 403, "expired")
@@ -666,3 +665,66 @@ def test_fastapi_dependencies_and_wsgi_verifier_see_the_user(
     refused(bad, 401, "invalid_token")
     refused(none, 401, "token_missing")
     assert none.headers["www-authenticate"] == 'Bearer realm="trustmesh"'
+
+
+# -- the real policy engine and the CA's revocation feed --------------------------------
+
+POLICY_YAML = f"""\
+mode: enforce
+rules:
+  - name: orders-reads-inventory
+    callers: ["{ORDERS}"]
+    methods: [GET]
+    paths: ["/items", "/items/*"]
+"""
+
+
+@pytest.mark.slow
+def test_policy_file_and_revocation_feed_cut_an_open_connection(
+    home: Path,
+    ca: CertificateAuthority,
+    server_id: Identity,
+    workdir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """trustmesh.policy decides; a revocation through `ca serve` reaches the RevocationSet
+    over the feed and the caller's open keep-alive connection is refused within seconds."""
+    from trustmesh.client import CAClient
+    from trustmesh.policy import Policy
+    from trustmesh.tls import RevocationSet, client_context
+
+    from ._server import running_server
+    from ._services import bundle_pem
+
+    caller = issue(ca, ORDERS, workdir)
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(POLICY_YAML)
+    own = client_context(cadata=bundle_pem(ca), chain=server_id.chain, key=server_id.key)
+    with running_server(home, tmp_path) as ca_server:
+        revocations = RevocationSet(ca_server.url, lambda: own, issuers=lambda: [ca.intermediate])
+        with revocations:
+            assert revocations.wait_connected(15)
+            app = protect(echo_app(), policy=Policy.load(policy_path), revocation=revocations)
+            with serve_asgi(app, ca, server_id) as url, client(ca, caller) as http:
+                assert http.get(f"{url}/items/7").status_code == 200
+                denied = http.post(f"{url}/items")
+                assert http.get(f"{url}/items").status_code == 200
+                with CAClient(
+                    ca_server.url, bundle=ca_server.bundle, cert=caller.chain, key=caller.key
+                ) as ca_api:
+                    ca_api.revoke(serial=format(caller.serial, "x"))
+                start = time.monotonic()
+                while True:
+                    r = http.get(f"{url}/items")
+                    if r.status_code != 200 or time.monotonic() - start > 10:
+                        break
+                    time.sleep(0.05)
+                took = time.monotonic() - start
+    body = refused(denied, 403, "policy_denied")
+    assert ORDERS in body["detail"]
+    assert "POST" in body["detail"]
+    refused(r, 403, "revoked")
+    assert r.headers["connection"] == "close"
+    assert took < 5, f"the revocation took {took:.2f}s to reach the service"
+    assert decisions(caplog)[-1]["reason"] == "revoked"

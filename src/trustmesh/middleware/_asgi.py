@@ -116,6 +116,9 @@ class MTLSMiddleware:
             return
         method = str(scope.get("method", "WEBSOCKET"))
         path = str(scope.get("path", ""))
+        raw = scope.get("raw_path")
+        # The policy decides on the raw path (it refuses %2F and other ambiguity).
+        policy_path = raw.decode("latin-1").partition("?")[0] if isinstance(raw, bytes) else path
         if path in self.exempt_paths:
             await self.app(scope, receive, send)
             return
@@ -155,7 +158,7 @@ class MTLSMiddleware:
                 except InvalidTokenError as exc:
                     raise gate.token_refusal(exc) from None
                 gate.check_scopes(user)
-            decision = gate.decide(caller, user, method, path)
+            decision = gate.decide(caller, user, method, policy_path)
         except Refusal as refusal:
             gate.log_decision(
                 method=method,

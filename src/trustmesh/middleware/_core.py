@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
+from trustmesh.policy import PolicyRequest
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError, TokenVerifierUnavailableError
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "DecisionLike",
     "Gate",
     "PolicyLike",
-    "PolicyRequest",
     "Refusal",
     "RequestIdentity",
     "RevocationLike",
@@ -146,18 +146,6 @@ class RequestIdentity:
 # -- what the middleware is given -------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class PolicyRequest:
-    """The input of a policy decision (the fields of ``trustmesh.policy.PolicyRequest``)."""
-
-    caller: str | None
-    method: str
-    path: str
-    claims: Mapping[str, Any] | None = None
-    scopes: frozenset[str] = frozenset()
-    roles: tuple[str, ...] = ()
-
-
 class DecisionLike(Protocol):
     """What a policy decision carries (``trustmesh.policy.Decision``)."""
 
@@ -178,9 +166,9 @@ class DecisionLike(Protocol):
 
 
 class PolicyLike(Protocol):
-    """Anything that decides a :class:`PolicyRequest` (``trustmesh.policy.Policy``)."""
+    """Anything that decides a ``trustmesh.policy.PolicyRequest`` (``Policy``, ``PolicyFile``)."""
 
-    def evaluate(self, request: Any, /) -> DecisionLike: ...
+    def evaluate(self, request: PolicyRequest, /) -> DecisionLike: ...
 
 
 class RevocationLike(Protocol):
@@ -640,6 +628,9 @@ class Gate:
         self, caller: Caller, user: AccessTokenClaims | None, method: str, path: str
     ) -> DecisionLike | None:
         """Evaluate the policy; refuse 403 on deny (audit mode lets it through).
+
+        ``path`` is the raw request path (percent-escapes kept, no query): the
+        policy normalises it and refuses ambiguous ones such as ``%2F``.
 
         Raises:
             Refusal: The policy denied the request.

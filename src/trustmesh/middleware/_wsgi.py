@@ -111,6 +111,10 @@ class MTLSWSGIMiddleware:
         raw_path = str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
         # PEP 3333: the path arrives as latin-1 decoded bytes.
         path = raw_path.encode("latin-1", "replace").decode("utf-8", "replace")
+        # The policy decides on the raw path when the server gives it (werkzeug,
+        # gunicorn: REQUEST_URI / RAW_URI); it refuses %2F and other ambiguity.
+        raw = environ.get("REQUEST_URI") or environ.get("RAW_URI")
+        policy_path = str(raw).partition("?")[0] if raw and str(raw).startswith("/") else path
         if path in self.exempt_paths:
             return self.app(environ, start_response)
         gate = self.gate
@@ -149,7 +153,7 @@ class MTLSWSGIMiddleware:
                 except InvalidTokenError as exc:
                     raise gate.token_refusal(exc) from None
                 gate.check_scopes(user)
-            decision = gate.decide(caller, user, method, path)
+            decision = gate.decide(caller, user, method, policy_path)
         except Refusal as refusal:
             gate.log_decision(
                 method=method,
