@@ -362,3 +362,41 @@ def test_bad_arguments_and_serial_forms() -> None:
         canonical_serial("xyz")
     with pytest.raises(ConfigError, match="must use https"):
         RevocationSet("http://ca:8443", ssl.create_default_context)
+
+
+@pytest.mark.postgres
+def test_revocation_on_one_replica_reaches_a_set_following_another(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two `ca serve` replicas share PostgreSQL: a set following replica B sees
+    revocations made on replica A within a second each."""
+    home = setup_ca(tmp_path, pg_url)
+    with open_ca(home) as ca:
+        write_identity(ca, "spiffe://example.org/svc/subscriber", tmp_path / "subscriber")
+        write_identity(ca, ADMIN, tmp_path / "admin")
+        targets = [
+            write_identity(ca, f"spiffe://example.org/t{i}", tmp_path / f"t{i}") for i in range(3)
+        ]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    admin = tmp_path / "admin"
+    with (
+        running_server(home, tmp_path / "a") as replica_a,
+        running_server(home, tmp_path / "b") as replica_b,
+    ):
+        revset = subscriber_set(tmp_path, replica_b.url)
+        with (
+            revset,
+            CAClient(
+                replica_a.url,
+                bundle=replica_a.bundle,
+                cert=admin / "chain.pem",
+                key=admin / "key.pem",
+            ) as client,
+        ):
+            assert revset.wait_connected(10)
+            for serial in targets:
+                started = time.monotonic()
+                client.revoke(serial)
+                assert wait_until(lambda s=serial: revset.is_revoked(s), 1.0)
+                assert time.monotonic() - started < 1.0
