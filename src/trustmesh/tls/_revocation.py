@@ -222,6 +222,12 @@ class RevocationSet:
         with self._changed:
             return self._changed.wait_for(lambda: self.cursor >= cursor, timeout)
 
+    def wait_revoked(self, serial: int | str, timeout: float) -> bool:
+        """Wait until ``serial`` is in the set (not counting fail-closed); False on timeout."""
+        key = canonical_serial(serial)
+        with self._changed:
+            return self._changed.wait_for(lambda: key in self._revoked, timeout)
+
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the event stream is open; False on timeout."""
         with self._changed:
@@ -321,10 +327,9 @@ class RevocationSet:
             raise ValueError(f"malformed revocation event {str(event)[:200]!r}")
         self._revoked.add(canonical_serial(serial))
         self.events += 1
-        if cursor > self.cursor:
-            with self._changed:
-                self.cursor = cursor
-                self._changed.notify_all()
+        with self._changed:
+            self.cursor = max(self.cursor, cursor)
+            self._changed.notify_all()
 
     def _new_client(self) -> httpx.Client:
         timeout = httpx.Timeout(10.0, read=self.read_timeout)
@@ -440,7 +445,9 @@ class RevocationSet:
             return
         merged = self._revoked | serials
         added = len(merged) - len(self._revoked)
-        self._revoked = merged
+        with self._changed:
+            self._revoked = merged
+            self._changed.notify_all()
         self.crl_refreshes += 1
         self.crl_number = number
         self._stale_since = time.monotonic()
