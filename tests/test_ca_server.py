@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -358,3 +360,21 @@ def test_curl_enrolls_and_renews(server: Server, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["spiffe_id"] == "spiffe://example.org/curl"
+
+
+def test_port_in_use_exits_1_and_sigterm_exits_0(server: Server) -> None:
+    """A second `ca serve` on a taken port says what to change; SIGTERM is a clean stop."""
+    port = server.url.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "ca", "serve", "--listen", f"127.0.0.1:{port}"],
+        env={**os.environ, "TRUSTMESH_HOME": str(server.home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "The CA API could not start" in result.stderr
+    assert "port in use" in result.stderr
+    server.process.terminate()
+    assert server.process.wait(timeout=20) == 0

@@ -23,6 +23,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
 from trustmesh.store import idp_refresh_tokens, token_hash
+from trustmesh.tokens import InvalidTokenError, IssuerConfig, Verifier
 
 from ._idp import Idp, running_idp
 from .conftest import PASSPHRASE
@@ -197,6 +198,12 @@ def test_bad_requests_get_oauth_errors_not_500(idp: Idp) -> None:
         )
         assert r.status_code == 400
         assert "UTF-8" in r.json()["error_description"]
+        for extra in ({"client_secret": creds["client_secret"]}, {"client_id": "tmc_other"}):
+            r = http.post(
+                idp.token_url, auth=auth, data={"grant_type": "client_credentials", **extra}
+            )
+            assert r.status_code == 401
+            assert r.json()["error"] == "invalid_client"
         r = http.get(idp.token_url)
         assert r.status_code == 405
         assert r.json()["error"] == "invalid_request"
@@ -741,3 +748,50 @@ def test_port_in_use_exits_1(idp: Idp) -> None:
     result = idp.cli("idp", "serve", "--listen", f"127.0.0.1:{port}", check=False)
     assert result.returncode == 1
     assert "port in use" in result.stderr
+
+
+def test_our_verifier_accepts_bound_tokens_and_honours_revocation(idp: Idp, tmp_path: Path) -> None:
+    """trustmesh.tokens accepts idp serve's tokens, checks cnf binding and the /revoked list."""
+    spiffe_id = "spiffe://example.org/ns/prod/svc/verified"
+    creds = idp.add_client(
+        "verified",
+        "--scope",
+        "read",
+        "--audience",
+        "orders",
+        "--auth-method",
+        "tls_client_auth",
+        "--tls-spiffe-id",
+        spiffe_id,
+    )
+    with idp.ca() as ca:
+        chain, key = _identity(ca, spiffe_id, tmp_path)
+        other_chain, _ = _identity(ca, "spiffe://example.org/ns/prod/svc/thief", tmp_path)
+    with idp.http(chain, key) as http:
+        r = http.post(
+            idp.token_url,
+            data={"grant_type": "client_credentials", "client_id": creds["client_id"]},
+        )
+    token = r.json()["access_token"]
+    cert = x509.load_pem_x509_certificate(chain.read_bytes())
+    thief = x509.load_pem_x509_certificate(other_chain.read_bytes())
+    config = IssuerConfig(idp.url, audiences=["orders"], ca_bundle=idp.bundle)
+    with Verifier(config) as verifier:
+        claims = verifier.verify_access_token(token, client_cert=cert)
+        assert claims.subject == creds["client_id"]
+        assert set(claims.scopes) == {"read"}
+        assert claims.certificate_thumbprint is not None
+        for presented, reason in ((None, "cnf_missing_cert"), (thief, "cnf_mismatch")):
+            with pytest.raises(InvalidTokenError) as refused:
+                verifier.verify_access_token(token, client_cert=presented)
+            assert refused.value.reason == reason
+    wrong = IssuerConfig(idp.url, audiences=["billing"], ca_bundle=idp.bundle)
+    with Verifier(wrong) as verifier, pytest.raises(InvalidTokenError) as refused:
+        verifier.verify_access_token(token, client_cert=cert)
+    assert refused.value.reason == "bad_audience"
+    with idp.http(chain, key) as http:
+        r = http.post(f"{idp.url}/revoke", data={"token": token, "client_id": creds["client_id"]})
+        assert r.status_code == 200
+    with Verifier(config) as verifier, pytest.raises(InvalidTokenError) as refused:
+        verifier.verify_access_token(token, client_cert=cert)
+    assert refused.value.reason == "revoked"

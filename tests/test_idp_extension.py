@@ -119,7 +119,7 @@ async def _scenario(app: Any, extension: _Extension, creds: dict[str, str]) -> N
         assert extension.saved[0]["access_token"] == r.json()["access_token"]
         r = await http.get("/authorize", params={"client_id": "abc"})
         assert r.json() == {"client_id": "abc"}
-    events = [(e.action, e.details.get("grant_type")) for e in app.ctx.ca.audit_tail(20)]
+    events = [(e.action, e.details.get("grant_type")) for e in app.state.ctx.ca.audit_tail(20)]
     assert ("idp.token", "urn:example:grant") in events
 
 
@@ -128,7 +128,7 @@ def test_a_failing_database_is_503_not_500(
 ) -> None:
     """When the database fails, the token endpoint answers 503 temporarily_unavailable."""
     app, _, creds = app_and_client
-    with app.ctx.store.transaction() as conn:
+    with app.state.ctx.store.transaction() as conn:
         conn.execute(text("DROP TABLE idp_clients"))
 
     async def call() -> httpx.Response:

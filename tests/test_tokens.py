@@ -361,6 +361,30 @@ def test_id_token_as_access_token_is_refused(verifier: Verifier, minter: Minter)
     refused(verifier, minter.token(at_hash="77QmUPtjPfzWtF2AnpK9RQ"), "not_access_token")
 
 
+def test_pre_rfc9068_access_tokens_need_an_explicit_opt_in(
+    provider: ProviderServer, bundle: Path, minter: Minter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """typ JWT tokens without client_id/jti pass only with strict_rfc9068=False (logged)."""
+    legacy: dict[str, Any] = {"client_id": None, "jti": None, "azp": "web-app"}
+    token = minter.token(header={"typ": "JWT"}, **legacy)
+    with Verifier(config(provider, bundle)) as strict:
+        refused(strict, token, "not_access_token")
+    with caplog.at_level(logging.WARNING, logger="trustmesh.tokens"):
+        cfg = config(provider, bundle, strict_rfc9068=False)
+    assert "need not be RFC 9068" in caplog.text
+    with Verifier(cfg) as v:
+        claims = v.verify_access_token(token)
+        assert claims.client_id == "web-app"
+        assert claims.jwt_id is None
+        no_typ = sign_es256({"alg": "ES256", "kid": "ec-1"}, minter.claims(**legacy), minter.ec)
+        assert v.verify_access_token(no_typ).subject == "svc-billing"
+        # ID tokens are still refused, and so are other kinds of JWT.
+        refused(v, minter.token(header={"typ": "JWT"}, nonce="n-0S6"), "not_access_token")
+        refused(v, minter.token(header={"typ": "logout+jwt"}), "not_access_token")
+        refused(v, minter.token(header={"typ": "JWT"}, aud="web-app"), "bad_audience")
+        refused(v, minter.token(header={"typ": "JWT"}, **{**legacy, "sub": None}), "missing_claim")
+
+
 def test_tampered_payload_is_refused(verifier: Verifier, minter: Minter) -> None:
     """Changing one claim after signing breaks the signature."""
     for alg in ("ES256", "RS256"):
@@ -389,7 +413,10 @@ def client_certs(tls: tuple[CertificateAuthority, ssl.SSLContext, Path]) -> tupl
 
 
 def test_bound_token_without_or_with_another_certificate_is_refused(
-    verifier: Verifier, minter: Minter, client_certs: tuple[object, object]
+    verifier: Verifier,
+    minter: Minter,
+    client_certs: tuple[object, object],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A cnf.x5t#S256 token needs the caller's certificate, and exactly that one."""
     mine, other = (c.certificate for c in client_certs)  # type: ignore[attr-defined]
@@ -402,7 +429,9 @@ def test_bound_token_without_or_with_another_certificate_is_refused(
     refused(verifier, token, "cnf_mismatch", client_cert=other)
     refused(verifier, token, "cnf_missing_cert")
     assert verifier.verify_access_token(token, client_cert=mine, skip_binding=False)
-    assert verifier.verify_access_token(token, skip_binding=True).subject == "svc-billing"
+    with caplog.at_level(logging.WARNING, logger="trustmesh.tokens"):
+        assert verifier.verify_access_token(token, skip_binding=True).subject == "svc-billing"
+    assert "binding (cnf) not checked" in caplog.text
     refused(verifier, minter.token(cnf={"jkt": "abc"}), "cnf_unsupported", client_cert=mine)
 
 
@@ -575,6 +604,29 @@ def test_messages_never_echo_the_token(verifier: Verifier, minter: Minter) -> No
     error = refused(verifier, token, "bad_audience")
     assert token.split(".")[2] not in str(error)
     assert "expected one of ['orders']" in error.message
+
+
+def test_public_api_is_sorted_and_complete() -> None:
+    """trustmesh.tokens exports a sorted __all__ of names that exist, the callables documented."""
+    import trustmesh.tokens as tokens
+
+    # isort-style, as ruff (RUF022) keeps it: CONSTANTS, then Classes, then functions.
+    style = sorted(tokens.__all__, key=lambda n: (not n.isupper(), not n[0].isupper(), n))
+    assert tokens.__all__ == style
+    for name in tokens.__all__:
+        value = getattr(tokens, name)
+        if callable(value):
+            assert value.__doc__, name
+    assert set(REASONS) >= {
+        "expired",
+        "bad_audience",
+        "alg_not_allowed",
+        "unknown_kid",
+        "bad_signature",
+        "revoked",
+        "cnf_mismatch",
+        "too_large",
+    }
 
 
 # -- configuration -------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +36,6 @@ from trustmesh.tokens import (
     certificate_thumbprint,
 )
 
-from ._server import free_port
 from .conftest import PASSPHRASE
 
 PEERS = Path(__file__).parent / "peers"
@@ -97,28 +98,31 @@ def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProv
         key_path.write_bytes(dump_private_key(issued.key))
         client_certs.append((issued.certificate, cert_path, key_path))
     ca.close()
-    port = free_port()
-    issuer = f"https://127.0.0.1:{port}"
-    log = (base / "node.log").open("w")
+    log_path = base / "node.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
-        [node, str(PEERS / "oidc_provider.mjs"), str(port), str(chain), str(key), str(bundle)],
+        [node, str(PEERS / "oidc_provider.mjs"), "0", str(chain), str(key), str(bundle)],
         cwd=PEERS,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     ctx = ssl.create_default_context(cafile=str(bundle))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
+    issuer = ""
     try:
         while True:
-            try:
+            found = re.search(r"^listening (https://\S+)$", log_path.read_text(), re.MULTILINE)
+            if found:
+                issuer = found.group(1)
                 url = f"{issuer}/.well-known/openid-configuration"
-                if httpx.get(url, verify=ctx, timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+                try:
+                    if httpx.get(url, verify=ctx, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
             if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"oidc-provider did not start: {(base / 'node.log').read_text()}")
+                state = "exited" if process.poll() is not None else "not answering after 60 s"
+                pytest.fail(f"oidc-provider {state}: {log_path.read_text()}")
             time.sleep(0.2)
         yield NodeProvider(issuer, bundle, client_certs)
     finally:
@@ -221,3 +225,30 @@ def test_oidc_provider_certificate_bound_tokens(node_provider: NodeProvider) -> 
             with pytest.raises(InvalidTokenError) as info:
                 verifier.verify_access_token(token, client_cert=cert)
             assert info.value.reason == reason
+
+
+def test_token_verify_cli_on_an_oidc_provider_token(node_provider: NodeProvider) -> None:
+    """`python -m trustmesh token verify` checks a token oidc-provider issued (and refuses)."""
+    token = node_provider.token("https://orders.example/rs256")
+    common = ["--issuer", node_provider.issuer, "--ca-bundle", str(node_provider.bundle), "--json"]
+    argv = [sys.executable, "-m", "trustmesh", "token", "verify", "-"]
+    ok = subprocess.run(
+        [*argv, "--audience", "orders", *common],
+        input=token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["claims"]["client_id"] == "svc-billing"
+    refused = subprocess.run(
+        [*argv, "--audience", "billing", *common],
+        input=token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["reason"] == "bad_audience"

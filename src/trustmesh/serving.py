@@ -1,17 +1,30 @@
-"""What every trustmesh HTTPS server shares: the listen address, its own identity, its URL."""
+"""What every trustmesh HTTPS server shares: the listen address, its own identity, its URL,
+and running it on uvicorn with the TLS shim."""
 
 from __future__ import annotations
 
 import ipaddress
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.types import Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.errors import ConfigError
+from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.files import atomic_write
 from trustmesh.pki import dump_private_key, pem_certificates
+from trustmesh.tls import TLSHttpToolsProtocol, server_context
 
-__all__ = ["issue_server_identity", "parse_listen", "public_url"]
+__all__ = ["TimedApp", "issue_server_identity", "parse_listen", "public_url", "run_https"]
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -68,3 +81,102 @@ def public_url(host: str, port: int) -> str:
     if ":" in shown:
         shown = f"[{shown}]"
     return f"https://{shown}:{port}"
+
+
+def _exit_cleanly(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def run_https(
+    app: Any,
+    *,
+    listen: str,
+    chain: Path,
+    key: Path,
+    roots: str,
+    name: str,
+    log_level: str = "info",
+) -> None:
+    """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
+
+    Client certificates are requested (verified against ``roots``), not required; the
+    TLS shim hands them to the app in the ASGI ``tls`` extension. A SIGTERM ends with
+    exit status 0, so supervisors see a clean stop.
+
+    Raises:
+        TrustmeshError: The server could not start (the port is in use, say); the
+            message names ``name`` and ``listen``.
+    """
+    host, port = parse_listen(listen)
+
+    def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return server_context(chain, key, cadata=roots, client_cert="optional")
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=TLSHttpToolsProtocol,
+        ssl_certfile=str(chain),
+        ssl_keyfile=str(key),
+        ssl_context_factory=context_factory,
+        timeout_keep_alive=15,
+        timeout_graceful_shutdown=10,
+        limit_concurrency=1000,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
+    # dying by the signal.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    except SystemExit as exc:
+        if exc.code == STARTUP_FAILURE and not server.started:
+            raise TrustmeshError(
+                f"The {name} could not start on {listen} (see the log above): "
+                "is the port in use? Pick another --listen."
+            ) from None
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class TimedApp:
+    """ASGI wrapper that times every HTTP request and reports it with its status.
+
+    Args:
+        app: The Starlette app (its ``state`` and ``routes`` stay reachable).
+        observe: Called with ``(method, path, status, seconds)`` after each request
+            (a request that raised is reported with status 500).
+    """
+
+    def __init__(self, app: Starlette, observe: Callable[[str, str, int, float], None]) -> None:
+        self.app = app
+        self.observe = observe
+        self.state = app.state
+        self.routes = app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            elapsed = time.perf_counter() - start
+            self.observe(str(scope.get("method", "")), str(scope.get("path", "")), status, elapsed)

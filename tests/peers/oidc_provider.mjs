@@ -3,8 +3,9 @@
 //
 // usage: node oidc_provider.mjs PORT CHAIN_PEM KEY_PEM BUNDLE_PEM
 //
-// Serves HTTPS on 127.0.0.1:PORT with the given certificate (from trustmesh's CA)
-// and issuer https://127.0.0.1:PORT; client certificates are requested and checked
+// Serves HTTPS on 127.0.0.1:PORT (0: a free port, no race with other processes) with
+// the given certificate (from trustmesh's CA) and issuer https://127.0.0.1:PORT,
+// printed as "listening ISSUER" once it answers; client certificates are requested and checked
 // against BUNDLE_PEM. The client svc-billing gets client_credentials access tokens
 // for resource indicators (RFC 8707) whose audience is "orders"; svc-bound gets
 // certificate-bound ones (RFC 8705, cnf.x5t#S256 of its mTLS certificate):
@@ -18,7 +19,6 @@ import https from 'node:https';
 import Provider, { errors } from 'oidc-provider';
 
 const [port, chainFile, keyFile, bundleFile] = process.argv.slice(2);
-const issuer = `https://127.0.0.1:${port}`;
 
 const ec = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }).privateKey.export({ format: 'jwk' });
 const rsa = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ format: 'jwk' });
@@ -29,7 +29,7 @@ const resources = {
   'https://orders.example/opaque': { format: 'opaque' },
 };
 
-const provider = new Provider(issuer, {
+const configuration = {
   clients: [
     {
       client_id: 'svc-billing',
@@ -90,17 +90,20 @@ const provider = new Provider(issuer, {
       },
     },
   },
-});
+};
 
-const server = https.createServer(
-  {
-    cert: fs.readFileSync(chainFile),
-    key: fs.readFileSync(keyFile),
-    ca: fs.readFileSync(bundleFile),
-    requestCert: true,
-    rejectUnauthorized: false,
-  },
-  provider.callback(),
-);
-server.listen(Number(port), '127.0.0.1', () => console.log(`listening ${issuer}`));
+const server = https.createServer({
+  cert: fs.readFileSync(chainFile),
+  key: fs.readFileSync(keyFile),
+  ca: fs.readFileSync(bundleFile),
+  requestCert: true,
+  rejectUnauthorized: false,
+});
+server.listen(Number(port), '127.0.0.1', () => {
+  // The issuer names the port actually bound, so the provider is made after listen().
+  const issuer = `https://127.0.0.1:${server.address().port}`;
+  const provider = new Provider(issuer, configuration);
+  server.on('request', provider.callback());
+  console.log(`listening ${issuer}`);
+});
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

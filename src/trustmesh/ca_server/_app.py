@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
@@ -57,6 +57,7 @@ from trustmesh.pki import (
     pem_certificates,
     verify_chain,
 )
+from trustmesh.serving import TimedApp
 from trustmesh.store import token_hash
 
 from ._feed import RevocationHub
@@ -237,39 +238,17 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
-class _Timed:
-    """ASGI wrapper recording request latency by route template and status."""
+def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
+    """Record request latency by route template and status (never per raw path)."""
 
-    def __init__(self, app: Starlette, metrics: _Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.state = app.state
-        self.routes = app.routes
+    def observe(method: str, path: str, status: int, seconds: float) -> None:
+        route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
+        if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
+            route = "other"
+        if not path.endswith("/stream"):
+            metrics.latency.labels(method, route, str(status)).observe(seconds)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def record_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record_status)
-        finally:
-            path = str(scope.get("path", ""))
-            route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
-            if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
-                route = "other"
-            if not path.endswith("/stream"):
-                self.metrics.latency.labels(scope.get("method", ""), route, str(status)).observe(
-                    time.perf_counter() - start
-                )
+    return observe
 
 
 _KNOWN_ROUTES = {
@@ -712,4 +691,4 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         ],
     )
     app.state.hub = hub
-    return _Timed(app, metrics)
+    return TimedApp(app, _observer(metrics))

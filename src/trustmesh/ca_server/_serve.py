@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import uvicorn
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import pem_certificates
-from trustmesh.serving import issue_server_identity, parse_listen, public_url
-from trustmesh.tls import TLSHttpToolsProtocol, server_context
+from trustmesh.serving import issue_server_identity, parse_listen, public_url, run_https
 
 from ._app import ServerSettings, create_app
 
@@ -53,31 +48,20 @@ def serve(
         chain, key = issue_server_identity(ca, host, Path(tmp), path=CA_SERVER_PATH)
         roots = pem_certificates(ca.bundle).decode()
 
-        def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-            return server_context(chain, key, cadata=roots, client_cert="optional")
-
         settings = ServerSettings(
             admins=admins, enroll_rate_per_ip=enroll_rate, enroll_burst_per_ip=enroll_burst
         )
         app = create_app(ca, settings)
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            http=TLSHttpToolsProtocol,
-            ssl_certfile=str(chain),
-            ssl_keyfile=str(key),
-            ssl_context_factory=context_factory,
-            timeout_keep_alive=15,
-            timeout_graceful_shutdown=10,
-            limit_concurrency=1000,
-            log_level=log_level,
-            access_log=False,
-            lifespan="on",
-        )
-        server = uvicorn.Server(config)
         url = public_url(host, port)
         log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
         if ready is not None:
             ready(url)
-        server.run()
+        run_https(
+            app,
+            listen=listen,
+            chain=chain,
+            key=key,
+            roots=roots,
+            name="CA API",
+            log_level=log_level,
+        )

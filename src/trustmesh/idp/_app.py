@@ -27,10 +27,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from trustmesh.errors import ConfigError, StoreError
 from trustmesh.limits import RateLimiter
+from trustmesh.serving import TimedApp
 
 from ._context import METRICS_CONTENT_TYPE, IdpContext
 from ._server import IdpOAuth2Request, create_server
@@ -148,39 +149,6 @@ async def oauth_request(ctx: IdpContext, request: Request) -> IdpOAuth2Request |
         peer_der=_peer_der(request),
         client_host=client,
     )
-
-
-class _Timed:
-    """ASGI wrapper recording request latency by route and status."""
-
-    def __init__(self, app: Starlette, ctx: IdpContext, known: set[str]) -> None:
-        self.app = app
-        self.ctx = ctx
-        self.known = known
-        self.state = app.state
-        self.routes = app.routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def record_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, record_status)
-        finally:
-            path = str(scope.get("path", ""))
-            route = path if path in self.known else "other"
-            self.ctx.metrics.latency.labels(scope.get("method", ""), route, str(status)).observe(
-                time.perf_counter() - start
-            )
 
 
 def discovery_document(ctx: IdpContext) -> dict[str, Any]:
@@ -371,5 +339,11 @@ def create_app(ctx: IdpContext, extensions: Sequence[IdpExtension] = ()) -> ASGI
         routes=routes,
         exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error},
     )
+    app.state.ctx = ctx
     known = {getattr(r, "path", "") for r in routes}
-    return _Timed(app, ctx, known)
+
+    def observe(method: str, path: str, status: int, seconds: float) -> None:
+        route = path if path in known else "other"
+        ctx.metrics.latency.labels(method, route, str(status)).observe(seconds)
+
+    return TimedApp(app, observe)

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import ssl
 import tempfile
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import uvicorn
-from uvicorn.config import STARTUP_FAILURE
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.errors import TrustmeshError
 from trustmesh.pki import pem_certificates
-from trustmesh.serving import issue_server_identity, parse_listen, public_url
-from trustmesh.tls import TLSHttpToolsProtocol, server_context
+from trustmesh.serving import issue_server_identity, parse_listen, public_url, run_https
 
 from ._app import IdpExtension, create_app
 from ._context import IdpContext, IdpSettings
@@ -37,10 +28,6 @@ log = logging.getLogger("trustmesh.idp")
 
 #: The SPIFFE ID path of the identity server's own certificate.
 IDP_SERVER_PATH = "/trustmesh/idp"
-
-
-def _exit_cleanly(_signum: int, _frame: object) -> None:
-    raise SystemExit(0)
 
 
 def create_context(
@@ -89,27 +76,8 @@ def serve(
         chain, key = issue_server_identity(ca, host, Path(tmp), path=IDP_SERVER_PATH, actor="idp")
         roots = pem_certificates(ca.bundle).decode()
 
-        def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-            return server_context(chain, key, cadata=roots, client_cert="optional")
-
         ctx = create_context(ca, passphrase, opts)
         app = create_app(ctx, default_extensions() if extensions is None else extensions)
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            http=TLSHttpToolsProtocol,
-            ssl_certfile=str(chain),
-            ssl_keyfile=str(key),
-            ssl_context_factory=context_factory,
-            timeout_keep_alive=15,
-            timeout_graceful_shutdown=10,
-            limit_concurrency=1000,
-            log_level=log_level,
-            access_log=False,
-            lifespan="on",
-        )
-        server = uvicorn.Server(config)
         log.info(
             "identity server on %s (issuer %s)",
             public_url(host, port),
@@ -118,21 +86,15 @@ def serve(
         )
         if ready is not None:
             ready(url)
-        # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
-        # dying by the signal, so supervisors see a clean stop.
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _exit_cleanly)
         try:
-            server.run()
-        except SystemExit as exc:
-            if exc.code == STARTUP_FAILURE and not server.started:
-                raise TrustmeshError(
-                    f"The identity server could not start on {listen} (see the log above): "
-                    "is the port in use? Pick another --listen."
-                ) from None
-            raise
+            run_https(
+                app,
+                listen=listen,
+                chain=chain,
+                key=key,
+                roots=roots,
+                name="identity server",
+                log_level=log_level,
+            )
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
             log.info("identity server stopped", extra={"event": "stop"})

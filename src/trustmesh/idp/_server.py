@@ -279,6 +279,19 @@ def _secret_basic(query_client: Callable[[str], Any], request: IdpOAuth2Request)
                 "Malformed HTTP Basic credentials: send base64(client_id:client_secret)."
             ),
         )
+    if "client_secret" in request.form or "client_assertion" in request.form:
+        raise InvalidClientError(
+            status_code=401,
+            description=_safe(
+                "The request uses more than one client authentication method (HTTP Basic and "
+                "body credentials); use only the client's registered one (RFC 6749 2.3)."
+            ),
+        )
+    if request.form.get("client_id") not in (None, client_id):
+        raise InvalidClientError(
+            status_code=401,
+            description=_safe("client_id in the body differs from the HTTP Basic client_id."),
+        )
     return _check_secret(query_client, client_id, secret, 401, "client_secret_basic")
 
 

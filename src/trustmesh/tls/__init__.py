@@ -1,12 +1,18 @@
-"""TLS: contexts with secure defaults and the peer certificate for ASGI apps."""
+"""TLS: contexts with secure defaults, rotating credentials, the revocation set, and
+the peer certificate for ASGI apps."""
 
 from ._contexts import TLS12_CIPHERS, client_context, server_context
+from ._revocation import RevocationSet, canonical_serial
+from ._rotation import RotatingCredentials
 from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
 
 __all__ = [
     "TLS12_CIPHERS",
+    "RevocationSet",
+    "RotatingCredentials",
     "TLSH11Protocol",
     "TLSHttpToolsProtocol",
+    "canonical_serial",
     "client_context",
     "server_context",
     "tls_extension",

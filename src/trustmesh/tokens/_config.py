@@ -91,6 +91,10 @@ class IssuerConfig:
         revocation_max_stale: Refuse tokens (``revocation_unavailable``) when the
             list could not be fetched for this long; ``None`` soft-fails (logged).
         require_bound_tokens: Refuse tokens without ``cnf`` (``unbound``).
+        strict_rfc9068: Require ``typ`` ``at+jwt`` and the ``client_id``/``jti`` claims
+            (RFC 9068). ``False`` (logged) accepts providers whose access tokens predate
+            it (``typ`` ``JWT`` or none, ``azp`` for ``client_id``, no ``jti``); ID
+            tokens are still refused by their claims (``nonce``, ``at_hash``).
         jwks_max_age: Refresh the JWKS this often even when every kid is known.
         jwks_min_refetch_interval: At most one JWKS fetch per this interval
             (unknown kids and failures cannot make us hammer the provider).
@@ -117,6 +121,7 @@ class IssuerConfig:
     revocation_poll_interval: timedelta = timedelta(seconds=30)
     revocation_max_stale: timedelta | None = timedelta(minutes=5)
     require_bound_tokens: bool = False
+    strict_rfc9068: bool = True
     jwks_max_age: timedelta = timedelta(minutes=5)
     jwks_min_refetch_interval: timedelta = timedelta(seconds=10)
     introspection: IntrospectionConfig | None = None
@@ -170,6 +175,12 @@ class IssuerConfig:
             )
         if self.revocation_list_url is not None:
             _check_url(self.revocation_list_url, "revocation_list_url", allow_http=http)
+        if not self.strict_rfc9068:
+            log.warning(
+                "tokens: issuer %s: access tokens need not be RFC 9068 (typ JWT accepted, "
+                "client_id and jti optional)",
+                self.issuer,
+            )
         if self.revocation_max_stale is None:
             log.warning("tokens: issuer %s soft-fails a stale revocation list", self.issuer)
         if self.introspection is not None and self.introspection.url is not None:

@@ -45,6 +45,8 @@ _MAX_HEADERS = 64
 _json = json.JSONDecoder().decode
 _NOTHING_FETCHED: frozenset[str] = frozenset()
 _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
+# What ID tokens and pre-RFC 9068 access tokens carry: accepted only with strict_rfc9068=False.
+_PLAIN_JWT = frozenset({None, "jwt", "application/jwt"})
 
 Cert = x509.Certificate | bytes | None
 
@@ -77,6 +79,7 @@ class _IssuerState:
         self.allowed = frozenset(config.algorithms)
         self.audiences = frozenset(config.audiences)
         self.require_bound = config.require_bound_tokens
+        self.strict = config.strict_rfc9068
         self.leeway = config.leeway.total_seconds()
         self.max_lifetime = config.max_lifetime.total_seconds()
         self.max_age = config.jwks_max_age.total_seconds()
@@ -229,7 +232,8 @@ class AsyncVerifier:
         self._cache_size = token_cache_size
         self._cache: dict[str, _Cached] = {}
         self._introspected: dict[bytes, _Introspected] = {}
-        self._headers: dict[str, tuple[str, str | None]] = {}
+        self._headers: dict[str, tuple[str, str | None, bool]] = {}
+        self._skip_binding_logged = False
 
     # -- public API -----------------------------------------------------------------
 
@@ -248,7 +252,7 @@ class AsyncVerifier:
             client_cert: The caller's TLS client certificate (object or DER), when known.
                 A certificate-bound token (``cnf.x5t#S256``) is refused without it.
             skip_binding: Accept bound tokens without checking the certificate
-                (debugging only; logged).
+                (debugging only; logged once per verifier).
             now: The current time (tests); defaults to the clock.
 
         Raises:
@@ -256,6 +260,8 @@ class AsyncVerifier:
             TokenVerifierUnavailableError: The issuer could not be reached to decide.
         """
         at = time.time() if now is None else _timestamp(now)
+        if skip_binding:
+            self._warn_skip_binding()
         try:
             return self._check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
         except _NeedFetch as first:
@@ -298,6 +304,11 @@ class AsyncVerifier:
     def fetch_count(self, issuer: str) -> int:
         """How many HTTP requests went to ``issuer`` (for metrics and tests)."""
         return self._issuers[issuer].fetches
+
+    def _warn_skip_binding(self) -> None:
+        if not self._skip_binding_logged:
+            self._skip_binding_logged = True
+            log.warning("tokens: certificate binding (cnf) not checked: skip_binding=True")
 
     # -- checks (no I/O) ------------------------------------------------------------
 
@@ -343,7 +354,7 @@ class AsyncVerifier:
         header = self._headers.get(h64)
         if header is None:
             header = self._parse_header(h64)
-        alg, kid = header
+        alg, kid, at_jwt = header
         try:
             if "+" in token or "/" in token or "=" in token:
                 raise ValueError("base64 or padding, not base64url")
@@ -362,6 +373,13 @@ class AsyncVerifier:
                 "bad_issuer",
                 f"Token iss {str(iss)[:200]!r} is not a trusted issuer; expected one of "
                 f"{sorted(self._issuers)}.",
+            )
+        if not at_jwt and state.strict:
+            raise _refuse(
+                "not_access_token",
+                f"Token typ is not 'at+jwt' (RFC 9068): an ID token or other JWT is not an "
+                f"access token. Request an access token; for providers that predate RFC 9068 "
+                f"set strict_rfc9068=False for {state.issuer!r}.",
             )
         if alg not in state.allowed:
             raise _refuse(
@@ -426,7 +444,7 @@ class AsyncVerifier:
             )
         return claims
 
-    def _parse_header(self, h64: str) -> tuple[str, str | None]:
+    def _parse_header(self, h64: str) -> tuple[str, str | None, bool]:
         """Check a JOSE header once; identical headers (most of them) are then cached."""
         try:
             header = _json(_b64(h64).decode())
@@ -450,17 +468,18 @@ class AsyncVerifier:
                 "Token header has crit extensions; none are supported, so it is refused.",
             )
         typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in _AT_JWT:
+        kind = typ.lower() if isinstance(typ, str) else typ
+        if kind not in _AT_JWT and kind not in _PLAIN_JWT:
             raise _refuse(
                 "not_access_token",
-                f"Token typ is {str(typ)[:40]!r}, expected 'at+jwt' (RFC 9068): an ID token or "
-                f"other JWT is not an access token. Request an access token from the provider.",
+                f"Token typ is {str(typ)[:40]!r}, expected 'at+jwt' (RFC 9068): that kind of "
+                f"JWT is not an access token. Request an access token from the provider.",
             )
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise _refuse("bad_header", "Token kid is not a string.")
         # jku, x5u, x5c and jwk are never read: keys come only from the configured JWKS.
-        parsed = (alg, kid)
+        parsed = (alg, kid, kind in _AT_JWT)
         if len(self._headers) < _MAX_HEADERS:
             self._headers[h64] = parsed
         return parsed
@@ -522,8 +541,12 @@ class AsyncVerifier:
         jti = payload.get("jti")
         if type(sub) is not str or type(client_id) is not str or type(jti) is not str:
             sub = _required_str(payload, "sub")
-            client_id = _required_str(payload, "client_id")
-            jti = _required_str(payload, "jti")
+            if state.strict:
+                client_id = _required_str(payload, "client_id")
+                jti = _required_str(payload, "jti")
+            else:
+                client_id = _optional_str(payload, "client_id") or _optional_str(payload, "azp")
+                jti = _optional_str(payload, "jti")
         scope = payload.get("scope")
         roles = payload.get("roles")
         cnf = payload.get("cnf")
@@ -888,6 +911,13 @@ def _required_str(payload: dict[str, object], name: str) -> str:
     return value
 
 
+def _optional_str(payload: dict[str, object], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise _refuse("bad_claim", f"Token {name} is not a string.", claim=name)
+
+
 def _scopes(scope: object) -> frozenset[str]:
     if scope is None:
         return frozenset()
@@ -953,6 +983,8 @@ class Verifier:
     ) -> AccessTokenClaims:
         """Verify an access token; see :meth:`AsyncVerifier.verify_access_token`."""
         at = time.time() if now is None else _timestamp(now)
+        if skip_binding:
+            self._async._warn_skip_binding()
         check = self._async._check
         try:
             return check(token, client_cert, skip_binding, at, _NOTHING_FETCHED)
