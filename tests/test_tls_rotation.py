@@ -23,7 +23,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.files import stage_file
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
-from trustmesh.tls import RotatingCredentials, client_context
+from trustmesh.tls import RotatingCredentials, client_context, server_context
 
 from .conftest import PASSPHRASE
 
@@ -538,6 +538,9 @@ def test_refused_without_client_certificate_foreign_ca_or_non_aead(
     cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA:AES128-SHA")
     assert refused(cbc, server.port)
     assert server.saw_error("NO_SHARED_CIPHER"), server.errors
+
+    with pytest.raises(ValueError, match="client_cert='yes': expected 'required'"):
+        server_context(creds_dir / "chain.pem", creds_dir / "key.pem", client_cert="yes")
 
 
 @pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])
