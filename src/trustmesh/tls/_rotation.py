@@ -155,16 +155,7 @@ class RotatingCredentials:
         self._signature: _Signature | None = None
         self._logged_error: tuple[_Signature | None, str] | None = None
         self._expired_logged: int | None = None
-        signature = self._stat()
-        try:
-            loaded = self._load()
-        except _ReloadError as exc:
-            raise ConfigError(
-                f"Cannot load the workload identity from {exc.path}: {exc.problem}. "
-                f"Check that the agent has written {self.directory} "
-                f"('trustmesh agent --out {self.directory}').",
-                path=str(exc.path),
-            ) from None
+        signature, loaded = self._first_load()
         self._current = loaded
         self._signature = signature
         self.generation = 1
@@ -260,6 +251,24 @@ class RotatingCredentials:
         self.stop()
 
     # -- internals ----------------------------------------------------------------
+
+    def _first_load(self) -> tuple[_Signature | None, _Loaded]:
+        deadline = time.monotonic() + _SETTLE + 0.5
+        while True:
+            signature = self._stat()
+            try:
+                return signature, self._load()
+            except _ReloadError as exc:
+                # The agent may be renaming its files right now: let them settle.
+                if self._settling() and time.monotonic() < deadline:
+                    time.sleep(_SETTLE_POLL)
+                    continue
+                raise ConfigError(
+                    f"Cannot load the workload identity from {exc.path}: {exc.problem}. "
+                    f"Check that the agent has written {self.directory} "
+                    f"('trustmesh agent --out {self.directory}').",
+                    path=str(exc.path),
+                ) from None
 
     def _make_listener(self, loaded: _Loaded) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
