@@ -36,7 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.pki import load_private_key, verify_chain
 
-from ._contexts import _harden, client_context, server_context
+from ._contexts import _disable_session_cache, _harden, client_context, server_context
 
 __all__ = ["RotatingCredentials"]
 
@@ -277,6 +277,13 @@ class RotatingCredentials:
         # and a trust-bundle change must apply to every new connection.
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+        # TLS 1.2 also resumes by session ID from the server's cache: turn it off.
+        if not _disable_session_cache(ctx):
+            log.warning(
+                "could not turn off the TLS session cache of the listener: a TLS 1.2 client "
+                "may resume a session without its certificate being checked against a "
+                "changed trust bundle (revocation is still checked per request)"
+            )
         ctx.verify_mode = ssl.CERT_REQUIRED
         # The listener presents the first generation itself; the callback replaces
         # its context with the current one before the certificate is chosen.
