@@ -159,10 +159,14 @@ def test_bootstrap_then_live_revocations_within_a_second(tmp_path: Path, identit
             assert revset.wait_for(revset.cursor, 0.1)
             assert not revset.wait_for(revset.cursor + 1000, 0.1)
             metrics = revset.metrics()
+            assert metrics["connected"] == 1.0
             assert metrics["revoked"] == 6
             assert metrics["events_total"] == 6
             assert metrics["connects_total"] == 1
             assert metrics["healthy"] == 1.0
+        assert not revset.connected  # stopped: no longer following the feed
+        assert not revset.healthy
+        assert revset.is_revoked(victims[0])
 
 
 def test_resumes_from_its_cursor_after_a_restart(

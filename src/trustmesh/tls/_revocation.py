@@ -257,7 +257,11 @@ class RevocationSet:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop following the feed and close the connection."""
+        """Stop following the feed and close the connection.
+
+        The set keeps answering from what it knows; it is no longer connected, so
+        with ``fail_closed`` it fails closed once ``grace`` has passed.
+        """
         self._stop.set()
         sock = self._socket
         if sock is not None:
@@ -269,6 +273,8 @@ class RevocationSet:
         if thread is not None:
             thread.join(timeout=10)
         self._started = False
+        if self._stale_since is None:
+            self._stale_since = time.monotonic()
 
     def __enter__(self) -> RevocationSet:
         self.start()
