@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -159,10 +159,14 @@ def test_bootstrap_then_live_revocations_within_a_second(tmp_path: Path, identit
             assert revset.wait_for(revset.cursor, 0.1)
             assert not revset.wait_for(revset.cursor + 1000, 0.1)
             metrics = revset.metrics()
+            assert metrics["connected"] == 1.0
             assert metrics["revoked"] == 6
             assert metrics["events_total"] == 6
             assert metrics["connects_total"] == 1
             assert metrics["healthy"] == 1.0
+        assert not revset.connected  # stopped: no longer following the feed
+        assert not revset.healthy
+        assert revset.is_revoked(victims[0])
 
 
 def test_resumes_from_its_cursor_after_a_restart(
@@ -194,13 +198,13 @@ def test_resumes_from_its_cursor_after_a_restart(
             assert revset.is_revoked(victims[0])
             assert revset.is_revoked(victims[1])
             assert not revset.is_revoked(victims[2])
-            assert revset.disconnects == 1
-            assert revset.connects == 2
+            assert revset.disconnects >= 1
+            assert revset.connects >= 2
             revset.stop()
     finally:
         revset.stop()
     lost = [r for r in caplog.records if "lost the revocation feed" in r.getMessage()]
-    assert len(lost) == 1
+    assert lost
     assert f"reconnecting from cursor {cursor}" in lost[0].getMessage()
 
 
@@ -284,11 +288,22 @@ def test_falls_back_to_a_verified_crl_while_the_feed_is_down(
             failures = revset.crl_failures
             assert wait_until(lambda: revset.crl_failures > failures, 5)
             assert revset.is_revoked(victims[0])  # never forgets a revocation
+
+            # A CRL an hour old (replayed, or a stale mirror) adds its revocations but is
+            # no proof of contact: the set still fails closed after grace.
+            with open_ca(home) as ca:
+                ca.revoke(victims[1])
+                old = ca.crl(now=datetime.now(UTC) - timedelta(hours=1))
+                mirror.der = old.public_bytes(serialization.Encoding.DER)
+            assert revset.wait_revoked(victims[1], 5)
+            assert wait_until(lambda: not revset.healthy, 5)
+            assert revset.is_revoked(victims[2])
     finally:
         mirror.close()
     messages = [r.getMessage() for r in caplog.records]
     assert any("refreshed from CRL" in m for m in messages)
     assert any("not signed by a trust anchor" in m for m in messages)
+    assert any("does not count as contact" in m for m in messages)
 
 
 class revset_stopped:  # noqa: N801 - used as a context manager
@@ -400,3 +415,26 @@ def test_revocation_on_one_replica_reaches_a_set_following_another(
                 client.revoke(serial)
                 assert wait_until(lambda s=serial: revset.is_revoked(s), 1.0)
                 assert time.monotonic() - started < 1.0
+
+
+def test_an_unreachable_ca_at_start_is_logged_once_and_fails_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A set that never reached its CA says so once (feed and CRL), keeps retrying, and
+    fails closed once grace has passed."""
+    caplog.set_level(logging.DEBUG, logger="trustmesh.tls")
+    url = f"https://127.0.0.1:{free_port()}"
+    revset = RevocationSet(
+        url, ssl.create_default_context, grace=timedelta(seconds=0.5), crl_interval=0.1
+    )
+    with revset:
+        assert not revset.is_revoked(1)
+        assert wait_until(lambda: revset.is_revoked(1), 5)
+        assert wait_until(lambda: revset.crl_failures >= 3, 5)
+        assert not revset.healthy
+        assert revset.last_error is not None
+        assert "ConnectError" in revset.last_error
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("cannot reach the revocation feed" in m for m in warnings) == 1
+    assert sum("CRL fallback failed" in m for m in warnings) == 1
+    assert sum("FAILING CLOSED" in r.getMessage() for r in caplog.records) == 1

@@ -88,6 +88,10 @@ class RevocationSet:
             intermediates of our chain, e.g. ``credentials.intermediates``); each
             must chain to a trust anchor of ``ssl_context()``. A CRL signed
             directly by a trust anchor needs none.
+        crl_max_age: A CRL whose ``thisUpdate`` is older than this still adds its
+            serials, but does not count as contact for ``grace`` (a replayed or
+            stale CRL must not keep a set that lost its feed from failing closed).
+            The CA rebuilds its CRL at least every 5 minutes by default.
         crl_interval: Seconds between CRL fetches while the feed is down (default:
             a third of ``grace``, between 0.5 and 30).
         read_timeout: Seconds of silence after which an open stream is considered
@@ -105,6 +109,7 @@ class RevocationSet:
         fail_closed: bool = True,
         crl_url: str | None = None,
         issuers: Callable[[], Sequence[x509.Certificate]] | None = None,
+        crl_max_age: timedelta = timedelta(minutes=10),
         crl_interval: float | None = None,
         read_timeout: float = 40.0,
     ) -> None:
@@ -121,6 +126,7 @@ class RevocationSet:
         self.grace = grace
         self.fail_closed = fail_closed
         self.read_timeout = read_timeout
+        self.crl_max_age = crl_max_age
         self.crl_interval = (
             crl_interval
             if crl_interval is not None
@@ -145,6 +151,9 @@ class RevocationSet:
         self._socket: socket.socket | None = None
         self._backoff = _BACKOFF_FIRST
         self._last_crl = 0.0
+        self._unreachable_logged = False
+        self._crl_failing: str | None = None
+        self._crl_quiet = False
         self.last_error: str | None = None
         # Counters for metrics.
         self.events = 0
@@ -248,7 +257,11 @@ class RevocationSet:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop following the feed and close the connection."""
+        """Stop following the feed and close the connection.
+
+        The set keeps answering from what it knows; it is no longer connected, so
+        with ``fail_closed`` it fails closed once ``grace`` has passed.
+        """
         self._stop.set()
         sock = self._socket
         if sock is not None:
@@ -260,6 +273,8 @@ class RevocationSet:
         if thread is not None:
             thread.join(timeout=10)
         self._started = False
+        if self._stale_since is None:
+            self._stale_since = time.monotonic()
 
     def __enter__(self) -> RevocationSet:
         self.start()
@@ -306,18 +321,33 @@ class RevocationSet:
                 )
         with self._transition:
             self._closed_logged = False
+        self._unreachable_logged = False
+        self._crl_failing = None
+        self._crl_quiet = False
 
     def _mark_disconnected(self, error: str) -> None:
         self.last_error = error
         if self._stale_since is None:
             self._stale_since = time.monotonic()
             self.disconnects += 1
+            self._unreachable_logged = True
             log.warning(
                 "lost the revocation feed at %s (%s); reconnecting from cursor %d",
                 self.ca_url,
                 error,
                 self.cursor,
                 extra={"event": "revocation_feed_lost"},
+            )
+        elif not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.warning(
+                "cannot reach the revocation feed at %s (%s); retrying from cursor %d, with "
+                "the CRL at %s meanwhile",
+                self.ca_url,
+                error,
+                self.cursor,
+                self.crl_url,
+                extra={"event": "revocation_feed_unreachable"},
             )
 
     def _add(self, event: dict[str, Any]) -> None:
@@ -433,10 +463,14 @@ class RevocationSet:
             return
         self._last_crl = time.monotonic()
         try:
-            serials, number = self._fetch_crl()
+            serials, number, this_update = self._fetch_crl()
         except (httpx.HTTPError, OSError, ValueError) as exc:
             self.crl_failures += 1
-            log.warning(
+            # Logged once per run of failures; the counter keeps the rest.
+            level = logging.DEBUG if self._crl_failing == "failed" else logging.WARNING
+            self._crl_failing = "failed"
+            log.log(
+                level,
                 "CRL fallback failed: %s (%s)",
                 self.crl_url,
                 _describe(exc),
@@ -450,12 +484,39 @@ class RevocationSet:
             self._changed.notify_all()
         self.crl_refreshes += 1
         self.crl_number = number
+        age = datetime.now(UTC) - this_update
+        if age > self.crl_max_age:
+            # Its revocations count, but it is no proof that nothing was revoked since.
+            self.crl_failures += 1
+            level = logging.DEBUG if self._crl_failing == "stale" else logging.WARNING
+            self._crl_failing = "stale"
+            log.log(
+                level,
+                "CRL %d at %s is %ds old (crl_max_age %ds): %d new revocations added, but "
+                "it does not count as contact with the CA",
+                number,
+                self.crl_url,
+                age.total_seconds(),
+                self.crl_max_age.total_seconds(),
+                added,
+                extra={"event": "revocation_crl_stale"},
+            )
+            return
+        first = self._crl_failing is not None or not self._crl_quiet
+        self._crl_failing = None
+        self._crl_quiet = True
         self._stale_since = time.monotonic()
         with self._transition:
             recovered = self._closed_logged
             self._closed_logged = False
+        if recovered:
+            level = logging.WARNING
+        elif added or first:
+            level = logging.INFO
+        else:  # the same CRL again, every crl_interval: not worth a line each time
+            level = logging.DEBUG
         log.log(
-            logging.WARNING if recovered else logging.INFO,
+            level,
             "revocation set refreshed from CRL %d at %s while the feed is down: %d entries, %d new",
             number,
             self.crl_url,
@@ -464,7 +525,7 @@ class RevocationSet:
             extra={"event": "revocation_crl_refresh"},
         )
 
-    def _fetch_crl(self) -> tuple[set[str], int]:
+    def _fetch_crl(self) -> tuple[set[str], int, datetime]:
         ctx = self._ssl_context()
         with httpx.Client(verify=ctx, timeout=10.0, trust_env=False) as client:
             response = client.get(self.crl_url, headers={"accept": "application/pkix-crl"})
@@ -486,7 +547,8 @@ class RevocationSet:
         except x509.ExtensionNotFound:
             number = 0
         log.debug("CRL %d verified against %s", number, issuer.subject.rfc4514_string())
-        return {format(entry.serial_number, "x") for entry in crl}, number
+        serials = {format(entry.serial_number, "x") for entry in crl}
+        return serials, number, crl.last_update_utc
 
 
 def _crl_issuer(
