@@ -400,3 +400,26 @@ def test_revocation_on_one_replica_reaches_a_set_following_another(
                 client.revoke(serial)
                 assert wait_until(lambda s=serial: revset.is_revoked(s), 1.0)
                 assert time.monotonic() - started < 1.0
+
+
+def test_an_unreachable_ca_at_start_is_logged_once_and_fails_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A set that never reached its CA says so once (feed and CRL), keeps retrying, and
+    fails closed once grace has passed."""
+    caplog.set_level(logging.DEBUG, logger="trustmesh.tls")
+    url = f"https://127.0.0.1:{free_port()}"
+    revset = RevocationSet(
+        url, ssl.create_default_context, grace=timedelta(seconds=0.5), crl_interval=0.1
+    )
+    with revset:
+        assert not revset.is_revoked(1)
+        assert wait_until(lambda: revset.is_revoked(1), 5)
+        assert wait_until(lambda: revset.crl_failures >= 3, 5)
+        assert not revset.healthy
+        assert revset.last_error is not None
+        assert "ConnectError" in revset.last_error
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("cannot reach the revocation feed" in m for m in warnings) == 1
+    assert sum("CRL fallback failed" in m for m in warnings) == 1
+    assert sum("FAILING CLOSED" in r.getMessage() for r in caplog.records) == 1

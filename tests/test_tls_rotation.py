@@ -23,7 +23,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.files import stage_file
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
-from trustmesh.tls import RotatingCredentials, client_context
+from trustmesh.tls import RotatingCredentials, client_context, server_context
 
 from .conftest import PASSPHRASE
 
@@ -539,6 +539,9 @@ def test_refused_without_client_certificate_foreign_ca_or_non_aead(
     assert refused(cbc, server.port)
     assert server.saw_error("NO_SHARED_CIPHER"), server.errors
 
+    with pytest.raises(ValueError, match="client_cert='yes': expected 'required'"):
+        server_context(creds_dir / "chain.pem", creds_dir / "key.pem", client_cert="yes")
+
 
 @pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])
 def test_openssl_old_protocol_versions_are_refused(
@@ -613,3 +616,89 @@ def test_openssl_old_protocol_versions_are_refused(
         timeout=20,
     )
     assert "Verify return code: 0 (ok)" in ok.stdout, ok.stdout[-500:]
+
+
+def test_uvicorn_with_the_shim_rotates_under_keep_alive_and_new_connections(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """uvicorn (asyncio TLS, memory BIOs) serving ``server_context()`` with the ASGI TLS
+    shim: across three rotations keep-alive and new-connection requests all succeed, new
+    connections see the new certificate, and the app sees the caller's certificate."""
+    import httpx
+    import uvicorn
+
+    from trustmesh.tls import TLSHttpToolsProtocol
+
+    creds_dir = tmp_path / "creds"
+    first = install(ca, creds_dir)
+    creds = RotatingCredentials(creds_dir, poll_interval=0.02)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        tls = scope["extensions"]["tls"]  # type: ignore[index]
+        pem = tls["client_cert_chain"][0]
+        serial = format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x")
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": serial.encode()})  # type: ignore[operator]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=TLSHttpToolsProtocol,
+        ssl_context_factory=lambda _config, _default: creds.server_context(),
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client_dir = tmp_path / "client"
+    key, chain, client_serial = issue(ca, CLIENT_ID)
+    client_dir.mkdir()
+    (client_dir / "key.pem").write_bytes(key)
+    (client_dir / "chain.pem").write_bytes(chain)
+    ctx = client_context(
+        cadata=bundle_of(ca).decode(),
+        chain=client_dir / "chain.pem",
+        key=client_dir / "key.pem",
+    )
+    url = f"https://127.0.0.1:{port}/"
+
+    def server_serial(response: httpx.Response) -> int:
+        ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+        return x509.load_der_x509_certificate(ssl_object.getpeercert(True)).serial_number
+
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started
+        failures: list[str] = []
+        with httpx.Client(verify=ctx, timeout=5) as kept, creds:
+            response = kept.get(url)
+            assert response.text == format(client_serial, "x")
+            assert server_serial(response) == first
+            for _ in range(3):
+                serial = install(ca, creds_dir)
+                deadline = time.monotonic() + 5
+                while creds.leaf.serial_number != serial and time.monotonic() < deadline:
+                    try:
+                        assert kept.get(url).status_code == 200
+                    except httpx.HTTPError as exc:
+                        failures.append(str(exc))
+                with httpx.Client(verify=ctx, timeout=5) as fresh:
+                    response = fresh.get(url)
+                    assert response.text == format(client_serial, "x")
+                    assert server_serial(response) == serial
+                response = kept.get(url)
+                assert response.status_code == 200
+                assert server_serial(response) == first  # the same keep-alive connection
+        assert failures == []
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -145,6 +145,9 @@ class RevocationSet:
         self._socket: socket.socket | None = None
         self._backoff = _BACKOFF_FIRST
         self._last_crl = 0.0
+        self._unreachable_logged = False
+        self._crl_failing = False
+        self._crl_quiet = False
         self.last_error: str | None = None
         # Counters for metrics.
         self.events = 0
@@ -306,6 +309,9 @@ class RevocationSet:
                 )
         with self._transition:
             self._closed_logged = False
+        self._unreachable_logged = False
+        self._crl_failing = False
+        self._crl_quiet = False
 
     def _mark_disconnected(self, error: str) -> None:
         self.last_error = error
@@ -318,6 +324,17 @@ class RevocationSet:
                 error,
                 self.cursor,
                 extra={"event": "revocation_feed_lost"},
+            )
+        elif not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.warning(
+                "cannot reach the revocation feed at %s (%s); retrying from cursor %d, with "
+                "the CRL at %s meanwhile",
+                self.ca_url,
+                error,
+                self.cursor,
+                self.crl_url,
+                extra={"event": "revocation_feed_unreachable"},
             )
 
     def _add(self, event: dict[str, Any]) -> None:
@@ -436,7 +453,11 @@ class RevocationSet:
             serials, number = self._fetch_crl()
         except (httpx.HTTPError, OSError, ValueError) as exc:
             self.crl_failures += 1
-            log.warning(
+            # Logged once per run of failures; the counter keeps the rest.
+            level = logging.DEBUG if self._crl_failing else logging.WARNING
+            self._crl_failing = True
+            log.log(
+                level,
                 "CRL fallback failed: %s (%s)",
                 self.crl_url,
                 _describe(exc),
@@ -448,14 +469,23 @@ class RevocationSet:
         with self._changed:
             self._revoked = merged
             self._changed.notify_all()
+        first = self._crl_failing or not self._crl_quiet
         self.crl_refreshes += 1
         self.crl_number = number
+        self._crl_failing = False
+        self._crl_quiet = True
         self._stale_since = time.monotonic()
         with self._transition:
             recovered = self._closed_logged
             self._closed_logged = False
+        if recovered:
+            level = logging.WARNING
+        elif added or first:
+            level = logging.INFO
+        else:  # the same CRL again, every crl_interval: not worth a line each time
+            level = logging.DEBUG
         log.log(
-            logging.WARNING if recovered else logging.INFO,
+            level,
             "revocation set refreshed from CRL %d at %s while the feed is down: %d entries, %d new",
             number,
             self.crl_url,
