@@ -114,7 +114,8 @@ class MTLSMiddleware:
         if scope["type"] not in {"http", "websocket"}:
             await self.app(scope, receive, send)
             return
-        method = str(scope.get("method", "WEBSOCKET"))
+        # A WebSocket handshake is a GET (RFC 6455); the policy decides on that.
+        method = str(scope.get("method", "GET"))
         path = str(scope.get("path", ""))
         raw = scope.get("raw_path")
         # The policy decides on the raw path (it refuses %2F and other ambiguity).
