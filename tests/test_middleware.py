@@ -728,3 +728,42 @@ def test_policy_file_and_revocation_feed_cut_an_open_connection(
     assert r.headers["connection"] == "close"
     assert took < 5, f"the revocation took {took:.2f}s to reach the service"
     assert decisions(caplog)[-1]["reason"] == "revoked"
+
+
+def test_wsgi_believes_the_trusted_proxy_and_refuses_its_ambiguous_headers(
+    ca: CertificateAuthority, server_id: Identity, orders: Identity, workdir: Path
+) -> None:
+    """Under werkzeug, the gateway's X-Trustmesh-Caller and Client-Cert name the caller; the
+    same header twice (joined into one environ key) is a 400, not a guess."""
+    gateway = issue(ca, GATEWAY, workdir)
+    flask_app = Flask("svc")
+
+    @flask_app.get("/items")
+    def items() -> dict[str, Any]:
+        caller = current_caller()
+        return {"caller": str(caller), "via": str(caller.via), "serial": caller.serial_hex}
+
+    flask_app.wsgi_app = MTLSWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        trust_domain="example.org",
+        policy=allow_all(),
+        revocation=RevokedSerials(),
+        trusted_proxies=[GATEWAY],
+        trust_bundle=[ca.intermediate, *ca.bundle],
+    )
+    with serve_wsgi(flask_app, ca, server_id) as url, client(ca, gateway) as http:
+        named = http.get(f"{url}/items", headers={"X-Trustmesh-Caller": ORDERS})
+        with_cert = http.get(
+            f"{url}/items", headers={"Client-Cert": forwarded_certificate_header(orders.cert)}
+        )
+        twice = http.get(
+            f"{url}/items",
+            headers=[("X-Trustmesh-Caller", ORDERS), ("X-Trustmesh-Caller", GATEWAY)],
+        )
+    assert named.json() == {"caller": ORDERS, "via": GATEWAY, "serial": None}
+    assert with_cert.json() == {
+        "caller": ORDERS,
+        "via": GATEWAY,
+        "serial": format(orders.serial, "x"),
+    }
+    refused(twice, 400, "bad_forwarded_identity")
