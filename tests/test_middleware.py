@@ -20,6 +20,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from fastapi import FastAPI
 from flask import Flask
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -490,12 +491,17 @@ def test_policy_allows_denies_and_audits(
 
     enforce = CallablePolicy(reads_only)
     audit = CallablePolicy(reads_only, mode="audit")
+    registry = CollectorRegistry()
     with client(ca, orders) as http:
-        with serve_asgi(protect(echo_app(), policy=enforce), ca, server_id) as url:
+        app = protect(echo_app(), policy=enforce, metrics_registry=registry)
+        with serve_asgi(app, ca, server_id) as url:
             assert http.get(f"{url}/items").status_code == 200
             body = refused(http.delete(f"{url}/items/1"), 403, "policy_denied")
         with serve_asgi(protect(echo_app(), policy=audit), ca, server_id) as url:
             assert http.delete(f"{url}/items/1").status_code == 200
+    counted = "trustmesh_service_requests_total"
+    assert registry.get_sample_value(counted, {"outcome": "allow", "reason": "allowed"}) == 1
+    assert registry.get_sample_value(counted, {"outcome": "deny", "reason": "policy_denied"}) == 1
     assert "no rule allows" in body["detail"]
     assert enforce.seen[0].path == "/items"
     assert enforce.seen[1].method == "DELETE"

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMa
 from typing import Any, Protocol
 
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from trustmesh.context import inbound_token
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError
@@ -68,6 +69,8 @@ class MTLSMiddleware:
         exempt_paths: Exact paths served without any check (e.g. ``/healthz``
             for a load balancer); logged at startup.
         log_allowed: Log allowed requests too (denials are always logged).
+        metrics_registry: A prometheus ``CollectorRegistry`` to count decisions in
+            (``trustmesh_service_requests_total{outcome,reason}``); None counts nothing.
 
     Raises:
         ConfigError: A setting is unusable (the message says which).
@@ -89,6 +92,7 @@ class MTLSMiddleware:
         trust_bundle: Sequence[x509.Certificate] = (),
         exempt_paths: Collection[str] = (),
         log_allowed: bool = True,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
@@ -103,6 +107,7 @@ class MTLSMiddleware:
             has_verifier=verifier is not None,
             log_allowed=log_allowed,
             kind="ASGI",
+            metrics_registry=metrics_registry,
         )
         self.exempt_paths = frozenset(exempt_paths)
         if self.exempt_paths:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client import CollectorRegistry, Counter
 
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
@@ -254,6 +255,8 @@ class Gate:
             trusted proxy forwards in ``Client-Cert``.
         has_verifier: Whether a token verifier is configured.
         log_allowed: Log allowed requests too (one line each); denials are always logged.
+        metrics_registry: Where to count decisions (``trustmesh_service_requests_total``
+            by ``outcome`` and ``reason``); None counts nothing.
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class Gate:
         has_verifier: bool,
         log_allowed: bool,
         kind: str,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         try:
             self.trust_domain = SpiffeID.trust_domain_id(trust_domain).trust_domain
@@ -302,6 +306,16 @@ class Gate:
         self.trust_bundle = tuple(trust_bundle)
         self.has_verifier = has_verifier
         self.log_allowed = log_allowed
+        self._counter = (
+            Counter(
+                "trustmesh_service_requests",
+                "Requests decided by the identity middleware, by outcome and reason code",
+                ["outcome", "reason"],
+                registry=metrics_registry,
+            )
+            if metrics_registry is not None
+            else None
+        )
         self._leaves: dict[str | bytes, Caller | Refusal] = {}
         if policy is None:
             log.warning(
@@ -690,6 +704,7 @@ class Gate:
                 fields["caller"] = refusal.subject
             if refusal.extra.get("rule"):
                 fields["rule"] = refusal.extra["rule"]
+            self._count("deny", refusal.reason)
             log.warning(
                 "deny %s %s from %s: %s (%s)",
                 method,
@@ -702,6 +717,7 @@ class Gate:
             return
         if decision is not None and decision.would_deny:
             fields.update(outcome="audit_deny", reason=decision.reason)
+            self._count("audit_deny", "policy_would_deny")
             log.warning(
                 "audit: would deny %s %s from %s: %s",
                 method,
@@ -711,10 +727,15 @@ class Gate:
                 extra=_clean(fields),
             )
             return
+        self._count("allow", "allowed")
         if self.log_allowed:
             reason = decision.reason if decision is not None else "no policy configured"
             fields.update(outcome="allow", reason=reason)
             log.info("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
+
+    def _count(self, outcome: str, reason: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(outcome, reason).inc()
 
 
 def _clean(fields: dict[str, object]) -> dict[str, object]:

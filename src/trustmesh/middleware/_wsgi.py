@@ -7,6 +7,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from trustmesh.context import inbound_token
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError
@@ -85,6 +86,7 @@ class MTLSWSGIMiddleware:
         trust_bundle: Sequence[x509.Certificate] = (),
         exempt_paths: Collection[str] = (),
         log_allowed: bool = True,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
@@ -99,6 +101,7 @@ class MTLSWSGIMiddleware:
             has_verifier=verifier is not None,
             log_allowed=log_allowed,
             kind="WSGI",
+            metrics_registry=metrics_registry,
         )
         self.exempt_paths = frozenset(exempt_paths)
         if self.exempt_paths:
