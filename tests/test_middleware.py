@@ -773,3 +773,22 @@ def test_wsgi_believes_the_trusted_proxy_and_refuses_its_ambiguous_headers(
         "serial": format(orders.serial, "x"),
     }
     refused(twice, 400, "bad_forwarded_identity")
+
+
+def test_exempt_paths_skip_checks_but_never_pass_identity_headers(
+    ca: CertificateAuthority, server_id: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exempt /healthz answers without a certificate (logged at startup); identity
+    headers are still removed there, and every other path still needs a certificate."""
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse([k.decode("latin-1") for k, _ in request.scope["headers"]])
+
+    app = protect(Starlette(routes=[Route("/healthz", health)]), exempt_paths=["/healthz"])
+    with serve_asgi(app, ca, server_id, client_cert="optional") as url, client(ca, None) as http:
+        ok = http.get(f"{url}/healthz", headers=SPOOFED)
+        other = http.get(f"{url}/items")
+    assert ok.status_code == 200
+    assert sorted(ok.json()) == ["accept", "accept-encoding", "connection", "host", "user-agent"]
+    refused(other, 403, "no_client_certificate")
+    assert any("served without checks" in r.getMessage() for r in caplog.records)

@@ -126,7 +126,14 @@ class MTLSMiddleware:
         # The policy decides on the raw path (it refuses %2F and other ambiguity).
         policy_path = raw.decode("latin-1").partition("?")[0] if isinstance(raw, bytes) else path
         if path in self.exempt_paths:
-            await self.app(scope, receive, send)
+            # No checks here, but no identity headers either: nobody vouched for them.
+            exempt = dict(scope)
+            exempt["headers"] = [
+                (k, v)
+                for k, v in scope.get("headers", ())
+                if not is_identity_header(k.decode("latin-1"))
+            ]
+            await self.app(exempt, receive, send)
             return
         gate = self.gate
         peer: Caller | None = None
@@ -156,8 +163,7 @@ class MTLSMiddleware:
                 # The app sees what the trusted proxy sent (minus nothing).
                 kept = list(scope.get("headers", ()))
             token = gate.bearer_token(authorization)
-            if token is not None:
-                assert self.verifier is not None  # noqa: S101 - bearer_token checks it
+            if token is not None and self.verifier is not None:
                 bound = caller.certificate or peer.certificate
                 try:
                     user = await self.verifier.verify_access_token(token, client_cert=bound)
