@@ -158,3 +158,84 @@ def test_run_refuses_bad_input_with_one_line(
     assert "No --ca given" in capsys.readouterr().err
     assert main(["run", "flaskapp:app", *base, "--no-policy", "--no-revocation"]) == 2
     assert "not an ASGI app" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_with_revocation_feed_and_tokens(
+    ca: CertificateAuthority, home: Path, tmp_path: Path
+) -> None:
+    """--ca wires the CA's revocation feed (a revocation cuts the caller's open connection);
+    --issuer/--audience/--require-token verify the bearer token against `idp serve`."""
+    from ._idp import running_idp
+    from ._server import running_server
+
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    _write_identity(ca, cert_dir)
+    (tmp_path / "svcapp.py").write_text(APP.replace('"rule": who.decision.rule', '"rule": None'))
+    orders = issue(ca, ORDERS, tmp_path)
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    with running_server(home, tmp_path) as ca_server, running_idp(home, tmp_path) as idp:
+        creds = idp.add_client("run-user", "--scope", "inventory:read", "--audience", "inventory")
+        with idp.http() as token_http:
+            token = token_http.post(
+                idp.token_url,
+                auth=(creds["client_id"], creds["client_secret"]),
+                data={"grant_type": "client_credentials"},
+            ).json()["access_token"]
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "trustmesh",
+                    "run",
+                    "svcapp:app",
+                    *("--cert-dir", str(cert_dir), "--listen", f"127.0.0.1:{port}"),
+                    *("--no-policy", "--ca", ca_server.url, "--app-dir", str(tmp_path)),
+                    *("--issuer", idp.url, "--audience", "inventory", "--require-token"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        url = f"https://127.0.0.1:{port}"
+        ctx = client_context(cadata=bundle_pem(ca), chain=orders.chain, key=orders.key)
+        try:
+            with mtls_client(ctx, expect_id=SERVICE, base_url=url, timeout=5) as http:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        missing = http.get("/items")
+                        break
+                    except httpx.TransportError:
+                        assert process.poll() is None, log_path.read_text()
+                        assert time.monotonic() < deadline, log_path.read_text()
+                        time.sleep(0.1)
+                auth = {"Authorization": f"Bearer {token}"}
+                ok = http.get("/items", headers=auth)
+                from trustmesh.client import CAClient
+
+                with CAClient(
+                    ca_server.url, bundle=ca_server.bundle, cert=orders.chain, key=orders.key
+                ) as ca_api:
+                    ca_api.revoke(serial=format(orders.serial, "x"))
+                deadline = time.monotonic() + 10
+                while True:
+                    cut = http.get("/items", headers=auth)
+                    if cut.status_code != 200 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0, log_path.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert missing.status_code == 401, missing.text
+    assert missing.json()["reason"] == "token_missing"
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["caller"] == ORDERS
+    assert cut.status_code == 403, cut.text
+    assert cut.json()["reason"] == "revoked"
