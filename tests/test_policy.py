@@ -911,7 +911,14 @@ def test_cli_check_with_a_real_token(tmp_path: Path, example_file: Path) -> None
         allowed = _cli(*common, "--token", tokens["reader"])
         assert allowed.returncode == 0, allowed.stdout + allowed.stderr
         assert "ALLOW: rule 'orders-reads-inventory'" in allowed.stdout
-        denied = _cli(*common, "--token", tokens["writer"], "--json")
+        denied = subprocess.run(  # the token on stdin, as scripts should pass it
+            [sys.executable, "-m", "trustmesh", "policy", *common, "--token", "-", "--json"],
+            input=tokens["writer"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert denied.returncode == 1, denied.stderr
         decision = json.loads(denied.stdout)
         assert decision["decision"] == "deny"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -126,7 +127,11 @@ def _print_decision(decision: Decision, policy: Policy, as_json: bool) -> None:
 )
 @click.option("--method", default="GET", show_default=True, help="HTTP method.")
 @click.option("--path", "req_path", required=True, help="Request path, e.g. /items/42.")
-@click.option("--token", default=None, help="An access token (JWT) to verify and use.")
+@click.option(
+    "--token",
+    default=None,
+    help="An access token (JWT) to verify and use; - reads it from stdin (keeps it out of ps).",
+)
 @click.option("--issuer", default=None, help="Issuer to trust for --token.")
 @click.option(
     "--audience", "audiences", multiple=True, help="Audience --token must name (repeatable)."
@@ -175,6 +180,12 @@ def check_command(
     who = _caller(caller)
     path = _path(req_path)
     if token is not None:
+        if token == "-":  # noqa: S105 - the stdin marker, not a secret
+            token = sys.stdin.read()
+        if not token.strip():
+            raise ConfigError(
+                "--token is empty. Pass the access token, or - to read it from stdin."
+            )
         claims, scopes, roles = _verified_claims(token, issuer, audiences, ca_bundle)
         request = PolicyRequest(who, method, path, claims, scopes, roles)
     elif claims_json is not None:
