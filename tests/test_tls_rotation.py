@@ -702,3 +702,31 @@ def test_uvicorn_with_the_shim_rotates_under_keep_alive_and_new_connections(
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_sessions_are_never_resumed(
+    ca: CertificateAuthority, tmp_path: Path, serve: list[TLSServer], version: ssl.TLSVersion
+) -> None:
+    """A client offering its previous session gets a full handshake (client certificate
+    verified against the current bundle) with TLS 1.2 and 1.3 alike."""
+    creds_dir = tmp_path / "creds"
+    install(ca, creds_dir)
+    creds = RotatingCredentials(creds_dir)
+    server = start(serve, creds.server_context())
+    client = client_ctx(ca, tmp_path, bundle_of(ca))
+    client.minimum_version = client.maximum_version = version
+    session = None
+    for _ in range(10):
+        with (
+            socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw,
+            client.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+        ):
+            tls.sendall(b"ping\n")
+            assert tls.recv(16) == b"pong\n"
+            assert tls.version() == version.name.replace("v1_", "v1.")
+            assert not tls.session_reused
+            session = tls.session
+            assert session is not None
+            assert not session.has_ticket  # no session tickets with either version
+    assert server.errors == []

@@ -75,3 +75,39 @@ def client_context(
     if chain is not None and key is not None:
         ctx.load_cert_chain(chain, key)
     return ctx
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+
+
+def _disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """Turn OpenSSL's server-side session cache off for ``ctx``; True if it is off.
+
+    The stdlib has no API for ``SSL_CTX_set_session_cache_mode``. Without it a TLS 1.2
+    client can resume a session by ID and skip the client-certificate check, so a
+    trust-bundle change would not apply to it. The ``SSL_CTX`` pointer is the first
+    field of CPython's ``PySSLContext``; it is only used after
+    ``SSL_CTX_get_options`` through it returns exactly ``ctx.options``.
+    """
+    import ctypes
+    import sys
+
+    if sys.implementation.name != "cpython":
+        return False
+    try:
+        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+        get_options = lib.SSL_CTX_get_options
+        get_options.restype = ctypes.c_uint64
+        get_options.argtypes = [ctypes.c_void_p]
+        ctrl = lib.SSL_CTX_ctrl
+        ctrl.restype = ctypes.c_long
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer or get_options(pointer) != int(ctx.options):
+            return False
+        ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        return int(ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None)) == _SSL_SESS_CACHE_OFF
+    except (AttributeError, OSError, TypeError, ValueError):
+        return False

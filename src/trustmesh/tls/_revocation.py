@@ -88,6 +88,10 @@ class RevocationSet:
             intermediates of our chain, e.g. ``credentials.intermediates``); each
             must chain to a trust anchor of ``ssl_context()``. A CRL signed
             directly by a trust anchor needs none.
+        crl_max_age: A CRL whose ``thisUpdate`` is older than this still adds its
+            serials, but does not count as contact for ``grace`` (a replayed or
+            stale CRL must not keep a set that lost its feed from failing closed).
+            The CA rebuilds its CRL at least every 5 minutes by default.
         crl_interval: Seconds between CRL fetches while the feed is down (default:
             a third of ``grace``, between 0.5 and 30).
         read_timeout: Seconds of silence after which an open stream is considered
@@ -105,6 +109,7 @@ class RevocationSet:
         fail_closed: bool = True,
         crl_url: str | None = None,
         issuers: Callable[[], Sequence[x509.Certificate]] | None = None,
+        crl_max_age: timedelta = timedelta(minutes=10),
         crl_interval: float | None = None,
         read_timeout: float = 40.0,
     ) -> None:
@@ -121,6 +126,7 @@ class RevocationSet:
         self.grace = grace
         self.fail_closed = fail_closed
         self.read_timeout = read_timeout
+        self.crl_max_age = crl_max_age
         self.crl_interval = (
             crl_interval
             if crl_interval is not None
@@ -146,7 +152,7 @@ class RevocationSet:
         self._backoff = _BACKOFF_FIRST
         self._last_crl = 0.0
         self._unreachable_logged = False
-        self._crl_failing = False
+        self._crl_failing: str | None = None
         self._crl_quiet = False
         self.last_error: str | None = None
         # Counters for metrics.
@@ -310,7 +316,7 @@ class RevocationSet:
         with self._transition:
             self._closed_logged = False
         self._unreachable_logged = False
-        self._crl_failing = False
+        self._crl_failing = None
         self._crl_quiet = False
 
     def _mark_disconnected(self, error: str) -> None:
@@ -318,6 +324,7 @@ class RevocationSet:
         if self._stale_since is None:
             self._stale_since = time.monotonic()
             self.disconnects += 1
+            self._unreachable_logged = True
             log.warning(
                 "lost the revocation feed at %s (%s); reconnecting from cursor %d",
                 self.ca_url,
@@ -450,12 +457,12 @@ class RevocationSet:
             return
         self._last_crl = time.monotonic()
         try:
-            serials, number = self._fetch_crl()
+            serials, number, this_update = self._fetch_crl()
         except (httpx.HTTPError, OSError, ValueError) as exc:
             self.crl_failures += 1
             # Logged once per run of failures; the counter keeps the rest.
-            level = logging.DEBUG if self._crl_failing else logging.WARNING
-            self._crl_failing = True
+            level = logging.DEBUG if self._crl_failing == "failed" else logging.WARNING
+            self._crl_failing = "failed"
             log.log(
                 level,
                 "CRL fallback failed: %s (%s)",
@@ -469,10 +476,28 @@ class RevocationSet:
         with self._changed:
             self._revoked = merged
             self._changed.notify_all()
-        first = self._crl_failing or not self._crl_quiet
         self.crl_refreshes += 1
         self.crl_number = number
-        self._crl_failing = False
+        age = datetime.now(UTC) - this_update
+        if age > self.crl_max_age:
+            # Its revocations count, but it is no proof that nothing was revoked since.
+            self.crl_failures += 1
+            level = logging.DEBUG if self._crl_failing == "stale" else logging.WARNING
+            self._crl_failing = "stale"
+            log.log(
+                level,
+                "CRL %d at %s is %ds old (crl_max_age %ds): %d new revocations added, but "
+                "it does not count as contact with the CA",
+                number,
+                self.crl_url,
+                age.total_seconds(),
+                self.crl_max_age.total_seconds(),
+                added,
+                extra={"event": "revocation_crl_stale"},
+            )
+            return
+        first = self._crl_failing is not None or not self._crl_quiet
+        self._crl_failing = None
         self._crl_quiet = True
         self._stale_since = time.monotonic()
         with self._transition:
@@ -494,7 +519,7 @@ class RevocationSet:
             extra={"event": "revocation_crl_refresh"},
         )
 
-    def _fetch_crl(self) -> tuple[set[str], int]:
+    def _fetch_crl(self) -> tuple[set[str], int, datetime]:
         ctx = self._ssl_context()
         with httpx.Client(verify=ctx, timeout=10.0, trust_env=False) as client:
             response = client.get(self.crl_url, headers={"accept": "application/pkix-crl"})
@@ -516,7 +541,8 @@ class RevocationSet:
         except x509.ExtensionNotFound:
             number = 0
         log.debug("CRL %d verified against %s", number, issuer.subject.rfc4514_string())
-        return {format(entry.serial_number, "x") for entry in crl}, number
+        serials = {format(entry.serial_number, "x") for entry in crl}
+        return serials, number, crl.last_update_utc
 
 
 def _crl_issuer(

@@ -36,7 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.pki import load_private_key, verify_chain
 
-from ._contexts import _harden, client_context, server_context
+from ._contexts import _disable_session_cache, _harden, client_context, server_context
 
 __all__ = ["RotatingCredentials"]
 
@@ -155,16 +155,7 @@ class RotatingCredentials:
         self._signature: _Signature | None = None
         self._logged_error: tuple[_Signature | None, str] | None = None
         self._expired_logged: int | None = None
-        signature = self._stat()
-        try:
-            loaded = self._load()
-        except _ReloadError as exc:
-            raise ConfigError(
-                f"Cannot load the workload identity from {exc.path}: {exc.problem}. "
-                f"Check that the agent has written {self.directory} "
-                f"('trustmesh agent --out {self.directory}').",
-                path=str(exc.path),
-            ) from None
+        signature, loaded = self._first_load()
         self._current = loaded
         self._signature = signature
         self.generation = 1
@@ -261,6 +252,24 @@ class RotatingCredentials:
 
     # -- internals ----------------------------------------------------------------
 
+    def _first_load(self) -> tuple[_Signature | None, _Loaded]:
+        deadline = time.monotonic() + _SETTLE + 0.5
+        while True:
+            signature = self._stat()
+            try:
+                return signature, self._load()
+            except _ReloadError as exc:
+                # The agent may be renaming its files right now: let them settle.
+                if self._settling() and time.monotonic() < deadline:
+                    time.sleep(_SETTLE_POLL)
+                    continue
+                raise ConfigError(
+                    f"Cannot load the workload identity from {exc.path}: {exc.problem}. "
+                    f"Check that the agent has written {self.directory} "
+                    f"('trustmesh agent --out {self.directory}').",
+                    path=str(exc.path),
+                ) from None
+
     def _make_listener(self, loaded: _Loaded) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(ctx)
@@ -268,6 +277,13 @@ class RotatingCredentials:
         # and a trust-bundle change must apply to every new connection.
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+        # TLS 1.2 also resumes by session ID from the server's cache: turn it off.
+        if not _disable_session_cache(ctx):
+            log.warning(
+                "could not turn off the TLS session cache of the listener: a TLS 1.2 client "
+                "may resume a session without its certificate being checked against a "
+                "changed trust bundle (revocation is still checked per request)"
+            )
         ctx.verify_mode = ssl.CERT_REQUIRED
         # The listener presents the first generation itself; the callback replaces
         # its context with the current one before the certificate is chosen.
