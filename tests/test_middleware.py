@@ -20,6 +20,7 @@ import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from fastapi import FastAPI
 from flask import Flask
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -490,12 +491,17 @@ def test_policy_allows_denies_and_audits(
 
     enforce = CallablePolicy(reads_only)
     audit = CallablePolicy(reads_only, mode="audit")
+    registry = CollectorRegistry()
     with client(ca, orders) as http:
-        with serve_asgi(protect(echo_app(), policy=enforce), ca, server_id) as url:
+        app = protect(echo_app(), policy=enforce, metrics_registry=registry)
+        with serve_asgi(app, ca, server_id) as url:
             assert http.get(f"{url}/items").status_code == 200
             body = refused(http.delete(f"{url}/items/1"), 403, "policy_denied")
         with serve_asgi(protect(echo_app(), policy=audit), ca, server_id) as url:
             assert http.delete(f"{url}/items/1").status_code == 200
+    counted = "trustmesh_service_requests_total"
+    assert registry.get_sample_value(counted, {"outcome": "allow", "reason": "allowed"}) == 1
+    assert registry.get_sample_value(counted, {"outcome": "deny", "reason": "policy_denied"}) == 1
     assert "no rule allows" in body["detail"]
     assert enforce.seen[0].path == "/items"
     assert enforce.seen[1].method == "DELETE"
@@ -728,3 +734,61 @@ def test_policy_file_and_revocation_feed_cut_an_open_connection(
     assert r.headers["connection"] == "close"
     assert took < 5, f"the revocation took {took:.2f}s to reach the service"
     assert decisions(caplog)[-1]["reason"] == "revoked"
+
+
+def test_wsgi_believes_the_trusted_proxy_and_refuses_its_ambiguous_headers(
+    ca: CertificateAuthority, server_id: Identity, orders: Identity, workdir: Path
+) -> None:
+    """Under werkzeug, the gateway's X-Trustmesh-Caller and Client-Cert name the caller; the
+    same header twice (joined into one environ key) is a 400, not a guess."""
+    gateway = issue(ca, GATEWAY, workdir)
+    flask_app = Flask("svc")
+
+    @flask_app.get("/items")
+    def items() -> dict[str, Any]:
+        caller = current_caller()
+        return {"caller": str(caller), "via": str(caller.via), "serial": caller.serial_hex}
+
+    flask_app.wsgi_app = MTLSWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        trust_domain="example.org",
+        policy=allow_all(),
+        revocation=RevokedSerials(),
+        trusted_proxies=[GATEWAY],
+        trust_bundle=[ca.intermediate, *ca.bundle],
+    )
+    with serve_wsgi(flask_app, ca, server_id) as url, client(ca, gateway) as http:
+        named = http.get(f"{url}/items", headers={"X-Trustmesh-Caller": ORDERS})
+        with_cert = http.get(
+            f"{url}/items", headers={"Client-Cert": forwarded_certificate_header(orders.cert)}
+        )
+        twice = http.get(
+            f"{url}/items",
+            headers=[("X-Trustmesh-Caller", ORDERS), ("X-Trustmesh-Caller", GATEWAY)],
+        )
+    assert named.json() == {"caller": ORDERS, "via": GATEWAY, "serial": None}
+    assert with_cert.json() == {
+        "caller": ORDERS,
+        "via": GATEWAY,
+        "serial": format(orders.serial, "x"),
+    }
+    refused(twice, 400, "bad_forwarded_identity")
+
+
+def test_exempt_paths_skip_checks_but_never_pass_identity_headers(
+    ca: CertificateAuthority, server_id: Identity, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exempt /healthz answers without a certificate (logged at startup); identity
+    headers are still removed there, and every other path still needs a certificate."""
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse([k.decode("latin-1") for k, _ in request.scope["headers"]])
+
+    app = protect(Starlette(routes=[Route("/healthz", health)]), exempt_paths=["/healthz"])
+    with serve_asgi(app, ca, server_id, client_cert="optional") as url, client(ca, None) as http:
+        ok = http.get(f"{url}/healthz", headers=SPOOFED)
+        other = http.get(f"{url}/items")
+    assert ok.status_code == 200
+    assert sorted(ok.json()) == ["accept", "accept-encoding", "connection", "host", "user-agent"]
+    refused(other, 403, "no_client_certificate")
+    assert any("served without checks" in r.getMessage() for r in caplog.records)

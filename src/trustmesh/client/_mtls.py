@@ -389,7 +389,9 @@ class MTLSTransport(httpx.BaseTransport):
         except BaseException:
             self._release(generation)
             raise
-        assert isinstance(response.stream, httpx.SyncByteStream)  # noqa: S101 - sync transport
+        if not isinstance(response.stream, httpx.SyncByteStream):
+            self._release(generation)
+            raise TypeError("httpx.HTTPTransport returned a non-sync stream")
         response.stream = _Tracked(response.stream, lambda: self._release(generation))
         return response
 
@@ -472,7 +474,9 @@ class AsyncMTLSTransport(httpx.AsyncBaseTransport):
         except BaseException:
             await self._release(generation)
             raise
-        assert isinstance(response.stream, httpx.AsyncByteStream)  # noqa: S101 - async transport
+        if not isinstance(response.stream, httpx.AsyncByteStream):
+            await self._release(generation)
+            raise TypeError("httpx.AsyncHTTPTransport returned a non-async stream")
         response.stream = _AsyncTracked(response.stream, lambda: self._release(generation))
         return response
 

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, MutableMa
 from typing import Any, Protocol
 
 from cryptography import x509
+from prometheus_client import CollectorRegistry
 
 from trustmesh.context import inbound_token
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError
@@ -68,6 +69,8 @@ class MTLSMiddleware:
         exempt_paths: Exact paths served without any check (e.g. ``/healthz``
             for a load balancer); logged at startup.
         log_allowed: Log allowed requests too (denials are always logged).
+        metrics_registry: A prometheus ``CollectorRegistry`` to count decisions in
+            (``trustmesh_service_requests_total{outcome,reason}``); None counts nothing.
 
     Raises:
         ConfigError: A setting is unusable (the message says which).
@@ -89,6 +92,7 @@ class MTLSMiddleware:
         trust_bundle: Sequence[x509.Certificate] = (),
         exempt_paths: Collection[str] = (),
         log_allowed: bool = True,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.app = app
         self.verifier = verifier
@@ -103,6 +107,7 @@ class MTLSMiddleware:
             has_verifier=verifier is not None,
             log_allowed=log_allowed,
             kind="ASGI",
+            metrics_registry=metrics_registry,
         )
         self.exempt_paths = frozenset(exempt_paths)
         if self.exempt_paths:
@@ -114,13 +119,21 @@ class MTLSMiddleware:
         if scope["type"] not in {"http", "websocket"}:
             await self.app(scope, receive, send)
             return
-        method = str(scope.get("method", "WEBSOCKET"))
+        # A WebSocket handshake is a GET (RFC 6455); the policy decides on that.
+        method = str(scope.get("method", "GET"))
         path = str(scope.get("path", ""))
         raw = scope.get("raw_path")
         # The policy decides on the raw path (it refuses %2F and other ambiguity).
         policy_path = raw.decode("latin-1").partition("?")[0] if isinstance(raw, bytes) else path
         if path in self.exempt_paths:
-            await self.app(scope, receive, send)
+            # No checks here, but no identity headers either: nobody vouched for them.
+            exempt = dict(scope)
+            exempt["headers"] = [
+                (k, v)
+                for k, v in scope.get("headers", ())
+                if not is_identity_header(k.decode("latin-1"))
+            ]
+            await self.app(exempt, receive, send)
             return
         gate = self.gate
         peer: Caller | None = None
@@ -150,8 +163,7 @@ class MTLSMiddleware:
                 # The app sees what the trusted proxy sent (minus nothing).
                 kept = list(scope.get("headers", ()))
             token = gate.bearer_token(authorization)
-            if token is not None:
-                assert self.verifier is not None  # noqa: S101 - bearer_token checks it
+            if token is not None and self.verifier is not None:
                 bound = caller.certificate or peer.certificate
                 try:
                     user = await self.verifier.verify_access_token(token, client_cert=bound)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client import CollectorRegistry, Counter
 
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
@@ -254,6 +255,8 @@ class Gate:
             trusted proxy forwards in ``Client-Cert``.
         has_verifier: Whether a token verifier is configured.
         log_allowed: Log allowed requests too (one line each); denials are always logged.
+        metrics_registry: Where to count decisions (``trustmesh_service_requests_total``
+            by ``outcome`` and ``reason``); None counts nothing.
     """
 
     def __init__(
@@ -269,6 +272,7 @@ class Gate:
         has_verifier: bool,
         log_allowed: bool,
         kind: str,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         try:
             self.trust_domain = SpiffeID.trust_domain_id(trust_domain).trust_domain
@@ -302,7 +306,17 @@ class Gate:
         self.trust_bundle = tuple(trust_bundle)
         self.has_verifier = has_verifier
         self.log_allowed = log_allowed
-        self._leaves: OrderedDict[str | bytes, Caller | Refusal] = OrderedDict()
+        self._counter = (
+            Counter(
+                "trustmesh_service_requests",
+                "Requests decided by the identity middleware, by outcome and reason code",
+                ["outcome", "reason"],
+                registry=metrics_registry,
+            )
+            if metrics_registry is not None
+            else None
+        )
+        self._leaves: dict[str | bytes, Caller | Refusal] = {}
         if policy is None:
             log.warning(
                 "%s middleware: no policy configured; every verified caller of %s is allowed",
@@ -345,12 +359,12 @@ class Gate:
         cached = self._leaves.get(leaf)
         if cached is None:
             cached = self._parse_leaf(leaf)
+            # Plain dict operations only: WSGI servers call this from many threads.
+            if len(self._leaves) >= _PEM_CACHE_SIZE:
+                self._leaves.clear()
             self._leaves[leaf] = cached
-            if len(self._leaves) > _PEM_CACHE_SIZE:
-                self._leaves.popitem(last=False)
         if isinstance(cached, Refusal):
-            raise cached
-        assert cached.certificate is not None  # noqa: S101 - parsed leaves always have one
+            raise dataclasses.replace(cached)
         self._check_time(cached, now)
         self.check_revoked(cached)
         return cached
@@ -427,7 +441,8 @@ class Gate:
     def _check_time(caller: Caller, now: datetime | None) -> None:
         # The handshake checked validity; a keep-alive connection can outlive the leaf.
         cert = caller.certificate
-        assert cert is not None  # noqa: S101 - callers with a serial have a certificate
+        if cert is None:  # a caller a proxy named; the proxy checked its certificate
+            return
         when = now or datetime.now(UTC)
         if when > cert.not_valid_after_utc:
             raise _cert_refusal(
@@ -518,8 +533,7 @@ class Gate:
                         f"Forwarded caller {named} is not in trust domain {self.trust_domain!r}.",
                     )
                 caller = Caller(named, None, None, proxy.spiffe_id)
-        assert caller is not None  # noqa: S101 - names or certs is non-empty
-        return caller
+        return caller if caller is not None else proxy
 
     def _verify_forwarded(
         self, leaf: x509.Certificate, chain: list[x509.Certificate], via: SpiffeID
@@ -689,6 +703,7 @@ class Gate:
                 fields["caller"] = refusal.subject
             if refusal.extra.get("rule"):
                 fields["rule"] = refusal.extra["rule"]
+            self._count("deny", refusal.reason)
             log.warning(
                 "deny %s %s from %s: %s (%s)",
                 method,
@@ -701,6 +716,7 @@ class Gate:
             return
         if decision is not None and decision.would_deny:
             fields.update(outcome="audit_deny", reason=decision.reason)
+            self._count("audit_deny", "policy_would_deny")
             log.warning(
                 "audit: would deny %s %s from %s: %s",
                 method,
@@ -710,10 +726,15 @@ class Gate:
                 extra=_clean(fields),
             )
             return
+        self._count("allow", "allowed")
         if self.log_allowed:
             reason = decision.reason if decision is not None else "no policy configured"
             fields.update(outcome="allow", reason=reason)
             log.info("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
+
+    def _count(self, outcome: str, reason: str) -> None:
+        if self._counter is not None:
+            self._counter.labels(outcome, reason).inc()
 
 
 def _clean(fields: dict[str, object]) -> dict[str, object]:
