@@ -3,6 +3,7 @@ worker class, as real processes against a real `ca serve`, over real mTLS."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -263,6 +264,52 @@ def test_run_reuses_a_valid_identity_in_cert_dir_and_refuses_a_used_token(
     assert response.status_code == 200
     assert serial == enrolled_serial
     assert cert_dir.exists()  # a given --cert-dir is kept
+
+
+@pytest.mark.slow
+def test_a_failed_renewal_is_logged_and_retried_while_serving_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CA goes away mid-run: each failed renewal is logged with the retry, and the
+    server keeps answering with its current certificate."""
+    home = tmp_path / "ca-home"
+    CertificateAuthority.init(
+        home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
+    ).close()
+    port, log_path = free_port(), tmp_path / "down.log"
+    url = f"https://127.0.0.1:{port}"
+    with contextlib.ExitStack() as stack:  # the run process outlives the CA
+        with running_server(home, tmp_path) as ca_server:
+            token = token_for(ca_server, SERVICE, capsys)
+            orders = caller_identity(ca_server, tmp_path)
+            argv = run_argv(
+                port,
+                tmp_path,
+                *("--id", SERVICE, "--ca", ca_server.url, "--bundle", str(ca_server.bundle)),
+                *("--token", token, "--ttl", "20s", "--no-policy", "--no-revocation"),
+            )
+            ctx = spiffe_context(ca_server.bundle, orders)
+            proc = stack.enter_context(process(argv, log_path))
+            with mtls_client(ctx, expect_id=SERVICE, base_url=url, timeout=5) as http:
+                first = first_response(proc, http, log_path)
+        # The CA is stopped now.
+        deadline = time.monotonic() + 30
+        while f"Renewing {SERVICE} failed" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        with mtls_client(ctx, expect_id=SERVICE, base_url=url, timeout=5) as http:
+            after = http.get("/items")
+        stop(proc, log_path)
+    assert first.status_code == 200
+    assert after.status_code == 200
+    assert after.json()["caller"] == ORDERS
+    failures = [
+        e for e in log_lines(log_path) if str(e["msg"]).startswith(f"Renewing {SERVICE} failed")
+    ]
+    assert failures, log_path.read_text()
+    assert "retrying in" in str(failures[0]["msg"])
+    assert failures[0]["level"] in ("warning", "error")
 
 
 def test_run_refuses_inconsistent_identity_options_with_one_line(

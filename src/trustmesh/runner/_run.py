@@ -51,7 +51,7 @@ class RunSettings:
         listen: ``HOST:PORT``.
         policy: The policy file; None only with ``no_policy``.
         no_policy: Serve without a policy (every verified caller allowed; logged).
-        ca_url: The CA for the revocation feed; None only with ``no_revocation``.
+        ca_url: The CA for the revocation feed (unused for it with ``no_revocation``).
         no_revocation: Serve without revocation checks (logged).
         issuer: Token issuer URL; tokens are ignored without it.
         audiences: Accepted token audiences.
@@ -221,7 +221,7 @@ def _run_one(
         RevocationSet(
             settings.ca_url, credentials.client_context, issuers=credentials.intermediates
         )
-        if settings.ca_url is not None
+        if settings.ca_url is not None and not settings.no_revocation
         else None
     )
     issuer = (
