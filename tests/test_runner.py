@@ -334,6 +334,10 @@ def test_run_refuses_inconsistent_identity_options_with_one_line(
             ],
             "not both",
         ),
+        (  # checked before enrolling: no token is spent on a server that cannot start
+            [*base[:2], "--id", SERVICE, "--ca", "https://127.0.0.1:9", "--token", "t"],
+            "No --policy given",
+        ),
     ]
     for argv, expected in cases:
         capsys.readouterr()

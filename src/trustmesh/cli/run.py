@@ -104,7 +104,7 @@ def run_command(
 
     The service's identity comes from --cert-dir (kept by 'trustmesh agent'), or with
     --id SPIFFE_ID --ca URL --token TOKEN from the agent in this process."""
-    from trustmesh.runner import RunSettings, run
+    from trustmesh.runner import RunSettings, run, validate
 
     context = click.get_current_context()
     given = [
@@ -131,18 +131,6 @@ def run_command(
     if spiffe_id is not None and cert_dir is None:
         temporary = cert_dir = Path(tempfile.mkdtemp(prefix="trustmesh-run-"))  # 0700
     try:
-        keeper = None
-        if spiffe_id is not None and ca_url is not None and cert_dir is not None:
-            keeper = _start_agent(
-                ca_url,
-                SpiffeID.parse(spiffe_id),
-                cert_dir,
-                bundle=bundle,
-                token=token or None,
-                token_file=token_file,
-                key_type=KeyType.parse(key_type),
-                ttl=ttl,
-            )
         assert cert_dir is not None  # noqa: S101 - checked above
         settings = RunSettings(
             target=app,
@@ -161,6 +149,19 @@ def run_command(
             log_format=log_format,
             workers=workers,
         )
+        validate(settings)  # before a join token is spent
+        keeper = None
+        if spiffe_id is not None and ca_url is not None and cert_dir is not None:
+            keeper = _start_agent(
+                ca_url,
+                SpiffeID.parse(spiffe_id),
+                cert_dir,
+                bundle=bundle,
+                token=token or None,
+                token_file=token_file,
+                key_type=KeyType.parse(key_type),
+                ttl=ttl,
+            )
         run(
             settings,
             ready=lambda url: click.echo(f"trustmesh run: {app} on {url}", err=True),

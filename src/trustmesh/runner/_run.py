@@ -36,7 +36,7 @@ from trustmesh.serving import parse_listen, public_url
 from trustmesh.tls import RevocationSet, RotatingCredentials, TLSHttpToolsProtocol
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
-__all__ = ["Keeper", "RunSettings", "load_app", "run"]
+__all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
 
 log = logging.getLogger("trustmesh.runner")
 
@@ -147,6 +147,18 @@ def _check(settings: RunSettings) -> None:
         raise ConfigError("--issuer needs at least one --audience.", field="audience")
     if settings.workers < 1:
         raise ConfigError("--workers must be 1 or more.", field="workers")
+
+
+def validate(settings: RunSettings) -> None:
+    """Refuse unusable settings and an app that cannot be imported, before anything
+    irreversible (such as spending a join token) happens.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    _check(settings)
+    parse_listen(settings.listen)
+    load_app(settings.target, settings.app_dir)
 
 
 def _start_keeper(keeper: Keeper | None, stop: threading.Event) -> threading.Thread | None:
