@@ -105,6 +105,9 @@ SERVER = f"spiffe://{TRUST_DOMAIN}/svc/inventory"
 PATH = "/items/7"
 BODY = '{"item":"7"}'
 SYSTEMS = ("trustmesh", "uvicorn-tls", "uvicorn-mtls", "nginx")
+# --breakdown: the trustmesh stack built up one piece at a time (keep-alive CPU per request).
+BREAKDOWN = ("uvicorn-mtls", "tm-shim", "tm-mw", "tm-mw-rev", "trustmesh")
+TRUSTMESH_STACKS = ("trustmesh", "tm-shim", "tm-mw", "tm-mw-rev")
 POLICY = f"""\
 mode: enforce
 rules:
@@ -208,7 +211,7 @@ def serve(args: argparse.Namespace) -> None:
         "timeout_keep_alive": 60,
     }
     stack: contextlib.ExitStack = contextlib.ExitStack()
-    if args.serve == "trustmesh":
+    if args.serve in TRUSTMESH_STACKS:
         from cryptography import x509
 
         from trustmesh.middleware import MTLSMiddleware
@@ -220,18 +223,20 @@ def serve(args: argparse.Namespace) -> None:
             server_context,
         )
 
-        own = client_context(cafile=bundle, chain=chain, key=key)
-        intermediate = x509.load_pem_x509_certificate((work / "intermediate.pem").read_bytes())
-        revocations = RevocationSet(args.ca_url, lambda: own, issuers=lambda: [intermediate])
-        stack.enter_context(revocations)
-        if not revocations.wait_connected(30):
-            raise SystemExit("the revocation set did not connect to ca serve")
-        app = MTLSMiddleware(
-            app,
-            trust_domain=TRUST_DOMAIN,
-            policy=PolicyFile(work / "policy.yaml"),
-            revocation=revocations,
-        )
+        revocations: RevocationSet | None = None
+        if args.serve in {"trustmesh", "tm-mw-rev"}:
+            own = client_context(cafile=bundle, chain=chain, key=key)
+            pem = (work / "intermediate.pem").read_bytes()
+            intermediate = x509.load_pem_x509_certificate(pem)
+            revocations = RevocationSet(args.ca_url, lambda: own, issuers=lambda: [intermediate])
+            stack.enter_context(revocations)
+            if not revocations.wait_connected(30):
+                raise SystemExit("the revocation set did not connect to ca serve")
+        if args.serve != "tm-shim":
+            policy = PolicyFile(work / "policy.yaml") if args.serve == "trustmesh" else None
+            app = MTLSMiddleware(
+                app, trust_domain=TRUST_DOMAIN, policy=policy, revocation=revocations
+            )
         roots = bundle.read_text()
 
         def factory(_config: Any, _default: Any) -> ssl.SSLContext:
@@ -251,15 +256,15 @@ def serve(args: argparse.Namespace) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     server = uvicorn.Server(uvicorn.Config(app, **kw))
-    try:
-        with stack:
-            if profiler is not None:
-                profiler.enable()
-            server.run()
-    finally:
+    with stack:
         if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(args.profile_out)
+            profiler.enable()
+        try:
+            server.run()
+        finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(args.profile_out)
 
 
 # -- the driver ------------------------------------------------------------------------
@@ -426,11 +431,11 @@ def run_wrk(
     )
 
 
-def print_table(title: str, tally: Tally, unit: str) -> None:
+def print_table(title: str, tally: Tally, unit: str, systems: tuple[str, ...] = SYSTEMS) -> None:
     print(f"\n{title}")
     print(f"| system | {unit} | p50 ms | p99 ms | server CPU µs/req | wrk CPU µs/req | errors |")
     print("|---|---|---|---|---|---|---|")
-    for name in SYSTEMS:
+    for name in systems:
         if name not in tally.runs:
             continue
         rps = tally.values(name, "rps")
@@ -509,6 +514,141 @@ def revocation_latency(
 # -- main --------------------------------------------------------------------------------
 
 
+def breakdown(
+    args: argparse.Namespace,
+    work: Path,
+    ca_url: str,
+    ctx: ssl.SSLContext,
+    caller: Identity,
+    shim: Path,
+) -> None:
+    """Keep-alive runs of the stack built up piece by piece, alternating, CPU per request."""
+    servers = [start_python(kind, work, ca_url, ctx) for kind in BREAKDOWN]
+    tally = Tally()
+    with started(servers):
+        warm = argparse.Namespace(**{**vars(args), "duration": 1})
+        for s in servers:
+            run_wrk(s, caller, shim, warm, new_conn=False)
+        for rnd in range(args.rounds):
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+            print(f"breakdown round {rnd + 1}, load {loadavg()}")
+            for s in order:
+                tally.add(s.name, run_wrk(s, caller, shim, args, new_conn=False))
+    print_table(
+        "Breakdown (keep-alive): uvicorn-mtls = uvicorn's own ssl context; tm-shim = "
+        "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
+        "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; trustmesh = + PolicyFile",
+        tally,
+        "req/s",
+        BREAKDOWN,
+    )
+    base = tally.med("uvicorn-mtls", "server_cpu_us")
+    prev = base
+    for name in BREAKDOWN[1:]:
+        cur = tally.med(name, "server_cpu_us")
+        print(f"  {name}: {cur - prev:+.0f} µs/req over the previous, {cur - base:+.0f} in all")
+        prev = cur
+
+
+def micro(work: Path, ca_url: str, caller: Identity, rounds: int, n: int = 20000) -> None:
+    """In-process cost of the middleware and its pieces per request (no network, one core).
+
+    The ASGI scope is what the shim hands over for one keep-alive request (the caller's
+    real leaf as PEM, the request's headers); the inner app is a no-op.
+    """
+    import asyncio
+    import logging
+    import timeit
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from trustmesh.middleware import MTLSMiddleware
+    from trustmesh.policy import PolicyFile
+    from trustmesh.tls import RevocationSet, client_context
+
+    logging.getLogger("trustmesh").setLevel(logging.WARNING)
+    leaf = x509.load_pem_x509_certificate(caller.chain.read_bytes())
+    leaf_pem = ssl.DER_cert_to_PEM_cert(leaf.public_bytes(Encoding.DER))
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1:8443")],
+        "extensions": {"tls": {"client_cert_chain": [leaf_pem]}},
+    }
+
+    async def noop(_scope: Any, _receive: Any, _send: Any) -> None:
+        return None
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request"}
+
+    async def send(_message: Any) -> None:
+        return None
+
+    bundle = work / "bundle.pem"
+    server_chain, server_key = work / "server/chain.pem", work / "server/key.pem"
+    own = client_context(cafile=bundle, chain=server_chain, key=server_key)
+    intermediate = x509.load_pem_x509_certificate((work / "intermediate.pem").read_bytes())
+    revocations = RevocationSet(ca_url, lambda: own, issuers=lambda: [intermediate])
+    policy = PolicyFile(work / "policy.yaml")
+    with revocations:
+        revocations.wait_connected(30)
+        apps: dict[str, Any] = {
+            "no-op app alone": noop,
+            "MTLSMiddleware(policy=None, revocation=None)": MTLSMiddleware(
+                noop, trust_domain=TRUST_DOMAIN, policy=None, revocation=None
+            ),
+            "+ RevocationSet": MTLSMiddleware(
+                noop, trust_domain=TRUST_DOMAIN, policy=None, revocation=revocations
+            ),
+            "+ PolicyFile (the trustmesh stack)": MTLSMiddleware(
+                noop, trust_domain=TRUST_DOMAIN, policy=policy, revocation=revocations
+            ),
+        }
+        full = apps["+ PolicyFile (the trustmesh stack)"]
+        gate = full.gate
+        peer = gate.caller_from_peer(leaf_pem)
+        decision = gate.decide(peer, None, "GET", PATH)
+        pieces: dict[str, Any] = {
+            "gate.caller_from_peer (cached leaf, time + revocation check)": lambda: (
+                gate.caller_from_peer(leaf_pem)
+            ),
+            "RevocationSet.is_revoked": lambda: revocations.is_revoked(peer.serial or 0),
+            "gate.decide (PolicyFile.evaluate)": lambda: gate.decide(peer, None, "GET", PATH),
+            "gate.log_decision (allow, logger at WARNING)": lambda: gate.log_decision(
+                method="GET",
+                path=PATH,
+                caller=peer,
+                peer=peer,
+                user=None,
+                decision=decision,
+                refusal=None,
+            ),
+        }
+
+        async def loop_over(app: Any) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                await app(scope, receive, send)
+            return (time.perf_counter() - start) / n
+
+        results: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for name, app in apps.items():
+                results.setdefault(name, []).append(asyncio.run(loop_over(app)) * 1e6)
+            for name, fn in pieces.items():
+                t = timeit.timeit(fn, number=n) / n
+                results.setdefault(name, []).append(t * 1e6)
+    print(f"\nIn-process cost per request, µs (median of {rounds} x {n} calls) [per round]:")
+    print("| what | µs |\n|---|---|")
+    for name, values in results.items():
+        print(f"| {name} | {median(values):.1f} {spread(values, '{:.1f}')} |")
+
+
 def build_shim(work: Path) -> Path:
     src, lib = work / "wrkcert.c", work / "wrkcert.so"
     src.write_text(WRK_SHIM)
@@ -522,6 +662,8 @@ def print_profile(path: Path, requests: int) -> None:
     print("(cumulative seconds; the profiler itself slows Python code several-fold):")
     stats.sort_stats("cumulative").print_stats(30)
     stats.sort_stats("tottime").print_stats(25)
+    stats.print_callees(r"_asgi.py:\d+\(__call__\)")
+    stats.print_callees(r"_uvicorn.py:\d+\(__call__\)")
 
 
 def machine() -> None:
@@ -543,8 +685,11 @@ def main() -> None:
     parser.add_argument("--hs-connections", type=int, default=16, help="for the handshake runs")
     parser.add_argument("--revocations", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="keep-alive CPU per request, piece by piece"
+    )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
-    parser.add_argument("--serve", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:4], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--ca-url", help=argparse.SUPPRESS)
@@ -662,6 +807,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
             if "revoke_p99" in results:
                 ok = results["revoke_p99"] <= 1.0
                 print(f"  revoke -> refused p99 <= 1 s: {verdict(ok)}")
+        if args.breakdown:
+            breakdown(args, work, ca_server.url, ctx, caller, shim)
+            micro(work, ca_server.url, caller, args.rounds)
         if args.profile:
             prof = work / "trustmesh.prof"
             profiled = start_python("trustmesh", work, ca_server.url, ctx, profile_out=prof)
