@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-service clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-tokens: $(STAMP)
 # Identity server: client_credentials tokens and introspections per second over HTTPS.
 bench-idp: $(STAMP)
 	$(BIN)/python bench/idp.py $(BENCH_ARGS)
+
+# Authorization decisions per second for a 50-rule policy.
+bench-policy: $(STAMP)
+	$(BIN)/python bench/policy.py --markdown
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

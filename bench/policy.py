@@ -6,10 +6,14 @@ deny rules, which are checked first on every request. Cases, each over 1,000
 distinct requests (different ids in the path), median of several rounds:
 
   allow first     the first allow rule matches
-  allow last      only the last allow rule matches (every rule before it is tried)
+  allow last      only the last allow rule matches; the caller is named by that rule only
+  allow last, shared caller
+                  the same, by a caller every allow rule names (a glob), so all 45 allow
+                  rules are tried: the worst case of the per-caller rule index
   allow token     a rule with a user block (scopes, role, claim) matches
   deny rule       a deny rule matches
-  default deny    no rule matches: the explanation ranks every allow rule
+  default deny    no rule matches (a caller every rule names, so all of them are tried):
+                  the explanation ranks every allow rule
   ambiguous path  /items/%2F.. is refused before any rule
   PolicyFile      'allow last' through PolicyFile.evaluate (stat check every 1 s)
 
@@ -55,7 +59,11 @@ def build_policy() -> dict[str, object]:
     for i in range(45):
         rule: dict[str, object] = {
             "name": f"allow-{i}",
-            "callers": [f"{TD}/ns/prod/svc/svc{i}", f"{TD}/ns/*/svc/team{i}-*"],
+            "callers": [
+                f"{TD}/ns/prod/svc/svc{i}",
+                f"{TD}/ns/*/svc/team{i}-*",
+                f"{TD}/ns/shared/svc/*",
+            ],
             "methods": ["GET", "HEAD"] if i % 3 else ["GET", "POST", "PUT", "DELETE"],
             "paths": [f"/api/v1/res{i}", f"/api/v1/res{i}/*", f"/api/v1/res{i}/*/sub/**"],
         }
@@ -80,6 +88,10 @@ def cases(n: int) -> dict[str, list[PolicyRequest]]:
             PolicyRequest(f"{TD}/ns/prod/svc/svc44", "GET", f"/api/v1/res44/{k}/sub/x")
             for k in range(n)
         ],
+        "allow last, shared caller": [
+            PolicyRequest(f"{TD}/ns/shared/svc/gateway", "GET", f"/api/v1/res44/{k}/sub/x")
+            for k in range(n)
+        ],
         "allow token": [
             PolicyRequest(
                 f"{TD}/ns/dev/svc/team23-batch",
@@ -95,7 +107,7 @@ def cases(n: int) -> dict[str, list[PolicyRequest]]:
             PolicyRequest(f"{TD}/ns/prod/svc/svc1", "GET", f"/internal3/{k}") for k in range(n)
         ],
         "default deny": [
-            PolicyRequest(f"{TD}/ns/prod/svc/unknown", "POST", f"/api/v1/res7/{k}")
+            PolicyRequest(f"{TD}/ns/shared/svc/gateway", "POST", f"/api/v1/res7/{k}")
             for k in range(n)
         ],
         "ambiguous path": [
@@ -133,6 +145,7 @@ def main() -> None:
     expected = {
         "allow first": "allow-0",
         "allow last": "allow-44",
+        "allow last, shared caller": "allow-44",
         "allow token": "allow-23",
         "deny rule": "deny-3",
         "default deny": None,
@@ -173,7 +186,7 @@ def main() -> None:
     else:
         for name, value, values in rows:
             spread_ = f"{min(values):,.0f}..{max(values):,.0f}"
-            print(f"{name:15} {value:12,.0f}/s  {1e6 / value:6.1f} µs  [{spread_}]")
+            print(f"{name:26} {value:12,.0f}/s  {1e6 / value:6.1f} µs  [{spread_}]")
     sys.stdout.flush()
 
 

@@ -23,7 +23,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.files import stage_file
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
-from trustmesh.tls import RotatingCredentials, client_context
+from trustmesh.tls import RotatingCredentials, client_context, server_context
 
 from .conftest import PASSPHRASE
 
@@ -58,7 +58,7 @@ class TLSServer:
                 continue
             except OSError:
                 return
-            conn.settimeout(10)
+            conn.settimeout(60)  # idle keep-alive connections outlive a rotation run
             thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -221,12 +221,16 @@ def other_ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
     authority.close()
 
 
-def test_rotation_under_load_drops_nothing(
-    ca: CertificateAuthority, tmp_path: Path, serve: list[TLSServer]
-) -> None:
-    """Eight rotations (with a key/chain mismatch window each) under continuous new and
-    keep-alive requests: zero failures, new connections see each new serial, and a
-    connection opened before the first rotation keeps working."""
+def rotate_under_load(
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    serve: list[TLSServer],
+    *,
+    rotations: int,
+    pause: float,
+) -> dict[str, int]:
+    """Rotate the server's files ``rotations`` times, ``pause`` seconds apart, under
+    continuous new-connection and keep-alive requests; assert nothing failed."""
     creds_dir = tmp_path / "creds"
     first = install(ca, creds_dir)
     creds = RotatingCredentials(creds_dir, expect_id=SERVER_ID, poll_interval=0.02)
@@ -270,7 +274,7 @@ def test_rotation_under_load_drops_nothing(
         for worker in workers:
             worker.start()
         serials = [first]
-        for i in range(8):
+        for i in range(rotations):
             key, chain, serial = issue(ca)
             # Every other rotation renames the chain first, leaving a window where
             # the new chain sits beside the old key (and the other way round).
@@ -283,7 +287,7 @@ def test_rotation_under_load_drops_nothing(
             while creds.leaf.serial_number != serial and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert creds.leaf.serial_number == serial
-            time.sleep(0.15)
+            time.sleep(pause)
             assert call(client, server.port) == serial, "new connections get the new cert"
         early.request()
         assert early.server_serial == first
@@ -295,13 +299,36 @@ def test_rotation_under_load_drops_nothing(
         early.close()
     assert failures == []
     assert server.errors == []
-    assert creds.generation == 9
-    assert seen_generations == list(range(2, 10))
+    assert creds.generation == rotations + 1
+    assert seen_generations == list(range(2, rotations + 2))
     assert creds.last_error is None
-    assert counts["new"] > 20
-    assert counts["kept"] > 20
     assert serials[-1] in served_serials
     assert len(served_serials & set(serials)) >= 4
+    return counts
+
+
+def test_rotation_under_load_drops_nothing(
+    ca: CertificateAuthority, tmp_path: Path, serve: list[TLSServer]
+) -> None:
+    """Eight rotations (with a key/chain mismatch window each) under continuous new and
+    keep-alive requests: zero failures, new connections see each new serial, and a
+    connection opened before the first rotation keeps working."""
+    counts = rotate_under_load(ca, tmp_path, serve, rotations=8, pause=0.15)
+    assert counts["new"] > 20
+    assert counts["kept"] > 20
+
+
+@pytest.mark.slow
+def test_thirty_seconds_of_requests_across_ten_rotations(
+    ca: CertificateAuthority, tmp_path: Path, serve: list[TLSServer]
+) -> None:
+    """The issue's proof: 30 s of continuous requests while the certificate rotates 10
+    times, zero failed requests."""
+    started = time.monotonic()
+    counts = rotate_under_load(ca, tmp_path, serve, rotations=10, pause=2.9)
+    assert time.monotonic() - started >= 30
+    assert counts["new"] > 300
+    assert counts["kept"] > 300
 
 
 @pytest.mark.parametrize("problem", ["garbage_key", "mismatched_key", "empty_chain", "wrong_id"])
@@ -512,6 +539,9 @@ def test_refused_without_client_certificate_foreign_ca_or_non_aead(
     assert refused(cbc, server.port)
     assert server.saw_error("NO_SHARED_CIPHER"), server.errors
 
+    with pytest.raises(ValueError, match="client_cert='yes': expected 'required'"):
+        server_context(creds_dir / "chain.pem", creds_dir / "key.pem", client_cert="yes")
+
 
 @pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])
 def test_openssl_old_protocol_versions_are_refused(
@@ -586,3 +616,89 @@ def test_openssl_old_protocol_versions_are_refused(
         timeout=20,
     )
     assert "Verify return code: 0 (ok)" in ok.stdout, ok.stdout[-500:]
+
+
+def test_uvicorn_with_the_shim_rotates_under_keep_alive_and_new_connections(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """uvicorn (asyncio TLS, memory BIOs) serving ``server_context()`` with the ASGI TLS
+    shim: across three rotations keep-alive and new-connection requests all succeed, new
+    connections see the new certificate, and the app sees the caller's certificate."""
+    import httpx
+    import uvicorn
+
+    from trustmesh.tls import TLSHttpToolsProtocol
+
+    creds_dir = tmp_path / "creds"
+    first = install(ca, creds_dir)
+    creds = RotatingCredentials(creds_dir, poll_interval=0.02)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] != "http":
+            return
+        tls = scope["extensions"]["tls"]  # type: ignore[index]
+        pem = tls["client_cert_chain"][0]
+        serial = format(x509.load_pem_x509_certificate(pem.encode()).serial_number, "x")
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": serial.encode()})  # type: ignore[operator]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http=TLSHttpToolsProtocol,
+        ssl_context_factory=lambda _config, _default: creds.server_context(),
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client_dir = tmp_path / "client"
+    key, chain, client_serial = issue(ca, CLIENT_ID)
+    client_dir.mkdir()
+    (client_dir / "key.pem").write_bytes(key)
+    (client_dir / "chain.pem").write_bytes(chain)
+    ctx = client_context(
+        cadata=bundle_of(ca).decode(),
+        chain=client_dir / "chain.pem",
+        key=client_dir / "key.pem",
+    )
+    url = f"https://127.0.0.1:{port}/"
+
+    def server_serial(response: httpx.Response) -> int:
+        ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+        return x509.load_der_x509_certificate(ssl_object.getpeercert(True)).serial_number
+
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.started
+        failures: list[str] = []
+        with httpx.Client(verify=ctx, timeout=5) as kept, creds:
+            response = kept.get(url)
+            assert response.text == format(client_serial, "x")
+            assert server_serial(response) == first
+            for _ in range(3):
+                serial = install(ca, creds_dir)
+                deadline = time.monotonic() + 5
+                while creds.leaf.serial_number != serial and time.monotonic() < deadline:
+                    try:
+                        assert kept.get(url).status_code == 200
+                    except httpx.HTTPError as exc:
+                        failures.append(str(exc))
+                with httpx.Client(verify=ctx, timeout=5) as fresh:
+                    response = fresh.get(url)
+                    assert response.text == format(client_serial, "x")
+                    assert server_serial(response) == serial
+                response = kept.get(url)
+                assert response.status_code == 200
+                assert server_serial(response) == first  # the same keep-alive connection
+        assert failures == []
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -20,6 +20,7 @@ from .certs import crl_command, issue_command, list_command, revoke_command, sig
 from .export import export_group
 from .idp import idp_group
 from .policy import policy_group
+from .run import run_command
 from .token import token_group
 
 __all__ = ["cli", "main"]
@@ -46,6 +47,7 @@ cli.add_command(token_group)
 cli.add_command(idp_group)
 cli.add_command(agent_command)
 cli.add_command(policy_group)
+cli.add_command(run_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,11 @@ def _caller(value: str | None) -> str | None:
     try:
         return SpiffeID.parse(value).uri
     except SpiffeIDError as exc:
-        raise ConfigError(f"--caller: {exc.message}", field="caller") from None
+        raise ConfigError(
+            f"--caller: {exc.message} (Omit --caller to test a request without a client "
+            f"certificate.)",
+            field="caller",
+        ) from None
 
 
 def _path(value: str) -> str:

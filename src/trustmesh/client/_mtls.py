@@ -87,7 +87,8 @@ class _PeerCheck:
     def __call__(self, ssl_object: Any, host: str, port: int) -> None:
         if self.expect_id is None:
             return
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        # _ssl._SSLSocket (sync backend) takes the flag positionally only.
+        der = ssl_object.getpeercert(True) if ssl_object is not None else None
         where = f"{host}:{port}"
         if not der:
             raise httpcore.ConnectError(

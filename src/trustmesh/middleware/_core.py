@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -302,7 +302,7 @@ class Gate:
         self.trust_bundle = tuple(trust_bundle)
         self.has_verifier = has_verifier
         self.log_allowed = log_allowed
-        self._leaves: OrderedDict[str | bytes, Caller | Refusal] = OrderedDict()
+        self._leaves: dict[str | bytes, Caller | Refusal] = {}
         if policy is None:
             log.warning(
                 "%s middleware: no policy configured; every verified caller of %s is allowed",
@@ -345,11 +345,12 @@ class Gate:
         cached = self._leaves.get(leaf)
         if cached is None:
             cached = self._parse_leaf(leaf)
+            # Plain dict operations only: WSGI servers call this from many threads.
+            if len(self._leaves) >= _PEM_CACHE_SIZE:
+                self._leaves.clear()
             self._leaves[leaf] = cached
-            if len(self._leaves) > _PEM_CACHE_SIZE:
-                self._leaves.popitem(last=False)
         if isinstance(cached, Refusal):
-            raise cached
+            raise dataclasses.replace(cached)
         assert cached.certificate is not None  # noqa: S101 - parsed leaves always have one
         self._check_time(cached, now)
         self.check_revoked(cached)

@@ -156,7 +156,9 @@ def check_caller_pattern(pattern: str) -> str | None:
     try:
         SpiffeID.parse(pattern.replace("*", "x"))
     except SpiffeIDError as exc:
-        return exc.message.replace("'x'", "'*'")
+        # "Invalid SPIFFE ID '<value>': <problem>. Use the form ..." -> "<problem>"
+        problem = exc.message.split("': ", 1)[-1].split(". Use the form", 1)[0]
+        return f"is not a valid SPIFFE ID pattern: {problem}"
     return None
 
 

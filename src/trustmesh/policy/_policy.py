@@ -124,7 +124,7 @@ class Rule:
 
     @property
     def label(self) -> str:
-        """``'name' (#index)`` for messages."""
+        """``'name' (rules[index])`` for messages."""
         return f"{self.name!r} (rules[{self.index}])"
 
     def caller_matches(self, caller: str | None) -> bool:
@@ -135,13 +135,8 @@ class Rule:
             return True
         return self._caller_glob is not None and self._caller_glob.fullmatch(caller) is not None
 
-    def path_matches(self, key: str) -> bool:
-        """Whether a normalised path (root as ``""``) matches."""
-        return self._path_re is None or self._path_re.fullmatch(key) is not None
-
-    def matches(self, request: PolicyRequest, method: str, key: str) -> bool:
-        """Whether the rule applies (``method`` upper-case, ``key`` the path key)."""
-        return self.caller_matches(request.caller) and self._matches_rest(request, method, key)
+    # The helpers below take the method upper-cased and the normalised path with the
+    # root as "" (see _patterns.path_regex).
 
     def _matches_rest(self, request: PolicyRequest, method: str, key: str) -> bool:
         # Everything but the caller, which Policy checks once per caller and remembers.
@@ -163,17 +158,19 @@ class Rule:
             count += len(self.user.problems(request))
         return count
 
-    def mismatches(self, request: PolicyRequest, method: str, key: str) -> list[str]:
-        """Return every reason the rule does not apply (for explanations)."""
+    def _mismatches(self, request: PolicyRequest, method: str, key: str) -> list[str]:
+        # Every reason the rule does not apply, worded for explanations.
         found: list[str] = []
         if not self.caller_matches(request.caller):
             if request.caller is None:
                 found.append("needs a client certificate")
+            elif self.callers == (ANONYMOUS,):
+                found.append("only for callers without a certificate")
             else:
                 found.append(f"caller not in {_short(self.callers, 2)}")
         if self.methods is not None and method not in self.methods:
             found.append(f"method {method} not in {_short(tuple(sorted(self.methods)))}")
-        if not self.path_matches(key):
+        if self._path_re is not None and self._path_re.fullmatch(key) is None:
             found.append(f"path not in {_short(self.paths or (), 2)}")
         if self.user is not None:
             found.extend(self.user.problems(request))
@@ -354,7 +351,7 @@ class Policy:
             for rule in self._allow
         )
         parts = [
-            f"{rule.label}: {', '.join(rule.mismatches(request, method, key)[:4])}"
+            f"{rule.label}: {', '.join(rule._mismatches(request, method, key)[:4])}"
             for _, _, rule in scored[:EXPLAIN_RULES]
         ]
         more = len(scored) - EXPLAIN_RULES
@@ -554,7 +551,9 @@ class _Parser:
             if globs
             else None,
             _any_caller=ANY_CALLER in callers,
-            _anonymous=ANONYMOUS in callers,
+            # In a deny rule '*' covers requests without a certificate too: a deny
+            # must never be weaker for an unauthenticated caller.
+            _anonymous=ANONYMOUS in callers or (effect == "deny" and ANY_CALLER in callers),
             _path_re=path_re,
         )
 

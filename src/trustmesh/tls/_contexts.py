@@ -50,6 +50,10 @@ def server_context(
     if cadata or cafile:
         ctx.load_verify_locations(cafile=str(cafile) if cafile else None, cadata=cadata)
     modes = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+    if client_cert not in modes:
+        raise ValueError(
+            f"client_cert={client_cert!r}: expected 'required' (the default), 'optional' or 'none'"
+        )
     ctx.verify_mode = modes[client_cert]
     if client_cert != "required":
         log.warning("TLS server: client certificates are %s, not required", client_cert)

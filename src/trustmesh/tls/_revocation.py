@@ -15,9 +15,11 @@ all the network work, with a synchronous API so WSGI and ASGI servers can share 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -36,7 +38,7 @@ log = logging.getLogger("trustmesh.tls.revocation")
 
 _PAGE = 1000
 _BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 5.0
+_BACKOFF_MAX = 3.0
 
 
 def canonical_serial(serial: int | str) -> str:
@@ -140,9 +142,12 @@ class RevocationSet:
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client: httpx.Client | None = None
+        self._socket: socket.socket | None = None
         self._backoff = _BACKOFF_FIRST
         self._last_crl = 0.0
+        self._unreachable_logged = False
+        self._crl_failing = False
+        self._crl_quiet = False
         self.last_error: str | None = None
         # Counters for metrics.
         self.events = 0
@@ -220,6 +225,12 @@ class RevocationSet:
         with self._changed:
             return self._changed.wait_for(lambda: self.cursor >= cursor, timeout)
 
+    def wait_revoked(self, serial: int | str, timeout: float) -> bool:
+        """Wait until ``serial`` is in the set (not counting fail-closed); False on timeout."""
+        key = canonical_serial(serial)
+        with self._changed:
+            return self._changed.wait_for(lambda: key in self._revoked, timeout)
+
     def wait_connected(self, timeout: float) -> bool:
         """Wait until the event stream is open; False on timeout."""
         with self._changed:
@@ -242,13 +253,12 @@ class RevocationSet:
     def stop(self) -> None:
         """Stop following the feed and close the connection."""
         self._stop.set()
-        client = self._client
-        if client is not None:
-            # Closing the pool from here unblocks the worker's read.
-            try:
-                client.close()
-            except Exception:  # noqa: S110 - the worker closes it again
-                pass
+        sock = self._socket
+        if sock is not None:
+            # Shutting the stream's socket down unblocks the worker's read at once;
+            # the worker then closes its client itself.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=10)
@@ -299,6 +309,9 @@ class RevocationSet:
                 )
         with self._transition:
             self._closed_logged = False
+        self._unreachable_logged = False
+        self._crl_failing = False
+        self._crl_quiet = False
 
     def _mark_disconnected(self, error: str) -> None:
         self.last_error = error
@@ -312,6 +325,17 @@ class RevocationSet:
                 self.cursor,
                 extra={"event": "revocation_feed_lost"},
             )
+        elif not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.warning(
+                "cannot reach the revocation feed at %s (%s); retrying from cursor %d, with "
+                "the CRL at %s meanwhile",
+                self.ca_url,
+                error,
+                self.cursor,
+                self.crl_url,
+                extra={"event": "revocation_feed_unreachable"},
+            )
 
     def _add(self, event: dict[str, Any]) -> None:
         cursor = event.get("cursor")
@@ -320,10 +344,9 @@ class RevocationSet:
             raise ValueError(f"malformed revocation event {str(event)[:200]!r}")
         self._revoked.add(canonical_serial(serial))
         self.events += 1
-        if cursor > self.cursor:
-            with self._changed:
-                self.cursor = cursor
-                self._changed.notify_all()
+        with self._changed:
+            self.cursor = max(self.cursor, cursor)
+            self._changed.notify_all()
 
     def _new_client(self) -> httpx.Client:
         timeout = httpx.Timeout(10.0, read=self.read_timeout)
@@ -334,7 +357,6 @@ class RevocationSet:
             trust_env=False,
             headers={"user-agent": "trustmesh-revocation-set", "accept": "application/json"},
         )
-        self._client = client
         return client
 
     def _run(self) -> None:
@@ -356,7 +378,7 @@ class RevocationSet:
                 log.exception("revocation set worker failed")
                 self._mark_disconnected(_describe(exc))
             finally:
-                self._client = None
+                self._socket = None
             if self._stop.is_set():
                 break
             self._maybe_crl()
@@ -399,6 +421,10 @@ class RevocationSet:
             headers={"accept": "text/event-stream", "cache-control": "no-cache"},
         ) as response:
             _raise_for(response)
+            stream = response.extensions.get("network_stream")
+            self._socket = stream.get_extra_info("socket") if stream is not None else None
+            if self._stop.is_set():
+                return
             self._mark_connected()
             for kind, data in _sse(response.iter_lines()):
                 if self._stop.is_set():
@@ -427,7 +453,11 @@ class RevocationSet:
             serials, number = self._fetch_crl()
         except (httpx.HTTPError, OSError, ValueError) as exc:
             self.crl_failures += 1
-            log.warning(
+            # Logged once per run of failures; the counter keeps the rest.
+            level = logging.DEBUG if self._crl_failing else logging.WARNING
+            self._crl_failing = True
+            log.log(
+                level,
                 "CRL fallback failed: %s (%s)",
                 self.crl_url,
                 _describe(exc),
@@ -436,15 +466,26 @@ class RevocationSet:
             return
         merged = self._revoked | serials
         added = len(merged) - len(self._revoked)
-        self._revoked = merged
+        with self._changed:
+            self._revoked = merged
+            self._changed.notify_all()
+        first = self._crl_failing or not self._crl_quiet
         self.crl_refreshes += 1
         self.crl_number = number
+        self._crl_failing = False
+        self._crl_quiet = True
         self._stale_since = time.monotonic()
         with self._transition:
             recovered = self._closed_logged
             self._closed_logged = False
+        if recovered:
+            level = logging.WARNING
+        elif added or first:
+            level = logging.INFO
+        else:  # the same CRL again, every crl_interval: not worth a line each time
+            level = logging.DEBUG
         log.log(
-            logging.WARNING if recovered else logging.INFO,
+            level,
             "revocation set refreshed from CRL %d at %s while the feed is down: %d entries, %d new",
             number,
             self.crl_url,

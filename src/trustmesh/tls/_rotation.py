@@ -154,6 +154,7 @@ class RotatingCredentials:
         self._thread: threading.Thread | None = None
         self._signature: _Signature | None = None
         self._logged_error: tuple[_Signature | None, str] | None = None
+        self._expired_logged: int | None = None
         signature = self._stat()
         try:
             loaded = self._load()
@@ -410,6 +411,25 @@ class RotatingCredentials:
             extra={"event": "credentials_reload_failed", "path": str(exc.path)},
         )
 
+    def _check_expiry(self) -> None:
+        leaf = self._current.leaf
+        if datetime.now(UTC) <= leaf.not_valid_after_utc:
+            self._expired_logged = None
+            return
+        serial = leaf.serial_number
+        if self._expired_logged == serial:
+            return
+        self._expired_logged = serial
+        log.error(
+            "the certificate in use (%s, %s) expired at %s and no valid replacement has "
+            "appeared in %s: peers will refuse it; check that the agent is running",
+            format(serial, "x"),
+            self._current.spiffe_id,
+            f"{leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}",
+            self.directory,
+            extra={"event": "credentials_expired"},
+        )
+
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
@@ -417,6 +437,7 @@ class RotatingCredentials:
                     self._reload(force=self.last_error is not None)
                 except Exception:  # never let the watcher die
                     log.exception("credentials watcher for %s failed", self.directory)
+            self._check_expiry()
             wait = self.poll_interval
             if self.last_error is not None and self._settling():
                 wait = min(wait, _SETTLE_POLL)

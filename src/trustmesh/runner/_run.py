@@ -1,0 +1,266 @@
+"""``trustmesh run``: serve an ASGI app over mTLS with the identity middleware applied.
+
+The service's own certificate comes from the agent's directory (``key.pem``,
+``chain.pem``, ``bundle.pem``) through :class:`RotatingCredentials`, so renewals
+apply to new handshakes without a restart. uvicorn runs with our protocol shim,
+so the middleware sees each caller's leaf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import signal
+import ssl
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.middleware import MTLSMiddleware
+from trustmesh.policy import PolicyFile
+from trustmesh.serving import parse_listen, public_url
+from trustmesh.tls import RevocationSet, RotatingCredentials, TLSHttpToolsProtocol
+from trustmesh.tokens import AsyncVerifier, IssuerConfig
+
+__all__ = ["RunSettings", "load_app", "run"]
+
+log = logging.getLogger("trustmesh.runner")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``trustmesh run`` serves and how.
+
+    Attributes:
+        target: ``MODULE:ATTRIBUTE`` of the ASGI app.
+        cert_dir: The agent's output directory.
+        listen: ``HOST:PORT``.
+        policy: The policy file; None only with ``no_policy``.
+        no_policy: Serve without a policy (every verified caller allowed; logged).
+        ca_url: The CA for the revocation feed; None only with ``no_revocation``.
+        no_revocation: Serve without revocation checks (logged).
+        issuer: Token issuer URL; tokens are ignored without it.
+        audiences: Accepted token audiences.
+        require_token: Refuse requests without a bearer token.
+        trusted_proxies: SPIFFE IDs or globs whose identity headers are believed.
+        app_dir: Prepended to ``sys.path`` before importing the app.
+        log_level: uvicorn's and our log level.
+    """
+
+    target: str
+    cert_dir: Path
+    listen: str = "127.0.0.1:8443"
+    policy: Path | None = None
+    no_policy: bool = False
+    ca_url: str | None = None
+    no_revocation: bool = False
+    issuer: str | None = None
+    audiences: Sequence[str] = ()
+    require_token: bool = False
+    trusted_proxies: Sequence[str] = field(default_factory=tuple)
+    app_dir: Path | None = None
+    log_level: str = "info"
+
+
+def load_app(target: str, app_dir: Path | None = None) -> Any:
+    """Import ``MODULE:ATTRIBUTE`` and return the app.
+
+    Raises:
+        ConfigError: The target is malformed, cannot be imported, or is a WSGI app.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError(
+            f"APP {target!r} is not MODULE:ATTRIBUTE, e.g. inventory.main:app.", field="app"
+        )
+    if app_dir is not None:
+        sys.path.insert(0, str(app_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"Cannot import {module_name!r} ({exc}). Run from the directory that holds it "
+            f"or pass --app-dir.",
+            field="app",
+        ) from None
+    app: Any = module
+    for part in attribute.split("."):
+        app = getattr(app, part, None)
+        if app is None:
+            raise ConfigError(
+                f"Module {module_name!r} has no attribute {attribute!r}; name the ASGI app "
+                f"object, e.g. {module_name}:app.",
+                field="app",
+            )
+    call = app if inspect.isfunction(app) else getattr(app, "__call__", None)  # noqa: B004
+    if hasattr(app, "wsgi_app") or not inspect.iscoroutinefunction(call):
+        raise ConfigError(
+            f"{target} is not an ASGI app (it looks like WSGI). trustmesh run serves ASGI "
+            f"apps; for Flask, wrap app.wsgi_app in trustmesh.middleware.MTLSWSGIMiddleware "
+            f"and serve it with werkzeug or gunicorn (docs/services.md).",
+            field="app",
+        )
+    return app
+
+
+def _check(settings: RunSettings) -> None:
+    if settings.policy is None and not settings.no_policy:
+        raise ConfigError(
+            "No --policy given. Pass --policy FILE (default deny), or --no-policy to let "
+            "every verified caller of the trust domain through.",
+            field="policy",
+        )
+    if settings.ca_url is None and not settings.no_revocation:
+        raise ConfigError(
+            "No --ca given for the revocation feed. Pass --ca https://CA:8443, or "
+            "--no-revocation to accept revoked callers until their certificates expire.",
+            field="ca",
+        )
+    if settings.require_token and settings.issuer is None:
+        raise ConfigError("--require-token needs --issuer and --audience.", field="issuer")
+    if settings.issuer is not None and not settings.audiences:
+        raise ConfigError("--issuer needs at least one --audience.", field="audience")
+
+
+def run(settings: RunSettings, *, ready: Callable[[str], None] | None = None) -> None:
+    """Serve the app until SIGINT/SIGTERM.
+
+    Raises:
+        ConfigError: A setting is unusable (the message says which and how to fix it).
+        TrustmeshError: The server could not start.
+    """
+    _check(settings)
+    host, port = parse_listen(settings.listen)
+    app = load_app(settings.target, settings.app_dir)
+    credentials = RotatingCredentials(settings.cert_dir)
+    trust_domain = credentials.spiffe_id.removeprefix("spiffe://").partition("/")[0]
+    policy = PolicyFile(settings.policy) if settings.policy is not None else None
+    revocations = (
+        RevocationSet(
+            settings.ca_url, credentials.client_context, issuers=credentials.intermediates
+        )
+        if settings.ca_url is not None
+        else None
+    )
+    issuer = (
+        IssuerConfig(
+            settings.issuer,
+            audiences=tuple(settings.audiences),
+            ca_bundle=settings.cert_dir / "bundle.pem",
+        )
+        if settings.issuer is not None
+        else None
+    )
+    credentials.start()
+    if revocations is not None:
+        revocations.start()
+    try:
+        asyncio.run(
+            _serve(
+                app,
+                settings,
+                host,
+                port,
+                credentials,
+                trust_domain,
+                policy,
+                revocations,
+                issuer,
+                ready,
+            )
+        )
+    finally:
+        if revocations is not None:
+            revocations.stop()
+        credentials.stop()
+
+
+async def _serve(
+    app: Any,
+    settings: RunSettings,
+    host: str,
+    port: int,
+    credentials: RotatingCredentials,
+    trust_domain: str,
+    policy: PolicyFile | None,
+    revocations: RevocationSet | None,
+    issuer: IssuerConfig | None,
+    ready: Callable[[str], None] | None,
+) -> None:
+    # The verifier's HTTP client belongs to this event loop: create and close it here.
+    verifier = AsyncVerifier(issuer) if issuer is not None else None
+    protected = MTLSMiddleware(
+        app,
+        trust_domain=trust_domain,
+        policy=policy,
+        revocation=revocations,
+        verifier=verifier,
+        require_token=settings.require_token,
+        trusted_proxies=settings.trusted_proxies,
+        trust_bundle=[*credentials.roots, *credentials.intermediates()],
+    )
+
+    def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return credentials.server_context()
+
+    config = uvicorn.Config(
+        protected,
+        host=host,
+        port=port,
+        http=TLSHttpToolsProtocol,
+        ssl_context_factory=context_factory,
+        timeout_keep_alive=15,
+        timeout_graceful_shutdown=10,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="auto",
+    )
+    server = uvicorn.Server(config)
+    url = public_url(host, port)
+    log.info(
+        "serving %s as %s on %s",
+        settings.target,
+        credentials.spiffe_id,
+        url,
+        extra={"event": "run_started"},
+    )
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started and ready is not None:
+            ready(url)
+        try:
+            await serving
+        except SystemExit:
+            if server.started:
+                raise
+            serving_failed = True
+        else:
+            serving_failed = not server.started
+        if serving_failed:
+            raise TrustmeshError(
+                f"trustmesh run could not start on {settings.listen} (see the log above): "
+                f"is the port in use? Pick another --listen."
+            )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if verifier is not None:
+            await verifier.aclose()
+
+
+def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
