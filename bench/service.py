@@ -7,14 +7,14 @@ that CA, whose revocation feed the trustmesh stack subscribes to.
 
 Systems (each its own process, one worker, started once, before the rounds):
 
-  trustmesh      the FastAPI app below on uvicorn (httptools) with trustmesh's stack,
-                 built here as ``trustmesh run`` would build it (branch service-mw has
-                 no ``run`` command yet): ``trustmesh.tls.server_context`` (client
-                 certificates required, verified against the CA), the
-                 ``TLSHttpToolsProtocol`` shim filling the ASGI tls extension,
-                 ``MTLSMiddleware`` with a ``PolicyFile`` (one rule: the caller may GET
-                 /items and /items/*) and a ``RevocationSet`` fed by the ``ca serve``
-                 above; serial looked up on every request
+  trustmesh      ``python -m trustmesh run svc_app:app --cert-dir DIR --policy FILE
+                 --ca URL --log-level warning``: the app below on uvicorn (httptools)
+                 with the ``TLSHttpToolsProtocol`` shim filling the ASGI tls extension,
+                 ``RotatingCredentials`` (client certificates required, verified
+                 against the CA; SNI callback), ``MTLSMiddleware`` with a ``PolicyFile``
+                 (one rule: the caller may GET /items and /items/*) and a
+                 ``RevocationSet`` fed by the ``ca serve`` above; the serial is looked
+                 up on every request
   uvicorn-tls    the same app on plain uvicorn (httptools) over TLS, no client auth
   uvicorn-mtls   the same, with client certificates required (``ssl_cert_reqs``), no
                  middleware: the reference the issue's "about 10k req/s" figure names
@@ -106,8 +106,27 @@ PATH = "/items/7"
 BODY = '{"item":"7"}'
 SYSTEMS = ("trustmesh", "uvicorn-tls", "uvicorn-mtls", "nginx")
 # --breakdown: the trustmesh stack built up one piece at a time (keep-alive CPU per request).
-BREAKDOWN = ("uvicorn-mtls", "tm-shim", "tm-mw", "tm-mw-rev", "trustmesh")
-TRUSTMESH_STACKS = ("trustmesh", "tm-shim", "tm-mw", "tm-mw-rev")
+BREAKDOWN = (
+    "uvicorn-mtls",
+    "tm-shim",
+    "tm-mw",
+    "tm-mw-rev",
+    "tm-full",
+    "trustmesh",
+    "trustmesh-info",
+)
+TRUSTMESH_STACKS = ("tm-full", "tm-shim", "tm-mw", "tm-mw-rev")
+# The app every Python system serves (``trustmesh run svc_app:app`` imports it too).
+APP_SOURCE = """\
+from fastapi import FastAPI
+
+app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@app.get("/items/{item}")
+async def item(item: str) -> dict[str, str]:
+    return {"item": item}
+"""
 POLICY = f"""\
 mode: enforce
 rules:
@@ -175,16 +194,11 @@ http {{
 # -- the servers (run as subprocesses of this script) ------------------------------------
 
 
-def build_app() -> Any:
-    from fastapi import FastAPI
+def build_app(work: Path) -> Any:
+    import importlib
 
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-
-    @app.get("/items/{item}")
-    async def item(item: str) -> dict[str, str]:
-        return {"item": item}
-
-    return app
+    sys.path.insert(0, str(work))
+    return importlib.import_module("svc_app").app
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -197,7 +211,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.dir)
     chain, key, bundle = work / "server/chain.pem", work / "server/key.pem", work / "bundle.pem"
-    app = build_app()
+    app = build_app(work)
     kw: dict[str, Any] = {
         "host": HOST,
         "port": args.port,
@@ -224,7 +238,7 @@ def serve(args: argparse.Namespace) -> None:
         )
 
         revocations: RevocationSet | None = None
-        if args.serve in {"trustmesh", "tm-mw-rev"}:
+        if args.serve in {"tm-full", "tm-mw-rev"}:
             own = client_context(cafile=bundle, chain=chain, key=key)
             pem = (work / "intermediate.pem").read_bytes()
             intermediate = x509.load_pem_x509_certificate(pem)
@@ -233,7 +247,7 @@ def serve(args: argparse.Namespace) -> None:
             if not revocations.wait_connected(30):
                 raise SystemExit("the revocation set did not connect to ca serve")
         if args.serve != "tm-shim":
-            policy = PolicyFile(work / "policy.yaml") if args.serve == "trustmesh" else None
+            policy = PolicyFile(work / "policy.yaml") if args.serve == "tm-full" else None
             app = MTLSMiddleware(
                 app, trust_domain=TRUST_DOMAIN, policy=policy, revocation=revocations
             )
@@ -322,10 +336,20 @@ def start_python(
 ) -> Running:
     port = free_port()
     log = work / f"{kind}.log"
-    cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--dir", str(work)]
-    cmd += ["--ca-url", ca_url]
-    if profile_out is not None:
-        cmd += ["--profile-out", str(profile_out)]
+    if kind.startswith("trustmesh"):  # the real runner, `python -m trustmesh run`
+        cmd = [sys.executable]
+        if profile_out is not None:
+            cmd += ["-m", "cProfile", "-o", str(profile_out)]
+        cmd += ["-m", "trustmesh", "run", "svc_app:app", "--app-dir", str(work)]
+        cmd += ["--cert-dir", str(work / "server"), "--listen", f"{HOST}:{port}"]
+        cmd += ["--policy", str(work / "policy.yaml"), "--ca", ca_url]
+        if kind == "trustmesh":  # like the other servers; trustmesh-info keeps the default
+            cmd += ["--log-level", "warning"]
+    else:
+        cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--dir", str(work)]
+        cmd += ["--ca-url", ca_url]
+        if profile_out is not None:
+            cmd += ["--profile-out", str(profile_out)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     wait_ready(port, ctx, proc, log)
     return Running(kind, port, proc)
@@ -537,17 +561,23 @@ def breakdown(
     print_table(
         "Breakdown (keep-alive): uvicorn-mtls = uvicorn's own ssl context; tm-shim = "
         "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
-        "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; trustmesh = + PolicyFile",
+        "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; tm-full = + PolicyFile "
+        "(all built in this script); trustmesh = `trustmesh run` --log-level warning; "
+        "trustmesh-info = `trustmesh run` at its default log level (info: a JSON line per "
+        "allowed request, to a file)",
         tally,
         "req/s",
         BREAKDOWN,
     )
     base = tally.med("uvicorn-mtls", "server_cpu_us")
     prev = base
-    for name in BREAKDOWN[1:]:
+    for name in BREAKDOWN[1:5]:
         cur = tally.med(name, "server_cpu_us")
         print(f"  {name}: {cur - prev:+.0f} µs/req over the previous, {cur - base:+.0f} in all")
         prev = cur
+    for name in BREAKDOWN[5:]:
+        cur = tally.med(name, "server_cpu_us")
+        print(f"  {name}: {cur - base:+.0f} µs/req over uvicorn-mtls")
 
 
 def micro(work: Path, ca_url: str, caller: Identity, rounds: int, n: int = 20000) -> None:
@@ -656,14 +686,18 @@ def build_shim(work: Path) -> Path:
     return lib
 
 
-def print_profile(path: Path, requests: int) -> None:
+def print_profile(path: Path, requests: int, new_conn: bool) -> None:
     stats = pstats.Stats(str(path))
-    print(f"\ncProfile of the trustmesh server over {requests} keep-alive requests")
-    print("(cumulative seconds; the profiler itself slows Python code several-fold):")
-    stats.sort_stats("cumulative").print_stats(30)
+    kind = "new-connection" if new_conn else "keep-alive"
+    print(f"\ncProfile of `trustmesh run` (main thread) over {requests} {kind} requests")
+    print("(seconds; the profiler itself slows Python code several-fold):")
     stats.sort_stats("tottime").print_stats(25)
-    stats.print_callees(r"_asgi.py:\d+\(__call__\)")
-    stats.print_callees(r"_uvicorn.py:\d+\(__call__\)")
+    if new_conn:
+        stats.print_callers(r"do_handshake|getpeercert")
+        stats.print_callees(r"_uvicorn.py:\d+\(connection_made\)")
+    else:
+        stats.print_callees(r"_asgi.py:\d+\(__call__\)")
+        stats.print_callees(r"_uvicorn.py:\d+\(__call__\)")
 
 
 def machine() -> None:
@@ -689,7 +723,7 @@ def main() -> None:
         "--breakdown", action="store_true", help="keep-alive CPU per request, piece by piece"
     )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
-    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:4], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:5], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--ca-url", help=argparse.SUPPRESS)
@@ -729,6 +763,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         caller = write_identity(ca, CALLER, work / "caller")
         admin = write_identity(ca, ADMIN, work / "admin")
     (work / "policy.yaml").write_text(POLICY)
+    (work / "svc_app.py").write_text(APP_SOURCE)
+    shutil.copy(bundle, work / "server/bundle.pem")
     shim = build_shim(work)
     ctx = ssl.create_default_context(cafile=str(work / "bundle.pem"))
     ctx.load_cert_chain(caller.chain, caller.key)
@@ -811,11 +847,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
             breakdown(args, work, ca_server.url, ctx, caller, shim)
             micro(work, ca_server.url, caller, args.rounds)
         if args.profile:
-            prof = work / "trustmesh.prof"
-            profiled = start_python("trustmesh", work, ca_server.url, ctx, profile_out=prof)
-            with started([profiled]):
-                r = run_wrk(profiled, caller, shim, args, new_conn=False)
-            print_profile(prof, r.requests)
+            for new_conn in (False, True):
+                prof = work / f"trustmesh-{new_conn}.prof"
+                profiled = start_python("trustmesh", work, ca_server.url, ctx, profile_out=prof)
+                with started([profiled]):
+                    r = run_wrk(profiled, caller, shim, args, new_conn=new_conn)
+                print_profile(prof, r.requests, new_conn)
 
 
 if __name__ == "__main__":
