@@ -546,9 +546,10 @@ def breakdown(
     caller: Identity,
     shim: Path,
 ) -> None:
-    """Keep-alive runs of the stack built up piece by piece, alternating, CPU per request."""
+    """Runs of the stack built up piece by piece, alternating, CPU per request: keep-alive,
+    and with --breakdown-handshakes new connections too."""
     servers = [start_python(kind, work, ca_url, ctx) for kind in BREAKDOWN]
-    tally = Tally()
+    tally, hand = Tally(), Tally()
     with started(servers):
         warm = argparse.Namespace(**{**vars(args), "duration": 1})
         for s in servers:
@@ -558,6 +559,14 @@ def breakdown(
             print(f"breakdown round {rnd + 1}, load {loadavg()}")
             for s in order:
                 tally.add(s.name, run_wrk(s, caller, shim, args, new_conn=False))
+                if args.breakdown_handshakes:
+                    hand.add(s.name, run_wrk(s, caller, shim, args, new_conn=True))
+    if args.breakdown_handshakes:
+        print_table("Breakdown (new connection per request)", hand, "handshakes/s", BREAKDOWN)
+        base = hand.med("uvicorn-mtls", "server_cpu_us")
+        for name in BREAKDOWN[1:]:
+            cur = hand.med(name, "server_cpu_us")
+            print(f"  {name}: {cur - base:+.0f} µs per new connection over uvicorn-mtls")
     print_table(
         "Breakdown (keep-alive): uvicorn-mtls = uvicorn's own ssl context; tm-shim = "
         "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
@@ -721,6 +730,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--breakdown", action="store_true", help="keep-alive CPU per request, piece by piece"
+    )
+    parser.add_argument(
+        "--breakdown-handshakes", action="store_true", help="--breakdown with new connections too"
     )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
     parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:5], help=argparse.SUPPRESS)
