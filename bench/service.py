@@ -112,10 +112,11 @@ BREAKDOWN = (
     "tm-mw",
     "tm-mw-rev",
     "tm-full",
+    "tm-rot",
     "trustmesh",
     "trustmesh-info",
 )
-TRUSTMESH_STACKS = ("tm-full", "tm-shim", "tm-mw", "tm-mw-rev")
+TRUSTMESH_STACKS = ("tm-full", "tm-rot", "tm-shim", "tm-mw", "tm-mw-rev")
 # The app every Python system serves (``trustmesh run svc_app:app`` imports it too).
 APP_SOURCE = """\
 from fastapi import FastAPI
@@ -232,13 +233,14 @@ def serve(args: argparse.Namespace) -> None:
         from trustmesh.policy import PolicyFile
         from trustmesh.tls import (
             RevocationSet,
+            RotatingCredentials,
             TLSHttpToolsProtocol,
             client_context,
             server_context,
         )
 
         revocations: RevocationSet | None = None
-        if args.serve in {"tm-full", "tm-mw-rev"}:
+        if args.serve in {"tm-full", "tm-rot", "tm-mw-rev"}:
             own = client_context(cafile=bundle, chain=chain, key=key)
             pem = (work / "intermediate.pem").read_bytes()
             intermediate = x509.load_pem_x509_certificate(pem)
@@ -247,13 +249,16 @@ def serve(args: argparse.Namespace) -> None:
             if not revocations.wait_connected(30):
                 raise SystemExit("the revocation set did not connect to ca serve")
         if args.serve != "tm-shim":
-            policy = PolicyFile(work / "policy.yaml") if args.serve == "tm-full" else None
+            full = args.serve in {"tm-full", "tm-rot"}
+            policy = PolicyFile(work / "policy.yaml") if full else None
             app = MTLSMiddleware(
                 app, trust_domain=TRUST_DOMAIN, policy=policy, revocation=revocations
             )
         roots = bundle.read_text()
 
         def factory(_config: Any, _default: Any) -> ssl.SSLContext:
+            if args.serve == "tm-rot":  # tm-full with trustmesh run's listener context
+                return RotatingCredentials(work / "server").server_context()
             return server_context(chain, key, cadata=roots, client_cert="required")
 
         kw.update(http=TLSHttpToolsProtocol, ssl_context_factory=factory)
@@ -571,7 +576,8 @@ def breakdown(
         "Breakdown (keep-alive): uvicorn-mtls = uvicorn's own ssl context; tm-shim = "
         "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
         "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; tm-full = + PolicyFile "
-        "(all built in this script); trustmesh = `trustmesh run` --log-level warning; "
+        "(all built in this script); tm-rot = tm-full with RotatingCredentials' listener "
+        "context (SNI callback, no tickets); trustmesh = `trustmesh run` --log-level warning; "
         "trustmesh-info = `trustmesh run` at its default log level (info: a JSON line per "
         "allowed request, to a file)",
         tally,
@@ -688,6 +694,87 @@ def micro(work: Path, ca_url: str, caller: Identity, rounds: int, n: int = 20000
         print(f"| {name} | {median(values):.1f} {spread(values, '{:.1f}')} |")
 
 
+def handshake_micro(work: Path, caller: Identity, rounds: int, n: int = 200) -> None:
+    """Server-side CPU of one TLS 1.3 handshake in-process (memory BIOs, no asyncio), per
+    server context: what OpenSSL costs under CPython for each way of building it."""
+    from trustmesh.tls import RotatingCredentials, client_context, server_context
+
+    bundle = work / "bundle.pem"
+    chain, key = work / "server/chain.pem", work / "server/key.pem"
+    roots = bundle.read_text()
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # as uvicorn builds it
+    plain.load_cert_chain(chain, key)
+    plain.load_verify_locations(cafile=str(bundle))
+    plain.verify_mode = ssl.CERT_REQUIRED
+    no_auth = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    no_auth.load_cert_chain(chain, key)
+    rotating = RotatingCredentials(work / "server")
+    no_tickets = server_context(chain, key, cadata=roots, client_cert="required")
+    no_tickets.num_tickets = 0  # TLS 1.3 session tickets carry the client's certificate
+    servers = {
+        "uvicorn-style context, no client certificate": (no_auth, False),
+        "uvicorn-style context, CERT_REQUIRED": (plain, True),
+        "trustmesh.tls.server_context (required)": (
+            server_context(chain, key, cadata=roots, client_cert="required"),
+            True,
+        ),
+        "trustmesh.tls.server_context (required), num_tickets = 0": (no_tickets, True),
+        "RotatingCredentials.server_context() (SNI callback; no tickets)": (
+            rotating.server_context(),
+            True,
+        ),
+    }
+    with_cert = client_context(cafile=bundle, chain=caller.chain, key=caller.key)
+    without = client_context(cafile=bundle)
+
+    def one(server: ssl.SSLContext, client: ssl.SSLContext) -> float:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+        srv = server.wrap_bio(s_in, s_out, server_side=True)
+        spent = 0.0
+        c_done = s_done = False
+        while not (c_done and s_done):
+            if not c_done:
+                try:
+                    c.do_handshake()
+                    c_done = True
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            if not s_done:
+                start = time.thread_time()
+                try:
+                    srv.do_handshake()
+                    s_done = True
+                except ssl.SSLWantReadError:
+                    pass
+                spent += time.thread_time() - start
+            c_in.write(s_out.read())
+        # TLS 1.3: the server verifies the client's certificate on its last read.
+        start = time.thread_time()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            srv.read(1)
+        spent += time.thread_time() - start
+        if with_client_cert_required(server) and not srv.getpeercert(binary_form=True):
+            raise RuntimeError("no client certificate in the in-process handshake")
+        return spent
+
+    def with_client_cert_required(server: ssl.SSLContext) -> bool:
+        return server.verify_mode == ssl.CERT_REQUIRED
+
+    results: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, (server, needs_cert) in servers.items():
+            client = with_cert if needs_cert else without
+            one(server, client)  # warm
+            total = sum(one(server, client) for _ in range(n))
+            results.setdefault(name, []).append(total / n * 1e6)
+    print(f"\nServer CPU per TLS 1.3 handshake in-process, µs (median of {rounds} x {n}):")
+    print("| server context | µs |\n|---|---|")
+    for name, values in results.items():
+        print(f"| {name} | {median(values):.0f} {spread(values)} |")
+
+
 def build_shim(work: Path) -> Path:
     src, lib = work / "wrkcert.c", work / "wrkcert.so"
     src.write_text(WRK_SHIM)
@@ -735,7 +822,7 @@ def main() -> None:
         "--breakdown-handshakes", action="store_true", help="--breakdown with new connections too"
     )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
-    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:5], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:6], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--ca-url", help=argparse.SUPPRESS)
@@ -858,6 +945,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         if args.breakdown:
             breakdown(args, work, ca_server.url, ctx, caller, shim)
             micro(work, ca_server.url, caller, args.rounds)
+        if args.breakdown_handshakes:
+            handshake_micro(work, caller, args.rounds)
         if args.profile:
             for new_conn in (False, True):
                 prof = work / f"trustmesh-{new_conn}.prof"
