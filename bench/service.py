@@ -113,10 +113,11 @@ BREAKDOWN = (
     "tm-mw-rev",
     "tm-full",
     "tm-rot",
+    "tm-notix",
     "trustmesh",
     "trustmesh-info",
 )
-TRUSTMESH_STACKS = ("tm-full", "tm-rot", "tm-shim", "tm-mw", "tm-mw-rev")
+TRUSTMESH_STACKS = ("tm-full", "tm-rot", "tm-notix", "tm-shim", "tm-mw", "tm-mw-rev")
 # The app every Python system serves (``trustmesh run svc_app:app`` imports it too).
 APP_SOURCE = """\
 from fastapi import FastAPI
@@ -240,7 +241,7 @@ def serve(args: argparse.Namespace) -> None:
         )
 
         revocations: RevocationSet | None = None
-        if args.serve in {"tm-full", "tm-rot", "tm-mw-rev"}:
+        if args.serve in {"tm-full", "tm-rot", "tm-notix", "tm-mw-rev"}:
             own = client_context(cafile=bundle, chain=chain, key=key)
             pem = (work / "intermediate.pem").read_bytes()
             intermediate = x509.load_pem_x509_certificate(pem)
@@ -249,7 +250,7 @@ def serve(args: argparse.Namespace) -> None:
             if not revocations.wait_connected(30):
                 raise SystemExit("the revocation set did not connect to ca serve")
         if args.serve != "tm-shim":
-            full = args.serve in {"tm-full", "tm-rot"}
+            full = args.serve in {"tm-full", "tm-rot", "tm-notix"}
             policy = PolicyFile(work / "policy.yaml") if full else None
             app = MTLSMiddleware(
                 app, trust_domain=TRUST_DOMAIN, policy=policy, revocation=revocations
@@ -259,7 +260,10 @@ def serve(args: argparse.Namespace) -> None:
         def factory(_config: Any, _default: Any) -> ssl.SSLContext:
             if args.serve == "tm-rot":  # tm-full with trustmesh run's listener context
                 return RotatingCredentials(work / "server").server_context()
-            return server_context(chain, key, cadata=roots, client_cert="required")
+            ctx = server_context(chain, key, cadata=roots, client_cert="required")
+            if args.serve == "tm-notix":  # tm-full without TLS 1.3 session tickets
+                ctx.num_tickets = 0
+            return ctx
 
         kw.update(http=TLSHttpToolsProtocol, ssl_context_factory=factory)
     elif args.serve == "uvicorn-mtls":
@@ -553,7 +557,8 @@ def breakdown(
 ) -> None:
     """Runs of the stack built up piece by piece, alternating, CPU per request: keep-alive,
     and with --breakdown-handshakes new connections too."""
-    servers = [start_python(kind, work, ca_url, ctx) for kind in BREAKDOWN]
+    kinds = [k for k in BREAKDOWN if not args.only or k in args.only]
+    servers = [start_python(kind, work, ca_url, ctx) for kind in kinds]
     tally, hand = Tally(), Tally()
     with started(servers):
         warm = argparse.Namespace(**{**vars(args), "duration": 1})
@@ -569,7 +574,7 @@ def breakdown(
     if args.breakdown_handshakes:
         print_table("Breakdown (new connection per request)", hand, "handshakes/s", BREAKDOWN)
         base = hand.med("uvicorn-mtls", "server_cpu_us")
-        for name in BREAKDOWN[1:]:
+        for name in kinds[1:]:
             cur = hand.med(name, "server_cpu_us")
             print(f"  {name}: {cur - base:+.0f} µs per new connection over uvicorn-mtls")
     print_table(
@@ -577,7 +582,7 @@ def breakdown(
         "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
         "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; tm-full = + PolicyFile "
         "(all built in this script); tm-rot = tm-full with RotatingCredentials' listener "
-        "context (SNI callback, no tickets); trustmesh = `trustmesh run` --log-level warning; "
+        "context (SNI callback, no tickets); tm-notix = tm-full with num_tickets = 0; trustmesh = `trustmesh run` --log-level warning; "
         "trustmesh-info = `trustmesh run` at its default log level (info: a JSON line per "
         "allowed request, to a file)",
         tally,
@@ -586,13 +591,10 @@ def breakdown(
     )
     base = tally.med("uvicorn-mtls", "server_cpu_us")
     prev = base
-    for name in BREAKDOWN[1:5]:
+    for name in kinds[1:]:
         cur = tally.med(name, "server_cpu_us")
         print(f"  {name}: {cur - prev:+.0f} µs/req over the previous, {cur - base:+.0f} in all")
         prev = cur
-    for name in BREAKDOWN[5:]:
-        cur = tally.med(name, "server_cpu_us")
-        print(f"  {name}: {cur - base:+.0f} µs/req over uvicorn-mtls")
 
 
 def micro(work: Path, ca_url: str, caller: Identity, rounds: int, n: int = 20000) -> None:
@@ -818,11 +820,12 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="keep-alive CPU per request, piece by piece"
     )
+    parser.add_argument("--only", action="append", help="--breakdown: only these systems")
     parser.add_argument(
         "--breakdown-handshakes", action="store_true", help="--breakdown with new connections too"
     )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
-    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:6], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SYSTEMS + BREAKDOWN[1:7], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--ca-url", help=argparse.SUPPRESS)
