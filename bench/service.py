@@ -582,7 +582,8 @@ def breakdown(
         "trustmesh server_context + TLSHttpToolsProtocol; tm-mw = + MTLSMiddleware "
         "(policy=None, revocation=None); tm-mw-rev = + RevocationSet; tm-full = + PolicyFile "
         "(all built in this script); tm-rot = tm-full with RotatingCredentials' listener "
-        "context (SNI callback, no tickets); tm-notix = tm-full with num_tickets = 0; trustmesh = `trustmesh run` --log-level warning; "
+        "context (SNI callback, no tickets); tm-notix = tm-full with num_tickets = 0; "
+        "trustmesh = `trustmesh run` --log-level warning; "
         "trustmesh-info = `trustmesh run` at its default log level (info: a JSON line per "
         "allowed request, to a file)",
         tally,
