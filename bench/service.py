@@ -50,8 +50,13 @@ Measurements, each round in rotated order of the systems:
 
 Server CPU per request comes from /proc/PID/stat around each run, the generator's
 CPU from getrusage(RUSAGE_CHILDREN), the machine's from /proc/stat; the 1-minute
-load average is printed before every round. --profile runs the trustmesh server
-once more under cProfile during one keep-alive run and prints the top functions.
+load average is printed before every round. --profile runs `trustmesh run` once
+more under cProfile during one keep-alive and one new-connection run and prints the top
+functions. --breakdown runs the stack built up piece by piece (tm-shim, tm-mw, tm-mw-rev,
+tm-full, tm-rot, tm-notix: see the table title it prints) under the same keep-alive load
+and times the middleware's pieces in-process; --breakdown-handshakes adds new-connection
+runs and the server CPU of one TLS 1.3 handshake per server context in-process (memory
+BIOs); --only NAME restricts the breakdown to some systems.
 
 Install the tools first (not part of CI):
   apt-get install -y nginx-light wrk gcc libssl-dev
