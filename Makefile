@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,8 @@ bench-policy: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# A Python service over mTLS (issue #5): trustmesh stack vs plain uvicorn vs nginx, with wrk.
+# Needs: apt-get install -y nginx-light wrk gcc libssl-dev (not installed by CI).
+bench-service: $(STAMP)
+	$(BIN)/python bench/service.py $(BENCH_ARGS)

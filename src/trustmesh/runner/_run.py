@@ -40,6 +40,9 @@ __all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
 
 log = logging.getLogger("trustmesh.runner")
 
+#: Seconds `run` waits for the revocation feed before it starts serving.
+REVOCATION_STARTUP_WAIT = 10.0
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -248,6 +251,16 @@ def _run_one(
     credentials.start()
     if revocations is not None:
         revocations.start()
+        # Until the first page of the feed arrives the set is empty: serving then would let
+        # an already-revoked caller in. Wait for it; past the timeout the set's grace and
+        # fail-closed rule decide.
+        if not revocations.wait_connected(REVOCATION_STARTUP_WAIT):
+            log.error(
+                "revocation feed at %s not connected after %g s; serving anyway, and "
+                "refusing every caller once its grace runs out",
+                settings.ca_url,
+                REVOCATION_STARTUP_WAIT,
+            )
     try:
         asyncio.run(
             _serve(

@@ -394,10 +394,20 @@ class RevocationSet:
                 self._socket = None
             if self._stop.is_set():
                 break
-            self._maybe_crl()
             delay = self._backoff * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
             self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
-            self._stop.wait(delay)
+            self._pause(delay)
+
+    def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before reconnecting, fetching the CRL whenever it is due."""
+        deadline = time.monotonic() + delay
+        while not self._stop.is_set():
+            self._maybe_crl()
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            due = self._last_crl + self.crl_interval
+            self._stop.wait(max(0.01, min(deadline, due) - now))
 
     def _bootstrap(self, client: httpx.Client) -> None:
         while not self._stop.is_set():
