@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -37,6 +37,48 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, old)
 
 
+def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The agent's enrollment options (``--bundle``, ``--token``, ``--token-file``,
+    ``--key-type``, ``--ttl``), shared with ``trustmesh run --id``."""
+    options = [
+        click.option(
+            "--bundle",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="CA root certificate(s), PEM, to verify the CA with (from 'trustmesh export "
+            "bundle'; default: bundle.pem in the identity directory, present after the "
+            "first enrollment).",
+        ),
+        click.option(
+            "--token",
+            envvar="TRUSTMESH_JOIN_TOKEN",
+            default=None,
+            help="Join token for the first enrollment (default: $TRUSTMESH_JOIN_TOKEN).",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="File holding the join token (read whenever an enrollment is needed).",
+        ),
+        click.option(
+            "--key-type",
+            type=click.Choice([k.value for k in KeyType]),
+            default=KeyType.EC_P256.value,
+            show_default=True,
+            help="Type of each new key.",
+        ),
+        click.option(
+            "--ttl",
+            default=None,
+            help="Lifetime to ask for, e.g. 1h (default: the CA profile's).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("agent")
 @click.option("--ca", "ca_url", required=True, help="CA API URL, e.g. https://ca.internal:8443.")
 @click.option("--id", "spiffe_id", required=True, help="The SPIFFE ID to hold.")
@@ -46,32 +88,7 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for key.pem (0600), cert.pem, chain.pem and bundle.pem.",
 )
-@click.option(
-    "--bundle",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="CA root certificate(s), PEM, to verify the CA with (from 'trustmesh export "
-    "bundle'; default: bundle.pem in --out, present after the first enrollment).",
-)
-@click.option(
-    "--token",
-    envvar="TRUSTMESH_JOIN_TOKEN",
-    default=None,
-    help="Join token for the first enrollment (default: $TRUSTMESH_JOIN_TOKEN).",
-)
-@click.option(
-    "--token-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="File holding the join token (read whenever an enrollment is needed).",
-)
-@click.option(
-    "--key-type",
-    type=click.Choice([k.value for k in KeyType]),
-    default=KeyType.EC_P256.value,
-    show_default=True,
-    help="Type of each new key.",
-)
+@enrollment_options
 @click.option(
     "--exec",
     "exec_command",
@@ -83,9 +100,6 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     "signal_spec",
     default=None,
     help="Or send a signal after new files are written: PID:SIGNAL, e.g. 1234:HUP.",
-)
-@click.option(
-    "--ttl", default=None, help="Lifetime to ask for, e.g. 1h (default: the CA profile's)."
 )
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")

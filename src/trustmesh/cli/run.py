@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.logs import configure_logging
+from trustmesh.pki import KeyType, SpiffeID
+
+from .agent import enrollment_options
+
+log = logging.getLogger("trustmesh.runner")
 
 __all__ = ["run_command"]
 
@@ -16,9 +28,19 @@ __all__ = ["run_command"]
 @click.option(
     "--cert-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The agent's output directory (key.pem, chain.pem, bundle.pem).",
+    default=None,
+    help="The identity directory (key.pem, chain.pem, bundle.pem): kept by an external "
+    "agent, or with --id by the one in this process (default with --id: a private "
+    "temporary directory).",
 )
+@click.option(
+    "--id",
+    "spiffe_id",
+    default=None,
+    help="Run the agent in this process for this SPIFFE ID: enroll with the join token "
+    "at start (or reuse a valid identity in --cert-dir) and renew while serving.",
+)
+@enrollment_options
 @click.option("--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT.")
 @click.option(
     "--policy",
@@ -42,13 +64,26 @@ __all__ = ["run_command"]
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory to import the app from (prepended to sys.path).",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the port (the agent runs once, in the parent).",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
 )
 def run_command(
     app: str,
-    cert_dir: Path,
+    cert_dir: Path | None,
+    spiffe_id: str | None,
+    bundle: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    key_type: str,
+    ttl: str | None,
     listen: str,
     policy: Path | None,
     no_policy: bool,
@@ -59,28 +94,130 @@ def run_command(
     require_token: bool,
     trusted_proxies: tuple[str, ...],
     app_dir: Path | None,
+    workers: int,
     log_level: str,
     log_format: str,
 ) -> None:
     """Serve the ASGI app MODULE:APP over mTLS: client certificates required, the
     caller's SPIFFE ID checked (and revocation on every request), the policy applied,
-    the caller and user in request.scope["trustmesh"]. See docs/services.md."""
-    from trustmesh.runner import RunSettings, run
+    the caller and user in request.scope["trustmesh"]. See docs/services.md.
 
+    The service's identity comes from --cert-dir (kept by 'trustmesh agent'), or with
+    --id SPIFFE_ID --ca URL --token TOKEN from the agent in this process."""
+    from trustmesh.runner import RunSettings, run, validate
+
+    context = click.get_current_context()
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("bundle", "token", "token_file", "ttl", "key_type")
+        if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    ]
+    if spiffe_id is None and given:
+        raise ConfigError(
+            f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --id (the identity "
+            f"to enroll)."
+        )
+    if spiffe_id is None and cert_dir is None:
+        raise ConfigError(
+            "Give --cert-dir DIR (kept by 'trustmesh agent'), or --id SPIFFE_ID --ca URL "
+            "--token TOKEN to run the agent in this process."
+        )
+    if spiffe_id is not None and ca_url is None:
+        raise ConfigError("--id needs --ca URL: the CA to enroll with and renew at.")
+    if token and token_file:
+        raise ConfigError("Give --token or --token-file, not both.")
     configure_logging(log_level, log_format)
-    settings = RunSettings(
-        target=app,
-        cert_dir=cert_dir,
-        listen=listen,
-        policy=policy,
-        no_policy=no_policy,
-        ca_url=ca_url,
-        no_revocation=no_revocation,
-        issuer=issuer,
-        audiences=audiences,
-        require_token=require_token,
-        trusted_proxies=trusted_proxies,
-        app_dir=app_dir,
-        log_level=log_level,
+    temporary = None
+    if spiffe_id is not None and cert_dir is None:
+        temporary = cert_dir = Path(tempfile.mkdtemp(prefix="trustmesh-run-"))  # 0700
+    try:
+        assert cert_dir is not None  # noqa: S101 - checked above
+        settings = RunSettings(
+            target=app,
+            cert_dir=cert_dir,
+            listen=listen,
+            policy=policy,
+            no_policy=no_policy,
+            ca_url=ca_url,
+            no_revocation=no_revocation,
+            issuer=issuer,
+            audiences=audiences,
+            require_token=require_token,
+            trusted_proxies=trusted_proxies,
+            app_dir=app_dir,
+            log_level=log_level,
+            log_format=log_format,
+            workers=workers,
+        )
+        validate(settings)  # before a join token is spent
+        keeper = None
+        if spiffe_id is not None and ca_url is not None and cert_dir is not None:
+            keeper = _start_agent(
+                ca_url,
+                SpiffeID.parse(spiffe_id),
+                cert_dir,
+                bundle=bundle,
+                token=token or None,
+                token_file=token_file,
+                key_type=KeyType.parse(key_type),
+                ttl=ttl,
+            )
+        run(
+            settings,
+            ready=lambda url: click.echo(f"trustmesh run: {app} on {url}", err=True),
+            keeper=keeper,
+        )
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+#: Seconds before the agent's loop is restarted after it gave up on a failure.
+RESTART_DELAY = 30.0
+
+
+def _start_agent(
+    ca_url: str,
+    spiffe_id: SpiffeID,
+    cert_dir: Path,
+    *,
+    bundle: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    key_type: KeyType,
+    ttl: str | None,
+) -> Callable[[threading.Event], None]:
+    """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
+    renews it while serving: the agent's own loop, restarted if it ever gives up."""
+    from trustmesh.agent import Agent
+
+    # httpx logs every request at INFO; the agent's own lines say what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    agent = Agent(
+        ca_url,
+        spiffe_id,
+        cert_dir,
+        bundle=bundle,
+        token=token,
+        token_file=token_file,
+        key_type=key_type,
+        ttl=ttl,
     )
-    run(settings, ready=lambda url: click.echo(f"trustmesh run: {app} on {url}", err=True))
+    outcome = agent.ensure()
+    log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})
+
+    def keep(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                agent.run(stop)
+            except TrustmeshError as exc:
+                log.error(
+                    "Renewing %s failed: %s Serving the current certificate; retrying in %gs.",
+                    spiffe_id,
+                    exc.message,
+                    RESTART_DELAY,
+                    extra={"event": "renewal_failed"},
+                )
+                stop.wait(RESTART_DELAY)
+
+    return keep

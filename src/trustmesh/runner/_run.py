@@ -12,10 +12,14 @@ import asyncio
 import importlib
 import inspect
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +29,14 @@ from typing import Any
 import uvicorn
 
 from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.logs import configure_logging
 from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
 from trustmesh.serving import parse_listen, public_url
 from trustmesh.tls import RevocationSet, RotatingCredentials, TLSHttpToolsProtocol
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
-__all__ = ["RunSettings", "load_app", "run"]
+__all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
 
 log = logging.getLogger("trustmesh.runner")
 
@@ -46,7 +51,7 @@ class RunSettings:
         listen: ``HOST:PORT``.
         policy: The policy file; None only with ``no_policy``.
         no_policy: Serve without a policy (every verified caller allowed; logged).
-        ca_url: The CA for the revocation feed; None only with ``no_revocation``.
+        ca_url: The CA for the revocation feed (unused for it with ``no_revocation``).
         no_revocation: Serve without revocation checks (logged).
         issuer: Token issuer URL; tokens are ignored without it.
         audiences: Accepted token audiences.
@@ -54,6 +59,8 @@ class RunSettings:
         trusted_proxies: SPIFFE IDs or globs whose identity headers are believed.
         app_dir: Prepended to ``sys.path`` before importing the app.
         log_level: uvicorn's and our log level.
+        log_format: ``json`` or ``text`` (for worker processes, which log on their own).
+        workers: Worker processes sharing the listening socket (1: serve in this process).
     """
 
     target: str
@@ -69,6 +76,15 @@ class RunSettings:
     trusted_proxies: Sequence[str] = field(default_factory=tuple)
     app_dir: Path | None = None
     log_level: str = "info"
+    log_format: str = "json"
+    workers: int = 1
+
+
+#: Keeps the identity files fresh until the event is set (e.g. the agent's loop).
+Keeper = Callable[[threading.Event], None]
+
+#: Seconds workers get to finish their requests after SIGTERM before they are killed.
+WORKER_GRACE = 15.0
 
 
 def load_app(target: str, app_dir: Path | None = None) -> Any:
@@ -129,10 +145,59 @@ def _check(settings: RunSettings) -> None:
         raise ConfigError("--require-token needs --issuer and --audience.", field="issuer")
     if settings.issuer is not None and not settings.audiences:
         raise ConfigError("--issuer needs at least one --audience.", field="audience")
+    if settings.workers < 1:
+        raise ConfigError("--workers must be 1 or more.", field="workers")
 
 
-def run(settings: RunSettings, *, ready: Callable[[str], None] | None = None) -> None:
+def validate(settings: RunSettings) -> None:
+    """Refuse unusable settings and an app that cannot be imported, before anything
+    irreversible (such as spending a join token) happens.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    _check(settings)
+    parse_listen(settings.listen)
+    load_app(settings.target, settings.app_dir)
+
+
+def _start_keeper(keeper: Keeper | None, stop: threading.Event) -> threading.Thread | None:
+    if keeper is None:
+        return None
+
+    def keep() -> None:
+        try:
+            keeper(stop)
+        except Exception:  # a dead keeper must be loud: the certificate will expire
+            log.exception(
+                "the identity keeper stopped; serving the current certificate until it expires",
+                extra={"event": "keeper_failed"},
+            )
+
+    thread = threading.Thread(target=keep, name="trustmesh-run-identity", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop_keeper(thread: threading.Thread | None, stop: threading.Event) -> None:
+    stop.set()
+    if thread is not None:
+        thread.join(timeout=10)
+
+
+def run(
+    settings: RunSettings,
+    *,
+    ready: Callable[[str], None] | None = None,
+    keeper: Keeper | None = None,
+) -> None:
     """Serve the app until SIGINT/SIGTERM.
+
+    Args:
+        settings: What to serve and how.
+        ready: Called with the URL once the server listens.
+        keeper: Keeps ``cert_dir`` fresh in a background thread while serving (the
+            files must already be valid when :func:`run` is called).
 
     Raises:
         ConfigError: A setting is unusable (the message says which and how to fix it).
@@ -141,6 +206,26 @@ def run(settings: RunSettings, *, ready: Callable[[str], None] | None = None) ->
     _check(settings)
     host, port = parse_listen(settings.listen)
     app = load_app(settings.target, settings.app_dir)
+    stop = threading.Event()
+    thread = _start_keeper(keeper, stop)
+    try:
+        if settings.workers > 1:
+            RotatingCredentials(settings.cert_dir)  # refuse unusable files before forking
+            _supervise(settings, host, port, ready)
+        else:
+            _run_one(settings, app, host, port, ready, None)
+    finally:
+        _stop_keeper(thread, stop)
+
+
+def _run_one(
+    settings: RunSettings,
+    app: Any,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None,
+    sock: socket.socket | None,
+) -> None:
     credentials = RotatingCredentials(settings.cert_dir)
     trust_domain = credentials.spiffe_id.removeprefix("spiffe://").partition("/")[0]
     policy = PolicyFile(settings.policy) if settings.policy is not None else None
@@ -148,7 +233,7 @@ def run(settings: RunSettings, *, ready: Callable[[str], None] | None = None) ->
         RevocationSet(
             settings.ca_url, credentials.client_context, issuers=credentials.intermediates
         )
-        if settings.ca_url is not None
+        if settings.ca_url is not None and not settings.no_revocation
         else None
     )
     issuer = (
@@ -176,6 +261,7 @@ def run(settings: RunSettings, *, ready: Callable[[str], None] | None = None) ->
                 revocations,
                 issuer,
                 ready,
+                sock,
             )
         )
     finally:
@@ -195,6 +281,7 @@ async def _serve(
     revocations: RevocationSet | None,
     issuer: IssuerConfig | None,
     ready: Callable[[str], None] | None,
+    sock: socket.socket | None = None,
 ) -> None:
     # The verifier's HTTP client belongs to this event loop: create and close it here.
     verifier = AsyncVerifier(issuer) if issuer is not None else None
@@ -237,7 +324,7 @@ async def _serve(
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        serving = asyncio.ensure_future(server.serve())
+        serving = asyncio.ensure_future(server.serve([sock] if sock is not None else None))
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started and ready is not None:
@@ -264,3 +351,93 @@ async def _serve(
 
 def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(0)
+
+
+# -- several worker processes -----------------------------------------------------------
+
+
+def _worker_main(settings: RunSettings, sock: socket.socket) -> None:
+    """One worker process: its own credentials watcher, revocation set and middleware."""
+    configure_logging(settings.log_level, settings.log_format)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
+    host, port = parse_listen(settings.listen)
+    app = load_app(settings.target, settings.app_dir)
+    try:
+        _run_one(settings, app, host, port, None, sock)
+    except TrustmeshError as exc:
+        log.error("worker %d: %s", os.getpid(), exc.message, extra={"event": "worker_failed"})
+        sys.exit(1)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise TrustmeshError(
+            f"trustmesh run could not listen on {host}:{port} ({exc.strerror}): is the port "
+            f"in use? Pick another --listen."
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _supervise(
+    settings: RunSettings, host: str, port: int, ready: Callable[[str], None] | None
+) -> None:
+    """Bind once, start ``settings.workers`` spawned workers on the socket, and wait.
+
+    SIGTERM or SIGINT: every worker gets SIGTERM (uvicorn stops accepting, finishes
+    open requests within its graceful timeout), stragglers are killed after
+    :data:`WORKER_GRACE` seconds, then this returns. A worker that exits on its own
+    stops the others and raises, so a supervisor restarts the whole service.
+    """
+    sock = _listen_socket(host, port)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received, stopping the workers", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    spawn = multiprocessing.get_context("spawn")
+    workers = []
+    failed: str | None = None
+    try:
+        for _ in range(settings.workers):
+            worker = spawn.Process(target=_worker_main, args=(settings, sock), daemon=False)
+            worker.start()
+            workers.append(worker)
+        log.info(
+            "started %d workers: %s",
+            len(workers),
+            " ".join(str(w.pid) for w in workers),
+            extra={"event": "workers_started"},
+        )
+        if ready is not None:
+            ready(f"{public_url(host, port)} ({len(workers)} workers)")
+        while not stop.wait(0.2):
+            dead = [w for w in workers if not w.is_alive()]
+            if dead:
+                failed = f"worker {dead[0].pid} exited with status {dead[0].exitcode}"
+                break
+    finally:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_GRACE
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("worker %s did not stop in %gs; killing it", worker.pid, WORKER_GRACE)
+                worker.kill()
+                worker.join()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        sock.close()
+    if failed is not None:
+        raise TrustmeshError(f"trustmesh run stopped: {failed} (see the log above).")
