@@ -1,10 +1,13 @@
 """`make demo` runs end to end: real CLI, real mTLS, real CRL refusal, then the CA
 server with real agent processes, a renewal, the revocation feed, CRL and OCSP, then the
 identity server issuing a token that `token verify` accepts, refuses for another audience
-and refuses once revoked."""
+and refuses once revoked, then the example services under `trustmesh run`: an allowed call
+chain, a policy denial, a rotation during traffic and a revoked caller refused on its open
+connection."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -15,7 +18,7 @@ def test_demo_runs_end_to_end() -> None:
         capture_output=True,
         text=True,
         check=False,
-        timeout=120,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -32,4 +35,13 @@ def test_demo_runs_end_to_end() -> None:
     assert "grants client_credentials" in out
     assert "refused (bad_audience)" in out
     assert "refused (revoked)" in out
+    # act four: the example services under `trustmesh run`
+    assert "orders saw caller    spiffe://demo.example/frontend" in out
+    assert "inventory saw caller spiffe://demo.example/orders" in out
+    assert "as frontend: 403\n  reason: policy_denied" in out
+    assert "closest 'orders-reads-inventory' (rules[0]): caller not in" in out
+    assert re.search(r"\n(\d+) requests during the rotation: \1 ok, 0 failed", out)
+    assert re.search(r"serials orders presented, in order: \w+… -> \w+…", out)
+    assert "on the same connection (port " in out
+    assert "same: True): 403 revoked, Connection: close" in out
     assert out.rstrip().endswith("demo succeeded")

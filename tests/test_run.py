@@ -147,8 +147,9 @@ def test_run_serves_an_asgi_app_with_policy_and_rotation(
 def test_run_refuses_bad_input_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A malformed APP, a missing policy choice or a WSGI app exit 2 with the fix."""
-    (tmp_path / "flaskapp.py").write_text("from flask import Flask\napp = Flask('x')\n")
+    """A malformed APP, a missing policy choice or an app that is neither ASGI nor Flask-like
+    WSGI exit 2 with the fix."""
+    (tmp_path / "flaskapp.py").write_text("def app(environ, start_response):\n    return []\n")
     base = ["--cert-dir", str(tmp_path), "--app-dir", str(tmp_path)]
     assert main(["run", "nocolon", *base, "--no-policy", "--no-revocation"]) == 2
     assert "is not MODULE:ATTRIBUTE" in capsys.readouterr().err

@@ -5,7 +5,10 @@ issue two identities, makes an HTTP call over mutual TLS between a tiny stdlib
 server and client using them, revokes the client, and shows the next handshake
 being refused because the server checks the CRL. Act two runs the CA as a
 service (join tokens, the agent, renewal, the revocation feed, CRL, OCSP); act
-three runs the identity server and checks its tokens with ``token verify``.
+three runs the identity server and checks its tokens with ``token verify``. Act four
+runs the two example services of ``examples/`` under ``trustmesh run``: an allowed
+call chain, a policy denial, a rotation during traffic, a revoked caller refused on
+its open connection.
 Every step is printed.
 """
 
@@ -23,9 +26,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import redirect_stdout
+from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography import x509
@@ -218,6 +224,7 @@ def run(workdir: Path) -> int:
     ok = ok and any("revoked" in o for o in server.outcomes)
     service = run_service_act(workdir, home)
     identity = run_identity_act(workdir)
+    examples = run_examples_act(workdir)
     say("\n== What happened")
     say(f"- a CA for {TRUST_DOMAIN} was created with encrypted keys in {home}")
     say("- two identities were issued; billing called orders over mTLS and was identified as")
@@ -230,7 +237,13 @@ def run(workdir: Path) -> int:
     say(f"  subscriber {latency} after the revoke call; CRL and OCSP say revoked")
     say("- the identity server issued a machine token; `token verify` accepted it for orders,")
     say("  refused it for billing (wrong audience) and refused it again once it was revoked")
-    ok = ok and bool(service.get("ok")) and bool(identity.get("ok"))
+    say("- the example services ran under `trustmesh run`: frontend -> orders (Flask) ->")
+    say("  inventory (FastAPI) was allowed and each saw its caller; frontend -> inventory was")
+    say(f"  denied by policy; {examples.get('requests', '?')} requests ran while both certificates")
+    say("  rotated, with zero failures; after frontend was revoked, its open keep-alive")
+    latency = examples.get("latency", "?")
+    say(f"  connection was refused {latency} after the revoke command returned")
+    ok = ok and bool(service.get("ok")) and bool(identity.get("ok")) and bool(examples.get("ok"))
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 
@@ -560,6 +573,396 @@ def run_identity_act(workdir: Path) -> dict[str, object]:
         server.terminate()
         server.wait(timeout=20)
         log.close()
+    return result
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@dataclass
+class Answer:
+    """A response read in full, with what its connection showed while it was open."""
+
+    status: int
+    headers: httpx.Headers
+    body: dict[str, Any]
+    server_serial: str  # the serial (hex) of the certificate the server presented
+    local_port: int  # the client side of the connection: same port, same connection
+
+
+def fetch(client: httpx.Client, path: str) -> Answer:
+    """GET PATH; note the server's certificate and the connection before it can close."""
+    with client.stream("GET", path) as response:
+        stream = response.extensions["network_stream"]
+        der = stream.get_extra_info("ssl_object").getpeercert(True)
+        port: int = stream.get_extra_info("client_addr")[1]
+        response.read()
+    serial = format(x509.load_der_x509_certificate(der).serial_number, "x")
+    return Answer(response.status_code, response.headers, response.json(), serial, port)
+
+
+class ExampleMesh:
+    """The two example services of ``examples/`` under ``trustmesh run``, for real.
+
+    Against an initialized CA home (``TRUSTMESH_HOME`` and the passphrase in ``env``) it
+    starts ``trustmesh ca serve``, enrolls ``inventory``, ``orders`` and ``frontend``
+    with join tokens through ``trustmesh agent --once``, and runs inventory (FastAPI)
+    and orders (Flask) under ``trustmesh run`` with their policies and the CA's
+    revocation feed. Every part is a separate process started from the CLI.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str], *, echo: bool = True) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.echo = echo
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[str, Path] = {}
+        self.bundle = workdir / "mesh-bundle.pem"
+        self.ops = workdir / "mesh-ops"
+        self.dirs: dict[str, Path] = {}
+        self.urls: dict[str, str] = {}
+        self.ca_url = ""
+
+    def say(self, text: str) -> None:
+        if self.echo:
+            say(text)
+
+    def cli(self, *argv: str, show: bool = True) -> str:
+        """Run a trustmesh command as its own process; return its stdout."""
+        if show:
+            self.say(f"\n$ trustmesh {shlex.join(argv)}")
+        result = subprocess.run(
+            [sys.executable, "-m", "trustmesh", *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+            env=self.env,
+        )
+        if show and result.stdout.strip():
+            self.say(result.stdout.rstrip())
+        if result.returncode != 0:
+            raise RuntimeError(f"trustmesh {shlex.join(argv)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def spawn(self, name: str, *argv: str, env: dict[str, str] | None = None) -> None:
+        self.say(f"\n$ trustmesh {shlex.join(argv)} &")
+        log = self.workdir / f"{name}.log"
+        self.logs[name] = log
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "trustmesh", *argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self.env, **(env or {})},
+            )
+        self.processes.append(process)
+
+    def log_text(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    def start_ca(self) -> None:
+        self.cli("export", "bundle", "--out", str(self.bundle), show=False)
+        ops_id = f"spiffe://{TRUST_DOMAIN}/ops"
+        self.cli("issue", ops_id, "--ttl", "1h", "--out", str(self.ops), show=False)
+        port = free_port()
+        self.ca_url = f"https://127.0.0.1:{port}"
+        self.spawn(
+            "ca",
+            "ca",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            ops_id,
+            "--log-level",
+            "warning",
+        )
+        ctx = ssl.create_default_context(cafile=str(self.bundle))
+        with httpx.Client(verify=ctx, timeout=5) as http:
+            self._wait("ca", lambda: http.get(f"{self.ca_url}/readyz").status_code == 200)
+
+    def _wait(self, name: str, ready: Callable[[], bool], seconds: float = 30) -> None:
+        process = self.processes[-1]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except (httpx.TransportError, OSError):
+                pass
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not start:\n{self.log_text(name)}")
+
+    def enroll(self, *names: str) -> None:
+        """Enroll each name with a one-time join token, the agents running in parallel."""
+        agents = []
+        for name in names:
+            spiffe_id = f"spiffe://{TRUST_DOMAIN}/{name}"
+            token = self.cli("token", "create", spiffe_id, "--ttl", "5m", show=False).strip()
+            self.dirs[name] = self.workdir / f"mesh-{name}"
+            argv = ["agent", "--ca", self.ca_url, "--id", spiffe_id]
+            argv += ["--out", str(self.dirs[name]), "--bundle", str(self.bundle), "--once"]
+            self.say(f"\n$ trustmesh {shlex.join(argv)} --token $(trustmesh token create …)")
+            agents.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "trustmesh", *argv, "--token", token],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=self.env,
+                )
+            )
+        for agent in agents:
+            out, err = agent.communicate(timeout=60)
+            if agent.returncode != 0:
+                raise RuntimeError(f"agent failed: {err.strip()}")
+            self.say(out.rstrip())
+
+    def renew(self, name: str) -> subprocess.Popen[str]:
+        """Start a forced renewal of NAME's certificate (the agent rewrites its files)."""
+        argv = ["agent", "--ca", self.ca_url, "--id", f"spiffe://{TRUST_DOMAIN}/{name}"]
+        argv += ["--out", str(self.dirs[name]), "--once", "--renew-now"]
+        self.say(f"$ trustmesh {shlex.join(argv)}")
+        return subprocess.Popen(
+            [sys.executable, "-m", "trustmesh", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+
+    def run_service(
+        self, name: str, env: dict[str, str] | None = None, *, label: str | None = None
+    ) -> None:
+        """Run examples/NAME under `trustmesh run` with NAME's certificate; LABEL names
+        the process (its log and URL) when one service runs twice."""
+        label = label or name
+        port = free_port()
+        self.urls[label] = f"https://127.0.0.1:{port}"
+        app_dir = EXAMPLES / name
+        argv = ["run", "main:app", "--app-dir", str(app_dir), "--cert-dir", str(self.dirs[name])]
+        argv += ["--listen", f"127.0.0.1:{port}", "--policy", str(app_dir / "policy.yaml")]
+        argv += ["--ca", self.ca_url, "--log-format", "text", "--log-level", "warning"]
+        self.spawn(label, *argv, env=env)
+        self._wait(label, lambda: "trustmesh run: main:app on" in self.log_text(label))
+
+    def start(self) -> None:
+        if not (EXAMPLES / "inventory" / "main.py").is_file():
+            raise RuntimeError(f"the example services are not in {EXAMPLES}")
+        self.start_ca()
+        self.enroll("inventory", "orders", "frontend")
+        self.run_service("inventory")
+        self.run_orders()
+
+    def run_orders(
+        self, inventory_id: str = f"spiffe://{TRUST_DOMAIN}/inventory", label: str = "orders"
+    ) -> None:
+        """Run orders, calling inventory and accepting only a server that is INVENTORY_ID."""
+        env = {
+            "TRUSTMESH_CERT_DIR": str(self.dirs["orders"]),
+            "INVENTORY_URL": self.urls["inventory"],
+            "INVENTORY_ID": inventory_id,
+        }
+        self.run_service("orders", env, label=label)
+
+    def client(
+        self, name: str, service: str, *, expect: str | None = None, **kwargs: Any
+    ) -> httpx.Client:
+        """An mTLS client holding NAME's certificate, calling SERVICE (a label of
+        :meth:`run_service`) and expecting the SPIFFE ID of EXPECT (default SERVICE)."""
+        from trustmesh.client import mtls_client
+        from trustmesh.tls import RotatingCredentials
+
+        ctx = RotatingCredentials(self.dirs[name]).client_context(check_hostname=False)
+        return mtls_client(
+            ctx,
+            expect_id=f"spiffe://{TRUST_DOMAIN}/{expect or service}",
+            base_url=self.urls[service],
+            timeout=5,
+            **kwargs,
+        )
+
+    def revoke(self, name: str) -> str:
+        return self.cli(
+            "revoke",
+            "--ca",
+            self.ca_url,
+            "--cert",
+            str(self.ops / "chain.pem"),
+            "--key",
+            str(self.ops / "key.pem"),
+            "--bundle",
+            str(self.bundle),
+            "--id",
+            f"spiffe://{TRUST_DOMAIN}/{name}",
+            "--reason",
+            "keyCompromise",
+        )
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def __enter__(self) -> ExampleMesh:
+        if not self.processes:
+            try:
+                self.start()
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_examples_act(workdir: Path) -> dict[str, object]:
+    """Act four: the example services (FastAPI inventory, Flask orders) under `trustmesh run`."""
+    result: dict[str, object] = {}
+    say("\n== 16. Run the example services under `trustmesh run` (examples/)")
+    say("inventory (FastAPI) allows orders to GET /items*; orders (Flask) allows frontend to")
+    say("GET /orders/*; both check every caller against the CA's revocation feed.")
+    mesh = ExampleMesh(workdir, dict(os.environ))
+    try:
+        mesh.start()
+    except RuntimeError as exc:
+        mesh.stop()
+        raise SystemExit(f"demo: {exc}") from None
+    with mesh:
+        say("\n== 17. An allowed call: frontend -> orders -> inventory")
+        with mesh.client("frontend", "orders") as frontend:
+            answer = frontend.get("/orders/1")
+            body = answer.json()
+            say(f"GET {mesh.urls['orders']}/orders/1 as frontend: {answer.status_code}")
+            say(f"  orders saw caller    {body.get('caller')}")
+            inner = body.get("inventory", {})
+            say(f"  inventory saw caller {inner.get('caller')}  (item {inner.get('item')})")
+            allowed = (
+                answer.status_code == 200
+                and body.get("caller") == f"spiffe://{TRUST_DOMAIN}/frontend"
+                and inner.get("caller") == f"spiffe://{TRUST_DOMAIN}/orders"
+            )
+
+        say("\n== 18. A call the policy denies: frontend calls inventory directly")
+        with mesh.client("frontend", "inventory") as frontend:
+            denied = frontend.get("/items")
+            problem = denied.json()
+        say(f"GET {mesh.urls['inventory']}/items as frontend: {denied.status_code}")
+        say(f"  reason: {problem.get('reason')}")
+        say(f"  detail: {problem.get('detail')}")
+        logged = [
+            line for line in mesh.log_text("inventory").splitlines() if "policy_denied" in line
+        ]
+        if logged:
+            say(f"  inventory's log: {logged[-1].split(' ', 2)[-1][:160]}…")
+        denied_ok = denied.status_code == 403 and problem.get("reason") == "policy_denied"
+
+        say("\n== 19. Rotation during traffic: orders and inventory renew while requests run")
+        before = serial_of(mesh.dirs["orders"]), serial_of(mesh.dirs["inventory"])
+        counts = {"ok": 0, "failed": 0}
+        served_by: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            # A new connection per request, so each handshake shows the serving certificate.
+            limits = httpx.Limits(max_keepalive_connections=0)
+            with mesh.client("frontend", "orders", limits=limits) as frontend:
+                while not stop.is_set():
+                    try:
+                        response = fetch(frontend, "/orders/2")
+                    except (httpx.HTTPError, ValueError):  # refused, or a body that is no JSON
+                        counts["failed"] += 1
+                        continue
+                    if response.status == 200 and response.body.get("inventory_status") == 200:
+                        counts["ok"] += 1
+                        serial = response.server_serial
+                        if not served_by or served_by[-1] != serial:
+                            served_by.append(serial)
+                    else:
+                        counts["failed"] += 1
+
+        loop = threading.Thread(target=traffic, daemon=True)
+        loop.start()
+        time.sleep(0.5)
+        renewals = [mesh.renew("orders"), mesh.renew("inventory")]
+        for renewal in renewals:
+            renewal.communicate(timeout=60)
+        after = serial_of(mesh.dirs["orders"])
+        deadline = time.monotonic() + 10
+        while (not served_by or served_by[-1] != after) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        loop.join(timeout=10)
+        say(f"orders' certificate: serial {before[0][:12]}… -> {after[:12]}…")
+        inventory_after = serial_of(mesh.dirs["inventory"])
+        say(f"inventory's certificate: serial {before[1][:12]}… -> {inventory_after[:12]}…")
+        say(
+            f"{counts['ok'] + counts['failed']} requests during the rotation: "
+            f"{counts['ok']} ok, {counts['failed']} failed"
+        )
+        say("serials orders presented, in order: " + " -> ".join(s[:12] + "…" for s in served_by))
+        rotated = (
+            counts["failed"] == 0
+            and counts["ok"] > 0
+            and renewals[0].returncode == 0
+            and renewals[1].returncode == 0
+            and bool(served_by)
+            and served_by[-1] == after != before[0]
+            and inventory_after != before[1]
+        )
+
+        say("\n== 20. Revoke frontend while its keep-alive connection to orders is open")
+        with mesh.client("frontend", "orders") as frontend:
+            first = fetch(frontend, "/orders/1")
+            port = first.local_port
+            say(f"GET /orders/1: {first.status} on the connection from port {port}")
+            start = time.monotonic()
+            mesh.revoke("frontend")
+            returned = time.monotonic()
+            refused = None
+            same = True
+            passed = 0
+            while time.monotonic() - returned < 5:
+                response = fetch(frontend, "/orders/1")
+                same = same and response.local_port == port
+                if response.status != 200:
+                    refused = response
+                    break
+                passed += 1
+                time.sleep(0.01)
+            if refused is not None:
+                latency = (time.monotonic() - returned) * 1000
+                result["latency"] = f"{latency:.0f} ms"
+                say(
+                    f"GET /orders/1 on the same connection (port {port}, same: {same}): "
+                    f"{refused.status} {refused.body.get('reason')}, "
+                    f"Connection: {refused.headers.get('connection')}"
+                )
+                say(
+                    f"refused {latency:.0f} ms after `trustmesh revoke` returned, after {passed} "
+                    f"more request(s) got through (the command, a new process, took "
+                    f"{(returned - start) * 1000:.0f} ms)"
+                )
+            revoked_ok = (
+                refused is not None
+                and same
+                and refused.status == 403
+                and refused.body.get("reason") == "revoked"
+                and refused.headers.get("connection") == "close"
+            )
+        result["ok"] = allowed and denied_ok and rotated and revoked_ok
+        result["requests"] = counts["ok"] + counts["failed"]
     return result
 
 

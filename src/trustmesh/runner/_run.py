@@ -36,6 +36,8 @@ from trustmesh.serving import parse_listen, public_url
 from trustmesh.tls import RevocationSet, RotatingCredentials, TLSHttpToolsProtocol
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
+from ._wsgi import is_wsgi_app, protect_wsgi
+
 __all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
 
 log = logging.getLogger("trustmesh.runner")
@@ -94,7 +96,8 @@ def load_app(target: str, app_dir: Path | None = None) -> Any:
     """Import ``MODULE:ATTRIBUTE`` and return the app.
 
     Raises:
-        ConfigError: The target is malformed, cannot be imported, or is a WSGI app.
+        ConfigError: The target is malformed, cannot be imported, or is a WSGI app
+            other than a Flask-style one (with ``wsgi_app``).
     """
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
@@ -120,12 +123,14 @@ def load_app(target: str, app_dir: Path | None = None) -> Any:
                 f"object, e.g. {module_name}:app.",
                 field="app",
             )
+    if is_wsgi_app(app):  # Flask: served through trustmesh.runner._wsgi
+        return app
     call = app if inspect.isfunction(app) else getattr(app, "__call__", None)  # noqa: B004
     if hasattr(app, "wsgi_app") or not inspect.iscoroutinefunction(call):
         raise ConfigError(
             f"{target} is not an ASGI app (it looks like WSGI). trustmesh run serves ASGI "
-            f"apps; for Flask, wrap app.wsgi_app in trustmesh.middleware.MTLSWSGIMiddleware "
-            f"and serve it with werkzeug or gunicorn (docs/services.md).",
+            f"apps and Flask apps; wrap other WSGI apps in trustmesh.middleware."
+            f"MTLSWSGIMiddleware and serve them with werkzeug or gunicorn (docs/services.md).",
             field="app",
         )
     return app
@@ -297,17 +302,30 @@ async def _serve(
     sock: socket.socket | None = None,
 ) -> None:
     # The verifier's HTTP client belongs to this event loop: create and close it here.
-    verifier = AsyncVerifier(issuer) if issuer is not None else None
-    protected = MTLSMiddleware(
-        app,
-        trust_domain=trust_domain,
-        policy=policy,
-        revocation=revocations,
-        verifier=verifier,
-        require_token=settings.require_token,
-        trusted_proxies=settings.trusted_proxies,
-        trust_bundle=[*credentials.roots, *credentials.intermediates()],
-    )
+    verifier = AsyncVerifier(issuer) if issuer is not None and not is_wsgi_app(app) else None
+    protected: Any
+    if is_wsgi_app(app):  # Flask: the WSGI middleware in a thread pool (runner/_wsgi.py)
+        protected = protect_wsgi(
+            app,
+            issuer=issuer,
+            trust_domain=trust_domain,
+            policy=policy,
+            revocation=revocations,
+            require_token=settings.require_token,
+            trusted_proxies=settings.trusted_proxies,
+            trust_bundle=[*credentials.roots, *credentials.intermediates()],
+        )
+    else:
+        protected = MTLSMiddleware(
+            app,
+            trust_domain=trust_domain,
+            policy=policy,
+            revocation=revocations,
+            verifier=verifier,
+            require_token=settings.require_token,
+            trusted_proxies=settings.trusted_proxies,
+            trust_bundle=[*credentials.roots, *credentials.intermediates()],
+        )
 
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return credentials.server_context()

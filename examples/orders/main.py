@@ -1,0 +1,74 @@
+"""orders: a Flask service that calls inventory over mTLS.
+
+Run it under ``trustmesh run main:app --app-dir examples/orders ...``. It reads its
+own certificate from the agent's directory (``TRUSTMESH_CERT_DIR``) to call
+inventory (``INVENTORY_URL``), and accepts only an inventory that presents
+``INVENTORY_ID`` (default ``spiffe://demo.example/inventory``).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+from typing import Any
+
+import httpx
+from flask import Flask
+
+from trustmesh.client import mtls_client
+from trustmesh.middleware.flask import current_caller
+from trustmesh.tls import RotatingCredentials
+
+INVENTORY_URL = os.environ.get("INVENTORY_URL", "https://127.0.0.1:8444")
+INVENTORY_ID = os.environ.get("INVENTORY_ID", "spiffe://demo.example/inventory")
+
+
+class SpiffeIdentity:
+    """orders' rotating certificate, checking inventory by SPIFFE ID only.
+
+    Certificates from ``trustmesh agent`` carry the SPIFFE ID and no DNS name, so the
+    server is authenticated by ``expect_id`` (checked on every new connection) rather
+    than by its hostname.
+    """
+
+    def __init__(self, credentials: RotatingCredentials) -> None:
+        self.credentials = credentials
+
+    @property
+    def generation(self) -> int:
+        return self.credentials.generation
+
+    def client_context(self) -> ssl.SSLContext:
+        return self.credentials.client_context(check_hostname=False)
+
+
+credentials = RotatingCredentials(Path(os.environ.get("TRUSTMESH_CERT_DIR", "certs/orders")))
+credentials.start()
+inventory = mtls_client(
+    SpiffeIdentity(credentials), expect_id=INVENTORY_ID, base_url=INVENTORY_URL, timeout=5
+)
+
+ORDERS = {
+    "1": {"id": "1", "item": "2", "quantity": 1},
+    "2": {"id": "2", "item": "3", "quantity": 4},
+}
+
+app = Flask("orders")
+
+
+@app.get("/orders/<order_id>")
+def get_order(order_id: str) -> tuple[dict[str, Any], int]:
+    order = ORDERS.get(order_id)
+    if order is None:
+        return {"error": f"no order {order_id}"}, 404
+    try:
+        answer = inventory.get(f"/items/{order['item']}")
+    except httpx.HTTPError as exc:
+        return {"order": order, "caller": str(current_caller()), "error": str(exc)}, 502
+    return {
+        "order": order,
+        "caller": str(current_caller()),
+        "inventory_status": answer.status_code,
+        "inventory": answer.json(),
+    }, 200
