@@ -44,4 +44,5 @@ def test_demo_runs_end_to_end() -> None:
     assert re.search(r"serials orders presented, in order: \w+… -> \w+…", out)
     assert "on the same connection (port " in out
     assert "same: True): 403 revoked, Connection: close" in out
+    assert re.search(r"next request: a new connection \(port \d+\): 403 revoked", out)
     assert out.rstrip().endswith("demo succeeded")

@@ -954,8 +954,18 @@ def run_examples_act(workdir: Path) -> dict[str, object]:
                     f"more request(s) got through (the command, a new process, took "
                     f"{(returned - start) * 1000:.0f} ms)"
                 )
+            # The server closed that connection: the next request needs a new one, and the
+            # handshake still succeeds (the chain is valid) but the request is refused again.
+            again = fetch(frontend, "/orders/1")
+            say(
+                f"next request: a new connection (port {again.local_port}): {again.status} "
+                f"{again.body.get('reason')}"
+            )
             revoked_ok = (
-                refused is not None
+                again.local_port != port
+                and again.status == 403
+                and again.body.get("reason") == "revoked"
+                and refused is not None
                 and same
                 and refused.status == 403
                 and refused.body.get("reason") == "revoked"

@@ -98,9 +98,9 @@ def run_command(
     log_level: str,
     log_format: str,
 ) -> None:
-    """Serve the ASGI app MODULE:APP over mTLS: client certificates required, the
-    caller's SPIFFE ID checked (and revocation on every request), the policy applied,
-    the caller and user in request.scope["trustmesh"]. See docs/services.md.
+    """Serve the ASGI (or Flask) app MODULE:APP over mTLS: client certificates required,
+    the caller's SPIFFE ID checked (and revocation on every request), the policy applied,
+    the caller and user in request.scope["trustmesh"] (Flask: environ). See docs/services.md.
 
     The service's identity comes from --cert-dir (kept by 'trustmesh agent'), or with
     --id SPIFFE_ID --ca URL --token TOKEN from the agent in this process."""
