@@ -240,3 +240,77 @@ def test_run_with_revocation_feed_and_tokens(
     assert ok.json()["caller"] == ORDERS
     assert cut.status_code == 403, cut.text
     assert cut.json()["reason"] == "revoked"
+
+
+def test_run_logs_every_refused_handshake_with_its_reason(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """No certificate, a foreign CA, an expired certificate and TLS 1.1 offered: each
+    refused at the handshake and logged with the peer and OpenSSL's reason."""
+    from datetime import UTC, datetime, timedelta
+
+    from .conftest import PASSPHRASE
+
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    _write_identity(ca, cert_dir)
+    (tmp_path / "svcapp.py").write_text(APP)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    foreign_ca = CertificateAuthority.init(
+        tmp_path / "foreign", trust_domain="example.org", passphrase=PASSPHRASE
+    )
+    with foreign_ca:
+        foreign = issue(foreign_ca, ORDERS, tmp_path)
+    expired = issue(
+        ca, ORDERS, tmp_path, ttl=timedelta(hours=1), now=datetime.now(UTC) - timedelta(hours=3)
+    )
+    port = free_port()
+    log_path = tmp_path / "run.log"
+    argv = [
+        *("run", "svcapp:app", "--cert-dir", str(cert_dir), "--listen", f"127.0.0.1:{port}"),
+        *("--policy", str(tmp_path / "policy.yaml"), "--no-revocation"),
+        *("--app-dir", str(tmp_path)),
+    ]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trustmesh", *argv], stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"https://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while "listening" not in log_path.read_text() and "Uvicorn running" not in (
+            log_path.read_text()
+        ):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        for identity in (None, foreign, expired):
+            ctx = client_context(
+                cadata=bundle_pem(ca),
+                chain=identity.chain if identity else None,
+                key=identity.key if identity else None,
+            )
+            with httpx.Client(verify=ctx, timeout=5) as http, pytest.raises(httpx.TransportError):
+                # TLS 1.3 reports a refused client certificate at the first read.
+                http.get(f"{url}/items")
+        old = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_1"],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+        )
+        assert old.returncode != 0
+        time.sleep(0.5)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=20)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    refused = [e for e in lines if e.get("event") == "tls_handshake_refused"]
+    reasons = [e["reason"] for e in refused]
+    assert all(e["peer"].startswith("127.0.0.1:") for e in refused)
+    assert "peer_did_not_return_a_certificate" in reasons, reasons
+    assert "certificate_verify_failed: unable to get local issuer certificate" in reasons, reasons
+    assert "certificate_verify_failed: certificate has expired" in reasons, reasons
+    assert "unsupported_protocol" in reasons, reasons  # TLS 1.1 offered

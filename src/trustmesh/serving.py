@@ -22,7 +22,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.files import atomic_write
 from trustmesh.pki import dump_private_key, pem_certificates
-from trustmesh.tls import TLSHttpToolsProtocol, server_context
+from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes, server_context
 
 __all__ = ["TimedApp", "issue_server_identity", "parse_listen", "public_url", "run_https"]
 
@@ -112,6 +112,7 @@ def run_https(
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return server_context(chain, key, cadata=roots, client_cert="optional")
 
+    log_refused_handshakes()
     config = uvicorn.Config(
         app,
         host=host,

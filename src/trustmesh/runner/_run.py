@@ -33,7 +33,12 @@ from trustmesh.logs import configure_logging
 from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
 from trustmesh.serving import parse_listen, public_url
-from trustmesh.tls import RevocationSet, RotatingCredentials, TLSHttpToolsProtocol
+from trustmesh.tls import (
+    RevocationSet,
+    RotatingCredentials,
+    TLSHttpToolsProtocol,
+    log_refused_handshakes,
+)
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
 from ._wsgi import is_wsgi_app, protect_wsgi
@@ -330,6 +335,7 @@ async def _serve(
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return credentials.server_context()
 
+    log_refused_handshakes()
     config = uvicorn.Config(
         protected,
         host=host,

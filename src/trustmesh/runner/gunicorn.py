@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from trustmesh.errors import ConfigError
-from trustmesh.tls import RotatingCredentials, TLSHttpToolsProtocol, server_context
+from trustmesh.tls import (
+    RotatingCredentials,
+    TLSHttpToolsProtocol,
+    log_refused_handshakes,
+    server_context,
+)
 
 with warnings.catch_warnings():
     # uvicorn points gunicorn users at the uvicorn-worker package; the class is the same.
@@ -65,6 +70,7 @@ class TrustmeshWorker(UvicornWorker):
             return context
 
         self.config.ssl_context_factory = factory
+        log_refused_handshakes()
         super().init_process()
 
     def _ssl_context(self) -> ssl.SSLContext:

@@ -2,6 +2,7 @@
 the peer certificate for ASGI apps."""
 
 from ._contexts import TLS12_CIPHERS, client_context, server_context
+from ._handshakes import handshake_refusal_reason, log_refused_handshakes
 from ._revocation import RevocationSet, canonical_serial
 from ._rotation import RotatingCredentials
 from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
@@ -14,6 +15,8 @@ __all__ = [
     "TLSHttpToolsProtocol",
     "canonical_serial",
     "client_context",
+    "handshake_refusal_reason",
+    "log_refused_handshakes",
     "server_context",
     "tls_extension",
 ]
