@@ -245,6 +245,30 @@ def _reload(credentials: RotatingCredentials) -> None:
         time.sleep(0.05)
 
 
+def test_rotating_credentials_authenticate_a_server_by_its_spiffe_id_alone(
+    ca: CertificateAuthority, orders: Identity, workdir: Path, tmp_path: Path
+) -> None:
+    """An agent-issued server certificate names no host; with RotatingCredentials and
+    expect_id the client accepts it at 127.0.0.1 by its SPIFFE ID, and still refuses
+    another ID."""
+    hostless = issue(ca, SERVER_ID, workdir)  # only the SPIFFE ID, like the agent's
+    directory = tmp_path / "creds"
+    directory.mkdir()
+    _write_identity(ca, directory, ORDERS)
+    credentials = RotatingCredentials(directory, expect_id=ORDERS)
+    with serve_asgi(upstream_app(), ca, hostless) as url:
+        with mtls_client(credentials, expect_id=SERVER_ID, base_url=url, timeout=10) as http:
+            r = http.get("/whoami")
+        assert r.status_code == 200, r.text
+        assert r.json()["caller"] == ORDERS
+        wrong = "spiffe://example.org/svc/billing"
+        with (
+            mtls_client(credentials, expect_id=wrong, base_url=url, timeout=10) as http,
+            pytest.raises(httpx.ConnectError, match="billing"),
+        ):
+            http.get("/whoami")
+
+
 @pytest.mark.slow
 def test_rotation_mid_traffic_switches_pools_without_failed_requests(
     ca: CertificateAuthority, inventory: Identity, tmp_path: Path

@@ -46,19 +46,26 @@ class ClientCredentials(Protocol):
     @property
     def generation(self) -> int: ...
 
-    def client_context(self) -> ssl.SSLContext: ...
+    def client_context(self, *, check_hostname: bool = True) -> ssl.SSLContext: ...
 
 
 class _Fixed:
-    """Credentials that never rotate: one ready client context."""
+    """Credentials that never rotate: one ready client context, used as it is."""
 
     generation = 0
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         self._ctx = ctx
 
-    def client_context(self) -> ssl.SSLContext:
+    def client_context(self, *, check_hostname: bool = True) -> ssl.SSLContext:
         return self._ctx
+
+
+def _context_for(credentials: ClientCredentials, check: _PeerCheck) -> ssl.SSLContext:
+    """The credentials' current client context. With ``expect_id`` the server is
+    authenticated by its SPIFFE ID (checked after the handshake), as SPIFFE prescribes,
+    so the hostname is not matched: agent-issued certificates name no host."""
+    return credentials.client_context(check_hostname=check.expect_id is None)
 
 
 class _PeerCheck:
@@ -339,7 +346,7 @@ class MTLSTransport(httpx.BaseTransport):
 
     def _new_generation(self) -> _Generation:
         number = self._credentials.generation
-        ctx = self._credentials.client_context()
+        ctx = _context_for(self._credentials, self._check)
         transport = httpx.HTTPTransport(verify=ctx)
         # httpx offers no network-backend option; its pool is replaced by an identical
         # one whose backend checks the server's SPIFFE ID right after the handshake.
@@ -427,7 +434,7 @@ class AsyncMTLSTransport(httpx.AsyncBaseTransport):
 
     def _new_generation(self) -> _Generation:
         number = self._credentials.generation
-        ctx = self._credentials.client_context()
+        ctx = _context_for(self._credentials, self._check)
         transport = httpx.AsyncHTTPTransport(verify=ctx)
         transport._pool = httpcore.AsyncConnectionPool(
             ssl_context=ctx,
@@ -519,7 +526,10 @@ def mtls_client(
             or a fixed ``ssl.SSLContext``.
         expect_id: The SPIFFE ID (or glob) the server must present, checked on
             every new connection before anything is sent; None turns the check off
-            (logged). The hostname is checked by TLS as well.
+            (logged). With ``RotatingCredentials`` and an ``expect_id`` the SPIFFE ID
+            is what authenticates the server, so its hostname is not matched
+            (agent-issued certificates name no host); without ``expect_id`` it is.
+            A fixed ``ssl.SSLContext`` is used as given.
         forward_token: Forward the inbound user token of the request being handled
             as ``Authorization: Bearer`` unless the request sets its own.
         **httpx_kwargs: For ``httpx.Client`` (``base_url``, ``timeout``,
