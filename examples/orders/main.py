@@ -9,7 +9,6 @@ inventory (``INVENTORY_URL``), and accepts only an inventory that presents
 from __future__ import annotations
 
 import os
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +23,11 @@ INVENTORY_URL = os.environ.get("INVENTORY_URL", "https://127.0.0.1:8444")
 INVENTORY_ID = os.environ.get("INVENTORY_ID", "spiffe://demo.example/inventory")
 
 
-class SpiffeIdentity:
-    """orders' rotating certificate, checking inventory by SPIFFE ID only.
-
-    Certificates from ``trustmesh agent`` carry the SPIFFE ID and no DNS name, so the
-    server is authenticated by ``expect_id`` (checked on every new connection) rather
-    than by its hostname.
-    """
-
-    def __init__(self, credentials: RotatingCredentials) -> None:
-        self.credentials = credentials
-
-    @property
-    def generation(self) -> int:
-        return self.credentials.generation
-
-    def client_context(self) -> ssl.SSLContext:
-        return self.credentials.client_context(check_hostname=False)
-
-
 credentials = RotatingCredentials(Path(os.environ.get("TRUSTMESH_CERT_DIR", "certs/orders")))
 credentials.start()
-inventory = mtls_client(
-    SpiffeIdentity(credentials), expect_id=INVENTORY_ID, base_url=INVENTORY_URL, timeout=5
-)
+# Agent-issued certificates name no host: with expect_id, mtls_client authenticates
+# inventory by its SPIFFE ID (checked on every new connection), not by hostname.
+inventory = mtls_client(credentials, expect_id=INVENTORY_ID, base_url=INVENTORY_URL, timeout=5)
 
 ORDERS = {
     "1": {"id": "1", "item": "2", "quantity": 1},
