@@ -24,7 +24,17 @@ from trustmesh.files import atomic_write
 from trustmesh.pki import dump_private_key, pem_certificates
 from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes, server_context
 
-__all__ = ["TimedApp", "issue_server_identity", "parse_listen", "public_url", "run_https"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "TimedApp",
+    "issue_server_identity",
+    "parse_listen",
+    "public_url",
+    "run_https",
+]
+
+#: Request-latency histogram buckets (seconds) of every trustmesh server.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -57,7 +57,7 @@ from trustmesh.pki import (
     pem_certificates,
     verify_chain,
 )
-from trustmesh.serving import TimedApp
+from trustmesh.serving import LATENCY_BUCKETS, TimedApp
 from trustmesh.store import token_hash
 
 from ._feed import RevocationHub
@@ -231,7 +231,7 @@ class _Metrics:
             "Request latency",
             ["method", "route", "status"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            buckets=LATENCY_BUCKETS,
         )
 
     def render(self) -> bytes:

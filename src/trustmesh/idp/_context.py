@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import StoreError
+from trustmesh.serving import LATENCY_BUCKETS
 from trustmesh.store import Store
 
 from ._keys import KeyRing
@@ -98,7 +99,7 @@ class IdpMetrics:
             "Request latency",
             ["method", "route", "status"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            buckets=LATENCY_BUCKETS,
         )
 
     def render(self) -> bytes:

@@ -54,7 +54,6 @@ from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7662 import IntrospectionEndpoint
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -485,7 +484,7 @@ class _ClientAuthMethods:
                     f"{client_id} is registered with {client.tls_spiffe_id}."
                 )
             )
-        request.cnf_x5t = certificate_thumbprint(cert.public_bytes(serialization.Encoding.DER))
+        request.cnf_x5t = certificate_thumbprint(cert)
         return client
 
 

@@ -12,8 +12,6 @@ revocation find them by that hash, so the user side must store them the same way
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +25,7 @@ from sqlalchemy import delete, insert, select, update
 
 from trustmesh.errors import ConflictError
 from trustmesh.store import idp_refresh_tokens, idp_revoked_tokens, token_hash
+from trustmesh.tokens import MAX_TOKEN_BYTES, certificate_thumbprint
 
 from ._context import IdpContext
 
@@ -47,13 +46,8 @@ __all__ = [
 
 #: JOSE ``typ`` of access tokens (RFC 9068 §2.1).
 ACCESS_TOKEN_TYPE = "at+jwt"  # noqa: S105 - a media type, not a secret
-#: Tokens longer than this are not even parsed.
-MAX_TOKEN_SIZE = 8 * 1024
-
-
-def certificate_thumbprint(der: bytes) -> str:
-    """``x5t#S256``: base64url(SHA-256(DER)) without padding (RFC 8705 §3.1)."""
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+#: Tokens longer than this are not even parsed (the verifiers' cap).
+MAX_TOKEN_SIZE = MAX_TOKEN_BYTES
 
 
 @dataclass(frozen=True)
