@@ -54,3 +54,12 @@ def pg_url() -> Iterator[str]:
     with engine.begin() as conn:
         conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The local Redis from TRUSTMESH_TEST_REDIS_URL (CI: db 15); skips when unset."""
+    url = os.environ.get("TRUSTMESH_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("TRUSTMESH_TEST_REDIS_URL is not set")
+    return url

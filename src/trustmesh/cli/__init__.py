@@ -18,8 +18,10 @@ from .audit import audit_group
 from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
 from .export import export_group
+from .gateway import gateway_group
 from .idp import idp_group
 from .policy import policy_group
+from .proxy import proxy_group
 from .run import run_command
 from .token import token_group
 
@@ -48,6 +50,8 @@ cli.add_command(idp_group)
 cli.add_command(agent_command)
 cli.add_command(policy_group)
 cli.add_command(run_command)
+cli.add_command(gateway_group)
+cli.add_command(proxy_group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
