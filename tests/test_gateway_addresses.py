@@ -128,7 +128,7 @@ def test_cidr_list_allow_and_deny() -> None:
     ],
 )
 def test_bad_cidr_names_the_entry_and_the_form(entry: object, message: str) -> None:
-    with pytest.raises(ValueError, match="write it like|write the network") as info:
+    with pytest.raises(ValueError, match=r"write it like|write the network") as info:
         CidrList(allow=[entry])  # type: ignore[list-item]
     assert message in str(info.value)
     assert str(info.value).startswith("allow_ips entry")
