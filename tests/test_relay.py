@@ -284,19 +284,24 @@ def test_relays_method_path_query_headers_and_body(
     assert front.outcomes == [201]
 
 
-def test_head_and_no_content_responses(
+def test_bodiless_requests_and_responses(
     ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
 ) -> None:
-    """HEAD and 204 responses come back without a body and without hanging."""
+    """A GET goes out without a body (not chunked); HEAD and 204 responses come back
+    without a body and without hanging."""
     _app, url = upstream
     front = Front(url, bundle_pem(ca))
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
+        get = http.get(f"{front_url}/echo")
         head = http.head(f"{front_url}/echo")
         empty = http.delete(f"{front_url}/empty")
+    names = {name for name, _ in get.json()["headers"]}
+    assert "transfer-encoding" not in names
+    assert "content-length" not in names
     assert head.status_code == 201
     assert head.content == b""
     assert empty.status_code == 204
-    assert front.outcomes == [201, 204]
+    assert front.outcomes == [201, 201, 204]
 
 
 def test_upload_streams_before_the_client_finishes(

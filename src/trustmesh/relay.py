@@ -167,6 +167,10 @@ def _content_length(headers: Headers) -> int | None:
     return None
 
 
+def _chunked(headers: Headers) -> bool:
+    return any(name.lower() == b"transfer-encoding" for name, _ in headers)
+
+
 class _ClientWatch:
     """Notice a client that leaves while the upstream is working, and stop the transfer.
 
@@ -187,8 +191,15 @@ class _ClientWatch:
 
     def start(self) -> None:
         if self._waiter is None and self.active:
-            self._waiter = asyncio.ensure_future(self._receive())
+            self._waiter = asyncio.ensure_future(self._wait())
             self._waiter.add_done_callback(self._done)
+
+    async def _wait(self) -> Message:
+        # An unread empty body (a GET) comes first as http.request; skip it.
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                return message
 
     def _done(self, waiter: asyncio.Future[Message]) -> None:
         if waiter.cancelled() or waiter.exception() is not None or not self.active:
@@ -307,11 +318,16 @@ async def relay(
         content = body
         watch.start()
     else:
-        if max_body is not None:
-            declared = _content_length(headers)
-            if declared is not None and declared > max_body:
-                raise BodyTooLarge(max_body)
-        content = _RequestBody(receive, max_body, watch)
+        declared = _content_length(headers)
+        if max_body is not None and declared is not None and declared > max_body:
+            raise BodyTooLarge(max_body)
+        if not declared and not _chunked(scope.get("headers", ())):
+            # HTTP/1.1: no Content-Length and no Transfer-Encoding means no body (a GET);
+            # a streamed one would go out chunked, which some servers refuse on a GET.
+            content = b""
+            watch.start()
+        else:
+            content = _RequestBody(receive, max_body, watch)
     request = client.build_request(
         scope["method"],
         url,
