@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -278,7 +278,7 @@ async def relay(
     headers: Headers,
     max_body: int | None,
     timeout: httpx.Timeout | None = None,
-    response_headers: Headers = (),
+    response_headers: Sequence[tuple[bytes, bytes]] = (),
     body: bytes | None = None,
 ) -> int:
     """Forward one ASGI HTTP request to ``url`` and stream the answer back.
@@ -296,7 +296,7 @@ async def relay(
         timeout: httpx timeouts for this request (connect, and read/write between
             pieces); None keeps the client's.
         response_headers: Added to the upstream's response headers (after hop-by-hop
-            headers are removed from those).
+            headers are removed from those), except names the upstream already sent.
         body: The request body, already read (to retry a request); ``receive`` is
             then not read for it.
 
@@ -373,11 +373,13 @@ async def _stream_response(
     send: Send,
     start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]],
     url: str,
-    extra: Headers,
+    extra: Sequence[tuple[bytes, bytes]],
 ) -> int:
     status = response.status_code
     out = forward_headers(response.headers.raw)
-    out.extend(extra)
+    if extra:
+        present = {name.lower() for name, _ in out}
+        out.extend(item for item in extra if item[0].lower() not in present)
     stream = response.aiter_raw()
     try:
         first = await anext(stream)

@@ -10,6 +10,7 @@ configuration file's directory. The result is plain frozen data; the app compile
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -39,8 +40,10 @@ __all__ = [
     "RateSpec",
     "RouteConfig",
     "UpstreamConfig",
+    "describe_config",
     "load_config",
     "parse_config",
+    "upstream_path_of",
 ]
 
 #: ``limits.max_header_bytes`` default: request line plus headers.
@@ -894,3 +897,87 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not UTF-8 text.", path=str(file)) from None
     return parse_config(text, source=str(file), base=file.resolve().parent)
+
+
+def _rates(limits: RateLimitsConfig | None) -> dict[str, Any] | None:
+    if limits is None:
+        return None
+    out: dict[str, Any] = {}
+    for kind in ("per_ip", "per_client"):
+        spec = getattr(limits, kind)
+        if spec is not None:
+            out[kind] = {"rate": spec.rate, "burst": spec.burst}
+    return out
+
+
+def upstream_path_of(route: RouteConfig) -> str:
+    """What the route's prefix becomes upstream, e.g. ``/v1/...`` (for the route table)."""
+    if route.rewrite_prefix is not None:
+        return route.rewrite_prefix.rstrip("/") + "/..."
+    if route.strip_prefix:
+        return "/..."
+    return route.path.rstrip("/") + "/..."
+
+
+def describe_config(config: GatewayConfig) -> dict[str, Any]:
+    """A JSON-able summary of a configuration (``trustmesh gateway check --json``).
+
+    Routes are listed in the order they are tried: exact hosts, then wildcard hosts,
+    then any host; longer path prefixes first.
+
+    .. versionadded:: 0.1
+    """
+
+    def order(route: RouteConfig) -> tuple[int, int]:
+        kind = 2 if route.host is None else (1 if route.host.startswith("*.") else 0)
+        return (kind, -len(route.path))
+
+    return {
+        "file": str(config.source),
+        "listen": config.listen,
+        "id": config.id,
+        "ca": config.ca,
+        "check_revocation": config.check_revocation,
+        "public_certificate": str(config.tls_cert) if config.tls_cert else "gateway identity",
+        "redirect_http": config.redirect_http,
+        "metrics": config.metrics_listen,
+        "issuers": [
+            {
+                "issuer": i.issuer,
+                "audiences": list(i.audiences),
+                "opaque": i.introspection is not None,
+            }
+            for i in config.issuers
+        ],
+        "trusted_proxies": list(config.trusted_proxies),
+        "rate_limits": _rates(config.rate_limits),
+        "limits": {
+            "max_header_bytes": config.max_header_bytes,
+            "max_body_bytes": config.max_body_bytes,
+        },
+        "redis": config.redis,
+        "alerts": dataclasses.asdict(config.alerts) if config.alerts else None,
+        "access_log": config.access_log,
+        "routes": [
+            {
+                "name": r.name,
+                "line": r.line,
+                "host": r.host,
+                "path": r.path,
+                "methods": sorted(r.methods) if r.methods else None,
+                "strip_prefix": r.strip_prefix,
+                "rewrite_prefix": r.rewrite_prefix,
+                "upstream_path": upstream_path_of(r),
+                "public": r.public,
+                "auth": dict(r.auth),
+                "issuers": list(r.issuers) if r.issuers is not None else None,
+                "policy": str(r.policy) if r.policy else None,
+                "allow_ips": list(r.allow_ips),
+                "deny_ips": list(r.deny_ips),
+                "rate_limits": _rates(r.rate_limits),
+                "max_body_bytes": r.max_body_bytes or config.max_body_bytes,
+                "upstream": dataclasses.asdict(r.upstream),
+            }
+            for r in sorted(config.routes, key=order)
+        ],
+    }
