@@ -449,11 +449,6 @@ class GatewayApp:
             return
         entry.upstream = outcome.endpoint.label
         entry.attempts = outcome.attempts
-        self.metrics.attempt(
-            route.name,
-            outcome.endpoint.label,
-            outcome.error.reason if outcome.error else str(outcome.status),
-        )
         if outcome.error is not None:
             error = outcome.error
             entry.detail = str(error)

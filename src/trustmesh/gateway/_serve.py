@@ -248,7 +248,12 @@ async def build_state(
         pool = pools.get((route.name, route.upstream))
         if pool is None:
             pool = UpstreamPool(
-                route.name, route.upstream, credentials, check, on_health=metrics.health
+                route.name,
+                route.upstream,
+                credentials,
+                check,
+                on_health=metrics.health,
+                on_attempt=metrics.attempt,
             )
         try:
             requirement = None if route.public else route_policy(route.auth, name=route.name)
@@ -599,6 +604,9 @@ def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Con
         lifespan="off",
         access_log=False,
         server_header=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 and rewrite the client
+        # address; the gateway decides that itself from trusted_proxies.
+        proxy_headers=False,
         timeout_keep_alive=15,
         timeout_graceful_shutdown=DRAIN_TIMEOUT,
         log_config=None,
