@@ -355,7 +355,8 @@ def _https_url(value: _Value, *, what: str = "an https:// URL", path_ok: bool = 
 
 
 def _listen(value: _Value) -> str:
-    text = value.string()
+    raw = value._scalar()
+    text = str(raw).strip() if raw is not None else ""
     try:
         parse_listen(text)
     except ConfigError:
@@ -478,7 +479,7 @@ def _upstream(value: _Value) -> UpstreamConfig:
     )
 
 
-_AUTH_USER_KEYS = ("scopes", "roles", "claims")
+_AUTH_USER_KEYS = ("required", "scopes", "roles", "claims")
 
 
 def _auth(
@@ -520,26 +521,24 @@ def _auth(
     return False, user, allowed
 
 
-def _check_user_block(
-    value: _Value, name: str, user: Mapping[str, Any], methods: frozenset[str] | None
-) -> None:
-    """Compile the requirement with the policy library, so errors show here, at load."""
-    rule: dict[str, Any] = {"name": name, "callers": ["anonymous"], "paths": ["/**"]}
-    if methods:
-        rule["methods"] = sorted(methods)
-    if user:
-        rule["user"] = dict(user)
+def _check_user_block(value: _Value, name: str, user: Mapping[str, Any]) -> None:
+    """Compile the requirement with the gateway's own builder (the policy library's parser),
+    so a bad block is refused here, at load, pointing at its key."""
+    from ._auth import route_policy
+
     try:
-        Policy.from_mapping({"rules": [rule]}, source=value.key)
+        route_policy(user, name=name)
     except PolicyConfigError as exc:
-        value.error(_policy_problem(exc))
-
-
-def _policy_problem(exc: PolicyConfigError) -> str:
-    # "SOURCE: rules[0] ('name'): user.scopes: problem." -> the part after the rule.
-    text = exc.message
-    marker = "): "
-    return text.split(marker, 1)[1].rstrip(".") if marker in text else text
+        field = str(exc.details.get("field") or "")
+        key = field.removeprefix("user.").split(".")[0].split("[")[0]
+        block = value.mapping(("public", *_AUTH_USER_KEYS, "issuers"))
+        target = block.children.get(key, value)
+        problem = exc.message
+        for marker in ("): ", " auth: "):
+            if marker in problem:
+                problem = problem.split(marker, 1)[1]
+                break
+        target.error(problem.rstrip("."))
 
 
 def _route(
@@ -602,7 +601,7 @@ def _route(
             )
     public, user, allowed = _auth(auth_value, issuers)
     if not public:
-        _check_user_block(auth_value, name, user, methods)
+        _check_user_block(auth_value, name, user)
     policy: Path | None = None
     policy_value = get("policy")
     if policy_value is not None:
@@ -685,11 +684,15 @@ def _issuer(value: _Value, base: Path) -> IssuerEntry:
                     f"{', '.join(DEFAULT_ALGORITHMS)}"
                 )
     strict_value = get("strict_rfc9068")
+    discovery = _https_url(d) if (d := get("discovery")) is not None else None
+    jwks_uri = _https_url(j) if (j := get("jwks_uri")) is not None else None
+    if discovery is not None and jwks_uri is not None:
+        block.value.error("give discovery or jwks_uri, not both")
     return IssuerEntry(
         issuer=issuer,
         audiences=audiences,
-        discovery=_https_url(d) if (d := get("discovery")) is not None else None,
-        jwks_uri=_https_url(j) if (j := get("jwks_uri")) is not None else None,
+        discovery=discovery,
+        jwks_uri=jwks_uri,
         ca_bundle=_file(c, base) if (c := get("ca_bundle")) is not None else None,
         algorithms=algorithms,
         introspection=introspection,
