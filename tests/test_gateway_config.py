@@ -70,7 +70,10 @@ issuers:
     audience: [api, web]
     discovery: https://idp.example.org/.well-known/openid-configuration
     algorithms: [ES256]
-    introspection: {url: https://idp.example.org/introspect, client_id: gw, client_secret_file: secret}
+    introspection:
+      url: https://idp.example.org/introspect
+      client_id: gw
+      client_secret_file: secret
     strict_rfc9068: false
   - issuer: https://other.example.org
     audience: api
