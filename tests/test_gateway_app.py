@@ -484,3 +484,106 @@ def test_hot_reload_valid_and_invalid(
     assert failed.__dict__["key"] == "routes[0].upstream.id"
     assert failed.__dict__["line"] > 1
     assert "is not a SPIFFE ID" in failed.getMessage()
+
+
+def test_address_lists_rate_limits_and_alert_blocking(
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    cert_dir: Path,
+    orders: tuple[Upstream, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CIDR lists refuse by the client address (believed from X-Forwarded-For only via a
+    trusted proxy), per-IP limits answer 429 with Retry-After, and enough denies from one
+    address fire an alert that blocks it."""
+    caplog.set_level(logging.INFO, logger="trustmesh")
+    _app, url = orders
+    config = write_config(
+        tmp_path / "gw.yaml",
+        [
+            route("/internal", [url], ORDERS, name="internal", allow_ips=["10.0.0.0/8"]),
+            route("/partner", [url], ORDERS, name="partner", allow_ips=["203.0.113.0/24"]),
+            route(
+                "/limited",
+                [url],
+                ORDERS,
+                name="limited",
+                rate_limits={"per_ip": {"rate": 0.01, "burst": 2}},
+            ),
+        ],  # fmt: skip
+        trusted_proxies=["127.0.0.1/32"],
+        alerts={"threshold": 4, "window": "60s", "block_for": "60s"},
+        metrics={"listen": f"127.0.0.1:{free_port()}"},
+    )
+    via_partner = {"X-Forwarded-For": "203.0.113.9"}
+    with running_gateway(ca, config, cert_dir) as gw, gw.client() as http:
+        partner = http.get("/partner", headers=via_partner)
+        outsider = http.get("/partner")
+        internal = http.get("/internal", headers=via_partner)
+        limited = [http.get("/limited", headers=via_partner) for _ in range(3)]
+        # 203.0.113.9 has 2 denies; two more fire the alert and block it.
+        http.get("/internal", headers=via_partner)
+        http.get("/nowhere", headers=via_partner)
+        blocked = http.get("/partner", headers=via_partner)
+        other = http.get("/limited")
+        text = gw.metrics()
+    assert partner.status_code == 201
+    assert outsider.status_code == 403
+    assert outsider.json()["reason"] == "ip_not_allowed"
+    assert internal.json()["reason"] == "ip_not_allowed"
+    assert [r.status_code for r in limited] == [201, 201, 429]
+    assert limited[2].json()["reason"] == "rate_limited"
+    assert int(limited[2].headers["retry-after"]) >= 1
+    assert blocked.status_code == 403
+    assert blocked.json()["reason"] == "blocked"
+    assert int(blocked.headers["retry-after"]) >= 1
+    assert other.status_code == 201  # 127.0.0.1 has its own bucket and no alert
+    assert "trustmesh_gateway_alerts_total 1.0" in text
+    assert 'trustmesh_gateway_denies_total{reason="rate_limited"} 1.0' in text
+    assert any(r.__dict__.get("event") == "gateway_alert" for r in caplog.records)
+    ips = {line["client_ip"] for line in _access(caplog)}
+    assert ips == {"127.0.0.1", "203.0.113.9"}
+
+
+def test_route_policy_file_and_methods(
+    ca: CertificateAuthority,
+    tmp_path: Path,
+    cert_dir: Path,
+    orders: tuple[Upstream, str],
+    provider: ProviderServer,
+    minter: Minter,
+) -> None:
+    """A route's policy file decides with the token's claims (403 policy_denied), and a
+    method outside the route's list is 405 with Allow."""
+    _app, url = orders
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "rules:\n  - name: acme-only\n    callers: [anonymous]\n    paths: ['/**']\n"
+        "    user: {claims: {tenant: acme}}\n"
+    )
+    config = write_config(
+        tmp_path / "gw.yaml",
+        [
+            route(
+                "/orders",
+                [url],
+                ORDERS,
+                auth={"scopes": ["orders:read"]},
+                policy=str(policy),
+                methods=["GET", "POST"],
+            ),
+        ],  # fmt: skip
+        issuers=[{"issuer": provider.url, "audience": "api"}],
+    )
+    acme = minter.token(tenant="acme")
+    other = minter.token(tenant="globex")
+    with running_gateway(ca, config, cert_dir) as gw, gw.client() as http:
+        allowed = http.get("/orders", headers={"Authorization": f"Bearer {acme}"})
+        denied = http.get("/orders", headers={"Authorization": f"Bearer {other}"})
+        wrong_method = http.delete("/orders", headers={"Authorization": f"Bearer {acme}"})
+    assert allowed.status_code == 201
+    assert denied.status_code == 403
+    assert denied.json()["reason"] == "policy_denied"
+    assert wrong_method.status_code == 405
+    assert wrong_method.headers["allow"] == "GET, POST"
+    assert wrong_method.json()["reason"] == "method_not_allowed"
