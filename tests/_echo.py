@@ -90,6 +90,7 @@ class Upstream:
                 (b"x-hop-private", b"secret"),
                 (b"keep-alive", b"timeout=5"),
                 (b"x-upstream", b"yes"),
+                (b"set-cookie", b"session=upstream; Path=/"),
             ]
             await _answer(send, 201, json.dumps(seen).encode(), headers)
 

@@ -397,10 +397,17 @@ def test_ejection_and_recovery_show_in_metrics(
     with serve_asgi(live, ca, orders_id) as live_url:
         config = write_config(
             tmp_path / "gw.yaml",
-            [route("/", [dead, live_url], ORDERS, name="pool",
-                   upstream={"eject_after": 2, "eject_for": "1s"})],
+            [
+                route(
+                    "/",
+                    [dead, live_url],
+                    ORDERS,
+                    name="pool",
+                    upstream={"eject_after": 2, "eject_for": "1s"},
+                )
+            ],
             metrics={"listen": f"127.0.0.1:{free_port()}"},
-        )  # fmt: skip
+        )
         endpoint = f"127.0.0.1:{port}"
         healthy = f'trustmesh_gateway_upstream_healthy{{endpoint="{endpoint}",route="pool"}}'
         with running_gateway(ca, config, cert_dir) as gw, gw.client() as http:
@@ -510,7 +517,7 @@ def test_address_lists_rate_limits_and_alert_blocking(
                 name="limited",
                 rate_limits={"per_ip": {"rate": 0.01, "burst": 2}},
             ),
-        ],  # fmt: skip
+        ],
         trusted_proxies=["127.0.0.1/32"],
         alerts={"threshold": 4, "window": "60s", "block_for": "60s"},
         metrics={"listen": f"127.0.0.1:{free_port()}"},
@@ -572,7 +579,7 @@ def test_route_policy_file_and_methods(
                 policy=str(policy),
                 methods=["GET", "POST"],
             ),
-        ],  # fmt: skip
+        ],
         issuers=[{"issuer": provider.url, "audience": "api"}],
     )
     acme = minter.token(tenant="acme")

@@ -21,6 +21,7 @@ from trustmesh.relay import (
     ClientDisconnected,
     UpstreamError,
     forward_headers,
+    no_cookies,
     relay,
     send_problem,
 )
@@ -57,7 +58,9 @@ class Front:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     ctx = client_context(cadata=self.bundle)
-                    self.http = httpx.AsyncClient(verify=ctx, timeout=WAIT, trust_env=False)
+                    self.http = httpx.AsyncClient(
+                        verify=ctx, timeout=WAIT, trust_env=False, cookies=no_cookies()
+                    )
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     assert self.http is not None
@@ -154,10 +157,16 @@ def test_relays_method_path_query_headers_and_body(
     _app, url = upstream
     front = Front(url, bundle_pem(ca))
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
+        del http.headers["accept-encoding"]
         response = http.post(
             f"{front_url}/items/1?x=1&y=%2F",
             content=b"hello",
-            headers={"X-Test": "1", "Connection": "X-Test-Hop", "X-Test-Hop": "no"},
+            headers={
+                "X-Test": "1",
+                "Connection": "X-Test-Hop",
+                "X-Test-Hop": "no",
+                "User-Agent": "test-agent/1",
+            },
         )
     assert response.status_code == 201
     seen = response.json()
@@ -173,6 +182,12 @@ def test_relays_method_path_query_headers_and_body(
     assert response.headers["x-relayed"] == "1"
     assert "x-hop-private" not in response.headers
     assert "keep-alive" not in response.headers
+    assert response.headers["set-cookie"] == "session=upstream; Path=/"
+    # The relay's own client adds nothing and keeps nothing.
+    assert [v for k, v in seen["headers"] if k == "user-agent"] == ["test-agent/1"]
+    assert "accept-encoding" not in names
+    assert front.http is not None
+    assert len(front.http.cookies) == 0
     assert front.outcomes == [201]
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from trustmesh.client import async_mtls_client
-from trustmesh.relay import Receive, Scope, Send, UpstreamError, relay
+from trustmesh.relay import Receive, Scope, Send, UpstreamError, no_cookies, relay
 
 from ._config import UpstreamConfig
 
@@ -162,6 +162,7 @@ class UpstreamPool:
             ),
             timeout=self.timeout,
             follow_redirects=False,
+            cookies=no_cookies(),
         )
         self._next = 0
         self._on_health = on_health
