@@ -206,6 +206,7 @@ def test_tokens_401_403_and_the_token_travels_unchanged(
         [
             route("/orders", [url], ORDERS, auth={"scopes": ["orders:read"]}),
             route("/admin", [url], ORDERS, auth={"scopes": ["orders:admin"]}),
+            route("/maybe", [url], ORDERS, auth={"required": False}),
         ],
         issuers=[{"issuer": provider.url, "audience": "api"}],
     )
@@ -217,6 +218,10 @@ def test_tokens_401_403_and_the_token_travels_unchanged(
         forged = http.get("/orders", headers={"Authorization": f"Bearer {token[:-4]}AAAA"})
         scope = http.get("/admin", headers={"Authorization": f"Bearer {token}"})
         ok = http.get("/orders", headers={"Authorization": f"Bearer {token}"})
+        optional_none = http.get("/maybe")
+        optional_bad = http.get("/maybe", headers={"Authorization": f"Bearer {expired}"})
+    assert optional_none.status_code == 201
+    assert optional_bad.status_code == 401
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == 'Bearer realm="trustmesh"'
     assert missing.json()["reason"] == "token_missing"
@@ -230,7 +235,7 @@ def test_tokens_401_403_and_the_token_travels_unchanged(
     assert ok.status_code == 201
     sent = [v for k, v in ok.json()["headers"] if k == "authorization"]
     assert sent == [f"Bearer {token}"]
-    assert len(app.requests) == 1
+    assert len(app.requests) == 2
     lines = _access(caplog)
     assert [line["reason"] for line in lines] == [
         "token_missing",
@@ -238,10 +243,12 @@ def test_tokens_401_403_and_the_token_travels_unchanged(
         lines[2]["reason"],
         "insufficient_scope",
         "allowed",
+        "allowed",
+        "expired",
     ]
     assert lines[2]["status"] == 401
-    assert lines[-1]["sub"] == "alice"
-    assert lines[-1]["client_id"] == "shop-ui"
+    assert lines[4]["sub"] == "alice"
+    assert lines[4]["client_id"] == "shop-ui"
 
 
 def test_body_and_header_limits(

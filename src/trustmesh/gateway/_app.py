@@ -80,6 +80,11 @@ class CompiledRoute:
     host_suffix: str | None = None
 
     @property
+    def token_required(self) -> bool:
+        """A token must be sent (not a public route, and not ``required: false``)."""
+        return not self.config.public and self.config.auth.get("required", True) is not False
+
+    @property
     def name(self) -> str:
         return self.config.name
 
@@ -370,12 +375,13 @@ class GatewayApp:
 
         # 6. Token.
         claims: AccessTokenClaims | None = None
-        if not route.config.public:
+        authorization = None if route.config.public else authorization_value(headers)
+        if authorization is not None or route.token_required:
             authenticator = state.authenticator
             if authenticator is None:  # refused at load; kept as a guard
                 raise _Refusal(503, "token_verifier_unavailable", "No issuers", "No issuers.")
             claims = await authenticator.authenticate(
-                authorization_value(headers), allowed_issuers=route.config.issuers
+                authorization, allowed_issuers=route.config.issuers
             )
             entry.sub = claims.subject
             entry.client_id = client_key(claims)
@@ -403,12 +409,12 @@ class GatewayApp:
                         (_retry_after(wait),),
                     )
 
-            # 8. Route requirements.
-            if route.requirement is not None:
-                enforce(route.requirement, method, path, claims)
+        # 8. Route requirements.
+        if route.requirement is not None:
+            enforce(route.requirement, method, path, claims)
         if route.policy_file is not None:
             enforce(route.policy_file.policy, method, path, claims, reason="policy_denied")
-        entry.reason = "public" if claims is None else "allowed"
+        entry.reason = "public" if route.config.public else "allowed"
 
         # 9. Headers: strip what the client may not say, add what the gateway vouches for.
         kept, removed = strip_inbound(headers)

@@ -601,6 +601,7 @@ def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Con
         host=host,
         port=port,
         http="httptools",
+        ws="none",  # upgrades are not relayed: Upgrade is hop-by-hop and removed
         lifespan="off",
         access_log=False,
         server_header=False,
