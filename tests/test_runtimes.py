@@ -4,7 +4,6 @@ real mTLS server that reports the caller's verified SPIFFE ID."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import time
@@ -14,25 +13,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.authority import CertificateAuthority, Issued
+from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
 from trustmesh.demo import TinyServer
-from trustmesh.pki import dump_private_key, pem_certificates
+from trustmesh.pki import pem_certificates
 
-HERE = Path(__file__).parent / "peers"
+from ._runtimes import PEERS, needs_java, needs_node, write_identity
+
 PASSWORD = "store-password-123"
-
-
-def write_identity(issued: Issued, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    assert issued.key is not None
-    (directory / "key.pem").write_bytes(dump_private_key(issued.key))
-    (directory / "cert.pem").write_bytes(
-        issued.certificate.public_bytes(serialization.Encoding.PEM)
-    )
-    (directory / "chain.pem").write_bytes(pem_certificates(issued.chain))
-    (directory / "bundle.pem").write_bytes(pem_certificates(issued.bundle))
-    return directory
 
 
 @pytest.fixture
@@ -104,7 +92,7 @@ def run_java(
         [
             "java",
             "-XX:TieredStopAtLevel=1",
-            str(HERE / "MtlsClient.java"),
+            str(PEERS / "MtlsClient.java"),
             f"https://localhost:{server.port}/whoami",
             str(keystore),
             str(truststore),
@@ -123,10 +111,6 @@ def wait_for_outcome(server: TinyServer, outcome: str) -> list[str]:
     while outcome not in server.outcomes and time.monotonic() < deadline:
         time.sleep(0.01)
     return server.outcomes
-
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
-needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
 
 @needs_java
@@ -165,7 +149,7 @@ def test_node_client_with_pem_files_is_identified(
     result = subprocess.run(
         [
             "node",
-            str(HERE / "mtls_client.js"),
+            str(PEERS / "mtls_client.js"),
             f"https://localhost:{server.port}/whoami",
             str(ident / "chain.pem"),
             str(ident / "key.pem"),
@@ -193,7 +177,7 @@ def test_node_client_from_foreign_ca_is_refused(
     result = subprocess.run(
         [
             "node",
-            str(HERE / "mtls_client.js"),
+            str(PEERS / "mtls_client.js"),
             f"https://localhost:{server.port}/whoami",
             str(ident / "chain.pem"),
             str(ident / "key.pem"),
