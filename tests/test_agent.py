@@ -785,8 +785,8 @@ def test_stores_follow_every_enrollment_and_renewal(
 def test_store_options_are_refused_without_a_usable_password(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No password file, an empty or unreadable one, stray store options, a missing
-    directory or one file for both stores: exit 2 with one line, nothing written."""
+    """No password file, an empty or unreadable one, stray store options, a directory that
+    cannot be created or one file for both stores: exit 2 with one line, nothing written."""
     out = tmp_path / "refused"
     empty = tmp_path / "empty.pass"
     empty.write_text("\n")
@@ -805,8 +805,8 @@ def test_store_options_are_refused_without_a_usable_password(
         (["--store-password-file", str(password)], "only used with --pkcs12"),
         (["--pkcs12-legacy"], "--pkcs12-legacy is only used"),
         (
-            ["--pkcs12", str(tmp_path / "no" / "k.p12"), "--store-password-file", str(password)],
-            "does not exist",
+            ["--pkcs12", str(password / "k.p12"), "--store-password-file", str(password)],
+            f"Cannot create {password} for {password / 'k.p12'}",
         ),
         (["--truststore", str(tmp_path), "--store-password-file", str(password)], "a directory"),
         (

@@ -65,7 +65,8 @@ def agent_with_stores(
 ) -> tuple[Path, Path, Path, list[str]]:
     """Enroll ``spiffe_id`` with `trustmesh agent --once --pkcs12 --truststore`; return the
     identity directory, keystore, truststore and the command line (for renewals)."""
-    out, keystore, truststore = workdir / "id", workdir / "app.p12", workdir / "truststore.p12"
+    out = workdir / "id"  # the stores go beside the PEM files, before the directory exists
+    keystore, truststore = out / "app.p12", out / "truststore.p12"
     password = workdir / "store.pass"
     password.write_text(PASSWORD + "\n")
     argv = server.agent(

@@ -486,7 +486,7 @@ class Agent:
                     reloaded=reloaded,
                     reload_error=reload_error,
                 )
-            prepare_out(self.out)  # before the CA issues anything we could not store
+            self._prepare()  # before the CA issues anything we could not store
             action, key, result = self._renew_or_enroll()
         else:
             token = self._token()
@@ -494,7 +494,7 @@ class Agent:
                 raise self._no_token(state)
             if (self.out / "cert.pem").exists():
                 log.warning("%s; enrolling with the join token.", state.reason)
-            prepare_out(self.out)  # a spent token must not end in files we cannot write
+            self._prepare()  # a spent token must not end in files we cannot write
             action, key, result = ("enrolled", *self._enroll(token))
         chain = x509.load_pem_x509_certificates(result.chain.encode())
         extra = (
@@ -520,6 +520,11 @@ class Agent:
             reload_error=reload_error,
         )
 
+    def _prepare(self) -> None:
+        if self.stores is not None:
+            self.stores.prepare()
+        prepare_out(self.out)
+
     def _refresh_stores(self) -> list[Path]:
         """Write the PKCS#12 stores when they are missing or do not hold the current
         PEM files (e.g. ``--pkcs12`` added to an enrolled agent, or a failed write)."""
@@ -538,6 +543,7 @@ class Agent:
                 f"({exc}); run the agent with --renew-now to rewrite them.",
                 path=str(self.out),
             ) from None
+        self.stores.prepare()
         entries = [e for e in self.stores.render(key, chain, roots) if e[0] in stale]
         written = replace_files(entries, what="PKCS#12 stores")
         log.info("wrote %s for %s", ", ".join(map(str, written)), self.spiffe_id)

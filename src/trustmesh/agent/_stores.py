@@ -9,6 +9,7 @@ Both are built by :func:`trustmesh.pki.pkcs12_keystore` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ class PKCS12Stores:
             instead of AES-256-CBC with PBKDF2-HMAC-SHA256.
 
     Raises:
-        ConfigError: Neither file, an empty password, a path that is a directory or
-            whose directory does not exist.
+        ConfigError: Neither file, an empty password, a path that is a directory, or
+            one file for both.
 
     .. versionadded:: 0.1
     """
@@ -67,12 +68,6 @@ class PKCS12Stores:
                     f"{option} {path} is a directory: give a file name, e.g. {path / 'x.p12'}.",
                     path=str(path),
                 )
-            if not path.parent.is_dir():
-                raise ConfigError(
-                    f"{option} {path}: the directory {path.parent} does not exist; create "
-                    f"it or give another path.",
-                    path=str(path),
-                )
         if self.keystore is not None and self.keystore == self.truststore:
             raise ConfigError("--pkcs12 and --truststore name the same file: give two files.")
 
@@ -80,6 +75,28 @@ class PKCS12Stores:
     def paths(self) -> tuple[Path, ...]:
         """The files these stores are written to."""
         return tuple(p for p in (self.keystore, self.truststore) if p is not None)
+
+    def prepare(self) -> None:
+        """Create the stores' directories if needed and check that they are writable.
+
+        Raises:
+            ConfigError: A directory cannot be created or written.
+        """
+        for path in self.paths:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(
+                    f"Cannot create {path.parent} for {path}: {exc.strerror}. Give a store "
+                    f"path the agent may write.",
+                    path=str(path),
+                ) from None
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"Cannot write {path}: {path.parent} is not writable. Give a store path "
+                    f"the agent may write.",
+                    path=str(path),
+                )
 
     def render(
         self,
