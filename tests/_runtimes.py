@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from trustmesh.authority import Issued
 from trustmesh.pki import dump_private_key, pem_certificates
 
-from ._server import free_port
+from ._server import free_port, stop
 
 PEERS = Path(__file__).parent / "peers"
 
@@ -125,12 +125,7 @@ def running_service(workdir: Path, *args: str) -> Iterator[Service]:
             raise RuntimeError(f"trustmesh run did not start: {log_path.read_text()}") from None
         yield Service(port, process, log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=20)
 
 
 class LineProcess:
@@ -182,12 +177,7 @@ class LineProcess:
     def close(self) -> None:
         if self.process.stdin is not None:
             self.process.stdin.close()
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
         self.reader.join(timeout=15)
         for stream in (self.process.stdout, self.process.stderr):
             if stream is not None:

@@ -31,6 +31,16 @@ def free_port() -> int:
         return port
 
 
+def stop(process: subprocess.Popen[str], timeout: float = 15) -> None:
+    """SIGTERM ``process`` and wait for it; SIGKILL it if it does not exit in ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class Server:
     """A running `ca serve`: its URL, CA home and the trust bundle to verify it with."""
@@ -121,9 +131,4 @@ def running_server(
                 time.sleep(0.1)
             yield Server(url, home, bundle, process)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)

@@ -1,6 +1,6 @@
-"""Other runtimes use our exports unchanged: a Java HttpClient with the PKCS#12
-keystore and truststore, and a Node.js https client with the PEM files, against a
-real mTLS server that reports the caller's verified SPIFFE ID."""
+"""Other runtimes use our exports unchanged: a Java HttpClient with the PKCS#12 keystore and
+truststore (tests/peers/ReloadingClient.java), and a Node.js https client with the PEM
+files, against a real mTLS server that reports the caller's verified SPIFFE ID."""
 
 from __future__ import annotations
 
@@ -88,16 +88,14 @@ def export_java_stores(ident: Path, tmp_path: Path, *, legacy: bool) -> tuple[Pa
 def run_java(
     server: TinyServer, keystore: Path, truststore: Path
 ) -> subprocess.CompletedProcess[str]:
+    """One call of the Java client (a single-file source launch), stores from export."""
     return subprocess.run(
         [
-            "java",
-            "-XX:TieredStopAtLevel=1",
-            str(PEERS / "MtlsClient.java"),
+            *("java", "-XX:TieredStopAtLevel=1", str(PEERS / "ReloadingClient.java")),
             f"https://localhost:{server.port}/whoami",
-            str(keystore),
-            str(truststore),
-            PASSWORD,
+            *(str(keystore), str(truststore), str(truststore.parent / "p12.pass")),
         ],
+        input="call\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -191,3 +189,17 @@ def test_node_client_from_foreign_ca_is_refused(
     assert result.returncode != 0
     refusal = "refused: unable to get local issuer certificate"
     assert refusal in wait_for_outcome(server, refusal)
+
+
+@pytest.mark.parametrize(
+    ("page", "programs"),
+    [
+        ("nodejs.md", ["spiffe_server.js", "mtls_client.js"]),
+        ("java.md", ["ReloadingClient.java"]),
+    ],
+)
+def test_runtime_pages_show_the_tested_programs(page: str, programs: list[str]) -> None:
+    """docs/runtimes shows the programs from tests/peers whole, as the tests run them."""
+    text = (PEERS.parent.parent / "docs" / "runtimes" / page).read_text()
+    for program in programs:
+        assert (PEERS / program).read_text() in text, f"{page} does not show {program} as tested"
