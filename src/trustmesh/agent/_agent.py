@@ -583,8 +583,10 @@ class Agent:
             left = state.not_after - now
             cap = min(MAX_BACKOFF, max(1.0, lifetime.total_seconds() / 20))
             delay = backoff_delay(attempt, cap=cap, jitter=rng.random())
-            # Loud once less than half of the time between the renewal point and expiry is left.
-            level = logging.ERROR if left < lifetime / 6 else logging.WARNING
+            # Loud once less than half of the time between the renewal point and expiry is
+            # left, and at once for what waiting cannot fix (e.g. a store it cannot write).
+            urgent = left < lifetime / 6 or not _retryable(exc)
+            level = logging.ERROR if urgent else logging.WARNING
             log.log(
                 level,
                 "Renewing %s failed: %s Keeping certificate %s, which expires in %s (%s); "
