@@ -599,7 +599,8 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`python -m trustmesh agent` without --once enrolls, renews a 6-second certificate
-    by itself (new serial, reload run each time) and stops with exit 0 on SIGTERM;
+    by itself (new serial, its keystore rewritten before the reload runs each time) and
+    stops with exit 0 on SIGTERM;
     against an unreachable CA it logs warnings and retries, leaving the files alone, and
     stops on SIGINT."""
     spiffe_id = "spiffe://example.org/loop"
@@ -607,29 +608,36 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     script = tmp_path / "reload.py"
     script.write_text(
         "import os, sys\n"
+        "from cryptography.hazmat.primitives.serialization import pkcs12\n"
+        "held = pkcs12.load_pkcs12(open(sys.argv[2], 'rb').read(), sys.argv[3].encode())\n"
+        "in_store = format(held.cert.certificate.serial_number, 'x')\n"
         "with open(sys.argv[1], 'a') as f:\n"
-        "    f.write(os.environ['TRUSTMESH_SERIAL'] + '\\n')\n"
+        "    f.write(os.environ['TRUSTMESH_SERIAL'] + ' ' + in_store + '\\n')\n"
     )
     token = token_for(server, spiffe_id, capsys)
     env = {**os.environ, "TRUSTMESH_JOIN_TOKEN": token}
+    keystore = tmp_path / "keystore.p12"
     command = [
         sys.executable,
         "-m",
         "trustmesh",
         *agent(server, spiffe_id, out, "--bundle", str(server.bundle), "--ttl", "6s"),
+        *store_args(tmp_path),
         "--exec",
-        shlex.join([sys.executable, str(script), str(marker)]),
+        shlex.join([sys.executable, str(script), str(marker), str(keystore), STORE_PASSWORD]),
     ]
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2)
+            wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) >= 2)
             assert process.poll() is None
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
         finally:
             process.kill()
-    serials = marker.read_text().split()
+    reloads = [line.split() for line in marker.read_text().splitlines()]
+    assert all(new == in_store for new, in_store in reloads)  # the keystore was written first
+    serials = [new for new, _ in reloads]
     assert len(set(serials)) == len(serials)  # every reload saw a new certificate
     assert format(leaf(out).serial_number, "x") == serials[-1]
     text = log.read_text()
