@@ -821,6 +821,10 @@ def test_store_options_are_refused_without_a_usable_password(
             ["--pkcs12", p12, "--truststore", p12, "--store-password-file", str(password)],
             "the same file",
         ),
+        (
+            ["--truststore", str(out / "bundle.pem"), "--store-password-file", str(password)],
+            "is one of the agent's PEM files",
+        ),
     ]
     for extra, message in cases:
         code, stdout, err = run([*base, *extra], capsys)

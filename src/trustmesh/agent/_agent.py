@@ -39,6 +39,7 @@ from trustmesh.pki import (
 )
 
 from ._identity import (
+    IDENTITY_FILES,
     LocalIdentity,
     Unusable,
     inspect_identity,
@@ -324,6 +325,15 @@ class Agent:
                 )
             self.bundle = self.out / "bundle.pem"
         load_roots(self.bundle)  # fail now on an unreadable bundle
+        if self.stores is not None:
+            taken = {(self.out / name).resolve() for name in IDENTITY_FILES}
+            for path in self.stores.paths:
+                if path.resolve() in taken:
+                    raise ConfigError(
+                        f"{path} is one of the agent's PEM files: give the PKCS#12 stores "
+                        f"other names, e.g. {self.out / 'app.p12'}.",
+                        path=str(path),
+                    )
 
     # -- state ------------------------------------------------------------------------
 
