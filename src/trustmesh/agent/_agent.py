@@ -506,16 +506,11 @@ class Agent:
                 log.warning("%s; enrolling with the join token.", state.reason)
             self._prepare()  # a spent token must not end in files we cannot write
             action, key, result = ("enrolled", *self._enroll(token))
-        chain = x509.load_pem_x509_certificates(result.chain.encode())
-        extra = (
-            self.stores.render(key, chain, x509.load_pem_x509_certificates(result.bundle.encode()))
-            if self.stores is not None
-            else []
-        )
         files = write_identity(
-            self.out, key, result, self.spiffe_id, datetime.now(UTC), extra=extra
+            self.out, key, result, self.spiffe_id, datetime.now(UTC), stores=self.stores
         )
-        not_before, not_after = chain[0].not_valid_before_utc, chain[0].not_valid_after_utc
+        leaf = x509.load_pem_x509_certificate(result.certificate.encode())
+        not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         reloaded, reload_error = self._reload(files, action, result.spiffe_id, result.serial)
         return Outcome(
             action="enrolled" if action == "enrolled" else "renewed",

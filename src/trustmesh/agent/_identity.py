@@ -42,6 +42,8 @@ from trustmesh.pki import (
     verify_chain,
 )
 
+from ._stores import PKCS12Stores
+
 __all__ = [
     "IDENTITY_FILES",
     "LocalIdentity",
@@ -294,13 +296,13 @@ def write_identity(
     spiffe_id: SpiffeID,
     now: datetime,
     *,
-    extra: Sequence[tuple[Path, bytes, int]] = (),
+    stores: PKCS12Stores | None = None,
 ) -> list[Path]:
-    """Check what the CA returned, then write the four files (and ``extra``) atomically.
+    """Check what the CA returned, then write the four files (and ``stores``) atomically.
 
     Every file is first written in full to a temporary name (the key with mode 0600
     from the start), then all are renamed into place: the PEM files first, then the
-    ``extra`` ``(path, data, mode)`` entries (the agent's PKCS#12 stores).
+    PKCS#12 keystore and truststore when ``stores`` is given.
 
     Returns:
         The files written.
@@ -314,6 +316,10 @@ def write_identity(
     """
     _check_result(result, key, spiffe_id, now)
     prepare_out(out)
+    extra = []
+    if stores is not None:
+        chain = x509.load_pem_x509_certificates(result.chain.encode())
+        extra = stores.render(key, chain, x509.load_pem_x509_certificates(result.bundle.encode()))
     files = [
         (out / "bundle.pem", result.bundle.encode(), 0o644),
         (out / "key.pem", dump_private_key(key), 0o600),
