@@ -601,3 +601,43 @@ def test_route_policy_file_and_methods(
     assert wrong_method.status_code == 405
     assert wrong_method.headers["allow"] == "GET, POST"
     assert wrong_method.json()["reason"] == "method_not_allowed"
+
+
+def test_public_certificate_from_tls_files_reloads(
+    ca: CertificateAuthority, tmp_path: Path, cert_dir: Path, orders: tuple[Upstream, str]
+) -> None:
+    """The tls: certificate is served without asking for a client certificate, and a
+    replaced certificate applies to new connections without a restart."""
+    from trustmesh.serving import issue_server_identity
+
+    _app, url = orders
+    first_dir, second_dir = tmp_path / "one", tmp_path / "two"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    chain, key = issue_server_identity(ca, "127.0.0.1", first_dir, path="/web")
+    new_chain, new_key = issue_server_identity(ca, "127.0.0.1", second_dir, path="/web")
+    config = write_config(
+        tmp_path / "gw.yaml",
+        [route("/orders", [url], ORDERS)],
+        tls={"cert": str(chain), "key": str(key)},
+    )
+
+    def served_serial(gw: Any) -> int:
+        from cryptography import x509
+
+        with gw.client() as http:  # a new connection, no client certificate
+            response = http.get("/orders")
+            assert response.status_code == 201
+            ssl_object = response.extensions["network_stream"].get_extra_info("ssl_object")
+            return x509.load_der_x509_certificate(ssl_object.getpeercert(True)).serial_number
+
+    from cryptography import x509
+
+    first = x509.load_pem_x509_certificates(chain.read_bytes())[0].serial_number
+    second = x509.load_pem_x509_certificates(new_chain.read_bytes())[0].serial_number
+    with running_gateway(ca, config, cert_dir) as gw:
+        before = served_serial(gw)
+        key.write_bytes(new_key.read_bytes())
+        chain.write_bytes(new_chain.read_bytes())
+        assert wait_for(lambda: served_serial(gw) == second)
+    assert before == first

@@ -151,12 +151,13 @@ def test_serve_enrolls_with_a_token_and_follows_revocations(
         capsys.readouterr()
         assert main(["token", "create", "spiffe://example.org/gateway", "--home", str(home)]) == 0
         token = capsys.readouterr().out.strip()
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         config = write_config(
             tmp_path / "gw.yaml",
             [route("/orders", [url], ORDERS)],
             listen=f"127.0.0.1:{port}",
             ca=ca_server.url,
+            metrics={"listen": f"127.0.0.1:{metrics_port}"},
         )
         log = tmp_path / "gateway.log"
         cert_dir = tmp_path / "gw-id"
@@ -175,12 +176,15 @@ def test_serve_enrolls_with_a_token_and_follows_revocations(
                     api.revoke(serial=format(orders_id.serial, "x"))
                 assert wait_for(lambda: http.get(f"{public}/orders").status_code == 502)
                 after = http.get(f"{public}/orders")
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0, log.read_text()
     assert before.status_code == 201, before.text
     assert before.json()["caller"] == "spiffe://example.org/gateway"
     assert after.json()["reason"] == "upstream_unavailable"
     assert (cert_dir / "chain.pem").exists()
+    assert "trustmesh_gateway_revocation_connected 1.0" in metrics
+    assert "trustmesh_gateway_revocation_revoked 1.0" in metrics
     events = {e.get("event") for e in _events(log)}
     assert "public_certificate_no_hostname" in events
     assert "identity_enrolled" in events or any(

@@ -185,7 +185,15 @@ def _rate(spec: RateSpec | None) -> Rate | None:
 def _issuer_config(entry: IssuerEntry, trust: ssl.SSLContext | None) -> IssuerConfig:
     introspection = None
     if entry.introspection is not None:
-        secret = entry.introspection.client_secret_file.read_text().strip()
+        path = entry.introspection.client_secret_file
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"Cannot read the introspection secret of {entry.issuer} from {path}: "
+                f"{exc.strerror}.",
+                field="introspection.client_secret_file",
+            ) from None
         introspection = IntrospectionConfig(
             client_id=entry.introspection.client_id,
             client_secret=secret,
