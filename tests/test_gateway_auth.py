@@ -10,12 +10,10 @@ expired, forged, ``alg: none``, unknown kid, another issuer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
 
 import pytest
 from joserfc.jwk import ECKey
@@ -260,38 +258,11 @@ def test_provider_answering_errors_is_503(
 # -- opaque tokens ----------------------------------------------------------------------------
 
 
-def _basic(user: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
-
-
 def test_opaque_tokens_go_to_introspecting_issuers(
     provider: ProviderServer, bundle: Path, minter: Minter
 ) -> None:
-    now = int(time.time())
-    answers: Mapping[str, object] = {
-        "opaque-1": {
-            "active": True,
-            "iss": provider.url,
-            "aud": "orders",
-            "sub": "u-1",
-            "client_id": "web",
-            "exp": now + 300,
-            "scope": "orders:read",
-        },
-    }
-
-    def introspect(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
-        if headers.get("Authorization") != _basic("gw", "gw-secret"):
-            return 401, {"error": "invalid_client"}
-        token = parse_qs(body.decode())["token"][0]
-        return 200, answers.get(token, {"active": False})
-
-    provider.routes[DISCOVERY] = {
-        "issuer": provider.url,
-        "jwks_uri": provider.url + "/jwks",
-        "introspection_endpoint": provider.url + "/introspect",
-    }
-    provider.routes["/introspect"] = introspect
+    answers = {"opaque-1": {**minter.claims(client_id="web", scope="orders:read"), "active": True}}
+    provider.serve_introspection(answers, "gw", "gw-secret")
     plain = issuer(provider, bundle)
     with_introspection = issuer(
         provider, bundle, introspection=IntrospectionConfig("gw", "gw-secret")
