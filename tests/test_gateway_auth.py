@@ -27,8 +27,10 @@ from trustmesh.gateway._auth import (
     client_key,
     enforce,
     route_policy,
+    token_checked,
+    token_required,
 )
-from trustmesh.policy import PolicyConfigError
+from trustmesh.policy import PolicyConfigError, PolicyFile
 from trustmesh.tokens import AccessTokenClaims, IntrospectionConfig, IssuerConfig
 
 from ._idp import Idp
@@ -455,3 +457,36 @@ def test_descriptions_are_header_safe() -> None:
         assert '"' not in inner
         assert "\\" not in inner
         assert all(0x20 <= ord(c) <= 0x7E for c in value)
+
+
+def test_token_required_and_checked() -> None:
+    assert token_required({"scopes": ["a"]})
+    assert token_checked({"scopes": ["a"]})
+    assert not token_required({"public": True})
+    assert not token_checked({"public": True})
+    assert not token_required({"required": False, "scopes": ["a"]})
+    assert token_checked({"required": False})
+    optional = route_policy({"required": False, "scopes": ["orders:read"]}, name="opt")
+    assert authorize(optional, "GET", "/", None).allowed
+    assert not authorize(optional, "GET", "/", claims_with(scope="other")).allowed
+
+
+def test_route_policy_file_refusal_is_policy_denied(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: admins\n"
+        "    callers: [anonymous]\n"
+        "    paths: ['/admin/**']\n"
+        "    user: {roles: [admin], scopes: [admin:all]}\n"
+    )
+    policy = PolicyFile(path)
+    admin = claims_with(roles=["admin"], scope="admin:all")
+    assert enforce(policy, "GET", "/admin/users", admin, reason="policy_denied").allowed
+    for path_, claims in [("/admin/users", claims_with()), ("/other", admin)]:
+        with pytest.raises(AuthFailure) as info:
+            enforce(policy, "GET", path_, claims, reason="policy_denied")
+        assert (info.value.status, info.value.reason) == (403, "policy_denied")
+        assert info.value.www_authenticate.endswith('error="insufficient_scope", scope="admin:all"')
+        assert info.value.detail == "The access token does not grant this request."
+        assert "admins" in info.value.log_message
