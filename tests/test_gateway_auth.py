@@ -490,3 +490,11 @@ def test_route_policy_file_refusal_is_policy_denied(tmp_path: Path) -> None:
         assert info.value.www_authenticate.endswith('error="insufficient_scope", scope="admin:all"')
         assert info.value.detail == "The access token does not grant this request."
         assert "admins" in info.value.log_message
+
+
+def test_refusals_the_grants_do_not_explain_are_policy_denied() -> None:
+    policy = route_policy({"scopes": ["orders:read"]}, name="m", methods=["GET"])
+    for method, path in [("DELETE", "/orders"), ("GET", "/orders/%2F..%2Fadmin")]:
+        with pytest.raises(AuthFailure) as info:
+            enforce(policy, method, path, claims_with())
+        assert (info.value.status, info.value.reason) == (403, "policy_denied")

@@ -29,6 +29,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from trustmesh.policy import ANONYMOUS, Decision, Policy, PolicyFile, PolicyRequest
 from trustmesh.tokens import (
     DEFAULT_TOKEN_CACHE_SIZE,
+    MAX_TOKEN_BYTES,
     REASONS,
     AccessTokenClaims,
     AsyncVerifier,
@@ -290,6 +291,8 @@ class Authenticator:
         if match is None:
             raise _malformed()
         token = match.group(1)
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _refused("too_large", f"Token of {len(token)} bytes refused unparsed.")
         if token.count(".") == 2:
             verifier = self._jwt_verifier(token, allowed_issuers)
             return await self._verify(verifier, token, client_cert)
@@ -493,7 +496,9 @@ def forbidden(
         policy: The policy that decided.
         decision: Its refusal.
         reason: ``insufficient_scope`` (route requirements) or ``policy_denied``
-            (a route's policy file).
+            (a route's policy file). A route refusal the token's scopes, roles and
+            claims do not explain (an ambiguous path, a method the rule omits) is
+            reported as ``policy_denied``.
     """
     rules = policy.policy.rules if isinstance(policy, PolicyFile) else policy.rules
     scopes = sorted({s for r in rules if r.effect == "allow" and r.user for s in r.user.scopes})
@@ -506,6 +511,8 @@ def forbidden(
         for rule in rules:
             if rule.effect == "allow" and rule.user is not None:
                 problems.extend(rule.user.problems(request))
+    if reason == "insufficient_scope" and not problems:
+        reason = "policy_denied"  # refused for something else than the token's grants
     if problems and reason == "insufficient_scope":
         detail = f"The access token lacks what this route requires: {'; '.join(problems[:4])}."
     else:
