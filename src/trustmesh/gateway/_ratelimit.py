@@ -102,6 +102,16 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def _no_setinfo() -> dict[str, None]:
+    # No CLIENT SETINFO round trips on each new connection (they slow every connect):
+    # redis-py >= 7 spells it driver_info=None, 5 and 6 lib_name/lib_version=None.
+    try:
+        import redis.driver_info  # noqa: F401
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
 def _redis_client(url: str, timeout: float, connections: int) -> Redis:
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
@@ -132,8 +142,7 @@ def _redis_client(url: str, timeout: float, connections: int) -> Redis:
             retry=Retry(NoBackoff(), 0),  # no retries: the local fallback answers at once
             health_check_interval=0,
             decode_responses=False,
-            lib_name=None,  # no CLIENT SETINFO round trips on each new connection
-            lib_version=None,
+            **_no_setinfo(),
         )
     except ValueError as exc:
         raise ConfigError(
