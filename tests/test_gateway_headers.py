@@ -73,6 +73,22 @@ SPOOFED = [
     "X-Method-Override",
     "X-SSL-Client-Cert",
     "X-SPIFFE-ID",
+    # identities other authenticating proxies set
+    "Remote-Email",
+    "Remote-Groups",
+    "X-Amzn-Oidc-Identity",
+    "X-Goog-Authenticated-User-Email",
+    "X-Goog-IAP-JWT-Assertion",
+    "X-MS-CLIENT-PRINCIPAL-NAME",
+    "X-MS-TOKEN-AAD-ACCESS-TOKEN",
+    "Cf-Access-Jwt-Assertion",
+    "X-Pomerium-Claim-Email",
+    "Tailscale-User-Login",
+    "X-WEBAUTH-USER",
+    "X-Azure-ClientIP",
+    "X-Originating-IP",
+    "X-ProxyUser-Ip",
+    "WL-Proxy-Client-IP",
 ]
 KEPT = [
     "Host",
@@ -86,6 +102,13 @@ KEPT = [
     "X-Custom",
     "Forwarded-Fruit",  # not a prefix match on "forwarded"
     "Xforwarded-For",  # not the header any server reads
+    "X-Amz-Date",  # signed S3 requests: only x-amzn-oidc-* is an identity
+    "X-Goog-Api-Key",
+    "X-MS-Version",
+    "X-Requested-With",
+    "X-CSRF-Token",
+    "Origin",
+    "Referer",
 ]
 HOP = ["Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
        "Upgrade", "Proxy-Authorization"]  # fmt: skip

@@ -47,6 +47,19 @@ SPOOFABLE_PREFIXES: tuple[bytes, ...] = (
     b"x-remote-",  # X-Remote-User, X-Remote-Addr, ...
     b"x-envoy-",  # Envoy's internal and identity headers
     IDENTITY_HEADER_PREFIX.encode("ascii"),  # ours: x-trustmesh-
+    # What well-known authenticating proxies put in front of apps (an app behind the
+    # gateway may have been written for one of them and believe these):
+    b"remote-",  # Authelia and others: Remote-User, Remote-Email, Remote-Groups
+    b"x-amzn-oidc-",  # AWS ALB: X-Amzn-Oidc-Identity, -Data, -Accesstoken
+    b"x-goog-authenticated-",  # Google IAP: X-Goog-Authenticated-User-Email/-Id
+    b"x-goog-iap-",  # Google IAP: X-Goog-IAP-JWT-Assertion
+    b"x-ms-client-principal",  # Azure App Service auth: X-MS-CLIENT-PRINCIPAL(-NAME/-ID)
+    b"x-ms-token-",  # Azure App Service auth: X-MS-TOKEN-AAD-ACCESS-TOKEN, ...
+    b"cf-access-",  # Cloudflare Access: Cf-Access-Jwt-Assertion, -Authenticated-User-Email
+    b"x-pomerium-",  # Pomerium: X-Pomerium-Jwt-Assertion, X-Pomerium-Claim-*
+    b"tailscale-user-",  # Tailscale serve: Tailscale-User-Login, -Name
+    b"x-webauth-",  # Grafana-style auth proxies: X-WEBAUTH-USER
+    b"x-azure-",  # Azure Front Door: X-Azure-ClientIP, X-Azure-SocketIP
 )
 
 #: Exact names refused from clients (lower case, ``-``), besides the prefixes.
@@ -59,6 +72,10 @@ SPOOFABLE_HEADERS: frozenset[bytes] = frozenset(
         b"cf-connecting-ip",
         b"x-cluster-client-ip",
         b"fastly-client-ip",
+        b"x-originating-ip",
+        b"x-proxyuser-ip",
+        b"proxy-client-ip",
+        b"wl-proxy-client-ip",
         b"x-client-ip",
         b"client-ip",
         b"x-host",
