@@ -427,6 +427,8 @@ def test_route_policy_shapes() -> None:
         ({"scopes": "orders:read"}, "must be a list"),
         ({"scopes": ["a b"]}, "contains a space"),
         ({"claims": {"tenant": 1.5}}, "accepted values must be"),
+        ({"issuers": "https://idp"}, "issuers must be a non-empty list"),
+        ({"issuers": []}, "issuers must be a non-empty list"),
     ],
 )
 def test_bad_auth_blocks_name_the_route_and_key(auth: dict[str, Any], message: str) -> None:

@@ -435,6 +435,17 @@ def route_policy(
     public = auth.get("public", False)
     if not isinstance(public, bool):
         raise PolicyConfigError(f"{source}: public must be true or false.", field="public")
+    issuers = auth.get("issuers")
+    if issuers is not None and (
+        not isinstance(issuers, list | tuple)
+        or not issuers
+        or not all(isinstance(i, str) and i for i in issuers)
+    ):
+        raise PolicyConfigError(
+            f"{source}: issuers must be a non-empty list of configured issuer URLs, "
+            f"e.g. [https://idp.example.org]; got {issuers!r}.",
+            field="issuers",
+        )
     user = {k: v for k, v in auth.items() if k not in ("public", "issuers")}
     if public and user:
         raise PolicyConfigError(
