@@ -277,7 +277,10 @@ def test_redis_that_never_answers_falls_back(caplog: pytest.LogCaptureFixture) -
 
         server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        limits = RateLimits(f"redis://127.0.0.1:{port}/15", prefix=prefix(), retry_interval=60)
+        # timeout 0.5 rather than 0.1: on a loaded machine the connect alone could take
+        # two socket timeouts and our own bound (3x) would answer first, as "busy".
+        url = f"redis://127.0.0.1:{port}/15"
+        limits = RateLimits(url, prefix=prefix(), retry_interval=60, timeout=0.5)
         try:
             rate = Rate(1, 1)
             assert await limits.take("ip:1", rate) == 0.0
