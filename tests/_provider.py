@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,6 +103,27 @@ class ProviderServer:
         self._thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
+
+    def serve_introspection(
+        self, answers: Mapping[str, object], client_id: str, client_secret: str
+    ) -> None:
+        """Advertise and serve ``/introspect`` (RFC 7662, HTTP Basic): token -> answer."""
+        expected = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+
+        def introspect(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
+            from urllib.parse import parse_qs
+
+            if method != "POST" or headers.get("Authorization") != expected:
+                return 401, {"error": "invalid_client"}
+            token = parse_qs(body.decode())["token"][0]
+            return 200, answers.get(token, {"active": False})
+
+        self.routes["/.well-known/openid-configuration"] = {
+            "issuer": self.url,
+            "jwks_uri": self.url + "/jwks",
+            "introspection_endpoint": self.url + "/introspect",
+        }
+        self.routes["/introspect"] = introspect
 
     def stop(self) -> None:
         if self._httpd is not None:
