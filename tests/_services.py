@@ -116,9 +116,11 @@ def serve_asgi(
     server: Identity,
     *,
     client_cert: str = "required",
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Run ``app`` on uvicorn with our TLS shim in a thread; yield its https URL."""
-    port = free_port()
+    """Run ``app`` on uvicorn with our TLS shim in a thread; yield its https URL
+    (on ``port`` when given, e.g. to bring a dead endpoint back)."""
+    port = port or free_port()
 
     def factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return server_context(
@@ -175,10 +177,17 @@ def serve_wsgi(
 
 @dataclass
 class RevokedSerials:
-    """A real revocation object: a set of revoked serials (the ``RevocationSet`` protocol)."""
+    """A real revocation object: a set of revoked serials (the ``RevocationSet`` protocol).
+
+    ``cursor`` counts revocations, as the feed's cursor moves with each event.
+    """
 
     serials: set[int] = field(default_factory=set)
     asked: int = 0
+
+    @property
+    def cursor(self) -> int:
+        return len(self.serials)
 
     def is_revoked(self, serial: int | str) -> bool:
         self.asked += 1

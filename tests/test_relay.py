@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
@@ -22,121 +21,15 @@ from trustmesh.relay import (
     ClientDisconnected,
     UpstreamError,
     forward_headers,
+    no_cookies,
     relay,
     send_problem,
 )
 from trustmesh.tls import client_context
 
+from ._echo import CHUNK, WAIT, Upstream, read_body
 from ._server import free_port
 from ._services import Identity, bundle_pem, client, issue, serve_asgi
-
-CHUNK = 64 * 1024
-WAIT = 20.0  # generous: the machine is shared
-
-
-class Upstream:
-    """An ASGI upstream whose paths exercise the relay; it records what it saw."""
-
-    def __init__(self) -> None:
-        self.first_chunk = threading.Event()  # /upload got its first piece
-        self.client_got_first = threading.Event()  # set by the test for /download
-        self.disconnected = threading.Event()  # /endless saw its client leave
-        self.requests: list[dict[str, Any]] = []
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        path = scope["path"]
-        if path == "/upload":
-            await self._upload(receive, send)
-            return
-        if path == "/endless":
-            await self._endless(receive, send)
-            return
-        body = await _read_body(receive)
-        seen = {
-            "method": scope["method"],
-            "path": path,
-            "query": scope["query_string"].decode(),
-            "headers": [[k.decode(), v.decode()] for k, v in scope["headers"]],
-            "body": body.decode("latin-1"),
-        }
-        self.requests.append(seen)
-        if path == "/download":
-            await self._download(send)
-        elif path == "/slow":
-            await asyncio.sleep(2)
-            await _answer(send, 200, b"late")
-        elif path == "/break":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"partial", "more_body": True})
-            raise RuntimeError("upstream dies mid-response (expected in this test)")
-        elif path == "/empty":
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-        else:
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"connection", b"x-hop-private"),
-                (b"x-hop-private", b"secret"),
-                (b"keep-alive", b"timeout=5"),
-                (b"x-upstream", b"yes"),
-            ]
-            await _answer(send, 201, json.dumps(seen).encode(), headers)
-
-    async def _upload(self, receive: Any, send: Any) -> None:
-        size = 0
-        while True:
-            message = await receive()
-            size += len(message.get("body", b""))
-            if size:
-                self.first_chunk.set()
-            if not message.get("more_body"):
-                break
-        await _answer(send, 200, str(size).encode())
-
-    async def _download(self, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"a" * CHUNK, "more_body": True})
-        deadline = time.monotonic() + WAIT
-        while not self.client_got_first.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await send({"type": "http.response.body", "body": b"b" * CHUNK})
-
-    async def _endless(self, receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        left = asyncio.ensure_future(receive())
-        deadline = time.monotonic() + WAIT
-        while not left.done() and time.monotonic() < deadline:
-            await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
-            await asyncio.sleep(0.02)
-        if left.done() and left.result()["type"] == "http.disconnect":
-            self.disconnected.set()
-        else:
-            left.cancel()
-            await send({"type": "http.response.body", "body": b""})
-
-
-async def _read_body(receive: Any) -> bytes:
-    body = b""
-    while True:
-        message = await receive()
-        chunk: bytes = message.get("body", b"")
-        body += chunk
-        if not message.get("more_body"):
-            return body
-
-
-async def _answer(
-    send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers or []})
-    await send({"type": "http.response.body", "body": body})
 
 
 class Front:
@@ -165,7 +58,9 @@ class Front:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     ctx = client_context(cadata=self.bundle)
-                    self.http = httpx.AsyncClient(verify=ctx, timeout=WAIT, trust_env=False)
+                    self.http = httpx.AsyncClient(
+                        verify=ctx, timeout=WAIT, trust_env=False, cookies=no_cookies()
+                    )
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     assert self.http is not None
@@ -176,7 +71,7 @@ class Front:
         headers = forward_headers(scope["headers"], drop=lambda name: name == b"host")
         query = scope["query_string"].decode()
         url = self.upstream + scope["path"] + (f"?{query}" if query else "")
-        body = await _read_body(receive) if self.preread else None
+        body = await read_body(receive) if self.preread else None
         try:
             status = await relay(
                 scope,
@@ -262,10 +157,16 @@ def test_relays_method_path_query_headers_and_body(
     _app, url = upstream
     front = Front(url, bundle_pem(ca))
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
+        del http.headers["accept-encoding"]
         response = http.post(
             f"{front_url}/items/1?x=1&y=%2F",
             content=b"hello",
-            headers={"X-Test": "1", "Connection": "X-Test-Hop", "X-Test-Hop": "no"},
+            headers={
+                "X-Test": "1",
+                "Connection": "X-Test-Hop",
+                "X-Test-Hop": "no",
+                "User-Agent": "test-agent/1",
+            },
         )
     assert response.status_code == 201
     seen = response.json()
@@ -281,6 +182,12 @@ def test_relays_method_path_query_headers_and_body(
     assert response.headers["x-relayed"] == "1"
     assert "x-hop-private" not in response.headers
     assert "keep-alive" not in response.headers
+    assert response.headers["set-cookie"] == "session=upstream; Path=/"
+    # The relay's own client adds nothing and keeps nothing.
+    assert [v for k, v in seen["headers"] if k == "user-agent"] == ["test-agent/1"]
+    assert "accept-encoding" not in names
+    assert front.http is not None
+    assert len(front.http.cookies) == 0
     assert front.outcomes == [201]
 
 

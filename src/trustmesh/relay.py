@@ -12,8 +12,9 @@ after that, an upstream failure can only cut the client's connection, which is l
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ __all__ = [
     "ClientDisconnected",
     "UpstreamError",
     "forward_headers",
+    "no_cookies",
     "relay",
     "send_problem",
 ]
@@ -95,6 +97,17 @@ class ClientDisconnected(Exception):  # noqa: N818 - an event, not our error
 
     .. versionadded:: 0.1
     """
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that never stores a cookie, for the relay's httpx client.
+
+    httpx records every ``Set-Cookie`` of every response in its client's jar; a relay
+    passes them on to its own client and must not keep (or grow with) them.
+
+    .. versionadded:: 0.1
+    """
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 def forward_headers(
@@ -278,7 +291,7 @@ async def relay(
     headers: Headers,
     max_body: int | None,
     timeout: httpx.Timeout | None = None,
-    response_headers: Headers = (),
+    response_headers: Sequence[tuple[bytes, bytes]] = (),
     body: bytes | None = None,
 ) -> int:
     """Forward one ASGI HTTP request to ``url`` and stream the answer back.
@@ -287,7 +300,9 @@ async def relay(
         scope: The ASGI scope (its ``method`` is used).
         receive: The ASGI receive callable (unused for the body when ``body`` is given).
         send: The ASGI send callable.
-        client: The httpx client (its transport decides TLS and pooling).
+        client: The httpx client (its transport decides TLS and pooling; its default
+            headers and cookies are not used). Give it a cookie jar that stores nothing
+            (:func:`no_cookies`): responses pass through it.
         url: The full upstream URL, query included.
         headers: The request headers to send as they are (see
             :func:`forward_headers`); without ``Host`` httpx sets the upstream's.
@@ -296,7 +311,7 @@ async def relay(
         timeout: httpx timeouts for this request (connect, and read/write between
             pieces); None keeps the client's.
         response_headers: Added to the upstream's response headers (after hop-by-hop
-            headers are removed from those).
+            headers are removed from those), except names the upstream already sent.
         body: The request body, already read (to retry a request); ``receive`` is
             then not read for it.
 
@@ -328,12 +343,15 @@ async def relay(
             watch.start()
         else:
             content = _RequestBody(receive, max_body, watch)
-    request = client.build_request(
+    # A bare Request, not client.build_request(): the client's default headers (its
+    # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
+    # client asked for.
+    request = httpx.Request(
         scope["method"],
         url,
         headers=headers if isinstance(headers, list) else list(headers),
         content=content,
-        timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        extensions={"timeout": (timeout or client.timeout).as_dict()},
     )
     # nginx's 499 "client closed request" until a response status was sent.
     sent = 499
@@ -373,11 +391,13 @@ async def _stream_response(
     send: Send,
     start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]],
     url: str,
-    extra: Headers,
+    extra: Sequence[tuple[bytes, bytes]],
 ) -> int:
     status = response.status_code
     out = forward_headers(response.headers.raw)
-    out.extend(extra)
+    if extra:
+        present = {name.lower() for name, _ in out}
+        out.extend(item for item in extra if item[0].lower() not in present)
     stream = response.aiter_raw()
     try:
         first = await anext(stream)

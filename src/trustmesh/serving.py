@@ -4,6 +4,7 @@ and running it on uvicorn with the TLS shim."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 import signal
 import ssl
 import threading
@@ -26,12 +27,20 @@ from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes, server_c
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "Keeper",
     "TimedApp",
     "issue_server_identity",
     "parse_listen",
     "public_url",
     "run_https",
+    "start_keeper",
+    "stop_keeper",
 ]
+
+log = logging.getLogger("trustmesh.serving")
+
+#: Keeps identity files fresh until the event is set (e.g. the agent's loop).
+Keeper = Callable[[threading.Event], None]
 
 #: Request-latency histogram buckets (seconds) of every trustmesh server.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -191,3 +200,34 @@ class TimedApp:
         finally:
             elapsed = time.perf_counter() - start
             self.observe(str(scope.get("method", "")), str(scope.get("path", "")), status, elapsed)
+
+
+def start_keeper(
+    keeper: Keeper | None, stop: threading.Event, *, name: str
+) -> threading.Thread | None:
+    """Run ``keeper(stop)`` in a daemon thread (None: nothing to run).
+
+    A keeper that dies is logged loudly: the certificate it kept will expire.
+    """
+    if keeper is None:
+        return None
+
+    def keep() -> None:
+        try:
+            keeper(stop)
+        except Exception:
+            log.exception(
+                "the identity keeper stopped; serving the current certificate until it expires",
+                extra={"event": "keeper_failed"},
+            )
+
+    thread = threading.Thread(target=keep, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_keeper(thread: threading.Thread | None, stop: threading.Event) -> None:
+    """Ask the keeper to stop and wait a little for it."""
+    stop.set()
+    if thread is not None:
+        thread.join(timeout=10)

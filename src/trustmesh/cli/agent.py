@@ -250,3 +250,57 @@ def agent_command(
         click.echo(outcome.describe())
     if outcome.reload_error is not None:  # the files are in place, the workload has not seen them
         raise TrustmeshError(outcome.reload_error)
+
+
+#: Seconds before the agent's loop is restarted after it gave up on a failure.
+RESTART_DELAY = 30.0
+_log = logging.getLogger("trustmesh.agent")
+
+
+def start_agent(
+    ca_url: str,
+    spiffe_id: SpiffeID,
+    cert_dir: Path,
+    *,
+    bundle: Path | None,
+    token: str | None,
+    token_file: Path | None,
+    key_type: KeyType,
+    ttl: str | None,
+) -> Callable[[threading.Event], None]:
+    """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
+    renews it while serving: the agent's own loop, restarted if it ever gives up.
+
+    Shared by ``trustmesh run --id`` and ``trustmesh gateway serve``."""
+    from trustmesh.agent import Agent
+
+    # httpx logs every request at INFO; the agent's own lines say what happened.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    agent = Agent(
+        ca_url,
+        spiffe_id,
+        cert_dir,
+        bundle=bundle,
+        token=token,
+        token_file=token_file,
+        key_type=key_type,
+        ttl=ttl,
+    )
+    outcome = agent.ensure()
+    _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})
+
+    def keep(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                agent.run(stop)
+            except TrustmeshError as exc:
+                _log.error(
+                    "Renewing %s failed: %s Serving the current certificate; retrying in %gs.",
+                    spiffe_id,
+                    exc.message,
+                    RESTART_DELAY,
+                    extra={"event": "renewal_failed"},
+                )
+                stop.wait(RESTART_DELAY)
+
+    return keep

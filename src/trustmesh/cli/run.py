@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
-from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.errors import ConfigError
 from trustmesh.logs import configure_logging
 from trustmesh.pki import KeyType, SpiffeID
 
-from .agent import enrollment_options
-
-log = logging.getLogger("trustmesh.runner")
+from .agent import enrollment_options, start_agent
 
 __all__ = ["run_command"]
 
@@ -152,7 +147,7 @@ def run_command(
         validate(settings)  # before a join token is spent
         keeper = None
         if spiffe_id is not None and ca_url is not None and cert_dir is not None:
-            keeper = _start_agent(
+            keeper = start_agent(
                 ca_url,
                 SpiffeID.parse(spiffe_id),
                 cert_dir,
@@ -170,54 +165,3 @@ def run_command(
     finally:
         if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
-
-
-#: Seconds before the agent's loop is restarted after it gave up on a failure.
-RESTART_DELAY = 30.0
-
-
-def _start_agent(
-    ca_url: str,
-    spiffe_id: SpiffeID,
-    cert_dir: Path,
-    *,
-    bundle: Path | None,
-    token: str | None,
-    token_file: Path | None,
-    key_type: KeyType,
-    ttl: str | None,
-) -> Callable[[threading.Event], None]:
-    """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
-    renews it while serving: the agent's own loop, restarted if it ever gives up."""
-    from trustmesh.agent import Agent
-
-    # httpx logs every request at INFO; the agent's own lines say what happened.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    agent = Agent(
-        ca_url,
-        spiffe_id,
-        cert_dir,
-        bundle=bundle,
-        token=token,
-        token_file=token_file,
-        key_type=key_type,
-        ttl=ttl,
-    )
-    outcome = agent.ensure()
-    log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})
-
-    def keep(stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                agent.run(stop)
-            except TrustmeshError as exc:
-                log.error(
-                    "Renewing %s failed: %s Serving the current certificate; retrying in %gs.",
-                    spiffe_id,
-                    exc.message,
-                    RESTART_DELAY,
-                    extra={"event": "renewal_failed"},
-                )
-                stop.wait(RESTART_DELAY)
-
-    return keep

@@ -10,6 +10,7 @@ configuration file's directory. The result is plain frozen data; the app compile
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -39,8 +40,10 @@ __all__ = [
     "RateSpec",
     "RouteConfig",
     "UpstreamConfig",
+    "describe_config",
     "load_config",
     "parse_config",
+    "upstream_path_of",
 ]
 
 #: ``limits.max_header_bytes`` default: request line plus headers.
@@ -352,7 +355,8 @@ def _https_url(value: _Value, *, what: str = "an https:// URL", path_ok: bool = 
 
 
 def _listen(value: _Value) -> str:
-    text = value.string()
+    raw = value._scalar()
+    text = str(raw).strip() if raw is not None else ""
     try:
         parse_listen(text)
     except ConfigError:
@@ -475,7 +479,7 @@ def _upstream(value: _Value) -> UpstreamConfig:
     )
 
 
-_AUTH_USER_KEYS = ("scopes", "roles", "claims")
+_AUTH_USER_KEYS = ("required", "scopes", "roles", "claims")
 
 
 def _auth(
@@ -517,26 +521,24 @@ def _auth(
     return False, user, allowed
 
 
-def _check_user_block(
-    value: _Value, name: str, user: Mapping[str, Any], methods: frozenset[str] | None
-) -> None:
-    """Compile the requirement with the policy library, so errors show here, at load."""
-    rule: dict[str, Any] = {"name": name, "callers": ["anonymous"], "paths": ["/**"]}
-    if methods:
-        rule["methods"] = sorted(methods)
-    if user:
-        rule["user"] = dict(user)
+def _check_user_block(value: _Value, name: str, user: Mapping[str, Any]) -> None:
+    """Compile the requirement with the gateway's own builder (the policy library's parser),
+    so a bad block is refused here, at load, pointing at its key."""
+    from ._auth import route_policy
+
     try:
-        Policy.from_mapping({"rules": [rule]}, source=value.key)
+        route_policy(user, name=name)
     except PolicyConfigError as exc:
-        value.error(_policy_problem(exc))
-
-
-def _policy_problem(exc: PolicyConfigError) -> str:
-    # "SOURCE: rules[0] ('name'): user.scopes: problem." -> the part after the rule.
-    text = exc.message
-    marker = "): "
-    return text.split(marker, 1)[1].rstrip(".") if marker in text else text
+        field = str(exc.details.get("field") or "")
+        key = field.removeprefix("user.").split(".")[0].split("[")[0]
+        block = value.mapping(("public", *_AUTH_USER_KEYS, "issuers"))
+        target = block.children.get(key, value)
+        problem = exc.message
+        for marker in ("): ", " auth: "):
+            if marker in problem:
+                problem = problem.split(marker, 1)[1]
+                break
+        target.error(problem.rstrip("."))
 
 
 def _route(
@@ -599,7 +601,7 @@ def _route(
             )
     public, user, allowed = _auth(auth_value, issuers)
     if not public:
-        _check_user_block(auth_value, name, user, methods)
+        _check_user_block(auth_value, name, user)
     policy: Path | None = None
     policy_value = get("policy")
     if policy_value is not None:
@@ -682,11 +684,15 @@ def _issuer(value: _Value, base: Path) -> IssuerEntry:
                     f"{', '.join(DEFAULT_ALGORITHMS)}"
                 )
     strict_value = get("strict_rfc9068")
+    discovery = _https_url(d) if (d := get("discovery")) is not None else None
+    jwks_uri = _https_url(j) if (j := get("jwks_uri")) is not None else None
+    if discovery is not None and jwks_uri is not None:
+        block.value.error("give discovery or jwks_uri, not both")
     return IssuerEntry(
         issuer=issuer,
         audiences=audiences,
-        discovery=_https_url(d) if (d := get("discovery")) is not None else None,
-        jwks_uri=_https_url(j) if (j := get("jwks_uri")) is not None else None,
+        discovery=discovery,
+        jwks_uri=jwks_uri,
         ca_bundle=_file(c, base) if (c := get("ca_bundle")) is not None else None,
         algorithms=algorithms,
         introspection=introspection,
@@ -894,3 +900,87 @@ def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{file}: not UTF-8 text.", path=str(file)) from None
     return parse_config(text, source=str(file), base=file.resolve().parent)
+
+
+def _rates(limits: RateLimitsConfig | None) -> dict[str, Any] | None:
+    if limits is None:
+        return None
+    out: dict[str, Any] = {}
+    for kind in ("per_ip", "per_client"):
+        spec = getattr(limits, kind)
+        if spec is not None:
+            out[kind] = {"rate": spec.rate, "burst": spec.burst}
+    return out
+
+
+def upstream_path_of(route: RouteConfig) -> str:
+    """What the route's prefix becomes upstream, e.g. ``/v1/...`` (for the route table)."""
+    if route.rewrite_prefix is not None:
+        return route.rewrite_prefix.rstrip("/") + "/..."
+    if route.strip_prefix:
+        return "/..."
+    return route.path.rstrip("/") + "/..."
+
+
+def describe_config(config: GatewayConfig) -> dict[str, Any]:
+    """A JSON-able summary of a configuration (``trustmesh gateway check --json``).
+
+    Routes are listed in the order they are tried: exact hosts, then wildcard hosts,
+    then any host; longer path prefixes first.
+
+    .. versionadded:: 0.1
+    """
+
+    def order(route: RouteConfig) -> tuple[int, int]:
+        kind = 2 if route.host is None else (1 if route.host.startswith("*.") else 0)
+        return (kind, -len(route.path))
+
+    return {
+        "file": str(config.source),
+        "listen": config.listen,
+        "id": config.id,
+        "ca": config.ca,
+        "check_revocation": config.check_revocation,
+        "public_certificate": str(config.tls_cert) if config.tls_cert else "gateway identity",
+        "redirect_http": config.redirect_http,
+        "metrics": config.metrics_listen,
+        "issuers": [
+            {
+                "issuer": i.issuer,
+                "audiences": list(i.audiences),
+                "opaque": i.introspection is not None,
+            }
+            for i in config.issuers
+        ],
+        "trusted_proxies": list(config.trusted_proxies),
+        "rate_limits": _rates(config.rate_limits),
+        "limits": {
+            "max_header_bytes": config.max_header_bytes,
+            "max_body_bytes": config.max_body_bytes,
+        },
+        "redis": config.redis,
+        "alerts": dataclasses.asdict(config.alerts) if config.alerts else None,
+        "access_log": config.access_log,
+        "routes": [
+            {
+                "name": r.name,
+                "line": r.line,
+                "host": r.host,
+                "path": r.path,
+                "methods": sorted(r.methods) if r.methods else None,
+                "strip_prefix": r.strip_prefix,
+                "rewrite_prefix": r.rewrite_prefix,
+                "upstream_path": upstream_path_of(r),
+                "public": r.public,
+                "auth": dict(r.auth),
+                "issuers": list(r.issuers) if r.issuers is not None else None,
+                "policy": str(r.policy) if r.policy else None,
+                "allow_ips": list(r.allow_ips),
+                "deny_ips": list(r.deny_ips),
+                "rate_limits": _rates(r.rate_limits),
+                "max_body_bytes": r.max_body_bytes or config.max_body_bytes,
+                "upstream": dataclasses.asdict(r.upstream),
+            }
+            for r in sorted(config.routes, key=order)
+        ],
+    }

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from trustmesh.client import async_mtls_client
-from trustmesh.relay import Receive, Scope, Send, UpstreamError, relay
+from trustmesh.relay import Receive, Scope, Send, UpstreamError, no_cookies, relay
 
 from ._config import UpstreamConfig
 
@@ -118,6 +118,9 @@ class Forwarded:
 
 #: Called with (route, endpoint label, healthy) when an endpoint's health changes.
 HealthListener = Callable[[str, str, bool], None]
+#: Called with (route, endpoint label, outcome) after each attempt: the status code, or
+#: the failure reason.
+AttemptListener = Callable[[str, str, str], None]
 
 
 class UpstreamPool:
@@ -130,6 +133,7 @@ class UpstreamPool:
         revocations: Revoked serials, checked at each upstream handshake (None: not
             checked, which the configuration must say explicitly).
         on_health: Told about every health change.
+        on_attempt: Told about every forwarding attempt.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class UpstreamPool:
         revocations: Revocations | None,
         *,
         on_health: HealthListener | None = None,
+        on_attempt: AttemptListener | None = None,
     ) -> None:
         self.route = route
         self.config = config
@@ -157,9 +162,11 @@ class UpstreamPool:
             ),
             timeout=self.timeout,
             follow_redirects=False,
+            cookies=no_cookies(),
         )
         self._next = 0
         self._on_health = on_health
+        self._on_attempt = on_attempt
         self.inflight = 0
         for endpoint in self.endpoints:
             self._report(endpoint, True)
@@ -285,6 +292,8 @@ class UpstreamPool:
                 )
             except UpstreamError as exc:
                 self.failed(endpoint, exc)
+                if self._on_attempt is not None:
+                    self._on_attempt(self.route, endpoint.label, exc.reason)
                 if attempts > self.config.retries or not (exc.retryable or idempotent):
                     return Forwarded(exc.status, endpoint, attempts, exc)
                 log.info(
@@ -306,6 +315,8 @@ class UpstreamPool:
                 endpoint.trial = False
             else:
                 self.succeeded(endpoint)
+            if self._on_attempt is not None:
+                self._on_attempt(self.route, endpoint.label, str(status))
             return Forwarded(status, endpoint, attempts, None)
 
     def _report(self, endpoint: Endpoint, healthy: bool) -> None:

@@ -32,7 +32,7 @@ from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.logs import configure_logging
 from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
-from trustmesh.serving import parse_listen, public_url
+from trustmesh.serving import Keeper, parse_listen, public_url, start_keeper, stop_keeper
 from trustmesh.tls import (
     RevocationSet,
     RotatingCredentials,
@@ -89,9 +89,6 @@ class RunSettings:
     log_format: str = "json"
     workers: int = 1
 
-
-#: Keeps the identity files fresh until the event is set (e.g. the agent's loop).
-Keeper = Callable[[threading.Event], None]
 
 #: Seconds workers get to finish their requests after SIGTERM before they are killed.
 WORKER_GRACE = 15.0
@@ -174,30 +171,6 @@ def validate(settings: RunSettings) -> None:
     load_app(settings.target, settings.app_dir)
 
 
-def _start_keeper(keeper: Keeper | None, stop: threading.Event) -> threading.Thread | None:
-    if keeper is None:
-        return None
-
-    def keep() -> None:
-        try:
-            keeper(stop)
-        except Exception:  # a dead keeper must be loud: the certificate will expire
-            log.exception(
-                "the identity keeper stopped; serving the current certificate until it expires",
-                extra={"event": "keeper_failed"},
-            )
-
-    thread = threading.Thread(target=keep, name="trustmesh-run-identity", daemon=True)
-    thread.start()
-    return thread
-
-
-def _stop_keeper(thread: threading.Thread | None, stop: threading.Event) -> None:
-    stop.set()
-    if thread is not None:
-        thread.join(timeout=10)
-
-
 def run(
     settings: RunSettings,
     *,
@@ -220,7 +193,7 @@ def run(
     host, port = parse_listen(settings.listen)
     app = load_app(settings.target, settings.app_dir)
     stop = threading.Event()
-    thread = _start_keeper(keeper, stop)
+    thread = start_keeper(keeper, stop, name="trustmesh-run-identity")
     try:
         if settings.workers > 1:
             RotatingCredentials(settings.cert_dir)  # refuse unusable files before forking
@@ -228,7 +201,7 @@ def run(
         else:
             _run_one(settings, app, host, port, ready, None)
     finally:
-        _stop_keeper(thread, stop)
+        stop_keeper(thread, stop)
 
 
 def _run_one(
