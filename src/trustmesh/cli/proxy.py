@@ -135,6 +135,32 @@ def _keeper(opts: dict[str, Any], cert_dir: Path) -> Any:
     )
 
 
+def _common_settings(opts: dict[str, Any], cert_dir: Path) -> dict[str, Any]:
+    return {
+        "spiffe_id": opts["spiffe_id"],
+        "cert_dir": cert_dir,
+        "listen": opts["listen"],
+        "to": opts["to"],
+        "ca_url": opts["ca_url"],
+        "no_revocation": opts["no_revocation"],
+        "max_connection_age": _seconds(opts["max_connection_age"], "--max-connection-age"),
+        "drain_timeout": _seconds(opts["drain_timeout"], "--drain-timeout"),
+        "metrics": opts["metrics"],
+    }
+
+
+def _start(
+    opts: dict[str, Any],
+    cert_dir: Path,
+    agent: dict[str, Any] | None,
+    run: Callable[..., None],
+    settings: Any,
+) -> None:
+    configure_logging(opts["log_level"], opts["log_format"])
+    keeper = _keeper(agent, cert_dir) if agent is not None else None
+    run(settings, ready=_ready, keeper=keeper)
+
+
 def _ready(line: str) -> None:
     click.echo(f"trustmesh proxy: {line}", err=True)
 
@@ -180,15 +206,7 @@ def inbound_command(**opts: Any) -> None:
 
     with _identity(opts) as (cert_dir, agent):
         settings = InboundSettings(
-            spiffe_id=opts["spiffe_id"],
-            cert_dir=cert_dir,
-            listen=opts["listen"],
-            to=opts["to"],
-            ca_url=opts["ca_url"],
-            no_revocation=opts["no_revocation"],
-            max_connection_age=_seconds(opts["max_connection_age"], "--max-connection-age"),
-            drain_timeout=_seconds(opts["drain_timeout"], "--drain-timeout"),
-            metrics=opts["metrics"],
+            **_common_settings(opts, cert_dir),
             http=opts["http"],
             policy=opts["policy"],
             allow_ids=tuple(opts["allow_ids"]),
@@ -198,9 +216,7 @@ def inbound_command(**opts: Any) -> None:
             require_token=opts["require_token"],
         )
         validate_inbound(settings)  # before a join token is spent
-        configure_logging(opts["log_level"], opts["log_format"])
-        keeper = _keeper(agent, cert_dir) if agent is not None else None
-        run_inbound(settings, ready=_ready, keeper=keeper)
+        _start(opts, cert_dir, agent, run_inbound, settings)
 
 
 @proxy_group.command("outbound")
@@ -232,19 +248,9 @@ def outbound_command(**opts: Any) -> None:
 
     with _identity(opts) as (cert_dir, agent):
         settings = OutboundSettings(
-            spiffe_id=opts["spiffe_id"],
-            cert_dir=cert_dir,
-            listen=opts["listen"],
-            to=opts["to"],
-            ca_url=opts["ca_url"],
-            no_revocation=opts["no_revocation"],
-            max_connection_age=_seconds(opts["max_connection_age"], "--max-connection-age"),
-            drain_timeout=_seconds(opts["drain_timeout"], "--drain-timeout"),
-            metrics=opts["metrics"],
+            **_common_settings(opts, cert_dir),
             expect_id=opts["expect_id"],
             allow_remote=opts["allow_remote"],
         )
-        validate_outbound(settings)
-        configure_logging(opts["log_level"], opts["log_format"])
-        keeper = _keeper(agent, cert_dir) if agent is not None else None
-        run_outbound(settings, ready=_ready, keeper=keeper)
+        validate_outbound(settings)  # before a join token is spent
+        _start(opts, cert_dir, agent, run_outbound, settings)

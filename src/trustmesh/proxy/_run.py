@@ -124,6 +124,13 @@ def _log_weakened(settings: ProxySettings) -> None:
         )
 
 
+def _run(settings: ProxySettings, keeper: Keeper | None, serve: Callable[[Sidecar], None]) -> None:
+    _log_weakened(settings)
+    sidecar = Sidecar(settings, keeper)
+    with sidecar.running():
+        serve(sidecar)
+
+
 def run_inbound(
     settings: InboundSettings,
     *,
@@ -137,15 +144,14 @@ def run_inbound(
         TrustmeshError: The sidecar could not start.
     """
     validate_inbound(settings)
-    _log_weakened(settings)
     if not settings.http and not settings.proxy_protocol:
         log.warning(
             "PROXY protocol off (--no-proxy-protocol): the app gets raw bytes and cannot learn "
             "who called",
             extra={"event": "proxy_protocol_disabled"},
         )
-    sidecar = Sidecar(settings, keeper)
-    with sidecar.running():
+
+    def serve(sidecar: Sidecar) -> None:
         if settings.http:
             from ._http import serve_inbound_http
 
@@ -155,6 +161,8 @@ def run_inbound(
 
             callers = CallerRules(settings.policy, settings.allow_ids)
             asyncio.run(serve_inbound_tcp(sidecar, callers, ready))
+
+    _run(settings, keeper, serve)
 
 
 def run_outbound(
@@ -172,7 +180,6 @@ def run_outbound(
     from ._tcp import serve_outbound
 
     validate_outbound(settings)
-    _log_weakened(settings)
     if settings.allow_remote and not is_loopback(parse_listen(settings.listen)[0]):
         log.warning(
             "outbound sidecar listening on %s (--allow-remote): anyone who reaches it calls as %s",
@@ -180,6 +187,4 @@ def run_outbound(
             settings.spiffe_id,
             extra={"event": "outbound_remote_listen"},
         )
-    sidecar = Sidecar(settings, keeper)
-    with sidecar.running():
-        asyncio.run(serve_outbound(sidecar, ready))
+    _run(settings, keeper, lambda sidecar: asyncio.run(serve_outbound(sidecar, ready)))

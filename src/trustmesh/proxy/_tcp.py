@@ -145,6 +145,30 @@ async def _handshake(
     return True
 
 
+def _handler(
+    tracker: Tracker,
+    mode: str,
+    body: Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter, Connection, tuple[str, int]],
+        Awaitable[None],
+    ],
+) -> _Handler:
+    """Wrap ``body`` with the connection's bookkeeping: tracked, and closed at the end."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = _address(writer, "peername")
+        conn = Connection(mode, _shown(source))
+        tracker.opened(conn)
+        conn.closer = writer.close
+        try:
+            await body(reader, writer, conn, source)
+        finally:
+            await _close(writer)
+            tracker.closed(conn)
+
+    return handle
+
+
 async def _serve(
     sidecar: Sidecar,
     tracker: Tracker,
@@ -191,17 +215,6 @@ async def serve_inbound_tcp(
     tracker = sidecar.tracker()
     app_host, app_port = parse_target(settings.to)
     listener = sidecar.credentials.server_context()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        source = _address(writer, "peername")
-        conn = Connection("inbound-tcp", _shown(source))
-        tracker.opened(conn)
-        conn.closer = writer.close
-        try:
-            await _inbound(reader, writer, conn, source)
-        finally:
-            await _close(writer)
-            tracker.closed(conn)
 
     async def _inbound(
         reader: asyncio.StreamReader,
@@ -261,7 +274,7 @@ async def serve_inbound_tcp(
     await _serve(
         sidecar,
         tracker,
-        handle,
+        _handler(tracker, "inbound-tcp", _inbound),
         ready,
         f"inbound on {_shown(parse_listen(settings.listen))} (TCP mode) to {settings.to}",
     )
@@ -274,18 +287,11 @@ async def serve_outbound(sidecar: Sidecar, ready: Callable[[str], None] | None) 
     tracker = sidecar.tracker()
     host, port = parse_target(settings.to)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection("outbound", _shown(_address(writer, "peername")))
-        tracker.opened(conn)
-        conn.closer = writer.close
-        try:
-            await _outbound(reader, writer, conn)
-        finally:
-            await _close(writer)
-            tracker.closed(conn)
-
     async def _outbound(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        _source: tuple[str, int],
     ) -> None:
         context = sidecar.credentials.client_context(check_hostname=False)
         start = time.perf_counter()
@@ -343,7 +349,7 @@ async def serve_outbound(sidecar: Sidecar, ready: Callable[[str], None] | None) 
     await _serve(
         sidecar,
         tracker,
-        handle,
+        _handler(tracker, "outbound", _outbound),
         ready,
         f"outbound on {_shown(parse_listen(settings.listen))} to {settings.to} "
         f"({settings.expect_id})",
