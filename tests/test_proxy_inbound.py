@@ -4,9 +4,13 @@ connection age and the SIGTERM drain."""
 
 from __future__ import annotations
 
+import base64
 import json
+import signal
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -191,6 +195,207 @@ def test_tcp_mode_cuts_a_revoked_caller_and_old_connections(
     assert alive == b"still here\n"
     assert aged["duration"] >= 3
     assert aging_closed
+
+
+@pytest.mark.slow
+def test_tcp_mode_drains_open_connections_on_sigterm(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """After SIGTERM the sidecar accepts no new connection, an open one keeps working until
+    it ends, then the process exits 0."""
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    orders = issue(ca, ORDERS, tmp_path)
+    with (
+        node_app("proxy_v2_app.js", tmp_path) as app,
+        sidecar(
+            "inbound",
+            tmp_path,
+            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
+            *("--allow-id", ORDERS, "--no-revocation", "--drain-timeout", "30s"),
+        ) as proxy,
+    ):
+        with _tls(ca, orders, proxy.port) as open_conn:
+            json.loads(_line(open_conn))
+            proxy.process.send_signal(signal.SIGTERM)
+            proxy.wait_for("proxy_draining")
+            newcomer = _refused(ca, orders, proxy.port)
+            open_conn.sendall(b"in flight\n")
+            echoed = _line(open_conn)
+            assert proxy.process.poll() is None
+        code = proxy.process.wait(timeout=30)
+    assert newcomer
+    assert echoed == b"in flight\n"
+    assert code == 0, proxy.log_path.read_text()
+    assert proxy.wait_for("proxy_connection_closed")["reason"] == "done"
+
+
+POLICY = f"""\
+mode: enforce
+rules:
+  - name: orders-items
+    callers: ["{ORDERS}"]
+    methods: [GET, POST]
+    paths: ["/items/**"]
+"""
+
+
+def _https(ca: CertificateAuthority, identity: Identity) -> httpx.Client:
+    ctx = client_context(cadata=bundle_pem(ca), chain=identity.chain, key=identity.key)
+    return httpx.Client(verify=ctx, timeout=30)
+
+
+@pytest.mark.slow
+def test_http_mode_sets_trusted_identity_headers_and_applies_the_policy(
+    ca: CertificateAuthority, home: Path, tmp_path: Path
+) -> None:
+    """A plain Node.js app sees the verified caller; spoofed identity headers are replaced;
+    a request the policy denies and a caller it does not know never reach the app (403
+    problem+json); a revoked caller is refused on its open keep-alive connection."""
+    from cryptography import x509
+
+    from trustmesh.client import CAClient
+
+    from ._server import running_server
+
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    orders = issue(ca, ORDERS, tmp_path)
+    doomed = issue(ca, ORDERS, tmp_path)
+    intruder = issue(ca, INTRUDER, tmp_path)
+    metrics_port = free_port()
+    spoofed = {
+        "X-Trustmesh-Caller": "spiffe://example.org/admin",
+        "X_Trustmesh_Caller": "spiffe://example.org/admin",
+        "Client-Cert": ":AAAA:",
+        "X-Forwarded-For": "203.0.113.9",
+        "X-Forwarded-Host": "evil.example",
+        "Forwarded": "for=203.0.113.9",
+        "X-Spiffe-Id": "spiffe://example.org/admin",
+        "X-Request-Id": "kept-1",
+    }
+    with (
+        running_server(home, tmp_path) as ca_server,
+        node_app("plain_app.js", tmp_path) as app,
+        sidecar(
+            "inbound",
+            tmp_path,
+            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
+            *("--to", f"127.0.0.1:{app.port}", "--policy", str(tmp_path / "policy.yaml")),
+            *("--ca", ca_server.url, "--metrics", f"127.0.0.1:{metrics_port}"),
+        ) as proxy,
+    ):
+        url = f"https://127.0.0.1:{proxy.port}"
+        with _https(ca, orders) as http:
+            allowed = http.get(f"{url}/items/1?q=2", headers=spoofed)
+            posted = http.post(f"{url}/items/new", content=b"hello body")
+            denied = http.delete(f"{url}/items/1")
+        with _https(ca, intruder) as http:
+            stranger = http.get(f"{url}/items/1")
+        with _https(ca, doomed) as http:
+            before = http.get(f"{url}/items/doomed")
+            with CAClient(
+                ca_server.url, bundle=ca_server.bundle, cert=doomed.chain, key=doomed.key
+            ) as ca_api:
+                ca_api.revoke(serial=format(doomed.serial, "x"))
+            for _ in range(200):
+                cut = http.get(f"{url}/items/doomed")
+                if cut.status_code != 200:
+                    break
+                time.sleep(0.05)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        records = app.records()
+        assert proxy.stop() == 0, proxy.log_path.read_text()
+    assert allowed.status_code == 200, allowed.text
+    seen = allowed.json()["headers"]
+    assert allowed.json()["caller"] == ORDERS
+    assert seen["x-trustmesh-caller"] == ORDERS
+    assert "x_trustmesh_caller" not in seen
+    assert "x-spiffe-id" not in seen
+    assert "x-forwarded-host" not in seen
+    assert "forwarded" not in seen
+    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-request-id"] == "kept-1"
+    leaf = x509.load_der_x509_certificate(base64.b64decode(seen["client-cert"].strip(":")))
+    assert leaf.serial_number == orders.serial
+    assert posted.json()["body"] == "hello body"
+    for refused in (denied, stranger):
+        assert refused.status_code == 403, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["reason"] == "policy_denied"
+    assert before.status_code == 200
+    assert cut.status_code == 403, cut.text
+    assert cut.json()["reason"] == "revoked"
+    # The app saw only allowed requests: not the DELETE, not the intruder's GET /items/1.
+    assert [(r["method"], r["url"]) for r in records[:3]] == [
+        ("GET", "/items/1?q=2"),
+        ("POST", "/items/new"),
+        ("GET", "/items/doomed"),
+    ]
+    assert {r["url"] for r in records[3:]} <= {"/items/doomed"}  # until the feed told it
+    assert all(r["headers"]["x-trustmesh-caller"] == ORDERS for r in records)
+    assert 'trustmesh_proxy_requests_total{status="403"} 3.0' in metrics
+    assert 'trustmesh_proxy_connections_total{mode="inbound-http"}' in metrics
+    assert 'trustmesh_service_requests_total{outcome="deny",reason="revoked"} 1.0' in metrics
+    assert 'trustmesh_proxy_handshake_seconds_count{mode="inbound-http"}' in metrics
+    opened = proxy.events("proxy_connection_open")
+    assert {e["peer_id"] for e in opened} == {ORDERS, INTRUDER}
+
+
+@pytest.mark.slow
+def test_http_mode_drains_on_sigterm_and_caps_connection_age(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """An in-flight request completes after SIGTERM and the process exits 0; a keep-alive
+    connection older than --max-connection-age gets Connection: close."""
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    orders = issue(ca, ORDERS, tmp_path)
+    with (
+        node_app("plain_app.js", tmp_path) as app,
+        sidecar(
+            "inbound",
+            tmp_path,
+            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
+            *("--to", f"127.0.0.1:{app.port}", "--allow-id", ORDERS, "--no-revocation"),
+            *("--max-connection-age", "2s", "--drain-timeout", "20s"),
+        ) as proxy,
+    ):
+        url = f"https://127.0.0.1:{proxy.port}"
+        with _https(ca, orders) as http:
+            young = http.get(f"{url}/a")
+            time.sleep(2.5)
+            old = http.get(f"{url}/b")
+            after = http.get(f"{url}/c")  # a new connection
+        results: list[httpx.Response | BaseException] = []
+
+        def slow() -> None:
+            try:
+                with _https(ca, orders) as client:
+                    results.append(client.get(f"{url}/slow?ms=3000"))
+            except BaseException as exc:  # reported below
+                results.append(exc)
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        deadline = time.monotonic() + 20
+        while not any(r["url"].startswith("/slow") for r in app.records()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        code = proxy.stop()
+        worker.join(30)
+    assert young.headers.get("connection") != "close"
+    assert old.headers["connection"] == "close"
+    assert after.status_code == 200
+    assert code == 0, proxy.log_path.read_text()
+    assert len(results) == 1
+    finished = results[0]
+    assert isinstance(finished, httpx.Response), finished
+    assert finished.status_code == 200
+    closed = proxy.events("proxy_connection_closed")
+    assert any(e["reason"] == "max_connection_age" for e in closed), closed
 
 
 def test_inbound_refuses_bad_settings_with_one_line(

@@ -85,6 +85,34 @@ def test_curl_reaches_an_mtls_service_through_the_outbound_sidecar(
     assert "expected spiffe://example.org/svc/payments" in mismatch["detail"]
 
 
+@pytest.mark.slow
+def test_outbound_with_the_agent_in_process(
+    ca: CertificateAuthority, home: Path, tmp_path: Path
+) -> None:
+    """--ca URL --token T (no --cert-dir): the sidecar enrolls in-process, follows the
+    revocation feed, and curl reaches the service as the enrolled identity."""
+    from ._server import running_server
+
+    server = issue(ca, SERVICE, tmp_path, ips=["127.0.0.1"])
+    app = MTLSMiddleware(whoami, trust_domain="example.org", policy=allow_all(), revocation=None)
+    with running_server(home, tmp_path) as ca_server, serve_asgi(app, ca, server) as url:
+        token = ca.create_join_token(ORDERS)
+        with sidecar(
+            "outbound",
+            tmp_path,
+            *("--id", ORDERS, "--ca", ca_server.url, "--token", token),
+            *("--bundle", str(ca_server.bundle), "--ttl", "1h"),
+            *("--to", url.removeprefix("https://"), "--expect-id", SERVICE),
+        ) as proxy:
+            answer = _curl(f"http://127.0.0.1:{proxy.port}/enrolled")
+            assert proxy.stop() == 0
+        logs = proxy.log_path.read_text()
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout) == {"caller": ORDERS, "path": "/enrolled"}
+    assert '"event": "identity_enrolled"' in logs
+    assert '"event": "revocation_bootstrap"' in logs
+
+
 def test_outbound_refuses_a_remote_listen_and_bad_expect_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

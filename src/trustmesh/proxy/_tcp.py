@@ -45,6 +45,8 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 #: Bytes read per step; a full buffer on the other side pauses reading (backpressure).
 CHUNK = 64 * 1024
+#: Seconds a TLS close waits for the peer's close_notify.
+CLOSE_NOTIFY_TIMEOUT = 2.0
 #: After a client's half-close toward TLS: seconds of server silence that end its answer.
 HALF_CLOSE_IDLE = 5.0
 
@@ -303,6 +305,7 @@ async def serve_outbound(sidecar: Sidecar, ready: Callable[[str], None] | None) 
                     ssl=context,
                     server_hostname=host,
                     ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                    ssl_shutdown_timeout=CLOSE_NOTIFY_TIMEOUT,
                 ),
                 CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
             )
