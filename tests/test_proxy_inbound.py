@@ -11,6 +11,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,8 +25,36 @@ from trustmesh.tls import client_context
 
 from ._server import free_port
 from ._services import Identity, bundle_pem, issue
-from ._sidecar import INTRUDER, ORDERS, SIDECAR_ID, node_app, sidecar, write_identity
+from ._sidecar import (
+    INTRUDER,
+    ORDERS,
+    SIDECAR_ID,
+    NodeApp,
+    Sidecar,
+    node_app,
+    sidecar,
+    write_identity,
+)
 from .conftest import PASSPHRASE
+
+
+@contextmanager
+def _inbound(
+    ca: CertificateAuthority, tmp_path: Path, script: str, *args: str
+) -> Iterator[tuple[NodeApp, Sidecar]]:
+    """The Node.js app SCRIPT behind `proxy inbound --id SIDECAR_ID ... ARGS`."""
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    with (
+        node_app(script, tmp_path) as app,
+        sidecar(
+            "inbound",
+            tmp_path,
+            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
+            *args,
+        ) as proxy,
+    ):
+        yield app, proxy
 
 
 def _tls(ca: CertificateAuthority, identity: Identity, port: int) -> ssl.SSLSocket:
@@ -89,8 +119,6 @@ def test_tcp_mode_passes_the_caller_with_proxy_protocol_v2(
 ) -> None:
     """A Node.js TCP app learns the caller's address and SPIFFE ID from the PROXY v2 header;
     a caller not allowed and a foreign-CA client never reach it; metrics count both."""
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     orders = issue(ca, ORDERS, tmp_path)
     intruder = issue(ca, INTRUDER, tmp_path)
     foreign_ca = CertificateAuthority.init(
@@ -100,14 +128,13 @@ def test_tcp_mode_passes_the_caller_with_proxy_protocol_v2(
         foreign = issue(foreign_ca, ORDERS, tmp_path)
     metrics_port = free_port()
     with (
-        node_app("proxy_v2_app.js", tmp_path) as app,
-        sidecar(
-            "inbound",
+        _inbound(
+            ca,
             tmp_path,
-            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
+            "proxy_v2_app.js",
             *("--allow-id", "spiffe://example.org/svc/ord*", "--no-revocation"),
             *("--metrics", f"127.0.0.1:{metrics_port}"),
-        ) as proxy,
+        ) as (app, proxy),
     ):
         with _tls(ca, orders, proxy.port) as sock:
             report = json.loads(_line(sock))
@@ -159,19 +186,16 @@ def test_tcp_mode_cuts_a_revoked_caller_and_old_connections(
 
     from ._server import running_server
 
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     orders = issue(ca, ORDERS, tmp_path)
     other = issue(ca, ORDERS, tmp_path)
     with (
         running_server(home, tmp_path) as ca_server,
-        node_app("proxy_v2_app.js", tmp_path) as app,
-        sidecar(
-            "inbound",
+        _inbound(
+            ca,
             tmp_path,
-            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
+            "proxy_v2_app.js",
             *("--allow-id", ORDERS, "--ca", ca_server.url, "--max-connection-age", "3s"),
-        ) as proxy,
+        ) as (_app, proxy),
     ):
         with _tls(ca, orders, proxy.port) as doomed, _tls(ca, other, proxy.port) as aging:
             json.loads(_line(doomed))
@@ -203,17 +227,14 @@ def test_tcp_mode_drains_open_connections_on_sigterm(
 ) -> None:
     """After SIGTERM the sidecar accepts no new connection, an open one keeps working until
     it ends, then the process exits 0."""
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     orders = issue(ca, ORDERS, tmp_path)
     with (
-        node_app("proxy_v2_app.js", tmp_path) as app,
-        sidecar(
-            "inbound",
+        _inbound(
+            ca,
             tmp_path,
-            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
+            "proxy_v2_app.js",
             *("--allow-id", ORDERS, "--no-revocation", "--drain-timeout", "30s"),
-        ) as proxy,
+        ) as (_app, proxy),
     ):
         with _tls(ca, orders, proxy.port) as open_conn:
             json.loads(_line(open_conn))
@@ -258,8 +279,6 @@ def test_http_mode_sets_trusted_identity_headers_and_applies_the_policy(
 
     from ._server import running_server
 
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     (tmp_path / "policy.yaml").write_text(POLICY)
     orders = issue(ca, ORDERS, tmp_path)
     doomed = issue(ca, ORDERS, tmp_path)
@@ -277,14 +296,14 @@ def test_http_mode_sets_trusted_identity_headers_and_applies_the_policy(
     }
     with (
         running_server(home, tmp_path) as ca_server,
-        node_app("plain_app.js", tmp_path) as app,
-        sidecar(
-            "inbound",
+        _inbound(
+            ca,
             tmp_path,
-            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
-            *("--to", f"127.0.0.1:{app.port}", "--policy", str(tmp_path / "policy.yaml")),
+            "plain_app.js",
+            "--http",
+            *("--policy", str(tmp_path / "policy.yaml")),
             *("--ca", ca_server.url, "--metrics", f"127.0.0.1:{metrics_port}"),
-        ) as proxy,
+        ) as (app, proxy),
     ):
         url = f"https://127.0.0.1:{proxy.port}"
         with _https(ca, orders) as http:
@@ -350,18 +369,16 @@ def test_http_mode_drains_on_sigterm_and_caps_connection_age(
 ) -> None:
     """An in-flight request completes after SIGTERM and the process exits 0; a keep-alive
     connection older than --max-connection-age gets Connection: close."""
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     orders = issue(ca, ORDERS, tmp_path)
     with (
-        node_app("plain_app.js", tmp_path) as app,
-        sidecar(
-            "inbound",
+        _inbound(
+            ca,
             tmp_path,
-            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
-            *("--to", f"127.0.0.1:{app.port}", "--allow-id", ORDERS, "--no-revocation"),
+            "plain_app.js",
+            "--http",
+            *("--allow-id", ORDERS, "--no-revocation"),
             *("--max-connection-age", "2s", "--drain-timeout", "20s"),
-        ) as proxy,
+        ) as (app, proxy),
     ):
         url = f"https://127.0.0.1:{proxy.port}"
         with _https(ca, orders) as http:
@@ -423,7 +440,9 @@ def test_inbound_refuses_bad_settings_with_one_line(
     assert "--max-connection-age" in capsys.readouterr().err
 
 
-def test_inbound_ready_line_waits_for_a_free_port(ca: CertificateAuthority, tmp_path: Path) -> None:
+def test_inbound_port_in_use_is_a_one_line_error(
+    ca: CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A port in use is a one-line error naming --listen, exit 1."""
     cert_dir = tmp_path / "certs"
     write_identity(ca, cert_dir, SIDECAR_ID)
@@ -439,3 +458,4 @@ def test_inbound_ready_line_waits_for_a_free_port(ca: CertificateAuthority, tmp_
             ]
         )
     assert code == 1
+    assert "Pick another --listen" in capsys.readouterr().err
