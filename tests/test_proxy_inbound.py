@@ -415,6 +415,44 @@ def test_http_mode_drains_on_sigterm_and_caps_connection_age(
     assert any(e["reason"] == "max_connection_age" for e in closed), closed
 
 
+def test_tcp_mode_caller_rules_from_a_policy_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TCP mode decides on the caller alone: deny rules win over allow rules, globs match
+    per segment, a reload that narrows a rule is refused (the previous policy stays) and
+    audit mode lets a refused caller in with a warning."""
+    from trustmesh.proxy._callers import CallerRules
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: no-intruder\n    effect: deny\n    callers: ['spiffe://example.org/svc/intruder']\n"
+        "  - name: services\n    callers: ['spiffe://example.org/svc/*']\n"
+    )
+    rules = CallerRules(path, ())
+    assert rules.decide(ORDERS)[0]
+    assert rules.decide(INTRUDER) == (
+        False,
+        f"deny rule 'no-intruder' (rules[0]) matches {INTRUDER}",
+    )
+    assert not rules.decide("spiffe://example.org/svc/orders/v2")[0]
+    path.write_text(
+        "rules:\n  - name: reads\n    callers: ['spiffe://example.org/**']\n    paths: ['/items']\n"
+    )
+    assert rules._file is not None
+    assert rules._file.reload()  # the file itself is a valid policy, for HTTP mode
+    with caplog.at_level("ERROR", logger="trustmesh.proxy"):
+        assert rules.decide(ORDERS)[0]
+        assert not rules.decide(INTRUDER)[0]
+    assert "keeping the previous policy" in caplog.text
+    assert "narrows paths" in caplog.text
+    audit = tmp_path / "audit.yaml"
+    audit.write_text(f"mode: audit\nrules:\n  - name: only-orders\n    callers: ['{ORDERS}']\n")
+    allowed, reason = CallerRules(audit, ()).decide(INTRUDER)
+    assert allowed
+    assert reason.startswith("audit mode, would deny")
+
+
 def test_inbound_refuses_bad_settings_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
