@@ -251,6 +251,27 @@ def test_tcp_mode_drains_open_connections_on_sigterm(
     assert proxy.wait_for("proxy_connection_closed")["reason"] == "done"
 
 
+@pytest.mark.slow
+def test_tcp_mode_without_proxy_protocol_sends_raw_bytes_and_says_so(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """--no-proxy-protocol: the app's first bytes are the caller's own, and the sidecar
+    logs that the app cannot learn the caller."""
+    orders = issue(ca, ORDERS, tmp_path)
+    with _inbound(
+        ca,
+        tmp_path,
+        "proxy_v2_app.js",
+        *("--allow-id", ORDERS, "--no-revocation", "--no-proxy-protocol"),
+    ) as (_app, proxy):
+        with _tls(ca, orders, proxy.port) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            report = json.loads(_line(sock))
+        warning = proxy.wait_for("proxy_protocol_disabled")
+    assert report == {"error": "no PROXY v2 signature", "raw": "GET / HTTP/1.0\r\n\r\n"}
+    assert warning["level"] == "warning"
+
+
 POLICY = f"""\
 mode: enforce
 rules:

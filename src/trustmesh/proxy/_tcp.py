@@ -164,6 +164,14 @@ def _handler(
         conn.closer = writer.close
         try:
             await body(reader, writer, conn, source)
+        except Exception:  # a bug must cost one connection, loudly, not the listener
+            conn.close_reason = "internal_error"
+            log.exception(
+                "%s connection %s failed",
+                mode,
+                conn.id,
+                extra={"event": "proxy_connection_failed", "connection": conn.id},
+            )
         finally:
             await _close(writer)
             tracker.closed(conn)
