@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import uvicorn
+from cryptography import x509
 
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.middleware import (
@@ -67,6 +68,8 @@ KEEP_ALIVE = 15
 IDLE_ABORT = 1.0
 
 _MODE = "inbound-http"
+_CLIENT_CERT = FORWARDED_CERT_HEADER.encode()
+_ENCODED_CACHE = 1024
 
 
 def _is_forwarding_header(name: bytes) -> bool:
@@ -186,9 +189,19 @@ class Forwarder:
         self, target: str, client: httpx.AsyncClient, tracker: Tracker, max_age: float
     ) -> None:
         self.base = f"http://{target}"
+        self._encoded: dict[x509.Certificate, bytes] = {}
         self.client = client
         self.tracker = tracker
         self.max_age = max_age
+
+    def _client_cert(self, cert: x509.Certificate) -> bytes:
+        """The ``Client-Cert`` value, encoded once per certificate (callers reuse theirs)."""
+        value = self._encoded.get(cert)
+        if value is None:
+            if len(self._encoded) >= _ENCODED_CACHE:
+                self._encoded.clear()
+            value = self._encoded[cert] = forwarded_certificate_header(cert).encode()
+        return value
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # websockets are not relayed: refuse the handshake
@@ -200,8 +213,7 @@ class Forwarder:
         caller = identity.caller
         headers.append((FORWARDED_CALLER_HEADER.encode(), caller.spiffe_id.uri.encode()))
         if caller.certificate is not None:
-            cert = forwarded_certificate_header(caller.certificate)
-            headers.append((FORWARDED_CERT_HEADER.encode(), cert.encode()))
+            headers.append((_CLIENT_CERT, self._client_cert(caller.certificate)))
         client = scope.get("client")
         if client:
             headers.append((b"x-forwarded-for", str(client[0]).encode()))
