@@ -518,3 +518,19 @@ def test_inbound_port_in_use_is_a_one_line_error(
         )
     assert code == 1
     assert "Pick another --listen" in capsys.readouterr().err
+
+
+def test_inbound_refuses_missing_or_foreign_identity_files(
+    ca: CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty --cert-dir and files for another SPIFFE ID than --id exit 2 naming the file."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = tmp_path / "other"
+    write_identity(ca, other, ORDERS)
+    base = ["proxy", "inbound", "--id", SIDECAR_ID, "--to", "127.0.0.1:1"]
+    base += ["--listen", f"127.0.0.1:{free_port()}", "--allow-id", ORDERS, "--no-revocation"]
+    assert main([*base, "--cert-dir", str(empty)]) == 2
+    assert "Cannot load the workload identity" in capsys.readouterr().err
+    assert main([*base, "--cert-dir", str(other)]) == 2
+    assert f"is for {ORDERS}, expected {SIDECAR_ID}" in capsys.readouterr().err
