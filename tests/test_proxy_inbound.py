@@ -436,6 +436,33 @@ def test_http_mode_drains_on_sigterm_and_caps_connection_age(
     assert any(e["reason"] == "max_connection_age" for e in closed), closed
 
 
+@pytest.mark.slow
+def test_http_mode_answers_502_problem_when_the_app_is_down(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """With nothing listening at --to, an allowed caller gets 502 problem+json naming the
+    app's address, and the failure is logged."""
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    orders = issue(ca, ORDERS, tmp_path)
+    with (
+        sidecar(
+            "inbound",
+            tmp_path,
+            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
+            *("--to", f"127.0.0.1:{free_port()}", "--allow-id", ORDERS, "--no-revocation"),
+        ) as proxy,
+        _https(ca, orders) as http,
+    ):
+        down = http.get(f"https://127.0.0.1:{proxy.port}/items")
+        failed = proxy.wait_for("proxy_app_failed")
+    assert down.status_code == 502, down.text
+    assert down.headers["content-type"] == "application/problem+json"
+    assert down.json()["reason"] == "upstream_unavailable"
+    assert "Check that the app listens on http://127.0.0.1:" in down.json()["detail"]
+    assert failed["reason"] == "upstream_unavailable"
+
+
 def test_tcp_mode_caller_rules_from_a_policy_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
