@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -286,6 +287,7 @@ class Tracker:
         self.max_age = max_age
         self.revocation = revocation
         self.live: set[Connection] = set()
+        self._byte_counters: dict[tuple[str, str], Any] = {}
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -372,11 +374,20 @@ class Tracker:
         if received:
             conn.last_in = now
             conn.bytes_in += received
-            self.metrics.bytes.labels(conn.mode, "in").inc(received)
+            self._bytes(conn.mode, "in").inc(received)
         if sent:
             conn.last_out = now
             conn.bytes_out += sent
-            self.metrics.bytes.labels(conn.mode, "out").inc(sent)
+            self._bytes(conn.mode, "out").inc(sent)
+
+    def _bytes(self, mode: str, direction: str) -> Any:
+        # The labelled child, looked up once: this runs for every chunk relayed.
+        child = self._byte_counters.get((mode, direction))
+        if child is None:
+            child = self._byte_counters[mode, direction] = self.metrics.bytes.labels(
+                mode, direction
+            )
+        return child
 
     def sweep(self, now: float | None = None) -> None:
         """One round of the watchdog: close what must not stay open."""
