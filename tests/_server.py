@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.pki import pem_certificates
+from trustmesh.pki import KeyType, pem_certificates
 
 from .conftest import PASSPHRASE
 
@@ -31,6 +31,16 @@ def free_port() -> int:
         return port
 
 
+def stop(process: subprocess.Popen[str], timeout: float = 15) -> None:
+    """SIGTERM ``process`` and wait for it; SIGKILL it if it does not exit in ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class Server:
     """A running `ca serve`: its URL, CA home and the trust bundle to verify it with."""
@@ -42,6 +52,28 @@ class Server:
 
     def ca(self) -> CertificateAuthority:
         return CertificateAuthority.open(self.home, passphrase=PASSPHRASE)
+
+    def join_token(self, spiffe_id: str) -> str:
+        """A one-use join token for ``spiffe_id``, created on the CA directly."""
+        with self.ca() as ca:
+            return ca.create_join_token(spiffe_id, actor="test")
+
+    def agent(self, spiffe_id: str, out: Path, *extra: str) -> list[str]:
+        """The `trustmesh agent` command line for ``spiffe_id`` writing to ``out``."""
+        return ["agent", "--ca", self.url, "--id", spiffe_id, "--out", str(out), *extra]
+
+
+@contextmanager
+def new_ca_server(workdir: Path) -> Iterator[Server]:
+    """A new CA (EC P-256, trust domain example.org) in ``workdir``, served by `ca serve`."""
+    CertificateAuthority.init(
+        workdir / "home",
+        trust_domain="example.org",
+        passphrase=PASSPHRASE,
+        key_type=KeyType.EC_P256,
+    ).close()
+    with running_server(workdir / "home", workdir) as running:
+        yield running
 
 
 @contextmanager
@@ -99,9 +131,4 @@ def running_server(
                 time.sleep(0.1)
             yield Server(url, home, bundle, process)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)

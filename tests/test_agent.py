@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
 
 import trustmesh.agent._identity as identity_module
 from trustmesh import files
@@ -38,7 +39,7 @@ from trustmesh.client import AsyncCAClient, CAClient, EnrollResult
 from trustmesh.errors import APIError, ConfigError, TransportError
 from trustmesh.pki import KeyType, SpiffeID, dump_private_key, pem_certificates
 
-from ._server import Server, free_port, running_server
+from ._server import Server, free_port, new_ca_server, running_server
 from .conftest import PASSPHRASE
 
 WEB = "spiffe://example.org/web"
@@ -48,11 +49,7 @@ T0 = datetime(2030, 1, 1, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One CA server for the whole module: each test uses its own identities and dirs."""
-    base = tmp_path_factory.mktemp("agent-ca")
-    CertificateAuthority.init(
-        base / "home", trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
-    ).close()
-    with running_server(base / "home", base) as running:
+    with new_ca_server(tmp_path_factory.mktemp("agent-ca")) as running:
         yield running
 
 
@@ -66,7 +63,7 @@ def token_for(server: Server, spiffe_id: str, capsys: pytest.CaptureFixture[str]
 
 
 def agent(server: Server, spiffe_id: str, out: Path, *extra: str) -> list[str]:
-    return ["agent", "--ca", server.url, "--id", spiffe_id, "--out", str(out), *extra]
+    return server.agent(spiffe_id, out, *extra)
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -602,7 +599,8 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`python -m trustmesh agent` without --once enrolls, renews a 6-second certificate
-    by itself (new serial, reload run each time) and stops with exit 0 on SIGTERM;
+    by itself (new serial, its keystore rewritten before the reload runs each time) and
+    stops with exit 0 on SIGTERM;
     against an unreachable CA it logs warnings and retries, leaving the files alone, and
     stops on SIGINT."""
     spiffe_id = "spiffe://example.org/loop"
@@ -610,29 +608,36 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     script = tmp_path / "reload.py"
     script.write_text(
         "import os, sys\n"
+        "from cryptography.hazmat.primitives.serialization import pkcs12\n"
+        "held = pkcs12.load_pkcs12(open(sys.argv[2], 'rb').read(), sys.argv[3].encode())\n"
+        "in_store = format(held.cert.certificate.serial_number, 'x')\n"
         "with open(sys.argv[1], 'a') as f:\n"
-        "    f.write(os.environ['TRUSTMESH_SERIAL'] + '\\n')\n"
+        "    f.write(os.environ['TRUSTMESH_SERIAL'] + ' ' + in_store + '\\n')\n"
     )
     token = token_for(server, spiffe_id, capsys)
     env = {**os.environ, "TRUSTMESH_JOIN_TOKEN": token}
+    keystore = tmp_path / "keystore.p12"
     command = [
         sys.executable,
         "-m",
         "trustmesh",
         *agent(server, spiffe_id, out, "--bundle", str(server.bundle), "--ttl", "6s"),
+        *store_args(tmp_path),
         "--exec",
-        shlex.join([sys.executable, str(script), str(marker)]),
+        shlex.join([sys.executable, str(script), str(marker), str(keystore), STORE_PASSWORD]),
     ]
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2)
+            wait_for(lambda: marker.exists() and len(marker.read_text().splitlines()) >= 2)
             assert process.poll() is None
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
         finally:
             process.kill()
-    serials = marker.read_text().split()
+    reloads = [line.split() for line in marker.read_text().splitlines()]
+    assert all(new == in_store for new, in_store in reloads)  # the keystore was written first
+    serials = [new for new, _ in reloads]
     assert len(set(serials)) == len(serials)  # every reload saw a new certificate
     assert format(leaf(out).serial_number, "x") == serials[-1]
     text = log.read_text()
@@ -693,3 +698,188 @@ def test_loop_recovers_when_the_ca_comes_back(
         leaf(out).serial_number
         != x509.load_pem_x509_certificate(before["cert.pem"][0]).serial_number
     )
+
+
+# -- PKCS#12 keystore and Java truststore ---------------------------------------------------
+
+STORE_PASSWORD = "store-password-123"
+
+
+def store_args(tmp_path: Path, *extra: str) -> list[str]:
+    """--pkcs12/--truststore in tmp_path with a password file."""
+    password = tmp_path / "store.pass"
+    password.write_text(STORE_PASSWORD + "\n")
+    return [
+        *("--pkcs12", str(tmp_path / "keystore.p12")),
+        *("--truststore", str(tmp_path / "truststore.p12")),
+        *("--store-password-file", str(password)),
+        *extra,
+    ]
+
+
+def load_store(path: Path) -> pkcs12.PKCS12KeyAndCertificates:
+    return pkcs12.load_pkcs12(path.read_bytes(), STORE_PASSWORD.encode())
+
+
+def test_stores_follow_every_enrollment_and_renewal(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The keystore (key, leaf, chain; alias trustmesh; 0600) and the truststore (the CA
+    roots) are written with the PEM files and rewritten on renewal; an up-to-date pair is
+    left alone, a missing one is written by --once, and --exec runs after they are in place."""
+    spiffe_id = "spiffe://example.org/java"
+    out = tmp_path / "java"
+    keystore, truststore = tmp_path / "keystore.p12", tmp_path / "truststore.p12"
+    stores = store_args(tmp_path)
+    token = server.join_token(spiffe_id)
+    argv = server.agent(spiffe_id, out, "--bundle", str(server.bundle), "--once", *stores)
+    code, stdout, err = run([*argv, "--token", token], capsys)
+    assert code == 0, err
+    assert stdout.startswith(f"enrolled {spiffe_id}")
+    held = load_store(keystore)
+    assert held.cert is not None
+    assert held.cert.friendly_name == b"trustmesh"
+    chain = x509.load_pem_x509_certificates((out / "chain.pem").read_bytes())
+    assert [held.cert.certificate, *(c.certificate for c in held.additional_certs)] == chain
+    assert held.key is not None
+    assert held.key.public_key() == leaf(out).public_key()
+    trusted = load_store(truststore)
+    bundle = x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())
+    assert [c.certificate for c in trusted.additional_certs] == bundle
+    assert [c.friendly_name for c in trusted.additional_certs] == [b"trustmesh-ca-0"]
+    assert stat.S_IMODE(keystore.stat().st_mode) == 0o600
+
+    # unchanged certificate, up-to-date stores: nothing is rewritten
+    before = {p: p.stat().st_mtime_ns for p in (keystore, truststore)}
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert stdout.startswith("unchanged")
+    assert "wrote" not in stdout
+    assert {p: p.stat().st_mtime_ns for p in (keystore, truststore)} == before
+
+    # renewal: the reload command sees the new serial in the keystore already
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import os, sys\n"
+        "from cryptography.hazmat.primitives.serialization import pkcs12\n"
+        "held = pkcs12.load_pkcs12(open(sys.argv[1], 'rb').read(), sys.argv[2].encode())\n"
+        "serial = format(held.cert.certificate.serial_number, 'x')\n"
+        "sys.exit(0 if serial == os.environ['TRUSTMESH_SERIAL'] else 7)\n"
+    )
+    reload = shlex.join([sys.executable, str(check), str(keystore), STORE_PASSWORD])
+    code, stdout, err = run([*argv, "--renew-now", "--exec", reload, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["action"] == "renewed"
+    assert report["reloaded"].startswith("ran ")
+    assert report["files"][-2:] == [str(keystore), str(truststore)]
+    renewed = load_store(keystore).cert
+    assert renewed is not None
+    assert renewed.certificate == leaf(out)
+    assert format(renewed.certificate.serial_number, "x") == report["serial"]
+    assert renewed.certificate.serial_number != held.cert.certificate.serial_number
+    assert stat.S_IMODE(keystore.stat().st_mode) == 0o600
+
+    # a deleted keystore is written back by --once, from the PEM files in place
+    keystore.unlink()
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert stdout.startswith("unchanged")
+    assert f"wrote {keystore}" in stdout
+    assert load_store(keystore).cert == renewed
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_store_options_are_refused_without_a_usable_password(
+    server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No password file, an empty or unreadable one, stray store options, a directory that
+    cannot be created or one file for both stores: exit 2 with one line, nothing written."""
+    out = tmp_path / "refused"
+    empty = tmp_path / "empty.pass"
+    empty.write_text("\n")
+    password = tmp_path / "good.pass"
+    password.write_text("pw\n")
+    p12 = str(tmp_path / "k.p12")
+    base = server.agent(WEB, out, "--bundle", str(server.bundle), "--once", "--token", "x")
+    cases: list[tuple[list[str], str]] = [
+        (["--pkcs12", p12], "need --store-password-file FILE"),
+        (["--truststore", p12], "there is no default password"),
+        (["--pkcs12", p12, "--store-password-file", str(empty)], "is empty"),
+        (
+            ["--pkcs12", p12, "--store-password-file", str(tmp_path / "nope")],
+            "Cannot read store password",
+        ),
+        (["--store-password-file", str(password)], "only used with --pkcs12"),
+        (["--pkcs12-legacy"], "--pkcs12-legacy is only used"),
+        (
+            ["--pkcs12", str(password / "k.p12"), "--store-password-file", str(password)],
+            f"Cannot create {password} for {password / 'k.p12'}",
+        ),
+        (["--truststore", str(tmp_path), "--store-password-file", str(password)], "a directory"),
+        (
+            ["--pkcs12", p12, "--truststore", p12, "--store-password-file", str(password)],
+            "the same file",
+        ),
+        (
+            ["--truststore", str(out / "bundle.pem"), "--store-password-file", str(password)],
+            "is one of the agent's PEM files",
+        ),
+    ]
+    for extra, message in cases:
+        code, stdout, err = run([*base, *extra], capsys)
+        assert (code, stdout) == (2, ""), (extra, err)
+        assert message in err, (extra, err)
+        assert err.count("\n") == 1 or err.startswith("Usage: trustmesh agent"), err
+    assert not out.exists()
+
+
+def test_a_failed_store_write_is_loud_and_repaired_by_the_next_run(
+    server: Server,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A keystore that cannot be written fails the renewal (exit 2, no temporary files,
+    no half-written store, the old keystore whole); the next --once rewrites the stores."""
+    spiffe_id = "spiffe://example.org/storefail"
+    out = tmp_path / "storefail"
+    keystore = tmp_path / "keystore.p12"
+    argv = server.agent(spiffe_id, out, "--bundle", str(server.bundle), "--once")
+    argv += store_args(tmp_path)
+    code, _, err = run([*argv, "--token", server.join_token(spiffe_id)], capsys)
+    assert code == 0, err
+    old = keystore.read_bytes()
+
+    def stage_file(path: Path, data: bytes, *, mode: int = 0o644) -> Path:
+        if path.name == "keystore.p12":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return files.stage_file(path, data, mode=mode)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(identity_module, "stage_file", stage_file)
+        code, stdout, err = run([*argv, "--renew-now"], capsys)
+    assert (code, stdout) == (2, "")
+    assert err.startswith(f"error: Cannot write the identity files ({keystore}): No space left")
+    assert "previous files are still in place" in err
+    assert err.count("\n") == 1
+    assert keystore.read_bytes() == old
+    assert not [p for p in (*tmp_path.iterdir(), *out.iterdir()) if p.name.endswith(".tmp")]
+
+    # a keystore that no longer matches the PEM files (an earlier half-done update) is
+    # rewritten by the next run
+    keystore.write_bytes(
+        pkcs12.serialize_key_and_certificates(
+            b"trustmesh",
+            None,
+            x509.load_pem_x509_certificates((out / "bundle.pem").read_bytes())[0],
+            None,
+            serialization.BestAvailableEncryption(STORE_PASSWORD.encode()),
+        )
+    )
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"wrote {keystore}" in stdout
+    held = load_store(keystore).cert
+    assert held is not None
+    assert held.certificate == leaf(out)

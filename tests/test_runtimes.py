@@ -1,10 +1,9 @@
-"""Other runtimes use our exports unchanged: a Java HttpClient with the PKCS#12
-keystore and truststore, and a Node.js https client with the PEM files, against a
-real mTLS server that reports the caller's verified SPIFFE ID."""
+"""Other runtimes use our exports unchanged: a Java HttpClient with the PKCS#12 keystore and
+truststore (tests/peers/ReloadingClient.java), and a Node.js https client with the PEM
+files, against a real mTLS server that reports the caller's verified SPIFFE ID."""
 
 from __future__ import annotations
 
-import shutil
 import ssl
 import subprocess
 import time
@@ -14,25 +13,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from trustmesh.authority import CertificateAuthority, Issued
+from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
 from trustmesh.demo import TinyServer
-from trustmesh.pki import dump_private_key, pem_certificates
+from trustmesh.pki import pem_certificates
 
-HERE = Path(__file__).parent / "peers"
+from ._runtimes import PEERS, needs_java, needs_node, write_identity
+
 PASSWORD = "store-password-123"
-
-
-def write_identity(issued: Issued, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    assert issued.key is not None
-    (directory / "key.pem").write_bytes(dump_private_key(issued.key))
-    (directory / "cert.pem").write_bytes(
-        issued.certificate.public_bytes(serialization.Encoding.PEM)
-    )
-    (directory / "chain.pem").write_bytes(pem_certificates(issued.chain))
-    (directory / "bundle.pem").write_bytes(pem_certificates(issued.bundle))
-    return directory
 
 
 @pytest.fixture
@@ -100,16 +88,14 @@ def export_java_stores(ident: Path, tmp_path: Path, *, legacy: bool) -> tuple[Pa
 def run_java(
     server: TinyServer, keystore: Path, truststore: Path
 ) -> subprocess.CompletedProcess[str]:
+    """One call of the Java client (a single-file source launch), stores from export."""
     return subprocess.run(
         [
-            "java",
-            "-XX:TieredStopAtLevel=1",
-            str(HERE / "MtlsClient.java"),
+            *("java", "-XX:TieredStopAtLevel=1", str(PEERS / "ReloadingClient.java")),
             f"https://localhost:{server.port}/whoami",
-            str(keystore),
-            str(truststore),
-            PASSWORD,
+            *(str(keystore), str(truststore), str(truststore.parent / "p12.pass")),
         ],
+        input="call\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -123,10 +109,6 @@ def wait_for_outcome(server: TinyServer, outcome: str) -> list[str]:
     while outcome not in server.outcomes and time.monotonic() < deadline:
         time.sleep(0.01)
     return server.outcomes
-
-
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
-needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
 
 @needs_java
@@ -165,7 +147,7 @@ def test_node_client_with_pem_files_is_identified(
     result = subprocess.run(
         [
             "node",
-            str(HERE / "mtls_client.js"),
+            str(PEERS / "mtls_client.js"),
             f"https://localhost:{server.port}/whoami",
             str(ident / "chain.pem"),
             str(ident / "key.pem"),
@@ -193,7 +175,7 @@ def test_node_client_from_foreign_ca_is_refused(
     result = subprocess.run(
         [
             "node",
-            str(HERE / "mtls_client.js"),
+            str(PEERS / "mtls_client.js"),
             f"https://localhost:{server.port}/whoami",
             str(ident / "chain.pem"),
             str(ident / "key.pem"),
@@ -207,3 +189,17 @@ def test_node_client_from_foreign_ca_is_refused(
     assert result.returncode != 0
     refusal = "refused: unable to get local issuer certificate"
     assert refusal in wait_for_outcome(server, refusal)
+
+
+@pytest.mark.parametrize(
+    ("page", "programs"),
+    [
+        ("nodejs.md", ["spiffe_server.js", "mtls_client.js"]),
+        ("java.md", ["ReloadingClient.java"]),
+    ],
+)
+def test_runtime_pages_show_the_tested_programs(page: str, programs: list[str]) -> None:
+    """docs/runtimes shows the programs from tests/peers whole, as the tests run them."""
+    text = (PEERS.parent.parent / "docs" / "runtimes" / page).read_text()
+    for program in programs:
+        assert (PEERS / program).read_text() in text, f"{page} does not show {program} as tested"

@@ -1,4 +1,5 @@
-"""The renewal agent: keeps one workload's key, certificate and bundle fresh on disk."""
+"""The renewal agent: keeps one workload's key, certificate and bundle (and PKCS#12 stores)
+fresh on disk."""
 
 from ._agent import MAX_SLEEP, RELOAD_TIMEOUT, Agent, Outcome, Reload
 from ._identity import (
@@ -16,10 +17,12 @@ from ._schedule import (
     backoff_delay,
     next_renewal,
 )
+from ._stores import KEYSTORE_ALIAS, PKCS12Stores
 
 __all__ = [
     "IDENTITY_FILES",
     "JITTER_FRACTION",
+    "KEYSTORE_ALIAS",
     "MAX_BACKOFF",
     "MAX_SLEEP",
     "RELOAD_TIMEOUT",
@@ -27,6 +30,7 @@ __all__ = [
     "Agent",
     "LocalIdentity",
     "Outcome",
+    "PKCS12Stores",
     "Reload",
     "Unusable",
     "backoff_delay",

@@ -29,18 +29,28 @@ from cryptography import x509
 
 from trustmesh.client import DEFAULT_TIMEOUT, CAClient, EnrollResult, check_ca_url
 from trustmesh.errors import APIError, ConfigError, TransportError, TrustmeshError
-from trustmesh.pki import KeyType, PrivateKey, SpiffeID, format_duration, parse_duration
+from trustmesh.pki import (
+    KeyType,
+    PrivateKey,
+    SpiffeID,
+    format_duration,
+    load_private_key,
+    parse_duration,
+)
 
 from ._identity import (
+    IDENTITY_FILES,
     LocalIdentity,
     Unusable,
     inspect_identity,
     load_roots,
     new_key_and_csr,
     prepare_out,
+    replace_files,
     write_identity,
 )
 from ._schedule import MAX_BACKOFF, backoff_delay, next_renewal
+from ._stores import PKCS12Stores
 
 __all__ = ["MAX_SLEEP", "RELOAD_TIMEOUT", "Agent", "Outcome", "Reload"]
 
@@ -221,6 +231,8 @@ class Outcome:
             f"{self.not_after:{_TIME}}, renews after {self.renew_after:{_TIME}}, files in "
             f"{self.out}"
         )
+        if self.action == "unchanged" and self.files:
+            line += f"; wrote {', '.join(str(p) for p in self.files)}"
         if self.reloaded:
             line += f"; {self.reloaded}"
         if self.reload_error:
@@ -266,6 +278,9 @@ class Agent:
         reload: What to do after new files are written.
         timeout: Seconds for each call to the CA.
         ttl: Lifetime to ask for, e.g. ``1h`` (default: the CA profile's).
+        stores: A PKCS#12 keystore and/or Java truststore to write after the PEM
+            files (and before the reload) on every enrollment and renewal, and
+            whenever they are missing or do not hold the current files.
 
     Raises:
         ConfigError: Bad URL, unreadable bundle, ``out`` is a file, or both token
@@ -285,6 +300,7 @@ class Agent:
     reload: Reload | None = None
     timeout: float = DEFAULT_TIMEOUT
     ttl: str | None = None
+    stores: PKCS12Stores | None = None
 
     def __post_init__(self) -> None:
         self.ca_url = check_ca_url(self.ca_url)
@@ -309,6 +325,15 @@ class Agent:
                 )
             self.bundle = self.out / "bundle.pem"
         load_roots(self.bundle)  # fail now on an unreadable bundle
+        if self.stores is not None:
+            taken = {(self.out / name).resolve() for name in IDENTITY_FILES}
+            for path in self.stores.paths:
+                if path.resolve() in taken:
+                    raise ConfigError(
+                        f"{path} is one of the agent's PEM files: give the PKCS#12 stores "
+                        f"other names, e.g. {self.out / 'app.p12'}.",
+                        path=str(path),
+                    )
 
     # -- state ------------------------------------------------------------------------
 
@@ -455,6 +480,10 @@ class Agent:
         if isinstance(state, LocalIdentity):
             due = next_renewal(state.not_before, state.not_after, when, jitter)
             if not force and when < due:
+                written = self._refresh_stores()
+                reloaded, reload_error = self._reload(
+                    written, "store update", state.spiffe_id, state.serial
+                )
                 return Outcome(
                     action="unchanged",
                     spiffe_id=state.spiffe_id,
@@ -463,8 +492,11 @@ class Agent:
                     not_after=state.not_after,
                     renew_after=due,
                     out=self.out,
+                    files=tuple(written),
+                    reloaded=reloaded,
+                    reload_error=reload_error,
                 )
-            prepare_out(self.out)  # before the CA issues anything we could not store
+            self._prepare()  # before the CA issues anything we could not store
             action, key, result = self._renew_or_enroll()
         else:
             token = self._token()
@@ -472,25 +504,14 @@ class Agent:
                 raise self._no_token(state)
             if (self.out / "cert.pem").exists():
                 log.warning("%s; enrolling with the join token.", state.reason)
-            prepare_out(self.out)  # a spent token must not end in files we cannot write
+            self._prepare()  # a spent token must not end in files we cannot write
             action, key, result = ("enrolled", *self._enroll(token))
-        files = write_identity(self.out, key, result, self.spiffe_id, datetime.now(UTC))
+        files = write_identity(
+            self.out, key, result, self.spiffe_id, datetime.now(UTC), stores=self.stores
+        )
         leaf = x509.load_pem_x509_certificate(result.certificate.encode())
         not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-        reloaded = reload_error = None
-        if self.reload is not None:
-            try:
-                self.reload(
-                    {
-                        "TRUSTMESH_SPIFFE_ID": result.spiffe_id,
-                        "TRUSTMESH_SERIAL": result.serial,
-                        "TRUSTMESH_OUT": str(self.out),
-                    }
-                )
-                reloaded = self.reload.describe()
-            except TrustmeshError as exc:
-                reload_error = exc.message
-                log.error("reload after %s failed: %s", action, exc.message)
+        reloaded, reload_error = self._reload(files, action, result.spiffe_id, result.serial)
         return Outcome(
             action="enrolled" if action == "enrolled" else "renewed",
             spiffe_id=result.spiffe_id,
@@ -504,6 +525,58 @@ class Agent:
             reload_error=reload_error,
         )
 
+    def _prepare(self) -> None:
+        if self.stores is not None:
+            self.stores.prepare()
+        prepare_out(self.out)
+
+    def _refresh_stores(self) -> list[Path]:
+        """Write the PKCS#12 stores when they are missing or do not hold the current
+        PEM files (e.g. ``--pkcs12`` added to an enrolled agent, or a failed write)."""
+        if self.stores is None:
+            return []
+        try:
+            chain = x509.load_pem_x509_certificates((self.out / "chain.pem").read_bytes())
+            roots = x509.load_pem_x509_certificates((self.out / "bundle.pem").read_bytes())
+            stale = self.stores.outdated(chain, roots)
+            if not stale:
+                return []
+            key = load_private_key((self.out / "key.pem").read_bytes(), source="key.pem")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"Cannot read the identity files in {self.out} to write the PKCS#12 stores "
+                f"({exc}); run the agent with --renew-now to rewrite them.",
+                path=str(self.out),
+            ) from None
+        self.stores.prepare()
+        entries = [e for e in self.stores.render(key, chain, roots) if e[0] in stale]
+        written = replace_files(entries, what="PKCS#12 stores")
+        log.info("wrote %s for %s", ", ".join(map(str, written)), self.spiffe_id)
+        return written
+
+    def _reload(
+        self, files: list[Path], action: str, spiffe_id: str, serial: str
+    ) -> tuple[str | None, str | None]:
+        """Run the reload after ``files`` were written (nothing when none were).
+
+        Returns:
+            What reloaded the workload, and why the reload failed (None when it did not).
+        """
+        if self.reload is None or not files:
+            return None, None
+        try:
+            self.reload(
+                {
+                    "TRUSTMESH_SPIFFE_ID": spiffe_id,
+                    "TRUSTMESH_SERIAL": serial,
+                    "TRUSTMESH_OUT": str(self.out),
+                }
+            )
+        except TrustmeshError as exc:
+            log.error("reload after %s failed: %s", action, exc.message)
+            return None, exc.message
+        return self.reload.describe(), None
+
     # -- the loop ---------------------------------------------------------------------
 
     def _after_failure(
@@ -515,8 +588,10 @@ class Agent:
             left = state.not_after - now
             cap = min(MAX_BACKOFF, max(1.0, lifetime.total_seconds() / 20))
             delay = backoff_delay(attempt, cap=cap, jitter=rng.random())
-            # Loud once less than half of the time between the renewal point and expiry is left.
-            level = logging.ERROR if left < lifetime / 6 else logging.WARNING
+            # Loud once less than half of the time between the renewal point and expiry is
+            # left, and at once for what waiting cannot fix (e.g. a store it cannot write).
+            urgent = left < lifetime / 6 or not _retryable(exc)
+            level = logging.ERROR if urgent else logging.WARNING
             log.log(
                 level,
                 "Renewing %s failed: %s Keeping certificate %s, which expires in %s (%s); "

@@ -42,6 +42,8 @@ from trustmesh.pki import (
     verify_chain,
 )
 
+from ._stores import PKCS12Stores
+
 __all__ = [
     "IDENTITY_FILES",
     "LocalIdentity",
@@ -50,6 +52,7 @@ __all__ = [
     "load_roots",
     "new_key_and_csr",
     "prepare_out",
+    "replace_files",
     "write_identity",
 ]
 
@@ -239,17 +242,67 @@ def prepare_out(out: Path) -> None:
         )
 
 
+def replace_files(files: Sequence[tuple[Path, bytes, int]], *, what: str) -> list[Path]:
+    """Write ``(path, data, mode)`` entries so that no reader sees a partial file.
+
+    Every file is first written in full to a temporary name beside it (with its mode
+    from the start), then all are renamed into place in the given order. A failure
+    before the first rename leaves every previous file in place; temporary files are
+    always removed.
+
+    Returns:
+        The files written.
+
+    Raises:
+        ConfigError: A file cannot be written (naming it and what is in place).
+
+    .. versionadded:: 0.1
+    """
+    staged: list[tuple[Path, Path]] = []
+    renamed = 0
+    try:
+        for final, data, mode in files:
+            staged.append((stage_file(final, data, mode=mode), final))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+            renamed += 1
+    except (OSError, ConfigError) as exc:  # disk full, read-only file system...
+        # the file being staged, or else the one being renamed
+        where = files[len(staged)][0] if len(staged) < len(files) else staged[renamed][1]
+        state = (
+            "the previous files are still in place"
+            if not renamed
+            else "some files were replaced: run the agent again"
+        )
+        if isinstance(exc, ConfigError):  # stage_file's own message names the fix
+            message = f"{exc.message.rstrip('.')}; {state}."
+        else:
+            message = (
+                f"Cannot write the {what} ({where}): {exc.strerror or exc}. Free space or fix "
+                f"the permissions; {state}."
+            )
+        raise ConfigError(message, path=str(where)) from None
+    finally:
+        for tmp, _ in staged[renamed:]:  # left over only when a write or rename failed
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return [final for _, final in staged]
+
+
 def write_identity(
     out: Path,
     key: PrivateKey,
     result: EnrollResult,
     spiffe_id: SpiffeID,
     now: datetime,
+    *,
+    stores: PKCS12Stores | None = None,
 ) -> list[Path]:
-    """Check what the CA returned, then write the four files atomically.
+    """Check what the CA returned, then write the four files (and ``stores``) atomically.
 
-    Every file is first written in full to a temporary name in ``out`` (the key with
-    mode 0600 from the start), then all are renamed into place.
+    Every file is first written in full to a temporary name (the key with mode 0600
+    from the start), then all are renamed into place: the PEM files first, then the
+    PKCS#12 keystore and truststore when ``stores`` is given.
 
     Returns:
         The files written.
@@ -263,33 +316,15 @@ def write_identity(
     """
     _check_result(result, key, spiffe_id, now)
     prepare_out(out)
-    contents = {
-        "bundle.pem": (result.bundle.encode(), 0o644),
-        "key.pem": (dump_private_key(key), 0o600),
-        "cert.pem": (result.certificate.encode(), 0o644),
-        "chain.pem": (result.chain.encode(), 0o644),
-    }
-    staged: list[tuple[Path, Path]] = []
-    renamed = 0
-    try:
-        for name, (data, mode) in contents.items():
-            staged.append((stage_file(out / name, data, mode=mode), out / name))
-        for tmp, final in staged:
-            os.replace(tmp, final)
-            renamed += 1
-    except OSError as exc:  # disk full, read-only file system...
-        state = (
-            "the previous files are still in place"
-            if not renamed
-            else "some files were replaced: run the agent again"
-        )
-        raise ConfigError(
-            f"Cannot write the identity files in {out}: {exc.strerror or exc}. Free space or "
-            f"fix the permissions; {state}.",
-            path=str(out),
-        ) from None
-    finally:
-        for tmp, _ in staged:  # left over only when a write or rename failed
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-    return [final for _, final in staged]
+    extra = []
+    if stores is not None:
+        chain = x509.load_pem_x509_certificates(result.chain.encode())
+        extra = stores.render(key, chain, x509.load_pem_x509_certificates(result.bundle.encode()))
+    files = [
+        (out / "bundle.pem", result.bundle.encode(), 0o644),
+        (out / "key.pem", dump_private_key(key), 0o600),
+        (out / "cert.pem", result.certificate.encode(), 0o644),
+        (out / "chain.pem", result.chain.encode(), 0o644),
+        *extra,
+    ]
+    return replace_files(files, what="identity files")

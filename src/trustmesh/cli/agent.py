@@ -9,13 +9,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
-from trustmesh.errors import TrustmeshError
+from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.pki import KeyType, SpiffeID
 
-from ._common import json_option, print_json
+from ._common import json_option, print_json, read_secret
+
+if TYPE_CHECKING:
+    from trustmesh.agent import PKCS12Stores
 
 
 @contextmanager
@@ -79,6 +83,38 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
+def _stores(
+    keystore: Path | None,
+    truststore: Path | None,
+    password_file: Path | None,
+    *,
+    legacy: bool,
+) -> PKCS12Stores | None:
+    """The PKCS#12 stores asked for, with the password read from its file."""
+    from trustmesh.agent import PKCS12Stores
+
+    if keystore is None and truststore is None:
+        if password_file is not None or legacy:
+            given = "--store-password-file" if password_file is not None else "--pkcs12-legacy"
+            raise ConfigError(
+                f"{given} is only used with --pkcs12 FILE or --truststore FILE: add one of "
+                f"them or drop {given}."
+            )
+        return None
+    if password_file is None:
+        raise ConfigError(
+            "--pkcs12 and --truststore need --store-password-file FILE holding the store "
+            "password (there is no default password)."
+        )
+    password = read_secret(
+        password_file,
+        "",
+        what="store password",
+        option="--store-password-file",
+    )
+    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy)
+
+
 @click.command("agent")
 @click.option("--ca", "ca_url", required=True, help="CA API URL, e.g. https://ca.internal:8443.")
 @click.option("--id", "spiffe_id", required=True, help="The SPIFFE ID to hold.")
@@ -101,6 +137,31 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     default=None,
     help="Or send a signal after new files are written: PID:SIGNAL, e.g. 1234:HUP.",
 )
+@click.option(
+    "--pkcs12",
+    "keystore",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a PKCS#12 keystore (key, certificate and chain; alias 'trustmesh'; "
+    "mode 0600) for Java and .NET, rewritten on every renewal.",
+)
+@click.option(
+    "--truststore",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a Java truststore (PKCS#12) with the CA roots, rewritten on every renewal.",
+)
+@click.option(
+    "--store-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the password of --pkcs12 and --truststore (required with them).",
+)
+@click.option(
+    "--pkcs12-legacy",
+    is_flag=True,
+    help="Encrypt the stores with 3DES/SHA-1 for Java < 8u301, .NET Framework and OpenSSL 1.x.",
+)
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
@@ -122,6 +183,10 @@ def agent_command(
     exec_command: str | None,
     signal_spec: str | None,
     ttl: str | None,
+    keystore: Path | None,
+    truststore: Path | None,
+    store_password_file: Path | None,
+    pkcs12_legacy: bool,
     once: bool,
     renew_now: bool,
     timeout: float,
@@ -133,6 +198,9 @@ def agent_command(
     Enrolls with the join token when --out holds no valid certificate for --id,
     renews over mTLS (with a new key each time) after 2/3 of the certificate's
     lifetime, writes the files atomically and then runs --exec or sends --signal.
+    With --pkcs12 and/or --truststore (and --store-password-file) it also writes
+    a PKCS#12 keystore and a Java truststore, after the PEM files and before the
+    reload, and whenever they are missing or out of date.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
@@ -152,6 +220,7 @@ def agent_command(
     )
     # httpx logs every request at INFO; the agent's own lines say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    stores = _stores(keystore, truststore, store_password_file, legacy=pkcs12_legacy)
     reload = None
     if exec_command is not None:
         reload = Reload.from_command(exec_command)
@@ -168,6 +237,7 @@ def agent_command(
         reload=reload,
         timeout=timeout,
         ttl=ttl,
+        stores=stores,
     )
     if not once:
         with _stop_on_signals() as stop:
