@@ -23,7 +23,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.files import atomic_write
 from trustmesh.pki import dump_private_key, pem_certificates
 
-from ._server import free_port
+from ._server import free_port, stop
 
 PEERS = Path(__file__).parent / "peers"
 ORDERS = "spiffe://example.org/svc/orders"
@@ -80,12 +80,7 @@ def node_app(script: str, workdir: Path) -> Iterator[NodeApp]:
         assert line.startswith("listening "), line
         yield NodeApp(int(line.split()[1]), record, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=10)
         if process.stdout is not None:
             process.stdout.close()
 
@@ -153,9 +148,4 @@ def sidecar(
         yield Sidecar(port, log_path, process)
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=30)

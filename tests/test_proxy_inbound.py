@@ -39,20 +39,24 @@ from .conftest import PASSPHRASE
 
 
 @contextmanager
+def _sidecar_to(ca: CertificateAuthority, tmp_path: Path, to: str, *args: str) -> Iterator[Sidecar]:
+    """`proxy inbound --id SIDECAR_ID --to TO ARGS...` with a fresh identity directory."""
+    cert_dir = tmp_path / "certs"
+    write_identity(ca, cert_dir, SIDECAR_ID)
+    with sidecar(
+        "inbound", tmp_path, "--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", to, *args
+    ) as proxy:
+        yield proxy
+
+
+@contextmanager
 def _inbound(
     ca: CertificateAuthority, tmp_path: Path, script: str, *args: str
 ) -> Iterator[tuple[NodeApp, Sidecar]]:
     """The Node.js app SCRIPT behind `proxy inbound --id SIDECAR_ID ... ARGS`."""
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     with (
         node_app(script, tmp_path) as app,
-        sidecar(
-            "inbound",
-            tmp_path,
-            *("--id", SIDECAR_ID, "--cert-dir", str(cert_dir), "--to", f"127.0.0.1:{app.port}"),
-            *args,
-        ) as proxy,
+        _sidecar_to(ca, tmp_path, f"127.0.0.1:{app.port}", *args) as proxy,
     ):
         yield app, proxy
 
@@ -442,15 +446,13 @@ def test_http_mode_answers_502_problem_when_the_app_is_down(
 ) -> None:
     """With nothing listening at --to, an allowed caller gets 502 problem+json naming the
     app's address, and the failure is logged."""
-    cert_dir = tmp_path / "certs"
-    write_identity(ca, cert_dir, SIDECAR_ID)
     orders = issue(ca, ORDERS, tmp_path)
     with (
-        sidecar(
-            "inbound",
+        _sidecar_to(
+            ca,
             tmp_path,
-            *("--http", "--id", SIDECAR_ID, "--cert-dir", str(cert_dir)),
-            *("--to", f"127.0.0.1:{free_port()}", "--allow-id", ORDERS, "--no-revocation"),
+            f"127.0.0.1:{free_port()}",
+            *("--http", "--allow-id", ORDERS, "--no-revocation"),
         ) as proxy,
         _https(ca, orders) as http,
     ):
