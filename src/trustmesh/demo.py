@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
@@ -735,19 +735,30 @@ class ExampleMesh:
         )
 
     def run_service(
-        self, name: str, env: dict[str, str] | None = None, *, label: str | None = None
+        self,
+        name: str,
+        env: dict[str, str] | None = None,
+        *,
+        label: str | None = None,
+        app: str = "main:app",
+        app_dir: Path | None = None,
+        options: Sequence[str] | None = None,
     ) -> None:
         """Run examples/NAME under `trustmesh run` with NAME's certificate; LABEL names
-        the process (its log and URL) when one service runs twice."""
+        the process (its log and URL) when one service runs twice. APP in APP_DIR
+        replaces the example; OPTIONS replace ``--policy APP_DIR/policy.yaml`` (e.g.
+        another policy, ``--issuer``/``--audience``)."""
         label = label or name
         port = free_port()
         self.urls[label] = f"https://127.0.0.1:{port}"
-        app_dir = EXAMPLES / name
-        argv = ["run", "main:app", "--app-dir", str(app_dir), "--cert-dir", str(self.dirs[name])]
-        argv += ["--listen", f"127.0.0.1:{port}", "--policy", str(app_dir / "policy.yaml")]
+        app_dir = app_dir or EXAMPLES / name
+        if options is None:
+            options = ("--policy", str(app_dir / "policy.yaml"))
+        argv = ["run", app, "--app-dir", str(app_dir), "--cert-dir", str(self.dirs[name])]
+        argv += ["--listen", f"127.0.0.1:{port}", *options]
         argv += ["--ca", self.ca_url, "--log-format", "text", "--log-level", "warning"]
         self.spawn(label, *argv, env=env)
-        self._wait(label, lambda: "trustmesh run: main:app on" in self.log_text(label))
+        self._wait(label, lambda: f"trustmesh run: {app} on" in self.log_text(label))
 
     def start(self) -> None:
         if not (EXAMPLES / "inventory" / "main.py").is_file():
@@ -758,7 +769,10 @@ class ExampleMesh:
         self.run_orders()
 
     def run_orders(
-        self, inventory_id: str = f"spiffe://{TRUST_DOMAIN}/inventory", label: str = "orders"
+        self,
+        inventory_id: str = f"spiffe://{TRUST_DOMAIN}/inventory",
+        label: str = "orders",
+        options: Sequence[str] | None = None,
     ) -> None:
         """Run orders, calling inventory and accepting only a server that is INVENTORY_ID."""
         env = {
@@ -766,7 +780,7 @@ class ExampleMesh:
             "INVENTORY_URL": self.urls["inventory"],
             "INVENTORY_ID": inventory_id,
         }
-        self.run_service("orders", env, label=label)
+        self.run_service("orders", env, label=label, options=options)
 
     def client(
         self, name: str, service: str, *, expect: str | None = None, **kwargs: Any
