@@ -14,9 +14,12 @@ Every step is printed.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -27,13 +30,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
@@ -616,6 +623,7 @@ class ExampleMesh:
         self.env = env
         self.echo = echo
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
         self.bundle = workdir / "mesh-bundle.pem"
         self.ops = workdir / "mesh-ops"
@@ -657,6 +665,14 @@ class ExampleMesh:
                 env={**self.env, **(env or {})},
             )
         self.processes.append(process)
+        self.named[name] = process
+
+    def halt(self, name: str, *, kill: bool = False) -> None:
+        """Stop the process NAME (SIGTERM, or SIGKILL with KILL) and wait for it."""
+        process = self.named[name]
+        if process.poll() is None:
+            process.kill() if kill else process.terminate()
+        process.wait(timeout=20)
 
     def log_text(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
@@ -683,7 +699,7 @@ class ExampleMesh:
             self._wait("ca", lambda: http.get(f"{self.ca_url}/readyz").status_code == 200)
 
     def _wait(self, name: str, ready: Callable[[], bool], seconds: float = 30) -> None:
-        process = self.processes[-1]
+        process = self.named[name]
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
@@ -699,9 +715,13 @@ class ExampleMesh:
     def enroll(self, *names: str) -> None:
         """Enroll each name with a one-time join token, the agents running in parallel."""
         agents = []
-        for name in names:
-            spiffe_id = f"spiffe://{TRUST_DOMAIN}/{name}"
-            token = self.cli("token", "create", spiffe_id, "--ttl", "5m", show=False).strip()
+        ids = [f"spiffe://{TRUST_DOMAIN}/{name}" for name in names]
+        with ThreadPoolExecutor() as pool:
+            tokens = list(
+                pool.map(lambda i: self.cli("token", "create", i, "--ttl", "5m", show=False), ids)
+            )
+        for name, spiffe_id, created in zip(names, ids, tokens, strict=True):
+            token = created.strip()
             self.dirs[name] = self.workdir / f"mesh-{name}"
             argv = ["agent", "--ca", self.ca_url, "--id", spiffe_id]
             argv += ["--out", str(self.dirs[name]), "--bundle", str(self.bundle), "--once"]
@@ -743,13 +763,16 @@ class ExampleMesh:
         app: str = "main:app",
         app_dir: Path | None = None,
         options: Sequence[str] | None = None,
+        port: int | None = None,
+        wait: bool = True,
     ) -> None:
         """Run examples/NAME under `trustmesh run` with NAME's certificate; LABEL names
         the process (its log and URL) when one service runs twice. APP in APP_DIR
         replaces the example; OPTIONS replace ``--policy APP_DIR/policy.yaml`` (e.g.
-        another policy, ``--issuer``/``--audience``)."""
+        another policy, ``--issuer``/``--audience``); PORT (default: a free one) to
+        restart a service where it was. Without WAIT, call :meth:`wait_service`."""
         label = label or name
-        port = free_port()
+        port = port or free_port()
         self.urls[label] = f"https://127.0.0.1:{port}"
         app_dir = app_dir or EXAMPLES / name
         if options is None:
@@ -758,6 +781,11 @@ class ExampleMesh:
         argv += ["--listen", f"127.0.0.1:{port}", *options]
         argv += ["--ca", self.ca_url, "--log-format", "text", "--log-level", "warning"]
         self.spawn(label, *argv, env=env)
+        if wait:
+            self.wait_service(label, app)
+
+    def wait_service(self, label: str, app: str = "main:app") -> None:
+        """Wait until the service LABEL (started with ``wait=False``) serves."""
         self._wait(label, lambda: f"trustmesh run: {app} on" in self.log_text(label))
 
     def start(self) -> None:
@@ -773,6 +801,8 @@ class ExampleMesh:
         inventory_id: str = f"spiffe://{TRUST_DOMAIN}/inventory",
         label: str = "orders",
         options: Sequence[str] | None = None,
+        *,
+        wait: bool = True,
     ) -> None:
         """Run orders, calling inventory and accepting only a server that is INVENTORY_ID."""
         env = {
@@ -780,7 +810,7 @@ class ExampleMesh:
             "INVENTORY_URL": self.urls["inventory"],
             "INVENTORY_ID": inventory_id,
         }
-        self.run_service("orders", env, label=label, options=options)
+        self.run_service("orders", env, label=label, options=options, wait=wait)
 
     def client(
         self, name: str, service: str, *, expect: str | None = None, **kwargs: Any
@@ -838,6 +868,198 @@ class ExampleMesh:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+GATEWAY_EXAMPLE = EXAMPLES / "gateway"
+#: Where the demo's sign-in page sends the browser back (never fetched: the code is read
+#: from the redirect's Location).
+REDIRECT_URI = "https://app.demo.example/callback"
+READY_LINE = re.compile(r"trustmesh gateway: listening on (https://\S+)")
+
+
+def gateway_log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines of a gateway log (other lines, such as the ready line, skipped)."""
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def pkce_pair() -> tuple[str, str]:
+    """``(code_verifier, S256 code_challenge)`` per RFC 7636."""
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+class _LoginForm(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "form":
+            self.action = a.get("action")
+        if tag == "input" and a.get("type") == "hidden":
+            self.fields[a["name"]] = a.get("value", "")
+
+
+def sign_in_user(
+    http: httpx.Client,
+    issuer: str,
+    client: dict[str, Any],
+    username: str,
+    password: str,
+    scope: str = "openid orders:read",
+) -> dict[str, Any]:
+    """A user signs in at the identity server's login page (authorization code + PKCE, as
+    a browser would); returns the token response (``access_token``...)."""
+    verifier, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client["client_id"],
+        "redirect_uri": REDIRECT_URI,
+        "scope": scope,
+        "state": secrets.token_urlsafe(8),
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    page = http.get(f"{issuer}/authorize", params=params)
+    form = _LoginForm()
+    form.feed(page.text)
+    if page.status_code != 200 or form.action is None:
+        raise RuntimeError(f"no login page at {issuer}/authorize: {page.status_code}")
+    login = {**form.fields, "username": username, "password": password}
+    answer = http.post(f"{issuer}{form.action}", data=login)
+    location = answer.headers.get("location", "")
+    code = parse_qs(urlsplit(location).query).get("code")
+    if answer.status_code != 302 or not code:
+        raise RuntimeError(f"sign-in of {username} failed: {answer.status_code} {answer.text}")
+    tokens = http.post(
+        f"{issuer}/token",
+        auth=(client["client_id"], client["client_secret"]),
+        data={
+            "grant_type": "authorization_code",
+            "code": code[0],
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+        },
+    )
+    if tokens.status_code != 200:
+        raise RuntimeError(f"code exchange failed: {tokens.status_code} {tokens.text}")
+    result: dict[str, Any] = tokens.json()
+    return result
+
+
+def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and claims of a JWT, unverified (to copy them into a test token)."""
+    header, payload, _ = token.split(".")
+    decode = base64.urlsafe_b64decode
+
+    def part(text: str) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(decode(text + "=" * (-len(text) % 4)))
+        return value
+
+    return part(header), part(payload)
+
+
+def resign(home: Path, passphrase: bytes, token: str, **claims: Any) -> str:
+    """TOKEN with CLAIMS changed, signed again by the identity server's own current key
+    (read from the CA database): a genuine token of that issuer, e.g. an expired one."""
+    from joserfc import jwt
+
+    from trustmesh.authority import CertificateAuthority
+    from trustmesh.idp import KeyRing
+
+    header, body = jwt_parts(token)
+    body.update(claims)
+    with CertificateAuthority.open(home) as ca:
+        key = KeyRing(ca.store, passphrase, keep=3600).signing_key()
+    header["kid"] = key.info.kid
+    return jwt.encode(header, body, key.key, algorithms=[key.info.alg])
+
+
+def forge(token: str, *, kid: str | None = None) -> str:
+    """TOKEN's header and claims signed by a key the issuer never had (keeping its
+    ``kid``, or KID): what an attacker can make."""
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    header, body = jwt_parts(token)
+    header["alg"] = "ES256"
+    if kid is not None:
+        header["kid"] = kid
+    return jwt.encode(header, body, ECKey.generate_key("P-256"), algorithms=["ES256"])
+
+
+class GatewayMesh(ExampleMesh):
+    """:class:`ExampleMesh` plus the identity server and the edge gateway, as processes.
+
+    ``start_idp()`` runs ``trustmesh idp serve`` on the same CA home;
+    ``start_gateway(config)`` writes CONFIG (a dict) as YAML and runs ``trustmesh gateway
+    serve --config`` with the enrolled ``gateway`` identity, waiting for its ready line.
+    """
+
+    def __init__(self, workdir: Path, env: dict[str, str], *, echo: bool = True) -> None:
+        super().__init__(workdir, env, echo=echo)
+        self.idp_url = ""
+        self.gateways: dict[str, str] = {}
+
+    def idp_http(self) -> httpx.Client:
+        """A client of the identity server (and anything else our CA certified)."""
+        return httpx.Client(verify=ssl.create_default_context(cafile=str(self.bundle)), timeout=10)
+
+    def start_idp(self, label: str = "idp", *, wait: bool = True) -> None:
+        """Run `trustmesh idp serve`; without WAIT, call :meth:`wait_idp` before using it."""
+        port = free_port()
+        self.idp_url = f"https://127.0.0.1:{port}"
+        self.spawn(label, "idp", "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "warning")
+        if wait:
+            self.wait_idp(label)
+
+    def wait_idp(self, label: str = "idp") -> None:
+        with self.idp_http() as http:
+            self._wait(label, lambda: http.get(f"{self.idp_url}/healthz").status_code == 200)
+
+    def add_client(self, name: str, *args: str) -> dict[str, Any]:
+        """`idp client add NAME ARGS --json`: its client_id and client_secret."""
+        created: dict[str, Any] = json.loads(
+            self.cli("idp", "client", "add", name, *args, "--json", show=False)
+        )
+        return created
+
+    def add_user(self, name: str, password: str, *args: str) -> dict[str, Any]:
+        """`idp user add NAME --password-file F ARGS --json`."""
+        secret = self.workdir / f"{name}.password"
+        secret.write_text(password + "\n")
+        secret.chmod(0o600)
+        argv = ("idp", "user", "add", name, "--password-file", str(secret), *args, "--json")
+        created: dict[str, Any] = json.loads(self.cli(*argv, show=False))
+        return created
+
+    def start_gateway(
+        self, config: dict[str, Any], label: str = "gateway", identity: str = "gateway"
+    ) -> str:
+        """Run the gateway with CONFIG and IDENTITY's certificate directory; its URL."""
+        path = self.workdir / f"{label}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = ["gateway", "serve", "--config", str(path), "--cert-dir", str(self.dirs[identity])]
+        self.spawn(label, *argv, "--log-level", "info")
+        self._wait(label, lambda: READY_LINE.search(self.log_text(label)) is not None)
+        url: str = READY_LINE.findall(self.log_text(label))[-1]
+        self.gateways[label] = url
+        return url
+
+    def gateway_events(self, label: str = "gateway") -> list[dict[str, Any]]:
+        return gateway_log_events(self.log_text(label))
 
 
 def run_examples_act(workdir: Path) -> dict[str, object]:
