@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -240,13 +241,18 @@ class Stack:
         token: str = answer.json()["access_token"]
         return token
 
+    def resigned(self, token: str, **claims: Any) -> str:
+        """TOKEN with CLAIMS changed, signed again by the identity server's own key."""
+        return resign(self.home, PASSPHRASE, token, **claims)
+
     def expired(self, token: str) -> str:
         """TOKEN signed again by the identity server's key, expired a minute ago."""
         now = int(time.time())
-        return resign(self.home, PASSPHRASE, token, iat=now - 900, nbf=now - 900, exp=now - 60)
+        return self.resigned(token, iat=now - 900, nbf=now - 900, exp=now - 60)
 
-    def forged(self, token: str, *, kid: str | None = None) -> str:
-        return forge(token, kid=kid)
+    def forged(self, token: str, *, kid: str | None = None, **claims: Any) -> str:
+        """TOKEN (CLAIMS changed) signed by a key the identity server never had."""
+        return forge(token, kid=kid, **claims)
 
     # upstreams and gateways -------------------------------------------------------------
 
@@ -354,13 +360,13 @@ def running_stack(
     stack = Stack(mesh, workdir, home)
     with ExitStack() as exits, ThreadPoolExecutor() as pool:
         exits.callback(mesh.stop)
-        mesh.start_ca()
+        # Everything that only needs the CA's files runs while `ca serve` starts.
         mesh.start_idp(wait=False)
-        names = ["gateway", *(["inventory", "orders"] if services else []), "echo"]
-        enrolled = pool.submit(mesh.enroll, *names)
+        issued = None
         if edge:
             stack.edge = workdir / "edge"
-            mesh.cli(
+            issued = pool.submit(
+                mesh.cli,
                 "issue",
                 f"spiffe://{TRUST_DOMAIN}/edge",
                 *("--dns", "localhost", "--ip", "127.0.0.1", "--ttl", "2h"),
@@ -382,6 +388,9 @@ def running_stack(
             mesh.add_client, "billing-reports", "--scope", "orders:read", "--audience", "billing"
         )
         alice = pool.submit(mesh.add_user, "alice", PASSWORD, "--scope", "orders:read")
+        mesh.start_ca()
+        names = ["gateway", *(["inventory", "orders"] if services else []), "echo"]
+        enrolled = pool.submit(mesh.enroll, *names)
         stack.web, stack.machine = web.result(), machine.result()
         stack.elsewhere, stack.users["alice"] = elsewhere.result(), alice.result()
         mesh.wait_idp()
@@ -401,4 +410,98 @@ def running_stack(
         for label, app in labels:
             mesh.wait_service(label, app)
         stack.node = node_started.result() if node_started is not None else None
+        if issued is not None:
+            issued.result()
         yield stack
+
+
+def problem(
+    status: int, headers: httpx.Headers | RawResponse, body: bytes, reasons: Sequence[str]
+) -> dict[str, Any]:
+    """Check a gateway refusal: STATUS, an RFC 9457 problem+json body whose ``reason`` is
+    one of REASONS; return the body."""
+    content_type = (
+        headers.header("content-type")
+        if isinstance(headers, RawResponse)
+        else headers.get("content-type")
+    )
+    assert (content_type or "").startswith("application/problem+json"), (content_type, body)
+    document: dict[str, Any] = json.loads(body)
+    assert document["status"] == status, document
+    assert document["reason"] in reasons, document
+    for member in ("type", "title", "detail"):
+        assert isinstance(document.get(member), str), document
+        assert document[member], document
+    return document
+
+
+def refused(answer: httpx.Response, status: int, *reasons: str) -> dict[str, Any]:
+    """Check an httpx response is a gateway refusal with STATUS and one of REASONS."""
+    assert answer.status_code == status, (answer.status_code, answer.text)
+    return problem(status, answer.headers, answer.content, reasons)
+
+
+class TcpForwarder:
+    """A TCP forwarder on 127.0.0.1 to TARGET (host, port) that a test can cut and restore:
+    ``stop()`` closes the listener and every open connection (the target looks down),
+    ``start()`` listens again on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpForwarder:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self._open.clear()

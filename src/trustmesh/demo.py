@@ -987,13 +987,14 @@ def resign(home: Path, passphrase: bytes, token: str, **claims: Any) -> str:
     return jwt.encode(header, body, key.key, algorithms=[key.info.alg])
 
 
-def forge(token: str, *, kid: str | None = None) -> str:
-    """TOKEN's header and claims signed by a key the issuer never had (keeping its
-    ``kid``, or KID): what an attacker can make."""
+def forge(token: str, *, kid: str | None = None, **claims: Any) -> str:
+    """TOKEN's header and claims (CLAIMS changed) signed by a key the issuer never had,
+    keeping its ``kid`` (or KID): what an attacker can make."""
     from joserfc import jwt
     from joserfc.jwk import ECKey
 
     header, body = jwt_parts(token)
+    body.update(claims)
     header["alg"] = "ES256"
     if kid is not None:
         header["kid"] = kid
