@@ -232,6 +232,7 @@ def run(workdir: Path) -> int:
     service = run_service_act(workdir, home)
     identity = run_identity_act(workdir)
     examples = run_examples_act(workdir)
+    edge = run_gateway_act(workdir)
     say("\n== What happened")
     say(f"- a CA for {TRUST_DOMAIN} was created with encrypted keys in {home}")
     say("- two identities were issued; billing called orders over mTLS and was identified as")
@@ -250,7 +251,13 @@ def run(workdir: Path) -> int:
     say("  rotated, with zero failures; after frontend was revoked, its open keep-alive")
     latency = examples.get("latency", "?")
     say(f"  connection was refused {latency} after the revoke command returned")
+    say("- the edge gateway checked alice's token (from the login page) and called orders over")
+    say("  mTLS with its own identity; orders and inventory both verified her same token; too")
+    say("  little scope, an expired token, a forged token and a blocked address were refused at")
+    refusals = edge.get("refusals", "?")
+    say(f"  the door ({refusals} of 4 with the expected reason, in the gateway's log)")
     ok = ok and bool(service.get("ok")) and bool(identity.get("ok")) and bool(examples.get("ok"))
+    ok = ok and bool(edge.get("ok"))
     say("demo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 
@@ -1211,6 +1218,154 @@ def run_examples_act(workdir: Path) -> dict[str, object]:
         result["ok"] = allowed and denied_ok and rotated and revoked_ok
         result["requests"] = counts["ok"] + counts["failed"]
     return result
+
+
+def gateway_config(mesh: GatewayMesh, edge: Path) -> dict[str, Any]:
+    """examples/gateway/gateway.yaml with this run's ports, URLs and edge certificate."""
+    config: dict[str, Any] = yaml.safe_load((GATEWAY_EXAMPLE / "gateway.yaml").read_text())
+    config["listen"] = f"127.0.0.1:{free_port()}"
+    config["ca"] = mesh.ca_url
+    config["issuers"][0]["issuer"] = mesh.idp_url
+    config["routes"][0]["upstream"]["urls"] = [mesh.urls["orders"]]
+    config["tls"] = {"cert": str(edge / "chain.pem"), "key": str(edge / "key.pem")}
+    return config
+
+
+def run_gateway_act(workdir: Path) -> dict[str, object]:
+    """Act five: the edge gateway in front of the example services, a user's token end
+    to end, and four refusals at the door with the reasons the gateway logged."""
+    from trustmesh.cli.gateway import gateway_group
+
+    result: dict[str, object] = {}
+    if "serve" not in gateway_group.commands:  # TODO(gw-proof): drop once issue 6 lands
+        say("\n== 21. (the edge gateway has not landed yet: act five skipped)")
+        return {"ok": True, "refusals": 0}
+    say("\n== 21. The edge gateway in front of the example services (examples/gateway/)")
+    say("The identity server signs users in; the gateway checks their tokens and calls")
+    say("orders over mTLS as spiffe://demo.example/gateway, passing the user's token on;")
+    say("orders and inventory check the same token again (examples/gateway/*-policy.yaml).")
+    act = workdir / "gateway"
+    act.mkdir()
+    mesh = GatewayMesh(act, dict(os.environ))
+    try:
+        mesh.start_idp(wait=False)
+        mesh.start_ca()
+        mesh.enroll("inventory", "orders", "gateway")
+        mesh.wait_idp()
+        web = mesh.add_client(
+            "web",
+            *("--redirect-uri", REDIRECT_URI, "--audience", "api"),
+            *("--scope", "openid", "--scope", "orders:read"),
+        )
+        password = secrets.token_urlsafe(12)
+        alice = mesh.add_user("alice", password, "--scope", "orders:read")
+        say(f"(idp client add web …; idp user add alice --scope orders:read: {alice['user_id']})")
+        edge = act / "edge"
+        mesh.cli(
+            "issue",
+            "spiffe://demo.example/edge",
+            *("--dns", "localhost", "--ip", "127.0.0.1", "--ttl", "1h", "--out", str(edge)),
+            show=False,
+        )
+        say(f"(issued the gateway's public certificate for 127.0.0.1 into {edge})")
+        tokens = ("--issuer", mesh.idp_url, "--audience", "api")
+        policy = GATEWAY_EXAMPLE / "inventory-policy.yaml"
+        mesh.run_service("inventory", options=("--policy", str(policy), *tokens))
+        policy = GATEWAY_EXAMPLE / "orders-policy.yaml"
+        mesh.run_orders(options=("--policy", str(policy), *tokens))
+        config = gateway_config(mesh, edge)
+        url = mesh.start_gateway(config)
+    except RuntimeError as exc:
+        mesh.stop()
+        raise SystemExit(f"demo: {exc}") from None
+    with (
+        mesh,
+        mesh.idp_http() as idp,
+        httpx.Client(
+            base_url=url, verify=ssl.create_default_context(cafile=str(mesh.bundle)), timeout=15
+        ) as http,
+    ):
+        say(f"gateway listening on {url}; its configuration:")
+        say(yaml.safe_dump(config, sort_keys=False).rstrip())
+
+        say("\n== 22. alice signs in at the identity server and calls the gateway")
+        token = sign_in_user(idp, mesh.idp_url, web, "alice", password)["access_token"]
+        claims = jwt_parts(token)[1]
+        say(f"login page, code + PKCE: an access token for {claims['aud']}, scope")
+        say(f"  '{claims['scope']}', jti {claims['jti']}")
+        answer = http.get("/orders/1", headers={"Authorization": f"Bearer {token}"})
+        body = answer.json()
+        inner = body.get("inventory", {})
+        say(f"GET {url}/orders/1 with alice's token: {answer.status_code}")
+        say(f"  orders saw caller    {body.get('caller')}, user {body.get('user')}")
+        say(f"  inventory saw caller {inner.get('caller')}, user {inner.get('user')}")
+        mine = {"sub": alice["user_id"], "token_id": claims["jti"]}
+        reached = (
+            answer.status_code == 200
+            and body.get("caller") == f"spiffe://{TRUST_DOMAIN}/gateway"
+            and inner.get("caller") == f"spiffe://{TRUST_DOMAIN}/orders"
+            and body.get("user") == inner.get("user") == mine
+        )
+        if reached:
+            say("  both services verified alice's own token (same jti); each saw its caller")
+
+        say("\n== 23. Refused at the door, each with the reason the gateway logged")
+        narrow = sign_in_user(idp, mesh.idp_url, web, "alice", password, scope="openid")
+        now = int(time.time())
+        passphrase = os.environ["TRUSTMESH_CA_PASSPHRASE"].encode()
+        home = Path(os.environ["TRUSTMESH_HOME"])
+        say("(the expired token: alice's, re-signed by the identity server's own key with an")
+        say(" exp in the past; the forged one: alice's claims signed by a key of our own)")
+        say("(the blocked client: the config trusts 127.0.0.1 as a front proxy, so this")
+        say(" request says X-Forwarded-For: 203.0.113.9, a documentation address, as such a")
+        say(" proxy would; the route's deny_ips has 203.0.113.0/24)")
+        cases = [
+            ("a token with too little scope (openid only)", narrow["access_token"], {}, 403),
+            (
+                "an expired token",
+                resign(home, passphrase, token, exp=now - 60, iat=now - 900),
+                {},
+                401,
+            ),
+            ("a forged token", forge(token), {}, 401),
+            (
+                "a client at 203.0.113.9, a blocked address",
+                token,
+                {"X-Forwarded-For": "203.0.113.9"},
+                403,
+            ),
+        ]
+        expected = ["insufficient_scope", "expired", "bad_signature", "ip_denied"]
+        reasons = []
+        for (what, bad, extra, status), reason in zip(cases, expected, strict=True):
+            before = len(mesh.gateway_events())
+            refused = http.get("/orders/1", headers={"Authorization": f"Bearer {bad}", **extra})
+            logged = newest_decision(mesh, before)
+            got = (
+                refused.json().get("reason")
+                if refused.headers.get("content-type", "").startswith("application/problem+json")
+                else None
+            )
+            say(f"\n{what}: {refused.status_code} {got}")
+            if "www-authenticate" in refused.headers:
+                say(f"  WWW-Authenticate: {refused.headers['www-authenticate']}")
+            say(f"  gateway log: {json.dumps(logged)[:300]}")
+            reasons.append(
+                refused.status_code == status and got == reason and logged.get("reason") == reason
+            )
+        result["ok"] = reached and all(reasons)
+        result["refusals"] = sum(reasons)
+    return result
+
+
+def newest_decision(mesh: GatewayMesh, before: int, seconds: float = 5) -> dict[str, Any]:
+    """The first log line with a decision ``reason`` after the first BEFORE lines."""
+    deadline = time.monotonic() + seconds
+    while True:
+        fresh = [e for e in mesh.gateway_events()[before:] if "reason" in e]
+        if fresh or time.monotonic() > deadline:
+            return fresh[0] if fresh else {}
+        time.sleep(0.05)
 
 
 def main() -> int:
