@@ -905,7 +905,9 @@ def pkce_pair() -> tuple[str, str]:
     return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-class _LoginForm(HTMLParser):
+class LoginForm(HTMLParser):
+    """The login page's form: its action and hidden fields."""
+
     def __init__(self) -> None:
         super().__init__()
         self.action: str | None = None
@@ -940,7 +942,7 @@ def sign_in_user(
         "code_challenge_method": "S256",
     }
     page = http.get(f"{issuer}/authorize", params=params)
-    form = _LoginForm()
+    form = LoginForm()
     form.feed(page.text)
     if page.status_code != 200 or form.action is None:
         raise RuntimeError(f"no login page at {issuer}/authorize: {page.status_code}")
