@@ -172,8 +172,9 @@ class Gateway:
         return self.mesh.gateway_events(self.label)
 
     def decisions(self, marker: str) -> list[dict[str, Any]]:
-        """Log lines with a decision ``reason`` that mention MARKER (e.g. in the path)."""
-        return [e for e in self.events() if "reason" in e and marker in json.dumps(e)]
+        """Access-log lines (one per request, with its decision ``reason``) that mention
+        MARKER, e.g. in the path."""
+        return [e for e in self.events() if e.get("event") == "access" and marker in json.dumps(e)]
 
     def reason(self, marker: str, timeout: float = 10) -> str:
         """The logged reason of the request whose path holds MARKER (waits for the line)."""

@@ -1361,10 +1361,10 @@ def run_gateway_act(workdir: Path) -> dict[str, object]:
 
 
 def newest_decision(mesh: GatewayMesh, before: int, seconds: float = 5) -> dict[str, Any]:
-    """The first log line with a decision ``reason`` after the first BEFORE lines."""
+    """The first access-log line (with its decision ``reason``) after the first BEFORE lines."""
     deadline = time.monotonic() + seconds
     while True:
-        fresh = [e for e in mesh.gateway_events()[before:] if "reason" in e]
+        fresh = [e for e in mesh.gateway_events()[before:] if e.get("event") == "access"]
         if fresh or time.monotonic() > deadline:
             return fresh[0] if fresh else {}
         time.sleep(0.05)
