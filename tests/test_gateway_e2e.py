@@ -17,7 +17,7 @@ import pytest
 
 from trustmesh.demo import jwt_parts
 
-from ._gateway import (
+from ._gateway_stack import (
     GATEWAY_ID,
     ORDERS_ID,
     Gateway,

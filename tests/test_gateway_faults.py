@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from ._gateway import Gateway, Stack, TcpForwarder, refused, running_stack
+from ._gateway_stack import Gateway, Stack, TcpForwarder, refused, running_stack
 from ._server import free_port
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ._gateway import Stack, running_stack
+from ._gateway_stack import Stack, running_stack
 
 pytestmark = pytest.mark.slow
 

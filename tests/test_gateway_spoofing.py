@@ -16,7 +16,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from ._gateway import GATEWAY_ID, Gateway, RawResponse, Stack, problem, raw_request, running_stack
+from ._gateway_stack import (
+    GATEWAY_ID,
+    Gateway,
+    RawResponse,
+    Stack,
+    problem,
+    raw_request,
+    running_stack,
+)
 
 pytestmark = pytest.mark.slow
 
