@@ -269,7 +269,6 @@ PATH_TRICKS = [
     "/ADMIN/{m}",
     "/Admin/{m}",
     "/admin;x=1/{m}",
-    "/public/..;/admin/{m}",
 ]
 
 
