@@ -1,4 +1,6 @@
-"""Helpers shared by the benchmarks: medians, CSRs, local databases, reporting.
+"""Helpers shared by the benchmarks: medians, CSRs, local databases, reporting, CPU and
+memory accounting from /proc, and the HTTP load generators (wrk with a client-certificate
+shim, the fixed-rate ``ratelat``) with their result tables.
 
 Not a benchmark itself; the scripts next to it import it (``bench/`` is on
 ``sys.path`` when a script there is run as ``python bench/NAME.py``).
@@ -9,15 +11,23 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import os
+import platform
 import random
+import re
+import resource
+import shutil
 import sqlite3
+import ssl
 import statistics
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -235,3 +245,358 @@ def fill_sqlite(
         return bar.done()
     finally:
         conn.close()
+
+
+# -- CPU and memory accounting (from /proc) ------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def system_busy() -> float:
+    """CPU seconds all cores spent busy since boot (total minus idle and iowait)."""
+    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(parts[:8]) - parts[3] - parts[4]) / CLK_TCK
+
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+class CPUMeter:
+    """CPU used by some processes and by the whole machine over a window."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start_proc = {k: process_cpu(p) for k, p in pids.items()}
+        self.start_sys = system_busy()
+        self.start_wall = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Seconds of CPU per named process, ``machine`` (all busy CPU) and ``wall``."""
+        out = {k: process_cpu(p) - self.start_proc[k] for k, p in self.pids.items()}
+        out["machine"] = system_busy() - self.start_sys
+        out["wall"] = time.monotonic() - self.start_wall
+        return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its child processes (nginx's master and its worker)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return [pid, *kids]
+
+
+def children_cpu() -> float:
+    """CPU seconds used by this process's finished children (the load generators)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of process ``pid`` in KiB, from /proc/PID/smaps_rollup."""
+    rss = pss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1])
+    return rss, pss
+
+
+def as_nobody(
+    cmd: list[str], *, dirs: Sequence[Path] = (), files: Sequence[Path] = ()
+) -> list[str]:
+    """``cmd`` run as ``nobody`` when we are root (never a network server as root).
+
+    ``dirs`` become traversable and ``files`` readable by everyone (throwaway benchmark
+    keys in a private temp dir); the last of ``dirs`` is handed to nobody (logs, pid).
+    """
+    if os.getuid() != 0:
+        return cmd
+    for path in dirs:
+        path.chmod(0o755)
+    for path in files:
+        path.chmod(0o644)
+    if dirs:
+        os.chown(dirs[-1], 65534, 65534)
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd]
+
+
+def need_tools(tools: Sequence[str], install: str) -> None:
+    """Exit with the install command when one of ``tools`` is missing."""
+    for tool in tools:
+        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
+            raise SystemExit(f"{tool} not found: {install}")
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return f"{cmd[0]}: not installed"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0] if lines else cmd[0]
+
+
+def print_machine(tools: Mapping[str, list[str]]) -> None:
+    """Print the date, CPU model and cores, Python/OpenSSL and each tool's version."""
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    print(f"machine: {model}, {os.cpu_count()} cores (nproc), kernel {platform.release()}")
+    print(f"python {platform.python_version()} ({ssl.OPENSSL_VERSION})")
+    for name, cmd in tools.items():
+        print(f"{name}: {_version(cmd)}")
+    print(f"load average at start: {loadavg()}")
+
+
+# -- load generators -----------------------------------------------------------------
+
+WRK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <openssl/ssl.h>
+/* Give every SSL_CTX wrk creates the client certificate named in the environment. */
+SSL_CTX *SSL_CTX_new(const SSL_METHOD *method) {
+    static SSL_CTX *(*real)(const SSL_METHOD *) = NULL;
+    if (!real) real = (SSL_CTX *(*)(const SSL_METHOD *))dlsym(RTLD_NEXT, "SSL_CTX_new");
+    SSL_CTX *ctx = real(method);
+    const char *cert = getenv("WRK_CLIENT_CERT"), *key = getenv("WRK_CLIENT_KEY");
+    if (ctx && cert && key) {
+        if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
+            SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+            fprintf(stderr, "wrk client-cert shim: cannot load %s / %s\n", cert, key);
+            exit(70);
+        }
+    }
+    return ctx;
+}
+"""
+RATELAT_SOURCE = Path(__file__).with_name("_ratelat.c")
+
+
+def build_shim(work: Path) -> Path:
+    """Compile the ``LD_PRELOAD`` shim that gives wrk a client certificate."""
+    src, lib = work / "wrkcert.c", work / "wrkcert.so"
+    src.write_text(WRK_SHIM)
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
+    return lib
+
+
+def build_ratelat(work: Path) -> Path:
+    """Compile the fixed-rate generator (``bench/_ratelat.c``; gcc, libssl-dev)."""
+    exe = work / "ratelat"
+    cmd = ["gcc", "-O2", "-Wall", "-o", str(exe), str(RATELAT_SOURCE), "-lssl", "-lcrypto"]
+    subprocess.run(cmd, check=True)
+    return exe
+
+
+@dataclass(frozen=True)
+class ClientCert:
+    """A client certificate chain and key (PEM files) a load generator presents."""
+
+    chain: Path
+    key: Path
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    bad: int
+    server_cpu_us: float  # per request
+    wrk_cpu_us: float  # per request
+    machine_busy: float  # share of all cores busy
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _latency_ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if m is None:
+        raise RuntimeError(f"no {pct}% latency in wrk output:\n{text}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(
+    url: str,
+    pids: Sequence[int],
+    *,
+    connections: int,
+    duration: float,
+    shim: Path | None = None,
+    cert: ClientCert | None = None,
+    headers: Sequence[str] = (),
+) -> WrkResult:
+    """One ``wrk -t1`` run against ``url``; server CPU is summed over ``pids``.
+
+    With ``cert`` (and the ``shim``), every connection presents that client certificate.
+    Non-2xx/3xx answers and socket errors are counted in ``bad``.
+    """
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
+    for header in headers:
+        cmd += ["-H", header]
+    cmd.append(url)
+    env = dict(os.environ)
+    if cert is not None:
+        assert shim is not None, "a client certificate needs the wrk shim"
+        env.update(
+            LD_PRELOAD=str(shim), WRK_CLIENT_CERT=str(cert.chain), WRK_CLIENT_KEY=str(cert.key)
+        )
+    meter = CPUMeter({str(pid): pid for pid in pids})
+    before = children_cpu()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    wrk_cpu = children_cpu() - before
+    cpu = meter.stop()
+    server_cpu = sum(cpu[str(pid)] for pid in pids)
+    total = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if total is None or rps is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    requests = int(total.group(1))
+    bad = 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        bad += int(non2xx.group(1))
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if errors:
+        bad += sum(int(x) for x in errors.groups())
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(out, "50"),
+        p99_ms=_latency_ms(out, "99"),
+        requests=requests,
+        bad=bad,
+        server_cpu_us=server_cpu / max(requests, 1) * 1e6,
+        wrk_cpu_us=wrk_cpu / max(requests, 1) * 1e6,
+        machine_busy=cpu["machine"] / ((os.cpu_count() or 1) * cpu["wall"]),
+    )
+
+
+@dataclass
+class RateResult:
+    """One fixed-rate ``ratelat`` run (latencies from the scheduled send time)."""
+
+    rate: float  # achieved answers per second
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    raw_p50_ms: float  # from the actual write instead of the schedule
+    raw_p99_ms: float
+    requests: int
+    bad: int  # not answered, or answered non-2xx/3xx
+    server_cpu_us: float  # per request
+    gen_cpu_us: float  # the generator's, per request
+    late_max_ms: float  # worst delay of a send behind its schedule
+
+
+def run_ratelat(
+    exe: Path,
+    port: int,
+    pids: Sequence[int],
+    *,
+    rate: float,
+    duration: float,
+    path: str,
+    tls: bool,
+    cert: ClientCert | None = None,
+    headers: Sequence[str] = (),
+    connections: int = 16,
+    host: str = "127.0.0.1",
+) -> RateResult:
+    """One open-loop run at ``rate`` requests/s for ``duration`` s; server CPU over ``pids``."""
+    cmd = [str(exe), "-a", host, "-p", str(port), "-P", path, "-r", f"{rate:g}"]
+    cmd += ["-d", f"{duration:g}", "-n", str(connections)]
+    if tls:
+        cmd.append("-s")
+    if cert is not None:
+        cmd += ["-c", str(cert.chain), "-k", str(cert.key)]
+    for header in headers:
+        cmd += ["-H", header]
+    meter = CPUMeter({str(pid): pid for pid in pids})
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cpu = meter.stop()
+    if out.returncode != 0:
+        raise RuntimeError(f"ratelat failed ({out.returncode}): {out.stderr.strip()}")
+    values = {k: float(v) for k, v in (line.split("=", 1) for line in out.stdout.split())}
+    done = max(int(values["done"]), 1)
+    return RateResult(
+        rate=values["rate"],
+        p50_ms=values["p50_us"] / 1000,
+        p90_ms=values["p90_us"] / 1000,
+        p99_ms=values["p99_us"] / 1000,
+        max_ms=values["max_us"] / 1000,
+        raw_p50_ms=values["raw_p50_us"] / 1000,
+        raw_p99_ms=values["raw_p99_us"] / 1000,
+        requests=int(values["requests"]),
+        bad=int(values["failed"] + values["non2xx"]),
+        server_cpu_us=sum(cpu[str(pid)] for pid in pids) / done * 1e6,
+        gen_cpu_us=values["cpu_us_per_req"],
+        late_max_ms=values["late_max_us"] / 1000,
+    )
+
+
+# -- tallies across rounds and their tables ------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Results per system across rounds (any dataclass with numeric fields)."""
+
+    runs: dict[str, list[Any]] = field(default_factory=dict)
+
+    def add(self, name: str, result: Any) -> None:
+        self.runs.setdefault(name, []).append(result)
+
+    def med(self, name: str, attr: str) -> float:
+        return median(self.values(name, attr))
+
+    def values(self, name: str, attr: str) -> list[float]:
+        return [float(getattr(r, attr)) for r in self.runs[name]]
+
+
+def print_table(title: str, tally: Tally, unit: str, systems: Sequence[str]) -> None:
+    """The wrk table: throughput, latency, CPU per request, errors; medians [per round]."""
+    print(f"\n{title}")
+    print(f"| system | {unit} | p50 ms | p99 ms | server CPU µs/req | wrk CPU µs/req | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for name in systems:
+        if name not in tally.runs:
+            continue
+        rps = tally.values(name, "rps")
+        print(
+            f"| {name} | {tally.med(name, 'rps'):.0f} {spread(rps)} "
+            f"| {tally.med(name, 'p50_ms'):.2f} {spread(tally.values(name, 'p50_ms'), '{:.2f}')} "
+            f"| {tally.med(name, 'p99_ms'):.2f} {spread(tally.values(name, 'p99_ms'), '{:.2f}')} "
+            f"| {tally.med(name, 'server_cpu_us'):.0f} "
+            f"{spread(tally.values(name, 'server_cpu_us'))} "
+            f"| {tally.med(name, 'wrk_cpu_us'):.0f} "
+            f"| {sum(int(v) for v in tally.values(name, 'bad'))} |"
+        )
+
+
+def ratio_line(tally: Tally, num: str, den: str, attr: str = "rps") -> float:
+    """Print and return median(num)/median(den) of ``attr``, with the per-round ratios."""
+    per_round = [
+        a / b for a, b in zip(tally.values(num, attr), tally.values(den, attr), strict=True) if b
+    ]
+    value = tally.med(num, attr) / tally.med(den, attr)
+    print(f"{num}/{den}: {value:.2f} (per round {spread(per_round, '{:.2f}')})")
+    return value
