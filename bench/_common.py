@@ -29,17 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import (
     REASONS,
     KeyType,
     PrivateKey,
     SpiffeID,
+    dump_private_key,
     generate_private_key,
+    pem_certificates,
     signature_hash_for,
 )
 from trustmesh.store import normalize_url
@@ -422,6 +426,7 @@ class WrkResult:
     server_cpu_us: float  # per request
     wrk_cpu_us: float  # per request
     machine_busy: float  # share of all cores busy
+    upstream_cpu_us: float = 0.0  # per request, the process behind a proxy
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -443,15 +448,21 @@ def run_wrk(
     shim: Path | None = None,
     cert: ClientCert | None = None,
     headers: Sequence[str] = (),
+    script: Path | None = None,
+    upstream: int | None = None,
 ) -> WrkResult:
     """One ``wrk -t1`` run against ``url``; server CPU is summed over ``pids``.
 
     With ``cert`` (and the ``shim``), every connection presents that client certificate.
-    Non-2xx/3xx answers and socket errors are counted in ``bad``.
+    ``script`` is a wrk Lua script (see :func:`wrk_rotation_script`). The CPU of an
+    ``upstream`` process behind a proxy is reported apart. Non-2xx/3xx answers and socket
+    errors are counted in ``bad``.
     """
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "5s"]
     for header in headers:
         cmd += ["-H", header]
+    if script is not None:
+        cmd += ["-s", str(script)]
     cmd.append(url)
     env = dict(os.environ)
     if cert is not None:
@@ -459,7 +470,7 @@ def run_wrk(
         env.update(
             LD_PRELOAD=str(shim), WRK_CLIENT_CERT=str(cert.chain), WRK_CLIENT_KEY=str(cert.key)
         )
-    meter = CPUMeter({str(pid): pid for pid in pids})
+    meter = CPUMeter(_watched(pids, upstream))
     before = children_cpu()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     wrk_cpu = children_cpu() - before
@@ -486,7 +497,36 @@ def run_wrk(
         server_cpu_us=server_cpu / max(requests, 1) * 1e6,
         wrk_cpu_us=wrk_cpu / max(requests, 1) * 1e6,
         machine_busy=cpu["machine"] / ((os.cpu_count() or 1) * cpu["wall"]),
+        upstream_cpu_us=cpu.get("upstream", 0.0) / max(requests, 1) * 1e6,
     )
+
+
+def _watched(pids: Sequence[int], upstream: int | None) -> dict[str, int]:
+    watched = {str(pid): pid for pid in pids}
+    if upstream is not None:
+        watched["upstream"] = upstream
+    return watched
+
+
+def wrk_rotation_script(path: Path, header_lines: Sequence[str]) -> Path:
+    """Write a wrk Lua script whose request k carries ``header_lines[k % N]`` (e.g. N
+    distinct bearer tokens); the lines go to ``path``.lines, the script to ``path``."""
+    lines = path.with_suffix(".lines")
+    lines.write_text("".join(f"{line}\n" for line in header_lines))
+    path.write_text(
+        f"""local names, values = {{}}, {{}}
+for line in io.lines("{lines}") do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  names[#names + 1], values[#values + 1] = name, value
+end
+local i = 0
+request = function()
+  i = i % #names + 1
+  return wrk.format(nil, nil, {{[names[i]] = values[i]}})
+end
+"""
+    )
+    return path
 
 
 @dataclass
@@ -505,6 +545,7 @@ class RateResult:
     server_cpu_us: float  # per request
     gen_cpu_us: float  # the generator's, per request
     late_max_ms: float  # worst delay of a send behind its schedule
+    upstream_cpu_us: float = 0.0  # per request, the process behind a proxy
 
 
 def run_ratelat(
@@ -518,10 +559,14 @@ def run_ratelat(
     tls: bool,
     cert: ClientCert | None = None,
     headers: Sequence[str] = (),
+    rotate: Path | None = None,
     connections: int = 16,
     host: str = "127.0.0.1",
+    upstream: int | None = None,
 ) -> RateResult:
-    """One open-loop run at ``rate`` requests/s for ``duration`` s; server CPU over ``pids``."""
+    """One open-loop run at ``rate`` requests/s for ``duration`` s; server CPU over ``pids``
+    (and apart, of an ``upstream`` process behind a proxy). ``rotate``: a file of header
+    lines, request k carrying line k mod N."""
     cmd = [str(exe), "-a", host, "-p", str(port), "-P", path, "-r", f"{rate:g}"]
     cmd += ["-d", f"{duration:g}", "-n", str(connections)]
     if tls:
@@ -530,7 +575,9 @@ def run_ratelat(
         cmd += ["-c", str(cert.chain), "-k", str(cert.key)]
     for header in headers:
         cmd += ["-H", header]
-    meter = CPUMeter({str(pid): pid for pid in pids})
+    if rotate is not None:
+        cmd += ["-F", str(rotate)]
+    meter = CPUMeter(_watched(pids, upstream))
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     cpu = meter.stop()
     if out.returncode != 0:
@@ -550,6 +597,7 @@ def run_ratelat(
         server_cpu_us=sum(cpu[str(pid)] for pid in pids) / done * 1e6,
         gen_cpu_us=values["cpu_us_per_req"],
         late_max_ms=values["late_max_us"] / 1000,
+        upstream_cpu_us=cpu.get("upstream", 0.0) / done * 1e6,
     )
 
 
@@ -600,3 +648,102 @@ def ratio_line(tally: Tally, num: str, den: str, attr: str = "rps") -> float:
     value = tally.med(num, attr) / tally.med(den, attr)
     print(f"{num}/{den}: {value:.2f} (per round {spread(per_round, '{:.2f}')})")
     return value
+
+
+def print_columns(
+    title: str, tally: Tally, systems: Sequence[str], columns: Sequence[tuple[str, str, str]]
+) -> None:
+    """A markdown table: one row per system, one column per (header, attribute, format)
+    with the median across rounds and the per-round values in brackets; then the summed
+    ``bad`` as errors."""
+    print(f"\n{title}")
+    print("| system | " + " | ".join(h for h, _, _ in columns) + " | errors |")
+    print("|---" * (len(columns) + 2) + "|")
+    for name in systems:
+        if name not in tally.runs:
+            continue
+        cells = [
+            f"{fmt.format(tally.med(name, attr))} {spread(tally.values(name, attr), fmt)}"
+            for _, attr, fmt in columns
+        ]
+        bad = sum(int(v) for v in tally.values(name, "bad"))
+        print(f"| {name} | " + " | ".join(cells) + f" | {bad} |")
+
+
+# -- identities and servers for the HTTP benchmarks ----------------------------------
+
+#: The trivial app the Python servers serve (``svc_app.py``; ``trustmesh run svc_app:app``).
+FASTAPI_APP = """\
+from fastapi import FastAPI
+
+app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@app.get("/items/{item}")
+async def item(item: str) -> dict[str, str]:
+    return {"item": item}
+"""
+
+
+def write_cert_dir(
+    ca: CertificateAuthority,
+    spiffe_id: str,
+    directory: Path,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> ClientCert:
+    """Issue ``spiffe_id`` and write an identity directory as an agent keeps it
+    (``chain.pem``, ``key.pem``, ``bundle.pem``): usable as ``--cert-dir``."""
+    issued = ca.issue(spiffe_id, dns=dns, ips=ips, actor="bench")
+    assert issued.key is not None
+    directory.mkdir(parents=True, exist_ok=True)
+    chain, key = directory / "chain.pem", directory / "key.pem"
+    chain.write_bytes(pem_certificates(issued.chain))
+    key.write_bytes(dump_private_key(issued.key))
+    key.chmod(0o600)
+    (directory / "bundle.pem").write_bytes(pem_certificates(ca.bundle))
+    return ClientCert(chain, key)
+
+
+def wait_ok(
+    url: str,
+    *,
+    verify: ssl.SSLContext | bool,
+    proc: subprocess.Popen[Any],
+    log: Path,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Poll ``url`` until it answers 200; a dead ``proc`` or the timeout raise with its log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, verify=verify, headers=headers, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            text = log.read_text() if log.exists() else "(no log)"
+            raise RuntimeError(f"{url} did not answer 200:\n{text[-4000:]}")
+        time.sleep(0.2)
+
+
+def start_haproxy(hdir: Path, config: str, *, work: Path) -> subprocess.Popen[Any]:
+    """Check and start ``haproxy -db`` (foreground) with ``config``, as nobody when root.
+
+    Every file haproxy reads must be in ``hdir`` (made readable for nobody; throwaway
+    benchmark keys); ``work`` is its parent temp dir (made traversable).
+    """
+    conf = hdir / "haproxy.cfg"
+    conf.write_text(config)
+    cmd = as_nobody(
+        ["haproxy", "-db", "-f", str(conf)],
+        dirs=(work, hdir),
+        files=[p for p in hdir.iterdir() if p.is_file()],
+    )
+    check = subprocess.run([*cmd, "-c"], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"haproxy rejects its config:\n{check.stdout}{check.stderr}")
+    log = hdir / "haproxy.log"
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)

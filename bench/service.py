@@ -97,6 +97,7 @@ from _api import (
     write_identity,
 )
 from _common import (
+    FASTAPI_APP,
     PASSPHRASE,
     TRUST_DOMAIN,
     ClientCert,
@@ -136,17 +137,6 @@ BREAKDOWN = (
     "trustmesh-info",
 )
 TRUSTMESH_STACKS = ("tm-full", "tm-rot", "tm-notix", "tm-shim", "tm-mw", "tm-mw-rev")
-# The app every Python system serves (``trustmesh run svc_app:app`` imports it too).
-APP_SOURCE = """\
-from fastapi import FastAPI
-
-app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-
-
-@app.get("/items/{item}")
-async def item(item: str) -> dict[str, str]:
-    return {"item": item}
-"""
 POLICY = f"""\
 mode: enforce
 rules:
@@ -732,7 +722,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         caller = write_identity(ca, CALLER, work / "caller")
         admin = write_identity(ca, ADMIN, work / "admin")
     (work / "policy.yaml").write_text(POLICY)
-    (work / "svc_app.py").write_text(APP_SOURCE)
+    (work / "svc_app.py").write_text(FASTAPI_APP)
     shutil.copy(bundle, work / "server/bundle.pem")
     shim = build_shim(work)
     ctx = ssl.create_default_context(cafile=str(work / "bundle.pem"))
