@@ -520,6 +520,8 @@ def measure(
                 ("p90 ms", "p90_ms", "{:.2f}"),
                 ("p99 ms", "p99_ms", "{:.2f}"),
                 ("max ms", "max_ms", "{:.1f}"),
+                ("p50 from write ms", "raw_p50_ms", "{:.2f}"),
+                ("p99 from write ms", "raw_p99_ms", "{:.2f}"),
                 ("achieved req/s", "rate", "{:.0f}"),
                 ("proxy CPU µs/req", "server_cpu_us", "{:.0f}"),
                 ("upstream CPU µs/req", "upstream_cpu_us", "{:.0f}"),

@@ -587,6 +587,8 @@ def measure(
                 ("p90 ms", "p90_ms", "{:.3f}"),
                 ("p99 ms", "p99_ms", "{:.3f}"),
                 ("max ms", "max_ms", "{:.1f}"),
+                ("p50 from write ms", "raw_p50_ms", "{:.3f}"),
+                ("p99 from write ms", "raw_p99_ms", "{:.3f}"),
                 ("achieved req/s", "rate", "{:.0f}"),
                 ("proxy CPU µs/req", "server_cpu_us", "{:.1f}"),
                 ("app CPU µs/req", "upstream_cpu_us", "{:.1f}"),
