@@ -8,6 +8,7 @@ Not a benchmark itself; the scripts next to it import it (``bench/`` is on
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import itertools
@@ -747,3 +748,225 @@ def start_haproxy(hdir: Path, config: str, *, work: Path) -> subprocess.Popen[An
         raise RuntimeError(f"haproxy rejects its config:\n{check.stdout}{check.stderr}")
     log = hdir / "haproxy.log"
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def rotated_rounds(
+    systems: Sequence[Any], rounds: int, steps: Sequence[tuple[Tally, Callable[[Any], Any]]]
+) -> None:
+    """Run every step on every system (each has a ``.name``) per round, the order of the
+    systems rotated by one each round; results go to each step's tally."""
+    for rnd in range(rounds):
+        k = rnd % len(systems)
+        order = list(systems[k:]) + list(systems[:k])
+        print(f"round {rnd + 1}: order {[s.name for s in order]}, load {loadavg()}", flush=True)
+        for system in order:
+            for tally, step in steps:
+                tally.add(system.name, step(system))
+    print(f"load average after the rounds: {loadavg()}")
+
+
+def wrk_columns(upstream: str, cpu_fmt: str = "{:.0f}") -> list[tuple[str, str, str]]:
+    """The columns of a wrk table for a proxy in front of ``upstream``."""
+    return [
+        ("req/s", "rps", "{:.0f}"),
+        ("p50 ms", "p50_ms", "{:.2f}"),
+        ("p99 ms", "p99_ms", "{:.2f}"),
+        ("proxy CPU µs/req", "server_cpu_us", cpu_fmt),
+        (f"{upstream} CPU µs/req", "upstream_cpu_us", cpu_fmt),
+        ("wrk CPU µs/req", "wrk_cpu_us", cpu_fmt),
+    ]
+
+
+def rate_columns(upstream: str, ms_fmt: str = "{:.2f}") -> list[tuple[str, str, str]]:
+    """The columns of a ratelat table for a proxy in front of ``upstream``."""
+    return [
+        ("p50 ms", "p50_ms", ms_fmt),
+        ("p90 ms", "p90_ms", ms_fmt),
+        ("p99 ms", "p99_ms", ms_fmt),
+        ("max ms", "max_ms", "{:.1f}"),
+        ("p50 from write ms", "raw_p50_ms", ms_fmt),
+        ("p99 from write ms", "raw_p99_ms", ms_fmt),
+        ("achieved req/s", "rate", "{:.0f}"),
+        ("proxy CPU µs/req", "server_cpu_us", "{:.0f}"),
+        (f"{upstream} CPU µs/req", "upstream_cpu_us", "{:.0f}"),
+        ("generator CPU µs/req", "gen_cpu_us", "{:.0f}"),
+        ("late send max ms", "late_max_ms", "{:.2f}"),
+    ]
+
+
+def print_added(
+    lat: Tally, systems: Sequence[str], base: str, ms_fmt: str = "{:.2f}"
+) -> dict[str, dict[str, float]]:
+    """Print and return the added p50/p99 of each system over ``base``: median of the
+    system's percentile minus median of the base's (per-round differences in brackets)."""
+    print(
+        f"\nadded latency over {base} (median of the system - median of {base}; "
+        "per-round differences in brackets):"
+    )
+    print("| system | added p50 ms | added p99 ms |\n|---|---|---|")
+    out: dict[str, dict[str, float]] = {}
+    for name in systems:
+        if name == base or name not in lat.runs:
+            continue
+        cells = []
+        for q in ("p50_ms", "p99_ms"):
+            pairs = zip(lat.values(name, q), lat.values(base, q), strict=True)
+            per_round = [a - b for a, b in pairs]
+            out.setdefault(name, {})[q] = lat.med(name, q) - lat.med(base, q)
+            cells.append(f"{ms_fmt.format(out[name][q])} {spread(per_round, ms_fmt)}")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    return out
+
+
+@dataclass
+class Target:
+    """A system under load: where to send requests and whose CPU counts as the proxy's."""
+
+    name: str
+    port: int
+    path: str
+    pids: list[int]  # the proxy's process tree (empty when calling the app directly)
+    tls: bool = True
+    cert: ClientCert | None = None  # what the load generators present (mTLS)
+    host: str = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}{self.path}"
+
+
+@dataclass
+class Load:
+    """The two load generators, set up once for a benchmark: wrk (keep-alive throughput)
+    and ratelat (fixed-rate latency); the CPU of ``upstream`` is reported apart."""
+
+    shim: Path
+    ratelat: Path
+    upstream: int
+    connections: int
+    rate: float
+    headers: Sequence[str] = ()
+    script: Path | None = None  # wrk Lua script (see wrk_rotation_script)
+    rotate: Path | None = None  # ratelat: header lines in rotation
+
+    def wrk(self, target: Target, duration: float) -> WrkResult:
+        return run_wrk(
+            target.url,
+            target.pids,
+            connections=self.connections,
+            duration=duration,
+            shim=self.shim,
+            cert=target.cert,
+            headers=self.headers,
+            script=self.script,
+            upstream=self.upstream,
+        )
+
+    def fixed_rate(self, target: Target, duration: float) -> RateResult:
+        return run_ratelat(
+            self.ratelat,
+            target.port,
+            target.pids,
+            rate=self.rate,
+            duration=duration,
+            path=target.path,
+            tls=target.tls,
+            cert=target.cert,
+            headers=() if self.rotate is not None else self.headers,
+            rotate=self.rotate,
+            host=target.host,
+            upstream=self.upstream,
+        )
+
+    def warm_up(self, targets: Sequence[Target], seconds: float = 2) -> None:
+        print(f"warm-up: {seconds:g} s of wrk and {seconds:g} s at the fixed rate per system")
+        for target in targets:
+            self.wrk(target, seconds)
+            self.fixed_rate(target, seconds)
+
+
+def load_arguments(parser: argparse.ArgumentParser, systems: Sequence[str]) -> None:
+    """The options of the proxy benchmarks (rounds, wrk and ratelat settings, selection)."""
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
+    parser.add_argument("--rate", type=float, default=500, help="requests/s for the latency runs")
+    parser.add_argument("--latency-duration", type=float, default=10, help="seconds per run")
+    parser.add_argument("--only", action="append", choices=systems, help="run only these systems")
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["a", "b"], help="skip a measurement"
+    )
+
+
+def measure_load(
+    args: argparse.Namespace,
+    targets: Sequence[Target],
+    load: Load,
+    around_wrk: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+) -> tuple[Tally, Tally]:
+    """Warm up, then the rotated rounds: wrk (a) and ratelat (b) per target unless skipped;
+    ``around_wrk`` wraps every timed wrk run (e.g. memory sampling)."""
+    load.warm_up(targets)
+    keep, lat = Tally(), Tally()
+
+    def throughput(target: Target) -> WrkResult:
+        with around_wrk():
+            return load.wrk(target, args.duration)
+
+    steps: list[tuple[Tally, Callable[[Any], Any]]] = []
+    if "a" not in args.skip:
+        steps.append((keep, throughput))
+    if "b" not in args.skip:
+        steps.append((lat, lambda target: load.fixed_rate(target, args.latency_duration)))
+    rotated_rounds(targets, args.rounds, steps)
+    print(f"\nmedians of {args.rounds} rounds, per-round values in brackets")
+    return keep, lat
+
+
+def ratio_target(tally: Tally, num: str, den: str, target: float) -> str:
+    """Print the req/s ratio ``num``/``den``; return its line for the targets."""
+    ratio = ratio_line(tally, num, den)
+    return f"throughput {num}/{den} >= {target:.2f}: {ratio:.2f} {verdict(ratio >= target)}"
+
+
+def print_targets(issue: str, lines: Sequence[str]) -> None:
+    print(f"\nload average at the end: {loadavg()}")
+    if lines:
+        print(f"\nTargets ({issue}):")
+        for line in lines:
+            print(f"  {line}")
+
+
+def print_wrk_table(
+    args: argparse.Namespace,
+    keep: Tally,
+    targets: Sequence[str],
+    what: str,
+    upstream: str,
+    cpu_fmt: str = "{:.0f}",
+) -> None:
+    print_columns(
+        f"a. keep-alive throughput: wrk -t1 -c{args.connections} -d{args.duration:g}s, {what}",
+        keep,
+        targets,
+        wrk_columns(upstream, cpu_fmt),
+    )
+
+
+def print_rate_tables(
+    args: argparse.Namespace,
+    lat: Tally,
+    targets: Sequence[str],
+    upstream: str,
+    ms_fmt: str = "{:.2f}",
+    base: str = "direct",
+) -> dict[str, dict[str, float]]:
+    """The fixed-rate table, then the added latency over ``base`` (returned)."""
+    print_columns(
+        f"b. latency at a fixed {args.rate:g} req/s (open loop, ratelat, 16 connections, "
+        f"{args.latency_duration:g} s; from the scheduled send time)",
+        lat,
+        targets,
+        rate_columns(upstream, ms_fmt),
+    )
+    return print_added(lat, targets, base, ms_fmt) if base in targets else {}

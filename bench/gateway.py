@@ -86,18 +86,20 @@ from _common import (
     PASSPHRASE,
     TRUST_DOMAIN,
     ClientCert,
-    Tally,
+    Load,
+    Target,
     build_ratelat,
     build_shim,
-    loadavg,
+    load_arguments,
+    measure_load,
     need_tools,
-    print_columns,
     print_machine,
+    print_rate_tables,
+    print_targets,
+    print_wrk_table,
     process_tree,
     ratio_line,
-    run_ratelat,
-    run_wrk,
-    spread,
+    ratio_target,
     start_haproxy,
     verdict,
     wait_ok,
@@ -202,18 +204,6 @@ crt {dir}/client.pem verifyhost localhost
 
 
 @dataclass
-class System:
-    name: str
-    port: int
-    pids: list[int]  # the proxy's process tree (empty for direct)
-    cert: ClientCert | None  # what the load generators present (direct: mTLS)
-
-    @property
-    def url(self) -> str:
-        return f"https://{HOST}:{self.port}{PATH}"
-
-
-@dataclass
 class Tokens:
     valid: str
     rotation: list[str]  # --tokens N distinct valid tokens (N = 1: [valid])
@@ -241,7 +231,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def check_proxy(system: System, tokens: Tokens, verify: ssl.SSLContext) -> None:
+def check_proxy(system: Target, tokens: Tokens, verify: ssl.SSLContext) -> None:
     """A proxy must pass the valid token through and refuse the others, each for its reason."""
     cases: list[tuple[str, dict[str, str], set[int]]] = [
         ("valid token", bearer(tokens.valid), {200}),
@@ -295,14 +285,8 @@ def haproxy_files(work: Path, gateway: ClientCert, minter: Minter) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
-    parser.add_argument("--rate", type=float, default=500, help="requests/s for the latency runs")
-    parser.add_argument("--latency-duration", type=float, default=10, help="seconds per run")
+    load_arguments(parser, SYSTEMS)
     parser.add_argument("--tokens", type=int, default=1, help="distinct tokens in rotation")
-    parser.add_argument("--only", action="append", choices=SYSTEMS, help="run only these systems")
-    parser.add_argument("--skip", action="append", default=[], choices=["a", "b"])
     args = parser.parse_args()
     need_tools(
         ("wrk", "haproxy", "gcc", "setpriv"), "apt-get install -y haproxy wrk gcc libssl-dev"
@@ -342,9 +326,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     }
     issuer.routes["/jwks"] = minter.jwks()
     tokens = make_tokens(minter, args.tokens)
-    rotation = work / "tokens.lines"
     header_lines = [f"Authorization: Bearer {t}" for t in tokens.rotation]
     script = wrk_rotation_script(work / "tokens.lua", header_lines) if args.tokens > 1 else None
+    rotation = work / "tokens.lines"  # written by wrk_rotation_script, read by ratelat
     print(f"token: {len(tokens.valid)} bytes, ES256; distinct tokens in rotation: {args.tokens}")
 
     stack = contextlib.ExitStack()
@@ -360,9 +344,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
         wait_ok(
             f"https://{HOST}:{up_port}{PATH}", verify=mtls, proc=upstream, log=work / "upstream.log"
         )
-        systems: list[System] = []
+        systems: list[Target] = []
+
+        def ready(port: int, proc: subprocess.Popen[Any], log: Path) -> None:
+            url = f"https://{HOST}:{port}{PATH}"
+            wait_ok(url, verify=verify, proc=proc, log=log, headers=bearer(tokens.valid))
+
         if "direct" in systems_wanted:
-            systems.append(System("direct", up_port, [], gateway_id))
+            systems.append(Target("direct", up_port, PATH, [], cert=gateway_id))
         if "trustmesh" in systems_wanted:
             port = free_port()
             config = work / "gateway.yaml"
@@ -383,15 +372,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             cmd = [sys.executable, "-m", "trustmesh", "gateway", "serve", "--config", str(config)]
             cmd += ["--cert-dir", str(work / "gateway"), "--log-level", "warning"]
             proc = stack.enter_context(running(cmd, work / "gateway.log"))
-            url = f"https://{HOST}:{port}{PATH}"
-            wait_ok(
-                url,
-                verify=verify,
-                proc=proc,
-                log=work / "gateway.log",
-                headers=bearer(tokens.valid),
-            )
-            systems.append(System("trustmesh", port, process_tree(proc.pid), None))
+            ready(port, proc, work / "gateway.log")
+            systems.append(Target("trustmesh", port, PATH, process_tree(proc.pid)))
         if "haproxy" in systems_wanted:
             port = free_port()
             hdir = haproxy_files(work, gateway_id, minter)
@@ -407,15 +389,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             )
             proc = start_haproxy(hdir, conf, work=work)
             stack.callback(stop_process, proc)
-            url = f"https://{HOST}:{port}{PATH}"
-            wait_ok(
-                url,
-                verify=verify,
-                proc=proc,
-                log=hdir / "haproxy.log",
-                headers=bearer(tokens.valid),
-            )
-            systems.append(System("haproxy", port, process_tree(proc.pid), None))
+            ready(port, proc, hdir / "haproxy.log")
+            systems.append(Target("haproxy", port, PATH, process_tree(proc.pid)))
         print(f"systems: {', '.join(f'{s.name} :{s.port}' for s in systems)}; upstream :{up_port}")
         print("correctness (before timing):")
         for s in systems:
@@ -423,141 +398,40 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 check_proxy(s, tokens, verify)
         if "direct" in systems_wanted:
             print("  direct: 200 over mTLS with the gateway's identity (it checks no token)")
-        measure(args, systems, upstream.pid, shim, ratelat, tokens, rotation, script, header_lines)
-
-
-def measure(
-    args: argparse.Namespace,
-    systems: Sequence[System],
-    upstream_pid: int,
-    shim: Path,
-    ratelat: Path,
-    tokens: Tokens,
-    rotation: Path,
-    script: Path | None,
-    header_lines: Sequence[str],
-) -> None:
-    rotation.write_text("".join(f"{line}\n" for line in header_lines))
-    fixed = [] if script is not None else [f"Authorization: Bearer {tokens.valid}"]
-
-    def wrk(s: System, duration: float) -> Any:
-        return run_wrk(
-            s.url,
-            s.pids,
-            connections=args.connections,
-            duration=duration,
-            shim=shim,
-            cert=s.cert,
-            headers=fixed,
-            script=script,
-            upstream=upstream_pid,
-        )
-
-    def rate(s: System, duration: float) -> Any:
-        return run_ratelat(
+        load = Load(
+            shim,
             ratelat,
-            s.port,
-            s.pids,
-            rate=args.rate,
-            duration=duration,
-            path=PATH,
-            tls=True,
-            cert=s.cert,
-            rotate=rotation,
-            upstream=upstream_pid,
+            upstream.pid,
+            args.connections,
+            args.rate,
+            headers=[] if script else [f"Authorization: Bearer {tokens.valid}"],
+            script=script,
+            rotate=rotation if script else None,
         )
+        measure(args, systems, load)
 
-    print("warm-up: 2 s of wrk and 2 s at the fixed rate per system (untimed)")
-    for s in systems:
-        wrk(s, 2)
-        rate(s, 2)
-    keep, lat = Tally(), Tally()
-    for rnd in range(args.rounds):
-        order = list(systems[rnd % len(systems) :]) + list(systems[: rnd % len(systems)])
-        print(f"round {rnd + 1}: order {[s.name for s in order]}, load {loadavg()}", flush=True)
-        for s in order:
-            if "a" not in args.skip:
-                keep.add(s.name, wrk(s, args.duration))
-            if "b" not in args.skip:
-                lat.add(s.name, rate(s, args.latency_duration))
-    print(f"load average after the rounds: {loadavg()}")
+
+def measure(args: argparse.Namespace, systems: Sequence[Target], load: Load) -> None:
+    keep, lat = measure_load(args, systems, load)
     names = [s.name for s in systems]
     verdicts: list[str] = []
-    print(f"\nmedians of {args.rounds} rounds, per-round values in brackets")
     if "a" not in args.skip:
-        print_columns(
-            f"a. keep-alive throughput: wrk -t1 -c{args.connections} -d{args.duration:g}s, "
-            f"GET {PATH} with a bearer token ({args.tokens} distinct)",
-            keep,
-            names,
-            [
-                ("req/s", "rps", "{:.0f}"),
-                ("p50 ms", "p50_ms", "{:.2f}"),
-                ("p99 ms", "p99_ms", "{:.2f}"),
-                ("proxy CPU µs/req", "server_cpu_us", "{:.0f}"),
-                ("upstream CPU µs/req", "upstream_cpu_us", "{:.0f}"),
-                ("wrk CPU µs/req", "wrk_cpu_us", "{:.0f}"),
-            ],
-        )
+        what = f"GET {PATH} with a bearer token ({args.tokens} distinct)"
+        print_wrk_table(args, keep, names, what, "upstream")
         if {"trustmesh", "haproxy"} <= set(names):
-            ratio = ratio_line(keep, "trustmesh", "haproxy")
-            verdicts.append(
-                f"throughput trustmesh/haproxy >= {TARGET_RATIO:.2f}: {ratio:.2f} "
-                f"{verdict(ratio >= TARGET_RATIO)}"
-            )
-        if "direct" in names:
-            for name in PROXIES:
-                if name in names:
-                    ratio_line(keep, name, "direct")
+            verdicts.append(ratio_target(keep, "trustmesh", "haproxy", TARGET_RATIO))
+        for name in PROXIES:
+            if {name, "direct"} <= set(names):
+                ratio_line(keep, name, "direct")
     if "b" not in args.skip:
-        print_columns(
-            f"b. latency at a fixed {args.rate:g} req/s (open loop, ratelat, 16 connections, "
-            f"{args.latency_duration:g} s; from the scheduled send time)",
-            lat,
-            names,
-            [
-                ("p50 ms", "p50_ms", "{:.2f}"),
-                ("p90 ms", "p90_ms", "{:.2f}"),
-                ("p99 ms", "p99_ms", "{:.2f}"),
-                ("max ms", "max_ms", "{:.1f}"),
-                ("p50 from write ms", "raw_p50_ms", "{:.2f}"),
-                ("p99 from write ms", "raw_p99_ms", "{:.2f}"),
-                ("achieved req/s", "rate", "{:.0f}"),
-                ("proxy CPU µs/req", "server_cpu_us", "{:.0f}"),
-                ("upstream CPU µs/req", "upstream_cpu_us", "{:.0f}"),
-                ("generator CPU µs/req", "gen_cpu_us", "{:.0f}"),
-                ("late send max ms", "late_max_ms", "{:.2f}"),
-            ],
-        )
-        if "direct" in names:
-            print(
-                "\nadded latency over direct (median of the system - median of direct; "
-                "per-round differences in brackets):"
+        added = print_rate_tables(args, lat, names, "upstream")
+        if "trustmesh" in added:
+            p99 = added["trustmesh"]["p99_ms"]
+            verdicts.append(
+                f"trustmesh added p99 at {args.rate:g} req/s <= {TARGET_ADDED_P99_MS:g} "
+                f"ms: {p99:.2f} ms {verdict(p99 <= TARGET_ADDED_P99_MS)}"
             )
-            print("| system | added p50 ms | added p99 ms |\n|---|---|---|")
-            for name in PROXIES:
-                if name not in names:
-                    continue
-                cells, added = [], {}
-                for q in ("p50_ms", "p99_ms"):
-                    per_round = [
-                        a - b
-                        for a, b in zip(lat.values(name, q), lat.values("direct", q), strict=True)
-                    ]
-                    added[q] = lat.med(name, q) - lat.med("direct", q)
-                    cells.append(f"{added[q]:.2f} {spread(per_round, '{:.2f}')}")
-                print(f"| {name} | {cells[0]} | {cells[1]} |")
-                if name == "trustmesh":
-                    ok = added["p99_ms"] <= TARGET_ADDED_P99_MS
-                    verdicts.append(
-                        f"trustmesh added p99 at {args.rate:g} req/s <= {TARGET_ADDED_P99_MS:g} "
-                        f"ms: {added['p99_ms']:.2f} ms {verdict(ok)}"
-                    )
-    print(f"\nload average at the end: {loadavg()}")
-    if verdicts:
-        print("\nTargets (issue #6):")
-        for line in verdicts:
-            print(f"  {line}")
+    print_targets("issue #6", verdicts)
 
 
 if __name__ == "__main__":

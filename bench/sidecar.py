@@ -45,8 +45,8 @@ Measurements, each round in rotated order of the systems:
                  the scheduled send time; added = system - direct; target: trustmesh-http
                  added p50 <= 0.5 ms
   c. memory      RSS and PSS of the sidecar process (and HAProxy's, the app's) at idle
-                 (after start-up and the checks) and the peak sampled every 100 ms during
-                 the wrk runs (compare: Linkerd's proxy, 26 MB)
+                 (after start-up and the checks), the peak sampled every 100 ms during
+                 the wrk runs, and 2 s after the last run (compare: Linkerd's proxy, 26 MB)
 
 Install the tools first (not part of CI):
   apt-get install -y haproxy wrk gcc libssl-dev nodejs
@@ -73,7 +73,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 from _api import ca_serve, free_port, init_home, stop_process
@@ -81,19 +80,20 @@ from _common import (
     PASSPHRASE,
     TRUST_DOMAIN,
     ClientCert,
-    Tally,
+    Load,
+    Target,
     build_ratelat,
     build_shim,
-    loadavg,
+    load_arguments,
+    measure_load,
     memory_kib,
     need_tools,
-    print_columns,
     print_machine,
+    print_rate_tables,
+    print_targets,
+    print_wrk_table,
     process_tree,
-    ratio_line,
-    run_ratelat,
-    run_wrk,
-    spread,
+    ratio_target,
     start_haproxy,
     verdict,
     wait_ok,
@@ -221,34 +221,24 @@ backend app_pp
 """
 
 
-@dataclass
-class System:
-    name: str
-    port: int
-    tls: bool
-    pids: list[int]  # the proxy's process tree (empty for direct)
-
-    @property
-    def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}{PATH}"
+def tree_memory(pids: Sequence[int]) -> tuple[int, int]:
+    """(RSS, PSS) in KiB summed over ``pids``."""
+    rss = pss = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            r, p = memory_kib(pid)
+            rss, pss = rss + r, pss + p
+    return rss, pss
 
 
 @dataclass
 class Memory:
-    """RSS/PSS in KiB of a process tree: at idle and the peak under load."""
+    """RSS/PSS in KiB of a process tree: idle before the load, the peak under load (sampled),
+    idle again after it."""
 
-    idle_rss: int = 0
-    idle_pss: int = 0
-    peak_rss: int = 0
-    peak_pss: int = 0
-
-    def sample(self, pids: Sequence[int]) -> tuple[int, int]:
-        rss = pss = 0
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                r, p = memory_kib(pid)
-                rss, pss = rss + r, pss + p
-        return rss, pss
+    idle: tuple[int, int] = (0, 0)
+    peak: tuple[int, int] = (0, 0)
+    after: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -258,10 +248,9 @@ class Watched:
     pids: dict[str, list[int]]
     memory: dict[str, Memory] = field(default_factory=dict)
 
-    def idle(self) -> None:
+    def snapshot(self, when: str) -> None:
         for name, pids in self.pids.items():
-            mem = self.memory.setdefault(name, Memory())
-            mem.idle_rss, mem.idle_pss = mem.sample(pids)
+            setattr(self.memory.setdefault(name, Memory()), when, tree_memory(pids))
 
     @contextlib.contextmanager
     def during(self, names: Sequence[str]) -> Iterator[None]:
@@ -271,8 +260,8 @@ class Watched:
             while not stop.is_set():
                 for name in names:
                     mem = self.memory.setdefault(name, Memory())
-                    rss, pss = mem.sample(self.pids[name])
-                    mem.peak_rss, mem.peak_pss = max(mem.peak_rss, rss), max(mem.peak_pss, pss)
+                    rss, pss = tree_memory(self.pids[name])
+                    mem.peak = (max(mem.peak[0], rss), max(mem.peak[1], pss))
                 stop.wait(0.1)
 
         thread = threading.Thread(target=loop, daemon=True)
@@ -321,7 +310,7 @@ def client(bundle: Path, cert: ClientCert | None) -> httpx.Client:
 
 
 def check_proxy(
-    system: System, bundle: Path, caller: ClientCert, stranger: ClientCert, foreign: ClientCert
+    system: Target, bundle: Path, caller: ClientCert, stranger: ClientCert, foreign: ClientCert
 ) -> None:
     """The caller passes and the app learns who it is; others are refused."""
     whoami = system.url.replace(PATH, "/items/whoami")
@@ -362,13 +351,7 @@ def fingerprint(cert: ClientCert) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=8, help="seconds per wrk run")
-    parser.add_argument("--connections", type=int, default=32, help="wrk keep-alive connections")
-    parser.add_argument("--rate", type=float, default=500, help="requests/s for the latency runs")
-    parser.add_argument("--latency-duration", type=float, default=10, help="seconds per run")
-    parser.add_argument("--only", action="append", choices=SYSTEMS, help="run only these systems")
-    parser.add_argument("--skip", action="append", default=[], choices=["a", "b"])
+    load_arguments(parser, SYSTEMS)
     args = parser.parse_args()
     need_tools(
         ("wrk", "haproxy", "gcc", "setpriv", "node"),
@@ -441,10 +424,10 @@ def run(args: argparse.Namespace, work: Path) -> None:
         )
         stack.callback(stop_process, app)
         wait_ok(f"http://{HOST}:{app_port}{PATH}", verify=False, proc=app, log=app_log)
-        systems: list[System] = []
+        systems: list[Target] = []
         watched: dict[str, list[int]] = {"app (node)": [app.pid]}
         if "direct" in wanted:
-            systems.append(System("direct", app_port, False, []))
+            systems.append(Target("direct", app_port, PATH, [], tls=False))
         for mode in ("http", "tcp"):
             name = f"trustmesh-{mode}"
             if name not in wanted:
@@ -464,7 +447,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             stack.callback(stop_process, proc)
             ctx = tls_context(work / "bundle.pem", caller)
             wait_ok(f"https://{HOST}:{port}{PATH}", verify=ctx, proc=proc, log=log)
-            systems.append(System(name, port, True, process_tree(proc.pid)))
+            systems.append(Target(name, port, PATH, process_tree(proc.pid), cert=caller))
         hap_wanted = [s for s in ("haproxy-http", "haproxy-tcp") if s in wanted]
         if hap_wanted:
             http_port, tcp_port = free_port(), free_port()
@@ -486,7 +469,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             pids = process_tree(proc.pid)
             for name, port in (("haproxy-http", http_port), ("haproxy-tcp", tcp_port)):
                 if name in hap_wanted:
-                    systems.append(System(name, port, True, pids))
+                    systems.append(Target(name, port, PATH, pids, cert=caller))
             watched["haproxy (both frontends)"] = pids
         for s in systems:
             if s.name.startswith("trustmesh"):
@@ -498,143 +481,54 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 check_proxy(s, work / "bundle.pem", caller, stranger, foreign)
         memory = Watched(watched)
         time.sleep(1)
-        memory.idle()
-        measure(args, systems, app.pid, shim, ratelat, caller, memory)
+        memory.snapshot("idle")
+        measure(args, systems, Load(shim, ratelat, app.pid, args.connections, args.rate), memory)
 
 
 def measure(
-    args: argparse.Namespace,
-    systems: Sequence[System],
-    app_pid: int,
-    shim: Path,
-    ratelat: Path,
-    caller: ClientCert,
-    memory: Watched,
+    args: argparse.Namespace, systems: Sequence[Target], load: Load, memory: Watched
 ) -> None:
-    def wrk(s: System, duration: float) -> Any:
-        return run_wrk(
-            s.url,
-            s.pids,
-            connections=args.connections,
-            duration=duration,
-            shim=shim,
-            cert=caller if s.tls else None,
-            upstream=app_pid,
-        )
-
-    def rate(s: System, duration: float) -> Any:
-        return run_ratelat(
-            ratelat,
-            s.port,
-            s.pids,
-            rate=args.rate,
-            duration=duration,
-            path=PATH,
-            tls=s.tls,
-            cert=caller if s.tls else None,
-            upstream=app_pid,
-        )
-
-    print("warm-up: 2 s of wrk and 2 s at the fixed rate per system (untimed)")
-    for s in systems:
-        wrk(s, 2)
-        rate(s, 2)
-    keep, lat = Tally(), Tally()
-    for rnd in range(args.rounds):
-        order = list(systems[rnd % len(systems) :]) + list(systems[: rnd % len(systems)])
-        print(f"round {rnd + 1}: order {[s.name for s in order]}, load {loadavg()}", flush=True)
-        for s in order:
-            if "a" not in args.skip:
-                with memory.during(list(memory.pids)):
-                    keep.add(s.name, wrk(s, args.duration))
-            if "b" not in args.skip:
-                lat.add(s.name, rate(s, args.latency_duration))
-    print(f"load average after the rounds: {loadavg()}")
+    keep, lat = measure_load(args, systems, load, lambda: memory.during(list(memory.pids)))
+    time.sleep(2)
+    memory.snapshot("after")
     names = [s.name for s in systems]
     verdicts: list[str] = []
-    print(f"\nmedians of {args.rounds} rounds, per-round values in brackets")
     if "a" not in args.skip:
-        print_columns(
-            f"a. keep-alive throughput: wrk -t1 -c{args.connections} -d{args.duration:g}s, "
-            f"GET {PATH}",
-            keep,
-            names,
-            [
-                ("req/s", "rps", "{:.0f}"),
-                ("p50 ms", "p50_ms", "{:.2f}"),
-                ("p99 ms", "p99_ms", "{:.2f}"),
-                ("proxy CPU µs/req", "server_cpu_us", "{:.1f}"),
-                ("app CPU µs/req", "upstream_cpu_us", "{:.1f}"),
-                ("wrk CPU µs/req", "wrk_cpu_us", "{:.1f}"),
-            ],
-        )
+        print_wrk_table(args, keep, names, f"GET {PATH}", "app", "{:.1f}")
         for num, den in (("trustmesh-http", "haproxy-http"), ("trustmesh-tcp", "haproxy-tcp")):
             if {num, den} <= set(names):
-                ratio = ratio_line(keep, num, den)
+                line = ratio_target(keep, num, den, TARGET_RATIO)
                 if num == "trustmesh-http":
-                    verdicts.append(
-                        f"throughput trustmesh-http/haproxy-http >= {TARGET_RATIO:.2f}: "
-                        f"{ratio:.2f} {verdict(ratio >= TARGET_RATIO)}"
-                    )
+                    verdicts.append(line)
     if "b" not in args.skip:
-        print_columns(
-            f"b. latency at a fixed {args.rate:g} req/s (open loop, ratelat, 16 connections, "
-            f"{args.latency_duration:g} s; from the scheduled send time)",
-            lat,
-            names,
-            [
-                ("p50 ms", "p50_ms", "{:.3f}"),
-                ("p90 ms", "p90_ms", "{:.3f}"),
-                ("p99 ms", "p99_ms", "{:.3f}"),
-                ("max ms", "max_ms", "{:.1f}"),
-                ("p50 from write ms", "raw_p50_ms", "{:.3f}"),
-                ("p99 from write ms", "raw_p99_ms", "{:.3f}"),
-                ("achieved req/s", "rate", "{:.0f}"),
-                ("proxy CPU µs/req", "server_cpu_us", "{:.1f}"),
-                ("app CPU µs/req", "upstream_cpu_us", "{:.1f}"),
-                ("generator CPU µs/req", "gen_cpu_us", "{:.0f}"),
-                ("late send max ms", "late_max_ms", "{:.2f}"),
-            ],
-        )
-        if "direct" in names:
-            print(
-                "\nadded latency over direct (median of the system - median of direct; "
-                "per-round differences in brackets):"
+        added = print_rate_tables(args, lat, names, "app", "{:.3f}")
+        if "trustmesh-http" in added:
+            p50 = added["trustmesh-http"]["p50_ms"]
+            ok = p50 <= TARGET_ADDED_P50_MS
+            verdicts.append(
+                f"trustmesh-http added p50 at {args.rate:g} req/s <= "
+                f"{TARGET_ADDED_P50_MS:g} ms: {p50:.3f} ms {verdict(ok)}"
             )
-            print("| system | added p50 ms | added p99 ms |\n|---|---|---|")
-            for name in names:
-                if name == "direct":
-                    continue
-                cells, added = [], {}
-                for q in ("p50_ms", "p99_ms"):
-                    per_round = [
-                        a - b
-                        for a, b in zip(lat.values(name, q), lat.values("direct", q), strict=True)
-                    ]
-                    added[q] = lat.med(name, q) - lat.med("direct", q)
-                    cells.append(f"{added[q]:.3f} {spread(per_round, '{:.3f}')}")
-                print(f"| {name} | {cells[0]} | {cells[1]} |")
-                if name == "trustmesh-http":
-                    ok = added["p50_ms"] <= TARGET_ADDED_P50_MS
-                    verdicts.append(
-                        f"trustmesh-http added p50 at {args.rate:g} req/s <= "
-                        f"{TARGET_ADDED_P50_MS:g} ms: {added['p50_ms']:.3f} ms {verdict(ok)}"
-                    )
     print(
-        f"\nc. memory (KiB; idle = after start-up and the checks; peak = sampled every 100 ms "
-        f"during the wrk runs; Linkerd's proxy: {LINKERD_PROXY_MB} MB)"
+        "\nc. memory, KiB (RSS/PSS): idle = after start-up and the checks; peak = highest "
+        "sample (every 100 ms) during the wrk runs; after = 2 s after the last run. "
+        f"Linkerd's proxy: {LINKERD_PROXY_MB} MB"
     )
-    print("| process | idle RSS | idle PSS | peak RSS | peak PSS |\n|---|---|---|---|---|")
+    print("| process | idle RSS | idle PSS | peak RSS | peak PSS | after RSS | after PSS |")
+    print("|---|---|---|---|---|---|---|")
     for name, mem in memory.memory.items():
-        print(
-            f"| {name} | {mem.idle_rss:,} | {mem.idle_pss:,} | {mem.peak_rss:,} "
-            f"| {mem.peak_pss:,} |"
+        cells = [f"{v:,}" for v in (*mem.idle, *mem.peak, *mem.after)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    sidecar = memory.memory.get("sidecar (trustmesh-http)")
+    if sidecar is not None:
+        peak_mb = sidecar.peak[0] / 1024
+        verdicts.append(
+            f"sidecar memory (HTTP mode): idle {sidecar.idle[0] / 1024:.1f} MB RSS "
+            f"({sidecar.idle[1] / 1024:.1f} MB PSS), peak under load {peak_mb:.1f} MB RSS; "
+            f"Linkerd's proxy {LINKERD_PROXY_MB} MB: "
+            f"{'below' if peak_mb <= LINKERD_PROXY_MB else 'above'} (a reference, no target)"
         )
-    print(f"\nload average at the end: {loadavg()}")
-    if verdicts:
-        print("\nTargets (issue #7):")
-        for line in verdicts:
-            print(f"  {line}")
+    print_targets("issue #7", verdicts)
 
 
 if __name__ == "__main__":
