@@ -28,6 +28,7 @@ import httpx
 from _common import PASSPHRASE, TRUST_DOMAIN
 from _common import CPUMeter as CPUMeter  # moved to _common (the wrk runner uses it)
 from _common import loadavg as loadavg
+from _common import stop_process as stop_process
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -170,16 +171,6 @@ def ca_serve(
             yield Server(url, proc.pid)
         finally:
             stop_process(proc)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _run_app_server(home: str, port: int, settings_kw: dict[str, Any], log_level: str) -> None:

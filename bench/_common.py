@@ -17,6 +17,7 @@ import platform
 import random
 import re
 import resource
+import shlex
 import shutil
 import sqlite3
 import ssl
@@ -289,6 +290,39 @@ class CPUMeter:
         out["machine"] = system_busy() - self.start_sys
         out["wall"] = time.monotonic() - self.start_wall
         return out
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_or_skip(
+    name: str,
+    cmd: list[str],
+    log: Path,
+    stack: contextlib.ExitStack,
+    ready: Callable[[subprocess.Popen[Any], Path], None],
+) -> subprocess.Popen[Any] | None:
+    """Start a system under test (output to ``log``, stopped when ``stack`` closes) and wait
+    with ``ready(proc, log)``; when it cannot start, say why and return None, so the other
+    systems are still measured."""
+    shown = ["python", *cmd[1:]] if cmd[0] == sys.executable else cmd
+    print(f"{name}: {shlex.join(shown)}")
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    stack.callback(stop_process, proc)
+    try:
+        ready(proc, log)
+    except RuntimeError as exc:
+        print(f"{name}: NOT MEASURED, it did not start: {str(exc)[-600:]}")
+        stop_process(proc)
+        return None
+    return proc
 
 
 def process_tree(pid: int) -> list[int]:

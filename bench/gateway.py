@@ -74,7 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ from _common import (
     ratio_line,
     ratio_target,
     start_haproxy,
+    start_or_skip,
     verdict,
     wait_ok,
     write_cert_dir,
@@ -256,15 +257,6 @@ def check_proxy(system: Target, tokens: Tokens, verify: ssl.SSLContext) -> None:
     print(f"  {system.name}: valid 200, no token 401, wrong key 401, expired 401, no scope 403")
 
 
-@contextlib.contextmanager
-def running(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[Any]]:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        stop_process(proc)
-
-
 def haproxy_files(work: Path, gateway: ClientCert, minter: Minter) -> Path:
     """HAProxy reads everything from one directory: its listener's certificate and key,
     its client certificate and key for the upstream, the CA bundle, the issuer's key."""
@@ -303,14 +295,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
     bundle = init_home(home, None)
     shutil.copy(bundle, work / "bundle.pem")
     with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
-        upstream_id = write_cert_dir(
-            ca, SERVER_ID, work / "upstream", dns=["localhost"], ips=["127.0.0.1"]
-        )
+        write_cert_dir(ca, SERVER_ID, work / "upstream", dns=["localhost"], ips=["127.0.0.1"])
         gateway_id = write_cert_dir(
             ca, GATEWAY_ID, work / "gateway", dns=["localhost"], ips=["127.0.0.1"]
         )
         issuer_tls, _ = server_tls(ca, work / "issuer")
-    del upstream_id
     (work / "policy.yaml").write_text(UPSTREAM_POLICY)
     (work / "svc_app.py").write_text(FASTAPI_APP)
     shim, ratelat = build_shim(work), build_ratelat(work)
@@ -340,15 +329,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
         cmd += ["--cert-dir", str(work / "upstream"), "--listen", f"{HOST}:{up_port}"]
         cmd += ["--policy", str(work / "policy.yaml"), "--ca", ca_server.url]
         cmd += ["--log-level", "warning"]
-        upstream = stack.enter_context(running(cmd, work / "upstream.log"))
+        upstream = subprocess.Popen(
+            cmd, stdout=(work / "upstream.log").open("w"), stderr=subprocess.STDOUT
+        )
+        stack.callback(stop_process, upstream)
         wait_ok(
             f"https://{HOST}:{up_port}{PATH}", verify=mtls, proc=upstream, log=work / "upstream.log"
         )
         systems: list[Target] = []
 
-        def ready(port: int, proc: subprocess.Popen[Any], log: Path) -> None:
+        def ready(port: int) -> Callable[[subprocess.Popen[Any], Path], None]:
             url = f"https://{HOST}:{port}{PATH}"
-            wait_ok(url, verify=verify, proc=proc, log=log, headers=bearer(tokens.valid))
+            return lambda proc, log: wait_ok(
+                url, verify=verify, proc=proc, log=log, headers=bearer(tokens.valid)
+            )
 
         if "direct" in systems_wanted:
             systems.append(Target("direct", up_port, PATH, [], cert=gateway_id))
@@ -371,9 +365,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
             )
             cmd = [sys.executable, "-m", "trustmesh", "gateway", "serve", "--config", str(config)]
             cmd += ["--cert-dir", str(work / "gateway"), "--log-level", "warning"]
-            proc = stack.enter_context(running(cmd, work / "gateway.log"))
-            ready(port, proc, work / "gateway.log")
-            systems.append(Target("trustmesh", port, PATH, process_tree(proc.pid)))
+            gateway = start_or_skip("trustmesh", cmd, work / "gateway.log", stack, ready(port))
+            if gateway is not None:
+                systems.append(Target("trustmesh", port, PATH, process_tree(gateway.pid)))
         if "haproxy" in systems_wanted:
             port = free_port()
             hdir = haproxy_files(work, gateway_id, minter)
@@ -389,7 +383,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             )
             proc = start_haproxy(hdir, conf, work=work)
             stack.callback(stop_process, proc)
-            ready(port, proc, hdir / "haproxy.log")
+            ready(port)(proc, hdir / "haproxy.log")
             systems.append(Target("haproxy", port, PATH, process_tree(proc.pid)))
         print(f"systems: {', '.join(f'{s.name} :{s.port}' for s in systems)}; upstream :{up_port}")
         print("correctness (before timing):")

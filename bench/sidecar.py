@@ -24,11 +24,12 @@ Systems, each request ``GET /items/7``:
                   bundle.pem verify required``; HAProxy 2.6 has no fetch for a URI SAN,
                   so the caller's SPIFFE ID comes from a map of certificate SHA-256
                   fingerprints (``ssl_c_der,sha2(256),hex,map(...)``); the same rule
-                  (that ID, GET, /items or /items/*) as an ACL, else 403;
-                  ``X-Trustmesh-Caller`` set from it (any incoming copy replaced);
-                  keep-alive to the app
-  trustmesh-tcp   ``proxy inbound`` without ``--http`` (TCP mode, PROXY v2 to the app),
-                  when the command has that mode
+                  (that ID, GET, /items or /items/*) as an ACL, else 403; then the
+                  headers the sidecar sets (``X-Trustmesh-Caller``, ``Client-Cert`` with
+                  the leaf as base64 DER, ``X-Forwarded-For``/``-Proto``), incoming copies
+                  and a few other identity headers removed; keep-alive to the app
+  trustmesh-tcp   ``proxy inbound --allow-id CALLER`` without ``--http`` (TCP mode: the
+                  caller checked per connection, PROXY v2 with its SPIFFE ID to the app)
   haproxy-tcp     HAProxy ``mode tcp``, the same TLS, the caller's fingerprint checked
                   per connection, ``send-proxy-v2`` to the app
 
@@ -95,6 +96,7 @@ from _common import (
     process_tree,
     ratio_target,
     start_haproxy,
+    start_or_skip,
     verdict,
     wait_ok,
     write_cert_dir,
@@ -200,7 +202,15 @@ alpn http/1.1
     acl items path_beg /items/
     http-request set-var(txn.caller) ssl_c_der,sha2(256),hex,map({dir}/callers.map)
     http-request deny deny_status 403 unless {{ var(txn.caller) -m str {caller} }} METH_GET items
+    http-request del-header X-Forwarded-Client-Cert
+    http-request del-header X-Spiffe-Id
+    http-request del-header Forwarded
+    http-request del-header X-Real-IP
+    http-request del-header X-Forwarded-For
     http-request set-header X-Trustmesh-Caller %[var(txn.caller)]
+    http-request set-header Client-Cert :%[ssl_c_der,base64]:
+    http-request set-header X-Forwarded-Proto https
+    option forwardfor
     default_backend app_http
 
 backend app_http
@@ -286,11 +296,15 @@ def proxy_help() -> str:
 def sidecar_command(
     help_text: str, *, http: bool, port: int, app_port: int, work: Path, ca_url: str
 ) -> list[str]:
+    """The sidecar's command line. TCP mode gets ``--allow-id CALLER`` (it refuses policies
+    that narrow methods or paths), HTTP mode the policy file."""
     cmd = [sys.executable, "-m", "trustmesh", "proxy", "inbound"]
-    if http:
-        cmd.append("--http")
     cmd += ["--id", SERVICE_ID, "--listen", f"{HOST}:{port}", "--to", f"{HOST}:{app_port}"]
-    cmd += ["--cert-dir", str(work / "service"), "--policy", str(work / "policy.yaml")]
+    cmd += ["--cert-dir", str(work / "service")]
+    if http:
+        cmd += ["--http", "--policy", str(work / "policy.yaml")]
+    else:
+        cmd += ["--allow-id", CALLER_ID]
     if re.search(r"--ca\b", help_text):
         cmd += ["--ca", ca_url]
     if "--log-level" in help_text:
@@ -441,13 +455,17 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 work=work,
                 ca_url=ca_server.url,
             )
-            print(f"{name}: {' '.join(cmd[1:])}")
-            log = work / f"{name}.log"
-            proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-            stack.callback(stop_process, proc)
+            url = f"https://{HOST}:{port}{PATH}"
             ctx = tls_context(work / "bundle.pem", caller)
-            wait_ok(f"https://{HOST}:{port}{PATH}", verify=ctx, proc=proc, log=log)
-            systems.append(Target(name, port, PATH, process_tree(proc.pid), cert=caller))
+            proc = start_or_skip(
+                name,
+                cmd,
+                work / f"{name}.log",
+                stack,
+                lambda p, log, url=url, ctx=ctx: wait_ok(url, verify=ctx, proc=p, log=log),
+            )
+            if proc is not None:
+                systems.append(Target(name, port, PATH, process_tree(proc.pid), cert=caller))
         hap_wanted = [s for s in ("haproxy-http", "haproxy-tcp") if s in wanted]
         if hap_wanted:
             http_port, tcp_port = free_port(), free_port()
