@@ -26,10 +26,10 @@ Systems, each request ``GET /items/7`` with ``Authorization: Bearer <token>``:
              present none), one route ``/items`` requiring scope ``orders:read`` of the
              issuer above (discovery, JWKS), upstream by SPIFFE ID over mTLS
   haproxy    HAProxy 2.6 (Debian), ``nbthread 1``, doing the same job: TLS listener with
-             the same certificate; bearer from ``http_auth_bearer``; ``alg`` must be ES256
-             (``jwt_header_query``), ``jwt_verify`` with the issuer's public key (PEM)
-             must be 1, ``iss`` and ``aud`` compared, ``exp`` present and not before
-             ``date()``, ``scope`` must contain the word orders:read (regex on
+             the same certificate; bearer from ``http_auth_bearer``; ``alg`` must be
+             ES256 and ``typ`` at+jwt (``jwt_header_query``); ``jwt_verify`` with the
+             issuer's public key (PEM) must be 1; ``iss``, ``aud`` compared; ``exp``
+             present, not before ``date()``; ``scope`` must hold the word orders:read (regex on
              ``jwt_payload_query('$.scope')``); 401 with WWW-Authenticate for a missing or
              bad token, 403 for the scope; X-Forwarded-For/-Proto set by it; the same
              security response headers as the gateway; upstream ``server ... ssl verify
@@ -179,6 +179,7 @@ frontend gateway
 unless {{ var(txn.bearer) -m found }}
     http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
     {deny401} unless {{ var(txn.alg) -m str ES256 }}
+    {deny401} unless {{ var(txn.bearer),jwt_header_query('$.typ') -m str at+jwt }}
     {deny401} unless {{ var(txn.bearer),jwt_verify(txn.alg,"{dir}/issuer.pem") -m int 1 }}
     {deny401} unless {{ var(txn.bearer),jwt_payload_query('$.iss') -m str {issuer} }}
     {deny401} unless {{ var(txn.bearer),jwt_payload_query('$.aud') -m str {audience} }}
