@@ -105,7 +105,8 @@ def client(ca: CertificateAuthority, identity: Identity | None, **kw: Any) -> ht
         chain=identity.chain if identity else None,
         key=identity.key if identity else None,
     )
-    return httpx.Client(verify=ctx, timeout=10, **kw)
+    kw.setdefault("timeout", 10)
+    return httpx.Client(verify=ctx, **kw)
 
 
 @contextmanager

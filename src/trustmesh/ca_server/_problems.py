@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.responses import Response
@@ -21,6 +20,7 @@ from trustmesh.errors import (
     TrustmeshError,
     VerificationError,
 )
+from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 
 __all__ = ["problem", "problem_for", "status_for"]
 
@@ -57,15 +57,11 @@ def problem(
     **extra: Any,
 ) -> Response:
     """Return an ``application/problem+json`` response."""
-    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
-    body["detail"] = detail
-    body.update({k: v for k, v in extra.items() if v is not None})
     headers = {"Cache-Control": "no-store", **(headers or {})}
     if status == 401:
         headers["WWW-Authenticate"] = 'Mutual realm="trustmesh"'
-    return Response(
-        json.dumps(body), status_code=status, media_type="application/problem+json", headers=headers
-    )
+    body = problem_document(status, title, detail, **extra)
+    return Response(body, status_code=status, media_type=PROBLEM_CONTENT_TYPE, headers=headers)
 
 
 def problem_for(exc: TrustmeshError) -> Response:

@@ -68,11 +68,19 @@ def _context_for(credentials: ClientCredentials, check: _PeerCheck) -> ssl.SSLCo
     return credentials.client_context(check_hostname=check.expect_id is None)
 
 
-class _PeerCheck:
-    """Compare the server's SPIFFE ID with ``expect_id`` (exact, or a glob with ``*``)."""
+class RevocationLike(Protocol):
+    """Anything that knows revoked serials (``trustmesh.tls.RevocationSet``)."""
 
-    def __init__(self, expect_id: str | None) -> None:
+    def is_revoked(self, serial: int | str, /) -> bool: ...
+
+
+class _PeerCheck:
+    """Compare the server's SPIFFE ID with ``expect_id`` (exact, or a glob with ``*``),
+    and refuse a revoked server certificate when a revocation set is given."""
+
+    def __init__(self, expect_id: str | None, revocation: RevocationLike | None = None) -> None:
         self.expect_id = expect_id
+        self.revocation = revocation
         if expect_id is None:
             log.warning("mtls client: expect_id=None, the server's SPIFFE ID is not checked")
             return
@@ -92,7 +100,7 @@ class _PeerCheck:
             )
 
     def __call__(self, ssl_object: Any, host: str, port: int) -> None:
-        if self.expect_id is None:
+        if self.expect_id is None and self.revocation is None:
             return
         # _ssl._SSLSocket (sync backend) takes the flag positionally only.
         der = ssl_object.getpeercert(True) if ssl_object is not None else None
@@ -103,12 +111,26 @@ class _PeerCheck:
                 f"{self.expect_id}."
             )
         try:
-            found = spiffe_id_of(x509.load_der_x509_certificate(der))
+            leaf = x509.load_der_x509_certificate(der)
+            found = spiffe_id_of(leaf)
         except (ValueError, VerificationError) as exc:
             raise httpcore.ConnectError(
                 f"Refusing {where}: its certificate carries no single SPIFFE ID ({exc}); "
                 f"expected {self.expect_id}."
             ) from None
+        if self.revocation is not None and self.revocation.is_revoked(leaf.serial_number):
+            log.warning(
+                "mtls client: refused %s: the certificate of %s (serial %x) is revoked",
+                where,
+                found,
+                leaf.serial_number,
+            )
+            raise httpcore.ConnectError(
+                f"Refusing {where}: the certificate of {found} (serial "
+                f"{leaf.serial_number:x}) is revoked."
+            )
+        if self.expect_id is None:
+            return
         ok = (
             match_spiffe_pattern(found, self.expect_id)
             if "*" in self.expect_id
@@ -320,6 +342,10 @@ class MTLSTransport(httpx.BaseTransport):
             ``**`` across); None disables the check (logged).
         forward_token: Send the inbound user token (from the middleware) as
             ``Authorization: Bearer`` unless the request sets its own.
+        revocation: Revoked serials (``trustmesh.tls.RevocationSet``): a server whose
+            certificate is revoked is refused right after the handshake, like a
+            wrong ID. Connections made before a revocation are not re-checked; start
+            a new pool (rotate) to drop them.
         **pool_options: ``limits``, ``http1``, ``http2``, ``retries``,
             ``local_address``, ``socket_options`` as for ``httpx.HTTPTransport``.
 
@@ -332,12 +358,13 @@ class MTLSTransport(httpx.BaseTransport):
         *,
         expect_id: str | None,
         forward_token: bool = True,
+        revocation: RevocationLike | None = None,
         **pool_options: Any,
     ) -> None:
         self._credentials = (
             _Fixed(credentials) if isinstance(credentials, ssl.SSLContext) else credentials
         )
-        self._check = _PeerCheck(expect_id)
+        self._check = _PeerCheck(expect_id, revocation)
         self._forward = forward_token
         self._pool_options = _pool_kwargs(pool_options)
         self._lock = threading.Lock()
@@ -421,12 +448,13 @@ class AsyncMTLSTransport(httpx.AsyncBaseTransport):
         *,
         expect_id: str | None,
         forward_token: bool = True,
+        revocation: RevocationLike | None = None,
         **pool_options: Any,
     ) -> None:
         self._credentials = (
             _Fixed(credentials) if isinstance(credentials, ssl.SSLContext) else credentials
         )
-        self._check = _PeerCheck(expect_id)
+        self._check = _PeerCheck(expect_id, revocation)
         self._forward = forward_token
         self._pool_options = _pool_kwargs(pool_options)
         self._closed = False
@@ -510,6 +538,7 @@ def mtls_client(
     *,
     expect_id: str | None,
     forward_token: bool = True,
+    revocation: RevocationLike | None = None,
     **httpx_kwargs: Any,
 ) -> httpx.Client:
     """Return an ``httpx.Client`` for calling another service over mTLS.
@@ -532,6 +561,8 @@ def mtls_client(
             A fixed ``ssl.SSLContext`` is used as given.
         forward_token: Forward the inbound user token of the request being handled
             as ``Authorization: Bearer`` unless the request sets its own.
+        revocation: Revoked serials (``trustmesh.tls.RevocationSet``); a server with
+            a revoked certificate is refused before anything is sent.
         **httpx_kwargs: For ``httpx.Client`` (``base_url``, ``timeout``,
             ``headers``...), plus pool options (``limits``, ``http2``, ``retries``).
             ``verify``, ``cert``, ``transport``, ``mounts`` and ``proxy`` are refused.
@@ -543,7 +574,13 @@ def mtls_client(
     .. versionadded:: 0.1
     """
     pool, kwargs = _split_options(dict(httpx_kwargs))
-    transport = MTLSTransport(credentials, expect_id=expect_id, forward_token=forward_token, **pool)
+    transport = MTLSTransport(
+        credentials,
+        expect_id=expect_id,
+        forward_token=forward_token,
+        revocation=revocation,
+        **pool,
+    )
     return httpx.Client(transport=transport, **kwargs)
 
 
@@ -552,6 +589,7 @@ def async_mtls_client(
     *,
     expect_id: str | None,
     forward_token: bool = True,
+    revocation: RevocationLike | None = None,
     **httpx_kwargs: Any,
 ) -> httpx.AsyncClient:
     """Return an ``httpx.AsyncClient``; see :func:`mtls_client`.
@@ -560,6 +598,10 @@ def async_mtls_client(
     """
     pool, kwargs = _split_options(dict(httpx_kwargs))
     transport = AsyncMTLSTransport(
-        credentials, expect_id=expect_id, forward_token=forward_token, **pool
+        credentials,
+        expect_id=expect_id,
+        forward_token=forward_token,
+        revocation=revocation,
+        **pool,
     )
     return httpx.AsyncClient(transport=transport, **kwargs)

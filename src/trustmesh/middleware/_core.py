@@ -11,12 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
 from trustmesh.policy import PolicyRequest
+from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError, TokenVerifierUnavailableError
 
 __all__ = [
@@ -196,20 +196,14 @@ class Refusal(Exception):  # noqa: N818 - a response, not an error of ours
     subject: str | None = None
 
     def body(self) -> bytes:
-        doc: dict[str, Any] = {
-            "type": "about:blank",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "reason": self.reason,
-            **self.extra,
-        }
-        return json.dumps(doc).encode()
+        return problem_document(
+            self.status, self.title, self.detail, reason=self.reason, **self.extra
+        )
 
     def response_headers(self) -> list[tuple[str, str]]:
         body = self.body()
         headers = [
-            ("content-type", "application/problem+json"),
+            ("content-type", PROBLEM_CONTENT_TYPE),
             ("content-length", str(len(body))),
             ("cache-control", "no-store"),
             *self.headers.items(),

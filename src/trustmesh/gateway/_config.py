@@ -1,0 +1,896 @@
+"""The gateway's YAML configuration: loaded, validated, and every error pointing at
+its line and key.
+
+The file is composed into YAML nodes (``yaml.compose``) and walked here, so each
+value keeps its position: an error reads ``gateway.yaml:12: routes[0].upstream.id:
+'orders' is not a SPIFFE ID ...``. Unknown keys are errors (a typo must not silently
+turn a check off), and so are duplicate keys. Relative file names are taken from the
+configuration file's directory. The result is plain frozen data; the app compiles it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import yaml
+
+from trustmesh.errors import ConfigError, SpiffeIDError
+from trustmesh.pki import SpiffeID
+from trustmesh.policy import HTTP_METHODS, Policy, PolicyConfigError
+from trustmesh.serving import parse_listen
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_HEADER_BYTES",
+    "AlertsConfig",
+    "GatewayConfig",
+    "IntrospectionEntry",
+    "IssuerEntry",
+    "RateLimitsConfig",
+    "RateSpec",
+    "RouteConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+#: ``limits.max_header_bytes`` default: request line plus headers.
+DEFAULT_MAX_HEADER_BYTES = 16384
+#: ``limits.max_body_bytes`` default (10 MiB).
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Refuse configuration files larger than this.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RateSpec:
+    """A token bucket: ``rate`` requests per second, bursts up to ``burst``."""
+
+    rate: float
+    burst: int
+
+
+@dataclass(frozen=True)
+class RateLimitsConfig:
+    """Rate limits per client IP and per token client (``client_id``/``azp``/``sub``)."""
+
+    per_ip: RateSpec | None = None
+    per_client: RateSpec | None = None
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """N denies from one source within ``window`` seconds fire an alert."""
+
+    threshold: int = 20
+    window: float = 60.0
+    block_for: float = 300.0
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class IntrospectionEntry:
+    """RFC 7662 introspection for an issuer's opaque tokens."""
+
+    client_id: str
+    client_secret_file: Path
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class IssuerEntry:
+    """One trusted token issuer (``issuers:`` entry)."""
+
+    issuer: str
+    audiences: tuple[str, ...]
+    discovery: str | None = None
+    jwks_uri: str | None = None
+    ca_bundle: Path | None = None
+    algorithms: tuple[str, ...] | None = None
+    introspection: IntrospectionEntry | None = None
+    strict_rfc9068: bool = True
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """A route's upstream pool: endpoints that must all present ``id``."""
+
+    urls: tuple[str, ...]
+    id: str
+    timeout: float = 10.0
+    connect_timeout: float = 2.0
+    retries: int = 1
+    eject_after: int = 3
+    eject_for: float = 10.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One route: which requests (host, path prefix, methods) go where, under which rules."""
+
+    name: str
+    path: str
+    upstream: UpstreamConfig
+    host: str | None = None
+    methods: frozenset[str] | None = None
+    strip_prefix: bool = False
+    rewrite_prefix: str | None = None
+    public: bool = False
+    #: The ``auth`` block without ``public``/``issuers``: the policy ``user`` requirement.
+    auth: Mapping[str, Any] = field(default_factory=dict)
+    issuers: tuple[str, ...] | None = None
+    policy: Path | None = None
+    allow_ips: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
+    rate_limits: RateLimitsConfig | None = None
+    max_body_bytes: int | None = None
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The whole gateway configuration (see docs/gateway.md for every key)."""
+
+    source: Path
+    listen: str
+    routes: tuple[RouteConfig, ...]
+    id: str | None = None
+    ca: str | None = None
+    check_revocation: bool = True
+    cert_dir: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    redirect_http: str | None = None
+    issuers: tuple[IssuerEntry, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    redis: str | None = None
+    alerts: AlertsConfig | None = None
+    access_log: bool = True
+    metrics_listen: str | None = None
+
+    def route(self, name: str) -> RouteConfig:
+        """The route named ``name``.
+
+        Raises:
+            KeyError: No such route.
+        """
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
+
+
+# -- YAML nodes with positions ------------------------------------------------------------
+
+
+class _Fail:
+    """Raises ConfigError as ``FILE:LINE: KEY: problem``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, node: yaml.Node | None, key: str, problem: str) -> NoReturn:
+        line = node.start_mark.line + 1 if node is not None else 0
+        where = f"{self.source}:{line}" if line else self.source
+        raise ConfigError(f"{where}: {key}: {problem}", field=key, line=line, path=self.source)
+
+
+_KIND = {
+    yaml.ScalarNode: "a single value",
+    yaml.SequenceNode: "a list",
+    yaml.MappingNode: "a mapping",
+}
+
+
+class _Value:
+    """One YAML node with its key path, and typed accessors that fail with a position."""
+
+    __slots__ = ("fail", "key", "node")
+
+    def __init__(self, node: yaml.Node, key: str, fail: _Fail) -> None:
+        self.node = node
+        self.key = key
+        self.fail = fail
+
+    def error(self, problem: str) -> NoReturn:
+        self.fail(self.node, self.key, problem)
+
+    @property
+    def line(self) -> int:
+        return int(self.node.start_mark.line) + 1
+
+    def _scalar(self) -> Any:
+        if not isinstance(self.node, yaml.ScalarNode):
+            self.error(f"expected a single value, got {_KIND.get(type(self.node), 'something')}")
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(self.node)
+        except yaml.YAMLError as exc:
+            self.error(f"cannot read the value ({getattr(exc, 'problem', exc)})")
+
+    def is_null(self) -> bool:
+        return isinstance(self.node, yaml.ScalarNode) and self._scalar() is None
+
+    def string(self) -> str:
+        value = self._scalar()
+        if not isinstance(value, str) or not value.strip():
+            self.error(f"expected a non-empty string, got {value!r}")
+        return value.strip()
+
+    def boolean(self) -> bool:
+        value = self._scalar()
+        if not isinstance(value, bool):
+            self.error(f"expected true or false, got {value!r}")
+        return value
+
+    def integer(self, *, minimum: int = 0) -> int:
+        value = self._scalar()
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(f"expected a whole number, got {value!r}")
+        if value < minimum:
+            self.error(f"must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, *, positive: bool = True) -> float:
+        value = self._scalar()
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            self.error(f"expected a number, got {value!r}")
+        if positive and value <= 0:
+            self.error(f"must be greater than 0, got {value}")
+        return float(value)
+
+    def duration(self, *, allow_zero: bool = False) -> float:
+        """Seconds: a number, or text such as ``500ms``, ``2s``, ``1.5m``, ``1h``."""
+        value = self._scalar()
+        seconds: float | None = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str):
+            match = _DURATION.fullmatch(value.strip().lower())
+            if match:
+                seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+            self.error(f"expected a duration such as 500ms, 10s, 5m or 1h, got {value!r}")
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            self.error(f"must be {'0 or more' if allow_zero else 'greater than 0'}, got {value!r}")
+        return seconds
+
+    def items(self) -> list[_Value]:
+        if not isinstance(self.node, yaml.SequenceNode):
+            self.error(f"expected a list, got {_KIND.get(type(self.node), 'something')}")
+        return [_Value(n, f"{self.key}[{i}]", self.fail) for i, n in enumerate(self.node.value)]
+
+    def strings(self) -> tuple[str, ...]:
+        return tuple(item.string() for item in self.items())
+
+    def mapping(self, allowed: Collection[str], *, required: Collection[str] = ()) -> _Mapping:
+        if not isinstance(self.node, yaml.MappingNode):
+            self.error(f"expected a mapping, got {_KIND.get(type(self.node), 'something')}")
+        children: dict[str, _Value] = {}
+        for key_node, value_node in self.node.value:
+            key_value = _Value(key_node, self.key, self.fail)._scalar()
+            key = str(key_value)
+            path = f"{self.key}.{key}" if self.key else key
+            if key in children:
+                self.fail(key_node, path, f"duplicate key (first at line {children[key].line})")
+            if key not in allowed:
+                hint = get_close_matches(key, list(allowed), n=1)
+                known = f"did you mean {hint[0]!r}?" if hint else f"known: {', '.join(allowed)}"
+                self.fail(key_node, path, f"unknown key; {known}")
+            children[key] = _Value(value_node, path, self.fail)
+        for key in required:
+            if key not in children:
+                where = f"{self.key}.{key}" if self.key else key
+                self.fail(self.node, where, "is required")
+        return _Mapping(self, children)
+
+
+class _Mapping:
+    __slots__ = ("children", "value")
+
+    def __init__(self, value: _Value, children: dict[str, _Value]) -> None:
+        self.value = value
+        self.children = children
+
+    def get(self, key: str) -> _Value | None:
+        child = self.children.get(key)
+        if child is None or child.is_null():
+            return None
+        return child
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.children)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_HOST = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_PATH_SEGMENT_BAD = re.compile(r"[\s%?#\\]")
+
+
+def _spiffe_id(value: _Value) -> str:
+    text = value.string()
+    try:
+        return SpiffeID.parse(text).uri
+    except SpiffeIDError as exc:
+        value.error(f"{text!r} is not a SPIFFE ID ({exc.message})")
+
+
+def _https_url(value: _Value, *, what: str = "an https:// URL", path_ok: bool = True) -> str:
+    text = value.string()
+    parts = urlsplit(text)
+    if parts.scheme != "https" or not parts.hostname:
+        value.error(f"expected {what}, got {text!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        value.error(f"{text!r} has an invalid port")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        value.error(f"{text!r} must not carry a query, fragment or user info")
+    if not path_ok and parts.path not in ("", "/"):
+        value.error(
+            f"{text!r} has a path; give scheme, host and port only (use the route's "
+            f"rewrite_prefix to change the path)"
+        )
+    return text.rstrip("/") if not path_ok else text
+
+
+def _listen(value: _Value) -> str:
+    text = value.string()
+    try:
+        parse_listen(text)
+    except ConfigError:
+        value.error(f"{text!r} is not HOST:PORT, e.g. 127.0.0.1:8443")
+    return text
+
+
+def _file(value: _Value, base: Path, *, must_exist: bool = True) -> Path:
+    path = Path(os.path.expanduser(value.string()))
+    if not path.is_absolute():
+        path = base / path
+    if must_exist and not path.is_file():
+        value.error(
+            f"file {str(path)!r} does not exist (relative names are taken from the "
+            f"configuration file's directory)"
+        )
+    return path
+
+
+def _directory(value: _Value, base: Path) -> Path:
+    path = Path(os.path.expanduser(value.string()))
+    return path if path.is_absolute() else base / path
+
+
+def _cidrs(value: _Value) -> tuple[str, ...]:
+    entries: list[str] = []
+    for item in value.items():
+        text = item.string()
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            item.error(
+                f"{text!r} is not an IP network; write an address (203.0.113.9) or a CIDR "
+                f"block (203.0.113.0/24, 2001:db8::/32)"
+            )
+        entries.append(text)
+    return tuple(entries)
+
+
+def _rate(value: _Value) -> RateSpec:
+    block = value.mapping(("rate", "burst"), required=("rate",))
+    rate_value = block.get("rate")
+    assert rate_value is not None  # noqa: S101 - required above
+    rate = rate_value.number()
+    burst_value = block.get("burst")
+    burst = burst_value.integer(minimum=1) if burst_value is not None else max(1, math.ceil(rate))
+    return RateSpec(rate, burst)
+
+
+def _rate_limits(value: _Value) -> RateLimitsConfig:
+    block = value.mapping(("per_ip", "per_client"))
+    per_ip, per_client = block.get("per_ip"), block.get("per_client")
+    return RateLimitsConfig(
+        per_ip=_rate(per_ip) if per_ip is not None else None,
+        per_client=_rate(per_client) if per_client is not None else None,
+    )
+
+
+def _route_path(value: _Value) -> str:
+    path = value.string()
+    if not path.startswith("/"):
+        value.error(f"{path!r} must start with '/'")
+    if path != "/" and path.endswith("/"):
+        value.error(
+            f"{path!r} must not end with '/': prefixes match whole segments, so "
+            f"{path.rstrip('/')!r} already matches {path!r} and everything below it"
+        )
+    for segment in path[1:].split("/") if path != "/" else ():
+        if segment in ("", ".", ".."):
+            value.error(f"{path!r} has an empty, '.' or '..' segment; write the normalised path")
+        if _PATH_SEGMENT_BAD.search(segment) or not segment.isprintable():
+            value.error(
+                f"{path!r} has a space, '%', '?', '#', '\\' or control character; write the "
+                f"decoded path (requests are matched after decoding)"
+            )
+    return path
+
+
+def _host(value: _Value) -> str:
+    host = value.string().lower().rstrip(".")
+    if not _HOST.fullmatch(host):
+        value.error(
+            f"{host!r} is not a host name; give an exact name (api.example.org) or a "
+            f"wildcard (*.example.org), without scheme or port"
+        )
+    return host
+
+
+def _upstream(value: _Value) -> UpstreamConfig:
+    block = value.mapping(
+        ("urls", "id", "timeout", "connect_timeout", "retries", "eject_after", "eject_for"),
+        required=("urls", "id"),
+    )
+    urls_value = block.get("urls")
+    if urls_value is None:
+        block.value.error("urls is required")
+    urls = tuple(
+        _https_url(item, what="an https:// URL (upstreams are called over mTLS)", path_ok=False)
+        for item in urls_value.items()
+    )
+    if not urls:
+        urls_value.error("needs at least one URL")
+    if len(set(urls)) != len(urls):
+        urls_value.error("lists the same URL twice")
+    id_value = block.get("id")
+    if id_value is None:
+        block.value.error("id is required")
+    defaults = UpstreamConfig(urls=(), id="")
+    get = block.get
+    timeout, connect = get("timeout"), get("connect_timeout")
+    retries, after, eject = get("retries"), get("eject_after"), get("eject_for")
+    return UpstreamConfig(
+        urls=urls,
+        id=_spiffe_id(id_value),
+        timeout=timeout.duration() if timeout else defaults.timeout,
+        connect_timeout=connect.duration() if connect else defaults.connect_timeout,
+        retries=retries.integer() if retries else defaults.retries,
+        eject_after=after.integer(minimum=1) if after else defaults.eject_after,
+        eject_for=eject.duration() if eject else defaults.eject_for,
+    )
+
+
+_AUTH_USER_KEYS = ("scopes", "roles", "claims")
+
+
+def _auth(
+    value: _Value, issuers: Mapping[str, IssuerEntry]
+) -> tuple[bool, dict[str, Any], tuple[str, ...] | None]:
+    block = value.mapping(("public", *_AUTH_USER_KEYS, "issuers"))
+    public_value = block.get("public")
+    public = public_value.boolean() if public_value is not None else False
+    if public:
+        others = [key for key in block if key != "public"]
+        if others:
+            block.children[others[0]].error(
+                "a public route takes no other auth keys (it checks no token); remove "
+                "'public: true' to require a token"
+            )
+        return True, {}, None
+    if public_value is not None:
+        public_value.error("write 'public: true' for a public route, or leave 'public' out")
+    user: dict[str, Any] = {}
+    for key in _AUTH_USER_KEYS:
+        child = block.get(key)
+        if child is not None:
+            user[key] = yaml.constructor.SafeConstructor().construct_document(child.node)
+    allowed: tuple[str, ...] | None = None
+    issuers_value = block.get("issuers")
+    if issuers_value is not None:
+        allowed = issuers_value.strings()
+        for item, name in zip(issuers_value.items(), allowed, strict=True):
+            if name not in issuers:
+                item.error(
+                    f"{name!r} is not one of the configured issuers "
+                    f"({', '.join(sorted(issuers)) or 'none configured'})"
+                )
+    if not issuers:
+        value.error(
+            "the route requires a token but no 'issuers' are configured; add an issuer or "
+            "make the route 'public: true'"
+        )
+    return False, user, allowed
+
+
+def _check_user_block(
+    value: _Value, name: str, user: Mapping[str, Any], methods: frozenset[str] | None
+) -> None:
+    """Compile the requirement with the policy library, so errors show here, at load."""
+    rule: dict[str, Any] = {"name": name, "callers": ["anonymous"], "paths": ["/**"]}
+    if methods:
+        rule["methods"] = sorted(methods)
+    if user:
+        rule["user"] = dict(user)
+    try:
+        Policy.from_mapping({"rules": [rule]}, source=value.key)
+    except PolicyConfigError as exc:
+        value.error(_policy_problem(exc))
+
+
+def _policy_problem(exc: PolicyConfigError) -> str:
+    # "SOURCE: rules[0] ('name'): user.scopes: problem." -> the part after the rule.
+    text = exc.message
+    marker = "): "
+    return text.split(marker, 1)[1].rstrip(".") if marker in text else text
+
+
+def _route(
+    value: _Value,
+    index: int,
+    base: Path,
+    issuers: Mapping[str, IssuerEntry],
+) -> RouteConfig:
+    block = value.mapping(
+        (
+            "name",
+            "host",
+            "path",
+            "methods",
+            "strip_prefix",
+            "rewrite_prefix",
+            "upstream",
+            "auth",
+            "policy",
+            "allow_ips",
+            "deny_ips",
+            "rate_limits",
+            "max_body_bytes",
+        ),
+        required=("path", "upstream", "auth"),
+    )
+    get = block.get
+    path_value, upstream_value, auth_value = get("path"), get("upstream"), get("auth")
+    if path_value is None or upstream_value is None or auth_value is None:
+        block.value.error("path, upstream and auth are required")
+    path = _route_path(path_value)
+    name_value = get("name")
+    if name_value is not None:
+        name = name_value.string()
+        if not _NAME.fullmatch(name):
+            name_value.error(
+                f"{name!r} must be 1-63 letters, digits, '.', '_' or '-' (it labels metrics)"
+            )
+    else:
+        name = path.strip("/").replace("/", "-") or "root"
+    methods: frozenset[str] | None = None
+    methods_value = get("methods")
+    if methods_value is not None:
+        listed = [m.upper() for m in methods_value.strings()]
+        for item, method in zip(methods_value.items(), listed, strict=True):
+            if method not in HTTP_METHODS:
+                item.error(f"{method!r} is not an HTTP method ({', '.join(sorted(HTTP_METHODS))})")
+        if not listed:
+            methods_value.error("needs at least one method (leave 'methods' out for all)")
+        methods = frozenset(listed)
+    strip_value, rewrite_value = get("strip_prefix"), get("rewrite_prefix")
+    strip = strip_value.boolean() if strip_value is not None else False
+    rewrite: str | None = None
+    if rewrite_value is not None:
+        rewrite = _route_path(rewrite_value)
+        if strip:
+            rewrite_value.error(
+                "give strip_prefix or rewrite_prefix, not both (rewrite_prefix replaces "
+                "the matched prefix; strip_prefix removes it)"
+            )
+    public, user, allowed = _auth(auth_value, issuers)
+    if not public:
+        _check_user_block(auth_value, name, user, methods)
+    policy: Path | None = None
+    policy_value = get("policy")
+    if policy_value is not None:
+        policy = _file(policy_value, base)
+        try:
+            Policy.load(policy)
+        except PolicyConfigError as exc:
+            policy_value.error(f"the policy file does not load: {exc.message}")
+    allow_value, deny_value = get("allow_ips"), get("deny_ips")
+    limits_value, body_value = get("rate_limits"), get("max_body_bytes")
+    return RouteConfig(
+        name=name,
+        path=path,
+        upstream=_upstream(upstream_value),
+        host=_host(host_value) if (host_value := get("host")) is not None else None,
+        methods=methods,
+        strip_prefix=strip,
+        rewrite_prefix=rewrite,
+        public=public,
+        auth=user,
+        issuers=allowed,
+        policy=policy,
+        allow_ips=_cidrs(allow_value) if allow_value is not None else (),
+        deny_ips=_cidrs(deny_value) if deny_value is not None else (),
+        rate_limits=_rate_limits(limits_value) if limits_value is not None else None,
+        max_body_bytes=body_value.integer() if body_value is not None else None,
+        line=value.line,
+    )
+
+
+def _issuer(value: _Value, base: Path) -> IssuerEntry:
+    block = value.mapping(
+        (
+            "issuer",
+            "audience",
+            "discovery",
+            "jwks_uri",
+            "ca_bundle",
+            "algorithms",
+            "introspection",
+            "strict_rfc9068",
+        ),
+        required=("issuer", "audience"),
+    )
+    get = block.get
+    issuer_value, audience_value = get("issuer"), get("audience")
+    if issuer_value is None or audience_value is None:
+        block.value.error("issuer and audience are required")
+    issuer = _https_url(issuer_value)
+    if isinstance(audience_value.node, yaml.SequenceNode):
+        audiences = audience_value.strings()
+        if not audiences:
+            audience_value.error("needs at least one audience")
+    else:
+        audiences = (audience_value.string(),)
+    introspection: IntrospectionEntry | None = None
+    if (intro_value := get("introspection")) is not None:
+        intro = intro_value.mapping(
+            ("url", "client_id", "client_secret_file"),
+            required=("client_id", "client_secret_file"),
+        )
+        client_id, secret = intro.get("client_id"), intro.get("client_secret_file")
+        if client_id is None or secret is None:
+            intro.value.error("client_id and client_secret_file are required")
+        url_value = intro.get("url")
+        introspection = IntrospectionEntry(
+            client_id=client_id.string(),
+            client_secret_file=_file(secret, base),
+            url=_https_url(url_value) if url_value is not None else None,
+        )
+    algorithms: tuple[str, ...] | None = None
+    if (alg_value := get("algorithms")) is not None:
+        from trustmesh.tokens import DEFAULT_ALGORITHMS
+
+        algorithms = alg_value.strings()
+        for item, alg in zip(alg_value.items(), algorithms, strict=True):
+            if alg not in DEFAULT_ALGORITHMS:
+                item.error(
+                    f"{alg!r} is not accepted; use asymmetric algorithms from "
+                    f"{', '.join(DEFAULT_ALGORITHMS)}"
+                )
+    strict_value = get("strict_rfc9068")
+    return IssuerEntry(
+        issuer=issuer,
+        audiences=audiences,
+        discovery=_https_url(d) if (d := get("discovery")) is not None else None,
+        jwks_uri=_https_url(j) if (j := get("jwks_uri")) is not None else None,
+        ca_bundle=_file(c, base) if (c := get("ca_bundle")) is not None else None,
+        algorithms=algorithms,
+        introspection=introspection,
+        strict_rfc9068=strict_value.boolean() if strict_value is not None else True,
+        line=value.line,
+    )
+
+
+_TOP_KEYS = (
+    "listen",
+    "id",
+    "ca",
+    "check_revocation",
+    "cert_dir",
+    "tls",
+    "redirect_http",
+    "issuers",
+    "trusted_proxies",
+    "rate_limits",
+    "limits",
+    "redis",
+    "alerts",
+    "access_log",
+    "metrics",
+    "routes",
+)
+
+
+def _document(text: str, source: str) -> yaml.Node:
+    fail = _Fail(source)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 0
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(
+            f"{source}:{line}: (yaml): {problem}", field="(yaml)", line=line, path=source
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: (yaml): {exc}", field="(yaml)", path=source) from None
+    if node is None:
+        fail(None, "(file)", "is empty; it needs at least 'listen' and 'routes'")
+    return node
+
+
+def parse_config(text: str, *, source: str = "<config>", base: Path | None = None) -> GatewayConfig:
+    """Validate a configuration given as YAML text.
+
+    Args:
+        text: The YAML document.
+        source: The file name shown in errors.
+        base: The directory relative file names are taken from (default: the
+            current directory).
+
+    Raises:
+        ConfigError: ``SOURCE:LINE: KEY: problem`` for the first problem found; its
+            ``details`` carry ``line``, ``field`` (the key path) and ``path``.
+
+    .. versionadded:: 0.1
+    """
+    base = base or Path.cwd()
+    fail = _Fail(source)
+    root = _Value(_document(text, source), "", fail)
+    top = root.mapping(_TOP_KEYS, required=("listen", "routes"))
+    get = top.get
+    listen_value = get("listen")
+    if listen_value is None:
+        root.error("listen is required")
+    listen = _listen(listen_value)
+    gateway_id = _spiffe_id(v) if (v := get("id")) is not None else None
+    ca = _https_url(v, path_ok=False) if (v := get("ca")) is not None else None
+    check_value = get("check_revocation")
+    check_revocation = check_value.boolean() if check_value is not None else True
+    if check_revocation and ca is None and get("routes") is not None:
+        fail(
+            check_value.node if check_value is not None else root.node,
+            "ca",
+            "is required to check upstream certificates for revocation; give the CA URL, "
+            "or set 'check_revocation: false' to skip the check (logged)",
+        )
+    tls_cert = tls_key = None
+    if (tls_value := get("tls")) is not None:
+        tls = tls_value.mapping(("cert", "key"), required=("cert", "key"))
+        cert_value, key_value = tls.get("cert"), tls.get("key")
+        if cert_value is None or key_value is None:
+            tls_value.error("cert and key are required")
+        tls_cert, tls_key = _file(cert_value, base), _file(key_value, base)
+    issuers: dict[str, IssuerEntry] = {}
+    if (issuers_value := get("issuers")) is not None:
+        for item in issuers_value.items():
+            entry = _issuer(item, base)
+            if entry.issuer in issuers:
+                item.error(f"the issuer {entry.issuer!r} is listed twice")
+            issuers[entry.issuer] = entry
+    routes_value = get("routes")
+    if routes_value is None:
+        root.error("routes is required")
+    routes: list[RouteConfig] = []
+    names: dict[str, int] = {}
+    for index, item in enumerate(routes_value.items()):
+        route = _route(item, index, base, issuers)
+        if route.name in names:
+            item.error(
+                f"the route name {route.name!r} is already used by routes[{names[route.name]}]; "
+                f"give each route a unique 'name'"
+            )
+        for other in routes:
+            if (other.host, other.path, other.methods) == (route.host, route.path, route.methods):
+                item.error(
+                    f"matches the same host, path and methods as route {other.name!r} "
+                    f"(line {other.line}), which would always win; remove one"
+                )
+        names[route.name] = index
+        routes.append(route)
+    if not routes:
+        routes_value.error("needs at least one route")
+    max_header, max_body = DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_BODY_BYTES
+    if (limits_value := get("limits")) is not None:
+        limits = limits_value.mapping(("max_header_bytes", "max_body_bytes"))
+        if (h := limits.get("max_header_bytes")) is not None:
+            max_header = h.integer(minimum=1024)
+        if (b := limits.get("max_body_bytes")) is not None:
+            max_body = b.integer()
+    alerts: AlertsConfig | None = None
+    if (alerts_value := get("alerts")) is not None:
+        block = alerts_value.mapping(("threshold", "window", "block_for", "webhook"))
+        defaults = AlertsConfig()
+        alerts = AlertsConfig(
+            threshold=t.integer(minimum=1)
+            if (t := block.get("threshold")) is not None
+            else defaults.threshold,
+            window=w.duration() if (w := block.get("window")) is not None else defaults.window,
+            block_for=f.duration(allow_zero=True)
+            if (f := block.get("block_for")) is not None
+            else defaults.block_for,
+            webhook=_webhook(h) if (h := block.get("webhook")) is not None else None,
+        )
+    metrics_listen: str | None = None
+    if (metrics_value := get("metrics")) is not None:
+        block = metrics_value.mapping(("listen",), required=("listen",))
+        if (m := block.get("listen")) is None:
+            metrics_value.error("listen is required")
+        metrics_listen = _listen(m)
+    redis: str | None = None
+    if (redis_value := get("redis")) is not None:
+        redis = redis_value.string()
+        if urlsplit(redis).scheme not in ("redis", "rediss", "unix"):
+            redis_value.error(f"expected a redis:// or rediss:// URL, got {redis!r}")
+    access_value = get("access_log")
+    return GatewayConfig(
+        source=Path(source),
+        listen=listen,
+        routes=tuple(routes),
+        id=gateway_id,
+        ca=ca,
+        check_revocation=check_revocation,
+        cert_dir=_directory(v, base) if (v := get("cert_dir")) is not None else None,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        redirect_http=_listen(v) if (v := get("redirect_http")) is not None else None,
+        issuers=tuple(issuers.values()),
+        trusted_proxies=_cidrs(v) if (v := get("trusted_proxies")) is not None else (),
+        rate_limits=_rate_limits(v)
+        if (v := get("rate_limits")) is not None
+        else RateLimitsConfig(),
+        max_header_bytes=max_header,
+        max_body_bytes=max_body,
+        redis=redis,
+        alerts=alerts,
+        access_log=access_value.boolean() if access_value is not None else True,
+        metrics_listen=metrics_listen,
+    )
+
+
+def _webhook(value: _Value) -> str:
+    text = value.string()
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        value.error(f"expected an http(s):// URL, got {text!r}")
+    return text
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read and validate the gateway configuration file.
+
+    Raises:
+        ConfigError: The file cannot be read, or ``FILE:LINE: KEY: problem``.
+
+    .. versionadded:: 0.1
+    """
+    file = Path(path)
+    try:
+        with file.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot read the gateway configuration {str(file)!r}: {exc.strerror}.",
+            path=str(file),
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: larger than {MAX_CONFIG_BYTES} bytes.", path=str(file))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text.", path=str(file)) from None
+    return parse_config(text, source=str(file), base=file.resolve().parent)

@@ -1,0 +1,269 @@
+"""Which request headers a client may not send upstream, and what the gateway adds.
+
+A client can write any header. Those that name an identity (``X-User``, ``Client-Cert``,
+``X-Trustmesh-*``), a forwarding hop (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``) or
+an override of the request line (``X-Original-URL``, ``X-HTTP-Method-Override``) would be
+believed by an upstream that trusts the gateway, so :func:`strip_inbound` removes every
+spelling of them: any case, ``_`` for ``-``, surrounding blanks, any number of copies,
+empty values. Hop-by-hop headers (RFC 9110 §7.6.1) and those a ``Connection`` header
+names go too. The gateway then adds :func:`vouched_headers`, its own view of the client.
+
+Everything here runs on every request: names are classified once and remembered in a
+bounded table, so a repeated name costs one dict lookup and no allocation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from trustmesh.middleware import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
+
+__all__ = [
+    "ERROR_RESPONSE_HEADERS",
+    "HOP_BY_HOP_HEADERS",
+    "SECURITY_HEADERS",
+    "SPOOFABLE_HEADERS",
+    "SPOOFABLE_PREFIXES",
+    "add_security_headers",
+    "is_spoofable",
+    "normalize_name",
+    "strip_inbound",
+    "strip_response",
+    "vouched_headers",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Any header starting with one of these (lower case, ``-``) is refused from clients.
+SPOOFABLE_PREFIXES: tuple[bytes, ...] = (
+    b"x-forwarded",  # X-Forwarded-For/-Proto/-Host/-Port/-Prefix/-Server/-User/-Client-Cert
+    b"x-original-",  # X-Original-URL/-Method/-Host/-Forwarded-For (rewrites, ingress hops)
+    b"x-user",  # X-User, X-User-Id, X-Userinfo, ...
+    b"x-client-",  # X-Client-Cert, X-Client-IP, X-Client-Verify, ...
+    b"x-auth-",  # X-Auth-Request-User, X-Auth-User, ...
+    b"x-remote-",  # X-Remote-User, X-Remote-Addr, ...
+    b"x-envoy-",  # Envoy's internal and identity headers
+    IDENTITY_HEADER_PREFIX.encode("ascii"),  # ours: x-trustmesh-
+)
+
+#: Exact names refused from clients (lower case, ``-``), besides the prefixes.
+SPOOFABLE_HEADERS: frozenset[bytes] = frozenset(
+    {name.encode("ascii") for name in IDENTITY_HEADERS}
+    | {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"x-cluster-client-ip",
+        b"fastly-client-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"x-host",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-http-host-override",
+        b"client-cert",
+        b"client-cert-chain",
+        b"x-remote-user",
+        b"remote-user",
+        b"x-remote-addr",
+        b"x-spiffe-id",
+    }
+)
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1 and the historical ones): never forwarded.
+HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# A Connection header may not remove these: the request's framing, target and credentials.
+_NOT_CONNECTION_OPTIONS = frozenset({b"host", b"content-length", b"authorization"})
+
+#: Added to every response the gateway sends, unless the upstream set the same header.
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"strict-transport-security", b"max-age=63072000; includeSubDomains"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+#: Added (with :data:`SECURITY_HEADERS`) to the gateway's own error answers only.
+ERROR_RESPONSE_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+)
+
+_SECURITY_NAMES = frozenset(name for name, _ in SECURITY_HEADERS)
+
+# Name classes, remembered per raw spelling (bounded: clients choose the names).
+_KEEP, _SPOOFABLE, _HOP, _CONNECTION = 0, 1, 2, 3
+_CACHE_LIMIT = 4096
+_classes: dict[bytes, int] = {}
+
+# What a Host value may contain to be repeated in X-Forwarded-Host / Forwarded.
+_HOST_RE = re.compile(rb"[A-Za-z0-9.\-_~]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
+_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def normalize_name(name: bytes) -> bytes:
+    """The spelling every variant of a header name maps to: trimmed, lower case, ``-``."""
+    return name.strip(b" \t").lower().replace(b"_", b"-")
+
+
+def _classify(name: bytes) -> int:
+    norm = normalize_name(name)
+    if norm == b"connection":
+        kind = _CONNECTION
+    elif norm in HOP_BY_HOP_HEADERS:
+        kind = _HOP
+    elif norm in SPOOFABLE_HEADERS or norm.startswith(SPOOFABLE_PREFIXES):
+        kind = _SPOOFABLE
+    else:
+        kind = _KEEP
+    if len(_classes) < _CACHE_LIMIT:
+        _classes[name] = kind
+    return kind
+
+
+def is_spoofable(name: bytes) -> bool:
+    """Whether a client may not send this header (any case, ``_`` for ``-``)."""
+    kind = _classes.get(name)
+    if kind is None:
+        kind = _classify(name)
+    return kind == _SPOOFABLE
+
+
+def _connection_options(values: list[bytes]) -> set[bytes]:
+    options: set[bytes] = set()
+    for value in values:
+        for item in value.split(b","):
+            option = normalize_name(item)
+            if option and option not in _NOT_CONNECTION_OPTIONS:
+                options.add(option)
+    return options
+
+
+def _strip(
+    headers: Iterable[tuple[bytes, bytes]], drop_spoofable: bool
+) -> tuple[Headers, list[str]]:
+    kept: Headers = []
+    removed: set[bytes] | None = None
+    connection: list[bytes] | None = None
+    classes = _classes
+    for item in headers:
+        name = item[0]
+        kind = classes.get(name)
+        if kind is None:
+            kind = _classify(name)
+        if kind == _KEEP or (kind == _SPOOFABLE and not drop_spoofable):
+            kept.append(item)
+            continue
+        if removed is None:
+            removed = set()
+        removed.add(name.lower())
+        if kind == _CONNECTION:
+            if connection is None:
+                connection = []
+            connection.append(item[1])
+    if connection is not None:
+        options = _connection_options(connection)
+        if options:
+            assert removed is not None  # noqa: S101 - a Connection header was removed
+            still: Headers = []
+            for item in kept:
+                if normalize_name(item[0]) in options:
+                    removed.add(item[0].lower())
+                else:
+                    still.append(item)
+            kept = still
+    if removed is None:
+        return kept, []
+    return kept, sorted(n.decode("latin-1") for n in removed)
+
+
+def strip_inbound(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Headers, list[str]]:
+    """Remove spoofable, hop-by-hop and ``Connection``-named headers from a request.
+
+    Args:
+        headers: The request headers as received (ASGI ``scope["headers"]``).
+
+    Returns:
+        The headers to forward (order kept) and the sorted, unique, lower-cased names
+        that were removed (as spelled by the client, for the access log).
+    """
+    return _strip(headers, True)
+
+
+def strip_response(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Remove hop-by-hop and ``Connection``-named headers from an upstream response."""
+    return _strip(headers, False)[0]
+
+
+def add_security_headers(headers: Headers, *, error: bool = False) -> Headers:
+    """Append :data:`SECURITY_HEADERS` the response does not set itself (in place).
+
+    Args:
+        headers: Response headers (lower-case names, as from :func:`strip_response`).
+        error: Also add :data:`ERROR_RESPONSE_HEADERS` (the gateway's own refusals).
+
+    Returns:
+        ``headers``.
+    """
+    present = {name.lower() for name, _ in headers if name.lower() in _SECURITY_NAMES}
+    if present:
+        headers.extend(item for item in SECURITY_HEADERS if item[0] not in present)
+    else:
+        headers.extend(SECURITY_HEADERS)
+    if error:
+        headers.extend(ERROR_RESPONSE_HEADERS)
+    return headers
+
+
+def _forwarded_for(client_ip: str) -> bytes:
+    # RFC 7239 §6: IPv6 addresses are bracketed and the value quoted.
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return b'"unknown"' if not client_ip else b"unknown"
+    if address.version == 6:
+        return b'"[' + address.compressed.encode("ascii") + b']"'
+    return address.compressed.encode("ascii")
+
+
+def vouched_headers(*, client_ip: str, scheme: str, host: str) -> Headers:
+    """The forwarding headers the gateway vouches for: one value each, its own view.
+
+    Args:
+        client_ip: The client address as the gateway decided it (see ``_addresses``).
+        scheme: ``https`` (or ``http``) as the client connected.
+        host: The ``Host`` the client asked for; left out when it is not a plain host
+            (``name``, ``name:port``, ``[v6]:port``), so nothing odd is repeated upstream.
+
+    Returns:
+        ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Forwarded``.
+    """
+    proto = scheme.encode("ascii") if scheme in ("http", "https") else b"https"
+    ip = client_ip.encode("ascii", "replace")
+    out: Headers = [(b"x-forwarded-for", ip), (b"x-forwarded-proto", proto)]
+    forwarded = b"for=" + _forwarded_for(client_ip) + b";proto=" + proto
+    raw_host = host.encode("latin-1", "replace")
+    if raw_host and _HOST_RE.fullmatch(raw_host):
+        out.append((b"x-forwarded-host", raw_host))
+        value = raw_host if _TOKEN_RE.fullmatch(raw_host) else b'"' + raw_host + b'"'
+        forwarded += b";host=" + value
+    out.append((b"forwarded", forwarded))
+    return out
