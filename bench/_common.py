@@ -14,6 +14,7 @@ import gc
 import itertools
 import os
 import platform
+import pstats
 import random
 import re
 import resource
@@ -1004,3 +1005,20 @@ def print_rate_tables(
         rate_columns(upstream, ms_fmt),
     )
     return print_added(lat, targets, base, ms_fmt) if base in targets else {}
+
+
+def under_cprofile(cmd: list[str], out: Path) -> list[str]:
+    """``python -m X ...`` run under cProfile, writing its stats to ``out`` at exit."""
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    return [sys.executable, "-m", "cProfile", "-o", str(out), *cmd[1:]]
+
+
+def print_cprofile(path: Path, title: str, top: int = 30) -> None:
+    """The functions with the most own time, then the most cumulative time."""
+    if not path.exists():
+        print(f"\n{title}: no profile written ({path})")
+        return
+    print(f"\n{title} (seconds; the profiler itself slows Python code several-fold):")
+    stats = pstats.Stats(str(path))
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)

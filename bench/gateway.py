@@ -93,6 +93,7 @@ from _common import (
     load_arguments,
     measure_load,
     need_tools,
+    print_cprofile,
     print_machine,
     print_rate_tables,
     print_targets,
@@ -102,6 +103,7 @@ from _common import (
     ratio_target,
     start_haproxy,
     start_or_skip,
+    under_cprofile,
     verdict,
     wait_ok,
     write_cert_dir,
@@ -280,6 +282,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     load_arguments(parser, SYSTEMS)
     parser.add_argument("--tokens", type=int, default=1, help="distinct tokens in rotation")
+    parser.add_argument(
+        "--profile", action="store_true", help="then one wrk run against a gateway in cProfile"
+    )
     args = parser.parse_args()
     need_tools(
         ("wrk", "haproxy", "gcc", "setpriv"), "apt-get install -y haproxy wrk gcc libssl-dev"
@@ -347,9 +352,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
         if "direct" in systems_wanted:
             systems.append(Target("direct", up_port, PATH, [], cert=gateway_id))
-        if "trustmesh" in systems_wanted:
-            port = free_port()
-            config = work / "gateway.yaml"
+
+        def gateway_command(port: int, config: Path) -> list[str]:
             config.write_text(
                 GATEWAY_CONFIG.format(
                     host=HOST,
@@ -365,7 +369,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 )
             )
             cmd = [sys.executable, "-m", "trustmesh", "gateway", "serve", "--config", str(config)]
-            cmd += ["--cert-dir", str(work / "gateway"), "--log-level", "warning"]
+            return [*cmd, "--cert-dir", str(work / "gateway"), "--log-level", "warning"]
+
+        if "trustmesh" in systems_wanted:
+            port = free_port()
+            cmd = gateway_command(port, work / "gateway.yaml")
             gateway = start_or_skip("trustmesh", cmd, work / "gateway.log", stack, ready(port))
             if gateway is not None:
                 systems.append(Target("trustmesh", port, PATH, process_tree(gateway.pid)))
@@ -404,6 +412,14 @@ def run(args: argparse.Namespace, work: Path) -> None:
             rotate=rotation if script else None,
         )
         measure(args, systems, load)
+        if args.profile and any(s.name == "trustmesh" for s in systems):
+            port, prof = free_port(), work / "gateway.prof"
+            cmd = under_cprofile(gateway_command(port, work / "gateway-profiled.yaml"), prof)
+            with contextlib.ExitStack() as profiled:
+                proc = start_or_skip("profiled", cmd, work / "profiled.log", profiled, ready(port))
+                if proc is not None:
+                    result = load.wrk(Target("profiled", port, PATH, [proc.pid]), args.duration)
+            print_cprofile(prof, f"cProfile of the gateway over {result.requests} wrk requests")
 
 
 def measure(args: argparse.Namespace, systems: Sequence[Target], load: Load) -> None:
