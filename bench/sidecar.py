@@ -337,13 +337,17 @@ def check_proxy(
         raise SystemExit(f"{system.name}: /items/whoami answered {seen.status_code}")
     seen_text = seen.text
     if "tcp" in system.name:
-        shown = "PROXY v2 header present" if '"proxy":{' in seen_text else "NO PROXY v2 header"
+        if '"proxy":{' not in seen_text:
+            raise SystemExit(f"{system.name}: the app got no PROXY v2 header: {seen_text[:300]}")
+        shown = "PROXY v2 header"
         if CALLER_ID in seen_text:
-            shown += ", with the caller's SPIFFE ID"
+            shown += " with the caller's SPIFFE ID"
     else:
         if "spiffe://evil/forged" in seen_text:
             raise SystemExit(f"{system.name}: a forged X-Trustmesh-Caller reached the app")
-        shown = "caller ID in the app's headers" if CALLER_ID in seen_text else "NO caller ID"
+        if CALLER_ID not in seen_text:
+            raise SystemExit(f"{system.name}: the app was not told the caller: {seen_text[:300]}")
+        shown = "the app sees the caller's ID"
     refused = []
     for what, cert in (("no certificate", None), ("foreign CA", foreign), ("stranger", stranger)):
         try:
