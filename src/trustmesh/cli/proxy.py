@@ -16,8 +16,7 @@ from trustmesh.errors import ConfigError
 from trustmesh.logs import configure_logging
 from trustmesh.pki import KeyType, SpiffeID, parse_duration
 
-from .agent import enrollment_options
-from .run import _start_agent
+from .agent import enrollment_options, start_agent
 
 __all__ = ["proxy_group"]
 
@@ -123,7 +122,7 @@ def _identity(opts: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
 
 
 def _keeper(opts: dict[str, Any], cert_dir: Path) -> Any:
-    return _start_agent(
+    return start_agent(
         opts["ca_url"],
         SpiffeID.parse(opts["spiffe_id"]),
         cert_dir,
