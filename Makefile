@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,3 +63,13 @@ clean:
 # Needs: apt-get install -y nginx-light wrk gcc libssl-dev (not installed by CI).
 bench-service: $(STAMP)
 	$(BIN)/python bench/service.py $(BENCH_ARGS)
+
+# The edge gateway (issue #6): trustmesh gateway vs HAProxy 2.6 vs direct mTLS, wrk + ratelat.
+# Needs: apt-get install -y haproxy wrk gcc libssl-dev (not installed by CI).
+bench-gateway: $(STAMP)
+	$(BIN)/python bench/gateway.py $(BENCH_ARGS)
+
+# Sidecar hop (issue #7): proxy inbound vs HAProxy mTLS termination vs a plain Node.js app.
+# Needs: apt-get install -y haproxy wrk gcc libssl-dev nodejs (not installed by CI).
+bench-sidecar: $(STAMP)
+	$(BIN)/python bench/sidecar.py $(BENCH_ARGS)

@@ -26,6 +26,9 @@ from typing import Any
 import httptools
 import httpx
 from _common import PASSPHRASE, TRUST_DOMAIN
+from _common import CPUMeter as CPUMeter  # moved to _common (the wrk runner uses it)
+from _common import loadavg as loadavg
+from _common import stop_process as stop_process
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -41,7 +44,6 @@ from trustmesh.pki import (
 
 ADMIN = f"spiffe://{TRUST_DOMAIN}/admin"
 HOST = "127.0.0.1"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- CA homes and identities ---------------------------------------------------------
@@ -169,16 +171,6 @@ def ca_serve(
             yield Server(url, proc.pid)
         finally:
             stop_process(proc)
-
-
-def stop_process(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _run_app_server(home: str, port: int, settings_kw: dict[str, Any], log_level: str) -> None:
@@ -339,37 +331,3 @@ def ms(seconds: float) -> str:
 
 def median_or_nan(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def system_busy() -> float:
-    """CPU seconds all cores spent busy since boot (total minus idle and iowait)."""
-    parts = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(parts[:8]) - parts[3] - parts[4]) / CLK_TCK
-
-
-def loadavg() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
-
-
-class CPUMeter:
-    """CPU used by some processes and by the whole machine over a window."""
-
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
-        self.start_proc = {k: process_cpu(p) for k, p in pids.items()}
-        self.start_sys = system_busy()
-        self.start_wall = time.monotonic()
-
-    def stop(self) -> dict[str, float]:
-        """Seconds of CPU per named process, ``machine`` (all busy CPU) and ``wall``."""
-        out = {k: process_cpu(p) - self.start_proc[k] for k, p in self.pids.items()}
-        out["machine"] = system_busy() - self.start_sys
-        out["wall"] = time.monotonic() - self.start_wall
-        return out

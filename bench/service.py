@@ -71,10 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
-import os
 import pstats
-import re
-import resource
 import shutil
 import ssl
 import subprocess
@@ -82,7 +79,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +87,6 @@ import httpx
 from _api import (
     ADMIN,
     HOST,
-    CPUMeter,
     Identity,
     ca_serve,
     free_port,
@@ -100,7 +96,25 @@ from _api import (
     stop_process,
     write_identity,
 )
-from _common import PASSPHRASE, TRUST_DOMAIN, median, spread, verdict
+from _common import (
+    FASTAPI_APP,
+    PASSPHRASE,
+    TRUST_DOMAIN,
+    ClientCert,
+    Tally,
+    WrkResult,
+    as_nobody,
+    build_shim,
+    median,
+    need_tools,
+    print_machine,
+    print_table,
+    process_tree,
+    ratio_line,
+    spread,
+    verdict,
+)
+from _common import run_wrk as common_run_wrk
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import dump_private_key, pem_certificates
@@ -123,17 +137,6 @@ BREAKDOWN = (
     "trustmesh-info",
 )
 TRUSTMESH_STACKS = ("tm-full", "tm-rot", "tm-notix", "tm-shim", "tm-mw", "tm-mw-rev")
-# The app every Python system serves (``trustmesh run svc_app:app`` imports it too).
-APP_SOURCE = """\
-from fastapi import FastAPI
-
-app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-
-
-@app.get("/items/{item}")
-async def item(item: str) -> dict[str, str]:
-    return {"item": item}
-"""
 POLICY = f"""\
 mode: enforce
 rules:
@@ -141,29 +144,6 @@ rules:
     callers: ["{CALLER}"]
     methods: [GET]
     paths: ["/items", "/items/*"]
-"""
-
-WRK_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <openssl/ssl.h>
-/* Give every SSL_CTX wrk creates the client certificate named in the environment. */
-SSL_CTX *SSL_CTX_new(const SSL_METHOD *method) {
-    static SSL_CTX *(*real)(const SSL_METHOD *) = NULL;
-    if (!real) real = (SSL_CTX *(*)(const SSL_METHOD *))dlsym(RTLD_NEXT, "SSL_CTX_new");
-    SSL_CTX *ctx = real(method);
-    const char *cert = getenv("WRK_CLIENT_CERT"), *key = getenv("WRK_CLIENT_KEY");
-    if (ctx && cert && key) {
-        if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
-            SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
-            fprintf(stderr, "wrk client-cert shim: cannot load %s / %s\n", cert, key);
-            exit(70);
-        }
-    }
-    return ctx;
-}
 """
 
 NGINX_CONF = """\
@@ -305,32 +285,6 @@ class Running:
     proc: subprocess.Popen[Any]
 
 
-@dataclass
-class WrkResult:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    requests: int
-    bad: int
-    server_cpu_us: float  # per request
-    wrk_cpu_us: float  # per request
-    machine_busy: float  # share of both cores busy
-
-
-@dataclass
-class Tally:
-    runs: dict[str, list[WrkResult]] = field(default_factory=dict)
-
-    def add(self, name: str, result: WrkResult) -> None:
-        self.runs.setdefault(name, []).append(result)
-
-    def med(self, name: str, attr: str) -> float:
-        return median([getattr(r, attr) for r in self.runs[name]])
-
-    def values(self, name: str, attr: str) -> list[float]:
-        return [getattr(r, attr) for r in self.runs[name]]
-
-
 def wait_ready(port: int, ctx: ssl.SSLContext, proc: subprocess.Popen[Any], log: Path) -> None:
     deadline = time.monotonic() + 60
     while True:
@@ -386,12 +340,7 @@ def start_nginx(work: Path, ctx: ssl.SSLContext) -> Running:
         )
     )
     cmd = [nginx, "-c", str(conf), "-p", str(ndir), "-e", str(ndir / "error.log")]
-    if os.getuid() == 0:  # never run a network server as root: drop to nobody
-        for path in (work, ndir, work / "server"):
-            path.chmod(0o755)
-        (work / "server/key.pem").chmod(0o644)  # a throwaway benchmark key
-        os.chown(ndir, 65534, 65534)
-        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd]
+    cmd = as_nobody(cmd, dirs=(work, work / "server", ndir), files=(work / "server/key.pem",))
     log = ndir / "stdout.log"
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
@@ -401,98 +350,18 @@ def start_nginx(work: Path, ctx: ssl.SSLContext) -> Running:
     return Running("nginx", port, proc)
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its child processes (nginx's master and its worker)."""
-    kids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids += [int(x) for x in (task / "children").read_text().split()]
-    return [pid, *kids]
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-
-
-def _latency_ms(text: str, pct: str) -> float:
-    m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
-    if m is None:
-        raise RuntimeError(f"no {pct}% latency in wrk output:\n{text}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
 def run_wrk(
     target: Running, ident: Identity, shim: Path, args: argparse.Namespace, *, new_conn: bool
 ) -> WrkResult:
-    conns = args.hs_connections if new_conn else args.connections
-    cmd = ["wrk", "-t1", f"-c{conns}", f"-d{args.duration}s", "--latency", "--timeout", "5s"]
-    if new_conn:
-        cmd += ["-H", "Connection: close"]
-    cmd.append(f"https://{HOST}:{target.port}{PATH}")
-    env = {
-        **os.environ,
-        "LD_PRELOAD": str(shim),
-        "WRK_CLIENT_CERT": str(ident.chain),
-        "WRK_CLIENT_KEY": str(ident.key),
-    }
-    pids = process_tree(target.proc.pid)
-    meter = CPUMeter({str(pid): pid for pid in pids})
-    before = children_cpu()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-    wrk_cpu = children_cpu() - before
-    cpu = meter.stop()
-    server_cpu = sum(cpu[str(pid)] for pid in pids)
-    total = re.search(r"(\d+) requests in", out)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if total is None or rps is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    requests = int(total.group(1))
-    bad = 0
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if non2xx:
-        bad += int(non2xx.group(1))
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if errors:
-        bad += sum(int(x) for x in errors.groups())
-    return WrkResult(
-        rps=float(rps.group(1)),
-        p50_ms=_latency_ms(out, "50"),
-        p99_ms=_latency_ms(out, "99"),
-        requests=requests,
-        bad=bad,
-        server_cpu_us=server_cpu / max(requests, 1) * 1e6,
-        wrk_cpu_us=wrk_cpu / max(requests, 1) * 1e6,
-        machine_busy=cpu["machine"] / (2 * cpu["wall"]),
+    return common_run_wrk(
+        f"https://{HOST}:{target.port}{PATH}",
+        process_tree(target.proc.pid),
+        connections=args.hs_connections if new_conn else args.connections,
+        duration=args.duration,
+        shim=shim,
+        cert=ClientCert(ident.chain, ident.key),
+        headers=["Connection: close"] if new_conn else [],
     )
-
-
-def print_table(title: str, tally: Tally, unit: str, systems: tuple[str, ...] = SYSTEMS) -> None:
-    print(f"\n{title}")
-    print(f"| system | {unit} | p50 ms | p99 ms | server CPU µs/req | wrk CPU µs/req | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for name in systems:
-        if name not in tally.runs:
-            continue
-        rps = tally.values(name, "rps")
-        print(
-            f"| {name} | {tally.med(name, 'rps'):.0f} {spread(rps)} "
-            f"| {tally.med(name, 'p50_ms'):.2f} {spread(tally.values(name, 'p50_ms'), '{:.2f}')} "
-            f"| {tally.med(name, 'p99_ms'):.2f} {spread(tally.values(name, 'p99_ms'), '{:.2f}')} "
-            f"| {tally.med(name, 'server_cpu_us'):.0f} "
-            f"{spread(tally.values(name, 'server_cpu_us'))} "
-            f"| {tally.med(name, 'wrk_cpu_us'):.0f} "
-            f"| {sum(int(v) for v in tally.values(name, 'bad'))} |"
-        )
-
-
-def ratio_line(tally: Tally, num: str, den: str) -> float:
-    per_round = [a.rps / b.rps for a, b in zip(tally.runs[num], tally.runs[den], strict=True)]
-    value = tally.med(num, "rps") / tally.med(den, "rps")
-    print(f"{num}/{den}: {value:.2f} (per round {spread(per_round, '{:.2f}')})")
-    return value
 
 
 # -- revocation latency ------------------------------------------------------------------
@@ -783,13 +652,6 @@ def handshake_micro(work: Path, caller: Identity, rounds: int, n: int = 200) -> 
         print(f"| {name} | {median(values):.0f} {spread(values)} |")
 
 
-def build_shim(work: Path) -> Path:
-    src, lib = work / "wrkcert.c", work / "wrkcert.so"
-    src.write_text(WRK_SHIM)
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"], check=True)
-    return lib
-
-
 def print_profile(path: Path, requests: int, new_conn: bool) -> None:
     stats = pstats.Stats(str(path))
     kind = "new-connection" if new_conn else "keep-alive"
@@ -802,17 +664,6 @@ def print_profile(path: Path, requests: int, new_conn: bool) -> None:
     else:
         stats.print_callees(r"_asgi.py:\d+\(__call__\)")
         stats.print_callees(r"_uvicorn.py:\d+\(__call__\)")
-
-
-def machine() -> None:
-    import platform
-
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    print(f"python {platform.python_version()}, {ssl.OPENSSL_VERSION}, nproc {os.cpu_count()}")
-    nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()
-    print(f"{nginx_v}; {wrk_v[0] if wrk_v else 'wrk'}")
-    print(f"load average at start: {loadavg()}")
 
 
 def main() -> None:
@@ -840,10 +691,10 @@ def main() -> None:
     if args.serve:
         serve(args)
         return
-    for tool in ("wrk", "nginx", "gcc", "setpriv"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            raise SystemExit(f"{tool} not found: apt-get install -y nginx-light wrk gcc libssl-dev")
-    machine()
+    need_tools(
+        ("wrk", "nginx", "gcc", "setpriv"), "apt-get install -y nginx-light wrk gcc libssl-dev"
+    )
+    print_machine({"nginx": ["nginx", "-v"], "wrk": ["wrk", "-v"]})
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         run(args, Path(tmp))
 
@@ -871,7 +722,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         caller = write_identity(ca, CALLER, work / "caller")
         admin = write_identity(ca, ADMIN, work / "admin")
     (work / "policy.yaml").write_text(POLICY)
-    (work / "svc_app.py").write_text(APP_SOURCE)
+    (work / "svc_app.py").write_text(FASTAPI_APP)
     shutil.copy(bundle, work / "server/bundle.pem")
     shim = build_shim(work)
     ctx = ssl.create_default_context(cafile=str(work / "bundle.pem"))
@@ -906,18 +757,20 @@ def run(args: argparse.Namespace, work: Path) -> None:
                     f"median of {args.rounds} rounds [per round]",
                     keep,
                     "req/s",
+                    SYSTEMS,
                 )
                 results["keep"] = ratio_line(keep, "trustmesh", "uvicorn-tls")
                 ratio_line(keep, "trustmesh", "uvicorn-mtls")
                 ratio_line(keep, "trustmesh", "nginx")
-                busy = spread([r.machine_busy * 100 for v in keep.runs.values() for r in v])
-                print(f"machine busy during the runs, % of 2 cores: {busy}")
+                busy = spread([v * 100 for s in SYSTEMS for v in keep.values(s, "machine_busy")])
+                print(f"machine busy during the runs, % of all cores: {busy}")
             if "2" not in args.skip:
                 print_table(
                     f"2. new connection per request (full mTLS handshake), wrk -t1 "
                     f"-c{args.hs_connections} -H 'Connection: close', median of {args.rounds}",
                     hand,
                     "handshakes/s",
+                    SYSTEMS,
                 )
                 results["hand"] = ratio_line(hand, "trustmesh", "nginx")
                 ratio_line(hand, "uvicorn-mtls", "nginx")

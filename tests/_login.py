@@ -2,40 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
-from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
+from trustmesh.demo import LoginForm, pkce_pair
 
-def pkce_pair() -> tuple[str, str]:
-    """Return ``(code_verifier, S256 code_challenge)`` per RFC 7636."""
-    verifier = secrets.token_urlsafe(48)
-    digest = hashlib.sha256(verifier.encode()).digest()
-    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-class _Form(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.fields: dict[str, str] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.action = a.get("action")
-        if tag == "input" and a.get("type") == "hidden":
-            self.fields[a["name"]] = a.get("value", "")
+__all__ = ["authorize_params", "form_fields", "pkce_pair", "query", "sign_in"]
 
 
 def form_fields(html: str) -> tuple[str | None, dict[str, str]]:
     """Return the login form's action and hidden fields."""
-    parser = _Form()
+    parser = LoginForm()
     parser.feed(html)
     return parser.action, parser.fields
 

@@ -4,23 +4,32 @@ It serves JSON documents by path (discovery, JWKS, revocation list,
 introspection), records every request, and can answer 503 or stop listening, so
 the verifier's caches are tested against real sockets and real TLS with
 certificates from our CA. Also mints tokens with joserfc, an independent JOSE
-implementation. Shared by the token tests and ``bench/tokens.py``.
+implementation. Shared by the token tests and ``bench/tokens.py``. And starts Node's
+oidc-provider (``tests/peers``), a real provider we did not write, for the token and
+gateway tests.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+from cryptography import x509
 from joserfc import jwt
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
@@ -103,6 +112,27 @@ class ProviderServer:
         self._thread = threading.Thread(target=httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
+
+    def serve_introspection(
+        self, answers: Mapping[str, object], client_id: str, client_secret: str
+    ) -> None:
+        """Advertise and serve ``/introspect`` (RFC 7662, HTTP Basic): token -> answer."""
+        expected = "Basic " + base64.b64encode(f"{client_id}:{client_secret}".encode()).decode()
+
+        def introspect(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
+            from urllib.parse import parse_qs
+
+            if method != "POST" or headers.get("Authorization") != expected:
+                return 401, {"error": "invalid_client"}
+            token = parse_qs(body.decode())["token"][0]
+            return 200, answers.get(token, {"active": False})
+
+        self.routes["/.well-known/openid-configuration"] = {
+            "issuer": self.url,
+            "jwks_uri": self.url + "/jwks",
+            "introspection_endpoint": self.url + "/introspect",
+        }
+        self.routes["/introspect"] = introspect
 
     def stop(self) -> None:
         if self._httpd is not None:
@@ -193,3 +223,89 @@ def sign_es256(header: dict[str, object], claims: dict[str, object], key: ECKey)
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     r, s = decode_dss_signature(private.sign(f"{h}.{p}".encode(), ec.ECDSA(hashes.SHA256())))
     return f"{h}.{p}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+PEERS = Path(__file__).parent / "peers"
+#: The client_credentials client of tests/peers/oidc_provider.mjs (scopes orders:read/write).
+NODE_CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
+
+
+@dataclass
+class NodeProvider:
+    """A running ``node tests/peers/oidc_provider.mjs``: tokens for audience ``orders``."""
+
+    issuer: str
+    bundle: Path
+    client_certs: list[tuple[x509.Certificate, Path, Path]] = field(default_factory=list)
+
+    def token(
+        self,
+        resource: str,
+        scope: str = "orders:read",
+        *,
+        client: tuple[str, str] = NODE_CLIENT,
+        tls_identity: tuple[Path, Path] | None = None,
+    ) -> str:
+        """A client_credentials access token for RESOURCE (an RFC 8707 resource indicator:
+        ``https://orders.example/es256``, ``/rs256`` or ``/opaque``)."""
+        ctx = ssl.create_default_context(cafile=str(self.bundle))
+        if tls_identity is not None:
+            ctx.load_cert_chain(*tls_identity)
+        response = httpx.post(
+            f"{self.issuer}/token",
+            data={"grant_type": "client_credentials", "scope": scope, "resource": resource},
+            auth=client,
+            verify=ctx,
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["token_type"].lower() == "bearer"
+        token: str = body["access_token"]
+        return token
+
+
+@contextmanager
+def running_oidc_provider(
+    chain: Path, key: Path, bundle: Path, workdir: Path
+) -> Iterator[NodeProvider]:
+    """Run oidc-provider over HTTPS with CHAIN/KEY (for 127.0.0.1) and BUNDLE (the CA that
+    issued them); skips when node is missing, fails when `make peers` was not run."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not on PATH (Node.js runs oidc-provider, the peer provider)")
+    if not (PEERS / "node_modules" / "oidc-provider").is_dir():
+        pytest.fail("tests/peers/node_modules is missing: run `make peers` (npm ci)")
+    log_path = workdir / "node.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [node, str(PEERS / "oidc_provider.mjs"), "0", str(chain), str(key), str(bundle)],
+            cwd=PEERS,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            found = re.search(r"^listening (https://\S+)$", log_path.read_text(), re.MULTILINE)
+            if found:
+                issuer = found.group(1)
+                url = f"{issuer}/.well-known/openid-configuration"
+                try:
+                    if httpx.get(url, verify=ctx, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = "exited" if process.poll() is not None else "not answering after 60 s"
+                pytest.fail(f"oidc-provider {state}: {log_path.read_text()}")
+            time.sleep(0.2)
+        yield NodeProvider(issuer, bundle)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -209,3 +209,11 @@ def test_without_start_alerts_are_logged_and_counted_as_dropped(
     assert alerts.dropped == 1
     assert "start() not called" in caplog.text
     run(alerts.aclose)  # closing a sender never started is fine
+
+
+def test_blocked_sources_are_bounded() -> None:
+    alerts = Alerts(AlertRule(threshold=1, window=10, block_for=5), max_sources=50)
+    for i in range(500):
+        assert alerts.record_deny(f"ip:10.1.{i // 256}.{i % 256}", "ip_denied", now=T0 + i)
+    assert len(alerts._blocked) <= 50
+    assert alerts.blocked_for("ip:10.1.1.243", now=T0 + 499) == 5.0  # the newest stays

@@ -10,12 +10,10 @@ expired, forged, ``alg: none``, unknown kid, another issuer.
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs
 
 import pytest
 from joserfc.jwk import ECKey
@@ -29,8 +27,10 @@ from trustmesh.gateway._auth import (
     client_key,
     enforce,
     route_policy,
+    token_checked,
+    token_required,
 )
-from trustmesh.policy import PolicyConfigError
+from trustmesh.policy import PolicyConfigError, PolicyFile
 from trustmesh.tokens import AccessTokenClaims, IntrospectionConfig, IssuerConfig
 
 from ._idp import Idp
@@ -260,38 +260,11 @@ def test_provider_answering_errors_is_503(
 # -- opaque tokens ----------------------------------------------------------------------------
 
 
-def _basic(user: str, secret: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
-
-
 def test_opaque_tokens_go_to_introspecting_issuers(
     provider: ProviderServer, bundle: Path, minter: Minter
 ) -> None:
-    now = int(time.time())
-    answers: Mapping[str, object] = {
-        "opaque-1": {
-            "active": True,
-            "iss": provider.url,
-            "aud": "orders",
-            "sub": "u-1",
-            "client_id": "web",
-            "exp": now + 300,
-            "scope": "orders:read",
-        },
-    }
-
-    def introspect(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
-        if headers.get("Authorization") != _basic("gw", "gw-secret"):
-            return 401, {"error": "invalid_client"}
-        token = parse_qs(body.decode())["token"][0]
-        return 200, answers.get(token, {"active": False})
-
-    provider.routes[DISCOVERY] = {
-        "issuer": provider.url,
-        "jwks_uri": provider.url + "/jwks",
-        "introspection_endpoint": provider.url + "/introspect",
-    }
-    provider.routes["/introspect"] = introspect
+    answers = {"opaque-1": {**minter.claims(client_id="web", scope="orders:read"), "active": True}}
+    provider.serve_introspection(answers, "gw", "gw-secret")
     plain = issuer(provider, bundle)
     with_introspection = issuer(
         provider, bundle, introspection=IntrospectionConfig("gw", "gw-secret")
@@ -454,6 +427,8 @@ def test_route_policy_shapes() -> None:
         ({"scopes": "orders:read"}, "must be a list"),
         ({"scopes": ["a b"]}, "contains a space"),
         ({"claims": {"tenant": 1.5}}, "accepted values must be"),
+        ({"issuers": "https://idp"}, "issuers must be a non-empty list"),
+        ({"issuers": []}, "issuers must be a non-empty list"),
     ],
 )
 def test_bad_auth_blocks_name_the_route_and_key(auth: dict[str, Any], message: str) -> None:
@@ -484,3 +459,44 @@ def test_descriptions_are_header_safe() -> None:
         assert '"' not in inner
         assert "\\" not in inner
         assert all(0x20 <= ord(c) <= 0x7E for c in value)
+
+
+def test_token_required_and_checked() -> None:
+    assert token_required({"scopes": ["a"]})
+    assert token_checked({"scopes": ["a"]})
+    assert not token_required({"public": True})
+    assert not token_checked({"public": True})
+    assert not token_required({"required": False, "scopes": ["a"]})
+    assert token_checked({"required": False})
+    optional = route_policy({"required": False, "scopes": ["orders:read"]}, name="opt")
+    assert authorize(optional, "GET", "/", None).allowed
+    assert not authorize(optional, "GET", "/", claims_with(scope="other")).allowed
+
+
+def test_route_policy_file_refusal_is_policy_denied(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "rules:\n"
+        "  - name: admins\n"
+        "    callers: [anonymous]\n"
+        "    paths: ['/admin/**']\n"
+        "    user: {roles: [admin], scopes: [admin:all]}\n"
+    )
+    policy = PolicyFile(path)
+    admin = claims_with(roles=["admin"], scope="admin:all")
+    assert enforce(policy, "GET", "/admin/users", admin, reason="policy_denied").allowed
+    for path_, claims in [("/admin/users", claims_with()), ("/other", admin)]:
+        with pytest.raises(AuthFailure) as info:
+            enforce(policy, "GET", path_, claims, reason="policy_denied")
+        assert (info.value.status, info.value.reason) == (403, "policy_denied")
+        assert info.value.www_authenticate.endswith('error="insufficient_scope", scope="admin:all"')
+        assert info.value.detail == "The access token does not grant this request."
+        assert "admins" in info.value.log_message
+
+
+def test_refusals_the_grants_do_not_explain_are_policy_denied() -> None:
+    policy = route_policy({"scopes": ["orders:read"]}, name="m", methods=["GET"])
+    for method, path in [("DELETE", "/orders"), ("GET", "/orders/%2F..%2Fadmin")]:
+        with pytest.raises(AuthFailure) as info:
+            enforce(policy, method, path, claims_with())
+        assert (info.value.status, info.value.reason) == (403, "policy_denied")

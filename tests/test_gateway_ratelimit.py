@@ -23,6 +23,8 @@ from trustmesh.gateway._ratelimit import Rate, RateLimits
 from ._server import free_port
 
 T = TypeVar("T")
+# Tests about sharing give Redis time on a loaded machine; the fallback tests keep 0.1 s.
+SLACK = 2.0
 
 
 def run(make: Callable[[], Awaitable[T]]) -> T:
@@ -132,7 +134,10 @@ def test_two_instances_share_one_bucket(redis_url: str) -> None:
     pre = prefix()
 
     async def scenario() -> list[float]:
-        a, b = RateLimits(redis_url, prefix=pre), RateLimits(redis_url, prefix=pre)
+        a, b = (
+            RateLimits(redis_url, prefix=pre, timeout=SLACK),
+            RateLimits(redis_url, prefix=pre, timeout=SLACK),
+        )
         try:
             rate = Rate(2, 3)
             waits = [await a.take(key, rate), await b.take(key, rate), await a.take(key, rate)]
@@ -162,7 +167,7 @@ def test_refusals_are_atomic_under_concurrency(redis_url: str) -> None:
     pre = prefix()
 
     async def scenario() -> list[float]:
-        limiters = [RateLimits(redis_url, prefix=pre) for _ in range(3)]
+        limiters = [RateLimits(redis_url, prefix=pre, timeout=SLACK) for _ in range(3)]
         try:
             rate = Rate(0.01, 10)
             takes = [limiters[i % 3].take("ip:203.0.113.9", rate) for i in range(50)]
@@ -180,7 +185,7 @@ def test_script_is_loaded_once_and_called_by_sha(redis_url: str) -> None:
     pre = prefix()
 
     async def scenario() -> str:
-        limits = RateLimits(redis_url, prefix=pre)
+        limits = RateLimits(redis_url, prefix=pre, timeout=SLACK)
         try:
             await limits.take("k", Rate(1, 1))
             await limits.take("k", Rate(1, 1))
@@ -223,8 +228,8 @@ def test_redis_outage_and_recovery(redis_url: str, caplog: pytest.LogCaptureFixt
         forwarder = Forwarder(target.hostname or "127.0.0.1", target.port or 6379)
         await forwarder.start()
         url = f"redis://127.0.0.1:{forwarder.port}{target.path or '/15'}"
-        limits = RateLimits(url, prefix=pre, retry_interval=0.3)
-        direct = RateLimits(redis_url, prefix=pre)
+        limits = RateLimits(url, prefix=pre, retry_interval=0.3, timeout=SLACK)
+        direct = RateLimits(redis_url, prefix=pre, timeout=SLACK)
         rate = Rate(0.01, 3)
         try:
             assert await limits.take("ip:9", rate) == 0.0
@@ -257,3 +262,37 @@ def test_redis_outage_and_recovery(redis_url: str, caplog: pytest.LogCaptureFixt
     with redis.Redis.from_url(redis_url) as r:
         for key in r.scan_iter(f"{pre}:*"):
             r.delete(key)
+
+
+def test_redis_that_never_answers_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis that accepts and then hangs costs one short timeout, then local buckets."""
+    caplog.set_level(logging.WARNING, "trustmesh.gateway")
+
+    async def scenario() -> None:
+        held: list[asyncio.StreamWriter] = []
+
+        async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+            await reader.read()  # swallow everything, answer nothing
+
+        server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        # timeout 0.5 rather than 0.1: on a loaded machine the connect alone could take
+        # two socket timeouts and our own bound (3x) would answer first, as "busy".
+        url = f"redis://127.0.0.1:{port}/15"
+        limits = RateLimits(url, prefix=prefix(), retry_interval=60, timeout=0.5)
+        try:
+            rate = Rate(1, 1)
+            assert await limits.take("ip:1", rate) == 0.0
+            assert not limits.shared
+            assert await limits.take("ip:1", rate) > 0.0
+        finally:
+            await limits.aclose()
+            for writer in held:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+
+    run(scenario)
+    assert events(caplog, "ratelimit_redis_down") == 1
+    assert "TimeoutError" in caplog.text

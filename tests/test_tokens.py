@@ -927,20 +927,7 @@ def test_opaque_tokens_are_introspected_and_cached(
         "opaque-refresh": {"active": True, "aud": "orders", "token_type": "refresh_token"},
     }
 
-    def introspect(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
-        from urllib.parse import parse_qs
-
-        if method != "POST" or headers.get("Authorization") != "Basic " + b64_std(b"rs:rs-secret"):
-            return 401, {"error": "invalid_client"}
-        token = parse_qs(body.decode())["token"][0]
-        return 200, answers.get(token, {"active": False})
-
-    provider.routes[DISCOVERY] = {
-        "issuer": provider.url,
-        "jwks_uri": provider.url + "/jwks",
-        "introspection_endpoint": provider.url + "/introspect",
-    }
-    provider.routes["/introspect"] = introspect
+    provider.serve_introspection(answers, "rs", "rs-secret")
     cfg = config(provider, bundle, introspection=IntrospectionConfig("rs", "rs-secret"))
     with Verifier(cfg) as v:
         claims = v.verify_access_token("opaque-active")
@@ -963,12 +950,6 @@ def test_opaque_tokens_are_introspected_and_cached(
         with pytest.raises(TokenVerifierUnavailableError) as info:
             v.verify_access_token("opaque-active")
         assert info.value.reason == "introspection_unavailable"
-
-
-def b64_std(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode()
 
 
 def test_opaque_token_without_introspection_is_refused(verifier: Verifier) -> None:

@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-import re
-import shutil
-import ssl
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import pytest
-from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import KeyType, dump_private_key, pem_certificates
@@ -36,52 +28,15 @@ from trustmesh.tokens import (
     certificate_thumbprint,
 )
 
+from ._provider import NodeProvider, running_oidc_provider
 from .conftest import PASSPHRASE
 
-PEERS = Path(__file__).parent / "peers"
-CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
 RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
 BOUND_CLIENT = ("svc-bound", "bound-secret-0123456789abcdef")
 
 
-@dataclass
-class NodeProvider:
-    issuer: str
-    bundle: Path
-    client_certs: list[tuple[x509.Certificate, Path, Path]]
-
-    def token(
-        self,
-        resource: str,
-        scope: str = "orders:read",
-        *,
-        client: tuple[str, str] = CLIENT,
-        tls_identity: tuple[Path, Path] | None = None,
-    ) -> str:
-        ctx = ssl.create_default_context(cafile=str(self.bundle))
-        if tls_identity is not None:
-            ctx.load_cert_chain(*tls_identity)
-        response = httpx.post(
-            f"{self.issuer}/token",
-            data={"grant_type": "client_credentials", "scope": scope, "resource": resource},
-            auth=client,
-            verify=ctx,
-            timeout=10,
-        )
-        assert response.status_code == 200, response.text
-        body = response.json()
-        assert body["token_type"].lower() == "bearer"
-        token: str = body["access_token"]
-        return token
-
-
 @pytest.fixture(scope="module")
 def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProvider]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not on PATH (Node.js runs oidc-provider, the peer provider)")
-    if not (PEERS / "node_modules" / "oidc-provider").is_dir():
-        pytest.fail("tests/peers/node_modules is missing: run `make peers` (npm ci)")
     base = tmp_path_factory.mktemp("oidc-provider")
     ca = CertificateAuthority.init(
         base / "home", trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
@@ -98,41 +53,9 @@ def node_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProv
         key_path.write_bytes(dump_private_key(issued.key))
         client_certs.append((issued.certificate, cert_path, key_path))
     ca.close()
-    log_path = base / "node.log"
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [node, str(PEERS / "oidc_provider.mjs"), "0", str(chain), str(key), str(bundle)],
-        cwd=PEERS,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    ctx = ssl.create_default_context(cafile=str(bundle))
-    deadline = time.monotonic() + 60
-    issuer = ""
-    try:
-        while True:
-            found = re.search(r"^listening (https://\S+)$", log_path.read_text(), re.MULTILINE)
-            if found:
-                issuer = found.group(1)
-                url = f"{issuer}/.well-known/openid-configuration"
-                try:
-                    if httpx.get(url, verify=ctx, timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = "exited" if process.poll() is not None else "not answering after 60 s"
-                pytest.fail(f"oidc-provider {state}: {log_path.read_text()}")
-            time.sleep(0.2)
-        yield NodeProvider(issuer, bundle, client_certs)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with running_oidc_provider(chain, key, bundle, base) as provider:
+        provider.client_certs = client_certs
+        yield provider
 
 
 @pytest.mark.parametrize(("resource", "alg"), [("es256", "ES256"), ("rs256", "RS256")])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException
 
-from trustmesh.middleware.fastapi import CallerDep
+from trustmesh.middleware.fastapi import CallerDep, UserDep
+from trustmesh.tokens import AccessTokenClaims
 
 ITEMS = {
     "1": {"id": "1", "name": "keyboard", "stock": 12},
@@ -20,17 +21,22 @@ ITEMS = {
 app = FastAPI(title="inventory")
 
 
+def user_seen(user: AccessTokenClaims | None) -> dict[str, object]:
+    """The end user whose verified token came with the request, if any (see orders)."""
+    return {} if user is None else {"user": {"sub": user.subject, "token_id": user.jwt_id}}
+
+
 @app.get("/items")
 def list_items(caller: CallerDep) -> dict[str, object]:
     return {"items": list(ITEMS.values()), "caller": str(caller)}
 
 
 @app.get("/items/{item_id}")
-def get_item(item_id: str, caller: CallerDep) -> dict[str, object]:
+def get_item(item_id: str, caller: CallerDep, user: UserDep) -> dict[str, object]:
     item = ITEMS.get(item_id)
     if item is None:
         raise HTTPException(status_code=404, detail=f"no item {item_id}")
-    return {"item": item, "caller": str(caller)}
+    return {"item": item, "caller": str(caller), **user_seen(user)}
 
 
 @app.delete("/items/{item_id}")

@@ -16,7 +16,7 @@ import httpx
 from flask import Flask
 
 from trustmesh.client import mtls_client
-from trustmesh.middleware.flask import current_caller
+from trustmesh.middleware.flask import current_caller, current_user
 from trustmesh.tls import RotatingCredentials
 
 INVENTORY_URL = os.environ.get("INVENTORY_URL", "https://127.0.0.1:8444")
@@ -37,6 +37,13 @@ ORDERS = {
 app = Flask("orders")
 
 
+def user_seen() -> dict[str, Any]:
+    """The end user whose verified token came with the request (through the gateway), if
+    any: its subject and token id, which inventory reports too for the same token."""
+    user = current_user()
+    return {} if user is None else {"user": {"sub": user.subject, "token_id": user.jwt_id}}
+
+
 @app.get("/orders/<order_id>")
 def get_order(order_id: str) -> tuple[dict[str, Any], int]:
     order = ORDERS.get(order_id)
@@ -46,9 +53,11 @@ def get_order(order_id: str) -> tuple[dict[str, Any], int]:
         answer = inventory.get(f"/items/{order['item']}")
     except httpx.HTTPError as exc:
         return {"order": order, "caller": str(current_caller()), "error": str(exc)}, 502
+    # mtls_client passed the user's token on (Authorization), so inventory decides with it too.
     return {
         "order": order,
         "caller": str(current_caller()),
+        **user_seen(),
         "inventory_status": answer.status_code,
         "inventory": answer.json(),
     }, 200

@@ -271,7 +271,7 @@ def start_agent(
     """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
     renews it while serving: the agent's own loop, restarted if it ever gives up.
 
-    Shared by ``trustmesh run --id`` and ``trustmesh gateway serve``."""
+    Shared by ``trustmesh run --id``, ``trustmesh gateway serve`` and ``trustmesh proxy``."""
     from trustmesh.agent import Agent
 
     # httpx logs every request at INFO; the agent's own lines say what happened.

@@ -178,6 +178,8 @@ class Alerts:
         reasons = dict(sorted(Counter(reason for _, reason in events).items()))
         blocked_until = at + self.rule.block_for if self.rule.block_for > 0 else None
         if blocked_until is not None:
+            if len(self._blocked) >= self._max_sources:
+                self._blocked = {s: u for s, u in self._blocked.items() if u > at}
             self._blocked[source] = blocked_until
         count = len(events)
         log.warning(

@@ -26,9 +26,10 @@ import logging
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 
-from trustmesh.policy import ANONYMOUS, Decision, Policy, PolicyRequest
+from trustmesh.policy import ANONYMOUS, Decision, Policy, PolicyFile, PolicyRequest
 from trustmesh.tokens import (
     DEFAULT_TOKEN_CACHE_SIZE,
+    MAX_TOKEN_BYTES,
     REASONS,
     AccessTokenClaims,
     AsyncVerifier,
@@ -47,6 +48,8 @@ __all__ = [
     "enforce",
     "forbidden",
     "route_policy",
+    "token_checked",
+    "token_required",
 ]
 
 log = logging.getLogger("trustmesh.gateway")
@@ -240,6 +243,7 @@ class Authenticator:
                 config, token_cache_size=token_cache_size
             )
         self._introspecting = tuple(c.issuer for c in issuers if c.introspection is not None)
+        self._only = next(iter(self._verifiers), "")
 
     @property
     def issuers(self) -> tuple[str, ...]:
@@ -287,6 +291,8 @@ class Authenticator:
         if match is None:
             raise _malformed()
         token = match.group(1)
+        if len(token) > MAX_TOKEN_BYTES:
+            raise _refused("too_large", f"Token of {len(token)} bytes refused unparsed.")
         if token.count(".") == 2:
             verifier = self._jwt_verifier(token, allowed_issuers)
             return await self._verify(verifier, token, client_cert)
@@ -294,9 +300,16 @@ class Authenticator:
 
     def _jwt_verifier(self, token: str, allowed: Collection[str] | None) -> AsyncVerifier:
         verifiers = self._verifiers
-        if len(verifiers) == 1 and allowed is None:
-            # The only verifier refuses any other iss itself; no need to peek.
-            return next(iter(verifiers.values()))
+        if len(verifiers) == 1:
+            # The only verifier refuses any other iss itself: no need to peek.
+            only = self._only
+            if allowed is not None and only not in allowed:
+                raise _refused(
+                    "issuer_not_allowed",
+                    f"The only configured issuer {only!r} is not accepted on this route "
+                    f"(auth.issuers: {sorted(allowed)}).",
+                )
+            return verifiers[only]
         iss = _unverified_issuer(token)
         if iss is None:
             raise _refused("malformed", "Token payload has no readable string iss.")
@@ -369,6 +382,20 @@ def client_key(claims: AccessTokenClaims) -> str:
     return claims.subject
 
 
+def token_required(auth: Mapping[str, object]) -> bool:
+    """Whether a route's ``auth`` block needs a token.
+
+    False for ``public: true`` (no token is checked, even when one is sent) and for
+    ``required: false`` (a token is checked when one is sent; requests without one pass).
+    """
+    return auth.get("public") is not True and auth.get("required", True) is not False
+
+
+def token_checked(auth: Mapping[str, object]) -> bool:
+    """Whether a token sent to this route is verified (everything but ``public: true``)."""
+    return auth.get("public") is not True
+
+
 def route_policy(
     auth: Mapping[str, object],
     *,
@@ -408,6 +435,17 @@ def route_policy(
     public = auth.get("public", False)
     if not isinstance(public, bool):
         raise PolicyConfigError(f"{source}: public must be true or false.", field="public")
+    issuers = auth.get("issuers")
+    if issuers is not None and (
+        not isinstance(issuers, list | tuple)
+        or not issuers
+        or not all(isinstance(i, str) and i for i in issuers)
+    ):
+        raise PolicyConfigError(
+            f"{source}: issuers must be a non-empty list of configured issuer URLs, "
+            f"e.g. [https://idp.example.org]; got {issuers!r}.",
+            field="issuers",
+        )
     user = {k: v for k, v in auth.items() if k not in ("public", "issuers")}
     if public and user:
         raise PolicyConfigError(
@@ -443,7 +481,7 @@ def _request(
 
 
 def authorize(
-    policy: Policy,
+    policy: Policy | PolicyFile,
     method: str,
     path: str,
     claims: AccessTokenClaims | Mapping[str, object] | None,
@@ -451,7 +489,8 @@ def authorize(
     """Decide a request with a route's policy (caller anonymous, the user's claims).
 
     Args:
-        policy: From :func:`route_policy`, or a route's ``policy:`` file.
+        policy: From :func:`route_policy`, or a route's ``policy:`` file (a
+            :class:`~trustmesh.policy.PolicyFile` is re-read when it changes).
         method: The HTTP method.
         path: The request path (the policy normalises it).
         claims: The verified token (or raw claims; None without a token).
@@ -460,7 +499,7 @@ def authorize(
 
 
 def forbidden(
-    policy: Policy, decision: Decision, *, reason: str = "insufficient_scope"
+    policy: Policy | PolicyFile, decision: Decision, *, reason: str = "insufficient_scope"
 ) -> AuthFailure:
     """The 403 for a refused :class:`Decision`, with an ``insufficient_scope`` challenge.
 
@@ -468,18 +507,23 @@ def forbidden(
         policy: The policy that decided.
         decision: Its refusal.
         reason: ``insufficient_scope`` (route requirements) or ``policy_denied``
-            (a route's policy file).
+            (a route's policy file). A route refusal the token's scopes, roles and
+            claims do not explain (an ambiguous path, a method the rule omits) is
+            reported as ``policy_denied``.
     """
-    scopes = sorted({s for r in policy.rules if r.user is not None for s in r.user.scopes})
+    rules = policy.policy.rules if isinstance(policy, PolicyFile) else policy.rules
+    scopes = sorted({s for r in rules if r.effect == "allow" and r.user for s in r.user.scopes})
     challenge = f'{_CHALLENGE}, error="insufficient_scope"'
     if scopes:
         challenge += f', scope="{_quoted(" ".join(scopes))}"'
     problems: list[str] = []
     request = decision.request
     if request is not None:
-        for rule in policy.rules:
+        for rule in rules:
             if rule.effect == "allow" and rule.user is not None:
                 problems.extend(rule.user.problems(request))
+    if reason == "insufficient_scope" and not problems:
+        reason = "policy_denied"  # refused for something else than the token's grants
     if problems and reason == "insufficient_scope":
         detail = f"The access token lacks what this route requires: {'; '.join(problems[:4])}."
     else:
@@ -488,7 +532,7 @@ def forbidden(
 
 
 def enforce(
-    policy: Policy,
+    policy: Policy | PolicyFile,
     method: str,
     path: str,
     claims: AccessTokenClaims | Mapping[str, object] | None,

@@ -14,11 +14,12 @@ bounded table, so a repeated name costs one dict lookup and no allocation.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 
 from trustmesh.middleware import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
+
+from ._addresses import parse_ip
 
 __all__ = [
     "ERROR_RESPONSE_HEADERS",
@@ -46,6 +47,19 @@ SPOOFABLE_PREFIXES: tuple[bytes, ...] = (
     b"x-remote-",  # X-Remote-User, X-Remote-Addr, ...
     b"x-envoy-",  # Envoy's internal and identity headers
     IDENTITY_HEADER_PREFIX.encode("ascii"),  # ours: x-trustmesh-
+    # What well-known authenticating proxies put in front of apps (an app behind the
+    # gateway may have been written for one of them and believe these):
+    b"remote-",  # Authelia and others: Remote-User, Remote-Email, Remote-Groups
+    b"x-amzn-oidc-",  # AWS ALB: X-Amzn-Oidc-Identity, -Data, -Accesstoken
+    b"x-goog-authenticated-",  # Google IAP: X-Goog-Authenticated-User-Email/-Id
+    b"x-goog-iap-",  # Google IAP: X-Goog-IAP-JWT-Assertion
+    b"x-ms-client-principal",  # Azure App Service auth: X-MS-CLIENT-PRINCIPAL(-NAME/-ID)
+    b"x-ms-token-",  # Azure App Service auth: X-MS-TOKEN-AAD-ACCESS-TOKEN, ...
+    b"cf-access-",  # Cloudflare Access: Cf-Access-Jwt-Assertion, -Authenticated-User-Email
+    b"x-pomerium-",  # Pomerium: X-Pomerium-Jwt-Assertion, X-Pomerium-Claim-*
+    b"tailscale-user-",  # Tailscale serve: Tailscale-User-Login, -Name
+    b"x-webauth-",  # Grafana-style auth proxies: X-WEBAUTH-USER
+    b"x-azure-",  # Azure Front Door: X-Azure-ClientIP, X-Azure-SocketIP
 )
 
 #: Exact names refused from clients (lower case, ``-``), besides the prefixes.
@@ -58,6 +72,10 @@ SPOOFABLE_HEADERS: frozenset[bytes] = frozenset(
         b"cf-connecting-ip",
         b"x-cluster-client-ip",
         b"fastly-client-ip",
+        b"x-originating-ip",
+        b"x-proxyuser-ip",
+        b"proxy-client-ip",
+        b"wl-proxy-client-ip",
         b"x-client-ip",
         b"client-ip",
         b"x-host",
@@ -92,6 +110,7 @@ HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
 
 # A Connection header may not remove these: the request's framing, target and credentials.
 _NOT_CONNECTION_OPTIONS = frozenset({b"host", b"content-length", b"authorization"})
+_NO_OPTIONS: frozenset[bytes] = frozenset()
 
 #: Added to every response the gateway sends, unless the upstream set the same header.
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -147,22 +166,33 @@ def is_spoofable(name: bytes) -> bool:
     return kind == _SPOOFABLE
 
 
-def _connection_options(values: list[bytes]) -> set[bytes]:
-    options: set[bytes] = set()
-    for value in values:
-        for item in value.split(b","):
-            option = normalize_name(item)
-            if option and option not in _NOT_CONNECTION_OPTIONS:
-                options.add(option)
-    return options
+_options: dict[bytes, frozenset[bytes]] = {}
+
+
+def _connection_options(value: bytes) -> frozenset[bytes]:
+    # The names a Connection header lists that would not go anyway ("keep-alive" and
+    # "close" are the usual values: nothing left, so no second pass over the headers).
+    found = _options.get(value)
+    if found is None:
+        found = frozenset(
+            option
+            for option in (normalize_name(item) for item in value.split(b","))
+            if option
+            and option not in _NOT_CONNECTION_OPTIONS
+            and option not in HOP_BY_HOP_HEADERS
+            and option != b"close"
+        )
+        if len(_options) < _CACHE_LIMIT:
+            _options[value] = found
+    return found
 
 
 def _strip(
     headers: Iterable[tuple[bytes, bytes]], drop_spoofable: bool
 ) -> tuple[Headers, list[str]]:
     kept: Headers = []
-    removed: set[bytes] | None = None
-    connection: list[bytes] | None = None
+    removed: list[bytes] = []
+    options: frozenset[bytes] = _NO_OPTIONS
     classes = _classes
     for item in headers:
         name = item[0]
@@ -172,27 +202,24 @@ def _strip(
         if kind == _KEEP or (kind == _SPOOFABLE and not drop_spoofable):
             kept.append(item)
             continue
-        if removed is None:
-            removed = set()
-        removed.add(name.lower())
+        removed.append(name)
         if kind == _CONNECTION:
-            if connection is None:
-                connection = []
-            connection.append(item[1])
-    if connection is not None:
-        options = _connection_options(connection)
-        if options:
-            assert removed is not None  # noqa: S101 - a Connection header was removed
-            still: Headers = []
-            for item in kept:
-                if normalize_name(item[0]) in options:
-                    removed.add(item[0].lower())
-                else:
-                    still.append(item)
-            kept = still
-    if removed is None:
+            listed = _connection_options(item[1])
+            if listed:
+                options = options | listed
+    if options:
+        still: Headers = []
+        for item in kept:
+            if normalize_name(item[0]) in options:
+                removed.append(item[0])
+            else:
+                still.append(item)
+        kept = still
+    if not removed:
         return kept, []
-    return kept, sorted(n.decode("latin-1") for n in removed)
+    if len(removed) == 1:
+        return kept, [removed[0].lower().decode("latin-1")]
+    return kept, sorted({n.lower().decode("latin-1") for n in removed})
 
 
 def strip_inbound(headers: Iterable[tuple[bytes, bytes]]) -> tuple[Headers, list[str]]:
@@ -233,15 +260,44 @@ def add_security_headers(headers: Headers, *, error: bool = False) -> Headers:
     return headers
 
 
+# Values repeat (the same clients and hosts): their encodings are remembered, bounded.
+_ENCODED_LIMIT = 65536
+_for_values: dict[str, bytes] = {}
+_host_values: dict[str, tuple[bytes, bytes] | None] = {}
+
+
 def _forwarded_for(client_ip: str) -> bytes:
-    # RFC 7239 §6: IPv6 addresses are bracketed and the value quoted.
+    value = _for_values.get(client_ip)
+    if value is None:
+        # RFC 7239 §6: IPv6 addresses are bracketed and the value quoted.
+        address = parse_ip(client_ip)
+        if address is None:
+            value = b"unknown"
+        elif address.version == 6:
+            value = b'"[' + address.compressed.encode("ascii") + b']"'
+        else:
+            value = address.compressed.encode("ascii")
+        if len(_for_values) >= _ENCODED_LIMIT:
+            _for_values.clear()
+        _for_values[client_ip] = value
+    return value
+
+
+def _host(host: str) -> tuple[bytes, bytes] | None:
+    # (X-Forwarded-Host value, ";host=..." for Forwarded), or None when not a plain host.
     try:
-        address = ipaddress.ip_address(client_ip)
-    except ValueError:
-        return b'"unknown"' if not client_ip else b"unknown"
-    if address.version == 6:
-        return b'"[' + address.compressed.encode("ascii") + b']"'
-    return address.compressed.encode("ascii")
+        return _host_values[host]
+    except KeyError:
+        pass
+    raw = host.encode("latin-1", "replace")
+    result: tuple[bytes, bytes] | None = None
+    if raw and _HOST_RE.fullmatch(raw):
+        quoted = raw if _TOKEN_RE.fullmatch(raw) else b'"' + raw + b'"'
+        result = (raw, b";host=" + quoted)
+    if len(_host_values) >= _ENCODED_LIMIT:
+        _host_values.clear()
+    _host_values[host] = result
+    return result
 
 
 def vouched_headers(*, client_ip: str, scheme: str, host: str) -> Headers:
@@ -256,14 +312,15 @@ def vouched_headers(*, client_ip: str, scheme: str, host: str) -> Headers:
     Returns:
         ``X-Forwarded-For``, ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Forwarded``.
     """
-    proto = scheme.encode("ascii") if scheme in ("http", "https") else b"https"
-    ip = client_ip.encode("ascii", "replace")
-    out: Headers = [(b"x-forwarded-for", ip), (b"x-forwarded-proto", proto)]
+    proto = b"http" if scheme == "http" else b"https"
+    out: Headers = [
+        (b"x-forwarded-for", client_ip.encode("ascii", "replace")),
+        (b"x-forwarded-proto", proto),
+    ]
     forwarded = b"for=" + _forwarded_for(client_ip) + b";proto=" + proto
-    raw_host = host.encode("latin-1", "replace")
-    if raw_host and _HOST_RE.fullmatch(raw_host):
-        out.append((b"x-forwarded-host", raw_host))
-        value = raw_host if _TOKEN_RE.fullmatch(raw_host) else b'"' + raw_host + b'"'
-        forwarded += b";host=" + value
+    host_values = _host(host)
+    if host_values is not None:
+        out.append((b"x-forwarded-host", host_values[0]))
+        forwarded += host_values[1]
     out.append((b"forwarded", forwarded))
     return out

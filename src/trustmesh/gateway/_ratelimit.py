@@ -36,6 +36,8 @@ log = logging.getLogger("trustmesh.gateway")
 DEFAULT_PREFIX = "trustmesh:gateway"
 #: Redis socket and connect timeout (seconds): a slow Redis must not slow requests.
 DEFAULT_REDIS_TIMEOUT = 0.1
+#: Redis connections per gateway instance.
+DEFAULT_REDIS_CONNECTIONS = 8
 #: While Redis is down, try it again at most this often (seconds).
 DEFAULT_RETRY_INTERVAL = 3.0
 
@@ -100,7 +102,17 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _redis_client(url: str, timeout: float) -> Redis:
+def _no_setinfo() -> dict[str, None]:
+    # No CLIENT SETINFO round trips on each new connection (they slow every connect):
+    # redis-py >= 7 spells it driver_info=None, 5 and 6 lib_name/lib_version=None.
+    try:
+        import redis.driver_info  # noqa: F401
+    except ImportError:
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": None}
+
+
+def _redis_client(url: str, timeout: float, connections: int) -> Redis:
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
@@ -109,7 +121,7 @@ def _redis_client(url: str, timeout: float) -> Redis:
             field="redis",
         )
     try:
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
     except ImportError:
@@ -119,19 +131,24 @@ def _redis_client(url: str, timeout: float) -> Redis:
             field="redis",
         ) from None
     try:
-        client: Redis = Redis.from_url(
+        # A bounded pool: a burst of requests waits (briefly) for a connection instead of
+        # opening hundreds at once; a take is one round trip, so a few connections suffice.
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=connections,
+            timeout=None,  # waiting for a free connection is bounded by take()
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # no retries: the local fallback answers at once
             health_check_interval=0,
             decode_responses=False,
+            **_no_setinfo(),
         )
     except ValueError as exc:
         raise ConfigError(
             f"redis: {_redacted(url)!r} is not usable: {exc}", field="redis"
         ) from None
-    return client
+    return Redis.from_pool(pool)
 
 
 class RateLimits:
@@ -144,6 +161,8 @@ class RateLimits:
         prefix: Namespace of the Redis keys (one per gateway deployment).
         timeout: Redis socket and connect timeout in seconds.
         retry_interval: While Redis is down, how often it is tried again.
+        connections: Redis connections at most (requests beyond wait for one, within
+            ``timeout``).
         max_keys: In-memory buckets kept per rate (oldest dropped).
 
     Raises:
@@ -157,6 +176,7 @@ class RateLimits:
         prefix: str = DEFAULT_PREFIX,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
         retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        connections: int = DEFAULT_REDIS_CONNECTIONS,
         max_keys: int = 100_000,
     ) -> None:
         self._local: dict[Rate, RateLimiter] = {}
@@ -169,8 +189,10 @@ class RateLimits:
         self._script: Any = None
         self._down_since: float | None = None
         self._retry_at = 0.0
+        #: Takes answered locally because the process was too busy to wait for Redis.
+        self.busy_fallbacks = 0
         if redis_url:
-            self._redis = _redis_client(redis_url, timeout)
+            self._redis = _redis_client(redis_url, timeout, connections)
             self._script = self._redis.register_script(_BUCKET_SCRIPT)
 
     @property
@@ -206,15 +228,25 @@ class RateLimits:
         return limiter.allow(key)
 
     async def _take_shared(self, key: str, rate: Rate) -> float:
+        started = time.monotonic()
         try:
-            # The socket timeouts bound each read; this bounds the whole call (reconnects).
+            # The socket timeouts bound each connect and read (a dead or hung Redis);
+            # this bounds the whole call, including the wait for a pooled connection.
             async with asyncio.timeout(self._timeout * 3):
                 reply = await self._script(keys=[self._prefix + key], args=[rate.rate, rate.burst])
             wait = float(reply)
+        except TimeoutError:
+            # Our own bound (redis-py's socket timeouts raise redis.TimeoutError, below):
+            # this process is too busy to wait for a connection. Answer from the local
+            # bucket without declaring Redis down.
+            self.busy_fallbacks += 1
+            return self._take_local(key, rate)
         except Exception as exc:  # any Redis failure means: use local buckets
             self._redis_failed(exc)
             return self._take_local(key, rate)
-        if self._down_since is not None:
+        if self._down_since is not None and started >= self._down_since:
+            # Only a call made after the failure proves recovery; one already in flight
+            # when another failed does not (no down/up flapping in the log).
             self._redis_recovered()
         return wait
 

@@ -4,3 +4,36 @@
 PROXY protocol v2, or HTTP mode with the full policy); ``trustmesh proxy outbound`` lets a
 plain local client call an mTLS service. See docs/sidecars.md.
 """
+
+from ._proxy_protocol import (
+    PP2_SIGNATURE,
+    PP2_SUBTYPE_SSL_CIPHER,
+    PP2_SUBTYPE_SSL_CN,
+    PP2_SUBTYPE_SSL_VERSION,
+    PP2_TYPE_SPIFFE_ID,
+    PP2_TYPE_SSL,
+    PP2_TYPE_UNIQUE_ID,
+    TLSInfo,
+    proxy_v2_header,
+)
+from ._run import run_inbound, run_outbound, validate_inbound, validate_outbound
+from ._sidecar import InboundSettings, OutboundSettings, ProxySettings
+
+__all__ = [
+    "PP2_SIGNATURE",
+    "PP2_SUBTYPE_SSL_CIPHER",
+    "PP2_SUBTYPE_SSL_CN",
+    "PP2_SUBTYPE_SSL_VERSION",
+    "PP2_TYPE_SPIFFE_ID",
+    "PP2_TYPE_SSL",
+    "PP2_TYPE_UNIQUE_ID",
+    "InboundSettings",
+    "OutboundSettings",
+    "ProxySettings",
+    "TLSInfo",
+    "proxy_v2_header",
+    "run_inbound",
+    "run_outbound",
+    "validate_inbound",
+    "validate_outbound",
+]
