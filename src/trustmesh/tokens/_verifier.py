@@ -596,7 +596,12 @@ class AsyncVerifier:
     ) -> None:
         if state.revocation_url is None:
             return
-        if "revocation" not in attempted and state.revocation_due(mono):
+        if "revocation" not in attempted and (
+            state.revocation_due(mono)
+            # A fetch in flight (the first one, at start) is waited for rather than
+            # reported as a stale list: concurrent first requests must not get a 503.
+            or (state.lock.locked() and state.revocation_stale(mono))
+        ):
             raise _NeedFetch(state, "revocation")
         if state.revocation_stale(mono):
             raise TokenVerifierUnavailableError(
