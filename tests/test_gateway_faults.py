@@ -6,7 +6,7 @@ other serves) and restarted on its port (taken back after the ejection time); th
 identity server stopped after startup (cached keys keep verifying, a token with an
 unknown ``kid`` fails closed); Redis unreachable (rate limits fall back to local buckets,
 and the log says so) through a closed port and through a TCP forwarder that is cut and
-restored. The identity-server test stops the stack's idp, so it runs last.
+restored. The identity-server tests stop the stack's idp, so they come last.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -171,34 +172,70 @@ def test_redis_cut_and_restored_while_serving(stack: Stack, redis_url: str) -> N
         gateway.stop()
 
 
-def test_identity_server_down_cached_keys_verify_an_unknown_kid_fails_closed(
-    stack: Stack,
-) -> None:
-    """Runs last: it stops the stack's identity server."""
+@dataclass
+class IdpDown:
+    gateway: Gateway
+    token: str
+
+
+@pytest.fixture(scope="module")
+def idp_down(stack: Stack) -> Iterator[IdpDown]:
+    """A gateway that has verified a token (the issuer's keys are cached), then the
+    identity server is stopped for good: only the last tests of the module use it."""
     route = stack.route("/api", "echo", auth={"scopes": ["orders:read"]})
     gateway = stack.start_gateway(stack.config([route]), label="gw-idp")
     token = stack.machine_token(scope="orders:read")
     with gateway.http() as http:
-        assert http.get("/api/warm", headers={"Authorization": f"Bearer {token}"}).is_success
-        stack.mesh.halt("idp")
-        # the same token, and a new one signed by the same key: the cached keys decide
-        now = int(time.time())
-        renewed = stack.resigned(token, jti=uuid.uuid4().hex, iat=now, nbf=now)
-        for each in (token, renewed):
+        warm = http.get("/api/warm", headers={"Authorization": f"Bearer {token}"})
+    assert warm.status_code == 200, warm.text
+    stack.mesh.halt("idp")
+    yield IdpDown(gateway, token)
+    gateway.stop()
+
+
+def unknown_kid(stack: Stack, idp_down: IdpDown) -> tuple[str, httpx.Response]:
+    """A request whose token names a key the gateway has not cached (as after a key
+    rotation at the identity server): its marker and the answer."""
+    mark = marker()
+    token = stack.forged(idp_down.token, kid=f"rotated-{mark}")
+    with idp_down.gateway.http() as http:
+        return mark, http.get(f"/api/{mark}", headers={"Authorization": f"Bearer {token}"})
+
+
+def test_identity_server_down_cached_keys_still_verify(stack: Stack, idp_down: IdpDown) -> None:
+    now = int(time.time())
+    renewed = stack.resigned(idp_down.token, jti=uuid.uuid4().hex, iat=now, nbf=now)
+    with idp_down.gateway.http() as http:
+        # the token seen before, and one never seen, signed by the same key
+        for each in (idp_down.token, renewed):
             answer = http.get(f"/api/{marker()}", headers={"Authorization": f"Bearer {each}"})
             assert answer.status_code == 200, answer.text
         forged = http.get(
-            f"/api/{marker()}", headers={"Authorization": f"Bearer {stack.forged(token)}"}
+            f"/api/{marker()}", headers={"Authorization": f"Bearer {stack.forged(renewed)}"}
         )
-        refused(forged, 401, "bad_signature", "token_invalid")
-        mark = marker()
-        unknown = http.get(
-            f"/api/{mark}",
-            headers={"Authorization": f"Bearer {stack.forged(token, kid='rotated-' + mark)}"},
-        )
-    if unknown.status_code == 503:
-        refused(unknown, 503, "token_verifier_unavailable")
-    else:
-        refused(unknown, 401, "unknown_kid", "token_invalid")
+    refused(forged, 401, "bad_signature")
+
+
+def test_an_unknown_kid_fails_closed_while_the_identity_server_is_down(
+    stack: Stack, idp_down: IdpDown
+) -> None:
+    mark, answer = unknown_kid(stack, idp_down)
+    document = refused(answer, answer.status_code, "unknown_kid", "token_verifier_unavailable")
+    assert answer.status_code in (401, 503), document
+    assert idp_down.gateway.reason(f"/api/{mark}") == document["reason"]
     assert stack.echo_seen(mark) == []
-    gateway.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trustmesh.tokens answers unknown_kid (401, 'not in the JWKS ... even after a "
+    "refetch') when the refetch itself failed because the issuer is down; the gateway spec "
+    "wants 503 token_verifier_unavailable with Retry-After (the token may be fine)",
+)
+def test_an_unknown_kid_while_the_identity_server_is_down_is_503_as_specified(
+    stack: Stack, idp_down: IdpDown
+) -> None:
+    mark, answer = unknown_kid(stack, idp_down)
+    refused(answer, 503, "token_verifier_unavailable")
+    assert answer.headers["retry-after"]
+    assert idp_down.gateway.reason(f"/api/{mark}") == "token_verifier_unavailable"
