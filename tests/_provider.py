@@ -228,6 +228,8 @@ def sign_es256(header: dict[str, object], claims: dict[str, object], key: ECKey)
 PEERS = Path(__file__).parent / "peers"
 #: The client_credentials client of tests/peers/oidc_provider.mjs (scopes orders:read/write).
 NODE_CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
+#: The resource server that may introspect its opaque tokens.
+NODE_RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
 
 
 @dataclass
