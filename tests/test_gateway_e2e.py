@@ -3,8 +3,9 @@
 `trustmesh ca serve` enrolls the gateway, the example services and an echo upstream;
 `trustmesh idp serve` signs a user in (login page, code + PKCE); inventory (FastAPI) and
 orders (Flask) run under `trustmesh run` verifying user tokens themselves, with the
-policies of ``examples/gateway/``; Node's oidc-provider is a second issuer; `trustmesh
-gateway serve` sits in front. The user's call goes gateway -> orders -> inventory with the
+policies of ``examples/gateway/``; Node's oidc-provider is a second issuer (its JWTs
+checked by its keys, its opaque tokens by introspection); `trustmesh gateway serve` sits
+in front. The user's call goes gateway -> orders -> inventory with the
 user's own token, and each refusal is 401 or 403 as the issue specifies, never mixed.
 """
 
