@@ -581,6 +581,7 @@ class RateResult:
     server_cpu_us: float  # per request
     gen_cpu_us: float  # the generator's, per request
     late_max_ms: float  # worst delay of a send behind its schedule
+    reconnects: int  # connections the server closed (reopened by the generator)
     upstream_cpu_us: float = 0.0  # per request, the process behind a proxy
 
 
@@ -633,6 +634,7 @@ def run_ratelat(
         server_cpu_us=sum(cpu[str(pid)] for pid in pids) / done * 1e6,
         gen_cpu_us=values["cpu_us_per_req"],
         late_max_ms=values["late_max_us"] / 1000,
+        reconnects=int(values["reconnects"]),
         upstream_cpu_us=cpu.get("upstream", 0.0) / done * 1e6,
     )
 
@@ -826,6 +828,7 @@ def rate_columns(upstream: str, ms_fmt: str = "{:.2f}") -> list[tuple[str, str, 
         (f"{upstream} CPU µs/req", "upstream_cpu_us", "{:.0f}"),
         ("generator CPU µs/req", "gen_cpu_us", "{:.0f}"),
         ("late send max ms", "late_max_ms", "{:.2f}"),
+        ("reconnects", "reconnects", "{:.0f}"),
     ]
 
 
