@@ -398,6 +398,10 @@ def print_machine(tools: Mapping[str, list[str]]) -> None:
     print(f"python {platform.python_version()} ({ssl.OPENSSL_VERSION})")
     for name, cmd in tools.items():
         print(f"{name}: {_version(cmd)}")
+    repo = Path(__file__).resolve().parent.parent
+    commit = _version(["git", "-C", str(repo), "log", "-1", "--format=%h %cI %s"])
+    dirty = _version(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
+    print(f"code: {repo} at {commit}{' (with uncommitted changes)' if dirty != 'git' else ''}")
     print(f"load average at start: {loadavg()}")
 
 
