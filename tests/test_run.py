@@ -35,7 +35,14 @@ from starlette.routing import Route
 
 async def items(request):
     who = request.scope["trustmesh"]
-    return JSONResponse({"caller": str(who.caller), "rule": who.decision.rule})
+    return JSONResponse(
+        {
+            "caller": str(who.caller),
+            "rule": who.decision.rule,
+            "client": request.client.host,
+            "scheme": request.url.scheme,
+        }
+    )
 
 
 app = Starlette(routes=[Route("/items", items, methods=["GET", "POST"])])
@@ -72,7 +79,9 @@ def test_run_serves_an_asgi_app_with_policy_and_rotation(
     ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     """Allowed and denied by the policy file, a handshake without a certificate refused,
-    a renewed service certificate used for new connections, SIGTERM exits 0."""
+    a renewed service certificate used for new connections, SIGTERM exits 0. The app sees
+    the socket's client address and scheme: X-Forwarded-For/-Proto from a local caller are
+    not believed (uvicorn would by default, for 127.0.0.1)."""
     cert_dir = tmp_path / "certs"
     cert_dir.mkdir()
     first = _write_identity(ca, cert_dir)
@@ -105,7 +114,10 @@ def test_run_serves_an_asgi_app_with_policy_and_rotation(
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    allowed = http.get("/items")
+                    allowed = http.get(
+                        "/items",
+                        headers={"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "http"},
+                    )
                     break
                 except httpx.TransportError:
                     assert process.poll() is None, log_path.read_text()
@@ -132,7 +144,12 @@ def test_run_serves_an_asgi_app_with_policy_and_rotation(
             process.kill()
             process.wait()
     assert allowed.status_code == 200, allowed.text
-    assert allowed.json() == {"caller": ORDERS, "rule": "orders-reads"}
+    assert allowed.json() == {
+        "caller": ORDERS,
+        "rule": "orders-reads",
+        "client": "127.0.0.1",
+        "scheme": "https",
+    }
     assert denied.status_code == 403
     assert denied.json()["reason"] == "policy_denied"
     assert fresh.status_code == 200

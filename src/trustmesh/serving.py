@@ -146,6 +146,9 @@ def run_https(
         log_level=log_level,
         access_log=False,
         lifespan="on",
+        # Not uvicorn's default: X-Forwarded-For from 127.0.0.1 would set the client
+        # address that per-address rate limits key on.
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of

@@ -320,6 +320,10 @@ async def _serve(
         log_level=settings.log_level,
         access_log=False,
         lifespan="auto",
+        # uvicorn believes X-Forwarded-For/-Proto from 127.0.0.1 by default: any local
+        # process could then set the client address the app sees. Callers are identified
+        # by certificate; the address is the socket's.
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     url = public_url(host, port)

@@ -54,7 +54,13 @@ class TrustmeshWorker(UvicornWorker):
     worker refuses to boot.
     """
 
-    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": TLSHttpToolsProtocol}  # noqa: RUF012 - as uvicorn declares it
+    # proxy_headers off: uvicorn would believe X-Forwarded-For from 127.0.0.1 (any local
+    # process) for the client address the app sees.
+    CONFIG_KWARGS: dict[str, Any] = {  # noqa: RUF012 - as uvicorn declares it
+        "loop": "auto",
+        "http": TLSHttpToolsProtocol,
+        "proxy_headers": False,
+    }
 
     credentials: RotatingCredentials | None = None
 
