@@ -1172,7 +1172,10 @@ def run_examples_act(workdir: Path) -> tuple[dict[str, object], dict[str, object
         )
 
         say("\n== 20. Revoke frontend while its keep-alive connection to orders is open")
-        with mesh.client("frontend", "orders") as frontend:
+        # Keep the idle connection in the pool while `trustmesh revoke` runs (a new process,
+        # seconds on a loaded machine; httpx would drop it after 5 s by default).
+        keep = httpx.Limits(keepalive_expiry=60)
+        with mesh.client("frontend", "orders", limits=keep) as frontend:
             first = fetch(frontend, "/orders/1")
             port = first.local_port
             say(f"GET /orders/1: {first.status} on the connection from port {port}")
