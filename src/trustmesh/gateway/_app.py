@@ -59,6 +59,9 @@ _HOST_PORT = re.compile(r"^\[?([^\]]*?)\]?(?::\d+)?$")
 #: (uvicorn already answered it).
 _NOT_FORWARDED = frozenset({b"host", b"x-request-id", b"expect"})
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
+#: A ``.`` or ``..`` segment with ``;`` parameters: Java servers (Tomcat, Jetty) drop the
+#: parameters and resolve it, so ``/public/..;/admin`` would reach ``/admin`` upstream.
+_DOT_PARAMETERS = re.compile(r"(?:^|/)\.\.?;")
 
 
 @dataclass(eq=False)
@@ -328,6 +331,14 @@ class GatewayApp:
             raise _Refusal(
                 400, "path_refused", "Bad request path", f"The path is refused: {exc}."
             ) from None
+        if _DOT_PARAMETERS.search(path):
+            raise _Refusal(
+                400,
+                "path_refused",
+                "Bad request path",
+                "The path is refused: a '.' or '..' segment carries ';' parameters, which "
+                "some servers strip before resolving it.",
+            )
         host = _host_name(_header(headers, b"host"))
         route = self._match(state, host, method, path)
         entry.route = route.name
