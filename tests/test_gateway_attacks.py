@@ -14,10 +14,14 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+import yaml
+
+from trustmesh.demo import READY_LINE
 
 from ._gateway_stack import Gateway, RawResponse, Stack, problem, raw_request, running_stack
 from ._server import free_port
@@ -301,3 +305,37 @@ def test_redirect_keeps_a_scheme_relative_path_on_the_gateway(
     answer = _redirect(redirect_port, "//evil.example/x", f"127.0.0.1:{redirect_port}")
     assert answer.status == 308
     assert answer.header("location") == f"https://127.0.0.1:{gateway.port}//evil.example/x"
+
+
+# -- log injection ----------------------------------------------------------------------
+
+
+def test_a_crlf_in_the_path_forges_no_text_log_line(stack: Stack) -> None:
+    """``/public/%0d%0a...`` is refused (400 path_refused) and, with ``--log-format
+    text``, its access line stays one line: the control characters are logged escaped."""
+    mesh = stack.mesh
+    label = "gateway-text"
+    path = stack.workdir / f"{label}.yaml"
+    path.write_text(yaml.safe_dump(stack.config(_routes(stack)), sort_keys=False))
+    argv = ["gateway", "serve", "--config", str(path), "--cert-dir", str(mesh.dirs["gateway"])]
+    mesh.spawn(label, *argv, "--log-level", "info", "--log-format", "text")
+    try:
+        mesh._wait(label, lambda: READY_LINE.search(mesh.log_text(label)) is not None)
+        url = READY_LINE.findall(mesh.log_text(label))[-1]
+        gateway = Gateway(label, url, mesh, stack.client_context())
+        mark = marker()
+        forged = f"FORGED-{mark} trustmesh.gateway.access INFO GET /admin 200 allowed"
+        answer = send(gateway, "GET", f"/public/{mark}%0d%0a{forged.replace(' ', '%20')}")
+        assert answer.status == 400, (answer.status, answer.body)
+        problem(400, answer, answer.body, ["path_refused"])
+        for _ in range(200):
+            lines = [line for line in mesh.log_text(label).splitlines() if mark in line]
+            if lines:
+                break
+            time.sleep(0.05)
+        assert len(lines) == 1, lines
+        assert not lines[0].startswith("FORGED"), lines
+        assert "%0D%0AFORGED" in lines[0], lines
+        assert stack.echo_seen(mark) == []
+    finally:
+        mesh.halt(label)

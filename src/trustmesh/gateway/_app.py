@@ -61,6 +61,8 @@ _NOT_FORWARDED = frozenset({b"host", b"x-request-id", b"expect"})
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
 #: A ``.`` or ``..`` segment with ``;`` parameters: Java servers (Tomcat, Jetty) drop the
 #: parameters and resolve it, so ``/public/..;/admin`` would reach ``/admin`` upstream.
+#: Control characters in a logged path are written as percent-escapes (no forged lines).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DOT_PARAMETERS = re.compile(r"(?:^|/)\.\.?;")
 
 
@@ -584,7 +586,8 @@ async def _read_replayable(
 def _log_access(scope: Scope, entry: _Entry, elapsed: float) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
-    method, path = scope["method"], scope["path"]
+    method = scope["method"]
+    path = _CONTROL.sub(lambda match: f"%{ord(match.group()):02X}", scope["path"])
     fields: dict[str, Any] = {
         "event": "access",
         "client_ip": entry.ip,
