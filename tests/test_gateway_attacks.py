@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,6 +306,56 @@ def test_redirect_keeps_a_scheme_relative_path_on_the_gateway(
     answer = _redirect(redirect_port, "//evil.example/x", f"127.0.0.1:{redirect_port}")
     assert answer.status == 308
     assert answer.header("location") == f"https://127.0.0.1:{gateway.port}//evil.example/x"
+
+
+# -- huge and slow request heads --------------------------------------------------------
+
+
+def _unfinished_head(gateway: Gateway, data: bytes) -> bytes:
+    """Send DATA (a head that never ends) over TLS; what the gateway answers before it
+    closes (b"" when it closed without a word; a timeout when it waits forever)."""
+    with (
+        socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as sock,
+        gateway.context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+    ):
+        if data:
+            tls.sendall(data)
+        received = b""
+        while True:
+            try:
+                chunk = tls.recv(65536)
+            except (ssl.SSLZeroReturnError, ConnectionResetError):
+                break
+            if not chunk:
+                break
+            received += chunk
+    return received
+
+
+def test_a_head_over_the_limit_is_cut_before_it_ends(stack: Stack, gateway: Gateway) -> None:
+    """A 2 MB header that never ends: httptools would buffer it all (and more) before the
+    app's 431 check ran. The gateway answers 431 headers_too_large while the head is
+    still arriving, and the request never reaches the upstream."""
+    mark = marker()
+    data = f"GET /public/{mark} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ".encode()
+    received = _unfinished_head(gateway, data + b"a" * 2_000_000)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), received[:200]
+    assert json.loads(body)["reason"] == "headers_too_large"
+    assert stack.echo_seen(mark) == []
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /public/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: 1"])
+def test_a_head_that_never_ends_is_answered_408(
+    stack: Stack, gateway: Gateway, sent: bytes
+) -> None:
+    """Slowloris: a connection that sends nothing, or half a head and then waits, is
+    answered 408 header_timeout and closed instead of held open for ever."""
+    received = _unfinished_head(gateway, sent)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), received[:200]
+    assert json.loads(body)["reason"] == "header_timeout"
+    assert stack.echo_seen("slow") == []
 
 
 # -- log injection ----------------------------------------------------------------------
