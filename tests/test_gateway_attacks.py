@@ -262,6 +262,16 @@ def test_host_spellings_keep_the_host_route(stack: Stack, gateway: Gateway, host
     assert stack.echo_seen(mark) == []
 
 
+def test_two_host_headers_are_refused(stack: Stack, gateway: Gateway) -> None:
+    """RFC 9112 section 3.2: a request with two Host lines is answered 400. A proxy in
+    front that reads the last one and the gateway reading the first would otherwise
+    disagree about which route - the public or the host-protected one - applies."""
+    mark = marker()
+    answer = send(gateway, "GET", f"/hosted/{mark}", [("Host", HOSTED)], host="127.0.0.1")
+    refused_raw(gateway, answer, 400, "host_refused", mark)
+    assert stack.echo_seen(mark) == []
+
+
 # -- the HTTP -> HTTPS redirect listener ----------------------------------------------
 
 

@@ -341,6 +341,14 @@ class GatewayApp:
                 "The path is refused: a '.' or '..' segment carries ';' parameters, which "
                 "some servers strip before resolving it.",
             )
+        if sum(1 for name, _ in headers if len(name) == 4 and name.lower() == b"host") > 1:
+            # RFC 9112 section 3.2: proxies that read another Host line would route elsewhere.
+            raise _Refusal(
+                400,
+                "host_refused",
+                "Bad Host header",
+                "The request has more than one Host header; send exactly one.",
+            )
         host = _host_name(_header(headers, b"host"))
         route = self._match(state, host, method, path)
         entry.route = route.name
