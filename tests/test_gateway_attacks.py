@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,15 @@ import yaml
 
 from trustmesh.demo import READY_LINE
 
-from ._gateway_stack import Gateway, RawResponse, Stack, problem, raw_request, running_stack
+from ._gateway_stack import (
+    Gateway,
+    RawResponse,
+    Stack,
+    problem,
+    raw_request,
+    read_to_close,
+    running_stack,
+)
 from ._server import free_port
 
 pytestmark = pytest.mark.slow
@@ -330,16 +337,7 @@ def _unfinished_head(gateway: Gateway, data: bytes) -> bytes:
     ):
         if data:
             tls.sendall(data)
-        received = b""
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLZeroReturnError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            received += chunk
-    return received
+        return read_to_close(tls)
 
 
 def test_a_head_over_the_limit_is_cut_before_it_ends(stack: Stack, gateway: Gateway) -> None:
