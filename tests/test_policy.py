@@ -388,6 +388,12 @@ def test_normalize_path(raw: str, normal: str) -> None:
         ("items", "does not start with '/'"),
         ("", "does not start with '/'"),
         ("/" + "a" * 9000, "longer than"),
+        # Tomcat/Jetty strip ';' parameters, then resolve the dot segment: /admin.
+        ("/public/..;/admin", "';' parameters"),
+        ("/public/..;jsessionid=1/admin", "';' parameters"),
+        ("/public/%2e%2e;/admin", "';' parameters"),
+        ("/public/..%3b/admin", "';' parameters"),
+        ("/public/.;/admin", "';' parameters"),
     ],
 )
 def test_ambiguous_paths_are_refused(raw: str, why: str) -> None:

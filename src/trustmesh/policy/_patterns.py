@@ -62,6 +62,10 @@ def _decode(path: str) -> str:
         raise PathRefused("its percent-escapes are not UTF-8") from None
 
 
+#: A ``.`` or ``..`` segment with ``;`` parameters (``..;``, ``.;jsessionid=1``).
+_DOT_PARAMETERS = re.compile(r"(?:^|/)\.\.?;")
+
+
 def normalize_path(path: str) -> str:
     """Return the canonical form of a request path (``/`` for the root).
 
@@ -83,6 +87,13 @@ def normalize_path(path: str) -> str:
         path = _decode(path)
     if _BAD_CHARS.search(path):
         raise PathRefused("it contains a control character or '\\'")
+    if ";" in path and _DOT_PARAMETERS.search(path):
+        # Java servers (Tomcat, Jetty) drop ';' parameters and then resolve the segment,
+        # so '/public/..;/admin' would match /public here and serve /admin there.
+        raise PathRefused(
+            "a '.' or '..' segment carries ';' parameters, which some servers strip before "
+            "resolving it"
+        )
     if "//" not in path and "/." not in path and (path == "/" or not path.endswith("/")):
         return path
     segments: list[str] = []
