@@ -194,9 +194,7 @@ class _Connection(asyncio.Protocol):
             self._fail(ProtocolError("The upstream switched protocols, which is not relayed."))
             return
         except httptools.HttpParserError as exc:
-            self._fail(
-                self.error or ProtocolError(f"The upstream sent an invalid response: {exc}")
-            )
+            self._fail(self.error or ProtocolError(f"The upstream sent an invalid response: {exc}"))
             return
         if not self.head:
             self._head_bytes += len(data)
@@ -434,6 +432,8 @@ class Pool:
         idle_timeout: Seconds an unused connection stays open.
         generation: Called when taking a connection; a change (rotated credentials,
             a new revocation) closes the connections made before it.
+        timeout: The request timeout callers such as ``trustmesh.relay`` use when
+            they are given none (the pool itself always takes it per request).
 
     .. versionadded:: 0.1
     """
@@ -450,6 +450,7 @@ class Pool:
         connect_timeout: float = 5.0,
         idle_timeout: float = 30.0,
         generation: Callable[[], int] | None = None,
+        timeout: float | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -463,6 +464,7 @@ class Pool:
         self.idle_timeout = idle_timeout
         self._generation = generation
         self._gen = generation() if generation is not None else 0
+        self.timeout = timeout
         authority = host if ":" not in host else f"[{host}]"
         scheme_port = 443 if ssl_context is not None else 80
         name = (server_hostname or authority).encode("idna")

@@ -1,4 +1,8 @@
-"""Relay one ASGI HTTP request to an upstream with httpx, streaming both ways.
+"""Relay one ASGI HTTP request to an upstream, streaming both ways.
+
+The upstream is reached through an ``httpx.AsyncClient`` or, on the fast path, a
+:class:`trustmesh.http1.Pool` (keep-alive HTTP/1.1 to one origin, a fraction of httpx's
+CPU per request).
 
 Small and generic: no routing, authentication or other gateway policy lives here (the
 gateway and the sidecar proxy build on it). The request body goes to the upstream
@@ -19,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from trustmesh.http1 import Http1Error, Pool
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 
 __all__ = [
@@ -256,7 +261,9 @@ class _RequestBody:
                 return
 
 
-def _upstream_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
+def _upstream_error(exc: httpx.HTTPError | Http1Error, url: str) -> UpstreamError:
+    if isinstance(exc, Http1Error):
+        return UpstreamError(exc.status, exc.reason, f"{url}: {exc}", retryable=exc.retryable)
     if isinstance(exc, httpx.ConnectTimeout):
         return UpstreamError(
             504, "upstream_timeout", f"Connecting to {url} timed out.", retryable=True
@@ -286,11 +293,11 @@ async def relay(
     receive: Receive,
     send: Send,
     *,
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient | Pool,
     url: str,
     headers: Headers,
     max_body: int | None,
-    timeout: httpx.Timeout | None = None,
+    timeout: httpx.Timeout | float | None = None,
     response_headers: Sequence[tuple[bytes, bytes]] = (),
     body: bytes | None = None,
 ) -> int:
@@ -301,15 +308,20 @@ async def relay(
         receive: The ASGI receive callable (unused for the body when ``body`` is given).
         send: The ASGI send callable.
         client: The httpx client (its transport decides TLS and pooling; its default
-            headers and cookies are not used). Give it a cookie jar that stores nothing
-            (:func:`no_cookies`): responses pass through it.
-        url: The full upstream URL, query included.
+            headers and cookies are not used; give it a cookie jar that stores nothing,
+            :func:`no_cookies`, as responses pass through it), or a
+            :class:`trustmesh.http1.Pool` for the upstream's origin (the fast path).
+        url: The full upstream URL, query included. With a pool only its path and
+            query are used (the pool decides the origin); a bare ``/path?query``
+            is accepted too.
         headers: The request headers to send as they are (see
-            :func:`forward_headers`); without ``Host`` httpx sets the upstream's.
+            :func:`forward_headers`); without ``Host`` the client sets the upstream's.
         max_body: Refuse bodies larger than this many bytes (by ``Content-Length``
             up front, and as counted while streaming); None for no limit.
-        timeout: httpx timeouts for this request (connect, and read/write between
-            pieces); None keeps the client's.
+        timeout: Timeouts for this request: httpx timeouts (connect, and read/write
+            between pieces), or seconds; None keeps the client's (a pool's
+            ``timeout``). A pool uses the read timeout for the response head and for
+            each body piece (its own ``connect_timeout`` for connecting).
         response_headers: Added to the upstream's response headers (after hop-by-hop
             headers are removed from those), except names the upstream already sent.
         body: The request body, already read (to retry a request); ``receive`` is
@@ -343,9 +355,15 @@ async def relay(
             watch.start()
         else:
             content = _RequestBody(receive, max_body, watch)
+    if isinstance(client, Pool):
+        return await _relay_pool(
+            scope, send, client, url, headers, content, timeout, response_headers, watch
+        )
     # A bare Request, not client.build_request(): the client's default headers (its
     # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
     # client asked for.
+    if timeout is not None and not isinstance(timeout, httpx.Timeout):
+        timeout = httpx.Timeout(timeout)
     request = httpx.Request(
         scope["method"],
         url,
@@ -367,52 +385,128 @@ async def relay(
         except httpx.HTTPError as exc:
             raise _upstream_error(exc, url) from exc
         try:
-            return await _stream_response(response, send, start, url, response_headers)
+            return await _stream_response(
+                response.status_code,
+                response.headers.raw,
+                response.aiter_raw(),
+                send,
+                start,
+                url,
+                response_headers,
+            )
         finally:
             await response.aclose()
     except asyncio.CancelledError:
-        if not watch.left:
+        if not _client_left(watch, url):
             raise
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()
-        log.info(
-            "relay: the client left while %s was answering; transfer stopped",
-            url,
-            extra={"event": "relay_client_left", "upstream": url},
-        )
+        return sent
+    finally:
+        watch.stop()
+
+
+def _client_left(watch: _ClientWatch, url: str) -> bool:
+    """The relaying task was cancelled: True (and logged, the cancel undone) when the
+    client watch did it because the client left."""
+    if not watch.left:
+        return False
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
+    log.info(
+        "relay: the client left while %s was answering; transfer stopped",
+        url,
+        extra={"event": "relay_client_left", "upstream": url},
+    )
+    return True
+
+
+def _target(url: str) -> bytes:
+    """The request target (path and query) of a full URL, or ``url`` if it is one."""
+    if not url.startswith("/"):
+        slash = url.find("/", url.find("//") + 2)
+        url = url[slash:] if slash >= 0 else "/"
+    return url.encode("latin-1")
+
+
+async def _relay_pool(
+    scope: Scope,
+    send: Send,
+    pool: Pool,
+    url: str,
+    headers: Headers,
+    content: bytes | _RequestBody,
+    timeout: httpx.Timeout | float | None,
+    response_headers: Sequence[tuple[bytes, bytes]],
+    watch: _ClientWatch,
+) -> int:
+    seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+    if seconds is None:
+        seconds = pool.timeout
+    sent = 499
+
+    async def start(status: int, out: list[tuple[bytes, bytes]]) -> None:
+        nonlocal sent
+        await send({"type": "http.response.start", "status": status, "headers": out})
+        sent = status
+
+    try:
+        try:
+            response = await pool.request(
+                scope["method"].encode("latin-1"),
+                _target(url),
+                headers if isinstance(headers, list) else list(headers),
+                content if isinstance(content, bytes) else content.__aiter__(),
+                timeout=seconds,
+            )
+        except Http1Error as exc:
+            raise _upstream_error(exc, url) from exc
+        try:
+            return await _stream_response(
+                response.status,
+                response.headers,
+                response.aiter_bytes(),
+                send,
+                start,
+                url,
+                response_headers,
+            )
+        finally:
+            await response.aclose()
+    except asyncio.CancelledError:
+        if not _client_left(watch, url):
+            raise
         return sent
     finally:
         watch.stop()
 
 
 async def _stream_response(
-    response: httpx.Response,
+    status: int,
+    raw: Headers,
+    stream: AsyncIterator[bytes],
     send: Send,
     start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]],
     url: str,
     extra: Sequence[tuple[bytes, bytes]],
 ) -> int:
-    status = response.status_code
-    out = forward_headers(response.headers.raw)
+    out = forward_headers(raw)
     if extra:
         present = {name.lower() for name, _ in out}
         out.extend(item for item in extra if item[0].lower() not in present)
-    stream = response.aiter_raw()
     try:
         first = await anext(stream)
     except StopAsyncIteration:
         await start(status, out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return status
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, Http1Error) as exc:
         raise _upstream_error(exc, url) from exc
     await start(status, out)
     await send({"type": "http.response.body", "body": first, "more_body": True})
     try:
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, Http1Error) as exc:
         log.warning(
             "relay: %s failed while its response was streaming (%s: %s); the client's "
             "connection is cut",
