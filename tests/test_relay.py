@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Iterator, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +34,10 @@ from trustmesh.tls import client_context
 from ._echo import CHUNK, WAIT, Upstream, read_body
 from ._server import free_port
 from ._services import Identity, bundle_pem, client, issue, serve_asgi
+
+
+def _same(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    return ctx
 
 
 class Front:
@@ -73,7 +79,7 @@ class Front:
                     self.pool = Pool(
                         address.hostname,
                         address.port,
-                        ssl_context=lambda: ctx,
+                        ssl_context=partial(_same, ctx),
                         timeout=WAIT,
                     )
                     await send({"type": "lifespan.startup.complete"})
