@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.client._mtls import _PeerCheck
+from trustmesh.client import PeerCheck
 from trustmesh.http1 import (
     ConnectError,
     ConnectTimeoutError,
@@ -201,7 +201,7 @@ def test_tls_check_peer_and_rotation(ca: CertificateAuthority, tmp_path: Path) -
     app = Upstream()
     with serve_asgi(app, ca, server, client_cert="optional") as url:
         port = int(url.rsplit(":", 1)[1])
-        check = _PeerCheck("spiffe://example.org/svc/upstream")
+        check = PeerCheck("spiffe://example.org/svc/upstream")
 
         async def scenario() -> None:
             pool = Pool(
@@ -246,7 +246,7 @@ def test_check_peer_refusal_sends_nothing(ca: CertificateAuthority, tmp_path: Pa
 
     async def scenario() -> None:
         async with Raw(handler, listener) as raw:
-            check = _PeerCheck("spiffe://example.org/svc/upstream")
+            check = PeerCheck("spiffe://example.org/svc/upstream")
             pool = Pool(
                 "127.0.0.1",
                 raw.port,
