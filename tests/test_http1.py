@@ -535,3 +535,32 @@ def test_idle_timeout_and_aclose_close_connections() -> None:
                 await pool.request(b"GET", b"/", [], None, timeout=WAIT)
 
     run(scenario())
+
+
+def test_bytes_on_an_idle_connection_retire_it() -> None:
+    """A server that sends something on an idle pooled connection (a 408, garbage) gets
+    that connection closed; the next request uses a new one and reads its own answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(ok(b"first"))
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)
+            writer.write(ok(b"stale connection"))
+
+    async def scenario() -> None:
+        async with Raw(handler) as raw:
+            pool = Pool("127.0.0.1", raw.port)
+            assert await body_of(await pool.request(b"GET", b"/", [], None, timeout=WAIT)) == (
+                b"first"
+            )
+            await asyncio.sleep(0.4)
+            second = await pool.request(b"GET", b"/", [], None, timeout=WAIT)
+            assert (second.status, await body_of(second)) == (200, b"first")
+            assert len(raw.peers) == 2
+            await pool.aclose()
+
+    run(scenario())

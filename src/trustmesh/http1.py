@@ -187,6 +187,10 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._idle is not None:  # unasked-for bytes on an idle connection (a 408...)
+            self.keep = False
+            self.close()
+            return
         self.started = True
         try:
             self._parser.feed_data(data)
