@@ -355,22 +355,6 @@ async def relay(
             watch.start()
         else:
             content = _RequestBody(receive, max_body, watch)
-    if isinstance(client, Pool):
-        return await _relay_pool(
-            scope, send, client, url, headers, content, timeout, response_headers, watch
-        )
-    # A bare Request, not client.build_request(): the client's default headers (its
-    # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
-    # client asked for.
-    if timeout is not None and not isinstance(timeout, httpx.Timeout):
-        timeout = httpx.Timeout(timeout)
-    request = httpx.Request(
-        scope["method"],
-        url,
-        headers=headers if isinstance(headers, list) else list(headers),
-        content=content,
-        extensions={"timeout": (timeout or client.timeout).as_dict()},
-    )
     # nginx's 499 "client closed request" until a response status was sent.
     sent = 499
 
@@ -380,28 +364,73 @@ async def relay(
         sent = status
 
     try:
+        args = (scope["method"], url, list(headers), content, timeout)
+        status, raw, stream, close = await (
+            _fetch_pool(client, *args) if isinstance(client, Pool) else _fetch_httpx(client, *args)
+        )
         try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, url) from exc
-        try:
-            return await _stream_response(
-                response.status_code,
-                response.headers.raw,
-                response.aiter_raw(),
-                send,
-                start,
-                url,
-                response_headers,
-            )
+            return await _stream_response(status, raw, stream, send, start, url, response_headers)
         finally:
-            await response.aclose()
+            await close()
     except asyncio.CancelledError:
         if not _client_left(watch, url):
             raise
         return sent
     finally:
         watch.stop()
+
+
+#: What a fetch returns: status, raw headers, the body stream, and how to close it.
+_Fetched = tuple[int, Headers, AsyncIterator[bytes], Callable[[], Awaitable[None]]]
+
+
+async def _fetch_httpx(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes | _RequestBody,
+    timeout: httpx.Timeout | float | None,
+) -> _Fetched:
+    # A bare Request, not client.build_request(): the client's default headers (its
+    # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
+    # client asked for.
+    if timeout is not None and not isinstance(timeout, httpx.Timeout):
+        timeout = httpx.Timeout(timeout)
+    request = httpx.Request(
+        method,
+        url,
+        headers=headers,
+        content=content,
+        extensions={"timeout": (timeout or client.timeout).as_dict()},
+    )
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _upstream_error(exc, url) from exc
+    return response.status_code, response.headers.raw, response.aiter_raw(), response.aclose
+
+
+async def _fetch_pool(
+    pool: Pool,
+    method: str,
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes | _RequestBody,
+    timeout: httpx.Timeout | float | None,
+) -> _Fetched:
+    seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+    try:
+        response = await pool.request(
+            method.encode("latin-1"),
+            _target(url),
+            headers,
+            content if isinstance(content, bytes) else content.__aiter__(),
+            timeout=pool.timeout if seconds is None else seconds,
+        )
+    except Http1Error as exc:
+        raise _upstream_error(exc, url) from exc
+    return response.status, response.headers, response.aiter_bytes(), response.aclose
 
 
 def _client_left(watch: _ClientWatch, url: str) -> bool:
@@ -426,58 +455,6 @@ def _target(url: str) -> bytes:
         slash = url.find("/", url.find("//") + 2)
         url = url[slash:] if slash >= 0 else "/"
     return url.encode("latin-1")
-
-
-async def _relay_pool(
-    scope: Scope,
-    send: Send,
-    pool: Pool,
-    url: str,
-    headers: Headers,
-    content: bytes | _RequestBody,
-    timeout: httpx.Timeout | float | None,
-    response_headers: Sequence[tuple[bytes, bytes]],
-    watch: _ClientWatch,
-) -> int:
-    seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
-    if seconds is None:
-        seconds = pool.timeout
-    sent = 499
-
-    async def start(status: int, out: list[tuple[bytes, bytes]]) -> None:
-        nonlocal sent
-        await send({"type": "http.response.start", "status": status, "headers": out})
-        sent = status
-
-    try:
-        try:
-            response = await pool.request(
-                scope["method"].encode("latin-1"),
-                _target(url),
-                headers if isinstance(headers, list) else list(headers),
-                content if isinstance(content, bytes) else content.__aiter__(),
-                timeout=seconds,
-            )
-        except Http1Error as exc:
-            raise _upstream_error(exc, url) from exc
-        try:
-            return await _stream_response(
-                response.status,
-                response.headers,
-                response.aiter_bytes(),
-                send,
-                start,
-                url,
-                response_headers,
-            )
-        finally:
-            await response.aclose()
-    except asyncio.CancelledError:
-        if not _client_left(watch, url):
-            raise
-        return sent
-    finally:
-        watch.stop()
 
 
 async def _stream_response(
