@@ -130,6 +130,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_head_bytes",
         "_idle",
+        "_clean",
         "_parser",
         "_pool",
         "_read_paused",
@@ -163,12 +164,16 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.reused = False
         self.error: Http1Error | None = None
+        self._clean = False
         self._reset(False)
 
     def _reset(self, no_body: bool) -> None:
-        # A fresh parser per request: a HEAD response's Content-Length announces no body
-        # on the wire, which the parser cannot know.
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser is reused after a response it saw complete; otherwise (a HEAD
+        # response, whose Content-Length announces no body on the wire, which the
+        # parser cannot know) a fresh one is made.
+        if not self._clean:
+            self._parser = httptools.HttpResponseParser(self)
+        self._clean = False
         self._head_bytes = 0
         self._status = 0
         self._until_close = False
@@ -268,7 +273,10 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if 100 <= self._status < 200 or self.complete:
+        if 100 <= self._status < 200:
+            return
+        self._clean = True
+        if self.complete:
             return
         self.complete = True
         self.keep = self.keep and self._parser.should_keep_alive()
