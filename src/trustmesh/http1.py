@@ -128,9 +128,9 @@ class _Connection(asyncio.Protocol):
     """One upstream connection: the protocol, its parser state and flow control."""
 
     __slots__ = (
+        "_clean",
         "_head_bytes",
         "_idle",
-        "_clean",
         "_parser",
         "_pool",
         "_read_paused",
