@@ -398,6 +398,10 @@ def print_machine(tools: Mapping[str, list[str]]) -> None:
     print(f"python {platform.python_version()} ({ssl.OPENSSL_VERSION})")
     for name, cmd in tools.items():
         print(f"{name}: {_version(cmd)}")
+    repo = Path(__file__).resolve().parent.parent
+    commit = _version(["git", "-C", str(repo), "log", "-1", "--format=%h %cI %s"])
+    dirty = _version(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"])
+    print(f"code: {repo} at {commit}{' (with uncommitted changes)' if dirty != 'git' else ''}")
     print(f"load average at start: {loadavg()}")
 
 
@@ -581,6 +585,7 @@ class RateResult:
     server_cpu_us: float  # per request
     gen_cpu_us: float  # the generator's, per request
     late_max_ms: float  # worst delay of a send behind its schedule
+    reconnects: int  # connections the server closed (reopened by the generator)
     upstream_cpu_us: float = 0.0  # per request, the process behind a proxy
 
 
@@ -633,6 +638,7 @@ def run_ratelat(
         server_cpu_us=sum(cpu[str(pid)] for pid in pids) / done * 1e6,
         gen_cpu_us=values["cpu_us_per_req"],
         late_max_ms=values["late_max_us"] / 1000,
+        reconnects=int(values["reconnects"]),
         upstream_cpu_us=cpu.get("upstream", 0.0) / done * 1e6,
     )
 
@@ -826,6 +832,7 @@ def rate_columns(upstream: str, ms_fmt: str = "{:.2f}") -> list[tuple[str, str, 
         (f"{upstream} CPU µs/req", "upstream_cpu_us", "{:.0f}"),
         ("generator CPU µs/req", "gen_cpu_us", "{:.0f}"),
         ("late send max ms", "late_max_ms", "{:.2f}"),
+        ("reconnects", "reconnects", "{:.0f}"),
     ]
 
 
@@ -937,22 +944,26 @@ def measure_load(
     args: argparse.Namespace,
     targets: Sequence[Target],
     load: Load,
-    around_wrk: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+    around: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
 ) -> tuple[Tally, Tally]:
     """Warm up, then the rotated rounds: wrk (a) and ratelat (b) per target unless skipped;
-    ``around_wrk`` wraps every timed wrk run (e.g. memory sampling)."""
+    ``around`` wraps every timed run (e.g. memory sampling)."""
     load.warm_up(targets)
     keep, lat = Tally(), Tally()
 
     def throughput(target: Target) -> WrkResult:
-        with around_wrk():
+        with around():
             return load.wrk(target, args.duration)
+
+    def fixed_rate(target: Target) -> RateResult:
+        with around():
+            return load.fixed_rate(target, args.latency_duration)
 
     steps: list[tuple[Tally, Callable[[Any], Any]]] = []
     if "a" not in args.skip:
         steps.append((keep, throughput))
     if "b" not in args.skip:
-        steps.append((lat, lambda target: load.fixed_rate(target, args.latency_duration)))
+        steps.append((lat, fixed_rate))
     rotated_rounds(targets, args.rounds, steps)
     print(f"\nmedians of {args.rounds} rounds, per-round values in brackets")
     return keep, lat
@@ -1022,3 +1033,29 @@ def print_cprofile(path: Path, title: str, top: int = 30) -> None:
     stats = pstats.Stats(str(path))
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
+
+
+def added_target(
+    lat: Tally,
+    added: Mapping[str, Mapping[str, float]],
+    name: str,
+    q: str,
+    target_ms: float,
+    rate: float,
+    ms_fmt: str = "{:.2f}",
+) -> str | None:
+    """The target line for ``name``'s added ``q`` (p50_ms/p99_ms) at the fixed rate; a
+    system that left requests unanswered (could not sustain the rate) misses it whatever its
+    percentiles of the answered ones say. None when ``name`` was not measured."""
+    if name not in added:
+        return None
+    value = added[name][q]
+    bad = sum(int(v) for v in lat.values(name, "bad"))
+    line = (
+        f"{name} added {q.removesuffix('_ms')} at {rate:g} req/s <= {target_ms:g} ms: "
+        f"{ms_fmt.format(value)} ms"
+    )
+    if bad:
+        sent = sum(int(v) for v in lat.values(name, "requests"))
+        return f"{line} over the answered requests; {bad} of {sent} failed or unanswered: MISSED"
+    return f"{line} {verdict(value <= target_ms)}"

@@ -6,7 +6,8 @@
  * happened before, sends it on an idle keep-alive connection of a fixed pool (or as
  * soon as one becomes idle), and measures its latency from the *scheduled* time to the
  * last byte of the answer (the "corrected" latency, as wrk2 does) and, second figure,
- * from the moment it was actually written.
+ * from the moment it was actually written. The run ends at most TIMEOUT_S after the last
+ * scheduled send: requests not sent or not answered by then count as failed.
  *
  * One thread, epoll with microsecond timeouts (epoll_pwait2), OpenSSL for TLS (no
  * verification of the server, like wrk; optional client certificate for mTLS). Bodies
@@ -281,8 +282,10 @@ int main(int argc, char **argv) {
     long done = 0, sent = 0, backlog_max = 0;
     double t0 = now() + 0.05, late_max = 0;
     struct epoll_event events[256];
+    double deadline = t0 + duration + timeout_s; /* an overloaded server cannot stretch the run */
     for (;;) {
         double t = now();
+        if (t > deadline) break; /* what is unsent or unanswered by now counts as failed */
         long due = t < t0 ? 0 : (long)((t - t0) * rate) + 1;
         if (due > total) due = total;
         if (due - sent > backlog_max) backlog_max = due - sent;
@@ -313,6 +316,8 @@ int main(int argc, char **argv) {
         } else {
             wait = timeout_s;
         }
+        double left = deadline - now();
+        if (wait > left) wait = left > 0 ? left : 0;
         struct timespec ts = {.tv_sec = (time_t)wait,
                               .tv_nsec = (long)((wait - (double)(time_t)wait) * 1e9)};
         int n = epoll_pwait2(ep, events, 256, &ts, NULL);

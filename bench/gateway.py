@@ -88,6 +88,7 @@ from _common import (
     ClientCert,
     Load,
     Target,
+    added_target,
     build_ratelat,
     build_shim,
     load_arguments,
@@ -104,7 +105,6 @@ from _common import (
     start_haproxy,
     start_or_skip,
     under_cprofile,
-    verdict,
     wait_ok,
     write_cert_dir,
     wrk_rotation_script,
@@ -436,12 +436,9 @@ def measure(args: argparse.Namespace, systems: Sequence[Target], load: Load) -> 
                 ratio_line(keep, name, "direct")
     if "b" not in args.skip:
         added = print_rate_tables(args, lat, names, "upstream")
-        if "trustmesh" in added:
-            p99 = added["trustmesh"]["p99_ms"]
-            verdicts.append(
-                f"trustmesh added p99 at {args.rate:g} req/s <= {TARGET_ADDED_P99_MS:g} "
-                f"ms: {p99:.2f} ms {verdict(p99 <= TARGET_ADDED_P99_MS)}"
-            )
+        line = added_target(lat, added, "trustmesh", "p99_ms", TARGET_ADDED_P99_MS, args.rate)
+        if line is not None:
+            verdicts.append(line)
     print_targets("issue #6", verdicts)
 
 

@@ -47,7 +47,7 @@ Measurements, each round in rotated order of the systems:
                  added p50 <= 0.5 ms
   c. memory      RSS and PSS of the sidecar process (and HAProxy's, the app's) at idle
                  (after start-up and the checks), the peak sampled every 100 ms during
-                 the wrk runs, and 2 s after the last run (compare: Linkerd's proxy, 26 MB)
+                 the timed runs, and 2 s after the last run (compare: Linkerd's proxy, 26 MB)
 
 Install the tools first (not part of CI):
   apt-get install -y haproxy wrk gcc libssl-dev nodejs
@@ -83,6 +83,7 @@ from _common import (
     ClientCert,
     Load,
     Target,
+    added_target,
     build_ratelat,
     build_shim,
     load_arguments,
@@ -97,7 +98,6 @@ from _common import (
     ratio_target,
     start_haproxy,
     start_or_skip,
-    verdict,
     wait_ok,
     write_cert_dir,
 )
@@ -524,16 +524,14 @@ def measure(
                     verdicts.append(line)
     if "b" not in args.skip:
         added = print_rate_tables(args, lat, names, "app", "{:.3f}")
-        if "trustmesh-http" in added:
-            p50 = added["trustmesh-http"]["p50_ms"]
-            ok = p50 <= TARGET_ADDED_P50_MS
-            verdicts.append(
-                f"trustmesh-http added p50 at {args.rate:g} req/s <= "
-                f"{TARGET_ADDED_P50_MS:g} ms: {p50:.3f} ms {verdict(ok)}"
-            )
+        line = added_target(
+            lat, added, "trustmesh-http", "p50_ms", TARGET_ADDED_P50_MS, args.rate, "{:.3f}"
+        )
+        if line is not None:
+            verdicts.append(line)
     print(
         "\nc. memory, KiB (RSS/PSS): idle = after start-up and the checks; peak = highest "
-        "sample (every 100 ms) during the wrk runs; after = 2 s after the last run. "
+        "sample (every 100 ms) during the timed runs; after = 2 s after the last run. "
         f"Linkerd's proxy: {LINKERD_PROXY_MB} MB"
     )
     print("| process | idle RSS | idle PSS | peak RSS | peak PSS | after RSS | after PSS |")

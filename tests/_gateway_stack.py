@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.demo import (
@@ -317,10 +316,6 @@ class Stack:
         return config
 
     def start_gateway(self, config: dict[str, Any], label: str = "gateway") -> Gateway:
-        from trustmesh.cli.gateway import gateway_group
-
-        if "serve" not in gateway_group.commands:  # until issue 6's gateway lands on main
-            pytest.skip("`trustmesh gateway serve` is not there yet")
         url = self.mesh.start_gateway(config, label=label)
         context = self.client_context(check_hostname="tls" in config)
         return Gateway(label, url, self.mesh, context)

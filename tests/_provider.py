@@ -228,6 +228,8 @@ def sign_es256(header: dict[str, object], claims: dict[str, object], key: ECKey)
 PEERS = Path(__file__).parent / "peers"
 #: The client_credentials client of tests/peers/oidc_provider.mjs (scopes orders:read/write).
 NODE_CLIENT = ("svc-billing", "billing-secret-0123456789abcdef")
+#: The resource server that may introspect its opaque tokens.
+NODE_RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
 
 
 @dataclass
@@ -285,7 +287,7 @@ def running_oidc_provider(
             stderr=subprocess.STDOUT,
         )
     ctx = ssl.create_default_context(cafile=str(bundle))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # node loads oidc-provider slowly on a busy machine
     try:
         while True:
             found = re.search(r"^listening (https://\S+)$", log_path.read_text(), re.MULTILINE)
@@ -298,7 +300,7 @@ def running_oidc_provider(
                 except httpx.TransportError:
                     pass
             if process.poll() is not None or time.monotonic() > deadline:
-                state = "exited" if process.poll() is not None else "not answering after 60 s"
+                state = "exited" if process.poll() is not None else "not answering after 180 s"
                 pytest.fail(f"oidc-provider {state}: {log_path.read_text()}")
             time.sleep(0.2)
         yield NodeProvider(issuer, bundle)

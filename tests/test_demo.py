@@ -46,16 +46,15 @@ def test_demo_runs_end_to_end() -> None:
     assert "on the same connection (port " in out
     assert "same: True): 403 revoked, Connection: close" in out
     assert re.search(r"next request: a new connection \(port \d+\): 403 revoked", out)
-    # act five: the edge gateway (skipped, and saying so, until `gateway serve` exists)
-    if "act five skipped" not in out:
-        assert "with alice's token: 200" in out
-        assert "orders saw caller    spiffe://demo.example/gateway, user {'sub': " in out
-        assert "inventory saw caller spiffe://demo.example/orders, user {'sub': " in out
-        assert "both services verified alice's own token (same jti)" in out
-        assert "too little scope (openid only): 403 insufficient_scope" in out
-        assert "an expired token: 401 expired" in out
-        assert "a forged token: 401 bad_signature" in out
-        assert "a client at 203.0.113.9, a blocked address: 403 ip_denied" in out
-        assert '"client_ip": "203.0.113.9"' in out
-        assert "(4 of 4 with the expected reason, in the gateway's log)" in out
+    # act five: the edge gateway
+    assert "with alice's token: 200" in out
+    assert "orders saw caller    spiffe://demo.example/gateway, user {'sub': " in out
+    assert "inventory saw caller spiffe://demo.example/orders, user {'sub': " in out
+    assert "both services verified alice's own token (same jti)" in out
+    assert "too little scope (openid only): 403 insufficient_scope" in out
+    assert "an expired token: 401 expired" in out
+    assert "a forged token: 401 bad_signature" in out
+    assert "a client at 203.0.113.9, a blocked address: 403 ip_denied" in out
+    assert '"client_ip": "203.0.113.9"' in out
+    assert "(4 of 4 with the expected reason, in the gateway's log)" in out
     assert out.rstrip().endswith("demo succeeded")

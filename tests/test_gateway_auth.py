@@ -10,6 +10,7 @@ expired, forged, ``alg: none``, unknown kid, another issuer.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -500,3 +501,48 @@ def test_refusals_the_grants_do_not_explain_are_policy_denied() -> None:
         with pytest.raises(AuthFailure) as info:
             enforce(policy, method, path, claims_with())
         assert (info.value.status, info.value.reason) == (403, "policy_denied")
+
+
+def test_concurrent_first_requests_wait_for_the_revocation_list(
+    provider: ProviderServer, bundle: Path, minter: Minter
+) -> None:
+    """At start the revocation list is not fetched yet: requests arriving while the first
+    fetch is in flight wait for it instead of being refused 503 (a stale list)."""
+    provider.routes[DISCOVERY] = {
+        "issuer": provider.url,
+        "jwks_uri": provider.url + "/jwks",
+        "revocation_list_endpoint": provider.url + "/revoked",
+    }
+    arrived, release = threading.Event(), threading.Event()
+
+    def held_list(method: str, headers: dict[str, str], body: bytes) -> tuple[int, object]:
+        arrived.set()
+        release.wait(20)  # the list is on its way while the other requests arrive
+        return 200, {"issuer": provider.url, "revoked": []}
+
+    provider.routes["/revoked"] = held_list
+    tokens = [minter.token() for _ in range(8)]
+
+    async def scenario() -> list[AccessTokenClaims | AuthFailure]:
+        auth = Authenticator([issuer(provider, bundle)])
+
+        async def one(token: str) -> AccessTokenClaims | AuthFailure:
+            try:
+                return await auth.authenticate(f"Bearer {token}")
+            except AuthFailure as failure:
+                return failure
+
+        try:
+            first = asyncio.ensure_future(one(tokens[0]))
+            await asyncio.to_thread(arrived.wait, 20)  # keys fetched, list in flight
+            others = asyncio.ensure_future(asyncio.gather(*(one(t) for t in tokens[1:])))
+            await asyncio.sleep(0.3)  # let them reach the revocation check
+            release.set()
+            return [await first, *await others]
+        finally:
+            release.set()
+            await auth.aclose()
+
+    results = run(scenario)
+    assert all(isinstance(r, AccessTokenClaims) for r in results), results
+    assert provider.count("/revoked") == 1

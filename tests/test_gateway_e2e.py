@@ -3,8 +3,9 @@
 `trustmesh ca serve` enrolls the gateway, the example services and an echo upstream;
 `trustmesh idp serve` signs a user in (login page, code + PKCE); inventory (FastAPI) and
 orders (Flask) run under `trustmesh run` verifying user tokens themselves, with the
-policies of ``examples/gateway/``; Node's oidc-provider is a second issuer; `trustmesh
-gateway serve` sits in front. The user's call goes gateway -> orders -> inventory with the
+policies of ``examples/gateway/``; Node's oidc-provider is a second issuer (its JWTs
+checked by its keys, its opaque tokens by introspection); `trustmesh gateway serve` sits
+in front. The user's call goes gateway -> orders -> inventory with the
 user's own token, and each refusal is 401 or 403 as the issue specifies, never mixed.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,7 @@ from ._gateway_stack import (
     refused,
     running_stack,
 )
+from ._provider import NODE_RESOURCE_SERVER
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +52,15 @@ def gateway(stack: Stack) -> Gateway:
         stack.route("/api", "echo", auth=scopes),
         stack.route("/idp-only", "echo", auth={**scopes, "issuers": [stack.idp_url]}),
     ]
-    issuers = [{"issuer": stack.idp_url, "audience": "api"}]
+    issuers: list[dict[str, Any]] = [{"issuer": stack.idp_url, "audience": "api"}]
     if stack.node is not None:
-        issuers.append(
-            {"issuer": stack.node.issuer, "audience": "orders", "ca_bundle": str(stack.bundle)}
-        )
+        # oidc-provider: JWTs by its JWKS, opaque tokens at its introspection endpoint
+        client_id, secret = NODE_RESOURCE_SERVER
+        secret_file = stack.workdir / "rs-orders.secret"
+        secret_file.write_text(secret)
+        introspection = {"client_id": client_id, "client_secret_file": str(secret_file)}
+        node = {"issuer": stack.node.issuer, "audience": "orders", "ca_bundle": str(stack.bundle)}
+        issuers.append({**node, "introspection": introspection})
     return stack.start_gateway(stack.config(routes, issuers=issuers))
 
 
@@ -123,7 +130,7 @@ def test_the_token_reaches_the_upstream_byte_for_byte(stack: Stack, gateway: Gat
     assert seen["raw_path"] == f"/api/{mark}"
 
 
-@pytest.mark.parametrize("resource", ["es256", "rs256"])
+@pytest.mark.parametrize("resource", ["es256", "rs256", "opaque"])
 def test_a_token_from_node_oidc_provider_works_when_that_issuer_is_configured(
     stack: Stack, gateway: Gateway, resource: str
 ) -> None:
@@ -137,8 +144,9 @@ def test_a_token_from_node_oidc_provider_works_when_that_issuer_is_configured(
     (seen,) = stack.echo_seen(mark)
     assert [v for k, v in seen["headers"] if k.lower() == "authorization"] == [f"Bearer {token}"]
     assert gateway.reason(f"/api/{mark}") == "allowed"
-    # a route that accepts only our identity server refuses it: 401, not 403
-    refused(other, 401, *INVALID, "bad_issuer", "issuer_not_allowed")
+    # a route that accepts only our identity server refuses it (an opaque one: no
+    # introspection there): 401, not 403
+    refused(other, 401, *INVALID, "bad_issuer", "issuer_not_allowed", "opaque_unsupported")
     assert other.headers["www-authenticate"].startswith("Bearer ")
 
 
@@ -163,7 +171,7 @@ BAD_TOKENS: dict[str, tuple[Bad, tuple[str, ...]]] = {
         lambda s: s.forged(s.machine_token(), iss="https://issuer.invalid"),
         ("bad_issuer", "unknown_issuer"),
     ),
-    "garbage": (lambda s: "not-a-token", ("malformed", "opaque_unsupported")),
+    "garbage": (lambda s: "not-a-token", ("malformed", "opaque_unsupported", "inactive")),
 }
 
 

@@ -6,7 +6,7 @@ other serves) and restarted on its port (taken back after the ejection time); th
 identity server stopped after startup (cached keys keep verifying, a token with an
 unknown ``kid`` fails closed); Redis unreachable (rate limits fall back to local buckets,
 and the log says so) through a closed port and through a TCP forwarder that is cut and
-restored. The identity-server test stops the stack's idp, so it runs last.
+restored. The identity-server tests stop the stack's idp, so they come last.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
@@ -38,11 +39,11 @@ def marker() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def log_mentions(gateway: Gateway, word: str, timeout: float = 10) -> list[dict[str, object]]:
-    """JSON log lines whose text holds WORD (waits up to TIMEOUT for the first)."""
+def log_mentions(gateway: Gateway, event: str, timeout: float = 10) -> list[dict[str, object]]:
+    """The JSON log lines of EVENT (waits up to TIMEOUT for the first)."""
     deadline = time.monotonic() + timeout
     while True:
-        found = [e for e in gateway.events() if word in str(e)]
+        found = [e for e in gateway.events() if e.get("event") == event]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
@@ -93,7 +94,10 @@ def test_a_dead_endpoint_is_ejected_and_taken_back_when_it_returns(stack: Stack)
         # retries for GET move a failed attempt to the live endpoint; once echo-b is
         # ejected, every request goes to echo
         assert during[-5:] == ["echo"] * 5, during
-        assert "eject" in gateway.log_text().lower()
+        # (ejected again each time a trial after eject_for fails while it is down)
+        ejected = log_mentions(gateway, "upstream_ejected")
+        assert ejected, gateway.log_text()
+        assert all(e["endpoint"] == f"127.0.0.1:{b_port}" for e in ejected), ejected
         stack.run_echo("echo-b", port=b_port)
         deadline = time.monotonic() + 30
         back: list[str] = []
@@ -102,6 +106,8 @@ def test_a_dead_endpoint_is_ejected_and_taken_back_when_it_returns(stack: Stack)
             time.sleep(0.5)
     assert "echo-b" in back, "the restarted endpoint was never used again"
     assert "error" not in back
+    recovered = log_mentions(gateway, "upstream_recovered")
+    assert [e["endpoint"] for e in recovered] == [f"127.0.0.1:{b_port}"], recovered
     gateway.stop()
 
 
@@ -156,14 +162,8 @@ def test_redis_cut_and_restored_while_serving(stack: Stack, redis_url: str) -> N
             recovered: list[dict[str, object]] = []
             while not recovered and time.monotonic() < deadline:
                 http.get(f"/shared/{marker()}")
-                recovered = [
-                    e
-                    for e in gateway.events()
-                    if "redis" in str(e.get("event", e.get("msg", ""))).lower()
-                    and "down" not in str(e.get("event", e.get("msg", ""))).lower()
-                ]
-                time.sleep(0.5)
-            assert recovered, gateway.log_text()
+                recovered = log_mentions(gateway, "ratelimit_redis_up", timeout=0.5)
+            assert len(recovered) == 1, gateway.log_text()
     finally:
         forwarder.stop()
         for key in client.keys("trustmesh:gateway*"):
@@ -172,34 +172,70 @@ def test_redis_cut_and_restored_while_serving(stack: Stack, redis_url: str) -> N
         gateway.stop()
 
 
-def test_identity_server_down_cached_keys_verify_an_unknown_kid_fails_closed(
-    stack: Stack,
-) -> None:
-    """Runs last: it stops the stack's identity server."""
+@dataclass
+class IdpDown:
+    gateway: Gateway
+    token: str
+
+
+@pytest.fixture(scope="module")
+def idp_down(stack: Stack) -> Iterator[IdpDown]:
+    """A gateway that has verified a token (the issuer's keys are cached), then the
+    identity server is stopped for good: only the last tests of the module use it."""
     route = stack.route("/api", "echo", auth={"scopes": ["orders:read"]})
     gateway = stack.start_gateway(stack.config([route]), label="gw-idp")
     token = stack.machine_token(scope="orders:read")
     with gateway.http() as http:
-        assert http.get("/api/warm", headers={"Authorization": f"Bearer {token}"}).is_success
-        stack.mesh.halt("idp")
-        # the same token, and a new one signed by the same key: the cached keys decide
-        now = int(time.time())
-        renewed = stack.resigned(token, jti=uuid.uuid4().hex, iat=now, nbf=now)
-        for each in (token, renewed):
+        warm = http.get("/api/warm", headers={"Authorization": f"Bearer {token}"})
+    assert warm.status_code == 200, warm.text
+    stack.mesh.halt("idp")
+    yield IdpDown(gateway, token)
+    gateway.stop()
+
+
+def unknown_kid(stack: Stack, idp_down: IdpDown) -> tuple[str, httpx.Response]:
+    """A request whose token names a key the gateway has not cached (as after a key
+    rotation at the identity server): its marker and the answer."""
+    mark = marker()
+    token = stack.forged(idp_down.token, kid=f"rotated-{mark}")
+    with idp_down.gateway.http() as http:
+        return mark, http.get(f"/api/{mark}", headers={"Authorization": f"Bearer {token}"})
+
+
+def test_identity_server_down_cached_keys_still_verify(stack: Stack, idp_down: IdpDown) -> None:
+    now = int(time.time())
+    renewed = stack.resigned(idp_down.token, jti=uuid.uuid4().hex, iat=now, nbf=now)
+    with idp_down.gateway.http() as http:
+        # the token seen before, and one never seen, signed by the same key
+        for each in (idp_down.token, renewed):
             answer = http.get(f"/api/{marker()}", headers={"Authorization": f"Bearer {each}"})
             assert answer.status_code == 200, answer.text
         forged = http.get(
-            f"/api/{marker()}", headers={"Authorization": f"Bearer {stack.forged(token)}"}
+            f"/api/{marker()}", headers={"Authorization": f"Bearer {stack.forged(renewed)}"}
         )
-        refused(forged, 401, "bad_signature", "token_invalid")
-        mark = marker()
-        unknown = http.get(
-            f"/api/{mark}",
-            headers={"Authorization": f"Bearer {stack.forged(token, kid='rotated-' + mark)}"},
-        )
-    if unknown.status_code == 503:
-        refused(unknown, 503, "token_verifier_unavailable")
-    else:
-        refused(unknown, 401, "unknown_kid", "token_invalid")
+    refused(forged, 401, "bad_signature")
+
+
+def test_an_unknown_kid_fails_closed_while_the_identity_server_is_down(
+    stack: Stack, idp_down: IdpDown
+) -> None:
+    mark, answer = unknown_kid(stack, idp_down)
+    document = refused(answer, answer.status_code, "unknown_kid", "token_verifier_unavailable")
+    assert answer.status_code in (401, 503), document
+    assert idp_down.gateway.reason(f"/api/{mark}") == document["reason"]
     assert stack.echo_seen(mark) == []
-    gateway.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="trustmesh.tokens answers unknown_kid (401, 'not in the JWKS ... even after a "
+    "refetch') when the refetch itself failed because the issuer is down; the gateway spec "
+    "wants 503 token_verifier_unavailable with Retry-After (the token may be fine)",
+)
+def test_an_unknown_kid_while_the_identity_server_is_down_is_503_as_specified(
+    stack: Stack, idp_down: IdpDown
+) -> None:
+    mark, answer = unknown_kid(stack, idp_down)
+    refused(answer, 503, "token_verifier_unavailable")
+    assert answer.headers["retry-after"]
+    assert idp_down.gateway.reason(f"/api/{mark}") == "token_verifier_unavailable"

@@ -101,6 +101,9 @@ def gateway(stack: Stack) -> Gateway:
         stack.route("/internal", "echo", auth=public, deny_ips=["127.0.0.0/8"]),
         stack.route("/readonly", "echo", auth=public, methods=["GET"]),
         stack.route("/api", "echo", auth={"scopes": ["orders:read"]}),
+        stack.route(
+            "/limited", "echo", auth=public, rate_limits={"per_ip": {"rate": 0.1, "burst": 3}}
+        ),
     ]
     return stack.start_gateway(stack.config(routes))
 
@@ -202,6 +205,19 @@ def test_a_claimed_address_escapes_no_ip_rule(
         problem(status, answer, answer.body, [reason])
         assert gateway.reason(f"{target}/{mark}") == reason
         assert stack.echo_seen(mark) == []
+
+
+def test_a_new_claimed_address_per_request_escapes_no_rate_limit(
+    stack: Stack, gateway: Gateway
+) -> None:
+    """/limited allows 3 requests per client address, then 1 per 10 s: naming another
+    address in every request does not make a new client."""
+    statuses = []
+    for n in range(6):
+        claimed = [("X-Forwarded-For", f"198.51.100.{n}"), ("X-Real-IP", f"198.51.100.{n}")]
+        statuses.append(send(gateway, "GET", f"/limited/{marker()}", claimed).status)
+    assert statuses[:3] == [200, 200, 200], statuses
+    assert statuses[3:] == [429, 429, 429], statuses
 
 
 def test_x_original_url_reaches_no_forbidden_route(stack: Stack, gateway: Gateway) -> None:

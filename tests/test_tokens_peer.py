@@ -28,10 +28,9 @@ from trustmesh.tokens import (
     certificate_thumbprint,
 )
 
-from ._provider import NodeProvider, running_oidc_provider
+from ._provider import NODE_RESOURCE_SERVER, NodeProvider, running_oidc_provider
 from .conftest import PASSPHRASE
 
-RESOURCE_SERVER = ("rs-orders", "rs-secret-0123456789abcdef")
 BOUND_CLIENT = ("svc-bound", "bound-secret-0123456789abcdef")
 
 
@@ -109,7 +108,7 @@ def test_oidc_provider_opaque_token_by_introspection(node_provider: NodeProvider
     """An opaque oidc-provider token is checked at its introspection endpoint (RFC 7662)."""
     token = node_provider.token("https://orders.example/opaque")
     assert token.count(".") != 2
-    introspection = IntrospectionConfig(*RESOURCE_SERVER)
+    introspection = IntrospectionConfig(*NODE_RESOURCE_SERVER)
     config = IssuerConfig(
         node_provider.issuer,
         audiences=["orders"],

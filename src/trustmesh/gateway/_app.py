@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -231,8 +231,6 @@ class GatewayApp:
     def __init__(self, state: GatewayState, metrics: GatewayMetrics) -> None:
         self.state = state
         self.metrics = metrics
-        self.lifespan_startup: Callable[[], Awaitable[None]] | None = None
-        self.lifespan_shutdown: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -247,13 +245,10 @@ class GatewayApp:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
+            # The gateway's resources live in its state, built and closed by _serve.
             if message["type"] == "lifespan.startup":
-                if self.lifespan_startup is not None:
-                    await self.lifespan_startup()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.lifespan_shutdown is not None:
-                    await self.lifespan_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -170,15 +170,7 @@ def metrics_app(metrics: GatewayMetrics) -> Callable[[Scope, Receive, Send], Any
     """A tiny ASGI app: ``GET /metrics`` answers the exposition; anything else 404."""
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
+        if scope["type"] != "http":  # served with lifespan off
             return
         if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
             body, status, kind = b"not found: GET /metrics\n", 404, b"text/plain"

@@ -231,6 +231,7 @@ class AsyncVerifier:
             raise ValueError("token_cache_size must be >= 0")
         self._cache_size = token_cache_size
         self._cache: dict[str, _Cached] = {}
+        self._cache_lock = threading.Lock()
         self._introspected: dict[bytes, _Introspected] = {}
         self._headers: dict[str, tuple[str, str | None, bool]] = {}
         self._skip_binding_logged = False
@@ -437,11 +438,13 @@ class AsyncVerifier:
         if not skip_binding and (claims.certificate_thumbprint is not None or state.require_bound):
             self._check_binding(state, claims, cert)
         if self._cache_size:
-            if len(self._cache) >= self._cache_size:
-                self._evict(self._cache)
-            self._cache[token] = _Cached(
-                claims, state, state.generation, claims.expires_at + state.leeway
-            )
+            entry = _Cached(claims, state, state.generation, claims.expires_at + state.leeway)
+            # Verifier threads may insert at once; only this miss path (after a signature
+            # check) takes the lock, and it keeps the cache within its bound.
+            with self._cache_lock:
+                if len(self._cache) >= self._cache_size:
+                    self._evict(self._cache)
+                self._cache[token] = entry
         return claims
 
     def _parse_header(self, h64: str) -> tuple[str, str | None, bool]:
@@ -596,7 +599,12 @@ class AsyncVerifier:
     ) -> None:
         if state.revocation_url is None:
             return
-        if "revocation" not in attempted and state.revocation_due(mono):
+        if "revocation" not in attempted and (
+            state.revocation_due(mono)
+            # A fetch in flight (the first one, at start) is waited for rather than
+            # reported as a stale list: concurrent first requests must not get a 503.
+            or (state.lock.locked() and state.revocation_stale(mono))
+        ):
             raise _NeedFetch(state, "revocation")
         if state.revocation_stale(mono):
             raise TokenVerifierUnavailableError(
