@@ -564,3 +564,42 @@ def test_bytes_on_an_idle_connection_retire_it() -> None:
             await pool.aclose()
 
     run(scenario())
+
+
+def test_streamed_body_waits_for_a_slow_reader() -> None:
+    """Backpressure: while the upstream reads nothing, the pool stops pulling the body
+    iterator (once the socket buffers are full) instead of buffering it all; it resumes
+    when the upstream reads, and the whole body arrives."""
+    total = 256  # pieces of 64 KiB: 16 MiB, more than loopback socket buffers hold
+    pulled = 0
+    read_now = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"content-length: %d" % (total * 65536) in head.lower()
+        await read_now.wait()
+        await reader.readexactly(total * 65536)
+        writer.write(ok(b"all read"))
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(total):
+            pulled += 1
+            yield b"z" * 65536
+
+    async def scenario() -> None:
+        async with Raw(handler) as raw:
+            pool = Pool("127.0.0.1", raw.port)
+            headers = [(b"content-length", str(total * 65536).encode())]
+            sending = asyncio.ensure_future(
+                pool.request(b"PUT", b"/", headers, body(), timeout=WAIT)
+            )
+            await asyncio.sleep(0.5)
+            assert not sending.done()
+            assert pulled < total  # held back, not buffered whole
+            read_now.set()
+            assert await body_of(await sending) == b"all read"
+            assert pulled == total
+            await pool.aclose()
+
+    run(scenario())
