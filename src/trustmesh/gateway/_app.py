@@ -305,7 +305,7 @@ class GatewayApp:
         query: bytes = scope.get("query_string", b"")
         client = scope.get("client")
         peer = client[0] if client else ""
-        ip = client_address(peer, headers, state.trusted) if state.trusted else peer
+        ip = client_address(peer, headers, state.trusted)  # also canonical (::ffff:a.b.c.d)
         entry.ip = ip
 
         # 1. Header limits.

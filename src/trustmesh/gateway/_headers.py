@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 
 from trustmesh.middleware import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
+from trustmesh.relay import HOP_BY_HOP
 
 from ._addresses import parse_ip
 
@@ -93,20 +94,8 @@ SPOOFABLE_HEADERS: frozenset[bytes] = frozenset(
     }
 )
 
-#: Hop-by-hop headers (RFC 9110 §7.6.1 and the historical ones): never forwarded.
-HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
+#: Hop-by-hop headers: never forwarded (the relay's list, RFC 9110 section 7.6.1).
+HOP_BY_HOP_HEADERS: frozenset[bytes] = HOP_BY_HOP
 
 # A Connection header may not remove these: the request's framing, target and credentials.
 _NOT_CONNECTION_OPTIONS = frozenset({b"host", b"content-length", b"authorization"})
