@@ -226,12 +226,6 @@ def test_an_unknown_kid_fails_closed_while_the_identity_server_is_down(
     assert stack.echo_seen(mark) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trustmesh.tokens answers unknown_kid (401, 'not in the JWKS ... even after a "
-    "refetch') when the refetch itself failed because the issuer is down; the gateway spec "
-    "wants 503 token_verifier_unavailable with Retry-After (the token may be fine)",
-)
 def test_an_unknown_kid_while_the_identity_server_is_down_is_503_as_specified(
     stack: Stack, idp_down: IdpDown
 ) -> None:

@@ -93,6 +93,8 @@ class _IssuerState:
         self.keys: KeySet | None = None
         self.keys_at = 0.0
         self.keys_attempt: float | None = None
+        #: The last JWKS fetch failed: an unknown kid may then be a rotated-in key.
+        self.keys_failed = False
         self.generation = 0
         self.jwks_url = config.jwks_url
         self.revocation_url = config.revocation_list_url
@@ -155,6 +157,7 @@ class _IssuerState:
             # A key went away (rotated out, or withdrawn after a compromise, perhaps
             # under the same kid): tokens it verified must be verified again.
             self.generation += 1
+        self.keys_failed = False
         self.keys = keyset
         self.keys_at = mono
 
@@ -411,6 +414,16 @@ class AsyncVerifier:
                         "missing_kid",
                         f"Token has no kid and issuer {state.issuer!r} has several {alg} keys; "
                         f"the provider must set kid.",
+                    )
+                if state.keys_failed:
+                    # The provider could not be asked: the key may have been rotated in
+                    # since the last fetch. Fail closed, but as "try again", not "forged".
+                    raise TokenVerifierUnavailableError(
+                        "keys_unavailable",
+                        f"Token kid {kid[:64]!r} is not among the cached keys of "
+                        f"{state.issuer!r} and its JWKS could not be refetched (see the "
+                        f"log); the token cannot be checked until the provider answers.",
+                        issuer=state.issuer,
                     )
                 raise _refuse(
                     "unknown_kid",
@@ -782,6 +795,7 @@ class AsyncVerifier:
         except (_FetchError, ValueError) as exc:
             # Stale-if-error: the keys we have stay in use; an empty or broken set is
             # never cached.
+            state.keys_failed = True
             cached = len(state.keys) if state.keys is not None else 0
             log.warning(
                 "tokens: issuer %s: keys not refreshed (%s); %d cached key(s) stay in use, "
