@@ -109,6 +109,20 @@ def _dechunk(data: bytes) -> bytes:
     return out
 
 
+def read_to_close(tls: ssl.SSLSocket) -> bytes:
+    """Everything the server sends on TLS until it closes the connection."""
+    received = b""
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except (ssl.SSLZeroReturnError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 def raw_exchange(
     host: str, port: int, context: ssl.SSLContext, data: bytes, timeout: float = 30
 ) -> RawResponse:
@@ -118,15 +132,7 @@ def raw_exchange(
         context.wrap_socket(sock, server_hostname=host) as tls,
     ):
         tls.sendall(data)
-        received = b""
-        while True:
-            try:
-                chunk = tls.recv(65536)
-            except (ssl.SSLZeroReturnError, ConnectionResetError):
-                break
-            if not chunk:
-                break
-            received += chunk
+        received = read_to_close(tls)
     head, _, body = received.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = [(k.strip(), v.strip()) for k, _, v in (h.partition(":") for h in header_lines)]

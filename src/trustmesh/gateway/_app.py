@@ -59,6 +59,11 @@ _HOST_PORT = re.compile(r"^\[?([^\]]*?)\]?(?::\d+)?$")
 #: (uvicorn already answered it).
 _NOT_FORWARDED = frozenset({b"host", b"x-request-id", b"expect"})
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"
+#: A ``.`` or ``..`` segment with ``;`` parameters: Java servers (Tomcat, Jetty) drop the
+#: parameters and resolve it, so ``/public/..;/admin`` would reach ``/admin`` upstream.
+#: Control characters in a logged path are written as percent-escapes (no forged lines).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DOT_PARAMETERS = re.compile(r"(?:^|/)\.\.?;")
 
 
 @dataclass(eq=False)
@@ -328,6 +333,22 @@ class GatewayApp:
             raise _Refusal(
                 400, "path_refused", "Bad request path", f"The path is refused: {exc}."
             ) from None
+        if _DOT_PARAMETERS.search(path):
+            raise _Refusal(
+                400,
+                "path_refused",
+                "Bad request path",
+                "The path is refused: a '.' or '..' segment carries ';' parameters, which "
+                "some servers strip before resolving it.",
+            )
+        if sum(1 for name, _ in headers if len(name) == 4 and name.lower() == b"host") > 1:
+            # RFC 9112 section 3.2: proxies that read another Host line would route elsewhere.
+            raise _Refusal(
+                400,
+                "host_refused",
+                "Bad Host header",
+                "The request has more than one Host header; send exactly one.",
+            )
         host = _host_name(_header(headers, b"host"))
         route = self._match(state, host, method, path)
         entry.route = route.name
@@ -573,7 +594,8 @@ async def _read_replayable(
 def _log_access(scope: Scope, entry: _Entry, elapsed: float) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
-    method, path = scope["method"], scope["path"]
+    method = scope["method"]
+    path = _CONTROL.sub(lambda match: f"%{ord(match.group()):02X}", scope["path"])
     fields: dict[str, Any] = {
         "event": "access",
         "client_ip": entry.ip,

@@ -28,10 +28,12 @@ from typing import Any
 
 import uvicorn
 from cryptography import x509
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
 from trustmesh.policy import PolicyConfigError, PolicyFile
+from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 from trustmesh.serving import Keeper, parse_listen, public_url, start_keeper, stop_keeper
 from trustmesh.tls import TLS12_CIPHERS, RevocationSet, RotatingCredentials
 from trustmesh.tokens import IntrospectionConfig, IssuerConfig
@@ -436,6 +438,7 @@ class Gateway:
                 host,
                 port,
                 ssl_context_factory=lambda _c, _d: self.public.context(),
+                http=_guarded_protocol(lambda: app.state.config.max_header_bytes),
             )
         )
         servers = [public]
@@ -603,12 +606,112 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _uvicorn_config(app: Any, host: str, port: int, **extra: Any) -> uvicorn.Config:
+#: Seconds a client has, from connecting or from the first byte of a request, to send the
+#: whole request line and headers; a slowloris client trickling bytes is answered 408.
+HEAD_TIMEOUT = 10.0
+
+
+def _guarded_protocol(max_head: Callable[[], int]) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with the head limits enforced while reading.
+
+    httptools buffers a request's head without limit and uvicorn waits for it without a
+    deadline; the app's own 431 check only runs once the head is complete. This answers
+    431 as soon as more than ``max_head()`` bytes of head arrived, and 408 when the head
+    is not complete :data:`HEAD_TIMEOUT` seconds after it began, then closes.
+    """
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes = 0
+        _in_head = False
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._begin_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._begin_head()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            self._cancel_head_timer()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_head and not self.transport.is_closing():
+                self._head_bytes += len(data)
+                limit = max_head()
+                if self._head_bytes > limit:
+                    self._refuse_head(
+                        431,
+                        "Request header fields too large",
+                        f"The request line and headers exceed the limit of {limit} bytes.",
+                        "headers_too_large",
+                    )
+
+        def _begin_head(self) -> None:
+            if not self._in_head:
+                self._in_head, self._head_bytes = True, 0
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_expired)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if not self._in_head or self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                # A pipelined head waits behind a response in progress: not the client's fault.
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT, self._head_expired)
+                return
+            self._refuse_head(
+                408,
+                "Request timeout",
+                f"The request line and headers did not arrive within {HEAD_TIMEOUT:g} s.",
+                "header_timeout",
+            )
+
+        def _refuse_head(self, status: int, title: str, detail: str, reason: str) -> None:
+            self._in_head = False
+            self._cancel_head_timer()
+            client = self.client[0] if self.client else "-"
+            log.warning(
+                "gateway: %s from %s: %s",
+                reason,
+                client,
+                detail,
+                extra={"event": "gateway_head_refused", "reason": reason, "client_ip": client},
+            )
+            body = problem_document(status, title, detail, reason=reason)
+            head = (
+                f"HTTP/1.1 {status} {title}\r\ncontent-type: {PROBLEM_CONTENT_TYPE}\r\n"
+                f"content-length: {len(body)}\r\ncache-control: no-store\r\n"
+                "connection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+
+    return GuardedHttpToolsProtocol
+
+
+def _uvicorn_config(
+    app: Any, host: str, port: int, *, http: Any = "httptools", **extra: Any
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=http,
         ws="none",  # upgrades are not relayed: Upgrade is hop-by-hop and removed
         lifespan="off",
         access_log=False,
