@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from collections.abc import Iterator, MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from trustmesh.authority import CertificateAuthority
+from trustmesh.http1 import Pool
 from trustmesh.relay import (
     HOP_BY_HOP,
     BodyTooLarge,
@@ -32,6 +36,10 @@ from ._server import free_port
 from ._services import Identity, bundle_pem, client, issue, serve_asgi
 
 
+def _same(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    return ctx
+
+
 class Front:
     """The relaying ASGI app: forwards everything to ``upstream`` through :func:`relay`."""
 
@@ -43,14 +51,18 @@ class Front:
         max_body: int | None = None,
         timeout: float | None = None,
         preread: bool = False,
+        kind: str = "httpx",
     ) -> None:
         self.upstream = upstream
         self.bundle = bundle
         self.max_body = max_body
         self.timeout = httpx.Timeout(timeout) if timeout is not None else None
+        self.seconds = timeout
         self.preread = preread
         self.outcomes: list[int | Exception] = []
         self.http: httpx.AsyncClient | None = None
+        self.kind = kind
+        self.pool: Pool | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -61,10 +73,21 @@ class Front:
                     self.http = httpx.AsyncClient(
                         verify=ctx, timeout=WAIT, trust_env=False, cookies=no_cookies()
                     )
+                    address = urlsplit(self.upstream)
+                    assert address.hostname is not None
+                    assert address.port is not None
+                    self.pool = Pool(
+                        address.hostname,
+                        address.port,
+                        ssl_context=partial(_same, ctx),
+                        timeout=WAIT,
+                    )
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     assert self.http is not None
+                    assert self.pool is not None
                     await self.http.aclose()
+                    await self.pool.aclose()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         assert self.http is not None
@@ -77,11 +100,11 @@ class Front:
                 scope,
                 receive,
                 send,
-                client=self.http,
+                client=self.pool if self.kind == "pool" and self.pool else self.http,
                 url=url,
                 headers=headers,
                 max_body=self.max_body,
-                timeout=self.timeout,
+                timeout=self.timeout if self.kind == "httpx" else self.seconds,
                 response_headers=[(b"x-relayed", b"1")],
                 body=body,
             )
@@ -106,6 +129,12 @@ class Front:
             self.outcomes.append(exc)
             return
         self.outcomes.append(status)
+
+
+@pytest.fixture(params=["httpx", "pool"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """The relay's upstream client: an httpx client or a trustmesh.http1 pool."""
+    return str(request.param)
 
 
 @pytest.fixture
@@ -150,12 +179,12 @@ def test_forward_headers_drops_hop_by_hop_connection_listed_and_refused() -> Non
 
 
 def test_relays_method_path_query_headers_and_body(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """The upstream sees the request as sent; the client sees the upstream's answer
     without hop-by-hop headers and with the relay's own added."""
     _app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         del http.headers["accept-encoding"]
         response = http.post(
@@ -192,12 +221,12 @@ def test_relays_method_path_query_headers_and_body(
 
 
 def test_bodiless_requests_and_responses(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """A GET goes out without a body (not chunked); HEAD and 204 responses come back
     without a body and without hanging."""
     _app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         get = http.get(f"{front_url}/echo")
         head = http.head(f"{front_url}/echo")
@@ -212,12 +241,12 @@ def test_bodiless_requests_and_responses(
 
 
 def test_upload_streams_before_the_client_finishes(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """The upstream gets the first piece of a chunked upload while the client still
     holds back the rest (nothing is buffered whole)."""
     app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     reached_early: list[bool] = []
 
     def body() -> Iterator[bytes]:
@@ -234,12 +263,12 @@ def test_upload_streams_before_the_client_finishes(
 
 
 def test_download_streams_before_the_upstream_finishes(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """The client reads the first piece of a response while the upstream holds back the
     rest until the client confirms it arrived."""
     app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     with (
         _front(ca, identities, front) as front_url,
         client(ca, None, timeout=60) as http,
@@ -255,12 +284,12 @@ def test_download_streams_before_the_upstream_finishes(
 
 
 def test_body_limit_by_content_length_refuses_before_forwarding(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """A declared Content-Length over the limit is refused with 413 and nothing reaches
     the upstream; a body within the limit passes."""
     app, url = upstream
-    front = Front(url, bundle_pem(ca), max_body=1000)
+    front = Front(url, bundle_pem(ca), kind=kind, max_body=1000)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         refused = http.post(f"{front_url}/echo", content=b"z" * 1001)
         allowed = http.post(f"{front_url}/echo", content=b"z" * 1000)
@@ -273,11 +302,11 @@ def test_body_limit_by_content_length_refuses_before_forwarding(
 
 
 def test_body_limit_counted_while_streaming(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """A chunked body without Content-Length is counted as it streams and cut at the limit."""
     _app, url = upstream
-    front = Front(url, bundle_pem(ca), max_body=CHUNK + 10)
+    front = Front(url, bundle_pem(ca), kind=kind, max_body=CHUNK + 10)
 
     def body() -> Iterator[bytes]:
         yield b"x" * CHUNK
@@ -291,11 +320,11 @@ def test_body_limit_counted_while_streaming(
 
 
 def test_preread_body_is_sent_as_given(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """With ``body=`` the relay sends that body (the path a retry takes)."""
     app, url = upstream
-    front = Front(url, bundle_pem(ca), preread=True)
+    front = Front(url, bundle_pem(ca), kind=kind, preread=True)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         response = http.put(f"{front_url}/echo", content=b"retry me")
     assert response.status_code == 201
@@ -303,10 +332,10 @@ def test_preread_body_is_sent_as_given(
 
 
 def test_connection_refused_is_502_and_retryable(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity]
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], kind: str
 ) -> None:
     """Nothing listening: 502 upstream_unavailable, marked retryable (no byte was sent)."""
-    front = Front(f"https://127.0.0.1:{free_port()}", bundle_pem(ca))
+    front = Front(f"https://127.0.0.1:{free_port()}", bundle_pem(ca), kind=kind)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         response = http.post(f"{front_url}/echo", content=b"data")
     assert response.status_code == 502
@@ -321,7 +350,7 @@ def test_connection_refused_is_502_and_retryable(
 
 
 def test_tls_failure_is_502_retryable(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], tmp_path: Path
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], tmp_path: Path, kind: str
 ) -> None:
     """An upstream whose certificate the relay does not trust is never sent the request."""
     other_home = tmp_path / "other"
@@ -331,7 +360,7 @@ def test_tls_failure_is_502_retryable(
         stranger = issue(other, "spiffe://example.org/svc/upstream", tmp_path, ips=["127.0.0.1"])
         app = Upstream()
         with serve_asgi(app, other, stranger, client_cert="optional") as url:
-            front = Front(url, bundle_pem(ca))
+            front = Front(url, bundle_pem(ca), kind=kind)
             with _front(ca, identities, front) as front_url, client(ca, None) as http:
                 response = http.post(f"{front_url}/echo", content=b"secret")
     assert response.status_code == 502
@@ -343,12 +372,12 @@ def test_tls_failure_is_502_retryable(
 
 
 def test_slow_upstream_is_504_not_retryable(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """A response later than the timeout: 504 upstream_timeout; the request was sent,
     so it is not retryable."""
     _app, url = upstream
-    front = Front(url, bundle_pem(ca), timeout=0.3)
+    front = Front(url, bundle_pem(ca), kind=kind, timeout=0.3)
     with _front(ca, identities, front) as front_url, client(ca, None) as http:
         response = http.get(f"{front_url}/slow")
     assert response.status_code == 504
@@ -359,12 +388,12 @@ def test_slow_upstream_is_504_not_retryable(
 
 
 def test_upstream_failure_mid_response_cuts_the_client(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """Once the response started, an upstream failure cuts the client's connection
     (the client sees an incomplete response, never a clean end)."""
     _app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     with (
         _front(ca, identities, front) as front_url,
         client(ca, None) as http,
@@ -375,12 +404,12 @@ def test_upstream_failure_mid_response_cuts_the_client(
 
 
 def test_client_leaving_stops_the_upstream_transfer(
-    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any
+    ca: CertificateAuthority, identities: tuple[Identity, Identity], upstream: Any, kind: str
 ) -> None:
     """A client that leaves an endless stream makes the relay drop the upstream
     connection, so the upstream sees its client go."""
     app, url = upstream
-    front = Front(url, bundle_pem(ca))
+    front = Front(url, bundle_pem(ca), kind=kind)
     with _front(ca, identities, front) as front_url:
         with client(ca, None) as http, http.stream("GET", f"{front_url}/endless") as response:
             assert next(response.iter_raw()).startswith(b"tick")

@@ -1,4 +1,8 @@
-"""Relay one ASGI HTTP request to an upstream with httpx, streaming both ways.
+"""Relay one ASGI HTTP request to an upstream, streaming both ways.
+
+The upstream is reached through an ``httpx.AsyncClient`` or, on the fast path, a
+:class:`trustmesh.http1.Pool` (keep-alive HTTP/1.1 to one origin, a fraction of httpx's
+CPU per request).
 
 Small and generic: no routing, authentication or other gateway policy lives here (the
 gateway and the sidecar proxy build on it). The request body goes to the upstream
@@ -19,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from trustmesh.http1 import Http1Error, Pool
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 
 __all__ = [
@@ -256,7 +261,9 @@ class _RequestBody:
                 return
 
 
-def _upstream_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
+def _upstream_error(exc: httpx.HTTPError | Http1Error, url: str) -> UpstreamError:
+    if isinstance(exc, Http1Error):
+        return UpstreamError(exc.status, exc.reason, f"{url}: {exc}", retryable=exc.retryable)
     if isinstance(exc, httpx.ConnectTimeout):
         return UpstreamError(
             504, "upstream_timeout", f"Connecting to {url} timed out.", retryable=True
@@ -286,11 +293,11 @@ async def relay(
     receive: Receive,
     send: Send,
     *,
-    client: httpx.AsyncClient,
+    client: httpx.AsyncClient | Pool,
     url: str,
     headers: Headers,
     max_body: int | None,
-    timeout: httpx.Timeout | None = None,
+    timeout: httpx.Timeout | float | None = None,
     response_headers: Sequence[tuple[bytes, bytes]] = (),
     body: bytes | None = None,
 ) -> int:
@@ -301,15 +308,20 @@ async def relay(
         receive: The ASGI receive callable (unused for the body when ``body`` is given).
         send: The ASGI send callable.
         client: The httpx client (its transport decides TLS and pooling; its default
-            headers and cookies are not used). Give it a cookie jar that stores nothing
-            (:func:`no_cookies`): responses pass through it.
-        url: The full upstream URL, query included.
+            headers and cookies are not used; give it a cookie jar that stores nothing,
+            :func:`no_cookies`, as responses pass through it), or a
+            :class:`trustmesh.http1.Pool` for the upstream's origin (the fast path).
+        url: The full upstream URL, query included. With a pool only its path and
+            query are used (the pool decides the origin); a bare ``/path?query``
+            is accepted too.
         headers: The request headers to send as they are (see
-            :func:`forward_headers`); without ``Host`` httpx sets the upstream's.
+            :func:`forward_headers`); without ``Host`` the client sets the upstream's.
         max_body: Refuse bodies larger than this many bytes (by ``Content-Length``
             up front, and as counted while streaming); None for no limit.
-        timeout: httpx timeouts for this request (connect, and read/write between
-            pieces); None keeps the client's.
+        timeout: Timeouts for this request: httpx timeouts (connect, and read/write
+            between pieces), or seconds; None keeps the client's (a pool's
+            ``timeout``). A pool uses the read timeout for the response head and for
+            each body piece (its own ``connect_timeout`` for connecting).
         response_headers: Added to the upstream's response headers (after hop-by-hop
             headers are removed from those), except names the upstream already sent.
         body: The request body, already read (to retry a request); ``receive`` is
@@ -343,16 +355,6 @@ async def relay(
             watch.start()
         else:
             content = _RequestBody(receive, max_body, watch)
-    # A bare Request, not client.build_request(): the client's default headers (its
-    # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
-    # client asked for.
-    request = httpx.Request(
-        scope["method"],
-        url,
-        headers=headers if isinstance(headers, list) else list(headers),
-        content=content,
-        extensions={"timeout": (timeout or client.timeout).as_dict()},
-    )
     # nginx's 499 "client closed request" until a response status was sent.
     sent = 499
 
@@ -362,57 +364,126 @@ async def relay(
         sent = status
 
     try:
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, url) from exc
-        try:
-            return await _stream_response(response, send, start, url, response_headers)
-        finally:
-            await response.aclose()
-    except asyncio.CancelledError:
-        if not watch.left:
-            raise
-        current = asyncio.current_task()
-        if current is not None:
-            current.uncancel()
-        log.info(
-            "relay: the client left while %s was answering; transfer stopped",
-            url,
-            extra={"event": "relay_client_left", "upstream": url},
+        args = (scope["method"], url, list(headers), content, timeout)
+        status, raw, stream, close = await (
+            _fetch_pool(client, *args) if isinstance(client, Pool) else _fetch_httpx(client, *args)
         )
+        try:
+            return await _stream_response(status, raw, stream, send, start, url, response_headers)
+        finally:
+            await close()
+    except asyncio.CancelledError:
+        if not _client_left(watch, url):
+            raise
         return sent
     finally:
         watch.stop()
 
 
+#: What a fetch returns: status, raw headers, the body stream, and how to close it.
+_Fetched = tuple[int, Headers, AsyncIterator[bytes], Callable[[], Awaitable[None]]]
+
+
+async def _fetch_httpx(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes | _RequestBody,
+    timeout: httpx.Timeout | float | None,
+) -> _Fetched:
+    # A bare Request, not client.build_request(): the client's default headers (its
+    # User-Agent, Accept-Encoding: gzip...) and cookie jar must not change what the
+    # client asked for.
+    if timeout is not None and not isinstance(timeout, httpx.Timeout):
+        timeout = httpx.Timeout(timeout)
+    request = httpx.Request(
+        method,
+        url,
+        headers=headers,
+        content=content,
+        extensions={"timeout": (timeout or client.timeout).as_dict()},
+    )
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise _upstream_error(exc, url) from exc
+    return response.status_code, response.headers.raw, response.aiter_raw(), response.aclose
+
+
+async def _fetch_pool(
+    pool: Pool,
+    method: str,
+    url: str,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes | _RequestBody,
+    timeout: httpx.Timeout | float | None,
+) -> _Fetched:
+    seconds = timeout.read if isinstance(timeout, httpx.Timeout) else timeout
+    try:
+        response = await pool.request(
+            method.encode("latin-1"),
+            _target(url),
+            headers,
+            content if isinstance(content, bytes) else content.__aiter__(),
+            timeout=pool.timeout if seconds is None else seconds,
+        )
+    except Http1Error as exc:
+        raise _upstream_error(exc, url) from exc
+    return response.status, response.headers, response.aiter_bytes(), response.aclose
+
+
+def _client_left(watch: _ClientWatch, url: str) -> bool:
+    """The relaying task was cancelled: True (and logged, the cancel undone) when the
+    client watch did it because the client left."""
+    if not watch.left:
+        return False
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
+    log.info(
+        "relay: the client left while %s was answering; transfer stopped",
+        url,
+        extra={"event": "relay_client_left", "upstream": url},
+    )
+    return True
+
+
+def _target(url: str) -> bytes:
+    """The request target (path and query) of a full URL, or ``url`` if it is one."""
+    if not url.startswith("/"):
+        slash = url.find("/", url.find("//") + 2)
+        url = url[slash:] if slash >= 0 else "/"
+    return url.encode("latin-1")
+
+
 async def _stream_response(
-    response: httpx.Response,
+    status: int,
+    raw: Headers,
+    stream: AsyncIterator[bytes],
     send: Send,
     start: Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]],
     url: str,
     extra: Sequence[tuple[bytes, bytes]],
 ) -> int:
-    status = response.status_code
-    out = forward_headers(response.headers.raw)
+    out = forward_headers(raw)
     if extra:
         present = {name.lower() for name, _ in out}
         out.extend(item for item in extra if item[0].lower() not in present)
-    stream = response.aiter_raw()
     try:
         first = await anext(stream)
     except StopAsyncIteration:
         await start(status, out)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return status
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, Http1Error) as exc:
         raise _upstream_error(exc, url) from exc
     await start(status, out)
     await send({"type": "http.response.body", "body": first, "more_body": True})
     try:
         async for chunk in stream:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, Http1Error) as exc:
         log.warning(
             "relay: %s failed while its response was streaming (%s: %s); the client's "
             "connection is cut",

@@ -9,6 +9,7 @@ from ._mtls import (
     async_mtls_client,
     mtls_client,
 )
+from ._mtls import _PeerCheck as PeerCheck
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -18,6 +19,7 @@ __all__ = [
     "ClientCredentials",
     "EnrollResult",
     "MTLSTransport",
+    "PeerCheck",
     "async_mtls_client",
     "check_ca_url",
     "mtls_client",

@@ -76,7 +76,11 @@ class RevocationLike(Protocol):
 
 class _PeerCheck:
     """Compare the server's SPIFFE ID with ``expect_id`` (exact, or a glob with ``*``),
-    and refuse a revoked server certificate when a revocation set is given."""
+    and refuse a revoked server certificate when a revocation set is given.
+
+    Public as ``trustmesh.client.PeerCheck``: call it with the connection's SSL object,
+    host and port right after the handshake (``trustmesh.http1.Pool``'s ``check_peer``
+    takes ``lambda obj: check(obj, host, port)``); it raises to refuse."""
 
     def __init__(self, expect_id: str | None, revocation: RevocationLike | None = None) -> None:
         self.expect_id = expect_id

@@ -1,9 +1,10 @@
 """Upstream pools: mTLS clients, round robin, passive health, retries.
 
-Each route's upstream is one :class:`UpstreamPool`: one ``httpx.AsyncClient`` (keep-alive
-connections to all its endpoints) built on :func:`trustmesh.client.async_mtls_client`
-with the gateway's rotating credentials, the upstream's SPIFFE ID checked and its
-certificate checked against the revocation set right after each handshake. Endpoints
+Each route's upstream is one :class:`UpstreamPool`: one :class:`trustmesh.http1.Pool`
+per endpoint (keep-alive HTTP/1.1, the relay's lean path) with the gateway's rotating
+credentials, the upstream's SPIFFE ID checked and its certificate checked against the
+revocation set right after each handshake (:class:`trustmesh.client.PeerCheck`), before
+any request byte. Endpoints
 are chosen round robin; connect failures and timeouts count against an endpoint, and
 ``eject_after`` of them in a row take it out of rotation for ``eject_for`` seconds, after
 which one trial request decides whether it is back. When every endpoint is ejected the
@@ -21,10 +22,9 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-import httpx
-
-from trustmesh.client import async_mtls_client
-from trustmesh.relay import Receive, Scope, Send, UpstreamError, no_cookies, relay
+from trustmesh.client import PeerCheck
+from trustmesh.http1 import Pool
+from trustmesh.relay import Receive, Scope, Send, UpstreamError, relay
 
 from ._config import UpstreamConfig
 
@@ -37,8 +37,8 @@ log = logging.getLogger("trustmesh.gateway")
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: The relay's status when the client left before the upstream answered.
 CLIENT_LEFT = 499
-#: Keep-alive connections kept per pool (across its endpoints) and their idle expiry.
-MAX_KEEPALIVE = 100
+#: Connections open at once per endpoint (more requests wait, up to the route's timeout)
+#: and the idle expiry of keep-alive ones.
 MAX_CONNECTIONS = 1000
 KEEPALIVE_EXPIRY = 30.0
 
@@ -64,10 +64,11 @@ class Revocations(Protocol):
 class _Recycling:
     """Credentials whose generation also moves when a revocation arrives.
 
-    The mTLS transport opens a new connection pool when the generation changes (the
-    old one closes once its responses are done), so after a revocation every upstream
-    connection is made afresh, and the handshake check refuses a revoked upstream that
-    an older keep-alive connection would still have reached.
+    Each endpoint's pool closes the connections made before the generation changed
+    (idle ones at once, busy ones when their response is done), so after a rotation or
+    a revocation every upstream connection is made afresh, and the handshake check
+    refuses a revoked upstream that an older keep-alive connection would still have
+    reached.
     """
 
     def __init__(self, credentials: Credentials, revocations: Revocations | None) -> None:
@@ -149,21 +150,9 @@ class UpstreamPool:
         self.route = route
         self.config = config
         self.endpoints = [Endpoint(url, _label(url)) for url in config.urls]
-        self.timeout = httpx.Timeout(config.timeout, connect=config.connect_timeout)
-        self.client = async_mtls_client(
-            _Recycling(credentials, revocations),
-            expect_id=config.id,
-            forward_token=False,
-            revocation=revocations,
-            limits=httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_KEEPALIVE,
-                keepalive_expiry=KEEPALIVE_EXPIRY,
-            ),
-            timeout=self.timeout,
-            follow_redirects=False,
-            cookies=no_cookies(),
-        )
+        recycling = _Recycling(credentials, revocations)
+        check = PeerCheck(config.id, revocations)
+        self.pools = {e: _endpoint_pool(e, config, recycling, check) for e in self.endpoints}
         self._next = 0
         self._on_health = on_health
         self._on_attempt = on_attempt
@@ -283,7 +272,7 @@ class UpstreamPool:
                     scope,
                     receive,
                     send,
-                    client=self.client,
+                    client=self.pools[endpoint],
                     url=endpoint.url + target,
                     headers=headers,
                     max_body=max_body,
@@ -329,8 +318,36 @@ class UpstreamPool:
         return {e.label: e.healthy(eject_after) for e in self.endpoints}
 
     async def aclose(self) -> None:
-        """Close the client and its connections."""
-        await self.client.aclose()
+        """Close every endpoint's connections."""
+        for pool in self.pools.values():
+            await pool.aclose()
+
+
+def _endpoint_pool(
+    endpoint: Endpoint, config: UpstreamConfig, recycling: _Recycling, check: PeerCheck
+) -> Pool:
+    """The endpoint's connection pool: mTLS with the current credentials, the SPIFFE ID
+    (not the host name) and revocation checked after each handshake."""
+    parts = urlsplit(endpoint.url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 443
+
+    def check_peer(ssl_object: ssl.SSLObject) -> None:
+        check(ssl_object, host, port)
+
+    def context() -> ssl.SSLContext:
+        return recycling.client_context(check_hostname=False)
+
+    return Pool(
+        host,
+        port,
+        ssl_context=context,
+        check_peer=check_peer,
+        generation=lambda: recycling.generation,
+        max_connections=MAX_CONNECTIONS,
+        connect_timeout=config.connect_timeout,
+        idle_timeout=KEEPALIVE_EXPIRY,
+        timeout=config.timeout,
+    )
 
 
 def _label(url: str) -> str:

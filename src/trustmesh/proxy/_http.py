@@ -17,11 +17,11 @@ from functools import partial
 from types import FrameType
 from typing import Any
 
-import httpx
 import uvicorn
 from cryptography import x509
 
 from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.http1 import Pool
 from trustmesh.middleware import (
     FORWARDED_CALLER_HEADER,
     FORWARDED_CERT_HEADER,
@@ -44,7 +44,14 @@ from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
 from ._callers import allow_ids_policy
-from ._sidecar import Connection, InboundSettings, Sidecar, Tracker, peer_identity
+from ._sidecar import (
+    Connection,
+    InboundSettings,
+    Sidecar,
+    Tracker,
+    parse_target,
+    peer_identity,
+)
 
 __all__ = ["serve_inbound_http"]
 
@@ -59,8 +66,12 @@ Send = Callable[[Message], Any]
 CONNECTION_EXTENSION = "trustmesh.connection"
 #: Largest request body relayed to the app.
 MAX_BODY = 64 * 1024 * 1024
-#: Keep-alive connections to the app kept open.
-POOL_SIZE = 100
+#: Connections to the app open at once (more requests wait for one); idle ones close
+#: after :data:`APP_IDLE` seconds.
+POOL_SIZE = 1024
+APP_IDLE = 30.0
+#: Seconds to connect to the app.
+APP_CONNECT_TIMEOUT = 10.0
 #: Seconds an idle keep-alive connection from a caller stays open.
 KEEP_ALIVE = 15
 
@@ -185,12 +196,10 @@ class Forwarder:
     ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are set from the verified connection.
     """
 
-    def __init__(
-        self, target: str, client: httpx.AsyncClient, tracker: Tracker, max_age: float
-    ) -> None:
+    def __init__(self, target: str, pool: Pool, tracker: Tracker, max_age: float) -> None:
         self.base = f"http://{target}"
         self._encoded: dict[x509.Certificate, bytes] = {}
-        self.client = client
+        self.pool = pool
         self.tracker = tracker
         self.max_age = max_age
 
@@ -224,7 +233,7 @@ class Forwarder:
             conn.close_reason = "max_connection_age"
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string") or b""
-        url = self.base + raw_path.decode("latin-1")
+        url = raw_path.decode("latin-1")  # the pool knows the origin
         if query:
             url += "?" + query.decode("latin-1")
         try:
@@ -232,7 +241,7 @@ class Forwarder:
                 scope,
                 receive,
                 send,
-                client=self.client,
+                client=self.pool,
                 url=url,
                 headers=headers,
                 max_body=MAX_BODY,
@@ -328,10 +337,16 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
         else None
     )
     verifier = AsyncVerifier(issuer) if issuer is not None else None
-    client = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=POOL_SIZE),
-        timeout=httpx.Timeout(None, connect=10.0),
-        trust_env=False,
+    # The lean HTTP/1.1 pool, not httpx: most of the sidecar's CPU per request was the
+    # client stack. No read timeout: the app decides how long it takes (long polls,
+    # streams); the caller's own timeouts apply.
+    app_host, app_port = parse_target(settings.to)
+    client = Pool(
+        app_host,
+        app_port,
+        max_connections=POOL_SIZE,
+        connect_timeout=APP_CONNECT_TIMEOUT,
+        idle_timeout=APP_IDLE,
     )
     forwarder = Forwarder(settings.to, client, tracker, settings.max_connection_age)
     protected = MTLSMiddleware(
