@@ -29,6 +29,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "Keeper",
     "TimedApp",
+    "is_loopback",
     "issue_server_identity",
     "parse_listen",
     "public_url",
@@ -92,6 +93,16 @@ def issue_server_identity(
     atomic_write(key, dump_private_key(issued.key), mode=0o600)
     atomic_write(chain, pem_certificates(issued.chain))
     return chain, key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address) names only the local machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def public_url(host: str, port: int) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
@@ -34,7 +33,14 @@ from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
 from trustmesh.policy import PolicyConfigError, PolicyFile
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
-from trustmesh.serving import Keeper, parse_listen, public_url, start_keeper, stop_keeper
+from trustmesh.serving import (
+    Keeper,
+    is_loopback,
+    parse_listen,
+    public_url,
+    start_keeper,
+    stop_keeper,
+)
 from trustmesh.tls import TLS12_CIPHERS, RevocationSet, RotatingCredentials
 from trustmesh.tokens import IntrospectionConfig, IssuerConfig
 
@@ -447,7 +453,7 @@ class Gateway:
             servers.append(uvicorn.Server(_uvicorn_config(_redirect_app(host, port), rhost, rport)))
         if config.metrics_listen is not None:
             mhost, mport = parse_listen(config.metrics_listen)
-            if not _is_loopback(mhost):
+            if not is_loopback(mhost):
                 log.warning(
                     "gateway: metrics are served on %s, which is not a loopback address: "
                     "anyone who reaches it can read them",
@@ -595,15 +601,6 @@ def _stat(path: Path | None) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 #: Seconds a client has, from connecting or from the first byte of a request, to send the

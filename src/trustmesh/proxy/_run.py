@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from trustmesh.errors import ConfigError
 from trustmesh.pki import SpiffeID
-from trustmesh.serving import parse_listen
+from trustmesh.serving import is_loopback, parse_listen
 
 from ._callers import CallerRules, allow_ids_policy
 from ._sidecar import (
@@ -18,7 +18,6 @@ from ._sidecar import (
     ProxySettings,
     Sidecar,
     check_common,
-    is_loopback,
 )
 
 __all__ = ["run_inbound", "run_outbound", "validate_inbound", "validate_outbound"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import secrets
 import threading
@@ -158,16 +157,6 @@ def parse_target(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--to {value!r} is not HOST:PORT, e.g. 127.0.0.1:3000.", field="to")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only the local machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # -- metrics ------------------------------------------------------------------------------
