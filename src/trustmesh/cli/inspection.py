@@ -71,6 +71,7 @@ class _Trust:
     def __init__(self) -> None:
         self.roots: tuple[x509.Certificate, ...] = ()
         self.ca_certs: list[x509.Certificate] = []  # may have signed a CRL
+        self.intermediates: list[x509.Certificate] = []
         self.label: str | None = None
         self.missing = ""
         self.revocation: list[str] = []
@@ -351,6 +352,7 @@ def inspect_command(
                 ca = CertificateAuthority.open(ca_home)
                 trust.roots = ca.bundle
                 trust.ca_certs = [ca.intermediate, *ca.bundle]
+                trust.intermediates = [ca.intermediate]
                 trust.label = f"the CA in {ca_home}"
                 trust.revocation.append("the CA's records")
                 trust.checks.append(_store_check(ca))
@@ -375,7 +377,11 @@ def inspect_command(
         if found.certificates and found.kind != "truststore":
             if trust.roots:
                 check = check_chain(
-                    found.certificates, trust.roots, now=now, is_revoked=trust.is_revoked
+                    found.certificates,
+                    trust.roots,
+                    now=now,
+                    intermediates=trust.intermediates,
+                    is_revoked=trust.is_revoked,
                 )
                 verdict = _verdict(check, trust)
             else:

@@ -396,7 +396,10 @@ def _hex_colons(value: bytes) -> str:
 
 
 def relative_time(seconds: int, *, past: str, future: str) -> str:
-    """Phrase a signed number of seconds, e.g. ``expires in 23h59m`` or ``expired 2d ago``.
+    """Phrase a signed number of seconds, e.g. ``expires in 23h59m`` or ``expired 2d3h ago``.
+
+    Only the two largest units are kept: a person reading "expires in 364d23h"
+    does not need the seconds.
 
     Args:
         seconds: Positive for the future, zero or negative for the past.
@@ -405,9 +408,10 @@ def relative_time(seconds: int, *, past: str, future: str) -> str:
 
     .. versionadded:: 0.1
     """
-    if seconds > 0:
-        return f"{future} in {format_duration(timedelta(seconds=seconds))}"
-    return f"{past} {format_duration(timedelta(seconds=-seconds))} ago"
+    text = format_duration(timedelta(seconds=abs(seconds)))
+    parts = re.findall(r"\d+[a-z]", text)
+    short = "".join(parts[:2]) or "0s"
+    return f"{future} in {short}" if seconds > 0 else f"{past} {short} ago"
 
 
 def _algorithm_name(
@@ -731,6 +735,7 @@ def check_chain(
     roots: Collection[x509.Certificate],
     *,
     now: datetime,
+    intermediates: Sequence[x509.Certificate] = (),
     is_revoked: Callable[[x509.Certificate], bool] | None = None,
 ) -> ChainCheck:
     """Say whether ``certs`` (first one the subject, the rest its chain) verify.
@@ -743,6 +748,8 @@ def check_chain(
         certs: The certificate to verify, then any intermediates.
         roots: The trust anchors.
         now: The time to verify at.
+        intermediates: More CA certificates to build the path with (the local
+            CA's intermediate, as ``openssl verify -untrusted`` takes them).
         is_revoked: True for a revoked certificate (CA store or CRL).
 
     Returns:
@@ -752,7 +759,7 @@ def check_chain(
 
     .. versionadded:: 0.1
     """
-    subject, rest = certs[0], list(certs[1:])
+    subject, rest = certs[0], [*certs[1:], *intermediates]
     bc = _extension(subject.extensions, x509.BasicConstraints)
     usage: str | None = None
     spiffe_id: str | None = None
