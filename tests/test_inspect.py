@@ -129,13 +129,15 @@ def test_certificate_fields_match_openssl(
     assert f"issuer={cert['issuer']}" in names
 
     bits = re.search(r"Public-Key: \((\d+) bit\)", text)
-    assert bits and int(bits.group(1)) == cert["key_size"]
+    assert bits
+    assert int(bits.group(1)) == cert["key_size"]
     assert cert["key_type"] == key_type.split("-")[0]
     if key_type == "ec-p256":
         assert "NIST CURVE: P-256" in text
         assert cert["key_curve"] == "secp256r1"
     sig = re.search(r"Signature Algorithm: (\S+)", text)
-    assert sig and sig.group(1) == cert["signature_algorithm"]
+    assert sig
+    assert sig.group(1) == cert["signature_algorithm"]
 
     ekus = text_value(text, "X509v3 Extended Key Usage").split(", ")
     assert [OPENSSL_EKU[e] for e in ekus] == cert["extended_key_usage"]
@@ -338,8 +340,9 @@ def test_crl_fields_match_openssl(
     assert {e["serial_hex"] for e in crl["revoked"]} == {first, second}
     assert crl["signature_valid"] is True  # checked against the local CA's intermediate
     assert crl["status"] == "current"
-    code, human, _ = run(capsys, "inspect", str(path))
-    assert first in human and "keyCompromise" in human
+    _code, human, _ = run(capsys, "inspect", str(path))
+    assert first in human
+    assert "keyCompromise" in human
     assert re.search(r"current, next update in 2[34]h", human)
 
 
@@ -452,7 +455,8 @@ def test_pkcs12_keystore_and_truststore(
     assert "does not open with the given password" in err
     code, _, err = run(capsys, "inspect", str(p12))
     assert code == 2
-    assert "encrypted PKCS#12" in err and "--password-file" in err
+    assert "encrypted PKCS#12" in err
+    assert "--password-file" in err
 
 
 @pytest.mark.parametrize(
@@ -476,7 +480,8 @@ def test_bad_input_is_one_line_and_exit_2(
     code, out, err = run(capsys, "inspect", str(path))
     assert code == 2
     assert out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
     assert message in err
 
 
@@ -571,3 +576,68 @@ def test_json_keys_are_the_documented_ones(
         | set(CRLSummary.__annotations__)
     ):
         assert f"`{key}`" in docs, f"{key} is not documented in docs/inspect.md"
+
+
+def test_pki_ca_paths_mixed_pem_and_crl_checks(ca: CertificateAuthority, tmp_path: Path) -> None:
+    """verify_ca_certificate, mixed PEM input and foreign CRLs behave as documented."""
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    from trustmesh.errors import PKIError, VerificationError
+    from trustmesh.pki import (
+        check_chain,
+        crl_revocation_check,
+        load_inspectable,
+        verify_ca_certificate,
+    )
+
+    now = datetime.now(UTC)
+    verify_ca_certificate(ca.intermediate, [], ca.bundle, now=now)
+    with pytest.raises(VerificationError, match="does not lead to any trust anchor"):
+        verify_ca_certificate(ca.intermediate, [], [], now=now)
+    with pytest.raises(VerificationError, match="was revoked"):
+        verify_ca_certificate(ca.intermediate, [], ca.bundle, now=now, is_revoked=lambda c: True)
+    leaf = ca.issue("spiffe://example.org/x").certificate
+    with pytest.raises(VerificationError, match="not a CA certificate"):
+        verify_ca_certificate(leaf, [], ca.bundle, now=now)
+    # A CA certificate under the pathlen:0 intermediate breaks its path length.
+    sub = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sub")]))
+        .issuer_name(ca.intermediate.subject)
+        .public_key(ec.generate_private_key(ec.SECP256R1()).public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca.signing_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    check = check_chain([sub, ca.intermediate], ca.bundle, now=now)
+    assert (check["trusted"], check["reason"]) == (False, "path_length")
+
+    crl = ca.crl()
+    pem = b"".join(
+        obj.public_bytes(serialization.Encoding.PEM) for obj in (leaf, crl, ca.intermediate)
+    )
+    found = load_inspectable(pem + dump_key_block(), source="mixed.pem")
+    assert found.kind == "mixed"
+    assert (len(found.certificates), len(found.crls)) == (2, 1)
+    assert found.has_private_key
+    assert found.ignored == ("PRIVATE KEY",)
+    with pytest.raises(PKIError, match="not signed by any CA certificate"):
+        crl_revocation_check([crl], [leaf])
+    assert crl_revocation_check([crl], [ca.intermediate])(leaf) is False
+
+    unencrypted = pkcs12.serialize_key_and_certificates(
+        b"x", None, leaf, None, serialization.NoEncryption()
+    )
+    opened = load_inspectable(unencrypted, source="open.p12")
+    assert opened.kind == "truststore"
+    assert opened.certificates == (leaf,)
+
+
+def dump_key_block() -> bytes:
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
