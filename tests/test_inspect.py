@@ -609,7 +609,7 @@ def test_pki_ca_paths_mixed_pem_and_crl_checks(ca: CertificateAuthority, tmp_pat
         .not_valid_before(now - timedelta(minutes=1))
         .not_valid_after(now + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca.signing_key, hashes.SHA256())  # type: ignore[arg-type]
+        .sign(ca.signing_key, hashes.SHA256())
     )
     check = check_chain([sub, ca.intermediate], ca.bundle, now=now)
     assert (check["trusted"], check["reason"]) == (False, "path_length")
