@@ -14,6 +14,7 @@ import ipaddress
 import os
 import secrets
 import socket
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,15 +62,21 @@ from trustmesh.pki import (
     load_private_key,
     match_spiffe_pattern,
     parse_reason,
+    parse_selector,
     request_matches_issuer,
     verify_chain,
 )
 from trustmesh.store import (
     CertificateRecord,
+    RegistrationEntry,
     RevocationEvent,
     Store,
+    add_entry,
     add_join_token,
     consume_join_token,
+    delete_entry,
+    find_entries,
+    get_entry,
     open_store,
 )
 
@@ -633,6 +640,202 @@ class CertificateAuthority:
         except NotFoundError:
             return True  # signed by our key but not recorded: fail closed
         return record.revoked_at is not None
+
+    # -- registration entries -------------------------------------------------------
+
+    def create_entry(
+        self,
+        spiffe_id: str,
+        *,
+        node_id: str,
+        selectors: Sequence[str],
+        dns: Sequence[str] = (),
+        ttl: timedelta | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> RegistrationEntry:
+        """Record that node ``node_id`` may obtain ``spiffe_id`` for callers matching
+        every one of ``selectors``.
+
+        Raises:
+            SpiffeIDError: ``spiffe_id`` or ``node_id`` is not a SPIFFE ID.
+            ConfigError: An ID outside the trust domain, the node's own ID, no or a bad
+                selector.
+            PolicyError: The default profile would never certify the ID, a DNS name or
+                the lifetime.
+        """
+        domain = self.config.trust_domain
+        sid = SpiffeID.parse(spiffe_id)
+        node = SpiffeID.parse(node_id)
+        for what, value, example in (
+            ("SPIFFE ID", sid, "svc/app"),
+            ("node ID", node, "node/host1"),
+        ):
+            if not value.member_of(domain) or not value.path:
+                raise ConfigError(
+                    f"The {what} {value} is not a workload in trust domain {domain}: "
+                    f"give an ID such as spiffe://{domain}/{example}.",
+                    field="node" if what == "node ID" else "spiffe_id",
+                )
+        if sid == node:
+            raise ConfigError(
+                f"An entry hands {sid} to workloads of node {node}: the two must differ.",
+                field="spiffe_id",
+            )
+        if not selectors:
+            raise ConfigError(
+                "An entry needs at least one --selector (e.g. --selector unix:uid:1001): "
+                "without one it would match every local process.",
+                field="selector",
+            )
+        parsed = sorted({parse_selector(s) for s in selectors})
+        profile = self.config.profile(None)
+        profile.check_spiffe_id(sid)
+        names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in dns))
+        for name in names:
+            profile.check_dns(name)
+        if ttl is not None:
+            profile.resolve_ttl(ttl)
+        at = _now(now)
+        entry = RegistrationEntry(
+            entry_id=str(uuid.uuid4()),
+            spiffe_id=sid.uri,
+            node_id=node.uri,
+            selectors=tuple(str(s) for s in parsed),
+            dns=names,
+            ttl=None if ttl is None else int(ttl.total_seconds()),
+            created_at=at,
+            created_by=actor or default_actor(),
+        )
+        with self.store.transaction() as conn:
+            add_entry(conn, entry)
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=entry.created_by,
+                action="entry-create",
+                subject=entry.entry_id,
+                details={
+                    "spiffe_id": entry.spiffe_id,
+                    "node_id": entry.node_id,
+                    "selectors": list(entry.selectors),
+                    "dns": list(entry.dns),
+                    "ttl": entry.ttl,
+                },
+            )
+        return entry
+
+    def list_entries(
+        self, *, node_id: str | None = None, spiffe_id: str | None = None
+    ) -> list[RegistrationEntry]:
+        """Return registration entries (of one node, or for one ID), oldest first."""
+        with self.store.reader() as conn:
+            return find_entries(conn, node_id=node_id, spiffe_id=spiffe_id)
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry:
+        """Return one registration entry.
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        with self.store.reader() as conn:
+            entry = get_entry(conn, entry_id.strip().lower())
+        if entry is None:
+            raise NotFoundError(
+                f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                entry_id=entry_id,
+            )
+        return entry
+
+    def delete_entry(
+        self, entry_id: str, *, actor: str | None = None, now: datetime | None = None
+    ) -> RegistrationEntry:
+        """Delete a registration entry (SVIDs already issued for it stay until they
+        expire or are revoked; the node agent drops them at its next refresh).
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        entry = self.get_entry(entry_id)
+        at = _now(now)
+        with self.store.transaction() as conn:
+            if not delete_entry(conn, entry.entry_id):
+                raise NotFoundError(
+                    f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                    entry_id=entry_id,
+                )
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="entry-delete",
+                subject=entry.entry_id,
+                details={"spiffe_id": entry.spiffe_id, "node_id": entry.node_id},
+            )
+        return entry
+
+    def node_identity(self, cert: x509.Certificate, *, now: datetime | None = None) -> SpiffeID:
+        """Return the SPIFFE ID a node's client certificate proves (chain, expiry, revocation).
+
+        Raises:
+            VerificationError: The certificate is expired, revoked or not ours.
+        """
+        return verify_chain(
+            cert,
+            [self.intermediate],
+            list(self.bundle),
+            usage="client",
+            now=_now(now),
+            is_revoked=self.is_revoked,
+        )
+
+    def sign_entry(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        csr: bytes,
+        *,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign an X.509-SVID for a registration entry, for the node the entry names.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            CSRError, PolicyError: The CSR is bad or asks for another ID.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        profile = self.config.profile(None)
+        request = check_csr(csr, profile, source="the entry CSR")
+        if request.spiffe_id.uri != entry.spiffe_id:
+            raise PolicyError(
+                f"Entry {entry.entry_id} is for {entry.spiffe_id}, but the CSR asks for "
+                f"{request.spiffe_id}: put exactly the entry's ID in the CSR.",
+                reason="identity_change",
+            )
+        for name in entry.dns:
+            profile.check_dns(name)
+        leaf = LeafRequest(request.public_key, request.spiffe_id, entry.dns, (), profile.eku)
+        lifetime = profile.resolve_ttl(None if entry.ttl is None else timedelta(seconds=entry.ttl))
+        return self._sign(
+            leaf,
+            profile,
+            lifetime,
+            action="entry-svid",
+            actor=node.uri,
+            now=start,
+            deliver=None,
+            extra={"entry_id": entry.entry_id},
+        )
 
     # -- revocation -----------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from ._keys import (
 )
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
+from ._selectors import SELECTOR_KEYS, Selector, parse_selector, selectors_match
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
 from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 
@@ -61,6 +62,7 @@ __all__ = [
     "MAX_CSR_BYTES",
     "MAX_INSPECT_BYTES",
     "REASONS",
+    "SELECTOR_KEYS",
     "BasicConstraintsSummary",
     "CRLSummary",
     "CSRSummary",
@@ -75,6 +77,7 @@ __all__ = [
     "PublicKey",
     "RevokedEntry",
     "RevokedSummary",
+    "Selector",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
@@ -100,12 +103,14 @@ __all__ = [
     "new_serial",
     "parse_duration",
     "parse_reason",
+    "parse_selector",
     "pem_certificates",
     "pkcs12_keystore",
     "pkcs12_truststore",
     "relative_time",
     "request_from_csr",
     "request_matches_issuer",
+    "selectors_match",
     "signature_hash_for",
     "spiffe_id_of",
     "summarize_certificate",
