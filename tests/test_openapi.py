@@ -38,6 +38,7 @@ MTLS = {
     ("/v1/entries/{entry_id}", "get"),
     ("/v1/entries/{entry_id}", "delete"),
     ("/v1/entries/svid", "post"),
+    ("/v1/entries/jwt-svid", "post"),
 }
 
 DOCS_API = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -8,12 +8,16 @@ audit event in the same transaction, and only then returns it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
+import hashlib
 import ipaddress
+import json
 import os
 import secrets
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +25,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509 import ocsp
 from sqlalchemy import Connection
 
@@ -99,6 +105,11 @@ _SERIAL_ATTEMPTS = 5
 #: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
 JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+#: The JWT-SVID signing key (EC P-256, ES256), encrypted like the CA keys; made on first use.
+JWT_KEY_FILE = "jwt-svid.key"
+#: Lifetime of a JWT-SVID: short, as they are bearer tokens.
+JWT_SVID_TTL = timedelta(minutes=5)
+MAX_JWT_AUDIENCES = 10
 MAX_TOKEN_TTL = timedelta(days=7)
 
 
@@ -147,6 +158,10 @@ def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).replace(microsecond=0)
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def _serial_hex(serial: int) -> str:
     return format(serial, "x")
 
@@ -169,6 +184,8 @@ class CertificateAuthority:
         self.store = store
         self._passphrase = passphrase
         self._key: PrivateKey | None = None
+        self._jwt_key: ec.EllipticCurvePrivateKey | None = None
+        self._jwt_lock = threading.Lock()
         self.root = self._load_cert("root.pem")
         self.intermediate = self._load_cert("intermediate.pem")
         ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -836,6 +853,118 @@ class CertificateAuthority:
             deliver=None,
             extra={"entry_id": entry.entry_id},
         )
+
+    # -- JWT-SVIDs -------------------------------------------------------------------
+
+    def _jwt_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The ES256 key for JWT-SVIDs, created (encrypted, mode 0600) on first use."""
+        with self._jwt_lock:
+            if self._jwt_key is not None:
+                return self._jwt_key
+            path = self.home / JWT_KEY_FILE
+            if path.exists():
+                key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+            else:
+                if not self._passphrase:
+                    raise ConfigError(
+                        "Signing JWT-SVIDs needs the CA passphrase: set "
+                        "TRUSTMESH_CA_PASSPHRASE or pass --passphrase-file."
+                    )
+                key = generate_private_key(KeyType.EC_P256)
+                tmp = stage_file(path, dump_private_key(key, self._passphrase), mode=0o600)
+                try:
+                    os.link(tmp, path)  # never replaces a key another process just made
+                except FileExistsError:
+                    key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+                finally:
+                    tmp.unlink()
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+                raise ConfigError(f"{path} is not an EC P-256 key: remove it to make a new one.")
+            self._jwt_key = key
+            return key
+
+    def jwt_keys(self) -> list[dict[str, str]]:
+        """Return the JWT-SVID public keys as JWKs with ``use: jwt-svid`` (the SPIFFE bundle).
+
+        Creates the key on first use when the passphrase is known; without it and
+        without a key yet, the list is empty.
+        """
+        if not (self.home / JWT_KEY_FILE).exists() and not self._passphrase:
+            return []
+        numbers = self._jwt_signing_key().public_key().public_numbers()
+        jwk = {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": _b64url(numbers.x.to_bytes(32, "big")),
+            "y": _b64url(numbers.y.to_bytes(32, "big")),
+        }
+        # RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order.
+        thumb = hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode())
+        return [{**jwk, "kid": _b64url(thumb.digest()), "use": "jwt-svid", "alg": "ES256"}]
+
+    def sign_jwt_svid(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        audience: Sequence[str],
+        *,
+        ttl: timedelta = JWT_SVID_TTL,
+        now: datetime | None = None,
+    ) -> tuple[str, datetime]:
+        """Sign a JWT-SVID (ES256) for an entry's SPIFFE ID, for the node the entry names.
+
+        Returns:
+            The token and when it expires.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            ConfigError: No audience, too many, or an empty one.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        audiences = list(dict.fromkeys(audience))
+        if not audiences or len(audiences) > MAX_JWT_AUDIENCES or not all(audiences):
+            raise ConfigError(
+                f"A JWT-SVID needs 1 to {MAX_JWT_AUDIENCES} non-empty audiences: name the "
+                f"service(s) it will be presented to.",
+                reason="bad_audience",
+            )
+        key = self._jwt_signing_key()
+        kid = self.jwt_keys()[0]["kid"]
+        expires = start + ttl
+        header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+        claims = {
+            "sub": entry.spiffe_id,
+            "aud": audiences,
+            "iat": int(start.timestamp()),
+            "exp": int(expires.timestamp()),
+        }
+        signing_input = ".".join(
+            _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+        )
+        r, s_value = decode_dss_signature(
+            key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        )
+        signature = r.to_bytes(32, "big") + s_value.to_bytes(32, "big")
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=start,
+                actor=node.uri,
+                action="jwt-svid",
+                subject=entry.spiffe_id,
+                details={"entry_id": entry.entry_id, "aud": audiences, "exp": claims["exp"]},
+            )
+        return f"{signing_input}.{_b64url(signature)}", expires
 
     # -- revocation -----------------------------------------------------------------
 

@@ -374,8 +374,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
         if fmt == "spiffe":
+            jwt_keys = await run_in_threadpool(ca.jwt_keys)
             doc = {
-                "keys": [_jwk(c) for c in ca.bundle],
+                "keys": [_jwk(c) for c in ca.bundle] + jwt_keys,
                 "spiffe_refresh_hint": 300,
                 "spiffe_sequence": 1,
             }
@@ -777,6 +778,30 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
         return await guarded(request, work)
 
+    async def entry_jwt_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_jwt_svid verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            audience = data.get("audience")
+            if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+                raise ConfigError(
+                    "'audience' must be a list of strings, e.g. [\"spiffe://example.org/db\"].",
+                    reason="bad_audience",
+                )
+            token, expires = await run_in_threadpool(
+                lambda: ca.sign_jwt_svid(cert, data["entry_id"], audience)
+            )
+            metrics.issued.labels(kind="jwt-svid").inc()
+            return JSONResponse(
+                {"token": token, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                status_code=201,
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return await guarded(request, work)
+
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -805,6 +830,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/certificates", certificates),
             Route("/v1/entries", entries, methods=["GET", "POST"]),
             Route("/v1/entries/svid", entry_svid, methods=["POST"]),
+            Route("/v1/entries/jwt-svid", entry_jwt_svid, methods=["POST"]),
             Route("/v1/entries/{entry_id}", entry_item, methods=["GET", "DELETE"]),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),

@@ -26,6 +26,7 @@ from .policy import policy_group
 from .proxy import proxy_group
 from .run import run_command
 from .token import token_group
+from .workload import workload_agent_command
 
 __all__ = ["cli", "main"]
 
@@ -52,6 +53,7 @@ cli.add_command(token_group)
 cli.add_command(entry_group)
 cli.add_command(idp_group)
 cli.add_command(agent_command)
+cli.add_command(workload_agent_command)
 cli.add_command(policy_group)
 cli.add_command(run_command)
 cli.add_command(gateway_group)
