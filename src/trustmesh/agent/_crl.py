@@ -117,7 +117,7 @@ class HAProxyRuntime:
         """
         name = str(crl_file)
         said = self.command(f"set ssl crl-file {name}", pem.decode())
-        if "Transaction" not in said:
+        if "transaction" not in said.lower():
             with contextlib.suppress(TrustmeshError):
                 self.command(f"abort ssl crl-file {name}")
             raise TrustmeshError(
