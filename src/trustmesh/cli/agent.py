@@ -227,7 +227,9 @@ def agent_command(
     lifetime, writes the files atomically and then runs --exec or sends --signal.
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
-    reload, and whenever they are missing or out of date.
+    reload, and whenever they are missing or out of date. With --crl it keeps the
+    chain CRLs (for nginx ssl_crl, HAProxy crl-file, Node's crl) fresh from the
+    revocation feed and runs --on-crl or pushes them to --haproxy-socket.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
