@@ -600,3 +600,27 @@ def test_haproxy_refuses_revoked_client_after_runtime_api_update(
         if agent is not None:
             stop(agent)
         stop(haproxy)
+
+
+def test_ocsp_listen_on_a_taken_port_exits_2(
+    ca: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ca serve --ocsp-listen` on a port in use is one line and exit 2, before serving."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(
+            [
+                "ca",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--ocsp-listen",
+                f"127.0.0.1:{port}",
+            ]
+        )
+    assert code == 2
+    assert f"--ocsp-listen 127.0.0.1:{port}: cannot listen there" in capsys.readouterr().err
