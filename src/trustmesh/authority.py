@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import ipaddress
+import logging
 import os
 import secrets
 import socket
@@ -32,11 +33,12 @@ from trustmesh.errors import (
     ConflictError,
     CSRError,
     NotFoundError,
+    PKIError,
     PolicyError,
     ScopeError,
     TokenError,
 )
-from trustmesh.files import stage_file
+from trustmesh.files import atomic_write, stage_file
 from trustmesh.pki import (
     KeyType,
     LeafRequest,
@@ -75,6 +77,7 @@ from trustmesh.store import (
 
 __all__ = [
     "CA_FILES",
+    "ROOT_CRL_NAME",
     "CertificateAuthority",
     "Issued",
     "default_actor",
@@ -88,11 +91,20 @@ CA_FILES = {
     "intermediate.pem": 0o644,
     "intermediate.key": 0o600,
 }
+#: The root-signed CRL of the intermediates, kept in TRUSTMESH_HOME (DER).
+ROOT_CRL_NAME = "root.crl"
 _SERIAL_ATTEMPTS = 5
 #: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
 JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 MAX_TOKEN_TTL = timedelta(days=7)
+
+log = logging.getLogger("trustmesh.authority")
+
+
+def _root_crl_urls(crl_urls: Sequence[str]) -> tuple[str, ...]:
+    """Where ``ca serve`` publishes the root CRL, next to each leaf CRL URL ending in /crl."""
+    return tuple(f"{u}/root" for u in crl_urls if u.rstrip("/").endswith("/crl"))
 
 
 def _same_key(a: object, b: object) -> bool:
@@ -140,6 +152,21 @@ def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).replace(microsecond=0)
 
 
+def _sign_root_crl(
+    root: x509.Certificate, root_key: PrivateKey, at: datetime, lifetime: timedelta
+) -> x509.CertificateRevocationList:
+    # Lists revoked intermediates: none can be revoked yet (there is one, and rotating it
+    # is not built), so the list is empty. The CRL number is the signing time in seconds:
+    # it increases without a database counter, so an offline root host can sign it too.
+    return build_crl(root, root_key, [], number=int(at.timestamp()), now=at, lifetime=lifetime)
+
+
+def _resign_at(crl: x509.CertificateRevocationList) -> datetime:
+    """Half-way between thisUpdate and nextUpdate: when a root CRL is signed again."""
+    this = crl.last_update_utc
+    return this + ((crl.next_update_utc or this) - this) / 2
+
+
 def _serial_hex(serial: int) -> str:
     return format(serial, "x")
 
@@ -162,6 +189,7 @@ class CertificateAuthority:
         self.store = store
         self._passphrase = passphrase
         self._key: PrivateKey | None = None
+        self._root_crl: x509.CertificateRevocationList | None = None
         self.root = self._load_cert("root.pem")
         self.intermediate = self._load_cert("intermediate.pem")
         ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -180,8 +208,18 @@ class CertificateAuthority:
         db_url: str | None = None,
         actor: str | None = None,
         now: datetime | None = None,
+        crl_urls: Sequence[str] = (),
+        ocsp_urls: Sequence[str] = (),
+        root_crl_urls: Sequence[str] | None = None,
     ) -> CertificateAuthority:
-        """Create a root and an intermediate CA in ``home``.
+        """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
+
+        Args:
+            crl_urls: Public URLs of the leaf CRL, written into every leaf (CDP).
+            ocsp_urls: Public URLs of the OCSP responder, written into every leaf (AIA).
+            root_crl_urls: Public URLs of the root-signed CRL, written into the
+                intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
+                that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
@@ -200,14 +238,25 @@ class CertificateAuthority:
                 "--passphrase-file with a non-empty passphrase."
             )
         SpiffeID.trust_domain_id(trust_domain)  # validates
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        roots_at = _root_crl_urls(crl_urls) if root_crl_urls is None else tuple(root_crl_urls)
         url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
+        config = CAConfig.new(
+            trust_domain,
+            url,
+            key_type,
+            crl_urls=tuple(crl_urls),
+            ocsp_urls=tuple(ocsp_urls),
+            root_crl_urls=roots_at,
+        )  # checks the URLs before anything is created
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
         root_key = generate_private_key(key_type)
         root = create_root(root_key, trust_domain, now=start)
         inter_key = generate_private_key(key_type)
-        inter = create_intermediate(root, root_key, inter_key, trust_domain, now=start)
+        inter = create_intermediate(
+            root, root_key, inter_key, trust_domain, now=start, crl_urls=config.root_crl_urls
+        )
         pem = serialization.Encoding.PEM
         contents = {
             "root.pem": root.public_bytes(pem),
@@ -215,13 +264,21 @@ class CertificateAuthority:
             "intermediate.pem": inter.public_bytes(pem),
             "intermediate.key": dump_private_key(inter_key, passphrase),
         }
-        config = CAConfig.new(trust_domain, url, key_type)
+        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
         staged: list[tuple[Path, Path]] = []
         try:
             for name, data in contents.items():
                 staged.append((stage_file(home / name, data, mode=CA_FILES[name]), home / name))
             staged.append(
                 (stage_file(home / CONFIG_NAME, config.dumps().encode()), home / CONFIG_NAME)
+            )
+            staged.append(
+                (
+                    stage_file(
+                        home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
+                    ),
+                    home / ROOT_CRL_NAME,
+                )
             )
             with store.transaction() as conn:
                 store.append_audit(
@@ -737,6 +794,103 @@ class CertificateAuthority:
                 details={"entries": len(entries)},
             )
         return crl
+
+    def root_crl(
+        self, *, actor: str | None = None, now: datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        """Return the root-signed CRL of the intermediates.
+
+        Peers that check revocation for the whole chain (nginx ``ssl_crl``, HAProxy
+        ``crl-file``, ``openssl verify -crl_check_all``) need a CRL for the
+        intermediate too, and only the root can sign it. It is kept in
+        ``root.crl`` (written by ``ca init``) and re-signed with the root key once
+        half of its ``root_crl_lifetime`` has passed, or when the file is missing
+        or not the root's. The root key is decrypted only for that (with the CA
+        passphrase) and not kept. When ``root.key`` is not here (kept offline),
+        the stored CRL is served until its ``nextUpdate`` with a warning; re-sign
+        it with ``trustmesh crl --root`` where the root key is.
+
+        Raises:
+            ConfigError: No valid root CRL is stored and the root key cannot be
+                unlocked.
+        """
+        at = _now(now)
+        cached = self._root_crl
+        if cached is None or at >= _resign_at(cached):
+            cached = self._root_crl = self._stored_root_crl()
+        if cached is not None and at < _resign_at(cached):
+            return cached
+        path = self.home / "root.key"
+        try:
+            root_key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+        except (OSError, PKIError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc.message
+            if cached is not None and cached.next_update_utc and at < cached.next_update_utc:
+                log.warning(
+                    "The root CRL in %s is due to be re-signed but the root key cannot be "
+                    "used (%s); serving it until its nextUpdate %s. Run 'trustmesh crl "
+                    "--root' where root.key is and copy %s here.",
+                    self.home,
+                    why,
+                    f"{cached.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    ROOT_CRL_NAME,
+                    extra={"event": "root_crl_due"},
+                )
+                return cached
+            raise ConfigError(
+                f"No valid root-signed CRL in {self.home / ROOT_CRL_NAME} and the root key "
+                f"cannot be used to sign one ({why}): run 'trustmesh crl --root' with the "
+                f"CA passphrase where root.key is, and copy {ROOT_CRL_NAME} into {self.home}.",
+                path=str(self.home / ROOT_CRL_NAME),
+            ) from None
+        crl = _sign_root_crl(self.root, root_key, at, self.config.root_crl_lifetime)
+        del root_key
+        try:
+            atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
+        except ConfigError as exc:
+            log.warning("could not keep the re-signed root CRL: %s", exc.message)
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="crl",
+                subject="root",
+                details={
+                    "entries": 0,
+                    "number": int(at.timestamp()),
+                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                },
+            )
+        self._root_crl = crl
+        return crl
+
+    def _stored_root_crl(self) -> x509.CertificateRevocationList | None:
+        """The root CRL in the home, when it is readable and signed by our root."""
+        path = self.home / ROOT_CRL_NAME
+        try:
+            crl = x509.load_der_x509_crl(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s)", path, exc)
+            return None
+        if crl.issuer != self.root.subject or not crl.is_signature_valid(
+            self.root.public_key()  # type: ignore[arg-type]
+        ):
+            log.warning("ignoring %s: it is not signed by this CA's root", path)
+            return None
+        return crl
+
+    def chain_crls(
+        self, *, actor: str | None = None, now: datetime | None = None
+    ) -> tuple[x509.CertificateRevocationList, x509.CertificateRevocationList]:
+        """Return the CRLs for the whole chain: the intermediate's (leaves), the root's.
+
+        Raises:
+            ConfigError: See :meth:`root_crl`.
+        """
+        return self.crl(actor=actor, now=now), self.root_crl(actor=actor, now=now)
 
     def ocsp_response(
         self, request: ocsp.OCSPRequest, *, now: datetime | None = None

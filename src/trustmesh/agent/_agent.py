@@ -92,8 +92,12 @@ class Reload:
     signum: signal.Signals | None = None
 
     @classmethod
-    def from_command(cls, command: str) -> Reload:
+    def from_command(cls, command: str, *, option: str = "--exec") -> Reload:
         """Run ``command`` (split like a shell would, but run without one).
+
+        Args:
+            command: The command line.
+            option: The CLI option it came from, for error messages.
 
         Raises:
             ConfigError: The command is empty, badly quoted or not found.
@@ -102,16 +106,16 @@ class Reload:
             argv = shlex.split(command)
         except ValueError as exc:
             raise ConfigError(
-                f"--exec {command!r} cannot be split into arguments ({exc}): check the quotes.",
-                field="exec",
+                f"{option} {command!r} cannot be split into arguments ({exc}): check the quotes.",
+                field=option.lstrip("-"),
             ) from None
         if not argv:
-            raise ConfigError("--exec is empty: give the command that reloads the workload.")
+            raise ConfigError(f"{option} is empty: give the command that reloads the workload.")
         if shutil.which(argv[0]) is None:
             raise ConfigError(
-                f"--exec: {argv[0]!r} is not an executable file or on PATH: give the full "
+                f"{option}: {argv[0]!r} is not an executable file or on PATH: give the full "
                 f"path of the reload command.",
-                field="exec",
+                field=option.lstrip("-"),
             )
         return cls(argv=tuple(argv))
 

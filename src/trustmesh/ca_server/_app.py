@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,7 +39,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
@@ -55,6 +55,7 @@ from trustmesh.pki import (
     match_spiffe_pattern,
     parse_duration,
     pem_certificates,
+    pem_crls,
     verify_chain,
 )
 from trustmesh.serving import LATENCY_BUCKETS, TimedApp
@@ -199,6 +200,15 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
+#: What a GET on the plain listener must look like to be read as an OCSP request
+#: (RFC 6960 A.1: the base64 DER appended to the responder URL; even the smallest
+#: request is longer than this).
+_OCSP_GET_PATH = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+_PLAIN_ONLY = (
+    "This listener serves only OCSP (POST / with a DER request, or GET /BASE64) and the "
+    "CRLs at /crl (leaves, DER), /crl/root (intermediates, DER) and /crl/chain (both, "
+    "PEM); everything else is on the HTTPS API."
+)
 #: Refusals on these routes are also written to the audit chain.
 _AUDITED_DENIALS = {"/v1/enroll", "/v1/renew", "/v1/revoke"}
 
@@ -257,6 +267,8 @@ _KNOWN_ROUTES = {
     "/metrics",
     "/v1/bundle",
     "/v1/crl",
+    "/v1/crl/chain",
+    "/v1/crl/root",
     "/v1/ocsp",
     "/v1/enroll",
     "/v1/renew",
@@ -267,8 +279,12 @@ _KNOWN_ROUTES = {
 }
 
 
-def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> ASGIApp:
-    """Build the ASGI app for an open CA (its signing key unlocked)."""
+def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> TimedApp:
+    """Build the ASGI app for an open CA (its signing key unlocked).
+
+    ``app.state.plain_app`` is the read-only plain-HTTP app of OCSP and the CRLs
+    (``ca serve --ocsp-listen``), built from the same handlers.
+    """
     opts = settings or ServerSettings()
     hub = RevocationHub(ca)
     metrics = _Metrics()
@@ -404,6 +420,41 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             media_type="application/pkix-crl",
             headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
         )
+
+    def root_crl_der() -> bytes:
+        return ca.root_crl(actor="ca-server").public_bytes(serialization.Encoding.DER)
+
+    async def root_crl(request: Request) -> Response:
+        try:
+            der = await run_in_threadpool(root_crl_der)
+        except ConfigError as exc:
+            log.error("cannot serve the root CRL: %s", exc.message)
+            return problem(503, "Root CRL unavailable", exc.message)
+        return Response(
+            der,
+            media_type="application/pkix-crl",
+            headers={"Cache-Control": "max-age=3600"},
+        )
+
+    async def crl_chain(request: Request) -> Response:
+        async def work() -> Response:
+            der, number = await run_in_threadpool(current_crl)
+            try:
+                root = await run_in_threadpool(ca.root_crl, actor="ca-server")
+            except ConfigError as exc:
+                log.error("cannot serve the chain CRLs: %s", exc.message)
+                return problem(503, "Root CRL unavailable", exc.message)
+            root_number = root.extensions.get_extension_for_class(x509.CRLNumber).value
+            etag = f'"crl-{number}-root-{root_number.crl_number}"'
+            if request.headers.get("if-none-match") == etag:
+                return Response(status_code=304, headers={"ETag": etag})
+            return Response(
+                pem_crls([x509.load_der_x509_crl(der), root]),
+                media_type="application/x-pem-file",
+                headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
+            )
+
+        return await guarded(request, work)
 
     async def ocsp_get(request: Request) -> Response:
         encoded = request.path_params["request"]
@@ -678,6 +729,8 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/readyz", readyz),
             Route("/v1/bundle", bundle),
             Route("/v1/crl", crl),
+            Route("/v1/crl/chain", crl_chain),
+            Route("/v1/crl/root", root_crl),
             Route("/v1/ocsp", ocsp_post, methods=["POST"]),
             Route("/v1/ocsp/{request:path}", ocsp_get),
             Route("/v1/enroll", enroll, methods=["POST"]),
@@ -691,4 +744,36 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         ],
     )
     app.state.hub = hub
-    return TimedApp(app, _observer(metrics))
+
+    # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
+    # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch
+    # (nginx ssl_ocsp_responder speaks only http://); every answer is signed.
+    async def plain_ocsp_get(request: Request) -> Response:
+        if not _OCSP_GET_PATH.fullmatch(request.path_params["request"]):
+            return problem(404, "Not found", _PLAIN_ONLY)
+        return await ocsp_get(request)
+
+    async def plain_refusal(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        title = "Method not allowed" if status == 405 else "Not found"
+        headers = getattr(exc, "headers", None)
+        return problem(status, title, _PLAIN_ONLY, headers=headers)
+
+    plain = Starlette(
+        routes=[
+            Route("/crl", crl),
+            Route("/crl/root", root_crl),
+            Route("/crl/chain", crl_chain),
+            Route("/", ocsp_post, methods=["POST"]),
+            Route("/{request:path}", plain_ocsp_get),
+        ],
+        exception_handlers={404: plain_refusal, 405: plain_refusal},
+    )
+    observe = _observer(metrics)
+
+    def observe_plain(method: str, path: str, status: int, seconds: float) -> None:
+        route = path if path in ("/crl", "/crl/root", "/crl/chain") else "/ (ocsp)"
+        metrics.latency.labels(method, f"http:{route}", str(status)).observe(seconds)
+
+    app.state.plain_app = TimedApp(plain, observe_plain)
+    return TimedApp(app, observe)

@@ -162,6 +162,30 @@ def _stores(
     is_flag=True,
     help="Encrypt the stores with 3DES/SHA-1 for Java < 8u301, .NET Framework and OpenSSL 1.x.",
 )
+@click.option(
+    "--crl",
+    "crl_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep this PEM file holding the CRLs of the whole chain (intermediate's and "
+    "root-signed) for nginx ssl_crl, HAProxy crl-file or Node's crl option: rewritten "
+    "atomically within a second of a revocation (from the revocation feed) and before "
+    "the CRLs' nextUpdate.",
+)
+@click.option(
+    "--on-crl",
+    default=None,
+    help="Command run (without a shell) after each new --crl file, e.g. 'nginx -s reload' "
+    "(default: the --exec command or --signal, if given). Retried until it succeeds.",
+)
+@click.option(
+    "--haproxy-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="HAProxy's runtime API socket ('stats socket PATH level admin'): each new --crl "
+    "file is pushed with 'set ssl crl-file' + 'commit ssl crl-file', no reload needed. "
+    "The bind line's crl-file must be the same absolute path as --crl.",
+)
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
@@ -187,6 +211,9 @@ def agent_command(
     truststore: Path | None,
     store_password_file: Path | None,
     pkcs12_legacy: bool,
+    crl_file: Path | None,
+    on_crl: str | None,
+    haproxy_socket: Path | None,
     once: bool,
     renew_now: bool,
     timeout: float,
@@ -200,7 +227,9 @@ def agent_command(
     lifetime, writes the files atomically and then runs --exec or sends --signal.
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
-    reload, and whenever they are missing or out of date.
+    reload, and whenever they are missing or out of date. With --crl it keeps the
+    chain CRLs (for nginx ssl_crl, HAProxy crl-file, Node's crl) fresh from the
+    revocation feed and runs --on-crl or pushes them to --haproxy-socket.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
@@ -208,8 +237,11 @@ def agent_command(
     --once: 0 valid files are in place, 1 the CA was unreachable or refused (or the
     reload failed), 2 bad input such as a missing token or an unreadable bundle.
     """
-    from trustmesh.agent import Agent, Reload
+    from trustmesh.agent import Agent, CRLKeeper, HAProxyRuntime, Reload
 
+    if crl_file is None and (on_crl is not None or haproxy_socket is not None):
+        given = "--on-crl" if on_crl is not None else "--haproxy-socket"
+        raise click.UsageError(f"{given} acts on the --crl file: add --crl FILE.")
     if token and token_file:
         raise click.UsageError("Give --token or --token-file, not both.")
     if exec_command is not None and signal_spec is not None:
@@ -239,17 +271,37 @@ def agent_command(
         ttl=ttl,
         stores=stores,
     )
+    keeper = None
+    if crl_file is not None:
+        keeper = CRLKeeper(
+            agent.ca_url,
+            out,
+            agent.trust_bundle,
+            crl_file.absolute(),
+            reload=Reload.from_command(on_crl, option="--on-crl") if on_crl else reload,
+            haproxy=HAProxyRuntime(haproxy_socket) if haproxy_socket is not None else None,
+            timeout=timeout,
+        )
+        keeper.check()  # before anything is enrolled or written
     if not once:
         with _stop_on_signals() as stop:
+            if keeper is not None:
+                keeper.start(stop)
             agent.run(stop, renew_now=renew_now)
         return
     outcome = agent.ensure(force=renew_now)
+    crl_line = None
+    if keeper is not None:
+        wrote = keeper.refresh()
+        crl_line = f"{'wrote' if wrote else 'unchanged'} chain CRLs {keeper.path}"
     if as_json:
-        print_json(outcome.to_json())
+        print_json({**outcome.to_json(), "crl": crl_line} if keeper else outcome.to_json())
     else:
-        click.echo(outcome.describe())
+        click.echo(outcome.describe() + (f"; {crl_line}" if crl_line else ""))
     if outcome.reload_error is not None:  # the files are in place, the workload has not seen them
         raise TrustmeshError(outcome.reload_error)
+    if keeper is not None and keeper.failing_hooks:
+        raise TrustmeshError(f"The CRL reload failed: {keeper.failing_hooks[0]}")
 
 
 #: Seconds before the agent's loop is restarted after it gave up on a failure.

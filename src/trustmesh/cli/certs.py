@@ -21,6 +21,7 @@ from trustmesh.pki import (
     glob_match,
     parse_duration,
     pem_certificates,
+    pem_crls,
 )
 from trustmesh.store import CertificateRecord
 
@@ -324,18 +325,56 @@ def list_command(
     help="Write to this file (DER unless --pem); default: PEM to stdout.",
 )
 @click.option("--pem", is_flag=True, help="Write PEM instead of DER.")
+@click.option(
+    "--chain",
+    is_flag=True,
+    help="CRLs for the whole chain: the intermediate's and the root-signed one, in one PEM "
+    "file (with --pem) as nginx ssl_crl and HAProxy crl-file need.",
+)
+@click.option(
+    "--root",
+    "root_only",
+    is_flag=True,
+    help="Only the root-signed CRL of the intermediates (re-signed when half its life passed).",
+)
 @home_option
 @passphrase_option
 def crl_command(
-    out: Path | None, pem: bool, home: Path | None, passphrase_file: Path | None
+    out: Path | None,
+    pem: bool,
+    chain: bool,
+    root_only: bool,
+    home: Path | None,
+    passphrase_file: Path | None,
 ) -> None:
-    """Build a CRL of the unexpired revoked certificates, signed by the intermediate."""
+    """Build a CRL of the unexpired revoked certificates, signed by the intermediate.
+
+    With --chain, also the root-signed CRL of the intermediates: peers that check the
+    whole chain (nginx ssl_crl, HAProxy crl-file, openssl -crl_check_all) refuse every
+    client without it.
+    """
+    if chain and root_only:
+        raise click.UsageError("Give --chain or --root, not both.")
+    if chain and out is not None and not pem:
+        raise click.UsageError(
+            "--chain writes two CRLs, which only PEM can hold in one file: add --pem."
+        )
     with open_ca(home, passphrase_file, sign=True) as ca:
-        crl = ca.crl()
+        if chain:
+            crls = list(ca.chain_crls())
+        elif root_only:
+            crls = [ca.root_crl()]
+        else:
+            crls = [ca.crl()]
     if out is None:
-        click.echo(crl.public_bytes(PEM).decode(), nl=False)
+        click.echo(pem_crls(crls).decode(), nl=False)
         return
-    encoding = PEM if pem else serialization.Encoding.DER
-    atomic_write(out, crl.public_bytes(encoding))
-    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    click.echo(f"wrote CRL number {number} with {len(crl)} entries to {out}", err=True)
+    data = pem_crls(crls) if pem else crls[0].public_bytes(serialization.Encoding.DER)
+    atomic_write(out, data)
+    described = ", ".join(
+        f"{'root' if c.issuer == ca.root.subject else 'intermediate'} CRL number "
+        f"{c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number} "
+        f"({len(c)} entries)"
+        for c in crls
+    )
+    click.echo(f"wrote {described} to {out}", err=True)

@@ -11,7 +11,14 @@ from ._bundles import (
     pkcs12_keystore,
     pkcs12_truststore,
 )
-from ._crl import DEFAULT_CRL_LIFETIME, REASONS, RevokedEntry, build_crl, parse_reason
+from ._crl import (
+    DEFAULT_CRL_LIFETIME,
+    REASONS,
+    RevokedEntry,
+    build_crl,
+    parse_reason,
+    pem_crls,
+)
 from ._csr import MAX_CSR_BYTES, check_csr, load_csr, request_from_csr
 from ._durations import format_duration, parse_duration
 from ._inspect import (
@@ -101,6 +108,7 @@ __all__ = [
     "parse_duration",
     "parse_reason",
     "pem_certificates",
+    "pem_crls",
     "pkcs12_keystore",
     "pkcs12_truststore",
     "relative_time",

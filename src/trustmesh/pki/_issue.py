@@ -80,6 +80,32 @@ def _ca_key_usage() -> x509.KeyUsage:
     )
 
 
+def _distribution_points(urls: Sequence[str]) -> x509.CRLDistributionPoints:
+    """One CRL distribution point (RFC 5280 4.2.1.13) naming every URL given."""
+    return x509.CRLDistributionPoints(
+        [
+            x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(u) for u in urls],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+        ]
+    )
+
+
+def _ocsp_access(urls: Sequence[str]) -> x509.AuthorityInformationAccess:
+    """Authority information access (RFC 5280 4.2.2.1) with one OCSP entry per URL."""
+    return x509.AuthorityInformationAccess(
+        [
+            x509.AccessDescription(
+                x509.oid.AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(u)
+            )
+            for u in urls
+        ]
+    )
+
+
 def create_root(
     key: PrivateKey,
     trust_domain: str,
@@ -131,6 +157,7 @@ def create_intermediate(
     *,
     lifetime: timedelta = DEFAULT_INTERMEDIATE_LIFETIME,
     now: datetime | None = None,
+    crl_urls: Sequence[str] = (),
 ) -> x509.Certificate:
     """Create the online intermediate CA (pathlen 0) signed by the root.
 
@@ -141,6 +168,9 @@ def create_intermediate(
         trust_domain: The trust domain (subject ``O=`` and URI SAN).
         lifetime: Validity period (1 year by default), capped at the root's.
         now: The current time (for tests).
+        crl_urls: Where the root-signed CRL is published (CRL distribution point),
+            so peers that check the whole chain (``openssl -crl_check_all``, Java
+            with CRLDP) find it.
 
     Returns:
         The intermediate certificate.
@@ -170,6 +200,8 @@ def create_intermediate(
             critical=False,
         )
     )
+    if crl_urls:
+        builder = builder.add_extension(_distribution_points(crl_urls), critical=False)
     return builder.sign(root_key, signature_hash_for(root_key))
 
 
@@ -268,30 +300,7 @@ def issue_leaf(
         )
     )
     if crl_urls:
-        builder = builder.add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        full_name=[x509.UniformResourceIdentifier(u) for u in crl_urls],
-                        relative_name=None,
-                        reasons=None,
-                        crl_issuer=None,
-                    )
-                ]
-            ),
-            critical=False,
-        )
+        builder = builder.add_extension(_distribution_points(crl_urls), critical=False)
     if ocsp_urls:
-        builder = builder.add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        x509.oid.AuthorityInformationAccessOID.OCSP,
-                        x509.UniformResourceIdentifier(u),
-                    )
-                    for u in ocsp_urls
-                ]
-            ),
-            critical=False,
-        )
+        builder = builder.add_extension(_ocsp_access(ocsp_urls), critical=False)
     return builder.sign(issuer_key, signature_hash_for(issuer_key))
