@@ -66,7 +66,7 @@ class Issuer:
         """A signed token whose ``claim`` is the JSON text ``raw``, written verbatim."""
         payload = json.dumps(self.minter.claims(**{claim: MARK}, **claims))
         payload = payload.replace(json.dumps(MARK), raw)
-        header = {"alg": "ES256", "typ": "at+jwt", "kid": self.minter.ec.kid}
+        header: dict[str, object] = {"alg": "ES256", "typ": "at+jwt", "kid": self.minter.ec.kid}
         return sign_es256_raw(header, payload, self.minter.ec)
 
     def config(self, **kw: object) -> IssuerConfig:
