@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from rich.console import Console as RichConsole
 
 from trustmesh.cli import main
 
@@ -372,3 +373,86 @@ def test_python_dash_m_runs_the_cli(initialized: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: Refusing a lifetime of 9d")
+
+
+# -- issue 14: output is data, never markup ---------------------------------------------
+
+
+def _emoji_fingerprints(info: dict[str, Any]) -> list[str]:
+    """The fingerprints a default Rich console would change (":AB:" is 🆎, ":CD:" is 💿)."""
+    rich = RichConsole(emoji=True, markup=True)
+    return [
+        info[role]["sha256"]
+        for role in ("root", "intermediate")
+        if rich.render_str(info[role]["sha256"]).plain != info[role]["sha256"]
+    ]
+
+
+def test_fingerprints_with_emoji_codes_print_verbatim(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ca init` and `ca show` print a SHA-256 fingerprint holding ":AB:" or ":CD:" exactly
+    as it is, not as an emoji, both in-process and from `python -m trustmesh`."""
+    for attempt in range(100):  # about a fifth of fresh CAs have such a fingerprint
+        home = tmp_path / f"ca{attempt}"
+        code, init_out, err = run(
+            capsys, "ca", "init", "--trust-domain", "example.org", "--home", str(home)
+        )
+        assert code == 0, err
+        code, stdout, err = run(capsys, "ca", "show", "--home", str(home), "--json")
+        assert code == 0, err
+        wanted = _emoji_fingerprints(json.loads(stdout))
+        if wanted:
+            break
+    else:  # pragma: no cover - about 0.8**100
+        pytest.fail("no CA with an emoji code in its fingerprint")
+    shown = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "ca", "show", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    code, show_out, err = run(capsys, "ca", "show", "--home", str(home))
+    assert code == 0, err
+    for text in (init_out, shown.stdout, show_out):
+        for value in wanted:
+            assert value in text, text
+        assert "\N{NEGATIVE SQUARED AB}" not in text
+        assert "\N{OPTICAL DISC}" not in text
+
+
+def test_user_data_with_markup_prints_verbatim(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Console markup and emoji codes in user data (the CA home path, an identity-server
+    client name, a user's e-mail, audit details) are printed as typed."""
+    home = tmp_path / "h[bold]x[/bold]:cd:"
+    code, stdout, err = run(
+        capsys, "ca", "init", "--trust-domain", "example.org", "--home", str(home)
+    )
+    assert code == 0, err
+    assert str(home) in stdout
+    code, stdout, err = run(capsys, "ca", "show", "--home", str(home))
+    assert code == 0, err
+    assert str(home) in stdout
+    client = "[red]x[/red]:ab:"
+    code, _, err = run(
+        capsys, "idp", "client", "add", client, "--scope", "read", "--home", str(home)
+    )
+    assert code == 0, err
+    code, stdout, err = run(capsys, "idp", "client", "list", "--home", str(home))
+    assert code == 0, err
+    assert client in stdout
+    email = "[bold]a[/bold]@:cd:.org"
+    monkeypatch.setenv("TRUSTMESH_IDP_USER_PASSWORD", "a long enough password 1")
+    code, _, err = run(capsys, "idp", "user", "add", "erin", "--email", email, "--home", str(home))
+    assert code == 0, err
+    code, stdout, err = run(capsys, "idp", "user", "list", "--home", str(home))
+    assert code == 0, err
+    assert email in stdout
+    code, stdout, err = run(capsys, "audit", "tail", "--home", str(home))
+    assert code == 0, err
+    assert f"name={client}" in stdout
+    assert "\N{NEGATIVE SQUARED AB}" not in stdout

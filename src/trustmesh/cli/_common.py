@@ -12,14 +12,28 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from trustmesh.authority import CertificateAuthority, default_home
 from trustmesh.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Pipes and CI logs get wide tables instead of 80 columns of wrapped cells.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+# Pipes and CI logs get wide tables instead of 80 columns of wrapped cells. Everything
+# printed here is data (fingerprints, SPIFFE IDs, names chosen by users): no emoji codes
+# (":ab:" inside a SHA-256 fingerprint became an emoji), no console markup ("[red]" in a
+# client name) and no highlighting. Issue 14, item 5.
+console = Console(
+    highlight=False,
+    emoji=False,
+    markup=False,
+    width=None if sys.stdout.isatty() else 160,
+)
+
+
+def _text(value: object) -> Text:
+    """A table cell or title shown verbatim (Text is never parsed for markup or emoji)."""
+    return Text("" if value is None else str(value))
 
 
 def home_option(func: F) -> F:
@@ -115,19 +129,21 @@ def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]
 ) -> None:
     """Print a Rich table for people."""
-    table = Table(title=title, show_lines=False, header_style="bold")
+    table = Table(
+        title=None if title is None else _text(title), show_lines=False, header_style="bold"
+    )
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(_text(column), overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(_text(v) for v in row))
     console.print(table)
 
 
 def print_fields(title: str, fields: Sequence[tuple[str, object]]) -> None:
     """Print a two-column key/value table."""
-    table = Table(title=title, show_header=False, header_style="bold")
+    table = Table(title=_text(title), show_header=False, header_style="bold")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in fields:
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(_text(key), _text(value))
     console.print(table)
