@@ -456,3 +456,91 @@ def test_user_data_with_markup_prints_verbatim(
     assert code == 0, err
     assert f"name={client}" in stdout
     assert "\N{NEGATIVE SQUARED AB}" not in stdout
+
+
+# -- issue 14: existing key and certificate files are not overwritten silently ----------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_issue_refuses_to_overwrite_without_force(
+    capsys: pytest.CaptureFixture[str], initialized: Path, tmp_path: Path
+) -> None:
+    """A second `issue --out DIR` exits 2 naming the files and --force, leaves them and
+    the CA's records untouched; with --force it replaces them atomically, key.pem 0600."""
+    out = tmp_path / "api"
+    first = issue(capsys, out, "spiffe://example.org/api")
+    before = _files(out)
+    code, stdout, err = run(capsys, "issue", "spiffe://example.org/api", "--out", str(out))
+    assert (code, stdout) == (2, "")
+    assert err.startswith(f"error: Refusing to overwrite {out / 'key.pem'}, ")
+    assert "pass --force to replace them, or give another --out." in err
+    assert err.count("\n") == 1
+    assert _files(out) == before
+    code, stdout, _ = run(capsys, "list", "--json")
+    assert [r["serial"] for r in json.loads(stdout)] == [first["serial"]]
+
+    # one leftover file is enough to refuse
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "cert.pem").write_text("keep me\n")
+    code, _, err = run(capsys, "issue", "spiffe://example.org/lone", "--out", str(lone))
+    assert code == 2
+    assert f"Refusing to overwrite {lone / 'cert.pem'}: pass --force to replace it" in err
+    assert (lone / "cert.pem").read_text() == "keep me\n"
+
+    (out / "key.pem").chmod(0o644)
+    second = issue(capsys, out, "spiffe://example.org/api", "--force")
+    assert second["serial"] != first["serial"]
+    after = _files(out)
+    assert after["key.pem"] != before["key.pem"]
+    assert after["cert.pem"] != before["cert.pem"]
+    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(after["cert.pem"])
+    key = serialization.load_pem_private_key(after["key.pem"], None)
+    assert cert.public_key() == key.public_key()
+    assert format(cert.serial_number, "x") == second["serial"]
+    assert sorted(after) == ["bundle.pem", "cert.pem", "chain.pem", "key.pem"]
+
+
+def test_sign_and_export_refuse_to_overwrite_without_force(
+    capsys: pytest.CaptureFixture[str],
+    initialized: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sign --out`, `export p12|truststore|bundle --out` exit 2 on an existing file and
+    leave it alone; with --force they replace it (the keystore with mode 0600)."""
+    monkeypatch.setenv("TRUSTMESH_P12_PASSWORD", "store-pass-123")
+    ident = tmp_path / "ident"
+    issue(capsys, ident, "spiffe://example.org/api")
+    csr = tmp_path / "req.pem"
+    csr.write_bytes(make_csr(["spiffe://example.org/worker"]))
+    chain, cert, key = str(tmp_path / "chain.pem"), str(ident / "cert.pem"), str(ident / "key.pem")
+    commands = {
+        "chain.pem": ["sign", str(csr), "--out", chain],
+        "app.p12": ["export", "p12", "--cert", cert, "--key", key],
+        "trust.p12": ["export", "truststore"],
+        "bundle.pem": ["export", "bundle"],
+    }
+    for name, argv in commands.items():
+        target = tmp_path / name
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(target)]
+        target.write_text("operator's file\n")
+        target.chmod(0o644)
+        code, stdout, err = run(capsys, *argv)
+        assert (code, stdout) == (2, ""), (argv, err)
+        assert err == (
+            f"error: Refusing to overwrite {target}: pass --force to replace it, "
+            f"or give another --out.\n"
+        )
+        assert target.read_text() == "operator's file\n"
+        code, _, err = run(capsys, *argv, "--force")
+        assert code == 0, (argv, err)
+        assert target.read_bytes() != b"operator's file\n"
+    assert len(x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())) == 2
+    assert stat.S_IMODE((tmp_path / "app.p12").stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

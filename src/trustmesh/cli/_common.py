@@ -62,6 +62,31 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
 
 
+def force_option(func: F) -> F:
+    """Add ``--force`` (replace the files ``--out`` names)."""
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Replace existing files (atomically; without it the command refuses).",
+    )(func)
+
+
+def refuse_overwrite(paths: Sequence[Path], *, force: bool, option: str = "--out") -> None:
+    """Refuse to write over existing files unless ``force`` (``--force``) is set.
+
+    Raises:
+        ConfigError: One of ``paths`` exists and ``force`` is False.
+    """
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        names = ", ".join(str(p) for p in existing)
+        raise ConfigError(
+            f"Refusing to overwrite {names}: pass --force to replace "
+            f"{'it' if len(existing) == 1 else 'them'}, or give another {option}.",
+            path=str(existing[0]),
+        )
+
+
 def resolve_home(home: Path | None) -> Path:
     """Return the CA directory to use."""
     return home if home is not None else default_home()

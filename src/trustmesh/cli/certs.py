@@ -25,6 +25,7 @@ from trustmesh.pki import (
 from trustmesh.store import CertificateRecord
 
 from ._common import (
+    force_option,
     home_option,
     json_option,
     open_ca,
@@ -32,9 +33,12 @@ from ._common import (
     print_fields,
     print_json,
     print_table,
+    refuse_overwrite,
 )
 
 PEM = serialization.Encoding.PEM
+#: What ``trustmesh issue`` writes into --out.
+ISSUED_FILES = ("key.pem", "cert.pem", "chain.pem", "bundle.pem")
 
 
 def _ttl(value: str | None) -> timedelta | None:
@@ -100,6 +104,7 @@ class _Staged:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for key.pem, cert.pem, chain.pem and bundle.pem.",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -111,6 +116,7 @@ def issue_command(
     profile: str | None,
     key_type: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -119,9 +125,11 @@ def issue_command(
 
     The key never leaves this machine and is not stored by the CA. Writes
     key.pem (0600), cert.pem, chain.pem (leaf + intermediate) and bundle.pem
-    (trust anchors) into --out.
+    (trust anchors) into --out, each atomically. Refuses to replace any of them
+    that already exists unless --force.
     """
     lifetime = _ttl(ttl)
+    refuse_overwrite([out / name for name in ISSUED_FILES], force=force)
     with open_ca(home, passphrase_file, sign=True) as ca:
         staged = _Staged()
 
@@ -159,6 +167,7 @@ def issue_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the certificate chain (leaf + intermediate, PEM).",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -167,6 +176,7 @@ def sign_command(
     ttl: str | None,
     profile: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -174,8 +184,10 @@ def sign_command(
     """Check CSR_FILE against a profile and sign it.
 
     The CSR must carry exactly one SPIFFE ID as a URI SAN. Writes the leaf
-    followed by the intermediate to --out.
+    followed by the intermediate to --out (atomically; an existing file only
+    with --force).
     """
+    refuse_overwrite([out], force=force)
     try:
         data = csr_file.read_bytes()
     except OSError as exc:
