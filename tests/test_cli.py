@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from rich.console import Console as RichConsole
 
+from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
+
+from .conftest import PASSPHRASE
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -544,3 +548,68 @@ def test_sign_and_export_refuse_to_overwrite_without_force(
     assert len(x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())) == 2
     assert stat.S_IMODE((tmp_path / "app.p12").stat().st_mode) == 0o600
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- issue 14: a list cut by --limit says so ---------------------------------------------
+
+
+def test_list_says_when_limit_cut_it(
+    capsys: pytest.CaptureFixture[str], initialized: Path, tmp_path: Path
+) -> None:
+    """With more matches than --limit, `list` says "showing N of M" in its table title,
+    on stderr with a bare --json list, and as total/truncated with --json --envelope."""
+    with CertificateAuthority.open(initialized, passphrase=PASSPHRASE) as ca:
+        for i in range(3):
+            ca.issue(f"spiffe://example.org/ns/a/svc{i}", ttl=timedelta(hours=1))
+        for i in range(3):
+            ca.issue(f"spiffe://example.org/ns/b/svc{i}")
+    code, stdout, err = run(capsys, "list", "--limit", "4")
+    assert (code, err) == (0, "")
+    assert "showing 4 of 6 certificate(s) (--limit 4); raise --limit to see them all" in stdout
+    assert stdout.count("spiffe://example.org/ns/") == 4
+
+    code, stdout, err = run(capsys, "list", "--limit", "4", "--json")
+    assert code == 0
+    assert len(json.loads(stdout)) == 4  # still the bare list scripts parse
+    assert err == (
+        "trustmesh list: showing 4 of 6 certificate(s) (--limit 4); "
+        "raise --limit to see them all.\n"
+    )
+
+    code, stdout, err = run(capsys, "list", "--limit", "4", "--json", "--envelope")
+    assert (code, err) == (0, "")
+    page = json.loads(stdout)
+    assert (page["shown"], page["total"], page["truncated"], page["limit"]) == (4, 6, True, 4)
+    assert len(page["certificates"]) == 4
+
+    cases = [
+        (["--expiring", "2h", "--limit", "2"], 2, 3),  # the issue's case, with a small limit
+        (["--id", "spiffe://example.org/ns/*/svc1", "--limit", "1"], 1, 2),  # a glob
+        (["--id", "spiffe://example.org/ns/b/svc0", "--limit", "1"], 1, 1),
+        (["--limit", "6"], 6, 6),
+    ]
+    for extra, shown, total in cases:
+        code, stdout, err = run(capsys, "list", *extra, "--json", "--envelope")
+        assert (code, err) == (0, ""), extra
+        page = json.loads(stdout)
+        assert (page["shown"], page["total"]) == (shown, total), extra
+        assert page["truncated"] is (total > shown)
+        code, stdout, err = run(capsys, "list", *extra, "--json")
+        assert (code, bool(err)) == (0, total > shown), (extra, err)
+        code, stdout, _ = run(capsys, "list", *extra)
+        expected = f"showing {shown} of {total}" if total > shown else f"{total} certificate(s)"
+        assert expected in stdout, extra
+
+    for bad, message in (
+        (["--limit", "0"], "Invalid value for '--limit'"),
+        (["--envelope"], "--envelope goes with --json."),
+    ):
+        code, stdout, err = run(capsys, "list", *bad)
+        assert (code, stdout) == (2, ""), bad
+        assert message in err
+
+    code, stdout, err = run(capsys, "audit", "tail", "-n", "2")
+    assert code == 0, err
+    assert "last 2 of 7 audit event(s)" in stdout  # init + 6 issues
+    code, stdout, err = run(capsys, "audit", "tail", "-n", "20")
+    assert "7 audit event(s)" in stdout
