@@ -94,6 +94,8 @@ class PKCS12Stores:
             ConfigError: A store exists but cannot be read, or does not open with
                 the password (wrong password, or not a PKCS#12 file) and ``rekey``
                 is False.
+
+        .. versionadded:: 0.1
         """
         for option, path in (("--pkcs12", self.keystore), ("--truststore", self.truststore)):
             if path is None or not path.exists():
