@@ -338,6 +338,7 @@ class Agent:
                         f"other names, e.g. {self.out / 'app.p12'}.",
                         path=str(path),
                     )
+            self.stores.check_existing()  # before any call: never re-key a store silently
 
     # -- state ------------------------------------------------------------------------
 

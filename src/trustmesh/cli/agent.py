@@ -89,13 +89,18 @@ def _stores(
     password_file: Path | None,
     *,
     legacy: bool,
+    rekey: bool,
 ) -> PKCS12Stores | None:
     """The PKCS#12 stores asked for, with the password read from its file."""
     from trustmesh.agent import PKCS12Stores
 
     if keystore is None and truststore is None:
-        if password_file is not None or legacy:
-            given = "--store-password-file" if password_file is not None else "--pkcs12-legacy"
+        if password_file is not None or legacy or rekey:
+            given = (
+                "--store-password-file"
+                if password_file is not None
+                else ("--pkcs12-legacy" if legacy else "--rekey-stores")
+            )
             raise ConfigError(
                 f"{given} is only used with --pkcs12 FILE or --truststore FILE: add one of "
                 f"them or drop {given}."
@@ -112,7 +117,7 @@ def _stores(
         what="store password",
         option="--store-password-file",
     )
-    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy)
+    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy, rekey=rekey)
 
 
 @click.command("agent")
@@ -186,6 +191,12 @@ def _stores(
     "file is pushed with 'set ssl crl-file' + 'commit ssl crl-file', no reload needed. "
     "The bind line's crl-file must be the same absolute path as --crl.",
 )
+@click.option(
+    "--rekey-stores",
+    is_flag=True,
+    help="Rewrite existing --pkcs12/--truststore files that do not open with the password "
+    "in --store-password-file (logged). Without it the agent refuses them (exit 2).",
+)
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
@@ -214,6 +225,7 @@ def agent_command(
     crl_file: Path | None,
     on_crl: str | None,
     haproxy_socket: Path | None,
+    rekey_stores: bool,
     once: bool,
     renew_now: bool,
     timeout: float,
@@ -230,6 +242,8 @@ def agent_command(
     reload, and whenever they are missing or out of date. With --crl it keeps the
     chain CRLs (for nginx ssl_crl, HAProxy crl-file, Node's crl) fresh from the
     revocation feed and runs --on-crl or pushes them to --haproxy-socket.
+    Existing stores that do not open with that password are refused (exit 2)
+    unless --rekey-stores.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
@@ -252,7 +266,9 @@ def agent_command(
     )
     # httpx logs every request at INFO; the agent's own lines say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stores = _stores(keystore, truststore, store_password_file, legacy=pkcs12_legacy)
+    stores = _stores(
+        keystore, truststore, store_password_file, legacy=pkcs12_legacy, rekey=rekey_stores
+    )
     reload = None
     if exec_command is not None:
         reload = Reload.from_command(exec_command)

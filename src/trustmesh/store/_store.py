@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     create_engine,
@@ -206,6 +207,27 @@ class RevocationEvent:
             "reason": self.reason,
             "revoked_at": self.revoked_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
+
+
+def _certificate_filters(
+    spiffe_id: str | None,
+    revoked: bool | None,
+    expiring_before: datetime | None,
+    valid_at: datetime | None,
+) -> list[ColumnElement[bool]]:
+    """The WHERE clauses shared by find_certificates and count_certificates."""
+    clauses: list[ColumnElement[bool]] = []
+    if spiffe_id is not None:
+        clauses.append(certificates.c.spiffe_id == spiffe_id)
+    if revoked is True:
+        clauses.append(certificates.c.revoked_at.is_not(None))
+    elif revoked is False:
+        clauses.append(certificates.c.revoked_at.is_(None))
+    if expiring_before is not None:
+        clauses.append(certificates.c.not_after < _ts(expiring_before))
+    if valid_at is not None:
+        clauses.append(certificates.c.not_after >= _ts(valid_at))
+    return clauses
 
 
 def _record(row: Any) -> CertificateRecord:
@@ -405,16 +427,7 @@ class Store:
             limit: At most this many.
         """
         query = select(certificates).order_by(certificates.c.id.desc())
-        if spiffe_id is not None:
-            query = query.where(certificates.c.spiffe_id == spiffe_id)
-        if revoked is True:
-            query = query.where(certificates.c.revoked_at.is_not(None))
-        elif revoked is False:
-            query = query.where(certificates.c.revoked_at.is_(None))
-        if expiring_before is not None:
-            query = query.where(certificates.c.not_after < _ts(expiring_before))
-        if valid_at is not None:
-            query = query.where(certificates.c.not_after >= _ts(valid_at))
+        query = query.where(*_certificate_filters(spiffe_id, revoked, expiring_before, valid_at))
         if limit is not None:
             query = query.limit(limit)
         with self._connect() as conn:
@@ -474,10 +487,24 @@ class Store:
             count, latest = conn.execute(query).one()
         return int(count), int(latest)
 
-    def count_certificates(self) -> int:
-        """Return how many certificates are recorded."""
+    def count_certificates(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        revoked: bool | None = None,
+        expiring_before: datetime | None = None,
+        valid_at: datetime | None = None,
+    ) -> int:
+        """Return how many certificates are recorded, or match the filters (which
+        mean what they mean for :meth:`find_certificates`, so a cut list can say its
+        total)."""
+        query = (
+            select(func.count())
+            .select_from(certificates)
+            .where(*_certificate_filters(spiffe_id, revoked, expiring_before, valid_at))
+        )
         with self._connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(certificates)).scalar_one())
+            return int(conn.execute(query).scalar_one())
 
     # -- audit ----------------------------------------------------------------------
 
