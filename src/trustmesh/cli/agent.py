@@ -43,7 +43,8 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 
 def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     """The agent's enrollment options (``--bundle``, ``--token``, ``--token-file``,
-    ``--key-type``, ``--ttl``), shared with ``trustmesh run --id``."""
+    ``--key-type``, ``--ttl``, ``--dns``, ``--ip``), shared with ``trustmesh run --id``,
+    ``trustmesh proxy`` and ``trustmesh gateway serve``."""
     options = [
         click.option(
             "--bundle",
@@ -76,6 +77,24 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             "--ttl",
             default=None,
             help="Lifetime to ask for, e.g. 1h (default: the CA profile's).",
+        ),
+        click.option(
+            "--dns",
+            "dns",
+            multiple=True,
+            metavar="NAME",
+            help="DNS name to put in the certificate as a SAN, for peers that check host "
+            "names (curl, Java, nginx); asked for at enrollment and every renewal, allowed "
+            "only if the join token ('token create --dns') and the CA profile allow it. "
+            "Repeatable.",
+        ),
+        click.option(
+            "--ip",
+            "ips",
+            multiple=True,
+            metavar="ADDR",
+            help="IP address to put in the certificate as a SAN, likewise ('token create "
+            "--ip'). Repeatable.",
         ),
     ]
     for option in reversed(options):
@@ -183,6 +202,8 @@ def agent_command(
     exec_command: str | None,
     signal_spec: str | None,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     keystore: Path | None,
     truststore: Path | None,
     store_password_file: Path | None,
@@ -198,6 +219,8 @@ def agent_command(
     Enrolls with the join token when --out holds no valid certificate for --id,
     renews over mTLS (with a new key each time) after 2/3 of the certificate's
     lifetime, writes the files atomically and then runs --exec or sends --signal.
+    Every certificate carries --id as its identity, plus the --dns/--ip SANs that
+    the join token and the CA profile allow (a refusal exits 2).
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
     reload, and whenever they are missing or out of date.
@@ -238,6 +261,8 @@ def agent_command(
         timeout=timeout,
         ttl=ttl,
         stores=stores,
+        dns=dns,
+        ips=ips,
     )
     if not once:
         with _stop_on_signals() as stop:
@@ -267,6 +292,8 @@ def start_agent(
     token_file: Path | None,
     key_type: KeyType,
     ttl: str | None,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
 ) -> Callable[[threading.Event], None]:
     """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
     renews it while serving: the agent's own loop, restarted if it ever gives up.
@@ -285,6 +312,8 @@ def start_agent(
         token_file=token_file,
         key_type=key_type,
         ttl=ttl,
+        dns=dns,
+        ips=ips,
     )
     outcome = agent.ensure()
     _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})
