@@ -21,7 +21,6 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
 
 from trustmesh.agent import new_key_and_csr
 from trustmesh.authority import CertificateAuthority
@@ -46,7 +45,7 @@ PASSWORD = "store-password-123"
 
 def sans_of(path: Path) -> list[x509.GeneralName]:
     cert = x509.load_pem_x509_certificate(path.read_bytes())
-    return list(cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value)
+    return list(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
 
 
 def csr_for(spiffe_id: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()) -> bytes:
@@ -176,6 +175,65 @@ def test_token_create_refuses_bad_or_never_signable_sans(
     with pytest.raises(PolicyError, match=r"Refusing --ip 8\.0\.0\.0/8: profile 'service'"):
         ca.create_join_token(sid, ips=["8.0.0.0/8"])
     assert len(ca.store.audit_events()) == events
+
+
+def test_migration_lets_recorded_certificates_keep_their_own_sans(tmp_path: Path) -> None:
+    """Migration 0006 on a database with certificates (and tokens) from before it: each
+    certificate is allowed exactly the SANs it carries (addresses as /32 and /128), old
+    tokens allow none."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from trustmesh.store import open_store
+    from trustmesh.store._store import _migration_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(_migration_config(conn), "0005")
+        conn.execute(
+            text(
+                "INSERT INTO certificates (issuer, serial, spiffe_id, dns, ips, profile, "
+                "key_type, fingerprint, not_before, not_after, issued_at, pem) VALUES "
+                "('i', 'abc', 'spiffe://example.org/a', 'a.internal,localhost', "
+                "'10.0.0.7,::1', 'service', 'ec-p256', 'f', 0, 1, 0, 'PEM')"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO join_tokens (token_hash, spiffe_pattern, uses_left, expires_at, "
+                "created_at, created_by) VALUES ('h', 'spiffe://example.org/a', 1, 9, 0, 't')"
+            )
+        )
+    engine.dispose()
+    store = open_store(url)
+    record = store.get_certificate("abc")
+    assert record.allowed_dns == ("a.internal", "localhost")
+    assert record.allowed_ips == ("10.0.0.7/32", "::1/128")
+    with store.reader() as conn:
+        assert conn.execute(text("SELECT dns_patterns, ip_ranges FROM join_tokens")).one() == (
+            "",
+            "",
+        )
+    store.close()
+
+
+def test_dns_and_ip_need_the_in_process_agent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run --dns` without --id, `proxy inbound --ip` without a token and a malformed --ip
+    with --id exit 2 naming the fix, before anything is enrolled or written."""
+    base = ["--cert-dir", str(tmp_path / "id"), "--no-policy", "--no-revocation"]
+    assert main(["run", "svc:app", *base, "--dns", "localhost"]) == 2
+    assert "--dns needs --id" in capsys.readouterr().err
+    proxy = ["proxy", "inbound", "--id", f"{TD}/p", "--cert-dir", str(tmp_path / "id")]
+    assert main([*proxy, "--to", "127.0.0.1:1", "--allow-id", f"{TD}/*", "--ip", "::1"]) == 2
+    assert "--ip is for the agent in this process" in capsys.readouterr().err
+    run_id = ["run", "svc:app", "--id", f"{TD}/r", "--ca", "https://127.0.0.1:1"]
+    argv = [*run_id, "--token", "tmj_x", "--no-policy", "--no-revocation", "--ip", "1.2.3"]
+    assert main([*argv, "--cert-dir", str(tmp_path / "id"), "--app-dir", str(tmp_path)]) == 2
+    assert "--ip '1.2.3' is not an IP address" in capsys.readouterr().err
+    assert not (tmp_path / "id").exists()
 
 
 # -- real processes: ca serve, the agent CLI, trustmesh run, curl, Java -------------------

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trustmesh.errors import ConfigError, TrustmeshError
-from trustmesh.pki import KeyType, SpiffeID
+from trustmesh.pki import KeyType, SpiffeID, parse_dns_name, parse_ip_address
 
 from ._common import json_option, print_json, read_secret
 
@@ -39,6 +39,15 @@ def _stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _check_dns(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    # Refused as soon as the command line is read: before a token is spent or a file written.
+    return tuple(parse_dns_name(v) for v in values)
+
+
+def _check_ips(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    return tuple(str(parse_ip_address(v)) for v in values)
 
 
 def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -83,6 +92,7 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             "dns",
             multiple=True,
             metavar="NAME",
+            callback=_check_dns,
             help="DNS name to put in the certificate as a SAN, for peers that check host "
             "names (curl, Java, nginx); asked for at enrollment and every renewal, allowed "
             "only if the join token ('token create --dns') and the CA profile allow it. "
@@ -93,6 +103,7 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             "ips",
             multiple=True,
             metavar="ADDR",
+            callback=_check_ips,
             help="IP address to put in the certificate as a SAN, likewise ('token create "
             "--ip'). Repeatable.",
         ),
