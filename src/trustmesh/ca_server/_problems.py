@@ -68,4 +68,5 @@ def problem_for(exc: TrustmeshError) -> Response:
     """Return the problem response for one of our exceptions."""
     status, title = status_for(exc)
     reason = exc.details.get("reason")
-    return problem(status, title, exc.message, reason=reason)
+    # ``san``: the refused host-name SAN (``DNS:name`` or ``IP:address``), when one was.
+    return problem(status, title, exc.message, reason=reason, san=exc.details.get("san"))

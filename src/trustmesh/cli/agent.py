@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trustmesh.errors import ConfigError, TrustmeshError
-from trustmesh.pki import KeyType, SpiffeID
+from trustmesh.pki import KeyType, SpiffeID, parse_dns_name, parse_ip_address
 
 from ._common import json_option, print_json, read_secret
 
@@ -41,9 +41,19 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, old)
 
 
+def _check_dns(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    # Refused as soon as the command line is read: before a token is spent or a file written.
+    return tuple(parse_dns_name(v) for v in values)
+
+
+def _check_ips(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    return tuple(str(parse_ip_address(v)) for v in values)
+
+
 def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     """The agent's enrollment options (``--bundle``, ``--token``, ``--token-file``,
-    ``--key-type``, ``--ttl``), shared with ``trustmesh run --id``."""
+    ``--key-type``, ``--ttl``, ``--dns``, ``--ip``), shared with ``trustmesh run --id``,
+    ``trustmesh proxy`` and ``trustmesh gateway serve``."""
     options = [
         click.option(
             "--bundle",
@@ -76,6 +86,26 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             "--ttl",
             default=None,
             help="Lifetime to ask for, e.g. 1h (default: the CA profile's).",
+        ),
+        click.option(
+            "--dns",
+            "dns",
+            multiple=True,
+            metavar="NAME",
+            callback=_check_dns,
+            help="DNS name to put in the certificate as a SAN, for peers that check host "
+            "names (curl, Java, nginx); asked for at enrollment and every renewal, allowed "
+            "only if the join token ('token create --dns') and the CA profile allow it. "
+            "Repeatable.",
+        ),
+        click.option(
+            "--ip",
+            "ips",
+            multiple=True,
+            metavar="ADDR",
+            callback=_check_ips,
+            help="IP address to put in the certificate as a SAN, likewise ('token create "
+            "--ip'). Repeatable.",
         ),
     ]
     for option in reversed(options):
@@ -218,6 +248,8 @@ def agent_command(
     exec_command: str | None,
     signal_spec: str | None,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     keystore: Path | None,
     truststore: Path | None,
     store_password_file: Path | None,
@@ -237,6 +269,8 @@ def agent_command(
     Enrolls with the join token when --out holds no valid certificate for --id,
     renews over mTLS (with a new key each time) after 2/3 of the certificate's
     lifetime, writes the files atomically and then runs --exec or sends --signal.
+    Every certificate carries --id as its identity, plus the --dns/--ip SANs that
+    the join token and the CA profile allow (a refusal exits 2).
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
     reload, and whenever they are missing or out of date. With --crl it keeps the
@@ -286,6 +320,8 @@ def agent_command(
         timeout=timeout,
         ttl=ttl,
         stores=stores,
+        dns=dns,
+        ips=ips,
     )
     keeper = None
     if crl_file is not None:
@@ -335,6 +371,8 @@ def start_agent(
     token_file: Path | None,
     key_type: KeyType,
     ttl: str | None,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
 ) -> Callable[[threading.Event], None]:
     """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
     renews it while serving: the agent's own loop, restarted if it ever gives up.
@@ -353,6 +391,8 @@ def start_agent(
         token_file=token_file,
         key_type=key_type,
         ttl=ttl,
+        dns=dns,
+        ips=ips,
     )
     outcome = agent.ensure()
     _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})

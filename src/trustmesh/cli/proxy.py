@@ -94,8 +94,8 @@ def _identity(opts: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
     context = click.get_current_context()
     agent = bool(opts["token"] or opts["token_file"]) or opts["cert_dir"] is None
     given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("bundle", "ttl", "key_type")
+        f"--{'ip' if name == 'ips' else name.replace('_', '-')}"
+        for name in ("bundle", "ttl", "key_type", "dns", "ips")
         if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
     ]
     if not agent and given:
@@ -131,6 +131,8 @@ def _keeper(opts: dict[str, Any], cert_dir: Path) -> Any:
         token_file=opts["token_file"],
         key_type=KeyType.parse(opts["key_type"]),
         ttl=opts["ttl"],
+        dns=tuple(opts["dns"]),
+        ips=tuple(opts["ips"]),
     )
 
 

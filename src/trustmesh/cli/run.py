@@ -79,6 +79,8 @@ def run_command(
     token_file: Path | None,
     key_type: str,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     listen: str,
     policy: Path | None,
     no_policy: bool,
@@ -103,8 +105,8 @@ def run_command(
 
     context = click.get_current_context()
     given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("bundle", "token", "token_file", "ttl", "key_type")
+        f"--{'ip' if name == 'ips' else name.replace('_', '-')}"
+        for name in ("bundle", "token", "token_file", "ttl", "key_type", "dns", "ips")
         if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
     ]
     if spiffe_id is None and given:
@@ -156,6 +158,8 @@ def run_command(
                 token_file=token_file,
                 key_type=KeyType.parse(key_type),
                 ttl=ttl,
+                dns=dns,
+                ips=ips,
             )
         run(
             settings,

@@ -72,6 +72,8 @@ _RESTART_ONLY = (
     "metrics_listen",
     "id",
     "ca",
+    "dns",
+    "ips",
     "check_revocation",
     "cert_dir",
 )

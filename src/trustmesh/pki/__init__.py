@@ -59,6 +59,7 @@ from ._keys import (
 )
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
+from ._sans import SANAllowance, parse_dns_name, parse_ip_address
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
 from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 
@@ -82,6 +83,7 @@ __all__ = [
     "PublicKey",
     "RevokedEntry",
     "RevokedSummary",
+    "SANAllowance",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
@@ -105,7 +107,9 @@ __all__ = [
     "load_private_key",
     "match_spiffe_pattern",
     "new_serial",
+    "parse_dns_name",
     "parse_duration",
+    "parse_ip_address",
     "parse_reason",
     "pem_certificates",
     "pem_crls",

@@ -79,8 +79,8 @@ class _HotSQL:
 _SQLITE_SQL = _HotSQL(
     insert_certificate=(
         "INSERT INTO certificates (issuer, serial, spiffe_id, dns, ips, profile, key_type, "
-        "fingerprint, not_before, not_after, issued_at, pem) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "fingerprint, not_before, not_after, issued_at, pem, allowed_dns, allowed_ips) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ),
     next_counter="UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value",
     audit_hash="SELECT hash FROM audit_events WHERE seq = ?",
@@ -135,6 +135,8 @@ class CertificateRecord:
     """One certificate as the store knows it.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``allowed_dns`` and ``allowed_ips``: the SANs its renewals may claim.
     """
 
     issuer: str
@@ -151,6 +153,9 @@ class CertificateRecord:
     pem: str
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
+    #: DNS patterns and IP ranges renewals of this certificate may claim.
+    allowed_dns: tuple[str, ...] = ()
+    allowed_ips: tuple[str, ...] = ()
 
     def status(self, now: datetime | None = None) -> str:
         """Return ``revoked``, ``expired`` or ``valid``."""
@@ -181,6 +186,8 @@ class CertificateRecord:
             "revoked_at": iso(self.revoked_at),
             "revocation_reason": self.revocation_reason,
             "issuer": self.issuer,
+            "allowed_dns": list(self.allowed_dns),
+            "allowed_ips": list(self.allowed_ips),
         }
 
 
@@ -246,6 +253,8 @@ def _record(row: Any) -> CertificateRecord:
         pem=row.pem,
         revoked_at=_dt(row.revoked_at),
         revocation_reason=row.revocation_reason,
+        allowed_dns=tuple(filter(None, row.allowed_dns.split(","))),
+        allowed_ips=tuple(filter(None, row.allowed_ips.split(","))),
     )
 
 
@@ -364,6 +373,8 @@ class Store:
             _ts(record.not_after),
             _ts(record.issued_at),
             record.pem,
+            ",".join(record.allowed_dns),
+            ",".join(record.allowed_ips),
         )
         try:
             cursor = _execute(conn, sql, params)
