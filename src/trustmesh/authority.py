@@ -38,6 +38,7 @@ from trustmesh.errors import (
 )
 from trustmesh.files import stage_file
 from trustmesh.pki import (
+    BACKDATE,
     KeyType,
     LeafRequest,
     OCSPStatus,
@@ -47,6 +48,7 @@ from trustmesh.pki import (
     SpiffeID,
     build_crl,
     build_ocsp_response,
+    check_backdate,
     check_csr,
     create_intermediate,
     create_root,
@@ -180,8 +182,12 @@ class CertificateAuthority:
         db_url: str | None = None,
         actor: str | None = None,
         now: datetime | None = None,
+        backdate: timedelta = BACKDATE,
     ) -> CertificateAuthority:
         """Create a root and an intermediate CA in ``home``.
+
+        ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
+        certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
@@ -200,14 +206,17 @@ class CertificateAuthority:
                 "--passphrase-file with a non-empty passphrase."
             )
         SpiffeID.trust_domain_id(trust_domain)  # validates
+        check_backdate(backdate)
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
         root_key = generate_private_key(key_type)
-        root = create_root(root_key, trust_domain, now=start)
+        root = create_root(root_key, trust_domain, now=start, backdate=backdate)
         inter_key = generate_private_key(key_type)
-        inter = create_intermediate(root, root_key, inter_key, trust_domain, now=start)
+        inter = create_intermediate(
+            root, root_key, inter_key, trust_domain, now=start, backdate=backdate
+        )
         pem = serialization.Encoding.PEM
         contents = {
             "root.pem": root.public_bytes(pem),
@@ -215,7 +224,7 @@ class CertificateAuthority:
             "intermediate.pem": inter.public_bytes(pem),
             "intermediate.key": dump_private_key(inter_key, passphrase),
         }
-        config = CAConfig.new(trust_domain, url, key_type)
+        config = CAConfig.new(trust_domain, url, key_type, backdate=backdate)
         staged: list[tuple[Path, Path]] = []
         try:
             for name, data in contents.items():
@@ -402,6 +411,7 @@ class CertificateAuthority:
                 now=start,
                 crl_urls=self.config.crl_urls,
                 ocsp_urls=self.config.ocsp_urls,
+                backdate=self.config.backdate,
             )
             record = self._record_for(cert, request, profile)
             issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)

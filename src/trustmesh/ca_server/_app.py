@@ -59,6 +59,7 @@ from trustmesh.pki import (
 from trustmesh.serving import LATENCY_BUCKETS, TimedApp
 from trustmesh.store import token_hash
 
+from ._clock import ClockWatch
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
@@ -274,6 +275,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     metrics = _Metrics()
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
+    clock = ClockWatch(ca.config.backdate)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -310,6 +312,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         return parse_duration(value, field="ttl")
 
     async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        clock.observe(
+            request.headers.get("date"),
+            peer=request.client.host if request.client else "?",
+            route=request.url.path,
+        )
         try:
             return await work()
         except TrustmeshError as exc:
@@ -375,7 +382,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 extra={"event": "database_error", "route": "/readyz"},
             )
             return problem(503, "Not ready", DATABASE_UNAVAILABLE, reason="database_unavailable")
-        return JSONResponse({"status": "ready", "database": "ok", "keys": "loaded"})
+        ready: dict[str, Any] = {"status": "ready", "database": "ok", "keys": "loaded"}
+        skew = clock.recent()
+        if skew is not None:
+            ready["clock_skew"] = skew
+        return JSONResponse(ready)
 
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")

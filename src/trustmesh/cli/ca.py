@@ -9,7 +9,7 @@ from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.logs import configure_logging
-from trustmesh.pki import KeyType, describe_key, fingerprint
+from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
 from trustmesh.store import normalize_url
 
 from ._common import (
@@ -41,6 +41,13 @@ def ca_group() -> None:
     help="Key type of the root and intermediate (and default for issued keys).",
 )
 @click.option("--db", "db_url", default=None, help="Database URL (default: SQLite in the home).")
+@click.option(
+    "--backdate",
+    default="1m",
+    show_default=True,
+    help="How far notBefore of every certificate lies before the CA's clock, for hosts "
+    "whose clocks are a little behind: 0s to 10m (config.toml 'backdate').",
+)
 @home_option
 @passphrase_option
 @json_option
@@ -48,6 +55,7 @@ def init_command(
     trust_domain: str,
     key_type: str,
     db_url: str | None,
+    backdate: str,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -59,6 +67,7 @@ def init_command(
     Refuses to overwrite an existing CA.
     """
     directory = resolve_home(home)
+    back = parse_backdate(backdate, field="--backdate")
     passphrase = ca_passphrase(passphrase_file, confirm=True)
     with CertificateAuthority.init(
         directory,
@@ -66,6 +75,7 @@ def init_command(
         passphrase=passphrase,
         key_type=KeyType.parse(key_type),
         db_url=normalize_url(db_url) if db_url else None,
+        backdate=back,
     ) as ca:
         if as_json:
             print_json(_describe(ca))

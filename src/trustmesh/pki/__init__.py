@@ -16,11 +16,14 @@ from ._csr import MAX_CSR_BYTES, check_csr, load_csr, request_from_csr
 from ._durations import format_duration, parse_duration
 from ._issue import (
     BACKDATE,
+    MAX_BACKDATE,
     LeafRequest,
+    check_backdate,
     create_intermediate,
     create_root,
     issue_leaf,
     new_serial,
+    parse_backdate,
 )
 from ._keys import (
     KeyType,
@@ -41,6 +44,7 @@ from ._verify import spiffe_id_of, verify_chain
 __all__ = [
     "BACKDATE",
     "DEFAULT_CRL_LIFETIME",
+    "MAX_BACKDATE",
     "MAX_CSR_BYTES",
     "REASONS",
     "KeyType",
@@ -53,6 +57,7 @@ __all__ = [
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "check_backdate",
     "check_csr",
     "create_intermediate",
     "create_root",
@@ -70,6 +75,7 @@ __all__ = [
     "load_private_key",
     "match_spiffe_pattern",
     "new_serial",
+    "parse_backdate",
     "parse_duration",
     "parse_reason",
     "pem_certificates",
