@@ -40,6 +40,7 @@ from trustmesh.errors import (
 )
 from trustmesh.files import atomic_write, stage_file
 from trustmesh.pki import (
+    BACKDATE,
     KeyType,
     LeafRequest,
     OCSPStatus,
@@ -50,6 +51,7 @@ from trustmesh.pki import (
     SpiffeID,
     build_crl,
     build_ocsp_response,
+    check_backdate,
     check_csr,
     create_intermediate,
     create_root,
@@ -212,6 +214,7 @@ class CertificateAuthority:
         crl_urls: Sequence[str] = (),
         ocsp_urls: Sequence[str] = (),
         root_crl_urls: Sequence[str] | None = None,
+        backdate: timedelta = BACKDATE,
     ) -> CertificateAuthority:
         """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
 
@@ -221,6 +224,9 @@ class CertificateAuthority:
             root_crl_urls: Public URLs of the root-signed CRL, written into the
                 intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
                 that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
+
+        ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
+        certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
@@ -239,6 +245,7 @@ class CertificateAuthority:
                 "--passphrase-file with a non-empty passphrase."
             )
         SpiffeID.trust_domain_id(trust_domain)  # validates
+        check_backdate(backdate)
         roots_at = _root_crl_urls(crl_urls) if root_crl_urls is None else tuple(root_crl_urls)
         url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
         config = CAConfig.new(
@@ -248,15 +255,22 @@ class CertificateAuthority:
             crl_urls=tuple(crl_urls),
             ocsp_urls=tuple(ocsp_urls),
             root_crl_urls=roots_at,
+            backdate=backdate,
         )  # checks the URLs before anything is created
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
         root_key = generate_private_key(key_type)
-        root = create_root(root_key, trust_domain, now=start)
+        root = create_root(root_key, trust_domain, now=start, backdate=backdate)
         inter_key = generate_private_key(key_type)
         inter = create_intermediate(
-            root, root_key, inter_key, trust_domain, now=start, crl_urls=config.root_crl_urls
+            root,
+            root_key,
+            inter_key,
+            trust_domain,
+            now=start,
+            crl_urls=config.root_crl_urls,
+            backdate=backdate,
         )
         pem = serialization.Encoding.PEM
         contents = {
@@ -481,6 +495,7 @@ class CertificateAuthority:
                 now=start,
                 crl_urls=self.config.crl_urls,
                 ocsp_urls=self.config.ocsp_urls,
+                backdate=self.config.backdate,
             )
             try:
                 with self.store.transaction() as conn:

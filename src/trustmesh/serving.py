@@ -148,6 +148,10 @@ def run_https(
         host=host,
         port=port,
         http=TLSHttpToolsProtocol,
+        # The stdlib event loop, not uvloop: refused handshakes are logged by a hook on
+        # asyncio's SSLProtocol (trustmesh.tls.log_refused_handshakes), which uvloop's
+        # own TLS transport never calls.
+        loop="asyncio",
         ssl_certfile=str(chain),
         ssl_keyfile=str(key),
         ssl_context_factory=context_factory,

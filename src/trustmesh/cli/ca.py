@@ -11,7 +11,7 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.config import CAConfig
 from trustmesh.errors import ConfigError
 from trustmesh.logs import configure_logging
-from trustmesh.pki import KeyType, describe_key, fingerprint
+from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
 from trustmesh.store import normalize_url
 
 from ._common import (
@@ -64,6 +64,13 @@ def ca_group() -> None:
     help="Public URL of the root-signed CRL, written into the intermediate (default: "
     "URL/root for each --crl-url ending in /crl). Repeatable.",
 )
+@click.option(
+    "--backdate",
+    default="1m",
+    show_default=True,
+    help="How far notBefore of every certificate lies before the CA's clock, for hosts "
+    "whose clocks are a little behind: 0s to 10m (config.toml 'backdate').",
+)
 @home_option
 @passphrase_option
 @json_option
@@ -74,6 +81,7 @@ def init_command(
     crl_urls: tuple[str, ...],
     ocsp_urls: tuple[str, ...],
     root_crl_urls: tuple[str, ...],
+    backdate: str,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -85,6 +93,7 @@ def init_command(
     Refuses to overwrite an existing CA.
     """
     directory = resolve_home(home)
+    back = parse_backdate(backdate, field="--backdate")
     passphrase = ca_passphrase(passphrase_file, confirm=True)
     with CertificateAuthority.init(
         directory,
@@ -95,6 +104,7 @@ def init_command(
         crl_urls=crl_urls,
         ocsp_urls=ocsp_urls,
         root_crl_urls=root_crl_urls or None,
+        backdate=back,
     ) as ca:
         if as_json:
             print_json(_describe(ca))

@@ -40,11 +40,14 @@ from ._inspect import (
 )
 from ._issue import (
     BACKDATE,
+    MAX_BACKDATE,
     LeafRequest,
+    check_backdate,
     create_intermediate,
     create_root,
     issue_leaf,
     new_serial,
+    parse_backdate,
 )
 from ._keys import (
     KeyType,
@@ -66,6 +69,7 @@ from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 __all__ = [
     "BACKDATE",
     "DEFAULT_CRL_LIFETIME",
+    "MAX_BACKDATE",
     "MAX_CSR_BYTES",
     "MAX_INSPECT_BYTES",
     "REASONS",
@@ -87,6 +91,7 @@ __all__ = [
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "check_backdate",
     "check_chain",
     "check_csr",
     "create_intermediate",
@@ -107,6 +112,7 @@ __all__ = [
     "load_private_key",
     "match_spiffe_pattern",
     "new_serial",
+    "parse_backdate",
     "parse_dns_name",
     "parse_duration",
     "parse_ip_address",
