@@ -16,8 +16,8 @@ import os
 import shutil
 import socket
 import ssl
-import sys
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -142,7 +142,7 @@ class Mesh:
 def caller_of(header: str) -> tuple[str, str]:
     """The SPIFFE ID and serial (hex) of a forwarded client certificate: URL-encoded PEM
     (nginx ``$ssl_client_escaped_cert``) or base64 DER (HAProxy ``ssl_c_der,base64``)."""
-    if header.startswith("-----") or header.startswith("%2D"):
+    if header.startswith(("-----", "%2D")):
         cert = x509.load_pem_x509_certificate(urllib.parse.unquote(header).encode())
     else:
         cert = x509.load_der_x509_certificate(b64decode(header))
@@ -155,7 +155,7 @@ def caller_of(header: str) -> tuple[str, str]:
 class _Backend(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+    def do_GET(self) -> None:
         header = self.headers.get("X-Client-Cert", "")
         if header:
             caller, serial = caller_of(header)
@@ -169,7 +169,7 @@ class _Backend(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
