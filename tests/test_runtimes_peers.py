@@ -252,3 +252,19 @@ def test_renewals_under_traffic_lose_no_request(
         assert last in seen[server.kind], f"{server.kind} never served its last certificate"
         assert len(seen[server.kind]) >= 4, f"{server.kind} served {len(seen[server.kind])}"
         assert server.alive()
+
+
+@pytest.mark.parametrize(
+    ("page", "files"),
+    [
+        ("nginx.md", ["nginx-mtls.conf"]),
+        ("haproxy.md", ["haproxy-mtls.cfg", "haproxy-update.sh"]),
+        ("nodejs.md", ["crl_server.js"]),
+        ("java.md", ["RevocationServer.java"]),
+    ],
+)
+def test_runtime_pages_show_the_configs_the_tests_run(page: str, files: list[str]) -> None:
+    """docs/runtimes shows the configs and programs these tests start, whole and unchanged."""
+    text = (PEERS.parent.parent / "docs" / "runtimes" / page).read_text()
+    for name in files:
+        assert (PEERS / name).read_text() in text, f"{page} does not show {name} as tested"
