@@ -20,6 +20,7 @@ from .certs import crl_command, issue_command, list_command, revoke_command, sig
 from .export import export_group
 from .gateway import gateway_group
 from .idp import idp_group
+from .inspection import inspect_command
 from .policy import policy_group
 from .proxy import proxy_group
 from .run import run_command
@@ -43,6 +44,7 @@ cli.add_command(sign_command)
 cli.add_command(revoke_command)
 cli.add_command(list_command)
 cli.add_command(crl_command)
+cli.add_command(inspect_command)
 cli.add_command(export_group)
 cli.add_command(audit_group)
 cli.add_command(token_group)

@@ -14,6 +14,23 @@ from ._bundles import (
 from ._crl import DEFAULT_CRL_LIFETIME, REASONS, RevokedEntry, build_crl, parse_reason
 from ._csr import MAX_CSR_BYTES, check_csr, load_csr, request_from_csr
 from ._durations import format_duration, parse_duration
+from ._inspect import (
+    MAX_INSPECT_BYTES,
+    BasicConstraintsSummary,
+    CertificateSummary,
+    ChainCheck,
+    CRLSummary,
+    CSRSummary,
+    Inspectable,
+    RevokedSummary,
+    check_chain,
+    crl_revocation_check,
+    load_inspectable,
+    relative_time,
+    summarize_certificate,
+    summarize_crl,
+    summarize_csr,
+)
 from ._issue import (
     BACKDATE,
     LeafRequest,
@@ -36,13 +53,20 @@ from ._keys import (
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
-from ._verify import spiffe_id_of, verify_chain
+from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 
 __all__ = [
     "BACKDATE",
     "DEFAULT_CRL_LIFETIME",
     "MAX_CSR_BYTES",
+    "MAX_INSPECT_BYTES",
     "REASONS",
+    "BasicConstraintsSummary",
+    "CRLSummary",
+    "CSRSummary",
+    "CertificateSummary",
+    "ChainCheck",
+    "Inspectable",
     "KeyType",
     "LeafRequest",
     "OCSPStatus",
@@ -50,12 +74,15 @@ __all__ = [
     "Profile",
     "PublicKey",
     "RevokedEntry",
+    "RevokedSummary",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "check_chain",
     "check_csr",
     "create_intermediate",
     "create_root",
+    "crl_revocation_check",
     "default_profile",
     "describe_key",
     "dump_private_key",
@@ -66,6 +93,7 @@ __all__ = [
     "issue_leaf",
     "key_type_of",
     "load_csr",
+    "load_inspectable",
     "load_pem_certificates",
     "load_private_key",
     "match_spiffe_pattern",
@@ -75,9 +103,14 @@ __all__ = [
     "pem_certificates",
     "pkcs12_keystore",
     "pkcs12_truststore",
+    "relative_time",
     "request_from_csr",
     "request_matches_issuer",
     "signature_hash_for",
     "spiffe_id_of",
+    "summarize_certificate",
+    "summarize_crl",
+    "summarize_csr",
+    "verify_ca_certificate",
     "verify_chain",
 ]

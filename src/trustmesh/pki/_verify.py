@@ -24,7 +24,7 @@ from trustmesh.errors import (
 
 from ._spiffe import SpiffeID
 
-__all__ = ["spiffe_id_of", "verify_chain"]
+__all__ = ["spiffe_id_of", "verify_ca_certificate", "verify_chain"]
 
 _USAGE_OIDS = {
     "client": ExtendedKeyUsageOID.CLIENT_AUTH,
@@ -150,18 +150,41 @@ def verify_chain(
             reason="revoked",
         )
 
-    current = leaf
-    for depth in range(_MAX_DEPTH):
+    if not _walk_to_anchor(leaf, intermediates, roots, when, is_revoked, start_depth=0):
+        raise VerificationError(
+            f"Certificate {_serial_hex(leaf)} ({spiffe_id}) was not issued by a trusted "
+            f"CA: its chain does not lead to any trust anchor in the bundle.",
+            reason="unknown_ca",
+        )
+    return spiffe_id
+
+
+def _walk_to_anchor(
+    first: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Collection[x509.Certificate],
+    when: datetime,
+    is_revoked: Callable[[x509.Certificate], bool] | None,
+    *,
+    start_depth: int,
+) -> bool:
+    """Follow issuers from ``first`` to a trust anchor; False when none is reached.
+
+    ``start_depth`` counts the CA certificates already below the next issuer
+    (RFC 5280 section 4.2.1.9: pathLenConstraint counts non-leaf certificates).
+    """
+    current = first
+    for depth in range(start_depth, start_depth + _MAX_DEPTH):
         anchor = next((r for r in roots if _signed_by(current, r)), None)
         if anchor is not None:
             _check_time(anchor, when, "trust anchor")
-            return spiffe_id
+            return True
         issuer = next(
             (c for c in intermediates if c is not current and _signed_by(current, c)),
             None,
         )
         if issuer is None:
-            break
+            return False
         ibc = _basic_constraints(issuer)
         if ibc is None or not ibc.ca:
             raise VerificationError(
@@ -180,8 +203,57 @@ def verify_chain(
                 f"Intermediate {_serial_hex(issuer)} was revoked.", reason="revoked"
             )
         current = issuer
-    raise VerificationError(
-        f"Certificate {_serial_hex(leaf)} ({spiffe_id}) was not issued by a trusted "
-        f"CA: its chain does not lead to any trust anchor in the bundle.",
-        reason="unknown_ca",
-    )
+    return False
+
+
+def verify_ca_certificate(
+    cert: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Collection[x509.Certificate],
+    *,
+    now: datetime | None = None,
+    is_revoked: Callable[[x509.Certificate], bool] | None = None,
+) -> None:
+    """Verify a CA certificate (an intermediate or a root) up to a trust anchor.
+
+    The workload checks of :func:`verify_chain` (EKU, SPIFFE ID) do not apply;
+    signatures, validity, CA flags and path lengths do. A certificate that is
+    itself one of ``roots`` verifies when it is within its validity period.
+
+    Args:
+        cert: The CA certificate.
+        intermediates: Certificates that may lie between it and an anchor.
+        roots: The trust anchors.
+        now: The time to verify at (default: now).
+        is_revoked: Called with ``cert`` and each intermediate; True refuses.
+
+    Raises:
+        CertificateExpiredError: A certificate is outside its validity period.
+        CertificateRevokedError: ``is_revoked`` said so.
+        VerificationError: ``not_a_ca`` (``cert`` is no CA), ``path_length`` or
+            ``unknown_ca``.
+
+    .. versionadded:: 0.1
+    """
+    when = now or datetime.now(UTC)
+    bc = _basic_constraints(cert)
+    if bc is None or not bc.ca:
+        raise VerificationError(
+            f"Certificate {_serial_hex(cert)} is not a CA certificate; verify it as "
+            f"a workload certificate instead.",
+            reason="not_a_ca",
+        )
+    if cert in roots:
+        _check_time(cert, when, "trust anchor")
+        return
+    _check_time(cert, when, "CA")
+    if is_revoked is not None and is_revoked(cert):
+        raise CertificateRevokedError(
+            f"CA certificate {_serial_hex(cert)} was revoked.", reason="revoked"
+        )
+    if not _walk_to_anchor(cert, intermediates, roots, when, is_revoked, start_depth=1):
+        raise VerificationError(
+            f"CA certificate {_serial_hex(cert)} ({cert.subject.rfc4514_string()}) "
+            f"does not lead to any trust anchor in the bundle.",
+            reason="unknown_ca",
+        )
