@@ -57,7 +57,8 @@ __all__ = ["run_command"]
 @click.option(
     "--app-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to import the app from (prepended to sys.path).",
+    help="Directory to import the app from (prepended to sys.path; default: the "
+    "current directory).",
 )
 @click.option(
     "--workers",

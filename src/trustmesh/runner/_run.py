@@ -67,7 +67,8 @@ class RunSettings:
         audiences: Accepted token audiences.
         require_token: Refuse requests without a bearer token.
         trusted_proxies: SPIFFE IDs or globs whose identity headers are believed.
-        app_dir: Prepended to ``sys.path`` before importing the app.
+        app_dir: Prepended to ``sys.path`` before importing the app (default: the
+            current directory, as uvicorn and gunicorn do).
         log_level: uvicorn's and our log level.
         log_format: ``json`` or ``text`` (for worker processes, which log on their own).
         workers: Worker processes sharing the listening socket (1: serve in this process).
@@ -95,7 +96,8 @@ WORKER_GRACE = 15.0
 
 
 def load_app(target: str, app_dir: Path | None = None) -> Any:
-    """Import ``MODULE:ATTRIBUTE`` and return the app.
+    """Import ``MODULE:ATTRIBUTE`` from ``app_dir`` (default: the current directory) and
+    return the app.
 
     Raises:
         ConfigError: The target is malformed, cannot be imported, or is a WSGI app
@@ -106,8 +108,11 @@ def load_app(target: str, app_dir: Path | None = None) -> Any:
         raise ConfigError(
             f"APP {target!r} is not MODULE:ATTRIBUTE, e.g. inventory.main:app.", field="app"
         )
-    if app_dir is not None:
-        sys.path.insert(0, str(app_dir))
+    # Like uvicorn and gunicorn: the current directory by default. The installed
+    # `trustmesh` script has its own directory, not the current one, as sys.path[0].
+    directory = str(Path(app_dir if app_dir is not None else os.getcwd()).resolve())
+    if sys.path[:1] != [directory]:
+        sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
