@@ -36,6 +36,7 @@ __all__ = [
     "run_https",
     "start_keeper",
     "stop_keeper",
+    "uvicorn_config",
 ]
 
 log = logging.getLogger("trustmesh.serving")
@@ -113,6 +114,14 @@ def public_url(host: str, port: int) -> str:
     return f"https://{shown}:{port}"
 
 
+def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
+    """``uvicorn.Config(app, **options)`` for every trustmesh server: uvicorn's own logging
+    setup off, so its records ("Started server process", errors) go through the handler
+    :func:`trustmesh.logs.configure_logging` installed, JSON lines included.
+    """
+    return uvicorn.Config(app, log_config=None, **options)
+
+
 def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -143,7 +152,7 @@ def run_https(
         return server_context(chain, key, cadata=roots, client_cert="optional")
 
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         host=host,
         port=port,

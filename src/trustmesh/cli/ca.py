@@ -8,7 +8,7 @@ import click
 from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, describe_key, fingerprint
 from trustmesh.store import normalize_url
 
@@ -191,5 +191,7 @@ def serve_command(
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
-            ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh CA API listening on {url}", event="ready", url=url
+            ),
         )

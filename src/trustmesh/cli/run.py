@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID
 
 from .agent import enrollment_options, start_agent
@@ -160,7 +160,7 @@ def run_command(
             )
         run(
             settings,
-            ready=lambda url: click.echo(f"trustmesh run: {app} on {url}", err=True),
+            ready=lambda url: announce(f"trustmesh run: {app} on {url}", event="ready", url=url),
             keeper=keeper,
         )
     finally:

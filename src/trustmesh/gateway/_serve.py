@@ -40,6 +40,7 @@ from trustmesh.serving import (
     public_url,
     start_keeper,
     stop_keeper,
+    uvicorn_config,
 )
 from trustmesh.tls import TLS12_CIPHERS, RevocationSet, RotatingCredentials
 from trustmesh.tokens import IntrospectionConfig, IssuerConfig
@@ -704,7 +705,7 @@ def _guarded_protocol(max_head: Callable[[], int]) -> type[HttpToolsProtocol]:
 def _uvicorn_config(
     app: Any, host: str, port: int, *, http: Any = "httptools", **extra: Any
 ) -> uvicorn.Config:
-    return uvicorn.Config(
+    return uvicorn_config(
         app,
         host=host,
         port=port,
@@ -718,7 +719,6 @@ def _uvicorn_config(
         proxy_headers=False,
         timeout_keep_alive=15,
         timeout_graceful_shutdown=DRAIN_TIMEOUT,
-        log_config=None,
         **extra,
     )
 

@@ -32,7 +32,14 @@ from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.logs import configure_logging
 from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
-from trustmesh.serving import Keeper, parse_listen, public_url, start_keeper, stop_keeper
+from trustmesh.serving import (
+    Keeper,
+    parse_listen,
+    public_url,
+    start_keeper,
+    stop_keeper,
+    uvicorn_config,
+)
 from trustmesh.tls import (
     RevocationSet,
     RotatingCredentials,
@@ -314,7 +321,7 @@ async def _serve(
         return credentials.server_context()
 
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         protected,
         host=host,
         port=port,
@@ -379,12 +386,16 @@ def _worker_main(settings: RunSettings, sock: socket.socket) -> None:
     """One worker process: its own credentials watcher, revocation set and middleware."""
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
-    host, port = parse_listen(settings.listen)
-    app = load_app(settings.target, settings.app_dir)
     try:
+        host, port = parse_listen(settings.listen)
+        app = load_app(settings.target, settings.app_dir)
         _run_one(settings, app, host, port, None, sock)
     except TrustmeshError as exc:
         log.error("worker %d: %s", os.getpid(), exc.message, extra={"event": "worker_failed"})
+        sys.exit(1)
+    except Exception:
+        # multiprocessing would print the traceback as plain text: log it instead.
+        log.exception("worker %d crashed", os.getpid(), extra={"event": "worker_failed"})
         sys.exit(1)
 
 
