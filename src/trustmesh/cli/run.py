@@ -67,6 +67,18 @@ __all__ = ["run_command"]
     show_default=True,
     help="Worker processes sharing the port (the agent runs once, in the parent).",
 )
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus /metrics and /healthz, /readyz over plain HTTP here "
+    "(loopback only unless --allow-remote-metrics); never through the app or the policy.",
+)
+@click.option(
+    "--allow-remote-metrics",
+    is_flag=True,
+    help="Accept a non-loopback --metrics-listen address (logged).",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
     "--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True
@@ -91,6 +103,8 @@ def run_command(
     trusted_proxies: tuple[str, ...],
     app_dir: Path | None,
     workers: int,
+    metrics_listen: str | None,
+    allow_remote_metrics: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -144,6 +158,8 @@ def run_command(
             log_level=log_level,
             log_format=log_format,
             workers=workers,
+            metrics_listen=metrics_listen,
+            allow_remote_metrics=allow_remote_metrics,
         )
         validate(settings)  # before a join token is spent
         keeper = None

@@ -34,9 +34,11 @@ from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
 from trustmesh.serving import (
     Keeper,
+    check_metrics_listen,
     parse_listen,
     public_url,
     start_keeper,
+    start_server,
     stop_keeper,
     uvicorn_config,
 )
@@ -48,6 +50,7 @@ from trustmesh.tls import (
 )
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
+from ._metrics import RunMetrics
 from ._wsgi import is_wsgi_app, protect_wsgi
 
 __all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
@@ -79,6 +82,9 @@ class RunSettings:
         log_level: uvicorn's and our log level.
         log_format: ``json`` or ``text`` (for worker processes, which log on their own).
         workers: Worker processes sharing the listening socket (1: serve in this process).
+        metrics_listen: ``HOST:PORT`` of the plain-HTTP ``/metrics``, ``/healthz`` and
+            ``/readyz`` listener (loopback unless ``allow_remote_metrics``), or None.
+        allow_remote_metrics: Accept a non-loopback ``metrics_listen`` (logged).
     """
 
     target: str
@@ -96,6 +102,8 @@ class RunSettings:
     log_level: str = "info"
     log_format: str = "json"
     workers: int = 1
+    metrics_listen: str | None = None
+    allow_remote_metrics: bool = False
 
 
 #: Seconds workers get to finish their requests after SIGTERM before they are killed.
@@ -169,6 +177,19 @@ def _check(settings: RunSettings) -> None:
         raise ConfigError("--issuer needs at least one --audience.", field="audience")
     if settings.workers < 1:
         raise ConfigError("--workers must be 1 or more.", field="workers")
+    if settings.metrics_listen is not None:
+        check_metrics_listen(
+            settings.metrics_listen,
+            allow_remote=settings.allow_remote_metrics,
+            option="--metrics-listen",
+            allow_flag="--allow-remote-metrics",
+        )
+        if settings.workers > 1:
+            raise ConfigError(
+                "--metrics-listen serves one process's counters: it cannot be combined with "
+                "--workers yet. Use --workers 1, or the gunicorn worker with its own metrics.",
+                field="metrics_listen",
+            )
 
 
 def validate(settings: RunSettings) -> None:
@@ -293,6 +314,8 @@ async def _serve(
 ) -> None:
     # The verifier's HTTP client belongs to this event loop: create and close it here.
     verifier = AsyncVerifier(issuer) if issuer is not None and not is_wsgi_app(app) else None
+    metrics = RunMetrics(credentials, revocations) if settings.metrics_listen is not None else None
+    registry = metrics.registry if metrics is not None else None
     protected: Any
     if is_wsgi_app(app):  # Flask: the WSGI middleware in a thread pool (runner/_wsgi.py)
         protected = protect_wsgi(
@@ -304,6 +327,7 @@ async def _serve(
             require_token=settings.require_token,
             trusted_proxies=settings.trusted_proxies,
             trust_bundle=[*credentials.roots, *credentials.intermediates()],
+            metrics_registry=registry,
         )
     else:
         protected = MTLSMiddleware(
@@ -315,6 +339,7 @@ async def _serve(
             require_token=settings.require_token,
             trusted_proxies=settings.trusted_proxies,
             trust_bundle=[*credentials.roots, *credentials.intermediates()],
+            metrics_registry=registry,
         )
 
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -346,6 +371,32 @@ async def _serve(
         url,
         extra={"event": "run_started"},
     )
+    side: uvicorn.Server | None = None
+    if metrics is not None and settings.metrics_listen is not None:
+        mhost, mport = parse_listen(settings.metrics_listen)
+        side = uvicorn.Server(
+            uvicorn_config(
+                metrics.app(),
+                host=mhost,
+                port=mport,
+                lifespan="off",
+                access_log=False,
+                server_header=False,
+                proxy_headers=False,
+                log_level=settings.log_level,
+            )
+        )
+        await start_server(side)
+        if not side.started:
+            raise TrustmeshError(
+                f"trustmesh run could not listen on --metrics-listen "
+                f"{settings.metrics_listen} (see the log above): is the port in use?"
+            )
+        log.info(
+            "metrics and health on http://%s/metrics, /healthz, /readyz",
+            settings.metrics_listen,
+            extra={"event": "metrics_started"},
+        )
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -371,6 +422,8 @@ async def _serve(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if side is not None and side.started:
+            await side.shutdown()
         if verifier is not None:
             await verifier.aclose()
 
