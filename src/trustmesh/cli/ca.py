@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ from cryptography import x509
 from trustmesh.authority import CertificateAuthority
 from trustmesh.config import CAConfig
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
 from trustmesh.store import normalize_url
 
@@ -262,18 +263,26 @@ def serve_command(
         try:
             ca.root_crl(actor="ca-server")  # re-signed now when due, not on a request
         except ConfigError as exc:
-            click.echo(f"warning: {exc.message} Until then /v1/crl/chain answers 503.", err=True)
-        click.echo(revocation_hint(ca.config), err=True)
+            announce(
+                f"warning: {exc.message} Until then /v1/crl/chain answers 503.",
+                event="root_crl_unavailable",
+                level=logging.WARNING,
+            )
+        announce(revocation_hint(ca.config), event="revocation_urls")
         serve(
             ca,
             listen=listen,
             ocsp_listen=ocsp_listen,
-            ocsp_ready=lambda url: click.echo(
-                f"trustmesh OCSP and CRL (plain HTTP) listening on {url}", err=True
+            ocsp_ready=lambda url: announce(
+                f"trustmesh OCSP and CRL (plain HTTP) listening on {url}",
+                event="ready",
+                url=url,
             ),
             admins=tuple(ca.config.admins) + admins,
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
-            ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh CA API listening on {url}", event="ready", url=url
+            ),
         )

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID
 
 from ._common import json_option, print_fields, print_json, print_table
@@ -179,7 +179,9 @@ def serve_command(
             config_path,
             cert_dir=cert_dir,
             keeper=keeper,
-            ready=lambda url: click.echo(f"trustmesh gateway: listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh gateway: listening on {url}", event="ready", url=url
+            ),
         )
     finally:
         if temporary is not None:

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID, parse_duration
 
 from .agent import enrollment_options, start_agent
@@ -163,7 +163,7 @@ def _start(
 
 
 def _ready(line: str) -> None:
-    click.echo(f"trustmesh proxy: {line}", err=True)
+    announce(f"trustmesh proxy: {line}", event="ready")
 
 
 @proxy_group.command("inbound")

@@ -39,7 +39,7 @@ from trustmesh.relay import (
     relay,
     send_problem,
 )
-from trustmesh.serving import parse_listen, public_url
+from trustmesh.serving import parse_listen, public_url, uvicorn_config
 from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
@@ -372,11 +372,11 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
 
     host, port = parse_listen(settings.listen)
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         host=host,
         port=port,
-        http=partial(  # type: ignore[arg-type]
+        http=partial(
             _SidecarProtocol, tracker=tracker, trust_domain=sidecar.trust_domain, hellos=hellos
         ),
         ssl_context_factory=context_factory,

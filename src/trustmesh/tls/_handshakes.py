@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["handshake_refusal_reason", "log_refused_handshakes"]
+__all__ = ["add_refusal_listener", "handshake_refusal_reason", "log_refused_handshakes"]
 
 log = logging.getLogger("trustmesh.tls")
 
 _installed = False
+_listeners: list[Callable[[str], None]] = []
+
+
+def add_refusal_listener(callback: Callable[[str], None]) -> None:
+    """Call ``callback(reason)`` for every refused server-side handshake (after
+    :func:`log_refused_handshakes`), e.g. to count it in metrics."""
+    _listeners.append(callback)
 
 
 def handshake_refusal_reason(exc: BaseException | type[BaseException]) -> str:
@@ -80,6 +88,8 @@ def log_refused_handshakes() -> bool:
                     "reason": handshake_refusal_reason(handshake_exc),
                 },
             )
+            for listener in tuple(_listeners):
+                listener(handshake_refusal_reason(handshake_exc))
         original(self, handshake_exc)
 
     sslproto.SSLProtocol._on_handshake_complete = on_handshake_complete  # type: ignore[method-assign]
