@@ -14,6 +14,7 @@ import getpass
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import socket
@@ -39,21 +40,25 @@ from trustmesh.errors import (
     ConflictError,
     CSRError,
     NotFoundError,
+    PKIError,
     PolicyError,
     ScopeError,
     TokenError,
 )
-from trustmesh.files import stage_file
+from trustmesh.files import atomic_write, stage_file
 from trustmesh.pki import (
+    BACKDATE,
     KeyType,
     LeafRequest,
     OCSPStatus,
     PrivateKey,
     Profile,
     RevokedEntry,
+    SANAllowance,
     SpiffeID,
     build_crl,
     build_ocsp_response,
+    check_backdate,
     check_csr,
     create_intermediate,
     create_root,
@@ -88,6 +93,7 @@ from trustmesh.store import (
 
 __all__ = [
     "CA_FILES",
+    "ROOT_CRL_NAME",
     "CertificateAuthority",
     "Issued",
     "default_actor",
@@ -101,6 +107,8 @@ CA_FILES = {
     "intermediate.pem": 0o644,
     "intermediate.key": 0o600,
 }
+#: The root-signed CRL of the intermediates, kept in TRUSTMESH_HOME (DER).
+ROOT_CRL_NAME = "root.crl"
 _SERIAL_ATTEMPTS = 5
 #: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
 JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
@@ -111,6 +119,13 @@ JWT_KEY_FILE = "jwt-svid.key"
 JWT_SVID_TTL = timedelta(minutes=5)
 MAX_JWT_AUDIENCES = 10
 MAX_TOKEN_TTL = timedelta(days=7)
+
+log = logging.getLogger("trustmesh.authority")
+
+
+def _root_crl_urls(crl_urls: Sequence[str]) -> tuple[str, ...]:
+    """Where ``ca serve`` publishes the root CRL, next to each leaf CRL URL ending in /crl."""
+    return tuple(f"{u}/root" for u in crl_urls if u.rstrip("/").endswith("/crl"))
 
 
 def _same_key(a: object, b: object) -> bool:
@@ -162,6 +177,21 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _sign_root_crl(
+    root: x509.Certificate, root_key: PrivateKey, at: datetime, lifetime: timedelta
+) -> x509.CertificateRevocationList:
+    # Lists revoked intermediates: none can be revoked yet (there is one, and rotating it
+    # is not built), so the list is empty. The CRL number is the signing time in seconds:
+    # it increases without a database counter, so an offline root host can sign it too.
+    return build_crl(root, root_key, [], number=int(at.timestamp()), now=at, lifetime=lifetime)
+
+
+def _resign_at(crl: x509.CertificateRevocationList) -> datetime:
+    """Half-way between thisUpdate and nextUpdate: when a root CRL is signed again."""
+    this = crl.last_update_utc
+    return this + ((crl.next_update_utc or this) - this) / 2
+
+
 def _serial_hex(serial: int) -> str:
     return format(serial, "x")
 
@@ -186,6 +216,7 @@ class CertificateAuthority:
         self._key: PrivateKey | None = None
         self._jwt_key: ec.EllipticCurvePrivateKey | None = None
         self._jwt_lock = threading.Lock()
+        self._root_crl: x509.CertificateRevocationList | None = None
         self.root = self._load_cert("root.pem")
         self.intermediate = self._load_cert("intermediate.pem")
         ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -204,8 +235,22 @@ class CertificateAuthority:
         db_url: str | None = None,
         actor: str | None = None,
         now: datetime | None = None,
+        crl_urls: Sequence[str] = (),
+        ocsp_urls: Sequence[str] = (),
+        root_crl_urls: Sequence[str] | None = None,
+        backdate: timedelta = BACKDATE,
     ) -> CertificateAuthority:
-        """Create a root and an intermediate CA in ``home``.
+        """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
+
+        Args:
+            crl_urls: Public URLs of the leaf CRL, written into every leaf (CDP).
+            ocsp_urls: Public URLs of the OCSP responder, written into every leaf (AIA).
+            root_crl_urls: Public URLs of the root-signed CRL, written into the
+                intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
+                that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
+
+        ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
+        certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
@@ -224,14 +269,33 @@ class CertificateAuthority:
                 "--passphrase-file with a non-empty passphrase."
             )
         SpiffeID.trust_domain_id(trust_domain)  # validates
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_backdate(backdate)
+        roots_at = _root_crl_urls(crl_urls) if root_crl_urls is None else tuple(root_crl_urls)
         url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
+        config = CAConfig.new(
+            trust_domain,
+            url,
+            key_type,
+            crl_urls=tuple(crl_urls),
+            ocsp_urls=tuple(ocsp_urls),
+            root_crl_urls=roots_at,
+            backdate=backdate,
+        )  # checks the URLs before anything is created
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
         root_key = generate_private_key(key_type)
-        root = create_root(root_key, trust_domain, now=start)
+        root = create_root(root_key, trust_domain, now=start, backdate=backdate)
         inter_key = generate_private_key(key_type)
-        inter = create_intermediate(root, root_key, inter_key, trust_domain, now=start)
+        inter = create_intermediate(
+            root,
+            root_key,
+            inter_key,
+            trust_domain,
+            now=start,
+            crl_urls=config.root_crl_urls,
+            backdate=backdate,
+        )
         pem = serialization.Encoding.PEM
         contents = {
             "root.pem": root.public_bytes(pem),
@@ -239,13 +303,21 @@ class CertificateAuthority:
             "intermediate.pem": inter.public_bytes(pem),
             "intermediate.key": dump_private_key(inter_key, passphrase),
         }
-        config = CAConfig.new(trust_domain, url, key_type)
+        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
         staged: list[tuple[Path, Path]] = []
         try:
             for name, data in contents.items():
                 staged.append((stage_file(home / name, data, mode=CA_FILES[name]), home / name))
             staged.append(
                 (stage_file(home / CONFIG_NAME, config.dumps().encode()), home / CONFIG_NAME)
+            )
+            staged.append(
+                (
+                    stage_file(
+                        home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
+                    ),
+                    home / ROOT_CRL_NAME,
+                )
             )
             with store.transaction() as conn:
                 store.append_audit(
@@ -364,7 +436,15 @@ class CertificateAuthority:
         key = generate_private_key(ktype)
         request = LeafRequest(key.public_key(), sid, tuple(dns), addresses, prof.eku)
         return self._sign(
-            request, prof, lifetime, key=key, actor=actor, now=now, deliver=deliver, action="issue"
+            request,
+            prof,
+            lifetime,
+            key=key,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            action="issue",
+            allowance=self._exactly(request),
         )
 
     def sign(
@@ -388,8 +468,20 @@ class CertificateAuthority:
         request = check_csr(csr, prof, source=source)
         lifetime = prof.resolve_ttl(ttl)
         return self._sign(
-            request, prof, lifetime, actor=actor, now=now, deliver=deliver, action="sign"
+            request,
+            prof,
+            lifetime,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            action="sign",
+            allowance=self._exactly(request),
         )
+
+    @staticmethod
+    def _exactly(request: LeafRequest) -> SANAllowance:
+        # The operator named these SANs by hand: renewals may keep (or drop) them.
+        return SANAllowance.exactly(request.dns, [str(ip) for ip in request.ips])
 
     @staticmethod
     def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -412,8 +504,9 @@ class CertificateAuthority:
         actor: str | None,
         now: datetime | None,
         deliver: Callable[[Issued], None] | None,
-        within: Callable[[Connection], None] | None = None,
+        within: Callable[[Connection], SANAllowance | None] | None = None,
         extra: dict[str, str] | None = None,
+        allowance: SANAllowance | None = None,
     ) -> Issued:
         start = _now(now)
         signing_key = self.signing_key
@@ -426,13 +519,15 @@ class CertificateAuthority:
                 now=start,
                 crl_urls=self.config.crl_urls,
                 ocsp_urls=self.config.ocsp_urls,
+                backdate=self.config.backdate,
             )
-            record = self._record_for(cert, request, profile)
-            issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
             try:
                 with self.store.transaction() as conn:
-                    if within is not None:
-                        within(conn)
+                    granted = within(conn) if within is not None else None
+                    record = self._record_for(
+                        cert, request, profile, granted or allowance or SANAllowance()
+                    )
+                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
                     self.store.add_certificate(conn, record)
                     self.store.append_audit(
                         conn,
@@ -445,6 +540,8 @@ class CertificateAuthority:
                             "profile": profile.name,
                             "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
                             "fingerprint": record.fingerprint,
+                            "dns": list(record.dns),
+                            "ips": list(record.ips),
                             **(extra or {}),
                         },
                     )
@@ -460,7 +557,11 @@ class CertificateAuthority:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _record_for(
-        self, cert: x509.Certificate, request: LeafRequest, profile: Profile
+        self,
+        cert: x509.Certificate,
+        request: LeafRequest,
+        profile: Profile,
+        allowance: SANAllowance,
     ) -> CertificateRecord:
         ktype = key_type_of(request.public_key)
         return CertificateRecord(
@@ -476,6 +577,8 @@ class CertificateAuthority:
             not_after=cert.not_valid_after_utc,
             issued_at=cert.not_valid_before_utc,
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            allowed_dns=allowance.dns,
+            allowed_ips=allowance.ips,
         )
 
     # -- enrollment and renewal -----------------------------------------------------
@@ -486,6 +589,8 @@ class CertificateAuthority:
         *,
         ttl: timedelta = DEFAULT_TOKEN_TTL,
         uses: int = 1,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
         actor: str | None = None,
         now: datetime | None = None,
     ) -> str:
@@ -493,9 +598,23 @@ class CertificateAuthority:
 
         Only its SHA-256 is stored; the token is shown once.
 
+        Args:
+            spiffe_pattern: The ID, or a glob of IDs, the token enrolls.
+            ttl: How long the token may be used.
+            uses: How many enrollments it allows.
+            dns: DNS names or patterns (``*`` within a label, ``**`` across
+                labels) the enrollment may claim as SANs; none by default.
+            ips: IP addresses or CIDR ranges it may claim; none by default.
+            actor: Who asks, for the audit log.
+            now: The current time (for tests).
+
         Raises:
-            ConfigError: Bad pattern, lifetime or use count.
-            PolicyError: The default profile would never certify such an ID.
+            ConfigError: Bad pattern, lifetime, use count, DNS pattern or IP range.
+            PolicyError: The default profile would never certify such an ID, name
+                or address.
+
+        .. versionchanged:: 0.2
+           ``dns`` and ``ips``.
         """
         if "*" not in spiffe_pattern:
             self.config.profile(None).check_spiffe_id(SpiffeID.parse(spiffe_pattern))
@@ -507,6 +626,8 @@ class CertificateAuthority:
             )
         if uses < 1:
             raise ConfigError("--uses must be at least 1.", field="uses")
+        allowance = SANAllowance.parse(dns, ips)
+        self._check_allowance(allowance)
         if ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL:
             raise ConfigError(
                 f"A join token lives between 1 s and {format_duration(MAX_TOKEN_TTL)}; "
@@ -524,6 +645,8 @@ class CertificateAuthority:
                 expires_at=start + ttl,
                 created_at=start,
                 created_by=actor or default_actor(),
+                dns_patterns=allowance.dns,
+                ip_ranges=allowance.ips,
             )
             self.store.append_audit(
                 conn,
@@ -534,10 +657,35 @@ class CertificateAuthority:
                 details={
                     "token_sha256": stored.token_hash[:16],
                     "uses": uses,
+                    "dns": list(allowance.dns),
+                    "ips": list(allowance.ips),
                     "expires_at": (start + ttl).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 },
             )
         return token
+
+    def _check_allowance(self, allowance: SANAllowance) -> None:
+        """Refuse token SANs the default profile would never sign: literal names and
+        addresses are checked as the CSR will be, ranges must lie inside its ranges."""
+        profile = self.config.profile(None)
+        for pattern in allowance.dns:
+            if "*" not in pattern:
+                profile.check_dns(pattern)
+        for net in allowance.networks:
+            if net.num_addresses == 1:
+                profile.check_ip(net.network_address)
+            elif not any(
+                net.version == wide.version and net.subnet_of(wide)  # type: ignore[arg-type]
+                for wide in (ipaddress.ip_network(r) for r in profile.ips)
+            ):
+                raise PolicyError(
+                    f"Refusing --ip {net}: profile {profile.name!r} allows addresses in "
+                    f"{list(profile.ips)} only. Give a range inside one of those or add it "
+                    f"to the profile's ips list in config.toml.",
+                    profile=profile.name,
+                    field="ip",
+                    reason="san_not_allowed",
+                )
 
     def enroll(
         self,
@@ -556,15 +704,20 @@ class CertificateAuthority:
 
         Raises:
             TokenError: The token is unknown, used up or expired (reason in details).
-            ScopeError: The CSR asks for an ID the token is not bound to.
+            ScopeError: The CSR asks for an ID the token is not bound to, or for a
+                DNS/IP SAN the token does not allow (``reason="san_not_allowed"``).
             CSRError, PolicyError: The CSR is not acceptable.
+
+        .. versionchanged:: 0.2
+           DNS and IP SANs must be allowed by the token (none are by default); the
+           certificate record keeps the token's allowance for renewals.
         """
         start = _now(now)
         profile = self.config.profile(None)
         request = check_csr(csr, profile, source="the CSR")
         lifetime = profile.resolve_ttl(ttl)
 
-        def spend(conn: Connection) -> None:
+        def spend(conn: Connection) -> SANAllowance:
             result = consume_join_token(conn, token, now=start)
             if isinstance(result, str):
                 messages = {
@@ -582,6 +735,15 @@ class CertificateAuthority:
                     f"{request.spiffe_id}: use a token created for this identity.",
                     reason="token_wrong_identity",
                 )
+            granted = SANAllowance(result.dns_patterns, result.ip_ranges)
+            granted.check(
+                request.dns,
+                request.ips,
+                spiffe_id=request.spiffe_id.uri,
+                granted_by="the join token",
+                fix="enroll with a token created with",
+            )
+            return granted
 
         return self._sign(
             request,
@@ -608,7 +770,11 @@ class CertificateAuthority:
 
         Raises:
             VerificationError: ``current`` is expired, revoked or not ours.
-            PolicyError: The CSR asks for a different SPIFFE ID.
+            PolicyError: The CSR asks for a different SPIFFE ID, or a SAN the profile
+                does not allow.
+            ScopeError: The CSR asks for a DNS/IP SAN beyond the allowance recorded
+                with ``current`` (``reason="san_not_allowed"``): a renewal may drop
+                SANs, never add new ones.
             CSRError: The CSR reuses the current key (unless allowed) or is bad.
         """
         start = _now(now)
@@ -634,6 +800,15 @@ class CertificateAuthority:
                 "The renewal CSR reuses the current key: generate a new key for each renewal.",
                 reason="same_key",
             )
+        # The token was spent at enrollment; its allowance lives on with the record.
+        allowance = SANAllowance(old.allowed_dns, old.allowed_ips)
+        allowance.check(
+            request.dns,
+            request.ips,
+            spiffe_id=spiffe_id.uri,
+            granted_by=f"certificate {old.serial}, which this renewal replaces,",
+            fix="enroll again with a token created with",
+        )
         return self._sign(
             request,
             profile,
@@ -643,6 +818,7 @@ class CertificateAuthority:
             now=start,
             deliver=None,
             extra={"renews": old.serial},
+            allowance=allowance,
         )
 
     def is_revoked(self, cert: x509.Certificate) -> bool:
@@ -1069,6 +1245,103 @@ class CertificateAuthority:
                 details={"entries": len(entries)},
             )
         return crl
+
+    def root_crl(
+        self, *, actor: str | None = None, now: datetime | None = None
+    ) -> x509.CertificateRevocationList:
+        """Return the root-signed CRL of the intermediates.
+
+        Peers that check revocation for the whole chain (nginx ``ssl_crl``, HAProxy
+        ``crl-file``, ``openssl verify -crl_check_all``) need a CRL for the
+        intermediate too, and only the root can sign it. It is kept in
+        ``root.crl`` (written by ``ca init``) and re-signed with the root key once
+        half of its ``root_crl_lifetime`` has passed, or when the file is missing
+        or not the root's. The root key is decrypted only for that (with the CA
+        passphrase) and not kept. When ``root.key`` is not here (kept offline),
+        the stored CRL is served until its ``nextUpdate`` with a warning; re-sign
+        it with ``trustmesh crl --root`` where the root key is.
+
+        Raises:
+            ConfigError: No valid root CRL is stored and the root key cannot be
+                unlocked.
+        """
+        at = _now(now)
+        cached = self._root_crl
+        if cached is None or at >= _resign_at(cached):
+            cached = self._root_crl = self._stored_root_crl()
+        if cached is not None and at < _resign_at(cached):
+            return cached
+        path = self.home / "root.key"
+        try:
+            root_key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+        except (OSError, PKIError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else exc.message
+            if cached is not None and cached.next_update_utc and at < cached.next_update_utc:
+                log.warning(
+                    "The root CRL in %s is due to be re-signed but the root key cannot be "
+                    "used (%s); serving it until its nextUpdate %s. Run 'trustmesh crl "
+                    "--root' where root.key is and copy %s here.",
+                    self.home,
+                    why,
+                    f"{cached.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    ROOT_CRL_NAME,
+                    extra={"event": "root_crl_due"},
+                )
+                return cached
+            raise ConfigError(
+                f"No valid root-signed CRL in {self.home / ROOT_CRL_NAME} and the root key "
+                f"cannot be used to sign one ({why}): run 'trustmesh crl --root' with the "
+                f"CA passphrase where root.key is, and copy {ROOT_CRL_NAME} into {self.home}.",
+                path=str(self.home / ROOT_CRL_NAME),
+            ) from None
+        crl = _sign_root_crl(self.root, root_key, at, self.config.root_crl_lifetime)
+        del root_key
+        try:
+            atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
+        except ConfigError as exc:
+            log.warning("could not keep the re-signed root CRL: %s", exc.message)
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="crl",
+                subject="root",
+                details={
+                    "entries": 0,
+                    "number": int(at.timestamp()),
+                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                },
+            )
+        self._root_crl = crl
+        return crl
+
+    def _stored_root_crl(self) -> x509.CertificateRevocationList | None:
+        """The root CRL in the home, when it is readable and signed by our root."""
+        path = self.home / ROOT_CRL_NAME
+        try:
+            crl = x509.load_der_x509_crl(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s (%s)", path, exc)
+            return None
+        if crl.issuer != self.root.subject or not crl.is_signature_valid(
+            self.root.public_key()  # type: ignore[arg-type]
+        ):
+            log.warning("ignoring %s: it is not signed by this CA's root", path)
+            return None
+        return crl
+
+    def chain_crls(
+        self, *, actor: str | None = None, now: datetime | None = None
+    ) -> tuple[x509.CertificateRevocationList, x509.CertificateRevocationList]:
+        """Return the CRLs for the whole chain: the intermediate's (leaves), the root's.
+
+        Raises:
+            ConfigError: See :meth:`root_crl`.
+        """
+        return self.crl(actor=actor, now=now), self.root_crl(actor=actor, now=now)
 
     def ocsp_response(
         self, request: ocsp.OCSPRequest, *, now: datetime | None = None

@@ -12,17 +12,51 @@ from pathlib import Path
 from trustmesh.errors import ConfigError
 from trustmesh.files import atomic_write
 from trustmesh.pki import (
+    BACKDATE,
     DEFAULT_CRL_LIFETIME,
     KeyType,
     Profile,
     default_profile,
     format_duration,
+    parse_backdate,
     parse_duration,
 )
 
-__all__ = ["CONFIG_NAME", "CAConfig"]
+__all__ = ["CONFIG_NAME", "DEFAULT_ROOT_CRL_LIFETIME", "URL_KEYS", "CAConfig", "check_urls"]
 
 CONFIG_NAME = "config.toml"
+#: Lifetime of the root-signed CRL of the intermediates (re-signed at half of it).
+DEFAULT_ROOT_CRL_LIFETIME = timedelta(days=30)
+#: Config keys holding public URLs, and what each is for (in error messages).
+URL_KEYS = {
+    "crl_urls": "the leaf CRL (e.g. http://ca.internal:8080/crl)",
+    "ocsp_urls": "the OCSP responder (e.g. http://ca.internal:8080/)",
+    "root_crl_urls": "the root-signed CRL (e.g. http://ca.internal:8080/crl/root)",
+}
+
+
+def check_urls(key: str, values: object, *, source: str) -> tuple[str, ...]:
+    """Return the URLs of config key ``key`` after checking each is an http(s) URL.
+
+    Raises:
+        ConfigError: Not a list of http:// or https:// URLs with a host.
+    """
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list | tuple):
+        raise ConfigError(f"{source}: {key} must be a list of URLs of {URL_KEYS[key]}.")
+    out = []
+    for value in values:
+        text = str(value)
+        scheme, sep, rest = text.partition("://")
+        if not sep or scheme not in ("http", "https") or not rest.split("/")[0]:
+            raise ConfigError(
+                f"{source}: {key} holds {text!r}, which is not an http:// or https:// URL; "
+                f"give the public URL of {URL_KEYS[key]}.",
+                field=key,
+            )
+        out.append(text)
+    return tuple(out)
 
 
 def _toml_value(value: object) -> str:
@@ -46,11 +80,19 @@ class CAConfig:
         db: The database URL.
         key_type: Key type of the CA keys and the default for ``issue``.
         crl_lifetime: ``nextUpdate`` - ``thisUpdate`` of CRLs.
-        crl_urls: CRL distribution points written into leaves.
-        ocsp_urls: OCSP responders written into leaves.
+        crl_urls: CRL distribution points written into leaves (where the
+            intermediate's CRL is published, e.g. ``http://ca.internal:8080/crl``).
+        ocsp_urls: OCSP responders written into leaves (AIA), e.g.
+            ``http://ca.internal:8080/``.
+        root_crl_urls: CRL distribution points written into the intermediate at
+            ``ca init`` (where the root-signed CRL is published).
+        root_crl_lifetime: ``nextUpdate`` - ``thisUpdate`` of the root-signed CRL;
+            it is re-signed once half of it has passed.
         profiles: Certificate profiles by name.
         default_profile: The profile used when none is named.
         admins: SPIFFE IDs (or globs) that may revoke any certificate over the API.
+        backdate: How far ``notBefore`` of every certificate lies before the CA's clock
+            (0 to 10 minutes), to absorb clock skew between hosts.
     """
 
     trust_domain: str
@@ -59,15 +101,41 @@ class CAConfig:
     crl_lifetime: timedelta = DEFAULT_CRL_LIFETIME
     crl_urls: tuple[str, ...] = ()
     ocsp_urls: tuple[str, ...] = ()
+    root_crl_urls: tuple[str, ...] = ()
+    root_crl_lifetime: timedelta = DEFAULT_ROOT_CRL_LIFETIME
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     default_profile: str = "service"
     admins: tuple[str, ...] = ()
+    backdate: timedelta = BACKDATE
 
     @classmethod
-    def new(cls, trust_domain: str, db: str, key_type: KeyType) -> CAConfig:
-        """Return the configuration ``ca init`` writes."""
+    def new(
+        cls,
+        trust_domain: str,
+        db: str,
+        key_type: KeyType,
+        *,
+        crl_urls: tuple[str, ...] = (),
+        ocsp_urls: tuple[str, ...] = (),
+        root_crl_urls: tuple[str, ...] = (),
+        backdate: timedelta = BACKDATE,
+    ) -> CAConfig:
+        """Return the configuration ``ca init`` writes.
+
+        Raises:
+            ConfigError: A URL is not an http(s) URL.
+        """
         profile = default_profile(trust_domain)
-        return cls(trust_domain, db, key_type, profiles={profile.name: profile})
+        return cls(
+            trust_domain,
+            db,
+            key_type,
+            crl_urls=check_urls("crl_urls", crl_urls, source="--crl-url"),
+            ocsp_urls=check_urls("ocsp_urls", ocsp_urls, source="--ocsp-url"),
+            root_crl_urls=check_urls("root_crl_urls", root_crl_urls, source="--root-crl-url"),
+            profiles={profile.name: profile},
+            backdate=backdate,
+        )
 
     def profile(self, name: str | None) -> Profile:
         """Return a profile by name (the default one for None).
@@ -121,11 +189,21 @@ class CAConfig:
             db=db,
             key_type=KeyType.parse(str(data.get("key_type", "ec-p256"))),
             crl_lifetime=parse_duration(str(data.get("crl_lifetime", "24h")), field="crl_lifetime"),
-            crl_urls=tuple(data.get("crl_urls", [])),
-            ocsp_urls=tuple(data.get("ocsp_urls", [])),
+            crl_urls=check_urls("crl_urls", data.get("crl_urls", []), source=str(path)),
+            ocsp_urls=check_urls("ocsp_urls", data.get("ocsp_urls", []), source=str(path)),
+            root_crl_urls=check_urls(
+                "root_crl_urls", data.get("root_crl_urls", []), source=str(path)
+            ),
+            root_crl_lifetime=parse_duration(
+                str(data.get("root_crl_lifetime", "30d")), field="root_crl_lifetime"
+            ),
             profiles=profiles,
             default_profile=default,
             admins=tuple(str(a) for a in data.get("admins", [])),
+            backdate=parse_backdate(
+                str(data.get("backdate", format_duration(BACKDATE))),
+                field=f"{path}: backdate",
+            ),
         )
 
     def dumps(self) -> str:
@@ -137,8 +215,15 @@ class CAConfig:
             f"db = {_toml_value(self.db)}",
             f"key_type = {_toml_value(self.key_type.value)}",
             f"crl_lifetime = {_toml_value(format_duration(self.crl_lifetime))}",
+            "# notBefore lies this far before the CA's clock, for hosts whose clocks are a",
+            "# little behind (0s to 10m; keep clocks right with NTP, see docs/operations.md).",
+            f"backdate = {_toml_value(format_duration(self.backdate))}",
+            "# Public URLs written into new leaves (CDP, AIA-OCSP); see docs/revocation.md.",
             f"crl_urls = {_toml_value(list(self.crl_urls))}",
             f"ocsp_urls = {_toml_value(list(self.ocsp_urls))}",
+            "# Where the root-signed CRL is published; written into the intermediate at init.",
+            f"root_crl_urls = {_toml_value(list(self.root_crl_urls))}",
+            f"root_crl_lifetime = {_toml_value(format_duration(self.root_crl_lifetime))}",
             f"default_profile = {_toml_value(self.default_profile)}",
             "# SPIFFE IDs (or globs) allowed to revoke any certificate through 'ca serve'.",
             f"admins = {_toml_value(list(self.admins))}",

@@ -1,7 +1,8 @@
-"""The renewal agent: keeps one workload's key, certificate and bundle (and PKCS#12 stores)
-fresh on disk."""
+"""The renewal agent: keeps one workload's key, certificate and bundle (and PKCS#12 stores,
+and the chain CRL file) fresh on disk."""
 
 from ._agent import MAX_SLEEP, RELOAD_TIMEOUT, Agent, Outcome, Reload
+from ._crl import CRLKeeper, HAProxyRuntime
 from ._identity import (
     IDENTITY_FILES,
     LocalIdentity,
@@ -28,6 +29,8 @@ __all__ = [
     "RELOAD_TIMEOUT",
     "RENEW_FRACTION",
     "Agent",
+    "CRLKeeper",
+    "HAProxyRuntime",
     "LocalIdentity",
     "Outcome",
     "PKCS12Stores",

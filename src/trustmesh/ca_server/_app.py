@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,7 +25,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509 import ocsp
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,7 +38,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
@@ -55,14 +54,17 @@ from trustmesh.pki import (
     match_spiffe_pattern,
     parse_duration,
     pem_certificates,
+    pem_crls,
     verify_chain,
 )
 from trustmesh.serving import LATENCY_BUCKETS, TimedApp
 from trustmesh.store import token_hash
 
+from ._clock import ClockWatch
 from ._feed import RevocationHub
+from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
-from ._problems import problem, problem_for
+from ._problems import DATABASE_UNAVAILABLE, is_database_failure, problem, problem_for
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
@@ -200,6 +202,15 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
 _ENTRY_ROUTE = "/v1/entries/{entry_id}"
+#: What a GET on the plain listener must look like to be read as an OCSP request
+#: (RFC 6960 A.1: the base64 DER appended to the responder URL; even the smallest
+#: request is longer than this).
+_OCSP_GET_PATH = re.compile(r"[A-Za-z0-9+/=_-]{40,}")
+_PLAIN_ONLY = (
+    "This listener serves only OCSP (POST / with a DER request, or GET /BASE64) and the "
+    "CRLs at /crl (leaves, DER), /crl/root (intermediates, DER) and /crl/chain (both, "
+    "PEM); everything else is on the HTTPS API."
+)
 #: Refusals on these routes are also written to the audit chain.
 _AUDITED_DENIALS = {
     "/v1/enroll",
@@ -267,6 +278,8 @@ _KNOWN_ROUTES = {
     "/metrics",
     "/v1/bundle",
     "/v1/crl",
+    "/v1/crl/chain",
+    "/v1/crl/root",
     "/v1/ocsp",
     "/v1/enroll",
     "/v1/renew",
@@ -280,13 +293,18 @@ _KNOWN_ROUTES = {
 }
 
 
-def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> ASGIApp:
-    """Build the ASGI app for an open CA (its signing key unlocked)."""
+def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> TimedApp:
+    """Build the ASGI app for an open CA (its signing key unlocked).
+
+    ``app.state.plain_app`` is the read-only plain-HTTP app of OCSP and the CRLs
+    (``ca serve --ocsp-listen``), built from the same handlers.
+    """
     opts = settings or ServerSettings()
     hub = RevocationHub(ca)
     metrics = _Metrics()
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
+    clock = ClockWatch(ca.config.backdate)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -323,6 +341,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         return parse_duration(value, field="ttl")
 
     async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        clock.observe(
+            request.headers.get("date"),
+            peer=request.client.host if request.client else "?",
+            route=request.url.path,
+        )
         try:
             return await work()
         except TrustmeshError as exc:
@@ -331,19 +354,34 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             route = request.url.path
             client = request.client.host if request.client else "?"
             metrics.denied.labels(route=route, reason=reason).inc()
-            log.info(
-                "denied %s %s: %s",
-                request.method,
-                route,
-                exc.message,
-                extra={
-                    "event": "deny",
-                    "route": route,
-                    "reason": reason,
-                    "status": response.status_code,
-                    "client": client,
-                },
-            )
+            if is_database_failure(exc):
+                # The caller sees a generic detail; the cause (URL, driver error) is here.
+                log.error(
+                    "database failure on %s %s: %s",
+                    request.method,
+                    route,
+                    exc.message,
+                    extra={
+                        "event": "database_error",
+                        "route": route,
+                        "status": response.status_code,
+                        "client": client,
+                    },
+                )
+            else:
+                log.info(
+                    "denied %s %s: %s",
+                    request.method,
+                    route,
+                    exc.message,
+                    extra={
+                        "event": "deny",
+                        "route": route,
+                        "reason": reason,
+                        "status": response.status_code,
+                        "client": client,
+                    },
+                )
             if route in _AUDITED_DENIALS and not isinstance(exc, StoreError):
                 peer = _peer_certificate(request)
                 actor = f"{route}:{client}" if peer is None else f"serial:{peer.serial_number:x}"
@@ -366,10 +404,18 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         try:
             await run_in_threadpool(check)
         except Exception as exc:  # any database failure means not ready
-            return problem(
-                503, "Not ready", f"The database is not reachable: {type(exc).__name__}."
+            log.error(
+                "not ready: the database at %s failed: %s",
+                ca.store.url,
+                getattr(exc, "orig", exc),
+                extra={"event": "database_error", "route": "/readyz"},
             )
-        return JSONResponse({"status": "ready", "database": "ok", "keys": "loaded"})
+            return problem(503, "Not ready", DATABASE_UNAVAILABLE, reason="database_unavailable")
+        ready: dict[str, Any] = {"status": "ready", "database": "ok", "keys": "loaded"}
+        skew = clock.recent()
+        if skew is not None:
+            ready["clock_skew"] = skew
+        return JSONResponse(ready)
 
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
@@ -419,48 +465,52 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
         )
 
-    async def ocsp_get(request: Request) -> Response:
-        encoded = request.path_params["request"]
+    def root_crl_der() -> bytes:
+        return ca.root_crl(actor="ca-server").public_bytes(serialization.Encoding.DER)
+
+    async def root_crl(request: Request) -> Response:
         try:
-            der = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_")
-        except ValueError:
-            return problem(400, "Bad OCSP request", "The URL does not hold a base64 OCSP request.")
-        return await answer_ocsp(der)
+            der = await run_in_threadpool(root_crl_der)
+        except ConfigError as exc:
+            log.error("cannot serve the root CRL: %s", exc.message)
+            return problem(503, "Root CRL unavailable", exc.message)
+        return Response(
+            der,
+            media_type="application/pkix-crl",
+            headers={"Cache-Control": "max-age=3600"},
+        )
+
+    async def crl_chain(request: Request) -> Response:
+        async def work() -> Response:
+            der, number = await run_in_threadpool(current_crl)
+            try:
+                root = await run_in_threadpool(ca.root_crl, actor="ca-server")
+            except ConfigError as exc:
+                log.error("cannot serve the chain CRLs: %s", exc.message)
+                return problem(503, "Root CRL unavailable", exc.message)
+            root_number = root.extensions.get_extension_for_class(x509.CRLNumber).value
+            etag = f'"crl-{number}-root-{root_number.crl_number}"'
+            if request.headers.get("if-none-match") == etag:
+                return Response(status_code=304, headers={"ETag": etag})
+            return Response(
+                pem_crls([x509.load_der_x509_crl(der), root]),
+                media_type="application/x-pem-file",
+                headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
+            )
+
+        return await guarded(request, work)
+
+    async def ocsp_get(request: Request) -> Response:
+        der = decode_ocsp_path(request.path_params["request"])
+        if isinstance(der, Response):
+            return der
+        return await answer_ocsp(ca, der)
 
     async def ocsp_post(request: Request) -> Response:
         body = await _read_body(request, opts.body_timeout)
         if isinstance(body, Response):
             return body
-        return await answer_ocsp(body)
-
-    async def answer_ocsp(der: bytes) -> Response:
-        try:
-            req = ocsp.load_der_ocsp_request(der)
-        except ValueError:
-            malformed = ocsp.OCSPResponseBuilder.build_unsuccessful(
-                ocsp.OCSPResponseStatus.MALFORMED_REQUEST
-            )
-            return Response(
-                malformed.public_bytes(serialization.Encoding.DER),
-                media_type="application/ocsp-response",
-            )
-        try:
-            response = await run_in_threadpool(ca.ocsp_response, req)
-        except StoreError:
-            # RFC 6960 tryLater: the client retries, never takes silence for "good".
-            unavailable = ocsp.OCSPResponseBuilder.build_unsuccessful(
-                ocsp.OCSPResponseStatus.TRY_LATER
-            )
-            return Response(
-                unavailable.public_bytes(serialization.Encoding.DER),
-                media_type="application/ocsp-response",
-                headers={"Cache-Control": "no-store"},
-            )
-        return Response(
-            response.public_bytes(serialization.Encoding.DER),
-            media_type="application/ocsp-response",
-            headers={"Cache-Control": "max-age=60"},
-        )
+        return await answer_ocsp(ca, body)
 
     async def enroll(request: Request) -> Response:
         async def work() -> Response:
@@ -820,6 +870,8 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/readyz", readyz),
             Route("/v1/bundle", bundle),
             Route("/v1/crl", crl),
+            Route("/v1/crl/chain", crl_chain),
+            Route("/v1/crl/root", root_crl),
             Route("/v1/ocsp", ocsp_post, methods=["POST"]),
             Route("/v1/ocsp/{request:path}", ocsp_get),
             Route("/v1/enroll", enroll, methods=["POST"]),
@@ -837,4 +889,36 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         ],
     )
     app.state.hub = hub
-    return TimedApp(app, _observer(metrics))
+
+    # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
+    # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch
+    # (nginx ssl_ocsp_responder speaks only http://); every answer is signed.
+    async def plain_ocsp_get(request: Request) -> Response:
+        if not _OCSP_GET_PATH.fullmatch(request.path_params["request"]):
+            return problem(404, "Not found", _PLAIN_ONLY)
+        return await ocsp_get(request)
+
+    async def plain_refusal(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        title = "Method not allowed" if status == 405 else "Not found"
+        headers = getattr(exc, "headers", None)
+        return problem(status, title, _PLAIN_ONLY, headers=headers)
+
+    plain = Starlette(
+        routes=[
+            Route("/crl", crl),
+            Route("/crl/root", root_crl),
+            Route("/crl/chain", crl_chain),
+            Route("/", ocsp_post, methods=["POST"]),
+            Route("/{request:path}", plain_ocsp_get),
+        ],
+        exception_handlers={404: plain_refusal, 405: plain_refusal},
+    )
+    observe = _observer(metrics)
+
+    def observe_plain(method: str, path: str, status: int, seconds: float) -> None:
+        route = path if path in ("/crl", "/crl/root", "/crl/chain") else "/ (ocsp)"
+        metrics.latency.labels(method, f"http:{route}", str(status)).observe(seconds)
+
+    app.state.plain_app = TimedApp(plain, observe_plain)
+    return TimedApp(app, observe)

@@ -8,15 +8,28 @@ renewal and revocation refuse to act without one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import uvicorn
 
 from trustmesh.authority import CertificateAuthority
+from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
-from trustmesh.serving import issue_server_identity, parse_listen, public_url, run_https
+from trustmesh.serving import (
+    issue_server_identity,
+    parse_listen,
+    public_url,
+    run_https,
+    uvicorn_config,
+)
 
 from ._app import ServerSettings, create_app
 
@@ -37,12 +50,20 @@ def serve(
     enroll_burst: int = 20,
     ready: Callable[[str], None] | None = None,
     log_level: str = "info",
+    ocsp_listen: str | None = None,
+    ocsp_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
     ``enroll_rate``/``enroll_burst`` are the per-client-address enrollment limit.
+    ``ocsp_listen`` (HOST:PORT) adds the read-only plain-HTTP listener for OCSP and
+    the CRLs; it stops with the API.
+
+    Raises:
+        ConfigError: ``ocsp_listen`` cannot be bound (in use, or not an address here).
     """
     host, port = parse_listen(listen)
+    plain_socket = _bind(ocsp_listen) if ocsp_listen is not None else None
     with tempfile.TemporaryDirectory(prefix="trustmesh-ca-serve-") as tmp:
         os.chmod(tmp, 0o700)
         chain, key = issue_server_identity(ca, host, Path(tmp), path=CA_SERVER_PATH)
@@ -53,15 +74,75 @@ def serve(
         )
         app = create_app(ca, settings)
         url = public_url(host, port)
-        log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
-        if ready is not None:
-            ready(url)
-        run_https(
-            app,
-            listen=listen,
-            chain=chain,
-            key=key,
-            roots=roots,
-            name="CA API",
-            log_level=log_level,
-        )
+        with _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready):
+            log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
+            if ready is not None:
+                ready(url)
+            run_https(
+                app,
+                listen=listen,
+                chain=chain,
+                key=key,
+                roots=roots,
+                name="CA API",
+                log_level=log_level,
+            )
+
+
+def _bind(listen: str) -> socket.socket:
+    """Bind the plain listener now, so a taken port is a clear error before anything runs."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"--ocsp-listen {listen}: cannot listen there ({exc.strerror}); pick a free "
+            f"port on an address of this host.",
+            field="ocsp_listen",
+        ) from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def _plain_listener(
+    app: Any,
+    sock: socket.socket | None,
+    log_level: str,
+    ready: Callable[[str], None] | None,
+) -> Iterator[None]:
+    """Serve ``app`` over plain HTTP on ``sock`` in a thread while the block runs."""
+    if sock is None:
+        yield
+        return
+    config = uvicorn_config(
+        app,
+        timeout_keep_alive=15,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=1000,
+        log_level=log_level,
+        access_log=False,
+        lifespan="off",
+        proxy_headers=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="ca-plain-http", daemon=True
+    )
+    thread.start()
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    log.info("OCSP and CRLs over plain HTTP on %s", url)
+    if ready is not None:
+        ready(url)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

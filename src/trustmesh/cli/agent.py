@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trustmesh.errors import ConfigError, TrustmeshError
-from trustmesh.pki import KeyType, SpiffeID
+from trustmesh.pki import KeyType, SpiffeID, parse_dns_name, parse_ip_address
 
 from ._common import json_option, print_json, read_secret
 
@@ -41,9 +41,19 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, old)
 
 
+def _check_dns(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    # Refused as soon as the command line is read: before a token is spent or a file written.
+    return tuple(parse_dns_name(v) for v in values)
+
+
+def _check_ips(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    return tuple(str(parse_ip_address(v)) for v in values)
+
+
 def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     """The agent's enrollment options (``--bundle``, ``--token``, ``--token-file``,
-    ``--key-type``, ``--ttl``), shared with ``trustmesh run --id``."""
+    ``--key-type``, ``--ttl``, ``--dns``, ``--ip``), shared with ``trustmesh run --id``,
+    ``trustmesh proxy`` and ``trustmesh gateway serve``."""
     options = [
         click.option(
             "--bundle",
@@ -77,6 +87,26 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             default=None,
             help="Lifetime to ask for, e.g. 1h (default: the CA profile's).",
         ),
+        click.option(
+            "--dns",
+            "dns",
+            multiple=True,
+            metavar="NAME",
+            callback=_check_dns,
+            help="DNS name to put in the certificate as a SAN, for peers that check host "
+            "names (curl, Java, nginx); asked for at enrollment and every renewal, allowed "
+            "only if the join token ('token create --dns') and the CA profile allow it. "
+            "Repeatable.",
+        ),
+        click.option(
+            "--ip",
+            "ips",
+            multiple=True,
+            metavar="ADDR",
+            callback=_check_ips,
+            help="IP address to put in the certificate as a SAN, likewise ('token create "
+            "--ip'). Repeatable.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -89,13 +119,18 @@ def _stores(
     password_file: Path | None,
     *,
     legacy: bool,
+    rekey: bool,
 ) -> PKCS12Stores | None:
     """The PKCS#12 stores asked for, with the password read from its file."""
     from trustmesh.agent import PKCS12Stores
 
     if keystore is None and truststore is None:
-        if password_file is not None or legacy:
-            given = "--store-password-file" if password_file is not None else "--pkcs12-legacy"
+        if password_file is not None or legacy or rekey:
+            given = (
+                "--store-password-file"
+                if password_file is not None
+                else ("--pkcs12-legacy" if legacy else "--rekey-stores")
+            )
             raise ConfigError(
                 f"{given} is only used with --pkcs12 FILE or --truststore FILE: add one of "
                 f"them or drop {given}."
@@ -112,7 +147,7 @@ def _stores(
         what="store password",
         option="--store-password-file",
     )
-    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy)
+    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy, rekey=rekey)
 
 
 @click.command("agent")
@@ -162,6 +197,36 @@ def _stores(
     is_flag=True,
     help="Encrypt the stores with 3DES/SHA-1 for Java < 8u301, .NET Framework and OpenSSL 1.x.",
 )
+@click.option(
+    "--crl",
+    "crl_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep this PEM file holding the CRLs of the whole chain (intermediate's and "
+    "root-signed) for nginx ssl_crl, HAProxy crl-file or Node's crl option: rewritten "
+    "atomically within a second of a revocation (from the revocation feed) and before "
+    "the CRLs' nextUpdate.",
+)
+@click.option(
+    "--on-crl",
+    default=None,
+    help="Command run (without a shell) after each new --crl file, e.g. 'nginx -s reload' "
+    "(default: the --exec command or --signal, if given). Retried until it succeeds.",
+)
+@click.option(
+    "--haproxy-socket",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="HAProxy's runtime API socket ('stats socket PATH level admin'): each new --crl "
+    "file is pushed with 'set ssl crl-file' + 'commit ssl crl-file', no reload needed. "
+    "The bind line's crl-file must be the same absolute path as --crl.",
+)
+@click.option(
+    "--rekey-stores",
+    is_flag=True,
+    help="Rewrite existing --pkcs12/--truststore files that do not open with the password "
+    "in --store-password-file (logged). Without it the agent refuses them (exit 2).",
+)
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
@@ -183,10 +248,16 @@ def agent_command(
     exec_command: str | None,
     signal_spec: str | None,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     keystore: Path | None,
     truststore: Path | None,
     store_password_file: Path | None,
     pkcs12_legacy: bool,
+    crl_file: Path | None,
+    on_crl: str | None,
+    haproxy_socket: Path | None,
+    rekey_stores: bool,
     once: bool,
     renew_now: bool,
     timeout: float,
@@ -198,9 +269,15 @@ def agent_command(
     Enrolls with the join token when --out holds no valid certificate for --id,
     renews over mTLS (with a new key each time) after 2/3 of the certificate's
     lifetime, writes the files atomically and then runs --exec or sends --signal.
+    Every certificate carries --id as its identity, plus the --dns/--ip SANs that
+    the join token and the CA profile allow (a refusal exits 2).
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
-    reload, and whenever they are missing or out of date.
+    reload, and whenever they are missing or out of date. With --crl it keeps the
+    chain CRLs (for nginx ssl_crl, HAProxy crl-file, Node's crl) fresh from the
+    revocation feed and runs --on-crl or pushes them to --haproxy-socket.
+    Existing stores that do not open with that password are refused (exit 2)
+    unless --rekey-stores.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
@@ -208,8 +285,11 @@ def agent_command(
     --once: 0 valid files are in place, 1 the CA was unreachable or refused (or the
     reload failed), 2 bad input such as a missing token or an unreadable bundle.
     """
-    from trustmesh.agent import Agent, Reload
+    from trustmesh.agent import Agent, CRLKeeper, HAProxyRuntime, Reload
 
+    if crl_file is None and (on_crl is not None or haproxy_socket is not None):
+        given = "--on-crl" if on_crl is not None else "--haproxy-socket"
+        raise click.UsageError(f"{given} acts on the --crl file: add --crl FILE.")
     if token and token_file:
         raise click.UsageError("Give --token or --token-file, not both.")
     if exec_command is not None and signal_spec is not None:
@@ -220,7 +300,9 @@ def agent_command(
     )
     # httpx logs every request at INFO; the agent's own lines say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stores = _stores(keystore, truststore, store_password_file, legacy=pkcs12_legacy)
+    stores = _stores(
+        keystore, truststore, store_password_file, legacy=pkcs12_legacy, rekey=rekey_stores
+    )
     reload = None
     if exec_command is not None:
         reload = Reload.from_command(exec_command)
@@ -238,18 +320,40 @@ def agent_command(
         timeout=timeout,
         ttl=ttl,
         stores=stores,
+        dns=dns,
+        ips=ips,
     )
+    keeper = None
+    if crl_file is not None:
+        keeper = CRLKeeper(
+            agent.ca_url,
+            out,
+            agent.trust_bundle,
+            crl_file.absolute(),
+            reload=Reload.from_command(on_crl, option="--on-crl") if on_crl else reload,
+            haproxy=HAProxyRuntime(haproxy_socket) if haproxy_socket is not None else None,
+            timeout=timeout,
+        )
+        keeper.check()  # before anything is enrolled or written
     if not once:
         with _stop_on_signals() as stop:
+            if keeper is not None:
+                keeper.start(stop)
             agent.run(stop, renew_now=renew_now)
         return
     outcome = agent.ensure(force=renew_now)
+    crl_line = None
+    if keeper is not None:
+        wrote = keeper.refresh()
+        crl_line = f"{'wrote' if wrote else 'unchanged'} chain CRLs {keeper.path}"
     if as_json:
-        print_json(outcome.to_json())
+        print_json({**outcome.to_json(), "crl": crl_line} if keeper else outcome.to_json())
     else:
-        click.echo(outcome.describe())
+        click.echo(outcome.describe() + (f"; {crl_line}" if crl_line else ""))
     if outcome.reload_error is not None:  # the files are in place, the workload has not seen them
         raise TrustmeshError(outcome.reload_error)
+    if keeper is not None and keeper.failing_hooks:
+        raise TrustmeshError(f"The CRL reload failed: {keeper.failing_hooks[0]}")
 
 
 #: Seconds before the agent's loop is restarted after it gave up on a failure.
@@ -267,6 +371,8 @@ def start_agent(
     token_file: Path | None,
     key_type: KeyType,
     ttl: str | None,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
 ) -> Callable[[threading.Event], None]:
     """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
     renews it while serving: the agent's own loop, restarted if it ever gives up.
@@ -285,6 +391,8 @@ def start_agent(
         token_file=token_file,
         key_type=key_type,
         ttl=ttl,
+        dns=dns,
+        ips=ips,
     )
     outcome = agent.ensure()
     _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})

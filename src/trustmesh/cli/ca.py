@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.logs import configure_logging
-from trustmesh.pki import KeyType, describe_key, fingerprint
+from trustmesh.config import CAConfig
+from trustmesh.errors import ConfigError
+from trustmesh.logs import announce, configure_logging
+from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
 from trustmesh.store import normalize_url
 
 from ._common import (
@@ -41,6 +44,34 @@ def ca_group() -> None:
     help="Key type of the root and intermediate (and default for issued keys).",
 )
 @click.option("--db", "db_url", default=None, help="Database URL (default: SQLite in the home).")
+@click.option(
+    "--crl-url",
+    "crl_urls",
+    multiple=True,
+    help="Public URL of the leaf CRL, written into every leaf as its CRL distribution point, "
+    "e.g. http://ca.internal:8080/crl (served by 'ca serve --ocsp-listen'). Repeatable.",
+)
+@click.option(
+    "--ocsp-url",
+    "ocsp_urls",
+    multiple=True,
+    help="Public URL of the OCSP responder, written into every leaf (AIA), e.g. "
+    "http://ca.internal:8080/ (served by 'ca serve --ocsp-listen'). Repeatable.",
+)
+@click.option(
+    "--root-crl-url",
+    "root_crl_urls",
+    multiple=True,
+    help="Public URL of the root-signed CRL, written into the intermediate (default: "
+    "URL/root for each --crl-url ending in /crl). Repeatable.",
+)
+@click.option(
+    "--backdate",
+    default="1m",
+    show_default=True,
+    help="How far notBefore of every certificate lies before the CA's clock, for hosts "
+    "whose clocks are a little behind: 0s to 10m (config.toml 'backdate').",
+)
 @home_option
 @passphrase_option
 @json_option
@@ -48,6 +79,10 @@ def init_command(
     trust_domain: str,
     key_type: str,
     db_url: str | None,
+    crl_urls: tuple[str, ...],
+    ocsp_urls: tuple[str, ...],
+    root_crl_urls: tuple[str, ...],
+    backdate: str,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -59,6 +94,7 @@ def init_command(
     Refuses to overwrite an existing CA.
     """
     directory = resolve_home(home)
+    back = parse_backdate(backdate, field="--backdate")
     passphrase = ca_passphrase(passphrase_file, confirm=True)
     with CertificateAuthority.init(
         directory,
@@ -66,12 +102,34 @@ def init_command(
         passphrase=passphrase,
         key_type=KeyType.parse(key_type),
         db_url=normalize_url(db_url) if db_url else None,
+        crl_urls=crl_urls,
+        ocsp_urls=ocsp_urls,
+        root_crl_urls=root_crl_urls or None,
+        backdate=back,
     ) as ca:
         if as_json:
             print_json(_describe(ca))
         else:
             click.echo(f"Created CA for trust domain {trust_domain} in {directory}")
             _show(ca)
+            click.echo(revocation_hint(ca.config), err=True)
+
+
+def revocation_hint(config: CAConfig) -> str:
+    """Say where new leaves point for revocation data, or how to make them point."""
+    if config.crl_urls or config.ocsp_urls:
+        return (
+            f"New leaves carry CRL URL(s) {list(config.crl_urls)} and OCSP URL(s) "
+            f"{list(config.ocsp_urls)}; serve them with 'trustmesh ca serve --ocsp-listen "
+            f"HOST:PORT' (plain HTTP: /crl, /crl/root, /crl/chain and OCSP at /)."
+        )
+    return (
+        "Leaves carry no CRL or OCSP URL, so Java and OpenSSL-based peers cannot check "
+        'revocation by themselves: set crl_urls = ["http://HOST:8080/crl"] and '
+        'ocsp_urls = ["http://HOST:8080/"] in config.toml (or \'ca init --crl-url '
+        "--ocsp-url') and run 'trustmesh ca serve --ocsp-listen 0.0.0.0:8080'; see "
+        "docs/revocation.md."
+    )
 
 
 def _describe(ca: CertificateAuthority) -> dict[str, object]:
@@ -92,6 +150,9 @@ def _describe(ca: CertificateAuthority) -> dict[str, object]:
         "profiles": sorted(ca.config.profiles),
         "root": cert(ca.root),
         "intermediate": cert(ca.intermediate),
+        "crl_urls": list(ca.config.crl_urls),
+        "ocsp_urls": list(ca.config.ocsp_urls),
+        "root_crl_urls": list(ca.config.root_crl_urls),
     }
 
 
@@ -102,6 +163,9 @@ def _show(ca: CertificateAuthority) -> None:
         ("home", info["home"]),
         ("database", info["database"]),
         ("profiles", ", ".join(ca.config.profiles)),
+        ("CRL URLs (leaves)", ", ".join(ca.config.crl_urls) or "none"),
+        ("OCSP URLs (leaves)", ", ".join(ca.config.ocsp_urls) or "none"),
+        ("root CRL URLs", ", ".join(ca.config.root_crl_urls) or "none"),
     ]
     for role in ("root", "intermediate"):
         cert = info[role]
@@ -131,6 +195,13 @@ def show_command(home: Path | None, as_json: bool) -> None:
 @ca_group.command("serve")
 @click.option(
     "--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on."
+)
+@click.option(
+    "--ocsp-listen",
+    default=None,
+    help="Also serve OCSP (RFC 6960: POST /, GET /BASE64) and the CRLs (/crl, /crl/root "
+    "DER; /crl/chain PEM) over plain HTTP on HOST:PORT, read-only, nothing else. nginx "
+    "ssl_ocsp_responder and the URLs in leaves need it; the answers are signed.",
 )
 @click.option(
     "--admin",
@@ -166,6 +237,7 @@ def show_command(home: Path | None, as_json: bool) -> None:
 @passphrase_option
 def serve_command(
     listen: str,
+    ocsp_listen: str | None,
     admins: tuple[str, ...],
     enroll_rate: float,
     enroll_burst: int,
@@ -182,14 +254,35 @@ def serve_command(
     from trustmesh.ca_server import parse_listen, serve
 
     parse_listen(listen)  # bad input fails before the passphrase is needed
+    if ocsp_listen is not None:
+        parse_listen(ocsp_listen)
+        if ocsp_listen == listen:
+            raise click.UsageError("--ocsp-listen must differ from --listen: give another port.")
     configure_logging(log_level, log_format)
     with open_ca(home, passphrase_file, sign=True) as ca:
+        try:
+            ca.root_crl(actor="ca-server")  # re-signed now when due, not on a request
+        except ConfigError as exc:
+            announce(
+                f"warning: {exc.message} Until then /v1/crl/chain answers 503.",
+                event="root_crl_unavailable",
+                level=logging.WARNING,
+            )
+        announce(revocation_hint(ca.config), event="revocation_urls")
         serve(
             ca,
             listen=listen,
+            ocsp_listen=ocsp_listen,
+            ocsp_ready=lambda url: announce(
+                f"trustmesh OCSP and CRL (plain HTTP) listening on {url}",
+                event="ready",
+                url=url,
+            ),
             admins=tuple(ca.config.admins) + admins,
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
-            ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh CA API listening on {url}", event="ready", url=url
+            ),
         )

@@ -21,10 +21,12 @@ from trustmesh.pki import (
     glob_match,
     parse_duration,
     pem_certificates,
+    pem_crls,
 )
 from trustmesh.store import CertificateRecord
 
 from ._common import (
+    force_option,
     home_option,
     json_option,
     open_ca,
@@ -32,9 +34,12 @@ from ._common import (
     print_fields,
     print_json,
     print_table,
+    refuse_overwrite,
 )
 
 PEM = serialization.Encoding.PEM
+#: What ``trustmesh issue`` writes into --out.
+ISSUED_FILES = ("key.pem", "cert.pem", "chain.pem", "bundle.pem")
 
 
 def _ttl(value: str | None) -> timedelta | None:
@@ -100,6 +105,7 @@ class _Staged:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for key.pem, cert.pem, chain.pem and bundle.pem.",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -111,6 +117,7 @@ def issue_command(
     profile: str | None,
     key_type: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -119,9 +126,11 @@ def issue_command(
 
     The key never leaves this machine and is not stored by the CA. Writes
     key.pem (0600), cert.pem, chain.pem (leaf + intermediate) and bundle.pem
-    (trust anchors) into --out.
+    (trust anchors) into --out, each atomically. Refuses to replace any of them
+    that already exists unless --force.
     """
     lifetime = _ttl(ttl)
+    refuse_overwrite([out / name for name in ISSUED_FILES], force=force)
     with open_ca(home, passphrase_file, sign=True) as ca:
         staged = _Staged()
 
@@ -159,6 +168,7 @@ def issue_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the certificate chain (leaf + intermediate, PEM).",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -167,6 +177,7 @@ def sign_command(
     ttl: str | None,
     profile: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -174,8 +185,10 @@ def sign_command(
     """Check CSR_FILE against a profile and sign it.
 
     The CSR must carry exactly one SPIFFE ID as a URI SAN. Writes the leaf
-    followed by the intermediate to --out.
+    followed by the intermediate to --out (atomically; an existing file only
+    with --force).
     """
+    refuse_overwrite([out], force=force)
     try:
         data = csr_file.read_bytes()
     except OSError as exc:
@@ -281,7 +294,19 @@ def _rows(records: list[CertificateRecord], now: datetime) -> list[list[object]]
 )
 @click.option("--revoked", is_flag=True, help="Only revoked certificates.")
 @click.option("--expiring", default=None, help="Only valid ones expiring within this, e.g. 7d.")
-@click.option("--limit", default=1000, show_default=True, help="At most this many rows.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="At most this many rows; the output says 'showing N of M' when more match.",
+)
+@click.option(
+    "--envelope",
+    is_flag=True,
+    help="With --json: print an object with the certificates, the total that matched "
+    "and whether --limit cut the list, instead of a bare list.",
+)
 @home_option
 @json_option
 def list_command(
@@ -289,28 +314,64 @@ def list_command(
     revoked: bool,
     expiring: str | None,
     limit: int,
+    envelope: bool,
     home: Path | None,
     as_json: bool,
 ) -> None:
-    """List issued certificates, newest first."""
+    """List issued certificates, newest first.
+
+    At most --limit of them: when more match, the table title says "showing N of M",
+    and --json prints the bare list with that line on stderr (or, with --envelope,
+    {"certificates": [...], "shown": N, "total": M, "truncated": true, "limit": L}).
+    """
+    if envelope and not as_json:
+        raise click.UsageError("--envelope goes with --json.")
     now = datetime.now(UTC)
     window = parse_duration(expiring, field="--expiring") if expiring else None
+    exact = id_glob if id_glob and "*" not in id_glob else None
+    pattern = id_glob if id_glob and not exact else None
+    status = True if revoked else (False if window else None)
+    before = now + window if window else None
+    valid = now if window else None
     with open_ca(home) as ca:
-        exact = id_glob if id_glob and "*" not in id_glob else None
         records = ca.store.find_certificates(
             spiffe_id=exact,
-            revoked=True if revoked else (False if window else None),
-            expiring_before=now + window if window else None,
-            valid_at=now if window else None,
-            limit=None if id_glob and not exact else limit,
+            revoked=status,
+            expiring_before=before,
+            valid_at=valid,
+            limit=None if pattern else limit,
         )
-    if id_glob and not exact:
-        records = [r for r in records if glob_match(r.spiffe_id, id_glob, sep="/")][:limit]
+        if pattern is not None:
+            records = [r for r in records if glob_match(r.spiffe_id, pattern, sep="/")]
+            total = len(records)
+            records = records[:limit]
+        elif len(records) < limit:
+            total = len(records)
+        else:
+            total = ca.store.count_certificates(
+                spiffe_id=exact, revoked=status, expiring_before=before, valid_at=valid
+            )
+    truncated = total > len(records)
+    cut = f"showing {len(records)} of {total} certificate(s) (--limit {limit})"
     if as_json:
-        print_json([r.to_json(now) for r in records])
+        rows = [r.to_json(now) for r in records]
+        if envelope:
+            print_json(
+                {
+                    "certificates": rows,
+                    "shown": len(rows),
+                    "total": total,
+                    "truncated": truncated,
+                    "limit": limit,
+                }
+            )
+            return
+        print_json(rows)
+        if truncated:
+            click.echo(f"trustmesh list: {cut}; raise --limit to see them all.", err=True)
         return
     print_table(
-        f"{len(records)} certificate(s)",
+        f"{cut}; raise --limit to see them all" if truncated else f"{len(records)} certificate(s)",
         ["serial", "SPIFFE ID", "status", "not after (UTC)", "profile", "reason"],
         _rows(records, now),
     )
@@ -324,18 +385,56 @@ def list_command(
     help="Write to this file (DER unless --pem); default: PEM to stdout.",
 )
 @click.option("--pem", is_flag=True, help="Write PEM instead of DER.")
+@click.option(
+    "--chain",
+    is_flag=True,
+    help="CRLs for the whole chain: the intermediate's and the root-signed one, in one PEM "
+    "file (with --pem) as nginx ssl_crl and HAProxy crl-file need.",
+)
+@click.option(
+    "--root",
+    "root_only",
+    is_flag=True,
+    help="Only the root-signed CRL of the intermediates (re-signed when half its life passed).",
+)
 @home_option
 @passphrase_option
 def crl_command(
-    out: Path | None, pem: bool, home: Path | None, passphrase_file: Path | None
+    out: Path | None,
+    pem: bool,
+    chain: bool,
+    root_only: bool,
+    home: Path | None,
+    passphrase_file: Path | None,
 ) -> None:
-    """Build a CRL of the unexpired revoked certificates, signed by the intermediate."""
+    """Build a CRL of the unexpired revoked certificates, signed by the intermediate.
+
+    With --chain, also the root-signed CRL of the intermediates: peers that check the
+    whole chain (nginx ssl_crl, HAProxy crl-file, openssl -crl_check_all) refuse every
+    client without it.
+    """
+    if chain and root_only:
+        raise click.UsageError("Give --chain or --root, not both.")
+    if chain and out is not None and not pem:
+        raise click.UsageError(
+            "--chain writes two CRLs, which only PEM can hold in one file: add --pem."
+        )
     with open_ca(home, passphrase_file, sign=True) as ca:
-        crl = ca.crl()
+        if chain:
+            crls = list(ca.chain_crls())
+        elif root_only:
+            crls = [ca.root_crl()]
+        else:
+            crls = [ca.crl()]
     if out is None:
-        click.echo(crl.public_bytes(PEM).decode(), nl=False)
+        click.echo(pem_crls(crls).decode(), nl=False)
         return
-    encoding = PEM if pem else serialization.Encoding.DER
-    atomic_write(out, crl.public_bytes(encoding))
-    number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    click.echo(f"wrote CRL number {number} with {len(crl)} entries to {out}", err=True)
+    data = pem_crls(crls) if pem else crls[0].public_bytes(serialization.Encoding.DER)
+    atomic_write(out, data)
+    described = ", ".join(
+        f"{'root' if c.issuer == ca.root.subject else 'intermediate'} CRL number "
+        f"{c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number} "
+        f"({len(c)} entries)"
+        for c in crls
+    )
+    click.echo(f"wrote {described} to {out}", err=True)

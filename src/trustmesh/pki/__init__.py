@@ -11,7 +11,14 @@ from ._bundles import (
     pkcs12_keystore,
     pkcs12_truststore,
 )
-from ._crl import DEFAULT_CRL_LIFETIME, REASONS, RevokedEntry, build_crl, parse_reason
+from ._crl import (
+    DEFAULT_CRL_LIFETIME,
+    REASONS,
+    RevokedEntry,
+    build_crl,
+    parse_reason,
+    pem_crls,
+)
 from ._csr import MAX_CSR_BYTES, check_csr, load_csr, request_from_csr
 from ._durations import format_duration, parse_duration
 from ._inspect import (
@@ -33,11 +40,14 @@ from ._inspect import (
 )
 from ._issue import (
     BACKDATE,
+    MAX_BACKDATE,
     LeafRequest,
+    check_backdate,
     create_intermediate,
     create_root,
     issue_leaf,
     new_serial,
+    parse_backdate,
 )
 from ._keys import (
     KeyType,
@@ -52,6 +62,7 @@ from ._keys import (
 )
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
+from ._sans import SANAllowance, parse_dns_name, parse_ip_address
 from ._selectors import SELECTOR_KEYS, Selector, parse_selector, selectors_match
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
 from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
@@ -59,6 +70,7 @@ from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 __all__ = [
     "BACKDATE",
     "DEFAULT_CRL_LIFETIME",
+    "MAX_BACKDATE",
     "MAX_CSR_BYTES",
     "MAX_INSPECT_BYTES",
     "REASONS",
@@ -77,10 +89,12 @@ __all__ = [
     "PublicKey",
     "RevokedEntry",
     "RevokedSummary",
+    "SANAllowance",
     "Selector",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "check_backdate",
     "check_chain",
     "check_csr",
     "create_intermediate",
@@ -101,10 +115,14 @@ __all__ = [
     "load_private_key",
     "match_spiffe_pattern",
     "new_serial",
+    "parse_backdate",
+    "parse_dns_name",
     "parse_duration",
+    "parse_ip_address",
     "parse_reason",
     "parse_selector",
     "pem_certificates",
+    "pem_crls",
     "pkcs12_keystore",
     "pkcs12_truststore",
     "relative_time",

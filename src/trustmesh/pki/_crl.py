@@ -20,6 +20,7 @@ __all__ = [
     "RevokedEntry",
     "build_crl",
     "parse_reason",
+    "pem_crls",
 ]
 
 #: How long a CRL is valid (``nextUpdate`` - ``thisUpdate``).
@@ -71,6 +72,12 @@ class RevokedEntry:
     serial: int
     revoked_at: datetime
     reason: str = "unspecified"
+
+
+def pem_crls(crls: Iterable[x509.CertificateRevocationList]) -> bytes:
+    """Return CRLs as one PEM file, in order: the layout nginx ``ssl_crl``, HAProxy
+    ``crl-file`` and ``openssl verify -CRLfile`` read for a whole chain."""
+    return b"".join(crl.public_bytes(serialization.Encoding.PEM) for crl in crls)
 
 
 def build_crl(
