@@ -201,6 +201,7 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
+_ENTRY_ROUTE = "/v1/entries/{entry_id}"
 #: What a GET on the plain listener must look like to be read as an OCSP request
 #: (RFC 6960 A.1: the base64 DER appended to the responder URL; even the smallest
 #: request is longer than this).
@@ -211,7 +212,14 @@ _PLAIN_ONLY = (
     "PEM); everything else is on the HTTPS API."
 )
 #: Refusals on these routes are also written to the audit chain.
-_AUDITED_DENIALS = {"/v1/enroll", "/v1/renew", "/v1/revoke"}
+_AUDITED_DENIALS = {
+    "/v1/enroll",
+    "/v1/renew",
+    "/v1/revoke",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
+}
 
 
 class _Metrics:
@@ -254,7 +262,9 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
-        if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
+        if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
+            route = _ENTRY_ROUTE
+        if route not in _KNOWN_ROUTES and not route.endswith(("{request}", "{entry_id}")):
             route = "other"
         if not path.endswith("/stream"):
             metrics.latency.labels(method, route, str(status)).observe(seconds)
@@ -276,6 +286,9 @@ _KNOWN_ROUTES = {
     "/v1/revoke",
     "/v1/revocations",
     "/v1/certificates",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
     "/v1/openapi.json",
 }
 
@@ -407,8 +420,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
         if fmt == "spiffe":
+            jwt_keys = await run_in_threadpool(ca.jwt_keys)
             doc = {
-                "keys": [_jwk(c) for c in ca.bundle],
+                "keys": [_jwk(c) for c in ca.bundle] + jwt_keys,
                 "spiffe_refresh_hint": 300,
                 "spiffe_sequence": 1,
             }
@@ -710,6 +724,134 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
         return await guarded(request, work)
 
+    def require_admin(spiffe_id: SpiffeID, what: str) -> None:
+        if not is_admin(spiffe_id):
+            raise ScopeError(
+                f"{what} is for admins ({list(opts.admins)}); {spiffe_id} is not one.",
+                reason="not_admin",
+            )
+
+    async def entries(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            if request.method == "POST":
+                require_admin(spiffe_id, "Creating registration entries")
+                return await create_entry(request, spiffe_id)
+            node = request.query_params.get("node")
+            if not is_admin(spiffe_id):
+                if node is not None and node != spiffe_id.uri:
+                    raise ScopeError(
+                        f"{spiffe_id} may list only its own entries (node={spiffe_id.uri}).",
+                        reason="not_admin",
+                    )
+                node = spiffe_id.uri  # a node sees its own entries
+            found = await run_in_threadpool(lambda: ca.list_entries(node_id=node))
+            return JSONResponse(
+                {"entries": [e.to_json() for e in found]}, headers={"Cache-Control": "no-store"}
+            )
+
+        return await guarded(request, work)
+
+    async def create_entry(request: Request, spiffe_id: SpiffeID) -> Response:
+        data = await _json_body(request, "spiffe_id", "node_id", timeout=opts.body_timeout)
+        if isinstance(data, Response):
+            return data
+        selectors, dns = data.get("selectors"), data.get("dns", [])
+        for name, value in (("selectors", selectors), ("dns", dns)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    f"'{name}' must be a list of strings, e.g. [\"unix:uid:1001\"].",
+                    reason="bad_entry",
+                )
+        entry = await run_in_threadpool(
+            lambda: ca.create_entry(
+                data["spiffe_id"],
+                node_id=data["node_id"],
+                selectors=selectors or [],
+                dns=dns,
+                ttl=ttl_field(data),
+                actor=str(spiffe_id),
+            )
+        )
+        log.info(
+            "created entry %s for %s on %s",
+            entry.entry_id,
+            entry.spiffe_id,
+            entry.node_id,
+            extra={"event": "entry-create", "entry_id": entry.entry_id},
+        )
+        return JSONResponse(entry.to_json(), status_code=201)
+
+    async def entry_item(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            entry_id = request.path_params["entry_id"]
+            if request.method == "DELETE":
+                require_admin(spiffe_id, "Deleting registration entries")
+                gone = await run_in_threadpool(
+                    lambda: ca.delete_entry(entry_id, actor=str(spiffe_id))
+                )
+                return JSONResponse({"deleted": gone.to_json()})
+            entry = await run_in_threadpool(ca.get_entry, entry_id)
+            if not is_admin(spiffe_id) and entry.node_id != spiffe_id.uri:
+                raise ScopeError(
+                    f"Entry {entry.entry_id} belongs to node {entry.node_id}; {spiffe_id} "
+                    f"may read only its own entries.",
+                    reason="wrong_node",
+                )
+            return JSONResponse(entry.to_json())
+
+        return await guarded(request, work)
+
+    async def entry_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_entry verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", "csr", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            issued = await run_in_threadpool(
+                lambda: ca.sign_entry(cert, data["entry_id"], data["csr"].encode())
+            )
+            metrics.issued.labels(kind="entry").inc()
+            log.info(
+                "issued %s serial %s for entry %s",
+                issued.record.spiffe_id,
+                issued.record.serial,
+                data["entry_id"],
+                extra={
+                    "event": "entry-svid",
+                    "spiffe_id": issued.record.spiffe_id,
+                    "serial": issued.record.serial,
+                },
+            )
+            return JSONResponse(_issued_json(issued), status_code=201)
+
+        return await guarded(request, work)
+
+    async def entry_jwt_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_jwt_svid verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            audience = data.get("audience")
+            if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+                raise ConfigError(
+                    "'audience' must be a list of strings, e.g. [\"spiffe://example.org/db\"].",
+                    reason="bad_audience",
+                )
+            token, expires = await run_in_threadpool(
+                lambda: ca.sign_jwt_svid(cert, data["entry_id"], audience)
+            )
+            metrics.issued.labels(kind="jwt-svid").inc()
+            return JSONResponse(
+                {"token": token, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                status_code=201,
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return await guarded(request, work)
+
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -738,6 +880,10 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/revocations", revocations),
             Route("/v1/revocations/stream", revocation_stream),
             Route("/v1/certificates", certificates),
+            Route("/v1/entries", entries, methods=["GET", "POST"]),
+            Route("/v1/entries/svid", entry_svid, methods=["POST"]),
+            Route("/v1/entries/jwt-svid", entry_jwt_svid, methods=["POST"]),
+            Route("/v1/entries/{entry_id}", entry_item, methods=["GET", "DELETE"]),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),
         ],

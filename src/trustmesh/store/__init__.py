@@ -1,9 +1,11 @@
-"""Persistence: certificates, counters, join tokens and the audit chain (SQLite or PostgreSQL).
+"""Persistence: certificates, counters, join tokens, registration entries and the audit chain
+(SQLite or PostgreSQL).
 
 The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, which
 queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
 """
 
+from ._entries import RegistrationEntry, add_entry, delete_entry, find_entries, get_entry
 from ._schema import (
     idp_assertion_jtis,
     idp_authorization_codes,
@@ -28,10 +30,15 @@ __all__ = [
     "REVOCATION_CHANNEL",
     "CertificateRecord",
     "JoinToken",
+    "RegistrationEntry",
     "RevocationEvent",
     "Store",
+    "add_entry",
     "add_join_token",
     "consume_join_token",
+    "delete_entry",
+    "find_entries",
+    "get_entry",
     "idp_assertion_jtis",
     "idp_authorization_codes",
     "idp_clients",

@@ -84,6 +84,23 @@ join_tokens = Table(
     Column("ip_ranges", Text, nullable=False, default=""),
 )
 
+#: Registration entries: the CA signs ``spiffe_id`` for the node agent ``node_id`` only,
+#: and that agent hands it to local callers matching every selector (JSON list).
+registration_entries = Table(
+    "registration_entries",
+    metadata,
+    Column("entry_id", String(36), primary_key=True),  # UUID
+    Column("spiffe_id", Text, nullable=False),
+    Column("node_id", Text, nullable=False),
+    Column("selectors", Text, nullable=False),  # JSON list of "type:key:value"
+    Column("dns", Text, nullable=False, default=""),  # comma-separated
+    Column("ttl", Integer, nullable=True),  # seconds; None: the profile's default
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Index("ix_registration_entries_node_id", "node_id"),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
+)
+
 # --- The identity server (``idp serve``). Lists are space-separated; times Unix seconds. ---
 
 #: OAuth clients. Secrets are kept only as a salted hash (``sha256$SALT$HEX``).
