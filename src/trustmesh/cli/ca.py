@@ -24,6 +24,7 @@ from ._common import (
     print_json,
     resolve_home,
 )
+from .backup import backup_group, restore_command
 
 KEY_TYPES = [k.value for k in KeyType]
 
@@ -31,6 +32,10 @@ KEY_TYPES = [k.value for k in KeyType]
 @click.group("ca")
 def ca_group() -> None:
     """Create and inspect the certificate authority."""
+
+
+ca_group.add_command(backup_group)
+ca_group.add_command(restore_command)
 
 
 @ca_group.command("init")

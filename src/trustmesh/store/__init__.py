@@ -14,6 +14,13 @@ from ._schema import (
     idp_signing_keys,
     idp_users,
 )
+from ._snapshot import (
+    RestoredDatabase,
+    SnapshotInfo,
+    describe_snapshot,
+    restore_snapshot,
+    snapshot_database,
+)
 from ._store import (
     REVOCATION_CHANNEL,
     CertificateRecord,
@@ -28,10 +35,13 @@ __all__ = [
     "REVOCATION_CHANNEL",
     "CertificateRecord",
     "JoinToken",
+    "RestoredDatabase",
     "RevocationEvent",
+    "SnapshotInfo",
     "Store",
     "add_join_token",
     "consume_join_token",
+    "describe_snapshot",
     "idp_assertion_jtis",
     "idp_authorization_codes",
     "idp_clients",
@@ -42,5 +52,7 @@ __all__ = [
     "idp_users",
     "normalize_url",
     "open_store",
+    "restore_snapshot",
+    "snapshot_database",
     "token_hash",
 ]
