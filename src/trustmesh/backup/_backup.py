@@ -407,7 +407,8 @@ def _read_members(archive: Path, tar: tarfile.TarFile, dest: Path) -> dict[str, 
         raise _damaged(archive, f"member(s) {sorted(missing)} are missing")
     if _HOME + CONFIG_NAME not in members or _DATABASE not in members:
         raise _damaged(archive, f"it holds no {CONFIG_NAME} or no database snapshot")
-    return manifest
+    result: dict[str, Any] = manifest
+    return result
 
 
 @contextlib.contextmanager

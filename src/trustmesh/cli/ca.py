@@ -137,7 +137,10 @@ def _describe(ca: CertificateAuthority) -> dict[str, object]:
             "key": describe_key(c.public_key()),
         }
 
+    expiry = ca.issuer_expiry()
     return {
+        "warnings": [e.warning for e in expiry if e.warning],
+        "expires_in_seconds": {e.role: int(e.seconds_left) for e in expiry},
         "trust_domain": ca.config.trust_domain,
         "home": str(ca.home),
         "database": ca.store.url,
@@ -171,6 +174,9 @@ def _show(ca: CertificateAuthority) -> None:
             (f"{role} SHA-256", cert["sha256"]),
             (f"{role} expires", cert["not_after"]),
         ]
+    warnings = info["warnings"]
+    if isinstance(warnings, list):
+        rows += [("WARNING", w) for w in warnings]
     print_fields("trustmesh CA", rows)
 
 
