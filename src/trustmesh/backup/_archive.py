@@ -129,10 +129,15 @@ class ArchiveReader(io.RawIOBase):
         super().__init__()
         self.name = name
         header = source.read(_HEADER.size)
-        if len(header) < _HEADER.size or not header.startswith(MAGIC):
-            what = "is truncated" if header and MAGIC.startswith(header[:16]) else "is not"
+        if header and len(header) < _HEADER.size and MAGIC.startswith(header[:16]):
             raise BackupError(
-                f"{name} {what} a trustmesh backup (no complete header); give a file "
+                f"{name} is truncated (its header is incomplete); nothing was restored. "
+                f"Use a complete copy of the backup.",
+                reason="truncated",
+            )
+        if len(header) < _HEADER.size or not header.startswith(MAGIC):
+            raise BackupError(
+                f"{name} is not a trustmesh backup (no trustmesh header); give a file "
                 f"written by 'trustmesh ca backup'.",
                 reason="format",
             )
