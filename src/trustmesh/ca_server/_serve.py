@@ -96,6 +96,7 @@ def log_expiry(ca: CertificateAuthority) -> int:
     for item in ca.issuer_expiry():
         if item.warning:
             log.warning(
+                "%s",
                 item.warning,
                 extra={
                     "event": "ca_certificate_expiry",
