@@ -93,7 +93,7 @@ def _backup_restore_serve(tmp_path: Path, source_db: str | None, target_db: str 
         load, _ = enroll(old, "spiffe://example.org/load", tmp_path / "load")
         with client(old, tmp_path / "bad") as http:
             assert http.post("/v1/revoke", json={"serial": bad["serial"]}).status_code == 200
-        stop, serials = threading.Event(), []
+        stop, serials = threading.Event(), list[str]()
         worker = threading.Thread(target=_renewals, args=(old, load, stop, serials))
         worker.start()
         try:
@@ -125,6 +125,7 @@ def _backup_restore_serve(tmp_path: Path, source_db: str | None, target_db: str 
         assert ca.store.dialect == ("postgresql" if target_db else "sqlite")
         known = {r.serial for r in ca.store.iter_certificates()}
         assert set(before) <= known  # every certificate handed out before the backup
+        assert serials[-1] not in known  # issued after it: unknown, so its renewal fails
         assert summary["database"]["tables"]["certificates"] == len(known)
         assert ca.audit_tail(1)[0].action == "restore"
     verify = trustmesh("audit", "verify", home=new_home)
