@@ -213,12 +213,17 @@ def unsigned(header: dict[str, object], claims: dict[str, object], signature: by
 
 def sign_es256(header: dict[str, object], claims: dict[str, object], key: ECKey) -> str:
     """Sign exactly ``header`` (joserfc would add or refuse parameters) with ES256."""
+    return sign_es256_raw(header, json.dumps(claims), key)
+
+
+def sign_es256_raw(header: dict[str, object], payload: str, key: ECKey) -> str:
+    """Sign ``payload`` exactly as given (text no JSON encoder writes: ``1e309``, ``NaN``)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
     h = b64(json.dumps(header).encode())
-    p = b64(json.dumps(claims).encode())
+    p = b64(payload.encode())
     private = key.private_key
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     r, s = decode_dss_signature(private.sign(f"{h}.{p}".encode(), ec.ECDSA(hashes.SHA256())))

@@ -812,6 +812,7 @@ def test_store_options_are_refused_without_a_usable_password(
         ),
         (["--store-password-file", str(password)], "only used with --pkcs12"),
         (["--pkcs12-legacy"], "--pkcs12-legacy is only used"),
+        (["--rekey-stores"], "--rekey-stores is only used"),
         (
             ["--pkcs12", str(password / "k.p12"), "--store-password-file", str(password)],
             f"Cannot create {password} for {password / 'k.p12'}",
@@ -883,3 +884,113 @@ def test_a_failed_store_write_is_loud_and_repaired_by_the_next_run(
     held = load_store(keystore).cert
     assert held is not None
     assert held.certificate == leaf(out)
+
+
+def keytool_opens(store: Path, password: str) -> bool:
+    """Whether Java's keytool lists ``store`` with ``password`` (a JVM start each time)."""
+    keytool = shutil.which("keytool")
+    if keytool is None:
+        pytest.skip("keytool is not on PATH")
+    result = subprocess.run(
+        [
+            *(keytool, "-J-XX:TieredStopAtLevel=1", "-list", "-storetype", "PKCS12"),
+            *("-keystore", str(store), "-storepass", password),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return result.returncode == 0 and "Your keystore contains" in result.stdout
+
+
+@pytest.mark.slow
+def test_stores_that_do_not_open_with_the_password_are_refused_unless_rekeyed(
+    server: Server,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong --store-password-file over existing stores exits 2 with one line naming the
+    store and --rekey-stores, renewing or not, and leaves every file as it was (keytool
+    still opens both stores with the original password); --rekey-stores rewrites them
+    with the new password and logs a warning."""
+    spiffe_id = "spiffe://example.org/java-rekey"
+    out = tmp_path / "java"
+    keystore, truststore = tmp_path / "keystore.p12", tmp_path / "truststore.p12"
+    argv = server.agent(spiffe_id, out, "--bundle", str(server.bundle), "--once")
+    code, _, err = run(
+        [*argv, *store_args(tmp_path), "--token", server.join_token(spiffe_id)], capsys
+    )
+    assert code == 0, err
+    wrong = tmp_path / "wrong.pass"
+    wrong.write_text("not-the-store-password\n")
+    before = {
+        **snapshot(out),
+        **{p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (keystore, truststore)},
+    }
+
+    both = ["--pkcs12", str(keystore), "--truststore", str(truststore)]
+    cases = [
+        ([*both], keystore, "--pkcs12"),
+        ([*both, "--renew-now"], keystore, "--pkcs12"),
+        (["--truststore", str(truststore)], truststore, "--truststore"),
+    ]
+    for extra, refused, option in cases:
+        code, stdout, err = run([*argv, *extra, "--store-password-file", str(wrong)], capsys)
+        assert (code, stdout) == (2, ""), (extra, err)
+        assert err == (
+            f"error: {option} {refused} exists but does not open with the password in "
+            f"--store-password-file (a different password, or not a PKCS#12 file): give the "
+            f"password it was written with, or pass --rekey-stores to rewrite it with this "
+            f"one.\n"
+        )
+    after = {
+        **snapshot(out),
+        **{p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (keystore, truststore)},
+    }
+    assert after == before
+    assert keytool_opens(keystore, STORE_PASSWORD)
+    assert keytool_opens(truststore, STORE_PASSWORD)
+
+    # a file that is not PKCS#12 at all (e.g. a JKS store) is refused the same way
+    foreign = tmp_path / "foreign.jks"
+    foreign.write_bytes(b"\xfe\xed\xfe\xed not a PKCS#12 file")
+    code, _, err = run(
+        [
+            *argv,
+            "--truststore",
+            str(foreign),
+            "--store-password-file",
+            str(tmp_path / "store.pass"),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert f"--truststore {foreign} exists but does not open" in err
+    assert foreign.read_bytes().startswith(b"\xfe\xed\xfe\xed")
+
+    # the explicit flag re-keys both stores, and says so
+    caplog.clear()
+    code, stdout, err = run(
+        [*argv, *both, "--store-password-file", str(wrong), "--rekey-stores"], capsys
+    )
+    assert code == 0, err
+    assert stdout.startswith("unchanged")
+    assert f"wrote {keystore}, {truststore}" in stdout
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(" does not open")[0] for w in warnings] == [
+        f"--pkcs12 {keystore}",
+        f"--truststore {truststore}",
+    ]
+    assert all("--rekey-stores: rewriting it with that password" in w for w in warnings)
+    assert keytool_opens(keystore, "not-the-store-password")
+    assert not keytool_opens(keystore, STORE_PASSWORD)
+    held = pkcs12.load_pkcs12(truststore.read_bytes(), b"not-the-store-password")
+    assert [c.certificate for c in held.additional_certs] == x509.load_pem_x509_certificates(
+        (out / "bundle.pem").read_bytes()
+    )
+    # once re-keyed, the new password is simply the password
+    code, stdout, err = run([*argv, *both, "--store-password-file", str(wrong)], capsys)
+    assert (code, err) == (0, "")
+    assert "wrote" not in stdout

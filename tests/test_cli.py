@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
+from rich.console import Console as RichConsole
 
+from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
+
+from .conftest import PASSPHRASE
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -372,3 +377,239 @@ def test_python_dash_m_runs_the_cli(initialized: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: Refusing a lifetime of 9d")
+
+
+# -- issue 14: output is data, never markup ---------------------------------------------
+
+
+def _emoji_fingerprints(info: dict[str, Any]) -> list[str]:
+    """The fingerprints a default Rich console would change (":AB:" is 🆎, ":CD:" is 💿)."""
+    rich = RichConsole(emoji=True, markup=True)
+    return [
+        info[role]["sha256"]
+        for role in ("root", "intermediate")
+        if rich.render_str(info[role]["sha256"]).plain != info[role]["sha256"]
+    ]
+
+
+def test_fingerprints_with_emoji_codes_print_verbatim(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ca init` and `ca show` print a SHA-256 fingerprint holding ":AB:" or ":CD:" exactly
+    as it is, not as an emoji, both in-process and from `python -m trustmesh`."""
+    for attempt in range(100):  # about a fifth of fresh CAs have such a fingerprint
+        home = tmp_path / f"ca{attempt}"
+        code, init_out, err = run(
+            capsys, "ca", "init", "--trust-domain", "example.org", "--home", str(home)
+        )
+        assert code == 0, err
+        code, stdout, err = run(capsys, "ca", "show", "--home", str(home), "--json")
+        assert code == 0, err
+        wanted = _emoji_fingerprints(json.loads(stdout))
+        if wanted:
+            break
+    else:  # pragma: no cover - about 0.8**100
+        pytest.fail("no CA with an emoji code in its fingerprint")
+    shown = subprocess.run(
+        [sys.executable, "-m", "trustmesh", "ca", "show", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    code, show_out, err = run(capsys, "ca", "show", "--home", str(home))
+    assert code == 0, err
+    for text in (init_out, shown.stdout, show_out):
+        for value in wanted:
+            assert value in text, text
+        assert "\N{NEGATIVE SQUARED AB}" not in text
+        assert "\N{OPTICAL DISC}" not in text
+
+
+def test_user_data_with_markup_prints_verbatim(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Console markup and emoji codes in user data (the CA home path, an identity-server
+    client name, a user's e-mail, audit details) are printed as typed."""
+    home = tmp_path / "h[bold]x[/bold]:cd:"
+    code, stdout, err = run(
+        capsys, "ca", "init", "--trust-domain", "example.org", "--home", str(home)
+    )
+    assert code == 0, err
+    assert str(home) in stdout
+    code, stdout, err = run(capsys, "ca", "show", "--home", str(home))
+    assert code == 0, err
+    assert str(home) in stdout
+    client = "[red]x[/red]:ab:"
+    code, _, err = run(
+        capsys, "idp", "client", "add", client, "--scope", "read", "--home", str(home)
+    )
+    assert code == 0, err
+    code, stdout, err = run(capsys, "idp", "client", "list", "--home", str(home))
+    assert code == 0, err
+    assert client in stdout
+    email = "[bold]a[/bold]@:cd:.org"
+    monkeypatch.setenv("TRUSTMESH_IDP_USER_PASSWORD", "a long enough password 1")
+    code, _, err = run(capsys, "idp", "user", "add", "erin", "--email", email, "--home", str(home))
+    assert code == 0, err
+    code, stdout, err = run(capsys, "idp", "user", "list", "--home", str(home))
+    assert code == 0, err
+    assert email in stdout
+    code, stdout, err = run(capsys, "audit", "tail", "--home", str(home))
+    assert code == 0, err
+    assert f"name={client}" in stdout
+    assert "\N{NEGATIVE SQUARED AB}" not in stdout
+
+
+# -- issue 14: existing key and certificate files are not overwritten silently ----------
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_issue_refuses_to_overwrite_without_force(
+    capsys: pytest.CaptureFixture[str], initialized: Path, tmp_path: Path
+) -> None:
+    """A second `issue --out DIR` exits 2 naming the files and --force, leaves them and
+    the CA's records untouched; with --force it replaces them atomically, key.pem 0600."""
+    out = tmp_path / "api"
+    first = issue(capsys, out, "spiffe://example.org/api")
+    before = _files(out)
+    code, stdout, err = run(capsys, "issue", "spiffe://example.org/api", "--out", str(out))
+    assert (code, stdout) == (2, "")
+    assert err.startswith(f"error: Refusing to overwrite {out / 'key.pem'}, ")
+    assert "pass --force to replace them, or give another --out." in err
+    assert err.count("\n") == 1
+    assert _files(out) == before
+    code, stdout, _ = run(capsys, "list", "--json")
+    assert [r["serial"] for r in json.loads(stdout)] == [first["serial"]]
+
+    # one leftover file is enough to refuse
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "cert.pem").write_text("keep me\n")
+    code, _, err = run(capsys, "issue", "spiffe://example.org/lone", "--out", str(lone))
+    assert code == 2
+    assert f"Refusing to overwrite {lone / 'cert.pem'}: pass --force to replace it" in err
+    assert (lone / "cert.pem").read_text() == "keep me\n"
+
+    (out / "key.pem").chmod(0o644)
+    second = issue(capsys, out, "spiffe://example.org/api", "--force")
+    assert second["serial"] != first["serial"]
+    after = _files(out)
+    assert after["key.pem"] != before["key.pem"]
+    assert after["cert.pem"] != before["cert.pem"]
+    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    cert = x509.load_pem_x509_certificate(after["cert.pem"])
+    key = serialization.load_pem_private_key(after["key.pem"], None)
+    assert cert.public_key() == key.public_key()
+    assert format(cert.serial_number, "x") == second["serial"]
+    assert sorted(after) == ["bundle.pem", "cert.pem", "chain.pem", "key.pem"]
+
+
+def test_sign_and_export_refuse_to_overwrite_without_force(
+    capsys: pytest.CaptureFixture[str],
+    initialized: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`sign --out`, `export p12|truststore|bundle --out` exit 2 on an existing file and
+    leave it alone; with --force they replace it (the keystore with mode 0600)."""
+    monkeypatch.setenv("TRUSTMESH_P12_PASSWORD", "store-pass-123")
+    ident = tmp_path / "ident"
+    issue(capsys, ident, "spiffe://example.org/api")
+    csr = tmp_path / "req.pem"
+    csr.write_bytes(make_csr(["spiffe://example.org/worker"]))
+    chain, cert, key = str(tmp_path / "chain.pem"), str(ident / "cert.pem"), str(ident / "key.pem")
+    commands = {
+        "chain.pem": ["sign", str(csr), "--out", chain],
+        "app.p12": ["export", "p12", "--cert", cert, "--key", key],
+        "trust.p12": ["export", "truststore"],
+        "bundle.pem": ["export", "bundle"],
+    }
+    for name, argv in commands.items():
+        target = tmp_path / name
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(target)]
+        target.write_text("operator's file\n")
+        target.chmod(0o644)
+        code, stdout, err = run(capsys, *argv)
+        assert (code, stdout) == (2, ""), (argv, err)
+        assert err == (
+            f"error: Refusing to overwrite {target}: pass --force to replace it, "
+            f"or give another --out.\n"
+        )
+        assert target.read_text() == "operator's file\n"
+        code, _, err = run(capsys, *argv, "--force")
+        assert code == 0, (argv, err)
+        assert target.read_bytes() != b"operator's file\n"
+    assert len(x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())) == 2
+    assert stat.S_IMODE((tmp_path / "app.p12").stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# -- issue 14: a list cut by --limit says so ---------------------------------------------
+
+
+def test_list_says_when_limit_cut_it(
+    capsys: pytest.CaptureFixture[str], initialized: Path, tmp_path: Path
+) -> None:
+    """With more matches than --limit, `list` says "showing N of M" in its table title,
+    on stderr with a bare --json list, and as total/truncated with --json --envelope."""
+    with CertificateAuthority.open(initialized, passphrase=PASSPHRASE) as ca:
+        for i in range(3):
+            ca.issue(f"spiffe://example.org/ns/a/svc{i}", ttl=timedelta(hours=1))
+        for i in range(3):
+            ca.issue(f"spiffe://example.org/ns/b/svc{i}")
+    code, stdout, err = run(capsys, "list", "--limit", "4")
+    assert (code, err) == (0, "")
+    assert "showing 4 of 6 certificate(s) (--limit 4); raise --limit to see them all" in stdout
+    assert stdout.count("spiffe://example.org/ns/") == 4
+
+    code, stdout, err = run(capsys, "list", "--limit", "4", "--json")
+    assert code == 0
+    assert len(json.loads(stdout)) == 4  # still the bare list scripts parse
+    assert err == (
+        "trustmesh list: showing 4 of 6 certificate(s) (--limit 4); "
+        "raise --limit to see them all.\n"
+    )
+
+    code, stdout, err = run(capsys, "list", "--limit", "4", "--json", "--envelope")
+    assert (code, err) == (0, "")
+    page = json.loads(stdout)
+    assert (page["shown"], page["total"], page["truncated"], page["limit"]) == (4, 6, True, 4)
+    assert len(page["certificates"]) == 4
+
+    cases = [
+        (["--expiring", "2h", "--limit", "2"], 2, 3),  # the issue's case, with a small limit
+        (["--id", "spiffe://example.org/ns/*/svc1", "--limit", "1"], 1, 2),  # a glob
+        (["--id", "spiffe://example.org/ns/b/svc0", "--limit", "1"], 1, 1),
+        (["--limit", "6"], 6, 6),
+    ]
+    for extra, shown, total in cases:
+        code, stdout, err = run(capsys, "list", *extra, "--json", "--envelope")
+        assert (code, err) == (0, ""), extra
+        page = json.loads(stdout)
+        assert (page["shown"], page["total"]) == (shown, total), extra
+        assert page["truncated"] is (total > shown)
+        code, stdout, err = run(capsys, "list", *extra, "--json")
+        assert (code, bool(err)) == (0, total > shown), (extra, err)
+        code, stdout, _ = run(capsys, "list", *extra)
+        expected = f"showing {shown} of {total}" if total > shown else f"{total} certificate(s)"
+        assert expected in stdout, extra
+
+    for bad, message in (
+        (["--limit", "0"], "Invalid value for '--limit'"),
+        (["--envelope"], "--envelope goes with --json."),
+    ):
+        code, stdout, err = run(capsys, "list", *bad)
+        assert (code, stdout) == (2, ""), bad
+        assert message in err
+
+    code, stdout, err = run(capsys, "audit", "tail", "-n", "2")
+    assert code == 0, err
+    assert "last 2 of 7 audit event(s)" in stdout  # init + 6 issues
+    code, stdout, err = run(capsys, "audit", "tail", "-n", "20")
+    assert "7 audit event(s)" in stdout

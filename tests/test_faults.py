@@ -107,3 +107,61 @@ def test_database_outage_gives_503_records_nothing_and_recovers(
         assert [
             r.spiffe_id for r in ca.store.find_certificates(spiffe_id="spiffe://example.org/new")
         ] == ["spiffe://example.org/new"]
+
+
+def assert_no_database_details(body: str, *secrets: str) -> None:
+    """The public body names none of the database's coordinates nor its driver."""
+    lowered = body.lower()
+    for secret in secrets:
+        assert secret.lower() not in lowered, (secret, body)
+    assert "database_unavailable" in body, body
+
+
+@pytest.mark.postgres
+def test_database_outage_hides_the_cause_from_callers(
+    tmp_path: Path, own_database: tuple[str, str]
+) -> None:
+    """A 503 during an outage has a generic detail; the URL and driver error go to the log."""
+    url, name = own_database
+    parsed = make_url(url)
+    home = tmp_path / "home"
+    with CertificateAuthority.init(
+        home,
+        trust_domain="example.org",
+        passphrase=PASSPHRASE,
+        key_type=KeyType.EC_P256,
+        db_url=url,
+    ) as ca:
+        token = ca.create_join_token("spiffe://example.org/new")
+    _, csr = make_csr("spiffe://example.org/new")
+    with running_server(home, tmp_path) as server:
+        with http_client(server.url, server.bundle, None) as http:
+            set_database_online(name, False)
+            try:
+                answers = [
+                    http.get("/v1/crl"),
+                    http.post("/v1/enroll", json={"token": token, "csr": csr}),
+                    http.get("/readyz"),
+                ]
+            finally:
+                set_database_online(name, True)
+        log = (tmp_path / "serve.log").read_text()
+    secrets = [
+        name,
+        str(parsed.host),
+        f":{parsed.port or 5432}",
+        str(parsed.username),
+        "psycopg",
+        "postgresql",
+        "FATAL",
+        "OperationalError",
+    ]
+    for answer in answers:
+        problem = assert_problem(answer, 503, "database_unavailable")
+        assert "retry" in problem["detail"]
+        assert_no_database_details(answer.text, *secrets)
+    errors = [line for line in log.splitlines() if '"database_error"' in line]
+    assert len(errors) >= 3, log
+    assert any(name in line and "/v1/crl" in line for line in errors), errors
+    assert any("/v1/enroll" in line and str(parsed.username) in line for line in errors), errors
+    assert all('"level": "error"' in line for line in errors), errors

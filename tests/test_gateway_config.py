@@ -62,6 +62,8 @@ def test_every_key_loads(tmp_path: Path) -> None:
 listen: 0.0.0.0:443
 id: spiffe://example.org/gateway
 ca: https://ca:8443
+dns: [gateway.internal, Localhost]
+ip: [127.0.0.1, "::1"]
 cert_dir: ids
 tls: {cert: cert.pem, key: key.pem}
 redirect_http: 0.0.0.0:80
@@ -115,6 +117,8 @@ routes:
     path.write_text(text)
     config = load_config(path)
     assert config.cert_dir == tmp_path / "ids"
+    assert config.dns == ("gateway.internal", "localhost")
+    assert config.ips == ("127.0.0.1", "::1")
     assert config.tls_cert == tmp_path / "cert.pem"
     assert config.rate_limits.per_client is not None
     assert config.rate_limits.per_client.burst == 20
@@ -272,6 +276,9 @@ ERRORS = [
     ),
     (BASE + "id: !!python/object:os.system x\n", 12, "id", "duplicate key"),
     (BASE + "trusted_proxies: 10.0.0.0/8\n", 12, "trusted_proxies", "expected a list"),
+    (BASE + "ip: [127.0.0.1, 10.0.0.0/8]\n", 12, "ip[1]", "'10.0.0.0/8' is not an IP address"),
+    (BASE + "dns: ['https://gw.internal']\n", 12, "dns[0]", "is not a host name"),
+    (BASE + "dns: gw.internal\n", 12, "dns", "expected a list"),
     (
         _edit(
             "    audience: api\n",

@@ -51,8 +51,8 @@ def gateway_process(
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
-        line = next(x for x in log.read_text().splitlines() if x.startswith(READY))
-        yield process, line.removeprefix(READY).strip()
+        ready = next(e for e in _events(log) if e.get("event") == "ready")
+        yield process, str(ready["url"])
     finally:
         if process.poll() is None:
             process.kill()

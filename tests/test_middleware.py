@@ -475,6 +475,70 @@ def test_wsgi_strips_identity_headers_and_sees_the_caller(
     assert r.json() == {"caller": ORDERS, "user": None, "spoofed": ["SSL_CLIENT_CERT"]}
 
 
+def _steering() -> list[tuple[str, str]]:
+    from .test_proxy_inbound import STEERING, spellings
+
+    return [(spelled, value) for name, value in STEERING for spelled in spellings(name)]
+
+
+def test_override_and_address_headers_follow_the_sidecar_rules(
+    ca: CertificateAuthority, server_id: Identity, orders: Identity, workdir: Path
+) -> None:
+    """The headers the sidecar and gateway strip (trustmesh.headers: request-line overrides,
+    client addresses) are stripped from a peer that is not a trusted proxy, in every
+    spelling; a trusted proxy's (which vouches for them) reach the app, as its identity
+    headers do."""
+    from trustmesh.headers import is_spoofable
+
+    gateway = issue(ca, GATEWAY, workdir)
+    app = protect(echo_app(), trusted_proxies=[GATEWAY])
+    sent = [*_steering(), ("X-Kept", "yes")]
+    vouched = [(k, v) for k, v in sent if "trustmesh" not in k.lower()]
+    with serve_asgi(app, ca, server_id) as url:
+        with client(ca, orders) as http:
+            direct = http.get(f"{url}/items", headers=sent)
+        with client(ca, gateway) as http:
+            proxied = http.get(f"{url}/items", headers=[*vouched, ("X-Trustmesh-Caller", ORDERS)])
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["caller"] == ORDERS
+    seen = direct.json()["headers"]
+    assert "x-kept" in seen
+    assert [name for name in seen if is_spoofable(name)] == []
+    assert proxied.status_code == 200, proxied.text
+    assert proxied.json()["caller"] == ORDERS
+    assert proxied.json()["via"] == GATEWAY
+    spoofable = [name for name in proxied.json()["headers"] if is_spoofable(name)]
+    assert len(spoofable) == len(vouched) - 1 + 1  # all but X-Kept, plus X-Trustmesh-Caller
+
+
+def test_wsgi_strips_override_and_address_headers(
+    ca: CertificateAuthority, server_id: Identity, orders: Identity
+) -> None:
+    """Under werkzeug the same list goes from the environ of a peer that is no proxy."""
+    from trustmesh.headers import is_spoofable
+
+    flask_app = Flask("svc")
+
+    @flask_app.get("/items")
+    def items() -> dict[str, Any]:
+        from flask import request
+
+        return {"kept": sorted(k for k in request.environ if k.startswith("HTTP_"))}
+
+    flask_app.wsgi_app = MTLSWSGIMiddleware(  # type: ignore[method-assign]
+        flask_app.wsgi_app,
+        trust_domain="example.org",
+        policy=allow_all(),
+        revocation=RevokedSerials(),
+    )
+    with serve_wsgi(flask_app, ca, server_id) as url, client(ca, orders) as http:
+        r = http.get(f"{url}/items", headers=[*_steering(), ("X-Kept", "yes")])
+    assert r.status_code == 200, r.text
+    kept = r.json()["kept"]
+    assert "HTTP_X_KEPT" in kept
+    assert [k for k in kept if is_spoofable(k[5:])] == []
+
+
 # -- policy -----------------------------------------------------------------------------
 
 

@@ -563,3 +563,93 @@ def test_inbound_refuses_missing_or_foreign_identity_files(
     assert "Cannot load the workload identity" in capsys.readouterr().err
     assert main([*base, "--cert-dir", str(other)]) == 2
     assert f"is for {ORDERS}, expected {SIDECAR_ID}" in capsys.readouterr().err
+
+
+#: Headers only a trusted hop may set (trustmesh.headers): request-line overrides that
+#: would steer an app past the policy, and client addresses an app might believe.
+STEERING = [
+    ("X-Original-URL", "/admin"),
+    ("X-Rewrite-URL", "/admin"),
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-Original-Method", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("True-Client-IP", "203.0.113.9"),
+    ("X-Client-IP", "203.0.113.9"),
+    ("X-Cluster-Client-IP", "203.0.113.9"),
+    ("CF-Connecting-IP", "203.0.113.9"),
+    ("Fastly-Client-IP", "203.0.113.9"),
+    ("X-Real-IP", "203.0.113.9"),
+    ("X-Forwarded-For", "203.0.113.9"),
+    ("Forwarded", "for=203.0.113.9"),
+    ("X-Trustmesh-Caller", "spiffe://example.org/admin"),
+]
+
+
+def spellings(name: str) -> list[str]:
+    """NAME as written, lower case, upper case, with ``_`` for ``-``, and mixed."""
+    under = name.replace("-", "_")
+    return [name, name.lower(), name.upper(), under, under.lower(), under.swapcase()]
+
+
+def steering_request(path: str) -> bytes:
+    """A GET for PATH carrying every STEERING header in every spelling, twice each."""
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "X-Kept: yes"]
+    for name, value in STEERING:
+        for spelled in spellings(name):
+            lines += [f"{spelled}: {value}", f"{spelled}: {value}-again"]
+    lines += ["Connection: close", "", ""]
+    return "\r\n".join(lines).encode("ascii")
+
+
+def _response(sock: ssl.SSLSocket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.slow
+def test_http_mode_strips_overrides_and_client_addresses_in_every_spelling(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """X-Original-URL, X-HTTP-Method-Override, True-Client-IP and the rest of the shared
+    list (trustmesh.headers, which the gateway strips too) never reach the app, whatever
+    the case, ``_`` for ``-`` or the number of copies; the sidecar's own headers do."""
+    from trustmesh.headers import is_spoofable
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    orders = issue(ca, ORDERS, tmp_path)
+    with _inbound(
+        ca,
+        tmp_path,
+        "plain_app.js",
+        *("--http", "--policy", str(tmp_path / "policy.yaml"), "--no-revocation"),
+    ) as (app, proxy):
+        with _tls(ca, orders, proxy.port) as sock:
+            sock.sendall(steering_request("/items/1"))
+            answer = _response(sock)
+        records = app.records()
+        assert proxy.stop() == 0, proxy.log_path.read_text()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert len(records) == 1
+    seen = records[0]
+    raw_names = seen["raw"][0::2]
+    assert "X-Kept" in raw_names or "x-kept" in raw_names
+    sidecar_set = {"x-forwarded-for", "x-forwarded-proto", "x-trustmesh-caller", "client-cert"}
+    for name in raw_names:
+        normalized = name.lower().replace("_", "-")
+        if is_spoofable(name):
+            assert normalized in sidecar_set, f"{name} reached the app: {seen['raw']}"
+    # What the sidecar sets comes once, from the verified connection.
+    assert seen["headers"]["x-trustmesh-caller"] == ORDERS
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert seen["method"] == "GET"
+    assert seen["url"] == "/items/1"
+    names = [n.lower().replace("_", "-") for n in raw_names]
+    for name, _value in STEERING:
+        lowered = name.lower()
+        if lowered in sidecar_set:
+            assert names.count(lowered) == 1, seen["raw"]
+        else:
+            assert lowered not in names, seen["raw"]

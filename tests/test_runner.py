@@ -242,9 +242,11 @@ def test_run_reuses_a_valid_identity_in_cert_dir_and_refuses_a_used_token(
     )
     done = subprocess.run(spent, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    # JSON logs (the default): the closing error is a JSON line too.
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    errors = [entry for entry in lines if entry.get("event") == "exit_error"]
     assert len(errors) == 1, done.stderr
-    assert "already used" in errors[0]
+    assert "already used" in str(errors[0]["msg"])
     assert "on https://" not in done.stderr  # never served
 
     orders = caller_identity(server, tmp_path)

@@ -40,15 +40,18 @@ from trustmesh.errors import (
 )
 from trustmesh.files import atomic_write, stage_file
 from trustmesh.pki import (
+    BACKDATE,
     KeyType,
     LeafRequest,
     OCSPStatus,
     PrivateKey,
     Profile,
     RevokedEntry,
+    SANAllowance,
     SpiffeID,
     build_crl,
     build_ocsp_response,
+    check_backdate,
     check_csr,
     create_intermediate,
     create_root,
@@ -270,6 +273,7 @@ class CertificateAuthority:
         crl_urls: Sequence[str] = (),
         ocsp_urls: Sequence[str] = (),
         root_crl_urls: Sequence[str] | None = None,
+        backdate: timedelta = BACKDATE,
     ) -> CertificateAuthority:
         """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
 
@@ -279,6 +283,9 @@ class CertificateAuthority:
             root_crl_urls: Public URLs of the root-signed CRL, written into the
                 intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
                 that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
+
+        ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
+        certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
@@ -297,6 +304,7 @@ class CertificateAuthority:
                 "--passphrase-file with a non-empty passphrase."
             )
         SpiffeID.trust_domain_id(trust_domain)  # validates
+        check_backdate(backdate)
         roots_at = _root_crl_urls(crl_urls) if root_crl_urls is None else tuple(root_crl_urls)
         url = db_url or f"sqlite:///{home / 'trustmesh.db'}"
         config = CAConfig.new(
@@ -306,15 +314,22 @@ class CertificateAuthority:
             crl_urls=tuple(crl_urls),
             ocsp_urls=tuple(ocsp_urls),
             root_crl_urls=roots_at,
+            backdate=backdate,
         )  # checks the URLs before anything is created
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
         root_key = generate_private_key(key_type)
-        root = create_root(root_key, trust_domain, now=start)
+        root = create_root(root_key, trust_domain, now=start, backdate=backdate)
         inter_key = generate_private_key(key_type)
         inter = create_intermediate(
-            root, root_key, inter_key, trust_domain, now=start, crl_urls=config.root_crl_urls
+            root,
+            root_key,
+            inter_key,
+            trust_domain,
+            now=start,
+            crl_urls=config.root_crl_urls,
+            backdate=backdate,
         )
         pem = serialization.Encoding.PEM
         contents = {
@@ -467,7 +482,15 @@ class CertificateAuthority:
         key = generate_private_key(ktype)
         request = LeafRequest(key.public_key(), sid, tuple(dns), addresses, prof.eku)
         return self._sign(
-            request, prof, lifetime, key=key, actor=actor, now=now, deliver=deliver, action="issue"
+            request,
+            prof,
+            lifetime,
+            key=key,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            action="issue",
+            allowance=self._exactly(request),
         )
 
     def sign(
@@ -491,8 +514,20 @@ class CertificateAuthority:
         request = check_csr(csr, prof, source=source)
         lifetime = prof.resolve_ttl(ttl)
         return self._sign(
-            request, prof, lifetime, actor=actor, now=now, deliver=deliver, action="sign"
+            request,
+            prof,
+            lifetime,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            action="sign",
+            allowance=self._exactly(request),
         )
+
+    @staticmethod
+    def _exactly(request: LeafRequest) -> SANAllowance:
+        # The operator named these SANs by hand: renewals may keep (or drop) them.
+        return SANAllowance.exactly(request.dns, [str(ip) for ip in request.ips])
 
     @staticmethod
     def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -515,8 +550,9 @@ class CertificateAuthority:
         actor: str | None,
         now: datetime | None,
         deliver: Callable[[Issued], None] | None,
-        within: Callable[[Connection], None] | None = None,
+        within: Callable[[Connection], SANAllowance | None] | None = None,
         extra: dict[str, str] | None = None,
+        allowance: SANAllowance | None = None,
     ) -> Issued:
         start = _now(now)
         signing_key = self.signing_key
@@ -529,13 +565,15 @@ class CertificateAuthority:
                 now=start,
                 crl_urls=self.config.crl_urls,
                 ocsp_urls=self.config.ocsp_urls,
+                backdate=self.config.backdate,
             )
-            record = self._record_for(cert, request, profile)
-            issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
             try:
                 with self.store.transaction() as conn:
-                    if within is not None:
-                        within(conn)
+                    granted = within(conn) if within is not None else None
+                    record = self._record_for(
+                        cert, request, profile, granted or allowance or SANAllowance()
+                    )
+                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
                     self.store.add_certificate(conn, record)
                     self.store.append_audit(
                         conn,
@@ -548,6 +586,8 @@ class CertificateAuthority:
                             "profile": profile.name,
                             "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
                             "fingerprint": record.fingerprint,
+                            "dns": list(record.dns),
+                            "ips": list(record.ips),
                             **(extra or {}),
                         },
                     )
@@ -563,7 +603,11 @@ class CertificateAuthority:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _record_for(
-        self, cert: x509.Certificate, request: LeafRequest, profile: Profile
+        self,
+        cert: x509.Certificate,
+        request: LeafRequest,
+        profile: Profile,
+        allowance: SANAllowance,
     ) -> CertificateRecord:
         ktype = key_type_of(request.public_key)
         return CertificateRecord(
@@ -579,6 +623,8 @@ class CertificateAuthority:
             not_after=cert.not_valid_after_utc,
             issued_at=cert.not_valid_before_utc,
             pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+            allowed_dns=allowance.dns,
+            allowed_ips=allowance.ips,
         )
 
     # -- enrollment and renewal -----------------------------------------------------
@@ -589,6 +635,8 @@ class CertificateAuthority:
         *,
         ttl: timedelta = DEFAULT_TOKEN_TTL,
         uses: int = 1,
+        dns: Sequence[str] = (),
+        ips: Sequence[str] = (),
         actor: str | None = None,
         now: datetime | None = None,
     ) -> str:
@@ -596,9 +644,23 @@ class CertificateAuthority:
 
         Only its SHA-256 is stored; the token is shown once.
 
+        Args:
+            spiffe_pattern: The ID, or a glob of IDs, the token enrolls.
+            ttl: How long the token may be used.
+            uses: How many enrollments it allows.
+            dns: DNS names or patterns (``*`` within a label, ``**`` across
+                labels) the enrollment may claim as SANs; none by default.
+            ips: IP addresses or CIDR ranges it may claim; none by default.
+            actor: Who asks, for the audit log.
+            now: The current time (for tests).
+
         Raises:
-            ConfigError: Bad pattern, lifetime or use count.
-            PolicyError: The default profile would never certify such an ID.
+            ConfigError: Bad pattern, lifetime, use count, DNS pattern or IP range.
+            PolicyError: The default profile would never certify such an ID, name
+                or address.
+
+        .. versionchanged:: 0.2
+           ``dns`` and ``ips``.
         """
         if "*" not in spiffe_pattern:
             self.config.profile(None).check_spiffe_id(SpiffeID.parse(spiffe_pattern))
@@ -610,6 +672,8 @@ class CertificateAuthority:
             )
         if uses < 1:
             raise ConfigError("--uses must be at least 1.", field="uses")
+        allowance = SANAllowance.parse(dns, ips)
+        self._check_allowance(allowance)
         if ttl <= timedelta(0) or ttl > MAX_TOKEN_TTL:
             raise ConfigError(
                 f"A join token lives between 1 s and {format_duration(MAX_TOKEN_TTL)}; "
@@ -627,6 +691,8 @@ class CertificateAuthority:
                 expires_at=start + ttl,
                 created_at=start,
                 created_by=actor or default_actor(),
+                dns_patterns=allowance.dns,
+                ip_ranges=allowance.ips,
             )
             self.store.append_audit(
                 conn,
@@ -637,10 +703,35 @@ class CertificateAuthority:
                 details={
                     "token_sha256": stored.token_hash[:16],
                     "uses": uses,
+                    "dns": list(allowance.dns),
+                    "ips": list(allowance.ips),
                     "expires_at": (start + ttl).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 },
             )
         return token
+
+    def _check_allowance(self, allowance: SANAllowance) -> None:
+        """Refuse token SANs the default profile would never sign: literal names and
+        addresses are checked as the CSR will be, ranges must lie inside its ranges."""
+        profile = self.config.profile(None)
+        for pattern in allowance.dns:
+            if "*" not in pattern:
+                profile.check_dns(pattern)
+        for net in allowance.networks:
+            if net.num_addresses == 1:
+                profile.check_ip(net.network_address)
+            elif not any(
+                net.version == wide.version and net.subnet_of(wide)  # type: ignore[arg-type]
+                for wide in (ipaddress.ip_network(r) for r in profile.ips)
+            ):
+                raise PolicyError(
+                    f"Refusing --ip {net}: profile {profile.name!r} allows addresses in "
+                    f"{list(profile.ips)} only. Give a range inside one of those or add it "
+                    f"to the profile's ips list in config.toml.",
+                    profile=profile.name,
+                    field="ip",
+                    reason="san_not_allowed",
+                )
 
     def enroll(
         self,
@@ -659,15 +750,20 @@ class CertificateAuthority:
 
         Raises:
             TokenError: The token is unknown, used up or expired (reason in details).
-            ScopeError: The CSR asks for an ID the token is not bound to.
+            ScopeError: The CSR asks for an ID the token is not bound to, or for a
+                DNS/IP SAN the token does not allow (``reason="san_not_allowed"``).
             CSRError, PolicyError: The CSR is not acceptable.
+
+        .. versionchanged:: 0.2
+           DNS and IP SANs must be allowed by the token (none are by default); the
+           certificate record keeps the token's allowance for renewals.
         """
         start = _now(now)
         profile = self.config.profile(None)
         request = check_csr(csr, profile, source="the CSR")
         lifetime = profile.resolve_ttl(ttl)
 
-        def spend(conn: Connection) -> None:
+        def spend(conn: Connection) -> SANAllowance:
             result = consume_join_token(conn, token, now=start)
             if isinstance(result, str):
                 messages = {
@@ -685,6 +781,15 @@ class CertificateAuthority:
                     f"{request.spiffe_id}: use a token created for this identity.",
                     reason="token_wrong_identity",
                 )
+            granted = SANAllowance(result.dns_patterns, result.ip_ranges)
+            granted.check(
+                request.dns,
+                request.ips,
+                spiffe_id=request.spiffe_id.uri,
+                granted_by="the join token",
+                fix="enroll with a token created with",
+            )
+            return granted
 
         return self._sign(
             request,
@@ -711,7 +816,11 @@ class CertificateAuthority:
 
         Raises:
             VerificationError: ``current`` is expired, revoked or not ours.
-            PolicyError: The CSR asks for a different SPIFFE ID.
+            PolicyError: The CSR asks for a different SPIFFE ID, or a SAN the profile
+                does not allow.
+            ScopeError: The CSR asks for a DNS/IP SAN beyond the allowance recorded
+                with ``current`` (``reason="san_not_allowed"``): a renewal may drop
+                SANs, never add new ones.
             CSRError: The CSR reuses the current key (unless allowed) or is bad.
         """
         start = _now(now)
@@ -737,6 +846,15 @@ class CertificateAuthority:
                 "The renewal CSR reuses the current key: generate a new key for each renewal.",
                 reason="same_key",
             )
+        # The token was spent at enrollment; its allowance lives on with the record.
+        allowance = SANAllowance(old.allowed_dns, old.allowed_ips)
+        allowance.check(
+            request.dns,
+            request.ips,
+            spiffe_id=spiffe_id.uri,
+            granted_by=f"certificate {old.serial}, which this renewal replaces,",
+            fix="enroll again with a token created with",
+        )
         return self._sign(
             request,
             profile,
@@ -746,6 +864,7 @@ class CertificateAuthority:
             now=start,
             deliver=None,
             extra={"renews": old.serial},
+            allowance=allowance,
         )
 
     def is_revoked(self, cert: x509.Certificate) -> bool:

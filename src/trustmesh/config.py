@@ -12,11 +12,13 @@ from pathlib import Path
 from trustmesh.errors import ConfigError
 from trustmesh.files import atomic_write
 from trustmesh.pki import (
+    BACKDATE,
     DEFAULT_CRL_LIFETIME,
     KeyType,
     Profile,
     default_profile,
     format_duration,
+    parse_backdate,
     parse_duration,
 )
 
@@ -89,6 +91,8 @@ class CAConfig:
         profiles: Certificate profiles by name.
         default_profile: The profile used when none is named.
         admins: SPIFFE IDs (or globs) that may revoke any certificate over the API.
+        backdate: How far ``notBefore`` of every certificate lies before the CA's clock
+            (0 to 10 minutes), to absorb clock skew between hosts.
     """
 
     trust_domain: str
@@ -102,6 +106,7 @@ class CAConfig:
     profiles: Mapping[str, Profile] = field(default_factory=dict)
     default_profile: str = "service"
     admins: tuple[str, ...] = ()
+    backdate: timedelta = BACKDATE
 
     @classmethod
     def new(
@@ -113,6 +118,7 @@ class CAConfig:
         crl_urls: tuple[str, ...] = (),
         ocsp_urls: tuple[str, ...] = (),
         root_crl_urls: tuple[str, ...] = (),
+        backdate: timedelta = BACKDATE,
     ) -> CAConfig:
         """Return the configuration ``ca init`` writes.
 
@@ -128,6 +134,7 @@ class CAConfig:
             ocsp_urls=check_urls("ocsp_urls", ocsp_urls, source="--ocsp-url"),
             root_crl_urls=check_urls("root_crl_urls", root_crl_urls, source="--root-crl-url"),
             profiles={profile.name: profile},
+            backdate=backdate,
         )
 
     def profile(self, name: str | None) -> Profile:
@@ -193,6 +200,10 @@ class CAConfig:
             profiles=profiles,
             default_profile=default,
             admins=tuple(str(a) for a in data.get("admins", [])),
+            backdate=parse_backdate(
+                str(data.get("backdate", format_duration(BACKDATE))),
+                field=f"{path}: backdate",
+            ),
         )
 
     def dumps(self) -> str:
@@ -204,6 +215,9 @@ class CAConfig:
             f"db = {_toml_value(self.db)}",
             f"key_type = {_toml_value(self.key_type.value)}",
             f"crl_lifetime = {_toml_value(format_duration(self.crl_lifetime))}",
+            "# notBefore lies this far before the CA's clock, for hosts whose clocks are a",
+            "# little behind (0s to 10m; keep clocks right with NTP, see docs/operations.md).",
+            f"backdate = {_toml_value(format_duration(self.backdate))}",
             "# Public URLs written into new leaves (CDP, AIA-OCSP); see docs/revocation.md.",
             f"crl_urls = {_toml_value(list(self.crl_urls))}",
             f"ocsp_urls = {_toml_value(list(self.ocsp_urls))}",

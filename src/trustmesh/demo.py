@@ -882,7 +882,7 @@ GATEWAY_EXAMPLE = EXAMPLES / "gateway"
 #: Where the demo's sign-in page sends the browser back (never fetched: the code is read
 #: from the redirect's Location).
 REDIRECT_URI = "https://app.demo.example/callback"
-READY_LINE = re.compile(r"trustmesh gateway: listening on (https://\S+)")
+READY_LINE = re.compile(r"trustmesh gateway: listening on (https://[^\s\"]+)")
 
 
 def gateway_log_events(text: str) -> list[dict[str, Any]]:

@@ -4,17 +4,21 @@ and running it on uvicorn with the TLS shim."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
@@ -28,14 +32,19 @@ from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes, server_c
 __all__ = [
     "LATENCY_BUCKETS",
     "Keeper",
+    "RevocationCollector",
     "TimedApp",
+    "check_metrics_listen",
     "is_loopback",
     "issue_server_identity",
+    "metrics_app",
     "parse_listen",
     "public_url",
     "run_https",
     "start_keeper",
+    "start_server",
     "stop_keeper",
+    "uvicorn_config",
 ]
 
 log = logging.getLogger("trustmesh.serving")
@@ -113,6 +122,14 @@ def public_url(host: str, port: int) -> str:
     return f"https://{shown}:{port}"
 
 
+def uvicorn_config(app: Any, **options: Any) -> uvicorn.Config:
+    """``uvicorn.Config(app, **options)`` for every trustmesh server: uvicorn's own logging
+    setup off, so its records ("Started server process", errors) go through the handler
+    :func:`trustmesh.logs.configure_logging` installed, JSON lines included.
+    """
+    return uvicorn.Config(app, log_config=None, **options)
+
+
 def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
@@ -143,11 +160,15 @@ def run_https(
         return server_context(chain, key, cadata=roots, client_cert="optional")
 
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         host=host,
         port=port,
         http=TLSHttpToolsProtocol,
+        # The stdlib event loop, not uvloop: refused handshakes are logged by a hook on
+        # asyncio's SSLProtocol (trustmesh.tls.log_refused_handshakes), which uvloop's
+        # own TLS transport never calls.
+        loop="asyncio",
         ssl_certfile=str(chain),
         ssl_keyfile=str(key),
         ssl_context_factory=context_factory,
@@ -245,3 +266,110 @@ def stop_keeper(thread: threading.Thread | None, stop: threading.Event) -> None:
     stop.set()
     if thread is not None:
         thread.join(timeout=10)
+
+
+# -- the plain-HTTP metrics and health listener -------------------------------------------
+
+
+def check_metrics_listen(listen: str, *, allow_remote: bool, option: str, allow_flag: str) -> None:
+    """Refuse a metrics listener that is not HOST:PORT, or not on loopback unless allowed.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    try:
+        host, _ = parse_listen(listen)
+    except ConfigError:
+        raise ConfigError(
+            f"{option} {listen!r} is not HOST:PORT, e.g. 127.0.0.1:9464.", field="metrics"
+        ) from None
+    if not is_loopback(host) and not allow_remote:
+        raise ConfigError(
+            f"{option} {listen} is not a loopback address: metrics are served over plain "
+            f"HTTP to anyone who reaches it. Listen on 127.0.0.1, or pass {allow_flag} if "
+            f"the network is yours alone.",
+            field="metrics",
+        )
+    if not is_loopback(host):
+        log.warning(
+            "metrics are served on %s (%s), which is not a loopback address: anyone who "
+            "reaches it can read them",
+            listen,
+            allow_flag,
+            extra={"event": "metrics_remote_listen"},
+        )
+
+
+#: ``(ready, details)``: whether the server is ready, and what ``/readyz`` shows.
+Readiness = Callable[[], tuple[bool, Mapping[str, object]]]
+
+
+def metrics_app(render: Callable[[], bytes], *, readiness: Readiness | None = None) -> Any:
+    """A tiny ASGI app for a plain-HTTP side listener: ``GET /metrics`` answers
+    ``render()`` (Prometheus text); with ``readiness``, ``GET /healthz`` answers 200 while
+    the process runs and ``GET /readyz`` 200 or 503 with the details; anything else 404.
+    """
+    paths = "GET /metrics" + (", /healthz, /readyz" if readiness is not None else "")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # served with lifespan off
+            return
+        path, method = scope["path"], scope["method"]
+        status, kind = 200, b"application/json"
+        if method not in ("GET", "HEAD"):
+            body, status, kind = f"not found: {paths}\n".encode(), 404, b"text/plain"
+        elif path == "/metrics":
+            body, kind = render(), CONTENT_TYPE_LATEST.encode()
+        elif path == "/healthz" and readiness is not None:
+            body = b'{"status": "ok"}'
+        elif path == "/readyz" and readiness is not None:
+            ready, details = readiness()
+            status = 200 if ready else 503
+            body = json.dumps({"status": "ready" if ready else "not ready", **details}).encode()
+        else:
+            body, status, kind = f"not found: {paths}\n".encode(), 404, b"text/plain"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", kind),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body if method == "GET" else b""})
+
+    return app
+
+
+class RevocationCollector(Collector):
+    """Export a revocation set's counters (``RevocationSet.metrics``) as gauges named
+    ``{prefix}_{name}``."""
+
+    def __init__(self, source: Callable[[], Mapping[str, float]], prefix: str) -> None:
+        self._source = source
+        self._prefix = prefix
+
+    def collect(self) -> Any:
+        for name, value in self._source().items():
+            yield GaugeMetricFamily(
+                f"{self._prefix}_{name}",
+                f"Revocation set: {name.replace('_', ' ')}.",
+                value=value,
+            )
+
+
+async def start_server(server: uvicorn.Server) -> None:
+    """Start ``server`` in the running loop without its signal handlers (for a side
+    listener next to the main one); ``server.started`` tells whether it listens.
+    Stop it with ``await server.shutdown()``."""
+    config = server.config
+    if not config.loaded:
+        config.load()
+    server.lifespan = config.lifespan_class(config)
+    try:
+        await server.startup()
+    except SystemExit:
+        server.started = False

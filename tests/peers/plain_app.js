@@ -18,7 +18,7 @@ const server = http.createServer((req, res) => {
   req.on("data", (chunk) => chunks.push(chunk));
   req.on("end", () => {
     const body = Buffer.concat(chunks).toString("utf8");
-    const seen = { method: req.method, url: req.url, headers: req.headers, body };
+    const seen = { method: req.method, url: req.url, headers: req.headers, raw: req.rawHeaders, body };
     fs.appendFileSync(record, JSON.stringify(seen) + "\n");
     const url = new URL(req.url, "http://app");
     const answer = () => {

@@ -10,6 +10,7 @@ while the CA cannot be reached; the current files stay in place meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -19,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +36,9 @@ from trustmesh.pki import (
     SpiffeID,
     format_duration,
     load_private_key,
+    parse_dns_name,
     parse_duration,
+    parse_ip_address,
 )
 
 from ._identity import (
@@ -63,6 +66,9 @@ RELOAD_TIMEOUT = 60.0
 MAX_SLEEP = 600.0
 
 _TIME = "%Y-%m-%dT%H:%M:%SZ"
+#: Problem reasons of a CA refusing a requested DNS/IP SAN: bad input (exit 2), and
+#: waiting will not fix it.
+_SAN_REASONS = frozenset({"san_not_allowed", "bad_san"})
 
 
 def _parse_signal(name: str) -> signal.Signals:
@@ -259,6 +265,18 @@ class Outcome:
         }
 
 
+@contextlib.contextmanager
+def _san_refusal_is_bad_input() -> Iterator[None]:
+    """Raise the CA's refusal of a requested DNS/IP SAN as a ConfigError (exit code 2):
+    the --dns/--ip given, the join token or the profile must change, not the network."""
+    try:
+        yield
+    except APIError as exc:
+        if exc.problem.get("reason") in _SAN_REASONS:
+            raise ConfigError(exc.message, field="san", san=exc.problem.get("san")) from exc
+        raise
+
+
 def _retryable(exc: TrustmeshError) -> bool:
     """A failure that may go away by itself: the CA is down, overloaded or failing."""
     if isinstance(exc, TransportError):
@@ -285,13 +303,18 @@ class Agent:
         stores: A PKCS#12 keystore and/or Java truststore to write after the PEM
             files (and before the reload) on every enrollment and renewal, and
             whenever they are missing or do not hold the current files.
+        dns: DNS names to ask for as SANs at enrollment and every renewal (for
+            peers that check host names); the join token must allow them.
+        ips: IP addresses to ask for as SANs likewise.
 
     Raises:
-        ConfigError: Bad URL, unreadable bundle, ``out`` is a file, or both token
-            sources given.
+        ConfigError: Bad URL, unreadable bundle, ``out`` is a file, both token
+            sources given, or a malformed ``dns`` name or ``ips`` address.
         SpiffeIDError: ``spiffe_id`` is not a SPIFFE ID.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``dns`` and ``ips``.
     """
 
     ca_url: str
@@ -305,8 +328,13 @@ class Agent:
     timeout: float = DEFAULT_TIMEOUT
     ttl: str | None = None
     stores: PKCS12Stores | None = None
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # Refuse malformed names before any call to the CA (and before a token is spent).
+        self.dns = tuple(dict.fromkeys(parse_dns_name(name) for name in self.dns))
+        self.ips = tuple(dict.fromkeys(str(parse_ip_address(ip)) for ip in self.ips))
         self.ca_url = check_ca_url(self.ca_url)
         if self.ttl is not None:
             parse_duration(self.ttl, field="--ttl")  # refuse a bad duration before any call
@@ -338,6 +366,7 @@ class Agent:
                         f"other names, e.g. {self.out / 'app.p12'}.",
                         path=str(path),
                     )
+            self.stores.check_existing()  # before any call: never re-key a store silently
 
     # -- state ------------------------------------------------------------------------
 
@@ -407,8 +436,17 @@ class Agent:
             timeout=self.timeout,
         )
 
+    def _new_csr(self) -> tuple[PrivateKey, bytes]:
+        return new_key_and_csr(self.spiffe_id, self.key_type, dns=self.dns, ips=self.ips)
+
+    def _missing_sans(self, state: LocalIdentity) -> list[str]:
+        """The asked-for SANs the certificate on disk lacks (a renewal adds them)."""
+        return [f"DNS:{n}" for n in self.dns if n not in state.dns] + [
+            f"IP:{ip}" for ip in self.ips if ip not in state.ips
+        ]
+
     def _enroll(self, token: str) -> tuple[PrivateKey, EnrollResult]:
-        key, csr = new_key_and_csr(self.spiffe_id, self.key_type)
+        key, csr = self._new_csr()
         with self._client(identity=False) as client:
             try:
                 return key, client.enroll(token, csr, ttl=self.ttl)
@@ -420,7 +458,7 @@ class Agent:
                 ) from exc
 
     def _renew(self) -> tuple[PrivateKey, EnrollResult]:
-        key, csr = new_key_and_csr(self.spiffe_id, self.key_type)
+        key, csr = self._new_csr()
         with self._client(identity=True) as client:
             try:
                 return key, client.renew(csr, ttl=self.ttl)
@@ -473,7 +511,8 @@ class Agent:
 
         Raises:
             ConfigError: Enrollment is needed and there is no join token (or it
-                cannot be read), or ``out`` cannot be written.
+                cannot be read), ``out`` cannot be written, or the CA refused a
+                requested DNS/IP SAN (the token or the profile does not allow it).
             TransportError: The CA could not be reached; nothing was written.
             APIError: The CA refused; nothing was written.
 
@@ -483,6 +522,15 @@ class Agent:
         state = self.current(when)
         if isinstance(state, LocalIdentity):
             due = next_renewal(state.not_before, state.not_after, when, jitter)
+            missing = self._missing_sans(state)
+            if missing and not force:
+                log.info(
+                    "certificate %s lacks %s: renewing now to add %s",
+                    state.serial,
+                    ", ".join(missing),
+                    "it" if len(missing) == 1 else "them",
+                )
+                force = True
             if not force and when < due:
                 written = self._refresh_stores()
                 reloaded, reload_error = self._reload(
@@ -501,7 +549,8 @@ class Agent:
                     reload_error=reload_error,
                 )
             self._prepare()  # before the CA issues anything we could not store
-            action, key, result = self._renew_or_enroll()
+            with _san_refusal_is_bad_input():
+                action, key, result = self._renew_or_enroll()
         else:
             token = self._token()
             if token is None:
@@ -509,7 +558,8 @@ class Agent:
             if (self.out / "cert.pem").exists():
                 log.warning("%s; enrolling with the join token.", state.reason)
             self._prepare()  # a spent token must not end in files we cannot write
-            action, key, result = ("enrolled", *self._enroll(token))
+            with _san_refusal_is_bad_input():
+                action, key, result = ("enrolled", *self._enroll(token))
         files = write_identity(
             self.out, key, result, self.spiffe_id, datetime.now(UTC), stores=self.stores
         )

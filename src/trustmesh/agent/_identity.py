@@ -9,6 +9,7 @@ so a reader never sees an empty or partial file.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ class LocalIdentity:
     serial: str
     not_before: datetime
     not_after: datetime
+    #: The certificate's DNS and IP SANs (IPs in canonical text form).
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,21 +93,30 @@ class Unusable:
     expired: bool = False
 
 
-def new_key_and_csr(spiffe_id: SpiffeID, key_type: KeyType) -> tuple[PrivateKey, bytes]:
-    """Generate a fresh key and a PEM CSR whose only name is the SPIFFE ID (URI SAN).
+def new_key_and_csr(
+    spiffe_id: SpiffeID,
+    key_type: KeyType,
+    *,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> tuple[PrivateKey, bytes]:
+    """Generate a fresh key and a PEM CSR for the SPIFFE ID (the URI SAN, the identity),
+    plus DNS and IP SANs for host-name checks.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``dns`` and ``ips``.
     """
     key = generate_private_key(key_type)
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id.uri)]
+    names += [x509.DNSName(name) for name in dns]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(
             x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, spiffe_id.trust_domain)])
         )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id.uri)]),
-            critical=False,
-        )
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .sign(key, signature_hash_for(key))
     )
     return key, csr.public_bytes(serialization.Encoding.PEM)
@@ -179,12 +192,24 @@ def inspect_identity(
         )
     except VerificationError as exc:
         return Unusable(f"The certificate {serial} in {out} does not verify ({exc.message})")
+    dns, ips = _host_sans(leaf)
     return LocalIdentity(
         spiffe_id=found.uri,
         serial=serial,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
+        dns=dns,
+        ips=ips,
     )
+
+
+def _host_sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    dns = tuple(name.lower() for name in san.get_values_for_type(x509.DNSName))
+    return dns, tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
 
 
 def _check_result(

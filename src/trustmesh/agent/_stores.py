@@ -9,6 +9,7 @@ Both are built by :func:`trustmesh.pki.pkcs12_keystore` and
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from trustmesh.errors import ConfigError
 from trustmesh.pki import PrivateKey, pkcs12_keystore, pkcs12_truststore
 
 __all__ = ["KEYSTORE_ALIAS", "PKCS12Stores"]
+
+log = logging.getLogger("trustmesh.agent")
 
 #: The alias (PKCS#12 friendly name) of the key entry in the keystore.
 KEYSTORE_ALIAS = "trustmesh"
@@ -38,6 +41,9 @@ class PKCS12Stores:
         password: The store password, for both files (never empty).
         legacy: 3DES/SHA-1 encryption for Java < 8u301, .NET Framework and OpenSSL 1.x
             instead of AES-256-CBC with PBKDF2-HMAC-SHA256.
+        rekey: Rewrite existing stores that do not open with ``password`` (with a
+            warning) instead of refusing them in :meth:`check_existing`
+            (``--rekey-stores``).
 
     Raises:
         ConfigError: Neither file, an empty password, a path that is a directory, or
@@ -50,6 +56,7 @@ class PKCS12Stores:
     truststore: Path | None = None
     password: bytes = field(default=b"", repr=False)
     legacy: bool = False
+    rekey: bool = False
 
     def __post_init__(self) -> None:
         if self.keystore is None and self.truststore is None:
@@ -75,6 +82,51 @@ class PKCS12Stores:
     def paths(self) -> tuple[Path, ...]:
         """The files these stores are written to."""
         return tuple(p for p in (self.keystore, self.truststore) if p is not None)
+
+    def check_existing(self) -> None:
+        """Refuse store files already on disk that do not open with the password.
+
+        Rewriting them would lock out the workload that reads them with its own
+        password (issue 14). With ``rekey`` they are kept for rewriting instead,
+        and a warning says so.
+
+        Raises:
+            ConfigError: A store exists but cannot be read, or does not open with
+                the password (wrong password, or not a PKCS#12 file) and ``rekey``
+                is False.
+
+        .. versionadded:: 0.1
+        """
+        for option, path in (("--pkcs12", self.keystore), ("--truststore", self.truststore)):
+            if path is None or not path.exists():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise ConfigError(
+                    f"Cannot read {option} {path}: {exc.strerror}. Let the agent read the "
+                    f"store, or give another path.",
+                    path=str(path),
+                ) from None
+            try:
+                pkcs12.load_pkcs12(data, self.password)
+            except ValueError:
+                if not self.rekey:
+                    raise ConfigError(
+                        f"{option} {path} exists but does not open with the password in "
+                        f"--store-password-file (a different password, or not a PKCS#12 "
+                        f"file): give the password it was written with, or pass "
+                        f"--rekey-stores to rewrite it with this one.",
+                        path=str(path),
+                    ) from None
+                log.warning(
+                    "%s %s does not open with the password in --store-password-file; "
+                    "--rekey-stores: rewriting it with that password (the workload must "
+                    "use the new password)",
+                    option,
+                    path,
+                    extra={"event": "store_rekey", "path": str(path)},
+                )
 
     def prepare(self) -> None:
         """Create the stores' directories if needed and check that they are writable.

@@ -25,7 +25,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509 import ocsp
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -62,9 +61,11 @@ from trustmesh.pki import (
 from trustmesh.serving import LATENCY_BUCKETS, TimedApp
 from trustmesh.store import token_hash
 
+from ._clock import ClockWatch
 from ._feed import RevocationHub
+from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
-from ._problems import problem, problem_for
+from ._problems import DATABASE_UNAVAILABLE, is_database_failure, problem, problem_for
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
@@ -308,6 +309,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     metrics.watch_expiry(ca)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
+    clock = ClockWatch(ca.config.backdate)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -344,6 +346,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         return parse_duration(value, field="ttl")
 
     async def guarded(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+        clock.observe(
+            request.headers.get("date"),
+            peer=request.client.host if request.client else "?",
+            route=request.url.path,
+        )
         try:
             return await work()
         except TrustmeshError as exc:
@@ -352,19 +359,34 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             route = request.url.path
             client = request.client.host if request.client else "?"
             metrics.denied.labels(route=route, reason=reason).inc()
-            log.info(
-                "denied %s %s: %s",
-                request.method,
-                route,
-                exc.message,
-                extra={
-                    "event": "deny",
-                    "route": route,
-                    "reason": reason,
-                    "status": response.status_code,
-                    "client": client,
-                },
-            )
+            if is_database_failure(exc):
+                # The caller sees a generic detail; the cause (URL, driver error) is here.
+                log.error(
+                    "database failure on %s %s: %s",
+                    request.method,
+                    route,
+                    exc.message,
+                    extra={
+                        "event": "database_error",
+                        "route": route,
+                        "status": response.status_code,
+                        "client": client,
+                    },
+                )
+            else:
+                log.info(
+                    "denied %s %s: %s",
+                    request.method,
+                    route,
+                    exc.message,
+                    extra={
+                        "event": "deny",
+                        "route": route,
+                        "reason": reason,
+                        "status": response.status_code,
+                        "client": client,
+                    },
+                )
             if route in _AUDITED_DENIALS and not isinstance(exc, StoreError):
                 peer = _peer_certificate(request)
                 actor = f"{route}:{client}" if peer is None else f"serial:{peer.serial_number:x}"
@@ -387,10 +409,18 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         try:
             await run_in_threadpool(check)
         except Exception as exc:  # any database failure means not ready
-            return problem(
-                503, "Not ready", f"The database is not reachable: {type(exc).__name__}."
+            log.error(
+                "not ready: the database at %s failed: %s",
+                ca.store.url,
+                getattr(exc, "orig", exc),
+                extra={"event": "database_error", "route": "/readyz"},
             )
-        return JSONResponse({"status": "ready", "database": "ok", "keys": "loaded"})
+            return problem(503, "Not ready", DATABASE_UNAVAILABLE, reason="database_unavailable")
+        ready: dict[str, Any] = {"status": "ready", "database": "ok", "keys": "loaded"}
+        skew = clock.recent()
+        if skew is not None:
+            ready["clock_skew"] = skew
+        return JSONResponse(ready)
 
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
@@ -475,47 +505,16 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         return await guarded(request, work)
 
     async def ocsp_get(request: Request) -> Response:
-        encoded = request.path_params["request"]
-        try:
-            der = base64.b64decode(encoded + "=" * (-len(encoded) % 4), altchars=b"-_")
-        except ValueError:
-            return problem(400, "Bad OCSP request", "The URL does not hold a base64 OCSP request.")
-        return await answer_ocsp(der)
+        der = decode_ocsp_path(request.path_params["request"])
+        if isinstance(der, Response):
+            return der
+        return await answer_ocsp(ca, der)
 
     async def ocsp_post(request: Request) -> Response:
         body = await _read_body(request, opts.body_timeout)
         if isinstance(body, Response):
             return body
-        return await answer_ocsp(body)
-
-    async def answer_ocsp(der: bytes) -> Response:
-        try:
-            req = ocsp.load_der_ocsp_request(der)
-        except ValueError:
-            malformed = ocsp.OCSPResponseBuilder.build_unsuccessful(
-                ocsp.OCSPResponseStatus.MALFORMED_REQUEST
-            )
-            return Response(
-                malformed.public_bytes(serialization.Encoding.DER),
-                media_type="application/ocsp-response",
-            )
-        try:
-            response = await run_in_threadpool(ca.ocsp_response, req)
-        except StoreError:
-            # RFC 6960 tryLater: the client retries, never takes silence for "good".
-            unavailable = ocsp.OCSPResponseBuilder.build_unsuccessful(
-                ocsp.OCSPResponseStatus.TRY_LATER
-            )
-            return Response(
-                unavailable.public_bytes(serialization.Encoding.DER),
-                media_type="application/ocsp-response",
-                headers={"Cache-Control": "no-store"},
-            )
-        return Response(
-            response.public_bytes(serialization.Encoding.DER),
-            media_type="application/ocsp-response",
-            headers={"Cache-Control": "max-age=60"},
-        )
+        return await answer_ocsp(ca, body)
 
     async def enroll(request: Request) -> Response:
         async def work() -> Response:

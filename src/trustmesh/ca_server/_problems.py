@@ -22,7 +22,7 @@ from trustmesh.errors import (
 )
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 
-__all__ = ["problem", "problem_for", "status_for"]
+__all__ = ["DATABASE_UNAVAILABLE", "is_database_failure", "problem", "problem_for", "status_for"]
 
 # Most specific first: the first class in an exception's MRO found here wins.
 _STATUS: dict[type[BaseException], tuple[int, str]] = {
@@ -38,6 +38,17 @@ _STATUS: dict[type[BaseException], tuple[int, str]] = {
     ConfigError: (400, "Bad request"),
     StoreError: (503, "Database unavailable"),
 }
+
+#: The public detail of a database failure. The cause (driver, host, port, user, database
+#: and the driver's message) is for the server log only, never for anonymous callers.
+DATABASE_UNAVAILABLE = (
+    "The CA's database is unavailable; retry in a few seconds. The server log has the cause."
+)
+
+
+def is_database_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database failing (not a missing or duplicate record)."""
+    return isinstance(exc, StoreError) and not isinstance(exc, NotFoundError | ConflictError)
 
 
 def status_for(exc: BaseException) -> tuple[int, str]:
@@ -65,7 +76,20 @@ def problem(
 
 
 def problem_for(exc: TrustmeshError) -> Response:
-    """Return the problem response for one of our exceptions."""
+    """Return the problem response for one of our exceptions.
+
+    A database failure gets the generic :data:`DATABASE_UNAVAILABLE` detail: its message
+    names the database URL and the driver's error, which the caller logs instead.
+    """
     status, title = status_for(exc)
+    if is_database_failure(exc):
+        return problem(
+            status,
+            title,
+            DATABASE_UNAVAILABLE,
+            reason="database_unavailable",
+            headers={"Retry-After": "5"},
+        )
     reason = exc.details.get("reason")
-    return problem(status, title, exc.message, reason=reason)
+    # ``san``: the refused host-name SAN (``DNS:name`` or ``IP:address``), when one was.
+    return problem(status, title, exc.message, reason=reason, san=exc.details.get("san"))

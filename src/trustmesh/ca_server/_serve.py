@@ -23,7 +23,13 @@ import uvicorn
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
-from trustmesh.serving import issue_server_identity, parse_listen, public_url, run_https
+from trustmesh.serving import (
+    issue_server_identity,
+    parse_listen,
+    public_url,
+    run_https,
+    uvicorn_config,
+)
 
 from ._app import ServerSettings, create_app
 
@@ -157,7 +163,7 @@ def _plain_listener(
     if sock is None:
         yield
         return
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         timeout_keep_alive=15,
         timeout_graceful_shutdown=5,

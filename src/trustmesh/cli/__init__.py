@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 the operation failed, 2 bad usage or bad input.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ import click
 
 from trustmesh import __version__
 from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
+from trustmesh.logs import announce, reset_logging_format
 
 from .agent import agent_command
 from .audit import audit_group
@@ -56,8 +58,14 @@ cli.add_command(gateway_group)
 cli.add_command(proxy_group)
 
 
+def _error(message: str) -> None:
+    # A server that set up JSON logs before failing closes with a JSON line too.
+    announce(f"error: {message}", event="exit_error", level=logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (does not call :func:`sys.exit`)."""
+    reset_logging_format()
     try:
         result = cli.main(
             args=list(argv) if argv is not None else None,
@@ -73,10 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         exc.show()
         return 2 if isinstance(exc, click.UsageError) else exc.exit_code
     except _INPUT_ERRORS as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        _error(exc.message)
         return 2
     except TrustmeshError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        _error(exc.message)
         return 1
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1

@@ -12,14 +12,28 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from trustmesh.authority import CertificateAuthority, default_home
 from trustmesh.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Pipes and CI logs get wide tables instead of 80 columns of wrapped cells.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+# Pipes and CI logs get wide tables instead of 80 columns of wrapped cells. Everything
+# printed here is data (fingerprints, SPIFFE IDs, names chosen by users): no emoji codes
+# (":ab:" inside a SHA-256 fingerprint became an emoji), no console markup ("[red]" in a
+# client name) and no highlighting. Issue 14, item 5.
+console = Console(
+    highlight=False,
+    emoji=False,
+    markup=False,
+    width=None if sys.stdout.isatty() else 160,
+)
+
+
+def _text(value: object) -> Text:
+    """A table cell or title shown verbatim (Text is never parsed for markup or emoji)."""
+    return Text("" if value is None else str(value))
 
 
 def home_option(func: F) -> F:
@@ -46,6 +60,31 @@ def passphrase_option(func: F) -> F:
 def json_option(func: F) -> F:
     """Add ``--json``."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def force_option(func: F) -> F:
+    """Add ``--force`` (replace the files ``--out`` names)."""
+    return click.option(
+        "--force",
+        is_flag=True,
+        help="Replace existing files (atomically; without it the command refuses).",
+    )(func)
+
+
+def refuse_overwrite(paths: Sequence[Path], *, force: bool, option: str = "--out") -> None:
+    """Refuse to write over existing files unless ``force`` (``--force``) is set.
+
+    Raises:
+        ConfigError: One of ``paths`` exists and ``force`` is False.
+    """
+    existing = [p for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        names = ", ".join(str(p) for p in existing)
+        raise ConfigError(
+            f"Refusing to overwrite {names}: pass --force to replace "
+            f"{'it' if len(existing) == 1 else 'them'}, or give another {option}.",
+            path=str(existing[0]),
+        )
 
 
 def resolve_home(home: Path | None) -> Path:
@@ -115,19 +154,21 @@ def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]
 ) -> None:
     """Print a Rich table for people."""
-    table = Table(title=title, show_lines=False, header_style="bold")
+    table = Table(
+        title=None if title is None else _text(title), show_lines=False, header_style="bold"
+    )
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(_text(column), overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*(_text(v) for v in row))
     console.print(table)
 
 
 def print_fields(title: str, fields: Sequence[tuple[str, object]]) -> None:
     """Print a two-column key/value table."""
-    table = Table(title=title, show_header=False, header_style="bold")
+    table = Table(title=_text(title), show_header=False, header_style="bold")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in fields:
-        table.add_row(key, "" if value is None else str(value))
+        table.add_row(_text(key), _text(value))
     console.print(table)

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from trustmesh.errors import ConfigError, TrustmeshError
-from trustmesh.pki import KeyType, SpiffeID
+from trustmesh.pki import KeyType, SpiffeID, parse_dns_name, parse_ip_address
 
 from ._common import json_option, print_json, read_secret
 
@@ -41,9 +41,19 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, old)
 
 
+def _check_dns(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    # Refused as soon as the command line is read: before a token is spent or a file written.
+    return tuple(parse_dns_name(v) for v in values)
+
+
+def _check_ips(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> Any:
+    return tuple(str(parse_ip_address(v)) for v in values)
+
+
 def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
     """The agent's enrollment options (``--bundle``, ``--token``, ``--token-file``,
-    ``--key-type``, ``--ttl``), shared with ``trustmesh run --id``."""
+    ``--key-type``, ``--ttl``, ``--dns``, ``--ip``), shared with ``trustmesh run --id``,
+    ``trustmesh proxy`` and ``trustmesh gateway serve``."""
     options = [
         click.option(
             "--bundle",
@@ -77,6 +87,26 @@ def enrollment_options(command: Callable[..., None]) -> Callable[..., None]:
             default=None,
             help="Lifetime to ask for, e.g. 1h (default: the CA profile's).",
         ),
+        click.option(
+            "--dns",
+            "dns",
+            multiple=True,
+            metavar="NAME",
+            callback=_check_dns,
+            help="DNS name to put in the certificate as a SAN, for peers that check host "
+            "names (curl, Java, nginx); asked for at enrollment and every renewal, allowed "
+            "only if the join token ('token create --dns') and the CA profile allow it. "
+            "Repeatable.",
+        ),
+        click.option(
+            "--ip",
+            "ips",
+            multiple=True,
+            metavar="ADDR",
+            callback=_check_ips,
+            help="IP address to put in the certificate as a SAN, likewise ('token create "
+            "--ip'). Repeatable.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -89,13 +119,18 @@ def _stores(
     password_file: Path | None,
     *,
     legacy: bool,
+    rekey: bool,
 ) -> PKCS12Stores | None:
     """The PKCS#12 stores asked for, with the password read from its file."""
     from trustmesh.agent import PKCS12Stores
 
     if keystore is None and truststore is None:
-        if password_file is not None or legacy:
-            given = "--store-password-file" if password_file is not None else "--pkcs12-legacy"
+        if password_file is not None or legacy or rekey:
+            given = (
+                "--store-password-file"
+                if password_file is not None
+                else ("--pkcs12-legacy" if legacy else "--rekey-stores")
+            )
             raise ConfigError(
                 f"{given} is only used with --pkcs12 FILE or --truststore FILE: add one of "
                 f"them or drop {given}."
@@ -112,7 +147,7 @@ def _stores(
         what="store password",
         option="--store-password-file",
     )
-    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy)
+    return PKCS12Stores(keystore, truststore, password=password, legacy=legacy, rekey=rekey)
 
 
 @click.command("agent")
@@ -186,6 +221,12 @@ def _stores(
     "file is pushed with 'set ssl crl-file' + 'commit ssl crl-file', no reload needed. "
     "The bind line's crl-file must be the same absolute path as --crl.",
 )
+@click.option(
+    "--rekey-stores",
+    is_flag=True,
+    help="Rewrite existing --pkcs12/--truststore files that do not open with the password "
+    "in --store-password-file (logged). Without it the agent refuses them (exit 2).",
+)
 @click.option("--once", is_flag=True, help="Enroll or renew if needed, then exit.")
 @click.option("--renew-now", is_flag=True, help="Renew now even if the certificate is not due.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds for each call to the CA.")
@@ -207,6 +248,8 @@ def agent_command(
     exec_command: str | None,
     signal_spec: str | None,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     keystore: Path | None,
     truststore: Path | None,
     store_password_file: Path | None,
@@ -214,6 +257,7 @@ def agent_command(
     crl_file: Path | None,
     on_crl: str | None,
     haproxy_socket: Path | None,
+    rekey_stores: bool,
     once: bool,
     renew_now: bool,
     timeout: float,
@@ -225,11 +269,15 @@ def agent_command(
     Enrolls with the join token when --out holds no valid certificate for --id,
     renews over mTLS (with a new key each time) after 2/3 of the certificate's
     lifetime, writes the files atomically and then runs --exec or sends --signal.
+    Every certificate carries --id as its identity, plus the --dns/--ip SANs that
+    the join token and the CA profile allow (a refusal exits 2).
     With --pkcs12 and/or --truststore (and --store-password-file) it also writes
     a PKCS#12 keystore and a Java truststore, after the PEM files and before the
     reload, and whenever they are missing or out of date. With --crl it keeps the
     chain CRLs (for nginx ssl_crl, HAProxy crl-file, Node's crl) fresh from the
     revocation feed and runs --on-crl or pushes them to --haproxy-socket.
+    Existing stores that do not open with that password are refused (exit 2)
+    unless --rekey-stores.
     Without --once it keeps running until SIGINT or SIGTERM, renewing with jitter
     and retrying with backoff while the CA is unreachable (the files stay in place).
 
@@ -252,7 +300,9 @@ def agent_command(
     )
     # httpx logs every request at INFO; the agent's own lines say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    stores = _stores(keystore, truststore, store_password_file, legacy=pkcs12_legacy)
+    stores = _stores(
+        keystore, truststore, store_password_file, legacy=pkcs12_legacy, rekey=rekey_stores
+    )
     reload = None
     if exec_command is not None:
         reload = Reload.from_command(exec_command)
@@ -270,6 +320,8 @@ def agent_command(
         timeout=timeout,
         ttl=ttl,
         stores=stores,
+        dns=dns,
+        ips=ips,
     )
     keeper = None
     if crl_file is not None:
@@ -319,6 +371,8 @@ def start_agent(
     token_file: Path | None,
     key_type: KeyType,
     ttl: str | None,
+    dns: tuple[str, ...] = (),
+    ips: tuple[str, ...] = (),
 ) -> Callable[[threading.Event], None]:
     """Enroll now (or keep a valid identity in ``cert_dir``) and return the keeper that
     renews it while serving: the agent's own loop, restarted if it ever gives up.
@@ -337,6 +391,8 @@ def start_agent(
         token_file=token_file,
         key_type=key_type,
         ttl=ttl,
+        dns=dns,
+        ips=ips,
     )
     outcome = agent.ensure()
     _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})

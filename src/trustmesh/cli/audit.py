@@ -47,13 +47,21 @@ def verify_command(home: Path | None, as_json: bool) -> None:
 
 
 @audit_group.command("tail")
-@click.option("-n", "count", default=20, show_default=True, help="How many events.")
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="How many events.",
+)
 @home_option
 @json_option
 def tail_command(count: int, home: Path | None, as_json: bool) -> None:
-    """Show the last N audit events."""
+    """Show the last N audit events (the table title says how many there are in all)."""
     with open_ca(home) as ca:
         events = ca.audit_tail(count)
+        total = ca.store.counter("audit_seq")
     if as_json:
         print_json(
             [
@@ -71,7 +79,9 @@ def tail_command(count: int, home: Path | None, as_json: bool) -> None:
         )
         return
     print_table(
-        None,
+        f"last {len(events)} of {total} audit event(s)"
+        if total > len(events)
+        else f"{total} audit event(s)",
         ["seq", "time (UTC)", "actor", "action", "subject", "details"],
         [
             [

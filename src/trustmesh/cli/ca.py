@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -10,8 +11,8 @@ from cryptography import x509
 from trustmesh.authority import CertificateAuthority
 from trustmesh.config import CAConfig
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
-from trustmesh.pki import KeyType, describe_key, fingerprint
+from trustmesh.logs import announce, configure_logging
+from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
 from trustmesh.store import normalize_url
 
 from ._common import (
@@ -69,6 +70,13 @@ ca_group.add_command(restore_command)
     help="Public URL of the root-signed CRL, written into the intermediate (default: "
     "URL/root for each --crl-url ending in /crl). Repeatable.",
 )
+@click.option(
+    "--backdate",
+    default="1m",
+    show_default=True,
+    help="How far notBefore of every certificate lies before the CA's clock, for hosts "
+    "whose clocks are a little behind: 0s to 10m (config.toml 'backdate').",
+)
 @home_option
 @passphrase_option
 @json_option
@@ -79,6 +87,7 @@ def init_command(
     crl_urls: tuple[str, ...],
     ocsp_urls: tuple[str, ...],
     root_crl_urls: tuple[str, ...],
+    backdate: str,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -90,6 +99,7 @@ def init_command(
     Refuses to overwrite an existing CA.
     """
     directory = resolve_home(home)
+    back = parse_backdate(backdate, field="--backdate")
     passphrase = ca_passphrase(passphrase_file, confirm=True)
     with CertificateAuthority.init(
         directory,
@@ -100,6 +110,7 @@ def init_command(
         crl_urls=crl_urls,
         ocsp_urls=ocsp_urls,
         root_crl_urls=root_crl_urls or None,
+        backdate=back,
     ) as ca:
         if as_json:
             print_json(_describe(ca))
@@ -263,18 +274,26 @@ def serve_command(
         try:
             ca.root_crl(actor="ca-server")  # re-signed now when due, not on a request
         except ConfigError as exc:
-            click.echo(f"warning: {exc.message} Until then /v1/crl/chain answers 503.", err=True)
-        click.echo(revocation_hint(ca.config), err=True)
+            announce(
+                f"warning: {exc.message} Until then /v1/crl/chain answers 503.",
+                event="root_crl_unavailable",
+                level=logging.WARNING,
+            )
+        announce(revocation_hint(ca.config), event="revocation_urls")
         serve(
             ca,
             listen=listen,
             ocsp_listen=ocsp_listen,
-            ocsp_ready=lambda url: click.echo(
-                f"trustmesh OCSP and CRL (plain HTTP) listening on {url}", err=True
+            ocsp_ready=lambda url: announce(
+                f"trustmesh OCSP and CRL (plain HTTP) listening on {url}",
+                event="ready",
+                url=url,
             ),
             admins=tuple(ca.config.admins) + admins,
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
-            ready=lambda url: click.echo(f"trustmesh CA API listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh CA API listening on {url}", event="ready", url=url
+            ),
         )

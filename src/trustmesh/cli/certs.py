@@ -26,6 +26,7 @@ from trustmesh.pki import (
 from trustmesh.store import CertificateRecord
 
 from ._common import (
+    force_option,
     home_option,
     json_option,
     open_ca,
@@ -33,9 +34,12 @@ from ._common import (
     print_fields,
     print_json,
     print_table,
+    refuse_overwrite,
 )
 
 PEM = serialization.Encoding.PEM
+#: What ``trustmesh issue`` writes into --out.
+ISSUED_FILES = ("key.pem", "cert.pem", "chain.pem", "bundle.pem")
 
 
 def _ttl(value: str | None) -> timedelta | None:
@@ -101,6 +105,7 @@ class _Staged:
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for key.pem, cert.pem, chain.pem and bundle.pem.",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -112,6 +117,7 @@ def issue_command(
     profile: str | None,
     key_type: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -120,9 +126,11 @@ def issue_command(
 
     The key never leaves this machine and is not stored by the CA. Writes
     key.pem (0600), cert.pem, chain.pem (leaf + intermediate) and bundle.pem
-    (trust anchors) into --out.
+    (trust anchors) into --out, each atomically. Refuses to replace any of them
+    that already exists unless --force.
     """
     lifetime = _ttl(ttl)
+    refuse_overwrite([out / name for name in ISSUED_FILES], force=force)
     with open_ca(home, passphrase_file, sign=True) as ca:
         staged = _Staged()
 
@@ -160,6 +168,7 @@ def issue_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the certificate chain (leaf + intermediate, PEM).",
 )
+@force_option
 @home_option
 @passphrase_option
 @json_option
@@ -168,6 +177,7 @@ def sign_command(
     ttl: str | None,
     profile: str | None,
     out: Path,
+    force: bool,
     home: Path | None,
     passphrase_file: Path | None,
     as_json: bool,
@@ -175,8 +185,10 @@ def sign_command(
     """Check CSR_FILE against a profile and sign it.
 
     The CSR must carry exactly one SPIFFE ID as a URI SAN. Writes the leaf
-    followed by the intermediate to --out.
+    followed by the intermediate to --out (atomically; an existing file only
+    with --force).
     """
+    refuse_overwrite([out], force=force)
     try:
         data = csr_file.read_bytes()
     except OSError as exc:
@@ -282,7 +294,19 @@ def _rows(records: list[CertificateRecord], now: datetime) -> list[list[object]]
 )
 @click.option("--revoked", is_flag=True, help="Only revoked certificates.")
 @click.option("--expiring", default=None, help="Only valid ones expiring within this, e.g. 7d.")
-@click.option("--limit", default=1000, show_default=True, help="At most this many rows.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="At most this many rows; the output says 'showing N of M' when more match.",
+)
+@click.option(
+    "--envelope",
+    is_flag=True,
+    help="With --json: print an object with the certificates, the total that matched "
+    "and whether --limit cut the list, instead of a bare list.",
+)
 @home_option
 @json_option
 def list_command(
@@ -290,28 +314,64 @@ def list_command(
     revoked: bool,
     expiring: str | None,
     limit: int,
+    envelope: bool,
     home: Path | None,
     as_json: bool,
 ) -> None:
-    """List issued certificates, newest first."""
+    """List issued certificates, newest first.
+
+    At most --limit of them: when more match, the table title says "showing N of M",
+    and --json prints the bare list with that line on stderr (or, with --envelope,
+    {"certificates": [...], "shown": N, "total": M, "truncated": true, "limit": L}).
+    """
+    if envelope and not as_json:
+        raise click.UsageError("--envelope goes with --json.")
     now = datetime.now(UTC)
     window = parse_duration(expiring, field="--expiring") if expiring else None
+    exact = id_glob if id_glob and "*" not in id_glob else None
+    pattern = id_glob if id_glob and not exact else None
+    status = True if revoked else (False if window else None)
+    before = now + window if window else None
+    valid = now if window else None
     with open_ca(home) as ca:
-        exact = id_glob if id_glob and "*" not in id_glob else None
         records = ca.store.find_certificates(
             spiffe_id=exact,
-            revoked=True if revoked else (False if window else None),
-            expiring_before=now + window if window else None,
-            valid_at=now if window else None,
-            limit=None if id_glob and not exact else limit,
+            revoked=status,
+            expiring_before=before,
+            valid_at=valid,
+            limit=None if pattern else limit,
         )
-    if id_glob and not exact:
-        records = [r for r in records if glob_match(r.spiffe_id, id_glob, sep="/")][:limit]
+        if pattern is not None:
+            records = [r for r in records if glob_match(r.spiffe_id, pattern, sep="/")]
+            total = len(records)
+            records = records[:limit]
+        elif len(records) < limit:
+            total = len(records)
+        else:
+            total = ca.store.count_certificates(
+                spiffe_id=exact, revoked=status, expiring_before=before, valid_at=valid
+            )
+    truncated = total > len(records)
+    cut = f"showing {len(records)} of {total} certificate(s) (--limit {limit})"
     if as_json:
-        print_json([r.to_json(now) for r in records])
+        rows = [r.to_json(now) for r in records]
+        if envelope:
+            print_json(
+                {
+                    "certificates": rows,
+                    "shown": len(rows),
+                    "total": total,
+                    "truncated": truncated,
+                    "limit": limit,
+                }
+            )
+            return
+        print_json(rows)
+        if truncated:
+            click.echo(f"trustmesh list: {cut}; raise --limit to see them all.", err=True)
         return
     print_table(
-        f"{len(records)} certificate(s)",
+        f"{cut}; raise --limit to see them all" if truncated else f"{len(records)} certificate(s)",
         ["serial", "SPIFFE ID", "status", "not after (UTC)", "profile", "reason"],
         _rows(records, now),
     )

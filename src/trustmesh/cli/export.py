@@ -16,7 +16,7 @@ from trustmesh.pki import (
     pkcs12_truststore,
 )
 
-from ._common import home_option, open_ca, read_secret
+from ._common import force_option, home_option, open_ca, read_secret, refuse_overwrite
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -76,6 +76,7 @@ def export_group() -> None:
     help="3DES/SHA-1 encryption for Java < 8u301, .NET Framework and old Windows.",
 )
 @password_option
+@force_option
 @home_option
 def p12_command(
     cert_file: Path,
@@ -84,12 +85,15 @@ def p12_command(
     alias: str,
     legacy: bool,
     password_file: Path | None,
+    force: bool,
     home: Path | None,
 ) -> None:
     """Write a PKCS#12 keystore: the key, its certificate and the CA chain.
 
-    Encrypted with AES-256-CBC and PBKDF2-HMAC-SHA256 unless --legacy.
+    Encrypted with AES-256-CBC and PBKDF2-HMAC-SHA256 unless --legacy. Written
+    atomically with mode 0600; an existing --out is replaced only with --force.
     """
+    refuse_overwrite([out], force=force)
     certs = load_pem_certificates(_read(cert_file, "certificate"), source=str(cert_file))
     key = load_private_key(_read(key_file, "key"), source=str(key_file))
     password = _password(password_file)
@@ -105,11 +109,16 @@ def p12_command(
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--legacy", is_flag=True, help="3DES/SHA-1 MAC for old Java and .NET.")
 @password_option
+@force_option
 @home_option
 def truststore_command(
-    out: Path, legacy: bool, password_file: Path | None, home: Path | None
+    out: Path, legacy: bool, password_file: Path | None, force: bool, home: Path | None
 ) -> None:
-    """Write a Java truststore (PKCS#12) with the CA's trust anchors."""
+    """Write a Java truststore (PKCS#12) with the CA's trust anchors.
+
+    Written atomically; an existing --out is replaced only with --force.
+    """
+    refuse_overwrite([out], force=force)
     password = _password(password_file)
     with open_ca(home) as ca:
         atomic_write(out, pkcs12_truststore(ca.bundle, password=password, legacy=legacy))
@@ -119,9 +128,14 @@ def truststore_command(
 
 @export_group.command("bundle")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@force_option
 @home_option
-def bundle_command(out: Path, home: Path | None) -> None:
-    """Write the trust bundle (PEM) for curl, Node.js, nginx and friends."""
+def bundle_command(out: Path, force: bool, home: Path | None) -> None:
+    """Write the trust bundle (PEM) for curl, Node.js, nginx and friends.
+
+    Written atomically; an existing --out is replaced only with --force.
+    """
+    refuse_overwrite([out], force=force)
     with open_ca(home) as ca:
         atomic_write(out, pem_certificates(ca.bundle))
         ca.record_export("bundle", str(out), subject=ca.config.trust_domain)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID
 
 from ._common import json_option, print_fields, print_json, print_table
@@ -122,6 +122,8 @@ def serve_command(
     token_file: Path | None,
     key_type: str,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     log_level: str,
     log_format: str,
 ) -> None:
@@ -129,7 +131,8 @@ def serve_command(
 
     Its identity (mTLS to the services, and the public certificate unless tls: is
     configured) comes from --cert-dir, or with --token/--token-file from the agent in
-    this process, which enrolls the configuration's id at its ca and renews it."""
+    this process, which enrolls the configuration's id at its ca and renews it, with
+    the DNS/IP SANs of --dns/--ip (or else the configuration's dns and ip lists)."""
     from trustmesh.gateway import load_config, run_gateway
 
     if token and token_file:
@@ -138,6 +141,11 @@ def serve_command(
     configure_logging(log_level, log_format)
     cert_dir = cert_dir or config.cert_dir
     enrolling = bool(token or token_file)
+    if not enrolling and (dns or ips):
+        raise ConfigError(
+            "--dns and --ip are for the agent in this process: add --token (or "
+            "--token-file), or give the SANs to the 'trustmesh agent' that keeps --cert-dir."
+        )
     if enrolling and (config.id is None or config.ca is None):
         raise ConfigError(
             f"--token needs 'id' (the gateway's SPIFFE ID) and 'ca' (the CA URL) in "
@@ -164,12 +172,16 @@ def serve_command(
                 token_file=token_file,
                 key_type=KeyType.parse(key_type),
                 ttl=ttl,
+                dns=dns or config.dns,
+                ips=ips or config.ips,
             )
         run_gateway(
             config_path,
             cert_dir=cert_dir,
             keeper=keeper,
-            ready=lambda url: click.echo(f"trustmesh gateway: listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh gateway: listening on {url}", event="ready", url=url
+            ),
         )
     finally:
         if temporary is not None:

@@ -17,7 +17,7 @@ import click
 from trustmesh.authority import CertificateAuthority, default_actor
 from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import parse_duration
 from trustmesh.store import open_store
 
@@ -187,7 +187,9 @@ def serve_command(
             issuer=issuer,
             settings=settings,
             log_level=log_level,
-            ready=lambda url: click.echo(f"trustmesh identity server listening on {url}", err=True),
+            ready=lambda url: announce(
+                f"trustmesh identity server listening on {url}", event="ready", url=url
+            ),
         )
 
 

@@ -13,7 +13,7 @@ import click
 from click.core import ParameterSource
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID, parse_duration
 
 from .agent import enrollment_options, start_agent
@@ -94,8 +94,8 @@ def _identity(opts: dict[str, Any]) -> Iterator[tuple[Path, Any]]:
     context = click.get_current_context()
     agent = bool(opts["token"] or opts["token_file"]) or opts["cert_dir"] is None
     given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("bundle", "ttl", "key_type")
+        f"--{'ip' if name == 'ips' else name.replace('_', '-')}"
+        for name in ("bundle", "ttl", "key_type", "dns", "ips")
         if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
     ]
     if not agent and given:
@@ -131,6 +131,8 @@ def _keeper(opts: dict[str, Any], cert_dir: Path) -> Any:
         token_file=opts["token_file"],
         key_type=KeyType.parse(opts["key_type"]),
         ttl=opts["ttl"],
+        dns=tuple(opts["dns"]),
+        ips=tuple(opts["ips"]),
     )
 
 
@@ -161,7 +163,7 @@ def _start(
 
 
 def _ready(line: str) -> None:
-    click.echo(f"trustmesh proxy: {line}", err=True)
+    announce(f"trustmesh proxy: {line}", event="ready")
 
 
 @proxy_group.command("inbound")

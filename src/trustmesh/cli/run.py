@@ -10,7 +10,7 @@ import click
 from click.core import ParameterSource
 
 from trustmesh.errors import ConfigError
-from trustmesh.logs import configure_logging
+from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, SpiffeID
 
 from .agent import enrollment_options, start_agent
@@ -57,7 +57,8 @@ __all__ = ["run_command"]
 @click.option(
     "--app-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to import the app from (prepended to sys.path).",
+    help="Directory to import the app from (prepended to sys.path; default: the "
+    "current directory).",
 )
 @click.option(
     "--workers",
@@ -65,6 +66,18 @@ __all__ = ["run_command"]
     default=1,
     show_default=True,
     help="Worker processes sharing the port (the agent runs once, in the parent).",
+)
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus /metrics and /healthz, /readyz over plain HTTP here "
+    "(loopback only unless --allow-remote-metrics); never through the app or the policy.",
+)
+@click.option(
+    "--allow-remote-metrics",
+    is_flag=True,
+    help="Accept a non-loopback --metrics-listen address (logged).",
 )
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
@@ -79,6 +92,8 @@ def run_command(
     token_file: Path | None,
     key_type: str,
     ttl: str | None,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
     listen: str,
     policy: Path | None,
     no_policy: bool,
@@ -90,6 +105,8 @@ def run_command(
     trusted_proxies: tuple[str, ...],
     app_dir: Path | None,
     workers: int,
+    metrics_listen: str | None,
+    allow_remote_metrics: bool,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -103,8 +120,8 @@ def run_command(
 
     context = click.get_current_context()
     given = [
-        f"--{name.replace('_', '-')}"
-        for name in ("bundle", "token", "token_file", "ttl", "key_type")
+        f"--{'ip' if name == 'ips' else name.replace('_', '-')}"
+        for name in ("bundle", "token", "token_file", "ttl", "key_type", "dns", "ips")
         if context.get_parameter_source(name) == ParameterSource.COMMANDLINE
     ]
     if spiffe_id is None and given:
@@ -143,6 +160,8 @@ def run_command(
             log_level=log_level,
             log_format=log_format,
             workers=workers,
+            metrics_listen=metrics_listen,
+            allow_remote_metrics=allow_remote_metrics,
         )
         validate(settings)  # before a join token is spent
         keeper = None
@@ -156,10 +175,12 @@ def run_command(
                 token_file=token_file,
                 key_type=KeyType.parse(key_type),
                 ttl=ttl,
+                dns=dns,
+                ips=ips,
             )
         run(
             settings,
-            ready=lambda url: click.echo(f"trustmesh run: {app} on {url}", err=True),
+            ready=lambda url: announce(f"trustmesh run: {app} on {url}", event="ready", url=url),
             keeper=keeper,
         )
     finally:

@@ -12,7 +12,7 @@ import click
 from cryptography import x509
 
 from trustmesh.errors import ConfigError
-from trustmesh.pki import load_pem_certificates, parse_duration
+from trustmesh.pki import SANAllowance, load_pem_certificates, parse_duration
 from trustmesh.tokens import InvalidTokenError, IssuerConfig, Verifier
 
 from ._common import home_option, json_option, open_ca, print_fields, print_json
@@ -27,18 +27,53 @@ def token_group() -> None:
 @click.argument("spiffe_id")
 @click.option("--ttl", default="15m", show_default=True, help="How long the token is valid.")
 @click.option("--uses", default=1, show_default=True, help="How many enrollments it allows.")
+@click.option(
+    "--dns",
+    "dns",
+    multiple=True,
+    metavar="PATTERN",
+    help="DNS SAN the enrolled identity (and its renewals) may carry: a name, or a glob "
+    "('*' within a label, '**' across labels). Repeatable; default: none.",
+)
+@click.option(
+    "--ip",
+    "ips",
+    multiple=True,
+    metavar="ADDR_OR_CIDR",
+    help="IP SAN it may carry: an address, or a CIDR range. Repeatable; default: none.",
+)
 @home_option
 @json_option
-def create_command(spiffe_id: str, ttl: str, uses: int, home: Path | None, as_json: bool) -> None:
+def create_command(
+    spiffe_id: str,
+    ttl: str,
+    uses: int,
+    dns: tuple[str, ...],
+    ips: tuple[str, ...],
+    home: Path | None,
+    as_json: bool,
+) -> None:
     """Create a join token bound to SPIFFE_ID (or a glob such as spiffe://td/ns/*).
 
+    The identity's certificates carry DNS/IP SANs (agent --dns/--ip, for host-name
+    checks) only where --dns/--ip here allow them, at enrollment and every renewal.
     Prints the token alone on stdout (it is shown once; only its hash is stored).
     """
     lifetime = parse_duration(ttl, field="--ttl")
     with open_ca(home) as ca:
-        token = ca.create_join_token(spiffe_id, ttl=lifetime, uses=uses)
+        token = ca.create_join_token(spiffe_id, ttl=lifetime, uses=uses, dns=dns, ips=ips)
     if as_json:
-        print_json({"token": token, "spiffe_id": spiffe_id, "uses": uses, "ttl": ttl})
+        allowance = SANAllowance.parse(dns, ips)
+        print_json(
+            {
+                "token": token,
+                "spiffe_id": spiffe_id,
+                "uses": uses,
+                "ttl": ttl,
+                "dns": list(allowance.dns),
+                "ips": list(allowance.ips),
+            }
+        )
     else:
         click.echo(token)
 

@@ -14,6 +14,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -280,6 +281,12 @@ def _csr_body(csr_pem: bytes | str, ttl: str | timedelta | None, **extra: str) -
     return body
 
 
+def _dated(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add a ``Date`` header (RFC 9110 section 6.6.1): the CA warns when our clock is off."""
+    headers = {**(kwargs.get("headers") or {}), "date": formatdate(usegmt=True)}
+    return {**kwargs, "headers": headers}
+
+
 class _Base:
     def __init__(
         self,
@@ -367,7 +374,7 @@ class CAClient(_Base):
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, **_dated(kwargs))
         except httpx.TransportError as exc:
             raise self._fail(exc) from exc
         return self._check(response, what)
@@ -477,7 +484,7 @@ class AsyncCAClient(_Base):
 
     async def _request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = await self._http.request(method, path, **kwargs)
+            response = await self._http.request(method, path, **_dated(kwargs))
         except httpx.TransportError as exc:
             raise self._fail(exc) from exc
         return self._check(response, what)

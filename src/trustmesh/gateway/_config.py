@@ -15,7 +15,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from pathlib import Path
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from trustmesh.errors import ConfigError, SpiffeIDError
-from trustmesh.pki import SpiffeID
+from trustmesh.pki import SpiffeID, parse_dns_name, parse_ip_address
 from trustmesh.policy import HTTP_METHODS, Policy, PolicyConfigError
 from trustmesh.serving import parse_listen
 
@@ -149,6 +149,9 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...]
     id: str | None = None
     ca: str | None = None
+    #: DNS and IP SANs the in-process agent asks for (``dns:``/``ip:``; validated).
+    dns: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
     check_revocation: bool = True
     cert_dir: Path | None = None
     tls_cert: Path | None = None
@@ -705,6 +708,8 @@ _TOP_KEYS = (
     "listen",
     "id",
     "ca",
+    "dns",
+    "ip",
     "check_revocation",
     "cert_dir",
     "tls",
@@ -765,6 +770,12 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     listen = _listen(listen_value)
     gateway_id = _spiffe_id(v) if (v := get("id")) is not None else None
     ca = _https_url(v, path_ok=False) if (v := get("ca")) is not None else None
+    sans_dns = _sans(v, parse_dns_name) if (v := get("dns")) is not None else ()
+    sans_ips = (
+        _sans(v, lambda t, option: str(parse_ip_address(t, option=option)))
+        if (v := get("ip")) is not None
+        else ()
+    )
     check_value = get("check_revocation")
     check_revocation = check_value.boolean() if check_value is not None else True
     if check_revocation and ca is None and get("routes") is not None:
@@ -849,6 +860,8 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         routes=tuple(routes),
         id=gateway_id,
         ca=ca,
+        dns=sans_dns,
+        ips=sans_ips,
         check_revocation=check_revocation,
         cert_dir=_directory(v, base) if (v := get("cert_dir")) is not None else None,
         tls_cert=tls_cert,
@@ -866,6 +879,18 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
         access_log=access_value.boolean() if access_value is not None else True,
         metrics_listen=metrics_listen,
     )
+
+
+def _sans(value: _Value, parse: Callable[..., str]) -> tuple[str, ...]:
+    """A list of DNS names or IP addresses for the agent's CSR, each checked."""
+    out: list[str] = []
+    for item in value.items():
+        text = item.string()
+        try:
+            out.append(parse(text, option=item.key))
+        except ConfigError as exc:
+            item.error(exc.message.removeprefix(f"{item.key} "))
+    return tuple(dict.fromkeys(out))
 
 
 def _webhook(value: _Value) -> str:
@@ -940,6 +965,8 @@ def describe_config(config: GatewayConfig) -> dict[str, Any]:
         "listen": config.listen,
         "id": config.id,
         "ca": config.ca,
+        "dns": list(config.dns),
+        "ip": list(config.ips),
         "check_revocation": config.check_revocation,
         "public_certificate": str(config.tls_cert) if config.tls_cert else "gateway identity",
         "redirect_http": config.redirect_http,

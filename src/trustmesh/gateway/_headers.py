@@ -3,10 +3,12 @@
 A client can write any header. Those that name an identity (``X-User``, ``Client-Cert``,
 ``X-Trustmesh-*``), a forwarding hop (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``) or
 an override of the request line (``X-Original-URL``, ``X-HTTP-Method-Override``) would be
-believed by an upstream that trusts the gateway, so :func:`strip_inbound` removes every
-spelling of them: any case, ``_`` for ``-``, surrounding blanks, any number of copies,
-empty values. Hop-by-hop headers (RFC 9110 §7.6.1) and those a ``Connection`` header
-names go too. The gateway then adds :func:`vouched_headers`, its own view of the client.
+believed by an upstream that trusts the gateway (the list, :data:`SPOOFABLE_HEADERS` and
+:data:`SPOOFABLE_PREFIXES`, is :mod:`trustmesh.headers`, shared with the sidecar and the
+middleware), so :func:`strip_inbound` removes every spelling of them: any case, ``_`` for
+``-``, surrounding blanks, any number of copies, empty values. Hop-by-hop headers (RFC 9110
+§7.6.1) and those a ``Connection`` header names go too. The gateway then adds
+:func:`vouched_headers`, its own view of the client.
 
 Everything here runs on every request: names are classified once and remembered in a
 bounded table, so a repeated name costs one dict lookup and no allocation.
@@ -17,7 +19,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from trustmesh.middleware import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
+from trustmesh.headers import (
+    SPOOFABLE_HEADERS,
+    SPOOFABLE_PREFIXES,
+    is_spoofable_normalized,
+    normalize_header_name,
+)
 from trustmesh.relay import HOP_BY_HOP
 
 from ._addresses import parse_ip
@@ -37,62 +44,6 @@ __all__ = [
 ]
 
 Headers = list[tuple[bytes, bytes]]
-
-#: Any header starting with one of these (lower case, ``-``) is refused from clients.
-SPOOFABLE_PREFIXES: tuple[bytes, ...] = (
-    b"x-forwarded",  # X-Forwarded-For/-Proto/-Host/-Port/-Prefix/-Server/-User/-Client-Cert
-    b"x-original-",  # X-Original-URL/-Method/-Host/-Forwarded-For (rewrites, ingress hops)
-    b"x-user",  # X-User, X-User-Id, X-Userinfo, ...
-    b"x-client-",  # X-Client-Cert, X-Client-IP, X-Client-Verify, ...
-    b"x-auth-",  # X-Auth-Request-User, X-Auth-User, ...
-    b"x-remote-",  # X-Remote-User, X-Remote-Addr, ...
-    b"x-envoy-",  # Envoy's internal and identity headers
-    IDENTITY_HEADER_PREFIX.encode("ascii"),  # ours: x-trustmesh-
-    # What well-known authenticating proxies put in front of apps (an app behind the
-    # gateway may have been written for one of them and believe these):
-    b"remote-",  # Authelia and others: Remote-User, Remote-Email, Remote-Groups
-    b"x-amzn-oidc-",  # AWS ALB: X-Amzn-Oidc-Identity, -Data, -Accesstoken
-    b"x-goog-authenticated-",  # Google IAP: X-Goog-Authenticated-User-Email/-Id
-    b"x-goog-iap-",  # Google IAP: X-Goog-IAP-JWT-Assertion
-    b"x-ms-client-principal",  # Azure App Service auth: X-MS-CLIENT-PRINCIPAL(-NAME/-ID)
-    b"x-ms-token-",  # Azure App Service auth: X-MS-TOKEN-AAD-ACCESS-TOKEN, ...
-    b"cf-access-",  # Cloudflare Access: Cf-Access-Jwt-Assertion, -Authenticated-User-Email
-    b"x-pomerium-",  # Pomerium: X-Pomerium-Jwt-Assertion, X-Pomerium-Claim-*
-    b"tailscale-user-",  # Tailscale serve: Tailscale-User-Login, -Name
-    b"x-webauth-",  # Grafana-style auth proxies: X-WEBAUTH-USER
-    b"x-azure-",  # Azure Front Door: X-Azure-ClientIP, X-Azure-SocketIP
-)
-
-#: Exact names refused from clients (lower case, ``-``), besides the prefixes.
-SPOOFABLE_HEADERS: frozenset[bytes] = frozenset(
-    {name.encode("ascii") for name in IDENTITY_HEADERS}
-    | {
-        b"forwarded",
-        b"x-real-ip",
-        b"true-client-ip",
-        b"cf-connecting-ip",
-        b"x-cluster-client-ip",
-        b"fastly-client-ip",
-        b"x-originating-ip",
-        b"x-proxyuser-ip",
-        b"proxy-client-ip",
-        b"wl-proxy-client-ip",
-        b"x-client-ip",
-        b"client-ip",
-        b"x-host",
-        b"x-rewrite-url",
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-http-host-override",
-        b"client-cert",
-        b"client-cert-chain",
-        b"x-remote-user",
-        b"remote-user",
-        b"x-remote-addr",
-        b"x-spiffe-id",
-    }
-)
 
 #: Hop-by-hop headers: never forwarded (the relay's list, RFC 9110 section 7.6.1).
 HOP_BY_HOP_HEADERS: frozenset[bytes] = HOP_BY_HOP
@@ -127,9 +78,8 @@ _HOST_RE = re.compile(rb"[A-Za-z0-9.\-_~]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?:
 _TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def normalize_name(name: bytes) -> bytes:
-    """The spelling every variant of a header name maps to: trimmed, lower case, ``-``."""
-    return name.strip(b" \t").lower().replace(b"_", b"-")
+#: The spelling every variant of a header name maps to: trimmed, lower case, ``-``.
+normalize_name = normalize_header_name
 
 
 def _classify(name: bytes) -> int:
@@ -138,7 +88,7 @@ def _classify(name: bytes) -> int:
         kind = _CONNECTION
     elif norm in HOP_BY_HOP_HEADERS:
         kind = _HOP
-    elif norm in SPOOFABLE_HEADERS or norm.startswith(SPOOFABLE_PREFIXES):
+    elif is_spoofable_normalized(norm):
         kind = _SPOOFABLE
     else:
         kind = _KEEP

@@ -10,20 +10,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from trustmesh.relay import Receive, Scope, Send
-from trustmesh.serving import LATENCY_BUCKETS
+from trustmesh.serving import LATENCY_BUCKETS, RevocationCollector
 
-__all__ = ["GatewayMetrics", "metrics_app"]
+__all__ = ["GatewayMetrics"]
 
 
 class GatewayMetrics:
@@ -146,43 +142,8 @@ class GatewayMetrics:
 
     def add_revocations(self, source: Callable[[], Mapping[str, float]]) -> None:
         """Export a revocation set's counters (``RevocationSet.metrics``)."""
-        self.registry.register(_RevocationCollector(source))
+        self.registry.register(RevocationCollector(source, "trustmesh_gateway_revocation"))
 
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
-
-
-class _RevocationCollector(Collector):
-    def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
-        self._source = source
-
-    def collect(self) -> Any:
-        for name, value in self._source().items():
-            yield GaugeMetricFamily(
-                f"trustmesh_gateway_revocation_{name}",
-                f"Upstream revocation set: {name.replace('_', ' ')}.",
-                value=value,
-            )
-
-
-def metrics_app(metrics: GatewayMetrics) -> Callable[[Scope, Receive, Send], Any]:
-    """A tiny ASGI app: ``GET /metrics`` answers the exposition; anything else 404."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # served with lifespan off
-            return
-        if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
-            body, status, kind = b"not found: GET /metrics\n", 404, b"text/plain"
-        else:
-            body, status, kind = metrics.render(), 200, CONTENT_TYPE_LATEST.encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    return app

@@ -36,10 +36,13 @@ from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 from trustmesh.serving import (
     Keeper,
     is_loopback,
+    metrics_app,
     parse_listen,
     public_url,
     start_keeper,
+    start_server,
     stop_keeper,
+    uvicorn_config,
 )
 from trustmesh.tls import TLS12_CIPHERS, RevocationSet, RotatingCredentials
 from trustmesh.tokens import IntrospectionConfig, IssuerConfig
@@ -49,7 +52,7 @@ from ._alerts import AlertRule, Alerts
 from ._app import CompiledRoute, GatewayApp, GatewayState
 from ._auth import Authenticator, route_policy
 from ._config import GatewayConfig, IssuerEntry, RateSpec, RouteConfig, load_config
-from ._metrics import GatewayMetrics, metrics_app
+from ._metrics import GatewayMetrics
 from ._ratelimit import Rate, RateLimits
 from ._upstream import Credentials, Revocations, UpstreamPool
 
@@ -72,6 +75,8 @@ _RESTART_ONLY = (
     "metrics_listen",
     "id",
     "ca",
+    "dns",
+    "ips",
     "check_revocation",
     "cert_dir",
 )
@@ -459,12 +464,14 @@ class Gateway:
                     "anyone who reaches it can read them",
                     config.metrics_listen,
                 )
-            servers.append(uvicorn.Server(_uvicorn_config(metrics_app(self.metrics), mhost, mport)))
+            servers.append(
+                uvicorn.Server(_uvicorn_config(metrics_app(self.metrics.render), mhost, mport))
+            )
         self._servers = servers
         watcher: asyncio.Task[None] | None = None
         try:
             for server in servers:
-                await _start(server)
+                await start_server(server)
                 if not server.started:
                     raise TrustmeshError(
                         f"The gateway could not listen on {server.config.host}:"
@@ -704,7 +711,7 @@ def _guarded_protocol(max_head: Callable[[], int]) -> type[HttpToolsProtocol]:
 def _uvicorn_config(
     app: Any, host: str, port: int, *, http: Any = "httptools", **extra: Any
 ) -> uvicorn.Config:
-    return uvicorn.Config(
+    return uvicorn_config(
         app,
         host=host,
         port=port,
@@ -718,22 +725,8 @@ def _uvicorn_config(
         proxy_headers=False,
         timeout_keep_alive=15,
         timeout_graceful_shutdown=DRAIN_TIMEOUT,
-        log_config=None,
         **extra,
     )
-
-
-async def _start(server: uvicorn.Server) -> None:
-    # uvicorn's serve() installs its own signal handlers; the gateway runs several servers
-    # in one loop and handles signals itself, so it drives startup and shutdown directly.
-    config = server.config
-    if not config.loaded:
-        config.load()
-    server.lifespan = config.lifespan_class(config)
-    try:
-        await server.startup()
-    except SystemExit:
-        server.started = False
 
 
 _HOST_HEADER = re.compile(rb"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]")

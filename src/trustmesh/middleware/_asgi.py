@@ -9,6 +9,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from trustmesh.context import inbound_token
+from trustmesh.headers import is_spoofable
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError
 
 from ._core import (
@@ -128,11 +129,7 @@ class MTLSMiddleware:
         if path in self.exempt_paths:
             # No checks here, but no identity headers either: nobody vouched for them.
             exempt = dict(scope)
-            exempt["headers"] = [
-                (k, v)
-                for k, v in scope.get("headers", ())
-                if not is_identity_header(k.decode("latin-1"))
-            ]
+            exempt["headers"] = [(k, v) for k, v in scope.get("headers", ()) if not is_spoofable(k)]
             await self.app(exempt, receive, send)
             return
         gate = self.gate
@@ -153,6 +150,10 @@ class MTLSMiddleware:
                     identity_headers.setdefault(normalize_header(name), []).append(
                         raw_value.decode("latin-1")
                     )
+                    continue
+                if is_spoofable(raw_name):
+                    # Client-address and request-line override headers: only a trusted
+                    # proxy may set them (trustmesh.headers, as the gateway strips).
                     continue
                 if name.lower() == "authorization":
                     authorization.append(raw_value.decode("latin-1"))

@@ -22,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import CollectorRegistry, Counter
 
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
+from trustmesh.headers import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
 from trustmesh.policy import PolicyRequest
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
@@ -50,35 +51,6 @@ FORWARDED_CALLER_HEADER = "x-trustmesh-caller"
 FORWARDED_CERT_HEADER = "client-cert"
 #: RFC 9440: the certificates after the leaf, ``:b64:, :b64:``.
 FORWARDED_CERT_CHAIN_HEADER = "client-cert-chain"
-#: Every header starting with this is ours; only trusted proxies may send them.
-IDENTITY_HEADER_PREFIX = "x-trustmesh-"
-#: Identity headers proxies and servers commonly set. From a peer that is not a
-#: trusted proxy they are removed before the app sees the request, in every
-#: spelling (case, ``_`` for ``-``, repeated). Names are lower case with ``-``.
-IDENTITY_HEADERS = frozenset(
-    {
-        FORWARDED_CERT_HEADER,
-        FORWARDED_CERT_CHAIN_HEADER,
-        "x-forwarded-client-cert",
-        "x-client-cert",
-        "x-client-cert-chain",
-        "x-ssl-client-cert",
-        "ssl-client-cert",
-        "x-ssl-client-verify",
-        "x-client-verify",
-        "x-ssl-client-dn",
-        "x-ssl-client-s-dn",
-        "x-client-dn",
-        "x-forwarded-user",
-        "x-forwarded-email",
-        "x-forwarded-preferred-username",
-        "x-auth-request-user",
-        "x-auth-request-email",
-        "x-remote-user",
-        "remote-user",
-        "x-spiffe-id",
-    }
-)
 
 _PEM_CACHE_SIZE = 1024
 

@@ -10,6 +10,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry
 
 from trustmesh.context import inbound_token
+from trustmesh.headers import is_spoofable
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError
 
 from ._core import (
@@ -120,7 +121,7 @@ class MTLSWSGIMiddleware:
         policy_path = str(raw).partition("?")[0] if raw and str(raw).startswith("/") else path
         if path in self.exempt_paths:
             # No checks here, but no identity headers either: nobody vouched for them.
-            for key in [k for k in environ if k.startswith("HTTP_") and is_identity_header(k[5:])]:
+            for key in [k for k in environ if k.startswith("HTTP_") and is_spoofable(k[5:])]:
                 del environ[key]
             return self.app(environ, start_response)
         gate = self.gate
@@ -147,7 +148,9 @@ class MTLSWSGIMiddleware:
                 }
                 caller = gate.forwarded_caller(peer, headers)
             else:
-                for key in identity_keys:
+                # Identity, client-address and request-line override headers: only a
+                # trusted proxy may set them (trustmesh.headers, as the gateway strips).
+                for key in [k for k in environ if k.startswith("HTTP_") and is_spoofable(k[5:])]:
                     del environ[key]
             authorization = environ.get("HTTP_AUTHORIZATION")
             token = gate.bearer_token(_split(authorization) if authorization else [])

@@ -40,11 +40,14 @@ from ._inspect import (
 )
 from ._issue import (
     BACKDATE,
+    MAX_BACKDATE,
     LeafRequest,
+    check_backdate,
     create_intermediate,
     create_root,
     issue_leaf,
     new_serial,
+    parse_backdate,
 )
 from ._keys import (
     KeyType,
@@ -59,12 +62,14 @@ from ._keys import (
 )
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
+from ._sans import SANAllowance, parse_dns_name, parse_ip_address
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
 from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 
 __all__ = [
     "BACKDATE",
     "DEFAULT_CRL_LIFETIME",
+    "MAX_BACKDATE",
     "MAX_CSR_BYTES",
     "MAX_INSPECT_BYTES",
     "REASONS",
@@ -82,9 +87,11 @@ __all__ = [
     "PublicKey",
     "RevokedEntry",
     "RevokedSummary",
+    "SANAllowance",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "check_backdate",
     "check_chain",
     "check_csr",
     "create_intermediate",
@@ -105,7 +112,10 @@ __all__ = [
     "load_private_key",
     "match_spiffe_pattern",
     "new_serial",
+    "parse_backdate",
+    "parse_dns_name",
     "parse_duration",
+    "parse_ip_address",
     "parse_reason",
     "pem_certificates",
     "pem_crls",

@@ -18,6 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from trustmesh.errors import ConfigError
+
+from ._durations import format_duration, parse_duration
 from ._keys import PrivateKey, PublicKey, signature_hash_for
 from ._spiffe import SpiffeID
 
@@ -25,17 +28,22 @@ __all__ = [
     "BACKDATE",
     "DEFAULT_INTERMEDIATE_LIFETIME",
     "DEFAULT_ROOT_LIFETIME",
+    "MAX_BACKDATE",
     "LeafRequest",
+    "check_backdate",
     "create_intermediate",
     "create_root",
     "issue_leaf",
     "new_serial",
+    "parse_backdate",
 ]
 
 DEFAULT_ROOT_LIFETIME = timedelta(days=3650)
 DEFAULT_INTERMEDIATE_LIFETIME = timedelta(days=365)
-#: notBefore is set this far in the past to absorb clock skew between hosts.
+#: notBefore is set this far in the past to absorb clock skew between hosts (default).
 BACKDATE = timedelta(minutes=1)
+#: The most back-dating allowed: more would hide a broken clock and stretch lifetimes.
+MAX_BACKDATE = timedelta(minutes=10)
 _EKU_OIDS = {
     "client": ExtendedKeyUsageOID.CLIENT_AUTH,
     "server": ExtendedKeyUsageOID.SERVER_AUTH,
@@ -48,6 +56,46 @@ def new_serial() -> int:
         serial = secrets.randbits(159)
         if serial >= 1 << 64:  # at least 64 bits of entropy visible, never 0
             return serial
+
+
+def check_backdate(value: timedelta, *, field: str = "backdate") -> timedelta:
+    """Return ``value`` if it is a back-dating within 0 to :data:`MAX_BACKDATE`.
+
+    Raises:
+        ConfigError: Negative or over :data:`MAX_BACKDATE`; ``field`` names the setting.
+
+    .. versionadded:: 0.2
+    """
+    if not timedelta(0) <= value <= MAX_BACKDATE:
+        shown = format_duration(value) if value > timedelta(0) else f"-{format_duration(-value)}"
+        raise ConfigError(
+            f"{field} {shown} is out of range: back-date notBefore by 0s to "
+            f"{format_duration(MAX_BACKDATE)} (default {format_duration(BACKDATE)}), "
+            f"and keep clocks right with NTP rather than back-dating more.",
+            field=field,
+        )
+    return value
+
+
+def parse_backdate(value: str, *, field: str = "backdate") -> timedelta:
+    """Parse a back-dating such as ``0s``, ``90s`` or ``5m`` (0 to :data:`MAX_BACKDATE`).
+
+    Raises:
+        ConfigError: Not a duration, or out of range; ``field`` names the setting.
+
+    .. versionadded:: 0.2
+    """
+    if value.strip().lower() in {"0", "0s", "0m"}:
+        return timedelta(0)
+    try:
+        parsed = parse_duration(value, field=field)
+    except ConfigError:
+        raise ConfigError(
+            f"Invalid {field} {value!r}: expected a duration from 0s to "
+            f"{format_duration(MAX_BACKDATE)}, such as '0s', '90s' or '5m'.",
+            field=field,
+        ) from None
+    return check_backdate(parsed, field=field)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -112,6 +160,7 @@ def create_root(
     *,
     lifetime: timedelta = DEFAULT_ROOT_LIFETIME,
     now: datetime | None = None,
+    backdate: timedelta = BACKDATE,
 ) -> x509.Certificate:
     """Create a self-signed root CA certificate for a trust domain.
 
@@ -121,6 +170,7 @@ def create_root(
             trust domain's SPIFFE ID.
         lifetime: Validity period (10 years by default).
         now: The current time (for tests).
+        backdate: How far ``notBefore`` lies before ``now`` (0 to :data:`MAX_BACKDATE`).
 
     Returns:
         The root certificate.
@@ -134,7 +184,7 @@ def create_root(
         .issuer_name(name)
         .public_key(public)
         .serial_number(new_serial())
-        .not_valid_before(start - BACKDATE)
+        .not_valid_before(start - check_backdate(backdate))
         .not_valid_after(start + lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
@@ -158,6 +208,7 @@ def create_intermediate(
     lifetime: timedelta = DEFAULT_INTERMEDIATE_LIFETIME,
     now: datetime | None = None,
     crl_urls: Sequence[str] = (),
+    backdate: timedelta = BACKDATE,
 ) -> x509.Certificate:
     """Create the online intermediate CA (pathlen 0) signed by the root.
 
@@ -171,6 +222,7 @@ def create_intermediate(
         crl_urls: Where the root-signed CRL is published (CRL distribution point),
             so peers that check the whole chain (``openssl -crl_check_all``, Java
             with CRLDP) find it.
+        backdate: How far ``notBefore`` lies before ``now`` (0 to :data:`MAX_BACKDATE`).
 
     Returns:
         The intermediate certificate.
@@ -184,7 +236,7 @@ def create_intermediate(
         .issuer_name(root.subject)
         .public_key(public)
         .serial_number(new_serial())
-        .not_valid_before(start - BACKDATE)
+        .not_valid_before(start - check_backdate(backdate))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
@@ -236,6 +288,7 @@ def issue_leaf(
     now: datetime | None = None,
     crl_urls: Sequence[str] = (),
     ocsp_urls: Sequence[str] = (),
+    backdate: timedelta = BACKDATE,
 ) -> x509.Certificate:
     """Sign a workload (leaf) certificate.
 
@@ -245,11 +298,12 @@ def issue_leaf(
         request: The checked request.
         issuer: The issuing (intermediate) certificate.
         issuer_key: Its private key.
-        ttl: Lifetime from now; ``notBefore`` is back-dated by :data:`BACKDATE`.
+        ttl: Lifetime from now; ``notBefore`` is back-dated by ``backdate``.
         serial: The serial number; a fresh random one when None.
         now: The current time (for tests).
         crl_urls: CRL distribution point URLs to embed.
         ocsp_urls: OCSP responder URLs to embed (AIA).
+        backdate: How far ``notBefore`` lies before ``now`` (0 to :data:`MAX_BACKDATE`).
 
     Returns:
         The leaf certificate.
@@ -271,7 +325,7 @@ def issue_leaf(
         .issuer_name(issuer.subject)
         .public_key(key)
         .serial_number(serial if serial is not None else new_serial())
-        .not_valid_before(start - BACKDATE)
+        .not_valid_before(start - check_backdate(backdate))
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

@@ -233,14 +233,19 @@ class Profile:
                 f"Refusing DNS name {name!r}: it is not a valid host name.",
                 profile=self.name,
                 field="dns",
+                reason="bad_san",
+                san=f"DNS:{name}",
             )
         if not any(glob_match(lowered, p.lower(), sep=".") for p in self.dns):
             raise PolicyError(
                 f"Refusing DNS name {name!r}: profile {self.name!r} allows DNS names "
                 f"matching {list(self.dns)} only. Use an internal name or add a "
-                f"pattern to the profile's dns list.",
+                f"pattern to the profile's dns list ([profiles.{self.name}] in the "
+                f"CA's config.toml).",
                 profile=self.name,
                 field="dns",
+                reason="san_not_allowed",
+                san=f"DNS:{name}",
             )
 
     def check_ip(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
@@ -253,9 +258,12 @@ class Profile:
             raise PolicyError(
                 f"Refusing IP address {address}: profile {self.name!r} allows "
                 f"addresses in {list(self.ips)} only. Use one of those or add the "
-                f"range to the profile's ips list.",
+                f"range to the profile's ips list ([profiles.{self.name}] in the CA's "
+                f"config.toml).",
                 profile=self.name,
                 field="ip",
+                reason="san_not_allowed",
+                san=f"IP:{address}",
             )
 
     def check_key(self, key: object) -> None:

@@ -21,6 +21,7 @@ import uvicorn
 from cryptography import x509
 
 from trustmesh.errors import TrustmeshError, VerificationError
+from trustmesh.headers import is_spoofable
 from trustmesh.http1 import Pool
 from trustmesh.middleware import (
     FORWARDED_CALLER_HEADER,
@@ -28,7 +29,6 @@ from trustmesh.middleware import (
     MTLSMiddleware,
     RequestIdentity,
     forwarded_certificate_header,
-    is_identity_header,
 )
 from trustmesh.policy import PolicyFile
 from trustmesh.relay import (
@@ -39,7 +39,7 @@ from trustmesh.relay import (
     relay,
     send_problem,
 )
-from trustmesh.serving import parse_listen, public_url
+from trustmesh.serving import parse_listen, public_url, uvicorn_config
 from trustmesh.tls import TLSHttpToolsProtocol, log_refused_handshakes
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
@@ -81,15 +81,6 @@ IDLE_ABORT = 1.0
 _MODE = "inbound-http"
 _CLIENT_CERT = FORWARDED_CERT_HEADER.encode()
 _ENCODED_CACHE = 1024
-
-
-def _is_forwarding_header(name: bytes) -> bool:
-    """Headers only the sidecar may set: identity headers and client-address headers."""
-    text = name.decode("latin-1").lower().replace("_", "-")
-    return is_identity_header(text) or text.startswith("x-forwarded-") or text in _ADDRESS
-
-
-_ADDRESS = frozenset({"forwarded", "x-real-ip"})
 
 
 class _ConnectionApp:
@@ -190,9 +181,12 @@ class _SidecarProtocol(TLSHttpToolsProtocol):
 class Forwarder:
     """The ASGI app behind the middleware: relay the allowed request to the plain app.
 
-    Incoming identity headers (``X-Trustmesh-*``, ``Client-Cert`` and the other names of
-    :data:`trustmesh.middleware.IDENTITY_HEADERS`) and ``X-Forwarded-*``/``Forwarded``/
-    ``X-Real-IP`` are removed; ``X-Trustmesh-Caller``, ``Client-Cert`` (RFC 9440),
+    Incoming headers only a trusted hop may set are removed, the same list the gateway
+    strips (:mod:`trustmesh.headers`): identity headers (``X-Trustmesh-*``, ``Client-Cert``),
+    client addresses (``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``, ``True-Client-IP``,
+    ...) and request-line overrides (``X-Original-URL``, ``X-Rewrite-URL``,
+    ``X-HTTP-Method-Override``, ...) that would steer the app past the policy, which
+    decided on the method and path. ``X-Trustmesh-Caller``, ``Client-Cert`` (RFC 9440),
     ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are set from the verified connection.
     """
 
@@ -218,7 +212,7 @@ class Forwarder:
             return
         identity: RequestIdentity = scope["trustmesh"]
         conn: Connection | None = (scope.get("extensions") or {}).get(CONNECTION_EXTENSION)
-        headers = forward_headers(scope.get("headers", ()), drop=_is_forwarding_header)
+        headers = forward_headers(scope.get("headers", ()), drop=is_spoofable)
         caller = identity.caller
         headers.append((FORWARDED_CALLER_HEADER.encode(), caller.spiffe_id.uri.encode()))
         if caller.certificate is not None:
@@ -378,11 +372,11 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
 
     host, port = parse_listen(settings.listen)
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
         host=host,
         port=port,
-        http=partial(  # type: ignore[arg-type]
+        http=partial(
             _SidecarProtocol, tracker=tracker, trust_domain=sidecar.trust_domain, hellos=hellos
         ),
         ssl_context_factory=context_factory,

@@ -32,7 +32,16 @@ from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.logs import configure_logging
 from trustmesh.middleware import MTLSMiddleware
 from trustmesh.policy import PolicyFile
-from trustmesh.serving import Keeper, parse_listen, public_url, start_keeper, stop_keeper
+from trustmesh.serving import (
+    Keeper,
+    check_metrics_listen,
+    parse_listen,
+    public_url,
+    start_keeper,
+    start_server,
+    stop_keeper,
+    uvicorn_config,
+)
 from trustmesh.tls import (
     RevocationSet,
     RotatingCredentials,
@@ -41,6 +50,7 @@ from trustmesh.tls import (
 )
 from trustmesh.tokens import AsyncVerifier, IssuerConfig
 
+from ._metrics import RunMetrics
 from ._wsgi import is_wsgi_app, protect_wsgi
 
 __all__ = ["Keeper", "RunSettings", "load_app", "run", "validate"]
@@ -67,10 +77,14 @@ class RunSettings:
         audiences: Accepted token audiences.
         require_token: Refuse requests without a bearer token.
         trusted_proxies: SPIFFE IDs or globs whose identity headers are believed.
-        app_dir: Prepended to ``sys.path`` before importing the app.
+        app_dir: Prepended to ``sys.path`` before importing the app (default: the
+            current directory, as uvicorn and gunicorn do).
         log_level: uvicorn's and our log level.
         log_format: ``json`` or ``text`` (for worker processes, which log on their own).
         workers: Worker processes sharing the listening socket (1: serve in this process).
+        metrics_listen: ``HOST:PORT`` of the plain-HTTP ``/metrics``, ``/healthz`` and
+            ``/readyz`` listener (loopback unless ``allow_remote_metrics``), or None.
+        allow_remote_metrics: Accept a non-loopback ``metrics_listen`` (logged).
     """
 
     target: str
@@ -88,6 +102,8 @@ class RunSettings:
     log_level: str = "info"
     log_format: str = "json"
     workers: int = 1
+    metrics_listen: str | None = None
+    allow_remote_metrics: bool = False
 
 
 #: Seconds workers get to finish their requests after SIGTERM before they are killed.
@@ -95,7 +111,8 @@ WORKER_GRACE = 15.0
 
 
 def load_app(target: str, app_dir: Path | None = None) -> Any:
-    """Import ``MODULE:ATTRIBUTE`` and return the app.
+    """Import ``MODULE:ATTRIBUTE`` from ``app_dir`` (default: the current directory) and
+    return the app.
 
     Raises:
         ConfigError: The target is malformed, cannot be imported, or is a WSGI app
@@ -106,8 +123,11 @@ def load_app(target: str, app_dir: Path | None = None) -> Any:
         raise ConfigError(
             f"APP {target!r} is not MODULE:ATTRIBUTE, e.g. inventory.main:app.", field="app"
         )
-    if app_dir is not None:
-        sys.path.insert(0, str(app_dir))
+    # Like uvicorn and gunicorn: the current directory by default. The installed
+    # `trustmesh` script has its own directory, not the current one, as sys.path[0].
+    directory = str(Path(app_dir if app_dir is not None else os.getcwd()).resolve())
+    if sys.path[:1] != [directory]:
+        sys.path.insert(0, directory)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -157,6 +177,19 @@ def _check(settings: RunSettings) -> None:
         raise ConfigError("--issuer needs at least one --audience.", field="audience")
     if settings.workers < 1:
         raise ConfigError("--workers must be 1 or more.", field="workers")
+    if settings.metrics_listen is not None:
+        check_metrics_listen(
+            settings.metrics_listen,
+            allow_remote=settings.allow_remote_metrics,
+            option="--metrics-listen",
+            allow_flag="--allow-remote-metrics",
+        )
+        if settings.workers > 1:
+            raise ConfigError(
+                "--metrics-listen serves one process's counters: it cannot be combined with "
+                "--workers yet. Use --workers 1, or the gunicorn worker with its own metrics.",
+                field="metrics_listen",
+            )
 
 
 def validate(settings: RunSettings) -> None:
@@ -281,6 +314,8 @@ async def _serve(
 ) -> None:
     # The verifier's HTTP client belongs to this event loop: create and close it here.
     verifier = AsyncVerifier(issuer) if issuer is not None and not is_wsgi_app(app) else None
+    metrics = RunMetrics(credentials, revocations) if settings.metrics_listen is not None else None
+    registry = metrics.registry if metrics is not None else None
     protected: Any
     if is_wsgi_app(app):  # Flask: the WSGI middleware in a thread pool (runner/_wsgi.py)
         protected = protect_wsgi(
@@ -292,6 +327,7 @@ async def _serve(
             require_token=settings.require_token,
             trusted_proxies=settings.trusted_proxies,
             trust_bundle=[*credentials.roots, *credentials.intermediates()],
+            metrics_registry=registry,
         )
     else:
         protected = MTLSMiddleware(
@@ -303,13 +339,14 @@ async def _serve(
             require_token=settings.require_token,
             trusted_proxies=settings.trusted_proxies,
             trust_bundle=[*credentials.roots, *credentials.intermediates()],
+            metrics_registry=registry,
         )
 
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
         return credentials.server_context()
 
     log_refused_handshakes()
-    config = uvicorn.Config(
+    config = uvicorn_config(
         protected,
         host=host,
         port=port,
@@ -334,6 +371,32 @@ async def _serve(
         url,
         extra={"event": "run_started"},
     )
+    side: uvicorn.Server | None = None
+    if metrics is not None and settings.metrics_listen is not None:
+        mhost, mport = parse_listen(settings.metrics_listen)
+        side = uvicorn.Server(
+            uvicorn_config(
+                metrics.app(),
+                host=mhost,
+                port=mport,
+                lifespan="off",
+                access_log=False,
+                server_header=False,
+                proxy_headers=False,
+                log_level=settings.log_level,
+            )
+        )
+        await start_server(side)
+        if not side.started:
+            raise TrustmeshError(
+                f"trustmesh run could not listen on --metrics-listen "
+                f"{settings.metrics_listen} (see the log above): is the port in use?"
+            )
+        log.info(
+            "metrics and health on http://%s/metrics, /healthz, /readyz",
+            settings.metrics_listen,
+            extra={"event": "metrics_started"},
+        )
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -359,6 +422,8 @@ async def _serve(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if side is not None and side.started:
+            await side.shutdown()
         if verifier is not None:
             await verifier.aclose()
 
@@ -374,12 +439,16 @@ def _worker_main(settings: RunSettings, sock: socket.socket) -> None:
     """One worker process: its own credentials watcher, revocation set and middleware."""
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns ^C into SIGTERM
-    host, port = parse_listen(settings.listen)
-    app = load_app(settings.target, settings.app_dir)
     try:
+        host, port = parse_listen(settings.listen)
+        app = load_app(settings.target, settings.app_dir)
         _run_one(settings, app, host, port, None, sock)
     except TrustmeshError as exc:
         log.error("worker %d: %s", os.getpid(), exc.message, extra={"event": "worker_failed"})
+        sys.exit(1)
+    except Exception:
+        # multiprocessing would print the traceback as plain text: log it instead.
+        log.exception("worker %d crashed", os.getpid(), extra={"event": "worker_failed"})
         sys.exit(1)
 
 

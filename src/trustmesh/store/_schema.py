@@ -35,6 +35,10 @@ certificates = Table(
     Column("revoked_at", BigInteger, nullable=True),
     Column("revocation_reason", String(32), nullable=True),
     Column("pem", Text, nullable=False),
+    # What renewals of this certificate may claim (from the join token it descends
+    # from, or its own SANs when issued by hand): comma-separated patterns / CIDRs.
+    Column("allowed_dns", Text, nullable=False, default=""),
+    Column("allowed_ips", Text, nullable=False, default=""),
     UniqueConstraint("issuer", "serial", name="uq_certificates_issuer_serial"),
     Index("ix_certificates_serial", "serial"),
     Index("ix_certificates_spiffe_id", "spiffe_id"),
@@ -75,6 +79,9 @@ join_tokens = Table(
     Column("expires_at", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
     Column("created_by", Text, nullable=False),
+    # SANs an enrollment with the token may claim (comma-separated; empty: none).
+    Column("dns_patterns", Text, nullable=False, default=""),
+    Column("ip_ranges", Text, nullable=False, default=""),
 )
 
 # --- The identity server (``idp serve``). Lists are space-separated; times Unix seconds. ---

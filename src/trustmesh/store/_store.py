@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     create_engine,
@@ -78,8 +79,8 @@ class _HotSQL:
 _SQLITE_SQL = _HotSQL(
     insert_certificate=(
         "INSERT INTO certificates (issuer, serial, spiffe_id, dns, ips, profile, key_type, "
-        "fingerprint, not_before, not_after, issued_at, pem) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        "fingerprint, not_before, not_after, issued_at, pem, allowed_dns, allowed_ips) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     ),
     next_counter="UPDATE counters SET value = value + 1 WHERE name = ? RETURNING value",
     audit_hash="SELECT hash FROM audit_events WHERE seq = ?",
@@ -134,6 +135,8 @@ class CertificateRecord:
     """One certificate as the store knows it.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``allowed_dns`` and ``allowed_ips``: the SANs its renewals may claim.
     """
 
     issuer: str
@@ -150,6 +153,9 @@ class CertificateRecord:
     pem: str
     revoked_at: datetime | None = None
     revocation_reason: str | None = None
+    #: DNS patterns and IP ranges renewals of this certificate may claim.
+    allowed_dns: tuple[str, ...] = ()
+    allowed_ips: tuple[str, ...] = ()
 
     def status(self, now: datetime | None = None) -> str:
         """Return ``revoked``, ``expired`` or ``valid``."""
@@ -180,6 +186,8 @@ class CertificateRecord:
             "revoked_at": iso(self.revoked_at),
             "revocation_reason": self.revocation_reason,
             "issuer": self.issuer,
+            "allowed_dns": list(self.allowed_dns),
+            "allowed_ips": list(self.allowed_ips),
         }
 
 
@@ -208,6 +216,27 @@ class RevocationEvent:
         }
 
 
+def _certificate_filters(
+    spiffe_id: str | None,
+    revoked: bool | None,
+    expiring_before: datetime | None,
+    valid_at: datetime | None,
+) -> list[ColumnElement[bool]]:
+    """The WHERE clauses shared by find_certificates and count_certificates."""
+    clauses: list[ColumnElement[bool]] = []
+    if spiffe_id is not None:
+        clauses.append(certificates.c.spiffe_id == spiffe_id)
+    if revoked is True:
+        clauses.append(certificates.c.revoked_at.is_not(None))
+    elif revoked is False:
+        clauses.append(certificates.c.revoked_at.is_(None))
+    if expiring_before is not None:
+        clauses.append(certificates.c.not_after < _ts(expiring_before))
+    if valid_at is not None:
+        clauses.append(certificates.c.not_after >= _ts(valid_at))
+    return clauses
+
+
 def _record(row: Any) -> CertificateRecord:
     return CertificateRecord(
         issuer=row.issuer,
@@ -224,6 +253,8 @@ def _record(row: Any) -> CertificateRecord:
         pem=row.pem,
         revoked_at=_dt(row.revoked_at),
         revocation_reason=row.revocation_reason,
+        allowed_dns=tuple(filter(None, row.allowed_dns.split(","))),
+        allowed_ips=tuple(filter(None, row.allowed_ips.split(","))),
     )
 
 
@@ -342,6 +373,8 @@ class Store:
             _ts(record.not_after),
             _ts(record.issued_at),
             record.pem,
+            ",".join(record.allowed_dns),
+            ",".join(record.allowed_ips),
         )
         try:
             cursor = _execute(conn, sql, params)
@@ -405,16 +438,7 @@ class Store:
             limit: At most this many.
         """
         query = select(certificates).order_by(certificates.c.id.desc())
-        if spiffe_id is not None:
-            query = query.where(certificates.c.spiffe_id == spiffe_id)
-        if revoked is True:
-            query = query.where(certificates.c.revoked_at.is_not(None))
-        elif revoked is False:
-            query = query.where(certificates.c.revoked_at.is_(None))
-        if expiring_before is not None:
-            query = query.where(certificates.c.not_after < _ts(expiring_before))
-        if valid_at is not None:
-            query = query.where(certificates.c.not_after >= _ts(valid_at))
+        query = query.where(*_certificate_filters(spiffe_id, revoked, expiring_before, valid_at))
         if limit is not None:
             query = query.limit(limit)
         with self._connect() as conn:
@@ -474,10 +498,24 @@ class Store:
             count, latest = conn.execute(query).one()
         return int(count), int(latest)
 
-    def count_certificates(self) -> int:
-        """Return how many certificates are recorded."""
+    def count_certificates(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        revoked: bool | None = None,
+        expiring_before: datetime | None = None,
+        valid_at: datetime | None = None,
+    ) -> int:
+        """Return how many certificates are recorded, or match the filters (which
+        mean what they mean for :meth:`find_certificates`, so a cut list can say its
+        total)."""
+        query = (
+            select(func.count())
+            .select_from(certificates)
+            .where(*_certificate_filters(spiffe_id, revoked, expiring_before, valid_at))
+        )
         with self._connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(certificates)).scalar_one())
+            return int(conn.execute(query).scalar_one())
 
     # -- audit ----------------------------------------------------------------------
 

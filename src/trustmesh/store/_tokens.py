@@ -26,6 +26,9 @@ class JoinToken:
     spiffe_pattern: str
     uses_left: int
     expires_at: datetime
+    #: DNS patterns and IP ranges an enrollment may claim as SANs (empty: none).
+    dns_patterns: tuple[str, ...] = ()
+    ip_ranges: tuple[str, ...] = ()
 
 
 def add_join_token(
@@ -37,8 +40,10 @@ def add_join_token(
     expires_at: datetime,
     created_at: datetime,
     created_by: str,
+    dns_patterns: tuple[str, ...] = (),
+    ip_ranges: tuple[str, ...] = (),
 ) -> JoinToken:
-    """Record a new token (hashed)."""
+    """Record a new token (hashed) and the SANs it allows."""
     digest = token_hash(token)
     conn.execute(
         insert(join_tokens).values(
@@ -48,9 +53,11 @@ def add_join_token(
             expires_at=int(expires_at.timestamp()),
             created_at=int(created_at.timestamp()),
             created_by=created_by,
+            dns_patterns=",".join(dns_patterns),
+            ip_ranges=",".join(ip_ranges),
         )
     )
-    return JoinToken(digest, spiffe_pattern, uses, expires_at)
+    return JoinToken(digest, spiffe_pattern, uses, expires_at, dns_patterns, ip_ranges)
 
 
 def consume_join_token(conn: Connection, token: str, *, now: datetime) -> JoinToken | str:
@@ -79,5 +86,10 @@ def consume_join_token(conn: Connection, token: str, *, now: datetime) -> JoinTo
     if result.rowcount != 1:
         return "used"
     return JoinToken(
-        digest, row.spiffe_pattern, int(row.uses_left), datetime.fromtimestamp(row.expires_at, UTC)
+        digest,
+        row.spiffe_pattern,
+        int(row.uses_left),
+        datetime.fromtimestamp(row.expires_at, UTC),
+        tuple(filter(None, row.dns_patterns.split(","))),
+        tuple(filter(None, row.ip_ranges.split(","))),
     )

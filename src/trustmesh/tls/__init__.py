@@ -2,7 +2,7 @@
 the peer certificate for ASGI apps."""
 
 from ._contexts import TLS12_CIPHERS, client_context, server_context
-from ._handshakes import handshake_refusal_reason, log_refused_handshakes
+from ._handshakes import add_refusal_listener, handshake_refusal_reason, log_refused_handshakes
 from ._revocation import RevocationSet, canonical_serial
 from ._rotation import RotatingCredentials
 from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
@@ -13,6 +13,7 @@ __all__ = [
     "RotatingCredentials",
     "TLSH11Protocol",
     "TLSHttpToolsProtocol",
+    "add_refusal_listener",
     "canonical_serial",
     "client_context",
     "handshake_refusal_reason",

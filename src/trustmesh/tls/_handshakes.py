@@ -13,23 +13,50 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["handshake_refusal_reason", "log_refused_handshakes"]
+__all__ = ["add_refusal_listener", "handshake_refusal_reason", "log_refused_handshakes"]
 
 log = logging.getLogger("trustmesh.tls")
 
 _installed = False
+_listeners: list[Callable[[str], None]] = []
 
 
-def handshake_refusal_reason(exc: BaseException) -> str:
-    """A short, stable reason for a failed handshake (OpenSSL's reason code if any)."""
+def add_refusal_listener(callback: Callable[[str], None]) -> None:
+    """Call ``callback(reason)`` for every refused server-side handshake (after
+    :func:`log_refused_handshakes`), e.g. to count it in metrics."""
+    _listeners.append(callback)
+
+
+def handshake_refusal_reason(exc: BaseException | type[BaseException]) -> str:
+    """A short, stable reason for a failed handshake (OpenSSL's reason code if any).
+
+    Args:
+        exc: The handshake's exception. asyncio passes the *class*
+            ``ConnectionResetError`` when the peer closes the connection before the
+            handshake is done (``SSLProtocol.eof_received``); that reads
+            ``connection_closed_during_handshake``.
+
+    Returns:
+        ``certificate_verify_failed: <OpenSSL's verify message>``, OpenSSL's reason in
+        lower case (``unsupported_protocol``, ``tlsv1_alert_unknown_ca``), or for other
+        errors the exception's name and message.
+    """
+    if isinstance(exc, type):
+        if issubclass(exc, ConnectionError):
+            return "connection_closed_during_handshake"
+        return exc.__name__
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"certificate_verify_failed: {exc.verify_message}"
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str) and reason:
         return reason.lower()
-    return type(exc).__name__
+    if isinstance(exc, ConnectionError) and not str(exc):
+        return "connection_closed_during_handshake"
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def log_refused_handshakes() -> bool:
@@ -61,6 +88,8 @@ def log_refused_handshakes() -> bool:
                     "reason": handshake_refusal_reason(handshake_exc),
                 },
             )
+            for listener in tuple(_listeners):
+                listener(handshake_refusal_reason(handshake_exc))
         original(self, handshake_exc)
 
     sslproto.SSLProtocol._on_handshake_complete = on_handshake_complete  # type: ignore[method-assign]

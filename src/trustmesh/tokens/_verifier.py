@@ -13,7 +13,6 @@ import asyncio
 import binascii
 import hashlib
 import hmac
-import json
 import logging
 import threading
 import time
@@ -29,6 +28,7 @@ from cryptography import x509
 from ._claims import AccessTokenClaims, certificate_thumbprint
 from ._config import MAX_TOKEN_BYTES, IssuerConfig
 from ._errors import ExpiredTokenError, InvalidTokenError, TokenVerifierUnavailableError
+from ._json import MAX_DATE, NonStandardJSONError, loads
 from ._keys import KeySet, load_jwks
 
 __all__ = ["DEFAULT_TOKEN_CACHE_SIZE", "AsyncVerifier", "Verifier"]
@@ -42,7 +42,6 @@ MAX_DOCUMENT_BYTES = 512 * 1024
 
 #: Distinct JOSE headers whose checks are remembered (providers use a handful).
 _MAX_HEADERS = 64
-_json = json.JSONDecoder().decode
 _NOTHING_FETCHED: frozenset[str] = frozenset()
 _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
 # What ID tokens and pre-RFC 9068 access tokens carry: accepted only with strict_rfc9068=False.
@@ -62,8 +61,42 @@ class _NeedFetch(Exception):  # noqa: N818 - control flow, not an error
         self.kind = kind
 
 
-def _number(value: object) -> bool:
-    return type(value) is int or type(value) is float
+def _is_date(value: object) -> bool:
+    # A NumericDate (RFC 7519 §2) we can compare and convert: bool is not a number, NaN
+    # fails both comparisons, and a huge int is refused before it meets a float.
+    return (type(value) is int or type(value) is float) and 0 <= value <= MAX_DATE
+
+
+def _not_a_date(source: str, name: str, value: object) -> InvalidTokenError:
+    if type(value) is int or type(value) is float:
+        found = "a number outside 0..9999-12-31 (or NaN/Infinity)"
+    else:
+        found = "a JSON boolean" if type(value) is bool else f"a JSON {_json_type(value)}"
+    return _refuse(
+        "bad_claim",
+        f"{source} {name} is {found}, not a NumericDate: expected seconds since 1970 "
+        f"between 0 and {MAX_DATE} (9999-12-31T23:59:59Z). Fix the issuer's {name}.",
+        claim=name,
+    )
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _optional_date(doc: dict[str, object], name: str) -> int | float | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not _is_date(value):
+        raise _not_a_date("Introspection", name, value)
+    return value  # type: ignore[return-value]
 
 
 def _refuse(reason: str, message: str, **details: str | int | None) -> InvalidTokenError:
@@ -172,7 +205,8 @@ class _IssuerState:
             if not isinstance(entry, dict) or not isinstance(entry.get("jti"), str):
                 raise _FetchError(f"{url} has an entry without a string jti")
             exp = entry.get("exp")
-            expiry = float(exp) if isinstance(exp, int | float) else now + self.max_lifetime
+            # An entry without a usable exp stays revoked for a whole token lifetime.
+            expiry = float(exp) if _is_date(exp) else now + self.max_lifetime  # type: ignore[arg-type]
             if expiry + self.leeway >= now:
                 revoked[entry["jti"]] = expiry
         self.revoked = revoked
@@ -362,8 +396,15 @@ class AsyncVerifier:
         try:
             if "+" in token or "/" in token or "=" in token:
                 raise ValueError("base64 or padding, not base64url")
-            payload = _json(_b64(p64).decode())
+            payload = loads(_b64(p64).decode())
             signature = _b64(s64)
+        except NonStandardJSONError as exc:
+            raise _refuse(
+                "bad_claim",
+                f"Token payload holds {exc.constant}, which is not JSON (RFC 8259 §6): a "
+                f"claim must be a finite number, dates (exp, iat, nbf) NumericDates. Fix the "
+                f"issuer's encoder.",
+            ) from None
         except ValueError:
             raise _refuse(
                 "malformed", "Token is not a JWS: a part is not base64url-encoded JSON."
@@ -463,7 +504,7 @@ class AsyncVerifier:
     def _parse_header(self, h64: str) -> tuple[str, str | None, bool]:
         """Check a JOSE header once; identical headers (most of them) are then cached."""
         try:
-            header = _json(_b64(h64).decode())
+            header = loads(_b64(h64).decode())
         except ValueError:
             raise _refuse(
                 "malformed", "Token is not a JWS: the header is not base64url-encoded JSON."
@@ -511,20 +552,20 @@ class AsyncVerifier:
                 "access tokens. Send the access token instead.",
             )
         exp = payload.get("exp")
-        if type(exp) is not int and type(exp) is not float:
+        if (type(exp) is not int and type(exp) is not float) or not 0 <= exp <= MAX_DATE:
             if exp is None:
                 raise _refuse("missing_exp", "Token has no exp claim; tokens must expire.")
-            raise _refuse("bad_claim", "Token exp is not a number.", claim="exp")
+            raise _not_a_date("Token", "exp", exp)
         if now > exp + leeway:
             raise ExpiredTokenError(
                 "expired",
                 f"Token expired {int(now - exp)} s ago (leeway {leeway:g} s). Get a new one.",
             )
         iat = payload.get("iat")
-        if type(iat) is not int and type(iat) is not float:
+        if (type(iat) is not int and type(iat) is not float) or not 0 <= iat <= MAX_DATE:
             if iat is None:
                 raise _refuse("missing_claim", "Token has no iat claim (RFC 9068).", claim="iat")
-            raise _refuse("bad_claim", "Token iat is not a number.", claim="iat")
+            raise _not_a_date("Token", "iat", iat)
         if iat > now + leeway:
             raise ExpiredTokenError(
                 "not_yet_valid",
@@ -533,8 +574,8 @@ class AsyncVerifier:
             )
         nbf = payload.get("nbf")
         if nbf is not None:
-            if type(nbf) is not int and type(nbf) is not float:
-                raise _refuse("bad_claim", "Token nbf is not a number.", claim="nbf")
+            if (type(nbf) is not int and type(nbf) is not float) or not 0 <= nbf <= MAX_DATE:
+                raise _not_a_date("Token", "nbf", nbf)
             if nbf > now + leeway:
                 raise ExpiredTokenError(
                     "not_yet_valid",
@@ -757,7 +798,9 @@ class AsyncVerifier:
         except httpx.HTTPError as exc:
             raise _FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
-            return json.loads(body)
+            return loads(body)
+        except NonStandardJSONError as exc:
+            raise _FetchError(f"{url} did not send JSON: {exc}") from exc
         except ValueError as exc:
             raise _FetchError(f"{url} did not send JSON") from exc
 
@@ -872,24 +915,22 @@ class AsyncVerifier:
         iss = doc.get("iss", state.issuer)
         if iss != state.issuer:
             raise _refuse("bad_issuer", f"Introspection names issuer {str(iss)[:200]!r}.")
-        exp = doc.get("exp")
-        if exp is not None and not _number(exp):
-            raise _refuse("bad_claim", "Introspection exp is not a number.", claim="exp")
-        expires = float(exp) if isinstance(exp, int | float) else now + state.max_lifetime
+        exp = _optional_date(doc, "exp")
+        iat = _optional_date(doc, "iat")
+        nbf = _optional_date(doc, "nbf")
+        expires = float(exp) if exp is not None else now + state.max_lifetime
         if now > expires + state.leeway:
             raise ExpiredTokenError("expired", "The introspected token has expired.")
         audience = self._audience(state, doc.get("aud"))
         sub, client_id, jti = doc.get("sub"), doc.get("client_id"), doc.get("jti")
-        iat = doc.get("iat")
-        nbf = doc.get("nbf")
         return AccessTokenClaims(
             issuer=state.issuer,
             subject=sub if isinstance(sub, str) else str(client_id or ""),
             audience=audience,
             client_id=client_id if isinstance(client_id, str) else None,
             expires_at=int(expires),
-            issued_at=int(iat) if isinstance(iat, int | float) else None,
-            not_before=int(nbf) if isinstance(nbf, int | float) else None,
+            issued_at=None if iat is None else int(iat),
+            not_before=None if nbf is None else int(nbf),
             jwt_id=jti if isinstance(jti, str) else None,
             scopes=_scopes(doc.get("scope")),
             roles=_roles(doc.get("roles")),
@@ -913,15 +954,6 @@ def _timestamp(now: datetime | float | None) -> float:
     if isinstance(now, datetime):
         return now.timestamp()
     return float(now)
-
-
-def _num(payload: dict[str, object], name: str) -> float | None:
-    value = payload.get(name)
-    if value is None:
-        return None
-    if type(value) is int or type(value) is float:
-        return value
-    raise _refuse("bad_claim", f"Token {name} is not a number.", claim=name)
 
 
 def _required_str(payload: dict[str, object], name: str) -> str:
