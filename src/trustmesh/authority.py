@@ -96,6 +96,7 @@ __all__ = [
     "ROOT_CRL_NAME",
     "CertificateAuthority",
     "Issued",
+    "IssuerExpiry",
     "default_actor",
     "default_home",
 ]
@@ -167,6 +168,64 @@ class Issued:
     bundle: tuple[x509.Certificate, ...]
     record: CertificateRecord
     key: PrivateKey | None = None
+
+
+#: Warn when the intermediate has less than this much of its life left (or one third).
+INTERMEDIATE_EXPIRY_WARNING = timedelta(days=30)
+#: Warn when the root has less than this left.
+ROOT_EXPIRY_WARNING = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class IssuerExpiry:
+    """How long one of the CA's own certificates has left, and a warning when too little.
+
+    Attributes:
+        role: ``root`` or ``intermediate``.
+        not_after: When it expires.
+        seconds_left: Seconds until then (negative once expired).
+        lifetime: Its whole validity in seconds.
+        warning: One line for people and logs, or None while there is time.
+
+    .. versionadded:: 0.1
+    """
+
+    role: str
+    not_after: datetime
+    seconds_left: float
+    lifetime: float
+    warning: str | None
+
+    @classmethod
+    def of(cls, role: str, cert: x509.Certificate, now: datetime) -> IssuerExpiry:
+        """Return the expiry of ``cert`` in ``role`` at ``now``.
+
+        The intermediate warns with less than a third of its life or 30 days left;
+        the root with less than a year.
+        """
+        not_after = cert.not_valid_after_utc
+        left = not_after - now
+        lifetime = not_after - cert.not_valid_before_utc
+        days = left.total_seconds() / 86400
+        when = not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        warning = None
+        if left.total_seconds() <= 0:
+            warning = (
+                f"The {role} CA certificate expired at {when}: nothing it signed verifies; "
+                f"replace the CA (see docs/operations.md)."
+            )
+        elif role == "root" and left < ROOT_EXPIRY_WARNING:
+            warning = (
+                f"The root CA certificate expires in {days:.0f} days ({when}); plan the "
+                f"root rotation now: every relying party must receive the new root first."
+            )
+        elif role != "root" and (left < INTERMEDIATE_EXPIRY_WARNING or left < lifetime / 3):
+            warning = (
+                f"The {role} CA certificate expires in {days:.1f} days ({when}, "
+                f"{left / lifetime:.0%} of its life left); rotate it before then, or every "
+                f"certificate it signs stops verifying."
+            )
+        return cls(role, not_after, left.total_seconds(), lifetime.total_seconds(), warning)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -383,6 +442,17 @@ class CertificateAuthority:
             path = self.home / "intermediate.key"
             self._key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
         return self._key
+
+    def issuer_expiry(self, now: datetime | None = None) -> tuple[IssuerExpiry, ...]:
+        """Return the expiry of the root and the intermediate (with warnings when near).
+
+        .. versionadded:: 0.1
+        """
+        at = now or datetime.now(UTC)
+        return (
+            IssuerExpiry.of("root", self.root, at),
+            IssuerExpiry.of("intermediate", self.intermediate, at),
+        )
 
     @property
     def bundle(self) -> tuple[x509.Certificate, ...]:

@@ -29,6 +29,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -253,6 +254,22 @@ class _Metrics:
             buckets=LATENCY_BUCKETS,
         )
 
+        self.expiry = Gauge(
+            "trustmesh_ca_certificate_expiry_seconds",
+            "Seconds until the CA's own certificate of this role expires (negative: expired)",
+            ["role"],
+            registry=self.registry,
+        )
+
+    def watch_expiry(self, ca: CertificateAuthority) -> None:
+        """Compute the expiry gauges on each scrape, so they never go stale."""
+
+        def left(role: str) -> Callable[[], float]:
+            return lambda: next(e.seconds_left for e in ca.issuer_expiry() if e.role == role)
+
+        for item in ca.issuer_expiry():
+            self.expiry.labels(role=item.role).set_function(left(item.role))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -302,6 +319,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     opts = settings or ServerSettings()
     hub = RevocationHub(ca)
     metrics = _Metrics()
+    metrics.watch_expiry(ca)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)

@@ -74,7 +74,10 @@ def serve(
         )
         app = create_app(ca, settings)
         url = public_url(host, port)
-        with _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready):
+        with (
+            _expiry_warnings(ca),
+            _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready),
+        ):
             log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
             if ready is not None:
                 ready(url)
@@ -87,6 +90,46 @@ def serve(
                 name="CA API",
                 log_level=log_level,
             )
+
+
+#: How often ``ca serve`` repeats a warning about its own certificates expiring.
+EXPIRY_CHECK_INTERVAL = 86400.0
+
+
+def log_expiry(ca: CertificateAuthority) -> int:
+    """Log a warning for each CA certificate near its end; return how many were logged."""
+    count = 0
+    for item in ca.issuer_expiry():
+        if item.warning:
+            log.warning(
+                "%s",
+                item.warning,
+                extra={
+                    "event": "ca_certificate_expiry",
+                    "role": item.role,
+                    "seconds_left": int(item.seconds_left),
+                },
+            )
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _expiry_warnings(ca: CertificateAuthority) -> Iterator[None]:
+    """Warn at start, then once a day while the block runs."""
+    log_expiry(ca)
+    stop = threading.Event()
+
+    def daily() -> None:
+        while not stop.wait(EXPIRY_CHECK_INTERVAL):
+            log_expiry(ca)
+
+    thread = threading.Thread(target=daily, name="ca-expiry-warnings", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _bind(listen: str) -> socket.socket:

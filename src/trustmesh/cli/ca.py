@@ -25,6 +25,7 @@ from ._common import (
     print_json,
     resolve_home,
 )
+from .backup import backup_group, restore_command
 
 KEY_TYPES = [k.value for k in KeyType]
 
@@ -32,6 +33,10 @@ KEY_TYPES = [k.value for k in KeyType]
 @click.group("ca")
 def ca_group() -> None:
     """Create and inspect the certificate authority."""
+
+
+ca_group.add_command(backup_group)
+ca_group.add_command(restore_command)
 
 
 @ca_group.command("init")
@@ -143,7 +148,10 @@ def _describe(ca: CertificateAuthority) -> dict[str, object]:
             "key": describe_key(c.public_key()),
         }
 
+    expiry = ca.issuer_expiry()
     return {
+        "warnings": [e.warning for e in expiry if e.warning],
+        "expires_in_seconds": {e.role: int(e.seconds_left) for e in expiry},
         "trust_domain": ca.config.trust_domain,
         "home": str(ca.home),
         "database": ca.store.url,
@@ -177,6 +185,9 @@ def _show(ca: CertificateAuthority) -> None:
             (f"{role} SHA-256", cert["sha256"]),
             (f"{role} expires", cert["not_after"]),
         ]
+    warnings = info["warnings"]
+    if isinstance(warnings, list):
+        rows += [("WARNING", w) for w in warnings]
     print_fields("trustmesh CA", rows)
 
 

@@ -16,6 +16,13 @@ from ._schema import (
     idp_signing_keys,
     idp_users,
 )
+from ._snapshot import (
+    RestoredDatabase,
+    SnapshotInfo,
+    describe_snapshot,
+    restore_snapshot,
+    snapshot_database,
+)
 from ._store import (
     REVOCATION_CHANNEL,
     CertificateRecord,
@@ -31,12 +38,15 @@ __all__ = [
     "CertificateRecord",
     "JoinToken",
     "RegistrationEntry",
+    "RestoredDatabase",
     "RevocationEvent",
+    "SnapshotInfo",
     "Store",
     "add_entry",
     "add_join_token",
     "consume_join_token",
     "delete_entry",
+    "describe_snapshot",
     "find_entries",
     "get_entry",
     "idp_assertion_jtis",
@@ -49,5 +59,7 @@ __all__ = [
     "idp_users",
     "normalize_url",
     "open_store",
+    "restore_snapshot",
+    "snapshot_database",
     "token_hash",
 ]
