@@ -339,7 +339,7 @@ def _pairs(argv: list[str]) -> set[tuple[str, str]]:
     flags = {"--once", "--renew-now", "--json", "--rekey-stores", "--pkcs12-legacy"}
     pairs, i = set(), 0
     while i < len(argv):
-        if argv[i] in flags:
+        if argv[i] in flags or not argv[i].startswith("--") or i + 1 == len(argv):
             pairs.add((argv[i], ""))
             i += 1
         else:
