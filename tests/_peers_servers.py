@@ -157,10 +157,11 @@ class Mesh:
         """`trustmesh agent` against this CA with ``options``."""
         return ["agent", "--ca", self.server.url, "--bundle", str(self.server.bundle), *options]
 
-    def enroll(self, spiffe_id: str, out: Path, *options: str) -> Path:
-        """`trustmesh agent --once` with a new join token: a client identity in ``out``."""
-        argv = self.agent_argv("--id", spiffe_id, "--out", str(out), "--once", *options)
-        code = main([*argv, "--token", self.token(spiffe_id)])
+    def enroll(self, spiffe_id: str, out: Path, *sans: str) -> Path:
+        """`trustmesh agent --once` with a new join token allowing ``sans`` (``--dns NAME``,
+        ``--ip ADDR``) and asking for them: an identity in ``out``."""
+        argv = self.agent_argv("--id", spiffe_id, "--out", str(out), "--once", *sans)
+        code = main([*argv, "--token", self.token(spiffe_id, *sans)])
         assert code == 0, f"trustmesh agent --once for {spiffe_id} exited {code}"
         return out
 
