@@ -219,7 +219,7 @@ def test_a_revoked_client_is_refused_on_its_next_connection(
 def test_agent_renewals_under_traffic_lose_no_request(
     servers: dict[str, PeerServer | str], good: Path
 ) -> None:
-    """During 30 s of calls (a new connection each) at every server, its agent renews the
+    """During 50 s of calls (a new connection each) at every server, its agent renews the
     identity 5 times or more (short --ttl) and runs the reload by itself: no call fails,
     every call sees the host names, and the calls see the renewed certificates."""
     running = [s for s in servers.values() if isinstance(s, PeerServer)]
@@ -250,7 +250,7 @@ def test_agent_renewals_under_traffic_lose_no_request(
     for thread in threads:
         thread.start()
     try:
-        time.sleep(30)
+        time.sleep(50)
     finally:
         stop.set()
         for thread in threads:
@@ -260,7 +260,7 @@ def test_agent_renewals_under_traffic_lose_no_request(
         assert failures[kind] == [], f"{kind}: {failures[kind][:5]}"
         assert calls[kind] > 50, calls
         # the first certificate seen, then one per renewal picked up by the server
-        assert len(seen[kind]) >= 6, f"{kind} served {len(seen[kind])} certificates in 30 s"
+        assert len(seen[kind]) >= 6, f"{kind} served {len(seen[kind])} certificates in 50 s"
         assert server.alive()
         assert server.agent is not None
         assert server.agent.poll() is None
