@@ -37,8 +37,9 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from trustmesh.acme import ACMEConfig, ACMEServer, sealing_key
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
     ConfigError,
@@ -89,6 +90,7 @@ class ServerSettings:
         enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
         feed_heartbeat: Seconds between keep-alive comments on the event stream.
         body_timeout: Seconds a request body may take to arrive (408 after).
+        acme: ACME provisioners served under ``/acme`` (none: no ACME).
     """
 
     admins: tuple[str, ...] = ()
@@ -99,6 +101,7 @@ class ServerSettings:
     enroll_burst_per_token: int = 5
     feed_heartbeat: float = 15.0
     body_timeout: float = BODY_TIMEOUT
+    acme: ACMEConfig | None = None
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
 
@@ -254,6 +257,11 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
+        if path.startswith("/acme/"):
+            # /acme/PROVISIONER/RESOURCE[/ID]: one series per resource, never per ID.
+            parts = path.split("/")
+            route = "/acme/{provisioner}/" + (parts[3] if len(parts) > 3 else "")
+            _KNOWN_ROUTES.add(route)
         if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
             route = "other"
         if not path.endswith("/stream"):
@@ -713,12 +721,24 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    acme: ACMEServer | None = None
+    if opts.acme is not None and opts.acme.provisioners:
+
+        async def acme_revoked() -> None:
+            await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
+
+        acme = ACMEServer(ca, opts.acme, eab_key=sealing_key(ca), on_revoked=acme_revoked)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if acme is not None:
+            await acme.start()
         try:
             yield
         finally:
+            if acme is not None:
+                await acme.stop()
             await hub.stop()
 
     app = Starlette(
@@ -740,9 +760,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/certificates", certificates),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),
+            *([Mount("/acme", app=acme.app)] if acme is not None else []),
         ],
     )
     app.state.hub = hub
+    app.state.acme = acme
 
     # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
     # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch

@@ -1,9 +1,18 @@
 """Persistence: certificates, counters, join tokens and the audit chain (SQLite or PostgreSQL).
 
 The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, which
-queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
+queries them with SQLAlchemy Core inside :meth:`Store.transaction`; the ACME
+server's (``acme_*``) likewise for :mod:`trustmesh.acme`.
 """
 
+from ._acme import (
+    acme_accounts,
+    acme_authorizations,
+    acme_challenges,
+    acme_eab_keys,
+    acme_nonces,
+    acme_orders,
+)
 from ._schema import (
     idp_assertion_jtis,
     idp_authorization_codes,
@@ -30,6 +39,12 @@ __all__ = [
     "JoinToken",
     "RevocationEvent",
     "Store",
+    "acme_accounts",
+    "acme_authorizations",
+    "acme_challenges",
+    "acme_eab_keys",
+    "acme_nonces",
+    "acme_orders",
     "add_join_token",
     "consume_join_token",
     "idp_assertion_jtis",
