@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import josepy as jose
 from acme import challenges, client, crypto_util, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from josepy import jwa, jwk
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.pki import KeyType
@@ -39,6 +39,7 @@ class ACMEServerUnderTest:
     server: Server
     http_port: int
     tls_port: int
+    ocsp_url: str
 
     def directory(self, provisioner: str = "web") -> str:
         return f"{self.server.url}/acme/{provisioner}/directory"
@@ -67,6 +68,11 @@ tlsalpn01_port = {tls_port}
 eab_required = false
 challenges = ["http-01"]
 http01_port = {http_port}
+
+[acme.provisioners.brief]
+eab_required = false
+order_lifetime = "2s"
+http01_port = {http_port}
 """
 
 
@@ -77,11 +83,12 @@ def acme_ca_server(workdir: Path) -> Iterator[ACMEServerUnderTest]:
     CertificateAuthority.init(
         home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
     ).close()
-    http_port, tls_port = free_port(), free_port()
+    http_port, tls_port, ocsp_port = free_port(), free_port(), free_port()
     with (home / "config.toml").open("a") as config:
         config.write(SHORT_PROFILE + acme_config(http_port, tls_port))
-    with running_server(home, workdir) as server:
-        yield ACMEServerUnderTest(server, http_port, tls_port)
+    extra = ("--ocsp-listen", f"127.0.0.1:{ocsp_port}")
+    with running_server(home, workdir, extra_args=extra) as server:
+        yield ACMEServerUnderTest(server, http_port, tls_port, f"http://127.0.0.1:{ocsp_port}")
 
 
 class ChallengeServer:
@@ -115,23 +122,43 @@ class ChallengeServer:
         self.httpd.server_close()
 
 
-def new_key() -> jose.JWKEC:
-    return jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+#: Client networks to close after each test (requests sessions keep TLS sockets open).
+OPEN_NETWORKS: list[client.ClientNetwork] = []
+
+
+def network(key: jwk.JWK, bundle: Path) -> client.ClientNetwork:
+    """An `acme` client network trusting ``bundle``, closed after the test."""
+    alg = jwa.ES256 if isinstance(key, jwk.JWKEC) else jwa.RS256
+    # requests takes a CA file path for ``verify``; acme's annotation says bool only.
+    net = client.ClientNetwork(
+        key,
+        alg=alg,
+        verify_ssl=str(bundle),  # type: ignore[arg-type]
+        user_agent="trustmesh-tests",
+    )
+    OPEN_NETWORKS.append(net)
+    return net
+
+
+def close_networks() -> None:
+    while OPEN_NETWORKS:
+        OPEN_NETWORKS.pop().session.close()
+
+
+def new_key() -> jwk.JWKEC:
+    return jwk.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
 
 
 def acme_client(
     under_test: ACMEServerUnderTest,
-    key: jose.JWK | None = None,
+    key: jwk.JWK | None = None,
     *,
     provisioner: str = "web",
     eab: bool = True,
-) -> tuple[client.ClientV2, jose.JWK, messages.RegistrationResource]:
+) -> tuple[client.ClientV2, jwk.JWK, messages.RegistrationResource]:
     """A registered account on ``provisioner`` through the `acme` package."""
     key = key or new_key()
-    alg = jose.ES256 if isinstance(key, jose.JWKEC) else jose.RS256
-    net = client.ClientNetwork(
-        key, alg=alg, verify_ssl=str(under_test.server.bundle), user_agent="trustmesh-tests"
-    )
+    net = network(key, under_test.server.bundle)
     directory = client.ClientV2.get_directory(under_test.directory(provisioner), net)
     acme = client.ClientV2(directory, net)
     binding = None
@@ -163,7 +190,7 @@ def make_csr(names: list[str]) -> tuple[bytes, bytes]:
 
 def answer_http01(
     acme: client.ClientV2,
-    key: jose.JWK,
+    key: jwk.JWK,
     order: messages.OrderResource,
     challenge_server: ChallengeServer,
 ) -> None:
