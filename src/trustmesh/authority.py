@@ -548,6 +548,72 @@ class CertificateAuthority:
             allowance=self._exactly(request),
         )
 
+    def sign_request(
+        self,
+        request: LeafRequest,
+        *,
+        action: str,
+        actor: str,
+        profile: str | None = None,
+        ttl: timedelta | None = None,
+        extra: dict[str, str] | None = None,
+        within: Callable[[Connection, Issued], None] | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign a request built by a front end with its own checks (the ACME server).
+
+        The profile's rules apply again here (SPIFFE ID, DNS/IP SANs, key, lifetime),
+        so no front end can issue beyond them. ``within`` runs inside the transaction
+        that records and audits the certificate, after both: if it raises, nothing is
+        recorded (the ACME server marks its order valid there).
+
+        Args:
+            request: What to certify.
+            action: The audit action (``acme``).
+            actor: Who asks, for the audit log.
+            profile: Profile name (the default profile when None).
+            ttl: Lifetime (the profile's default when None).
+            extra: More audit details.
+            within: Called with the transaction's connection and the result before commit.
+            now: The current time (for tests).
+
+        Raises:
+            PolicyError, SpiffeIDError: The profile forbids the request.
+
+        .. versionadded:: 0.2
+        """
+        prof = self.config.profile(profile)
+        prof.check_spiffe_id(request.spiffe_id)
+        for name in request.dns:
+            prof.check_dns(name)
+        for ip in request.ips:
+            prof.check_ip(ip)
+        prof.check_key(request.public_key)
+        lifetime = prof.resolve_ttl(ttl)
+
+        opened: list[Connection] = []
+
+        def inside(conn: Connection) -> SANAllowance | None:
+            opened.append(conn)  # the transaction ``deliver`` runs in, for ``within``
+            return None
+
+        def deliver(issued: Issued) -> None:
+            if within is not None:
+                within(opened[-1], issued)
+
+        return self._sign(
+            request,
+            prof,
+            lifetime,
+            action=action,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            within=inside,
+            extra=extra,
+            allowance=self._exactly(request),
+        )
+
     @staticmethod
     def _exactly(request: LeafRequest) -> SANAllowance:
         # The operator named these SANs by hand: renewals may keep (or drop) them.

@@ -38,8 +38,9 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from trustmesh.acme import ACMEConfig, ACMEServer, sealing_key
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
     ConfigError,
@@ -90,6 +91,7 @@ class ServerSettings:
         enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
         feed_heartbeat: Seconds between keep-alive comments on the event stream.
         body_timeout: Seconds a request body may take to arrive (408 after).
+        acme: ACME provisioners served under ``/acme`` (none: no ACME).
     """
 
     admins: tuple[str, ...] = ()
@@ -100,6 +102,7 @@ class ServerSettings:
     enroll_burst_per_token: int = 5
     feed_heartbeat: float = 15.0
     body_timeout: float = BODY_TIMEOUT
+    acme: ACMEConfig | None = None
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
 
@@ -274,6 +277,25 @@ class _Metrics:
         return generate_latest(self.registry)
 
 
+#: The ACME resources (``/acme/PROVISIONER/RESOURCE``) counted as their own metric series.
+_ACME_RESOURCES = frozenset(
+    {
+        "directory",
+        "new-nonce",
+        "new-account",
+        "account",
+        "new-order",
+        "order",
+        "authz",
+        "chall",
+        "cert",
+        "revoke-cert",
+        "key-change",
+        "renewal-info",
+    }
+)
+
+
 def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
     """Record request latency by route template and status (never per raw path)."""
 
@@ -281,7 +303,17 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
         if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
             route = _ENTRY_ROUTE
-        if route not in _KNOWN_ROUTES and not route.endswith(("{request}", "{entry_id}")):
+        if path.startswith("/acme/"):
+            # /acme/PROVISIONER/RESOURCE[/ID]: one series per known resource, never per ID
+            # or per name a caller made up (the label set stays bounded).
+            parts = path.split("/")
+            resource = parts[3] if len(parts) > 3 else ""
+            route = f"/acme/{{provisioner}}/{resource if resource in _ACME_RESOURCES else 'other'}"
+        if (
+            route not in _KNOWN_ROUTES
+            and not route.startswith("/acme/")
+            and not route.endswith(("{request}", "{entry_id}"))
+        ):
             route = "other"
         if not path.endswith("/stream"):
             metrics.latency.labels(method, route, str(status)).observe(seconds)
@@ -873,12 +905,24 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    acme: ACMEServer | None = None
+    if opts.acme is not None and opts.acme.provisioners:
+
+        async def acme_revoked() -> None:
+            await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
+
+        acme = ACMEServer(ca, opts.acme, eab_key=sealing_key(ca), on_revoked=acme_revoked)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if acme is not None:
+            await acme.start()
         try:
             yield
         finally:
+            if acme is not None:
+                await acme.stop()
             await hub.stop()
 
     app = Starlette(
@@ -904,9 +948,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/entries/{entry_id}", entry_item, methods=["GET", "DELETE"]),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),
+            *([Mount("/acme", app=acme.app)] if acme is not None else []),
         ],
     )
     app.state.hub = hub
+    app.state.acme = acme
 
     # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
     # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch

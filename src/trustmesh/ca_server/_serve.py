@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from trustmesh.acme import ACMEConfig
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
@@ -52,12 +53,13 @@ def serve(
     log_level: str = "info",
     ocsp_listen: str | None = None,
     ocsp_ready: Callable[[str], None] | None = None,
+    acme: ACMEConfig | None = None,
 ) -> None:
     """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
     ``enroll_rate``/``enroll_burst`` are the per-client-address enrollment limit.
     ``ocsp_listen`` (HOST:PORT) adds the read-only plain-HTTP listener for OCSP and
-    the CRLs; it stops with the API.
+    the CRLs; it stops with the API. ``acme`` adds the ACME provisioners under ``/acme``.
 
     Raises:
         ConfigError: ``ocsp_listen`` cannot be bound (in use, or not an address here).
@@ -70,7 +72,10 @@ def serve(
         roots = pem_certificates(ca.bundle).decode()
 
         settings = ServerSettings(
-            admins=admins, enroll_rate_per_ip=enroll_rate, enroll_burst_per_ip=enroll_burst
+            admins=admins,
+            enroll_rate_per_ip=enroll_rate,
+            enroll_burst_per_ip=enroll_burst,
+            acme=acme,
         )
         app = create_app(ca, settings)
         url = public_url(host, port)

@@ -15,6 +15,7 @@ from trustmesh import __version__
 from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
 from trustmesh.logs import announce, reset_logging_format
 
+from .acme import acme_group
 from .agent import agent_command
 from .audit import audit_group
 from .ca import ca_group
@@ -60,6 +61,7 @@ cli.add_command(policy_group)
 cli.add_command(run_command)
 cli.add_command(gateway_group)
 cli.add_command(proxy_group)
+cli.add_command(acme_group)
 
 
 def _error(message: str) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 from cryptography import x509
 
+from trustmesh.acme import ACMEConfig, load_acme_config
 from trustmesh.authority import CertificateAuthority
-from trustmesh.config import CAConfig
+from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import ConfigError
 from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
@@ -203,6 +204,27 @@ def show_command(home: Path | None, as_json: bool) -> None:
             _show(ca)
 
 
+def _acme_settings(ca: CertificateAuthority) -> ACMEConfig:
+    """Read [acme] from config.toml and say what ACME serves (and every default turned off)."""
+    acme = load_acme_config(ca.home / CONFIG_NAME, ca.config)
+    for name, provisioner in acme.provisioners.items():
+        announce(
+            f"ACME provisioner {name!r}: /acme/{name}/directory (profiles "
+            f"{list(provisioner.profiles)}, challenges {list(provisioner.challenges)})",
+            event="acme_provisioner",
+            provisioner=name,
+        )
+        if not provisioner.eab_required:
+            announce(
+                f"warning: ACME provisioner {name!r} has eab_required = false: anyone who "
+                f"reaches the CA and controls a name its profile allows gets a certificate.",
+                event="acme_eab_off",
+                level=logging.WARNING,
+                provisioner=name,
+            )
+    return acme
+
+
 @ca_group.command("serve")
 @click.option(
     "--listen", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on."
@@ -280,6 +302,7 @@ def serve_command(
                 level=logging.WARNING,
             )
         announce(revocation_hint(ca.config), event="revocation_urls")
+        acme = _acme_settings(ca)
         serve(
             ca,
             listen=listen,
@@ -293,6 +316,7 @@ def serve_command(
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
+            acme=acme,
             ready=lambda url: announce(
                 f"trustmesh CA API listening on {url}", event="ready", url=url
             ),

@@ -2,9 +2,18 @@
 (SQLite or PostgreSQL).
 
 The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, which
-queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
+queries them with SQLAlchemy Core inside :meth:`Store.transaction`; the ACME
+server's (``acme_*``) likewise for :mod:`trustmesh.acme`.
 """
 
+from ._acme import (
+    acme_accounts,
+    acme_authorizations,
+    acme_challenges,
+    acme_eab_keys,
+    acme_nonces,
+    acme_orders,
+)
 from ._entries import RegistrationEntry, add_entry, delete_entry, find_entries, get_entry
 from ._schema import (
     idp_assertion_jtis,
@@ -42,6 +51,12 @@ __all__ = [
     "RevocationEvent",
     "SnapshotInfo",
     "Store",
+    "acme_accounts",
+    "acme_authorizations",
+    "acme_challenges",
+    "acme_eab_keys",
+    "acme_nonces",
+    "acme_orders",
     "add_entry",
     "add_join_token",
     "consume_join_token",
