@@ -255,7 +255,7 @@ class _Caller(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        der = self.connection.getpeercert(binary_form=True)
         cert = x509.load_der_x509_certificate(der)
         uris = cert.extensions.get_extension_for_class(
             x509.SubjectAlternativeName

@@ -15,8 +15,8 @@ reason and retried with backoff until it succeeds.
 from __future__ import annotations
 
 import contextlib
-import os
 import logging
+import os
 import socket
 import ssl
 import threading
