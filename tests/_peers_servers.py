@@ -421,10 +421,9 @@ def start_server(
 ) -> PeerServer:
     """Enroll ``kind``'s identity with `agent --once` (a token allowing DNS localhost and IP
     127.0.0.1), start the server on it, then the long-running agent with its hooks."""
+    # not created here: the first agent creates --out, the --crl file's directory (as the
+    # docs run it, with no `install -d`)
     directory = workdir / kind / "id"
-    # --crl checks its directory before anything is enrolled: it must exist (the docs'
-    # `install -d -m 0700 /run/orders`)
-    directory.mkdir(parents=True, mode=0o700)
     nginx = nginx_command(workdir / kind / "nginx") if kind == "nginx" else None
     if kind == "java":  # before the enrollment: the first certificate's clock runs
         classes = compile_java(PEERS / "RevocationServer.java", workdir / "java-classes")
