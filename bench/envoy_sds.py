@@ -111,9 +111,9 @@ def envoy_binary() -> Path | None:
     return path if path.exists() else None
 
 
-def envoy_config(socket_path: Path, port: int, app_port: int) -> str:
+def envoy_config(socket_path: Path, port: int, app_port: int, bootstrap: Path) -> str:
     """docs/runtimes/envoy.md's bootstrap with this run's socket, ports and caller."""
-    text = BOOTSTRAP.read_text()
+    text = bootstrap.read_text()
     swaps = {
         "/run/trustmesh/agent.sock": str(socket_path),
         "port_value: 8443": f"port_value: {port}",
@@ -125,7 +125,7 @@ def envoy_config(socket_path: Path, port: int, app_port: int) -> str:
     }
     for old, new in swaps.items():
         if old not in text:
-            raise SystemExit(f"{BOOTSTRAP} no longer has {old!r}: update bench/envoy_sds.py")
+            raise SystemExit(f"{bootstrap} no longer has {old!r}: update bench/envoy_sds.py")
         text = text.replace(old, new)
     return text
 
@@ -193,6 +193,7 @@ def start_envoy(
     app_port: int,
     caller: ClientCert,
     stack: contextlib.ExitStack,
+    bootstrap: Path,
 ) -> tuple[subprocess.Popen[str], int, list[int]] | None:
     """The workload agent (with an entry for Envoy's binary) and Envoy on its SDS."""
     binary = envoy_binary()
@@ -230,7 +231,7 @@ def start_envoy(
         time.sleep(0.1)
     port = free_port()
     config = work / "envoy.yaml"
-    config.write_text(envoy_config(socket_path, port, app_port))
+    config.write_text(envoy_config(socket_path, port, app_port, bootstrap))
     cmd = [str(binary), "-c", str(config), "--disable-hot-restart", "--concurrency", "1"]
     cmd += ["--log-level", "warning"]
     ctx = svid_context(work / "bundle.pem", caller)
@@ -250,6 +251,12 @@ def start_envoy(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     load_arguments(parser, SYSTEMS)
+    parser.add_argument(
+        "--envoy-bootstrap",
+        type=Path,
+        default=BOOTSTRAP,
+        help="Envoy bootstrap to run (default: the documented tests/peers/envoy.yaml)",
+    )
     args = parser.parse_args()
     need_tools(
         ("wrk", "haproxy", "gcc", "setpriv", "node"),
@@ -348,7 +355,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
             )
         envoy_port = None
         if "envoy-http" in wanted:
-            started = start_envoy(work, home, ca_server.url, app_port, caller, stack)
+            started = start_envoy(
+                work, home, ca_server.url, app_port, caller, stack, args.envoy_bootstrap
+            )
             if started is not None:
                 proc, envoy_port, _agent = started
                 systems.append(
