@@ -38,7 +38,7 @@ from trustmesh.workload import SECRET_TYPE_URL
 
 from ._peers_servers import Client, Mesh, PeerServer, backend, wait_until
 from ._runtimes import PEERS, Service, running_service, write_identity
-from ._server import free_port, new_ca_server, stop
+from ._server import free_port, new_ca_server, running_server, stop
 from .conftest import PASSPHRASE
 
 try:
@@ -137,7 +137,7 @@ def start_agent(mesh: Mesh, workdir: Path, socket_path: Path) -> tuple[subproces
                 *(sys.executable, "-m", "trustmesh", "workload-agent", "--ca", mesh.server.url),
                 *("--node", NODE, "--data", str(workdir / "data"), "--token", token),
                 *("--bundle", str(mesh.server.bundle), "--socket", f"unix://{socket_path}"),
-                # A slow full refresh: the CRL must come from the feed-triggered fetch, not the poll.
+                # A slow full refresh: the CRL must come from the feed-triggered fetch.
                 *("--refresh", "10s", "--log-level", "info"),
             ],
             stdout=out,
@@ -563,3 +563,45 @@ def test_sds_refuses_a_caller_without_entry(stack: Stack) -> None:
     )
     assert done.stdout.startswith("PERMISSION_DENIED"), done.stdout + done.stderr
     assert "uid 1001" in done.stdout
+
+
+def test_without_a_root_crl_sds_sends_the_leaf_crl_for_the_leaf_only(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A CA with its root key offline and no root CRL answers 503 on /v1/crl/chain: the
+    agent serves the leaf CRL alone and tells Envoy to check only the leaf against it
+    (Envoy would otherwise refuse every peer for the intermediate's missing CRL)."""
+    workdir = tmp_path_factory.mktemp("envoy-no-root-crl")
+    CertificateAuthority.init(
+        workdir / "home", trust_domain="example.org", passphrase=PASSPHRASE
+    ).close()
+    (workdir / "home" / "root.key").unlink()  # the root key offline ...
+    (workdir / "home" / "root.crl").unlink()  # ... and no root CRL signed with it
+    with running_server(workdir / "home", workdir) as server:
+        with server.ca() as ca:
+            ca.create_entry(
+                PROBE_ID,
+                node_id=NODE,
+                selectors=[f"unix:uid:{os.getuid()}"],
+                actor="test",
+            )
+        public = Path(tempfile.mkdtemp(prefix="trustmesh-envoy-"))
+        try:
+            agent, log = start_agent(Mesh(server, workdir), workdir, public / "agent.sock")
+            try:
+                with grpc.insecure_channel(f"unix:{public / 'agent.sock'}") as channel:
+                    stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+                    response = stub.FetchSecrets(
+                        discovery_pb2.DiscoveryRequest(
+                            resource_names=[TRUST_DOMAIN_ID], type_url=SECRET_TYPE_URL
+                        ),
+                        timeout=10,
+                    )
+            finally:
+                stop(agent)
+        finally:
+            shutil.rmtree(public, ignore_errors=True)
+    context = secrets_of(response)[TRUST_DOMAIN_ID].validation_context
+    assert context.crl.inline_bytes.count(b"BEGIN X509 CRL") == 1
+    assert context.only_verify_leaf_cert_crl is True
+    assert "serving the leaf CRL only" in log.read_text()
