@@ -539,6 +539,27 @@ def test_fetch_secrets_wrong_type_and_delta(stack: Stack) -> None:
         assert "api_type: GRPC" in info.value.details()
 
 
+def test_cancelled_sds_streams_free_their_worker_at_once(stack: Stack) -> None:
+    """SDS streams cancelled right after their first answer (300, more than the 256
+    workers) give their worker back at once: the next call is still served."""
+    request = discovery_pb2.DiscoveryRequest(resource_names=["default"], type_url=SECRET_TYPE_URL)
+    with grpc.insecure_channel(f"unix:{stack.socket}") as channel:
+        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+        for _ in range(300):
+            gate = threading.Event()
+
+            def requests(gate: threading.Event = gate) -> Iterator[Any]:
+                yield request
+                gate.wait(10)  # hold the request stream open, as Envoy does
+
+            responses = stub.StreamSecrets(requests(), timeout=10)
+            assert next(responses).resources
+            responses.cancel()
+            gate.set()
+        answer = stub.FetchSecrets(request, timeout=10)
+    assert set(secrets_of(answer)) == {"default"}
+
+
 def test_sds_refuses_a_caller_without_entry(stack: Stack) -> None:
     """A caller whose uid matches no entry gets PERMISSION_DENIED from SDS."""
     if os.getuid() != 0:
