@@ -96,6 +96,7 @@ REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP = REPO / "tests" / "peers" / "envoy.yaml"
 NODE_ID = f"spiffe://{TRUST_DOMAIN}/node/bench"
 ENVOY_ID = f"spiffe://{TRUST_DOMAIN}/svc/web"
+PROBE_ID = f"spiffe://{TRUST_DOMAIN}/svc/probe"
 SYSTEMS = ("direct", "trustmesh-http", "haproxy-http", "envoy-http")
 TARGET_RATIO = 0.80
 TARGET_ADDED_P50_MS = 0.5
@@ -194,7 +195,7 @@ def start_envoy(
     caller: ClientCert,
     stack: contextlib.ExitStack,
     bootstrap: Path,
-) -> tuple[subprocess.Popen[str], int, list[int]] | None:
+) -> tuple[subprocess.Popen[str], int, Path] | None:
     """The workload agent (with an entry for Envoy's binary) and Envoy on its SDS."""
     binary = envoy_binary()
     if binary is None:
@@ -206,6 +207,12 @@ def start_envoy(
             ENVOY_ID,
             node_id=NODE_ID,
             selectors=[f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(binary)}"],
+            actor="bench",
+        )
+        ca.create_entry(  # this process: the Workload API and SDS latency probes
+            PROBE_ID,
+            node_id=NODE_ID,
+            selectors=[f"unix:uid:{os.getuid()}", f"unix:path:{os.path.realpath(sys.executable)}"],
             actor="bench",
         )
     socket_dir = Path(tempfile.mkdtemp(prefix="bench-envoy-sock-"))
@@ -245,7 +252,7 @@ def start_envoy(
     )
     if proc is None:
         return None
-    return proc, port, [agent.pid]
+    return proc, port, socket_path
 
 
 def main() -> None:
@@ -354,12 +361,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 Target("haproxy-http", http_port, PATH, process_tree(proc.pid), cert=caller)
             )
         envoy_port = None
+        agent_socket = None
         if "envoy-http" in wanted:
             started = start_envoy(
                 work, home, ca_server.url, app_port, caller, stack, args.envoy_bootstrap
             )
             if started is not None:
-                proc, envoy_port, _agent = started
+                proc, envoy_port, agent_socket = started
                 systems.append(
                     Target("envoy-http", envoy_port, PATH, process_tree(proc.pid), cert=caller)
                 )
@@ -376,6 +384,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 home, work, envoy_port, work / "bundle.pem", doomed, _serial(doomed)
             )
             print(f"  envoy-http: revoke -> refused on the next connection in {revoked_in:.3f} s")
+        socket_lines = socket_latency(agent_socket) if agent_socket is not None else []
         load = Load(shim, ratelat, app.pid, args.connections, args.rate)
         keep, lat = measure_load(args, systems, load)
         names = [s.name for s in systems]
@@ -399,7 +408,76 @@ def run(args: argparse.Namespace, work: Path) -> None:
             verdicts.append(
                 f"revoke -> Envoy refuses the next connection: {revoked_in:.3f} s (bound 1 s)"
             )
+        if socket_lines:
+            print("\nc. the agent's socket (sequential calls from one client, new call each)")
+            for line in socket_lines:
+                print(f"  {line}")
         print_targets("issue #16", verdicts)
+
+
+def _percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p50 = ordered[len(ordered) // 2] * 1000
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+    return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+
+
+def socket_latency(socket_path: Path, calls: int = 300, threads: int = 4) -> list[str]:
+    """FetchX509SVID (first message of the stream) and FetchSecrets latency, sequential;
+    then SVIDs served per second by ``threads`` clients for 3 s."""
+    import threading
+
+    import grpc
+    from envoy.service.discovery.v3 import discovery_pb2
+    from envoy.service.secret.v3 import sds_pb2_grpc
+
+    from trustmesh.workload import SECRET_TYPE_URL
+    from trustmesh.workload._proto import workload_pb2, workload_pb2_grpc
+
+    meta = (("workload.spiffe.io", "true"),)
+    target = f"unix:{socket_path}"
+
+    def fetch_svid(channel: grpc.Channel) -> None:
+        stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=meta, timeout=10
+        )
+        if not next(stream).svids:
+            raise SystemExit("FetchX509SVID: no SVID for the bench process")
+        stream.cancel()
+
+    def fetch_secrets(channel: grpc.Channel) -> None:
+        sds_pb2_grpc.SecretDiscoveryServiceStub(channel).FetchSecrets(
+            discovery_pb2.DiscoveryRequest(resource_names=["default"], type_url=SECRET_TYPE_URL),
+            timeout=10,
+        )
+
+    lines = []
+    with grpc.insecure_channel(target) as channel:
+        for name, call in (("FetchX509SVID", fetch_svid), ("FetchSecrets", fetch_secrets)):
+            for _ in range(20):
+                call(channel)
+            samples = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                call(channel)
+                samples.append(time.perf_counter() - start)
+            lines.append(f"{name}: {_percentiles(samples)} ({calls} calls, one channel)")
+    done = time.monotonic() + 3
+    counts = [0] * threads
+
+    def worker(index: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            while time.monotonic() < done:
+                fetch_svid(channel)
+                counts[index] += 1
+
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    lines.append(f"FetchX509SVID served: {sum(counts) / 3:.0f}/s ({threads} clients, 3 s)")
+    return lines
 
 
 def _serial(cert: ClientCert) -> str:
