@@ -19,7 +19,9 @@ load generators present, a plain Node.js app (``GET /items/7``). Systems, each r
 Before timing each proxy is checked: the caller gets 200 and the app sees its identity; no
 certificate, a foreign CA's certificate and a valid certificate the policy does not name
 are refused. Then, in rotated rounds: (a) keep-alive throughput with wrk, (b) latency at a
-fixed rate with ratelat (added = system - direct). Targets: envoy-http/haproxy-http >= 0.8
+fixed rate with ratelat (added = system - direct); (c) the agent's socket, before the
+rounds: FetchX509SVID and FetchSecrets latency from one client, and SVIDs served per second
+to 4 clients. Targets: envoy-http/haproxy-http >= 0.8
 throughput; the added p50 is reported. Also measured once, before the rounds: the time from
 ``revoke`` at the CA to Envoy refusing the revoked certificate's next connection.
 
