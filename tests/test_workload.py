@@ -271,3 +271,19 @@ def test_renewal_pushes_a_new_svid_on_the_stream(stack: Stack) -> None:
                 break
         stream.cancel()
     assert time.monotonic() - started < 25
+
+
+@pytest.mark.slow
+def test_cancelled_streams_free_their_worker_at_once(stack: Stack) -> None:
+    """Streams a client cancels at once (300, more than the 256 workers) do not hold their
+    worker thread until the next poll: the next call is still served."""
+    with channel(stack) as ch:
+        api = stub(ch)
+        for _ in range(300):
+            stream = api.FetchX509SVID(pb.X509SVIDRequest(), metadata=META, timeout=10)
+            assert next(stream).svids
+            stream.cancel()
+        response = next(
+            iter(api.FetchX509Bundles(pb.X509BundlesRequest(), metadata=META, timeout=10))
+        )
+        assert response.bundles

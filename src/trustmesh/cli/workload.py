@@ -121,7 +121,8 @@ def workload_agent_command(
     Enrolls as --node with the join token (once; then renews), obtains an X.509-SVID
     for each entry naming this node, renews them at 2/3 of their life, re-issues one the
     CA revokes, and serves FetchX509SVID, FetchX509Bundles, FetchJWTSVID, FetchJWTBundles
-    and ValidateJWTSVID on --socket to local callers whose uid, gid and executable
+    and ValidateJWTSVID, and Envoy SDS v3 (certificates and the validation context with
+    the trust bundle and CRLs), on --socket to local callers whose uid, gid and executable
     (from the kernel, never from the caller) match an entry. Runs until SIGINT/SIGTERM.
     """
     if token and token_file:
@@ -134,7 +135,7 @@ def workload_agent_command(
     )
     for noisy in ("httpx", "httpcore", "asyncio"):  # they log every request at INFO/DEBUG
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from trustmesh.workload import WorkloadAgent, WorkloadServer
+    from trustmesh.workload import WorkloadAgent, WorkloadServer, add_secret_discovery_service
 
     agent = WorkloadAgent(
         ca_url,
@@ -148,6 +149,7 @@ def workload_agent_command(
         timeout=timeout,
     )
     server = WorkloadServer(agent.cache, path, mode=mode, jwt_issuer=agent.jwt_svid)
+    add_secret_discovery_service(server)  # Envoy SDS v3 on the same socket
     server.forwarder.listen()  # a socket that cannot be made fails before enrolling
     with _stop_on_signals() as stop:
         outcome = agent.node.ensure()

@@ -21,6 +21,8 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh import __version__
 from trustmesh.errors import APIError, ConfigError, TransportError
@@ -467,6 +469,32 @@ class CAClient(_Base):
     def crl(self) -> bytes:
         """Return the CA's current CRL (DER)."""
         return self._request("GET", "/v1/crl", "crl").content
+
+    def crl_chain(self) -> list[bytes]:
+        """Return the CRLs of the whole chain, DER: the leaf CRL, then the root-signed one.
+
+        .. versionadded:: 0.1
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (503: no valid root CRL) or the answer is not PEM CRLs.
+        """
+        response = self._request(
+            "GET", "/v1/crl/chain", "chain CRL", headers={"accept": "application/x-pem-file"}
+        )
+        marker = b"-----BEGIN X509 CRL-----"
+        try:
+            crls = [
+                x509.load_pem_x509_crl(marker + part) for part in response.content.split(marker)[1:]
+            ]
+        except ValueError:
+            crls = []
+        if not crls:
+            raise APIError(
+                "The CA's /v1/crl/chain is not PEM CRLs: check the CA's version.",
+                status=response.status_code,
+            )
+        return [crl.public_bytes(serialization.Encoding.DER) for crl in crls]
 
     def entries(self) -> list[dict[str, Any]]:
         """Return the registration entries of the node this client presents (mTLS).

@@ -2,9 +2,9 @@
 
 :class:`WorkloadAgent` keeps the node identity and one SVID per registration entry current
 in an :class:`IdentityCache`; :class:`WorkloadServer` serves that cache on a Unix socket
-(``SpiffeWorkloadAPI``, gRPC reflection, and further services such as Envoy SDS added with
-:meth:`WorkloadServer.add_service`), attesting each caller from its kernel credentials
-(:class:`PeerInfo`).
+(``SpiffeWorkloadAPI``; Envoy SDS v3, :class:`SecretDiscoveryService`, added with
+:func:`add_secret_discovery_service`; gRPC reflection), attesting each caller from its
+kernel credentials (:class:`PeerInfo`).
 
 The generated protobuf module defines the Workload API's messages without a package, as
 the SPIFFE standard does; like py-spiffe's, it registers them in protobuf's default pool,
@@ -14,6 +14,12 @@ so do not import this package and py-spiffe in the same process.
 from ._agent import DEFAULT_REFRESH, WorkloadAgent
 from ._cache import SVID, IdentityCache, Snapshot
 from ._peer import CredentialForwarder, PeerInfo
+from ._sds import (
+    SDS_SERVICE_NAME,
+    SECRET_TYPE_URL,
+    SecretDiscoveryService,
+    add_secret_discovery_service,
+)
 from ._server import DEFAULT_MAX_STREAMS, DEFAULT_SOCKET, WorkloadServer
 from ._service import SECURITY_HEADER, SERVICE_NAME, JWTIssuer, WorkloadAPIService
 
@@ -21,6 +27,8 @@ __all__ = [
     "DEFAULT_MAX_STREAMS",
     "DEFAULT_REFRESH",
     "DEFAULT_SOCKET",
+    "SDS_SERVICE_NAME",
+    "SECRET_TYPE_URL",
     "SECURITY_HEADER",
     "SERVICE_NAME",
     "SVID",
@@ -28,8 +36,10 @@ __all__ = [
     "IdentityCache",
     "JWTIssuer",
     "PeerInfo",
+    "SecretDiscoveryService",
     "Snapshot",
     "WorkloadAPIService",
     "WorkloadAgent",
     "WorkloadServer",
+    "add_secret_discovery_service",
 ]

@@ -25,7 +25,7 @@ from cryptography import x509
 
 from trustmesh.agent import Agent, new_key_and_csr, next_renewal
 from trustmesh.client import CAClient
-from trustmesh.errors import ClientError, ConfigError, TrustmeshError, VerificationError
+from trustmesh.errors import APIError, ClientError, ConfigError, TrustmeshError, VerificationError
 from trustmesh.pki import KeyType, SpiffeID, spiffe_id_of, verify_chain
 from trustmesh.tls import RevocationSet
 from trustmesh.tokens import jwt_svid_keys
@@ -207,7 +207,7 @@ class WorkloadAgent:
                     failures.append(f"{entry['spiffe_id']}: {exc.message}")
                     if held is not None and (revoked or held.not_after <= now):
                         self._svids.pop(entry_id, None)
-            crls = (client.crl(),) if full else None
+            crls = self._fetch_crls(client, roots) if full else None
             self.cache.update(
                 svids=list(self._svids.values()),
                 bundle=roots,
@@ -216,6 +216,51 @@ class WorkloadAgent:
             )
             if failures:
                 raise ClientError("Could not obtain some SVIDs: " + "; ".join(failures))
+
+    def _fetch_crls(self, client: CAClient, roots: list[x509.Certificate]) -> tuple[bytes, ...]:
+        """The chain CRLs (leaf CRL, root-signed CRL), each checked against its issuer.
+
+        A CA whose root CRL cannot be served (root key offline and no valid ``root.crl``:
+        503) still gets its leaf CRL through, with a warning; SDS then tells Envoy to
+        check the leaf only.
+        """
+        try:
+            ders = client.crl_chain()
+        except APIError as exc:
+            if exc.status != 503:
+                raise
+            log.warning("the CA serves no root CRL (%s); serving the leaf CRL only", exc.message)
+            ders = [client.crl()]
+        issuers = list(roots) + self._node_intermediates()
+        for svid in self._svids.values():
+            issuers.extend(svid.chain[1:])
+        checked = []
+        for der in ders:
+            crl = x509.load_der_x509_crl(der)
+            if not any(_signed_by(crl, issuer) for issuer in issuers):
+                raise ClientError(
+                    f"The CA's CRL issued by {crl.issuer.rfc4514_string()} is signed by none "
+                    "of the trust bundle's roots or the chain's intermediates; keeping the "
+                    "CRLs held. Check --bundle."
+                )
+            checked.append(der)
+        return tuple(checked)
+
+    def _node_intermediates(self) -> list[x509.Certificate]:
+        try:
+            return x509.load_pem_x509_certificates((self.node.out / "chain.pem").read_bytes())[1:]
+        except (OSError, ValueError):
+            return []
+
+    def refresh_crls(self) -> None:
+        """Fetch the chain CRLs now (the feed reported a revocation) and publish them.
+
+        Raises:
+            TrustmeshError: The CA could not be reached or its CRLs do not verify.
+        """
+        with self._lock, self._client() as client:
+            roots = list(self.cache.snapshot().bundle) or self.node.roots()
+            self.cache.update(crls=self._fetch_crls(client, roots))
 
     # -- JWT-SVIDs --------------------------------------------------------------------
 
@@ -252,6 +297,7 @@ class WorkloadAgent:
         first = raise_first
         next_full = 0.0
         node_check = 0.0
+        crl_cursor = 0  # the feed position the held CRLs reflect
         while not stop.is_set():
             mono = time.monotonic()
             try:
@@ -260,6 +306,11 @@ class WorkloadAgent:
                     if outcome.action != "unchanged":
                         log.info("node identity: %s", outcome.describe())
                     node_check = mono + min(self.refresh, 60.0)
+                revocations = self.revocations
+                if revocations is not None and revocations.cursor != crl_cursor:
+                    # Even if this fetch fails the next full sync fetches them again.
+                    crl_cursor = revocations.cursor
+                    self.refresh_crls()  # within the tick: SDS pushes the new CRL to Envoy
                 pending = any(self._revoked(s) for s in self._svids.values())
                 due = any(self._due(s, datetime.now(UTC)) for s in self._svids.values())
                 if mono >= next_full or pending or due:
@@ -279,6 +330,15 @@ class WorkloadAgent:
         if self.revocations is not None:
             self.revocations.stop()
         self.cache.close()
+
+
+def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
+    if crl.issuer != issuer.subject:
+        return False
+    try:
+        return crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _jwt_keys(bundle_doc: dict[str, Any]) -> dict[str, object]:

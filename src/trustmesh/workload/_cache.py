@@ -93,7 +93,8 @@ class Snapshot:
         svids: The current SVID of every entry of this node (entries without a usable
             SVID yet are absent).
         bundle: The trust anchors (root certificates).
-        crls: The CA's current CRLs, DER.
+        crls: The CA's current chain CRLs, DER: the leaf CRL, then the root-signed one
+            (the leaf CRL alone when the CA serves no root CRL).
         jwt_keys: The trust domain's JWT-SVID signing keys, a JWKS document.
 
     .. versionadded:: 0.1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -120,16 +121,25 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
         ``render`` returns ``(key, message)``, or None when the caller is no longer
         entitled (the stream then ends with PermissionDenied, raised by ``render``).
         """
+        # Woken by a change, or by the end of the call: a cancelled stream must give its
+        # worker back at once, not at the next poll (clients that reconnect quickly would
+        # otherwise exhaust the workers and get RESOURCE_EXHAUSTED).
+        wake = threading.Event()
+        unsubscribe = self.cache.subscribe(lambda _snapshot: wake.set())
+        context.add_callback(wake.set)
         seen_key: Any = object()
-        snapshot = self.cache.snapshot()
-        while context.is_active() and not self.cache.closed:
-            rendered = render(snapshot)
-            if rendered is not None:
-                key, message = rendered
-                if key != seen_key:
-                    seen_key = key
-                    yield message
-            snapshot = self.cache.wait(snapshot.version, STREAM_POLL)
+        try:
+            while context.is_active() and not self.cache.closed:
+                wake.clear()
+                rendered = render(self.cache.snapshot())
+                if rendered is not None:
+                    key, message = rendered
+                    if key != seen_key:
+                        seen_key = key
+                        yield message
+                wake.wait(STREAM_POLL)
+        finally:
+            unsubscribe()
 
     # -- X.509 ------------------------------------------------------------------------
 
