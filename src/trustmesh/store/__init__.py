@@ -4,6 +4,17 @@ The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, 
 queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
 """
 
+from ._issuers import (
+    CA_STATE_COUNTER,
+    IssuerRow,
+    LiveCertificates,
+    advance_state,
+    insert_issuer,
+    live_certificates,
+    load_issuers,
+    read_state,
+    update_issuer,
+)
 from ._schema import (
     idp_assertion_jtis,
     idp_authorization_codes,
@@ -25,12 +36,16 @@ from ._store import (
 from ._tokens import JoinToken, add_join_token, consume_join_token, token_hash
 
 __all__ = [
+    "CA_STATE_COUNTER",
     "REVOCATION_CHANNEL",
     "CertificateRecord",
+    "IssuerRow",
     "JoinToken",
+    "LiveCertificates",
     "RevocationEvent",
     "Store",
     "add_join_token",
+    "advance_state",
     "consume_join_token",
     "idp_assertion_jtis",
     "idp_authorization_codes",
@@ -40,7 +55,12 @@ __all__ = [
     "idp_revoked_tokens",
     "idp_signing_keys",
     "idp_users",
+    "insert_issuer",
+    "live_certificates",
+    "load_issuers",
     "normalize_url",
     "open_store",
+    "read_state",
     "token_hash",
+    "update_issuer",
 ]
