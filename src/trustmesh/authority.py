@@ -62,7 +62,6 @@ from trustmesh.pki import (
     generate_private_key,
     issue_leaf,
     key_type_of,
-    load_pem_certificates,
     match_spiffe_pattern,
     parse_reason,
     request_matches_issuer,

@@ -25,6 +25,7 @@ from ._common import (
     print_json,
     resolve_home,
 )
+from .rotate import rotate_command
 
 KEY_TYPES = [k.value for k in KeyType]
 
@@ -32,6 +33,9 @@ KEY_TYPES = [k.value for k in KeyType]
 @click.group("ca")
 def ca_group() -> None:
     """Create and inspect the certificate authority."""
+
+
+ca_group.add_command(rotate_command)
 
 
 @ca_group.command("init")
