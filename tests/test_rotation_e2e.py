@@ -411,7 +411,8 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             with server.ca() as ca:
                 r2_leaf = ca.issue("spiffe://example.org/r2", actor="test")
                 r2 = ca.root
-            assert r2 != r1 and len(r2_leaf.chain) == 3  # leaf, intermediate 3, root 2 by root 1
+            assert r2 != r1
+            assert len(r2_leaf.chain) == 3  # leaf, intermediate 3, root 2 by root 1
             bundle = fetch_bundle()
             assert "OK" in _openssl_verify(bundle, r1_leaf.chain, tmp_path)
             assert "OK" in _openssl_verify(bundle, r2_leaf.chain, tmp_path)
