@@ -31,8 +31,7 @@ from .conftest import PASSPHRASE
 
 SERVICE = "spiffe://example.org/svc/inventory"
 CLIENT = "spiffe://example.org/svc/orders"
-TTL = 12  # seconds: leaves (and the CA server's own certificate) renew at 2/3 of it
-OVERLAP = 5  # rotation_min_overlap, seconds
+TTL = 20  # seconds: leaves (and the CA server's own certificate) renew at 2/3 of it
 
 APP = """\
 async def app(scope, receive, send):
@@ -86,6 +85,18 @@ def _refused(home: Path, role: str, step: str, pattern: str, **kw: Any) -> str:
     assert len(lines) == 1, done.stderr
     assert re.search(pattern, lines[0]), lines[0]
     return lines[0]
+
+
+def _set_overlap(home: Path, value: str) -> None:
+    """Set rotation_min_overlap (each CLI step reads config.toml): 1h to see a refusal,
+    1s to let the step go, so that the test does not depend on how fast commands start."""
+    path = home / "config.toml"
+    path.write_text(
+        re.sub(
+            r'rotation_min_overlap = "[^"]*"', f'rotation_min_overlap = "{value}"', path.read_text()
+        )
+    )
+    time.sleep(1)
 
 
 def _wait(predicate: Any, timeout: float, what: str) -> None:
@@ -160,9 +171,11 @@ class Load:
                 if response.status_code == 200:
                     self.ok += 1
                 else:
-                    self.failures.append(f"{response.status_code} {response.text[:200]}")
+                    self.failures.append(
+                        f"{time.strftime('%H:%M:%S')} {response.status_code} {response.text[:200]}"
+                    )
             except httpx.HTTPError as exc:
-                self.failures.append(f"{type(exc).__name__}: {exc}")
+                self.failures.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -181,7 +194,6 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
         home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
     ).close()
     config = (home / "config.toml").read_text()
-    config = config.replace('rotation_min_overlap = "1h"', f'rotation_min_overlap = "{OVERLAP}s"')
     config = config.replace("rotation_auto = true", "rotation_auto = false")
     config = re.sub(r'default_ttl = "[^"]*"', f'default_ttl = "{TTL}s"', config)
     config = re.sub(r'max_ttl = "[^"]*"', f'max_ttl = "{TTL}s"', config)
@@ -249,6 +261,8 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
                             str(truststore),
                             "--store-password-file",
                             str(tmp_path / "store-password"),
+                            "--crl",
+                            str(tmp_path / "chain-crl.pem"),
                         ],
                         env={**os.environ},
                         stdout=agent_log,
@@ -262,6 +276,16 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             credentials.start()
             url = f"https://127.0.0.1:{port}"
             _wait(lambda: _pem_count(svc_dir / "chain.pem") > 0, 30, "the service")
+
+            def ready() -> bool:  # the listener is up (not counted: nothing rotates yet)
+                ctx = credentials.client_context(check_hostname=False)
+                try:
+                    with mtls_client(ctx, expect_id=SERVICE, base_url=url, timeout=5) as http:
+                        return http.get("/").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            _wait(ready, 30, "the service to listen")
             load = Load(credentials, url)
             _wait(lambda: load is not None and load.ok > 5, 30, "the first requests")
             published = tmp_path / "published.pem"
@@ -279,6 +303,7 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             with server.ca() as ca:
                 old_leaf = ca.issue("spiffe://example.org/old", actor="test")
             _step(home, "intermediate", "prepare")
+            assert "OK" in _openssl_verify(fetch_bundle(), old_leaf.chain, tmp_path)
             _refused(
                 home,
                 "intermediate",
@@ -293,8 +318,7 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             )
             _refused(home, "root", "prepare", r"^error: Refusing to prepare a new root")
             assert _status(home, "intermediate")["stage"] == "prepared"
-            assert "OK" in _openssl_verify(fetch_bundle(), old_leaf.chain, tmp_path)
-            time.sleep(OVERLAP)
+            _set_overlap(home, "1s")
             # A wrong passphrase changes nothing.
             _refused(
                 home, "intermediate", "activate", r"^error: Wrong passphrase", passphrase=b"wrong"
@@ -367,6 +391,12 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
                 check=False,
             )
             assert ": revoked" in ocsp.stdout, ocsp.stdout + ocsp.stderr
+            # The agent's chain CRL file (nginx ssl_crl) takes both intermediates' CRLs.
+            _wait(
+                lambda: (tmp_path / "chain-crl.pem").read_text().count("BEGIN X509 CRL") == 3,
+                15,
+                "three CRLs in the agent's --crl file",
+            )
             # Retire too early: certificates of the old intermediate are still valid.
             _refused(
                 home,
@@ -390,7 +420,11 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             with server.ca() as ca:
                 r1_leaf = ca.issue("spiffe://example.org/r1", actor="test")
                 r1 = ca.root
+            _set_overlap(home, "1h")
             _step(home, "root", "prepare")
+            _refused(
+                home, "root", "activate", r"^error: Refusing to activate root 2 .* allowed from"
+            )
             for path in (client_dir / "bundle.pem", svc_dir / "bundle.pem"):
                 _wait(lambda p=path: _pem_count(p) == 2, 15, f"two roots in {path}")
             _wait(
@@ -401,10 +435,7 @@ def test_intermediate_then_root_rotation_under_load(tmp_path: Path) -> None:
             bundle = fetch_bundle()
             assert _pem_count(bundle) == 2
             assert "OK" in _openssl_verify(bundle, r1_leaf.chain, tmp_path)
-            _refused(
-                home, "root", "activate", r"^error: Refusing to activate root 2 .* allowed from"
-            )
-            time.sleep(OVERLAP)
+            _set_overlap(home, "1s")
             with server.ca() as ca:  # still under root 1
                 r1_leaf = ca.issue("spiffe://example.org/r1", actor="test")
             _step(home, "root", "activate")
