@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 from cryptography import x509
 
+from trustmesh.acme import ACMEConfig, load_acme_config
 from trustmesh.authority import CertificateAuthority
-from trustmesh.config import CAConfig
+from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import ConfigError
 from trustmesh.logs import announce, configure_logging
 from trustmesh.pki import KeyType, describe_key, fingerprint, parse_backdate
@@ -25,6 +26,7 @@ from ._common import (
     print_json,
     resolve_home,
 )
+from .backup import backup_group, restore_command
 from .rotate import rotate_command
 
 KEY_TYPES = [k.value for k in KeyType]
@@ -35,6 +37,8 @@ def ca_group() -> None:
     """Create and inspect the certificate authority."""
 
 
+ca_group.add_command(backup_group)
+ca_group.add_command(restore_command)
 ca_group.add_command(rotate_command)
 
 
@@ -147,7 +151,10 @@ def _describe(ca: CertificateAuthority) -> dict[str, object]:
             "key": describe_key(c.public_key()),
         }
 
+    expiry = ca.issuer_expiry()
     return {
+        "warnings": [e.warning for e in expiry if e.warning],
+        "expires_in_seconds": {e.role: int(e.seconds_left) for e in expiry},
         "trust_domain": ca.config.trust_domain,
         "home": str(ca.home),
         "database": ca.store.url,
@@ -181,6 +188,9 @@ def _show(ca: CertificateAuthority) -> None:
             (f"{role} SHA-256", cert["sha256"]),
             (f"{role} expires", cert["not_after"]),
         ]
+    warnings = info["warnings"]
+    if isinstance(warnings, list):
+        rows += [("WARNING", w) for w in warnings]
     print_fields("trustmesh CA", rows)
 
 
@@ -194,6 +204,27 @@ def show_command(home: Path | None, as_json: bool) -> None:
             print_json(_describe(ca))
         else:
             _show(ca)
+
+
+def _acme_settings(ca: CertificateAuthority) -> ACMEConfig:
+    """Read [acme] from config.toml and say what ACME serves (and every default turned off)."""
+    acme = load_acme_config(ca.home / CONFIG_NAME, ca.config)
+    for name, provisioner in acme.provisioners.items():
+        announce(
+            f"ACME provisioner {name!r}: /acme/{name}/directory (profiles "
+            f"{list(provisioner.profiles)}, challenges {list(provisioner.challenges)})",
+            event="acme_provisioner",
+            provisioner=name,
+        )
+        if not provisioner.eab_required:
+            announce(
+                f"warning: ACME provisioner {name!r} has eab_required = false: anyone who "
+                f"reaches the CA and controls a name its profile allows gets a certificate.",
+                event="acme_eab_off",
+                level=logging.WARNING,
+                provisioner=name,
+            )
+    return acme
 
 
 @ca_group.command("serve")
@@ -273,6 +304,7 @@ def serve_command(
                 level=logging.WARNING,
             )
         announce(revocation_hint(ca.config), event="revocation_urls")
+        acme = _acme_settings(ca)
         serve(
             ca,
             listen=listen,
@@ -286,6 +318,7 @@ def serve_command(
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
+            acme=acme,
             ready=lambda url: announce(
                 f"trustmesh CA API listening on {url}", event="ready", url=url
             ),
