@@ -69,7 +69,6 @@ from trustmesh.pki import (
     generate_private_key,
     issue_leaf,
     key_type_of,
-    load_pem_certificates,
     load_private_key,
     match_spiffe_pattern,
     parse_reason,
@@ -77,6 +76,19 @@ from trustmesh.pki import (
     request_matches_issuer,
     verify_chain,
 )
+from trustmesh.rotation import (
+    Issuer,
+    IssuerSet,
+    RotationStatus,
+    StepResult,
+    current_version,
+    load_issuer_set,
+    rotation_status,
+)
+from trustmesh.rotation import activate as _activate
+from trustmesh.rotation import prepare as _prepare
+from trustmesh.rotation import retire as _retire
+from trustmesh.signers import Signer
 from trustmesh.store import (
     CertificateRecord,
     RegistrationEntry,
@@ -237,12 +249,22 @@ def _b64url(data: bytes) -> str:
 
 
 def _sign_root_crl(
-    root: x509.Certificate, root_key: PrivateKey, at: datetime, lifetime: timedelta
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    at: datetime,
+    lifetime: timedelta,
+    entries: Sequence[RevokedEntry] = (),
 ) -> x509.CertificateRevocationList:
-    # Lists revoked intermediates: none can be revoked yet (there is one, and rotating it
-    # is not built), so the list is empty. The CRL number is the signing time in seconds:
-    # it increases without a database counter, so an offline root host can sign it too.
-    return build_crl(root, root_key, [], number=int(at.timestamp()), now=at, lifetime=lifetime)
+    # Lists revoked intermediates: the ones a rotation retired (reason superseded). The
+    # CRL number is the signing time in seconds: it increases without a database
+    # counter, so an offline root host can sign it too.
+    return build_crl(
+        root, root_key, list(entries), number=int(at.timestamp()), now=at, lifetime=lifetime
+    )
+
+
+def _crl_serials(crl: x509.CertificateRevocationList) -> set[int]:
+    return {entry.serial_number for entry in crl}
 
 
 def _resign_at(crl: x509.CertificateRevocationList) -> datetime:
@@ -272,14 +294,11 @@ class CertificateAuthority:
         self.config = config
         self.store = store
         self._passphrase = passphrase
-        self._key: PrivateKey | None = None
+        self._signers: dict[str, Signer] = {}
+        self._root_crls: dict[str, x509.CertificateRevocationList] = {}
+        self._issuers: IssuerSet = load_issuer_set(home, store)
         self._jwt_key: ec.EllipticCurvePrivateKey | None = None
         self._jwt_lock = threading.Lock()
-        self._root_crl: x509.CertificateRevocationList | None = None
-        self.root = self._load_cert("root.pem")
-        self.intermediate = self._load_cert("intermediate.pem")
-        ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        self.issuer_id = ski.value.digest.hex()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -422,26 +441,86 @@ class CertificateAuthority:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load_cert(self, name: str) -> x509.Certificate:
-        path = self.home / name
-        try:
-            return load_pem_certificates(path.read_bytes(), source=str(path))[0]
-        except FileNotFoundError:
-            raise ConfigError(
-                f"The CA in {self.home} is incomplete: {name} is missing.", path=str(path)
-            ) from None
+    # -- issuers --------------------------------------------------------------------
+
+    @property
+    def issuers(self) -> IssuerSet:
+        """The current snapshot of the CA's roots and intermediates (see :mod:`trustmesh.rotation`).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers
+
+    @property
+    def root(self) -> x509.Certificate:
+        """The active root (the one above the signing intermediate)."""
+        return self._issuers.active("root").certificate
+
+    @property
+    def intermediate(self) -> x509.Certificate:
+        """The intermediate that signs new certificates."""
+        return self._issuers.active("intermediate").certificate
+
+    @property
+    def issuer_id(self) -> str:
+        """SKI hex of the signing intermediate (the ``issuer`` of new records)."""
+        return self._issuers.active("intermediate").ski
+
+    @property
+    def bundle_sequence(self) -> int:
+        """Grows with every change of the issuers (the SPIFFE bundle sequence).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers.version
+
+    def refresh(self) -> bool:
+        """Re-read the issuers when another process (the CLI, a replica) changed them.
+
+        Returns:
+            True when they changed.
+
+        .. versionadded:: 0.3
+        """
+        if current_version(self.store) == self._issuers.version:
+            return False
+        fresh = load_issuer_set(self.home, self.store)
+        changed = fresh.version != self._issuers.version
+        self._issuers = fresh
+        if changed:
+            log.info(
+                "CA issuers changed (bundle sequence %d): %s signs; bundle %s",
+                fresh.version,
+                fresh.active("intermediate").name,
+                ", ".join(c.subject.rfc4514_string() for c in fresh.roots),
+                extra={"event": "ca_issuers_changed", "bundle_sequence": fresh.version},
+            )
+        return changed
+
+    def key_of(self, issuer: Issuer) -> PrivateKey:
+        """The private key of an intermediate, unlocked on first use and kept.
+
+        Raises:
+            PKIError: No or a wrong passphrase.
+            ConfigError: The key is missing.
+
+        .. versionadded:: 0.3
+        """
+        signer = self._signers.get(issuer.ski)
+        if signer is None:
+            signer = self._signers[issuer.ski] = self._issuers.signer(
+                issuer, self.home, self._passphrase
+            )
+        return signer.private_key()
 
     @property
     def signing_key(self) -> PrivateKey:
-        """The intermediate's private key, decrypted on first use.
+        """The signing intermediate's private key, decrypted on first use.
 
         Raises:
             PKIError: No or a wrong passphrase.
         """
-        if self._key is None:
-            path = self.home / "intermediate.key"
-            self._key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
-        return self._key
+        return self.key_of(self._issuers.active("intermediate"))
 
     def issuer_expiry(self, now: datetime | None = None) -> tuple[IssuerExpiry, ...]:
         """Return the expiry of the root and the intermediate (with warnings when near).
@@ -456,8 +535,75 @@ class CertificateAuthority:
 
     @property
     def bundle(self) -> tuple[x509.Certificate, ...]:
-        """The trust anchors relying parties should trust."""
-        return (self.root,)
+        """The trust anchors relying parties should trust: every published root."""
+        return self._issuers.roots
+
+    @property
+    def chain_certificates(self) -> tuple[x509.Certificate, ...]:
+        """Every published intermediate and cross certificate (to verify chains).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers.intermediates + self._issuers.crosses
+
+    # -- rotation ---------------------------------------------------------------------
+
+    def _rotation_audit(self, actor: str | None, at: datetime) -> Callable[..., None]:
+        def audit(conn: Connection, subject: str, details: dict[str, object]) -> None:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="rotate",
+                subject=subject,
+                details=details,
+            )
+            # Every replica's feed hears of the bundle change at commit.
+            sequence = details.get("bundle_sequence")
+            if isinstance(sequence, int):
+                self.store.notify_bundle(conn, sequence)
+
+        return audit
+
+    def rotate(
+        self, role: str, step: str, *, actor: str | None = None, now: datetime | None = None
+    ) -> StepResult:
+        """Run one rotation step (``prepare``, ``activate`` or ``retire``) for ``role``.
+
+        Raises:
+            ConfigError: The step is not allowed now (the message says why and when).
+            PKIError: The passphrase does not unlock a key the step needs.
+
+        .. versionadded:: 0.3
+        """
+        at = _now(now)
+        steps = {"prepare": _prepare, "activate": _activate, "retire": _retire}
+        if step not in steps:
+            raise ConfigError(f"Unknown rotation step {step!r}: use prepare, activate or retire.")
+        result = steps[step](
+            role=role,
+            home=self.home,
+            config=self.config,
+            store=self.store,
+            passphrase=self._passphrase,
+            audit=self._rotation_audit(actor, at),
+            now=at,
+        )
+        self.refresh()
+        if step == "retire":
+            for root in self._issuers.live("root"):
+                with contextlib.suppress(ConfigError):
+                    self.root_crl(root=root.ski, actor=actor, now=at)  # lists the retired
+        return result
+
+    def rotation_status(self, role: str, *, now: datetime | None = None) -> RotationStatus:
+        """Where the rotation of ``role`` stands.
+
+        .. versionadded:: 0.3
+        """
+        return rotation_status(
+            role=role, home=self.home, config=self.config, store=self.store, now=_now(now)
+        )
 
     # -- issuance -------------------------------------------------------------------
 
@@ -645,11 +791,13 @@ class CertificateAuthority:
         allowance: SANAllowance | None = None,
     ) -> Issued:
         start = _now(now)
-        signing_key = self.signing_key
+        issuers = self._issuers  # one snapshot for the whole issuance
+        signer = issuers.active("intermediate")
+        signing_key = self.key_of(signer)
         for attempt in range(_SERIAL_ATTEMPTS):
             cert = issue_leaf(
                 request,
-                self.intermediate,
+                signer.certificate,
                 signing_key,
                 ttl=ttl,
                 now=start,
@@ -661,9 +809,10 @@ class CertificateAuthority:
                 with self.store.transaction() as conn:
                     granted = within(conn) if within is not None else None
                     record = self._record_for(
-                        cert, request, profile, granted or allowance or SANAllowance()
+                        cert, request, profile, granted or allowance or SANAllowance(), signer.ski
                     )
-                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
+                    chain = (cert, *issuers.chain_tail(signer))
+                    issued = Issued(cert, chain, issuers.roots, record, key)
                     self.store.add_certificate(conn, record)
                     self.store.append_audit(
                         conn,
@@ -698,10 +847,11 @@ class CertificateAuthority:
         request: LeafRequest,
         profile: Profile,
         allowance: SANAllowance,
+        issuer: str,
     ) -> CertificateRecord:
         ktype = key_type_of(request.public_key)
         return CertificateRecord(
-            issuer=self.issuer_id,
+            issuer=issuer,
             serial=_serial_hex(cert.serial_number),
             spiffe_id=request.spiffe_id.uri,
             dns=request.dns,
@@ -916,7 +1066,7 @@ class CertificateAuthority:
         start = _now(now)
         spiffe_id = verify_chain(
             current,
-            [self.intermediate],
+            list(self.chain_certificates),
             list(self.bundle),
             usage="client",
             now=start,
@@ -962,7 +1112,7 @@ class CertificateAuthority:
 
         CA certificates (ours) are never in the table and count as not revoked.
         """
-        if cert == self.intermediate or cert in self.bundle:
+        if cert in self.chain_certificates or cert in self.bundle:
             return False
         try:
             record = self.store.get_certificate(_serial_hex(cert.serial_number))
@@ -1352,20 +1502,50 @@ class CertificateAuthority:
                 field="serial",
             ) from None
 
+    def _live_issuer(self, role: str, ski: str | None) -> Issuer:
+        issuers = self._issuers
+        if ski is None:
+            return issuers.active(role)
+        found = issuers.by_ski(ski.lower())
+        if found is None or found.role != role or found not in issuers.live(role):
+            known = ", ".join(i.ski for i in issuers.live(role))
+            raise NotFoundError(
+                f"No published {role} has SKI {ski!r}: this CA publishes {known}.",
+                reason="unknown_issuer",
+            )
+        return found
+
     def crl(
-        self, *, actor: str | None = None, now: datetime | None = None
+        self,
+        *,
+        issuer: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
     ) -> x509.CertificateRevocationList:
-        """Build a CRL of unexpired revoked certificates with the next CRL number."""
+        """Build an intermediate's CRL of its unexpired revoked certificates, with the
+        next CRL number.
+
+        Args:
+            issuer: SKI hex of a published intermediate (default: the signing one).
+                During a rotation each intermediate has its own CRL.
+
+        Raises:
+            NotFoundError: No published intermediate has that SKI.
+
+        .. versionchanged:: 0.3
+           ``issuer``.
+        """
         at = _now(now)
+        inter = self._live_issuer("intermediate", issuer)
         entries = [
             RevokedEntry(int(serial, 16), datetime.fromtimestamp(revoked_at, UTC), reason)
-            for serial, revoked_at, reason in self.store.revoked_entries(now=at)
+            for serial, revoked_at, reason in self.store.revoked_entries(now=at, issuer=inter.ski)
         ]
-        key = self.signing_key
+        key = self.key_of(inter)
         with self.store.transaction() as conn:
             number = self.store.next_counter(conn, "crl_number")
             crl = build_crl(
-                self.intermediate,
+                inter.certificate,
                 key,
                 entries,
                 number=number,
@@ -1378,40 +1558,68 @@ class CertificateAuthority:
                 actor=actor or default_actor(),
                 action="crl",
                 subject=str(number),
-                details={"entries": len(entries)},
+                details={"entries": len(entries), "issuer": inter.ski},
             )
         return crl
 
+    def _root_crl_entries(self, root: Issuer) -> list[RevokedEntry]:
+        """The intermediates of ``root`` that a rotation retired."""
+        return [
+            RevokedEntry(
+                i.certificate.serial_number,
+                i.retired_at or i.superseded_at or _now(None),
+                "superseded",
+            )
+            for i in self._issuers.issuers
+            if i.role == "intermediate" and i.parent == root.ski and i.state == "retired"
+        ]
+
     def root_crl(
-        self, *, actor: str | None = None, now: datetime | None = None
+        self,
+        *,
+        root: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
     ) -> x509.CertificateRevocationList:
-        """Return the root-signed CRL of the intermediates.
+        """Return a root-signed CRL of the intermediates (the active root's by default).
 
         Peers that check revocation for the whole chain (nginx ``ssl_crl``, HAProxy
         ``crl-file``, ``openssl verify -crl_check_all``) need a CRL for the
-        intermediate too, and only the root can sign it. It is kept in
+        intermediate too, and only the root can sign it. It lists the intermediates
+        a rotation retired (reason superseded). The first root's is kept in
         ``root.crl`` (written by ``ca init``) and re-signed with the root key once
-        half of its ``root_crl_lifetime`` has passed, or when the file is missing
-        or not the root's. The root key is decrypted only for that (with the CA
-        passphrase) and not kept. When ``root.key`` is not here (kept offline),
-        the stored CRL is served until its ``nextUpdate`` with a warning; re-sign
-        it with ``trustmesh crl --root`` where the root key is.
+        half of its ``root_crl_lifetime`` has passed, when it does not list what it
+        should, or when the file is missing or not the root's. The root key is
+        decrypted only for that (with the CA passphrase) and not kept. When
+        ``root.key`` is not here (kept offline), the stored CRL is served until its
+        ``nextUpdate`` with a warning; re-sign it with ``trustmesh crl --root``
+        where the root key is.
 
         Raises:
             ConfigError: No valid root CRL is stored and the root key cannot be
                 unlocked.
+            NotFoundError: ``root`` is not the SKI of a published root.
+
+        .. versionchanged:: 0.3
+           ``root``; retired intermediates are listed.
         """
         at = _now(now)
-        cached = self._root_crl
-        if cached is None or at >= _resign_at(cached):
-            cached = self._root_crl = self._stored_root_crl()
+        issuer = self._live_issuer("root", root)
+        entries = self._root_crl_entries(issuer)
+        wanted = {e.serial for e in entries}
+        in_file = issuer.key_ref == "file:root.key"
+        cached = self._root_crls.get(issuer.ski)
+        if (cached is None or at >= _resign_at(cached)) and in_file:
+            cached = self._stored_root_crl(issuer.certificate)
+        if cached is not None and _crl_serials(cached) != wanted:
+            cached = None
         if cached is not None and at < _resign_at(cached):
+            self._root_crls[issuer.ski] = cached
             return cached
-        path = self.home / "root.key"
         try:
-            root_key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
-        except (OSError, PKIError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else exc.message
+            root_key = self._issuers.signer(issuer, self.home, self._passphrase).private_key()
+        except (ConfigError, PKIError) as exc:
+            why = exc.message
             if cached is not None and cached.next_update_utc and at < cached.next_update_utc:
                 log.warning(
                     "The root CRL in %s is due to be re-signed but the root key cannot be "
@@ -1430,12 +1638,17 @@ class CertificateAuthority:
                 f"CA passphrase where root.key is, and copy {ROOT_CRL_NAME} into {self.home}.",
                 path=str(self.home / ROOT_CRL_NAME),
             ) from None
-        crl = _sign_root_crl(self.root, root_key, at, self.config.root_crl_lifetime)
+        crl = _sign_root_crl(
+            issuer.certificate, root_key, at, self.config.root_crl_lifetime, entries
+        )
         del root_key
-        try:
-            atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
-        except ConfigError as exc:
-            log.warning("could not keep the re-signed root CRL: %s", exc.message)
+        if in_file:
+            try:
+                atomic_write(
+                    self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER)
+                )
+            except ConfigError as exc:
+                log.warning("could not keep the re-signed root CRL: %s", exc.message)
         with self.store.transaction() as conn:
             self.store.append_audit(
                 conn,
@@ -1444,16 +1657,17 @@ class CertificateAuthority:
                 action="crl",
                 subject="root",
                 details={
-                    "entries": 0,
+                    "entries": len(entries),
                     "number": int(at.timestamp()),
                     "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "issuer": issuer.ski,
                 },
             )
-        self._root_crl = crl
+        self._root_crls[issuer.ski] = crl
         return crl
 
-    def _stored_root_crl(self) -> x509.CertificateRevocationList | None:
-        """The root CRL in the home, when it is readable and signed by our root."""
+    def _stored_root_crl(self, root: x509.Certificate) -> x509.CertificateRevocationList | None:
+        """The root CRL in the home, when it is readable and signed by ``root``."""
         path = self.home / ROOT_CRL_NAME
         try:
             crl = x509.load_der_x509_crl(path.read_bytes())
@@ -1462,8 +1676,8 @@ class CertificateAuthority:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s (%s)", path, exc)
             return None
-        if crl.issuer != self.root.subject or not crl.is_signature_valid(
-            self.root.public_key()  # type: ignore[arg-type]
+        if crl.issuer != root.subject or not crl.is_signature_valid(
+            root.public_key()  # type: ignore[arg-type]
         ):
             log.warning("ignoring %s: it is not signed by this CA's root", path)
             return None
@@ -1471,33 +1685,57 @@ class CertificateAuthority:
 
     def chain_crls(
         self, *, actor: str | None = None, now: datetime | None = None
-    ) -> tuple[x509.CertificateRevocationList, x509.CertificateRevocationList]:
-        """Return the CRLs for the whole chain: the intermediate's (leaves), the root's.
+    ) -> tuple[x509.CertificateRevocationList, ...]:
+        """Return the CRLs for every chain: each published intermediate's (leaves),
+        then each published root's (intermediates). Outside a rotation: two.
 
         Raises:
             ConfigError: See :meth:`root_crl`.
+
+        .. versionchanged:: 0.3
+           One CRL per published issuer.
         """
-        return self.crl(actor=actor, now=now), self.root_crl(actor=actor, now=now)
+        issuers = self._issuers
+        leaves = [
+            self.crl(issuer=i.ski, actor=actor, now=now) for i in issuers.live("intermediate")
+        ]
+        roots = [self.root_crl(root=r.ski, actor=actor, now=now) for r in issuers.live("root")]
+        return (*leaves, *roots)
 
     def ocsp_response(
         self, request: ocsp.OCSPRequest, *, now: datetime | None = None
     ) -> ocsp.OCSPResponse:
-        """Answer an OCSP request for a certificate of this CA."""
-        if not request_matches_issuer(request, self.intermediate):
+        """Answer an OCSP request for a certificate of a published intermediate, signed
+        by that intermediate ("unknown", signed by the active one, for anything else)."""
+        issuers = self._issuers
+        responder = next(
+            (
+                i
+                for i in issuers.live("intermediate")
+                if request_matches_issuer(request, i.certificate)
+            ),
+            None,
+        )
+        if responder is None:
             status = OCSPStatus("unknown")
+            responder = issuers.active("intermediate")
         else:
             try:
                 record = self.store.get_certificate(_serial_hex(request.serial_number))
             except NotFoundError:
                 status = OCSPStatus("unknown")
             else:
-                if record.revoked_at is not None:
+                if record.issuer != responder.ski:
+                    status = OCSPStatus("unknown")
+                elif record.revoked_at is not None:
                     status = OCSPStatus(
                         "revoked", record.revoked_at, record.revocation_reason or "unspecified"
                     )
                 else:
                     status = OCSPStatus("good")
-        return build_ocsp_response(request, status, self.intermediate, self.signing_key, now=now)
+        return build_ocsp_response(
+            request, status, responder.certificate, self.key_of(responder), now=now
+        )
 
     # -- listing, export, audit -----------------------------------------------------
 

@@ -31,7 +31,7 @@ from cryptography import x509
 
 from trustmesh.errors import ConfigError, TransportError, TrustmeshError
 from trustmesh.files import atomic_write, stage_file
-from trustmesh.pki import pem_crls
+from trustmesh.pki import pem_crls, verify_ca_certificate
 from trustmesh.tls import RevocationSet, client_context
 
 from ._agent import Reload
@@ -274,6 +274,9 @@ class CRLKeeper:
         except (OSError, ValueError):
             issuers = []
         now = datetime.now(UTC)
+        if not all(any(_signed_by(crl, c) for c in (*roots, *issuers)) for crl in crls):
+            # During a CA rotation the chain CRLs include the other intermediate's.
+            issuers += self._published_intermediates(roots, now)
         for crl in crls:
             if not any(_signed_by(crl, c) for c in (*roots, *issuers)):
                 raise TrustmeshError(
@@ -293,6 +296,26 @@ class CRLKeeper:
             )
         self._schedule_refresh(crls, now)
         return pem_crls(crls)
+
+    def _published_intermediates(
+        self, roots: list[x509.Certificate], now: datetime
+    ) -> list[x509.Certificate]:
+        """The CA's published intermediates that chain to ``roots`` (none on failure)."""
+        url = f"{self.ca_url}/v1/bundle"
+        try:
+            with httpx.Client(verify=self._context(), timeout=self.timeout, trust_env=False) as c:
+                response = c.get(url, params={"format": "intermediates"})
+            published = x509.load_pem_x509_certificates(response.content)
+        except (httpx.HTTPError, OSError, ValueError):
+            return []
+        good = []
+        for cert in published:
+            try:
+                verify_ca_certificate(cert, published, roots, now=now)
+            except TrustmeshError:
+                continue
+            good.append(cert)
+        return good
 
     def _schedule_refresh(self, crls: list[x509.CertificateRevocationList], now: datetime) -> None:
         due = min(

@@ -104,7 +104,9 @@ class ServerSettings:
     body_timeout: float = BODY_TIMEOUT
     acme: ACMEConfig | None = None
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
+    _crl_cache: dict[str, tuple[tuple[int, int, int], float, bytes, int]] = field(
+        default_factory=dict, repr=False
+    )
 
 
 def _b64url(data: bytes) -> str:
@@ -375,7 +377,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         spiffe_id = await run_in_threadpool(
             verify_chain,
             cert,
-            [ca.intermediate],
+            list(ca.chain_certificates),
             list(ca.bundle),
             usage="client",
             is_revoked=ca.is_revoked,
@@ -469,43 +471,56 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
+        sequence = ca.bundle_sequence
+        # Short caching: a rotation step must reach pollers within the overlap.
+        headers = {"Cache-Control": "max-age=30", "ETag": f'"bundle-{sequence}"'}
         if fmt == "spiffe":
             jwt_keys = await run_in_threadpool(ca.jwt_keys)
             doc = {
                 "keys": [_jwk(c) for c in ca.bundle] + jwt_keys,
-                "spiffe_refresh_hint": 300,
-                "spiffe_sequence": 1,
+                "spiffe_refresh_hint": 60,
+                "spiffe_sequence": sequence,
             }
-            return JSONResponse(doc, headers={"Cache-Control": "max-age=300"})
+            return JSONResponse(doc, headers=headers)
+        if fmt == "intermediates":
+            return Response(
+                pem_certificates(ca.chain_certificates),
+                media_type="application/x-pem-file",
+                headers=headers,
+            )
         if fmt != "pem":
-            return problem(400, "Bad request", f"Unknown format {fmt!r}: use 'pem' or 'spiffe'.")
+            return problem(
+                400,
+                "Bad request",
+                f"Unknown format {fmt!r}: use 'pem', 'spiffe' or 'intermediates'.",
+            )
         return Response(
-            pem_certificates(ca.bundle),
-            media_type="application/x-pem-file",
-            headers={"Cache-Control": "max-age=300"},
+            pem_certificates(ca.bundle), media_type="application/x-pem-file", headers=headers
         )
 
-    def current_crl() -> tuple[bytes, int]:
-        state = ca.store.revocation_state()
+    def current_crl(issuer: str | None = None) -> tuple[bytes, int]:
+        state = (*ca.store.revocation_state(), ca.bundle_sequence)
+        key = issuer or ca.issuer_id
         with opts._crl_lock:
-            cached = opts._crl_cache
+            cached = opts._crl_cache.get(key)
             if (
                 cached is not None
                 and cached[0] == state
                 and time.monotonic() - cached[1] < opts.crl_max_age
             ):
                 return cached[2], cached[3]
-            crl = ca.crl(actor="ca-server")
+            crl = ca.crl(issuer=key, actor="ca-server")
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
             der = crl.public_bytes(serialization.Encoding.DER)
-            opts._crl_cache = (state, time.monotonic(), der, number)
+            opts._crl_cache[key] = (state, time.monotonic(), der, number)
             return der, number
 
     async def crl(request: Request) -> Response:
         return await guarded(request, lambda: crl_response(request))
 
     async def crl_response(request: Request) -> Response:
-        der, number = await run_in_threadpool(current_crl)
+        issuer = request.query_params.get("issuer")
+        der, number = await run_in_threadpool(current_crl, issuer)
         etag = f'"crl-{number}"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
@@ -530,20 +545,29 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             headers={"Cache-Control": "max-age=3600"},
         )
 
+    def root_crl_of(ski: str) -> x509.CertificateRevocationList:
+        return ca.root_crl(root=ski, actor="ca-server")
+
     async def crl_chain(request: Request) -> Response:
         async def work() -> Response:
-            der, number = await run_in_threadpool(current_crl)
+            issuers = ca.issuers
+            leaves = [
+                await run_in_threadpool(current_crl, i.ski) for i in issuers.live("intermediate")
+            ]
             try:
-                root = await run_in_threadpool(ca.root_crl, actor="ca-server")
+                roots = [await run_in_threadpool(root_crl_of, r.ski) for r in issuers.live("root")]
             except ConfigError as exc:
                 log.error("cannot serve the chain CRLs: %s", exc.message)
                 return problem(503, "Root CRL unavailable", exc.message)
-            root_number = root.extensions.get_extension_for_class(x509.CRLNumber).value
-            etag = f'"crl-{number}-root-{root_number.crl_number}"'
+            numbers = [str(n) for _, n in leaves] + [
+                str(r.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+                for r in roots
+            ]
+            etag = f'"crl-{"-".join(numbers)}"'
             if request.headers.get("if-none-match") == etag:
                 return Response(status_code=304, headers={"ETag": etag})
             return Response(
-                pem_crls([x509.load_der_x509_crl(der), root]),
+                pem_crls([x509.load_der_x509_crl(der) for der, _ in leaves] + roots),
                 media_type="application/x-pem-file",
                 headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
             )
@@ -706,11 +730,34 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             subscriber, _ = await caller(request)
             subscriber_serial = format(subscriber.serial_number, "x")
             since = cursor_param(request)
+            # Subscribers that follow trust changes pass the bundle sequence they hold
+            # (0: none): they get a bundle event now if theirs is not the current one,
+            # and one after every rotation step.
+            raw_bundle = request.query_params.get("bundle")
+            if raw_bundle is not None and not raw_bundle.isdigit():
+                raise ConfigError(
+                    f"bundle={raw_bundle!r} is not a bundle sequence: pass the sequence of "
+                    f"the bundle you hold (an integer), or 0.",
+                    reason="bad_bundle_sequence",
+                )
+            held = None if raw_bundle is None else int(raw_bundle)
+
+            def bundle_event() -> str:
+                data = {
+                    "sequence": ca.bundle_sequence,
+                    "bundle": pem_certificates(ca.bundle).decode(),
+                    "intermediates": pem_certificates(ca.chain_certificates).decode(),
+                }
+                return f"event: bundle\ndata: {json.dumps(data)}\n\n"
 
             async def events() -> AsyncIterator[str]:
+                nonlocal held
                 cursor = since
                 yield "retry: 1000\n: trustmesh revocation feed\n\n"
                 while True:
+                    if held is not None and held != hub.bundle_sequence:
+                        held = hub.bundle_sequence
+                        yield bundle_event()
                     batch = await hub.events_since(cursor)
                     for event in batch:
                         cursor = event.cursor
@@ -724,7 +771,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                             return
                     if len(batch) == 1000:
                         continue
-                    if not await hub.wait_beyond(cursor, opts.feed_heartbeat):
+                    if not await hub.wait_beyond(cursor, opts.feed_heartbeat, held):
                         yield ": keep-alive\n\n"
                     if await request.is_disconnected():
                         return

@@ -25,7 +25,6 @@ from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
 from trustmesh.serving import (
-    issue_server_identity,
     parse_listen,
     public_url,
     run_https,
@@ -33,6 +32,7 @@ from trustmesh.serving import (
 )
 
 from ._app import ServerSettings, create_app
+from ._keeper import ServerIdentity, run_schedule
 
 __all__ = ["CA_SERVER_PATH", "parse_listen", "serve"]
 
@@ -68,7 +68,7 @@ def serve(
     plain_socket = _bind(ocsp_listen) if ocsp_listen is not None else None
     with tempfile.TemporaryDirectory(prefix="trustmesh-ca-serve-") as tmp:
         os.chmod(tmp, 0o700)
-        chain, key = issue_server_identity(ca, host, Path(tmp), path=CA_SERVER_PATH)
+        identity = ServerIdentity(ca, host, Path(tmp), path=CA_SERVER_PATH)
         roots = pem_certificates(ca.bundle).decode()
 
         settings = ServerSettings(
@@ -78,23 +78,36 @@ def serve(
             acme=acme,
         )
         app = create_app(ca, settings)
+        # A rotation step (here, by the CLI or by another replica) re-issues our own
+        # certificate by the active intermediate, for the new trust bundle.
+        app.state.hub.add_bundle_listener(identity.on_bundle)
+        stop = threading.Event()
+        keeper = threading.Thread(
+            target=run_schedule, args=(ca, identity, stop), name="ca-keeper", daemon=True
+        )
+        keeper.start()
         url = public_url(host, port)
-        with (
-            _expiry_warnings(ca),
-            _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready),
-        ):
-            log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
-            if ready is not None:
-                ready(url)
-            run_https(
-                app,
-                listen=listen,
-                chain=chain,
-                key=key,
-                roots=roots,
-                name="CA API",
-                log_level=log_level,
-            )
+        try:
+            with (
+                _expiry_warnings(ca),
+                _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready),
+            ):
+                log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
+                if ready is not None:
+                    ready(url)
+                run_https(
+                    app,
+                    listen=listen,
+                    chain=identity.chain,
+                    key=identity.key,
+                    roots=roots,
+                    name="CA API",
+                    log_level=log_level,
+                    context=identity.listener,
+                )
+        finally:
+            stop.set()
+            keeper.join(timeout=10)
 
 
 #: How often ``ca serve`` repeats a warning about its own certificates expiring.

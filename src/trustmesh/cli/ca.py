@@ -27,6 +27,7 @@ from ._common import (
     resolve_home,
 )
 from .backup import backup_group, restore_command
+from .rotate import rotate_command
 
 KEY_TYPES = [k.value for k in KeyType]
 
@@ -38,6 +39,7 @@ def ca_group() -> None:
 
 ca_group.add_command(backup_group)
 ca_group.add_command(restore_command)
+ca_group.add_command(rotate_command)
 
 
 @ca_group.command("init")

@@ -15,6 +15,17 @@ from ._acme import (
     acme_orders,
 )
 from ._entries import RegistrationEntry, add_entry, delete_entry, find_entries, get_entry
+from ._issuers import (
+    CA_STATE_COUNTER,
+    IssuerRow,
+    LiveCertificates,
+    advance_state,
+    insert_issuer,
+    live_certificates,
+    load_issuers,
+    read_state,
+    update_issuer,
+)
 from ._schema import (
     idp_assertion_jtis,
     idp_authorization_codes,
@@ -43,9 +54,12 @@ from ._store import (
 from ._tokens import JoinToken, add_join_token, consume_join_token, token_hash
 
 __all__ = [
+    "CA_STATE_COUNTER",
     "REVOCATION_CHANNEL",
     "CertificateRecord",
+    "IssuerRow",
     "JoinToken",
+    "LiveCertificates",
     "RegistrationEntry",
     "RestoredDatabase",
     "RevocationEvent",
@@ -59,6 +73,7 @@ __all__ = [
     "acme_orders",
     "add_entry",
     "add_join_token",
+    "advance_state",
     "consume_join_token",
     "delete_entry",
     "describe_snapshot",
@@ -72,9 +87,14 @@ __all__ = [
     "idp_revoked_tokens",
     "idp_signing_keys",
     "idp_users",
+    "insert_issuer",
+    "live_certificates",
+    "load_issuers",
     "normalize_url",
     "open_store",
+    "read_state",
     "restore_snapshot",
     "snapshot_database",
     "token_hash",
+    "update_issuer",
 ]

@@ -8,6 +8,11 @@ refreshes the set from the CA's CRL (verified against the trust anchors), and wh
 neither answered for longer than ``grace`` it fails closed: every serial counts as
 revoked (unless ``fail_closed=False``, which is logged as failing open).
 
+With ``on_bundle`` it also follows trust changes: the stream is opened with the
+bundle sequence it holds, and every ``bundle`` event (a CA rotation step, or a newer
+bundle than ours at connect) is handed to the callback; a callback that raises keeps
+the sequence, so the next connection delivers the bundle again.
+
 Lookups (:meth:`RevocationSet.is_revoked`) are a set membership test plus two
 attribute reads: no lock, safe from any number of threads. One daemon thread does
 all the network work, with a synchronous API so WSGI and ASGI servers can share it.
@@ -32,7 +37,7 @@ from cryptography import x509
 
 from trustmesh.errors import ConfigError
 
-__all__ = ["RevocationSet", "canonical_serial"]
+__all__ = ["BundleUpdate", "RevocationSet", "canonical_serial"]
 
 log = logging.getLogger("trustmesh.tls.revocation")
 
@@ -63,6 +68,45 @@ def canonical_serial(serial: int | str) -> str:
     if value < 0:
         raise ValueError(f"{serial!r} is negative")
     return format(value, "x")
+
+
+class BundleUpdate:
+    """A trust bundle the CA published (a ``bundle`` event of the feed).
+
+    Attributes:
+        sequence: The CA's bundle sequence (grows with every rotation step).
+        roots: The trust anchors (never empty).
+        intermediates: The CA's published intermediates and cross certificates.
+
+    .. versionadded:: 0.3
+    """
+
+    __slots__ = ("intermediates", "roots", "sequence")
+
+    def __init__(
+        self,
+        sequence: int,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate],
+    ) -> None:
+        self.sequence = sequence
+        self.roots = tuple(roots)
+        self.intermediates = tuple(intermediates)
+
+    @classmethod
+    def from_event(cls, data: dict[str, Any]) -> BundleUpdate:
+        """Parse the JSON of a ``bundle`` event.
+
+        Raises:
+            ValueError: Malformed, or a bundle without certificates.
+        """
+        sequence, bundle = data.get("sequence"), data.get("bundle")
+        if not isinstance(sequence, int) or not isinstance(bundle, str):
+            raise ValueError(f"malformed bundle event {str(data)[:200]!r}")
+        roots = x509.load_pem_x509_certificates(bundle.encode())  # raises on none
+        extra = data.get("intermediates") or ""
+        chain = x509.load_pem_x509_certificates(extra.encode()) if extra.strip() else []
+        return cls(sequence, roots, chain)
 
 
 class _FeedClosedError(Exception):
@@ -96,8 +140,16 @@ class RevocationSet:
             a third of ``grace``, between 0.5 and 30).
         read_timeout: Seconds of silence after which an open stream is considered
             dead (the CA sends a keep-alive every 15 s by default).
+        on_bundle: Called (in the worker thread) with each trust bundle the CA
+            publishes that differs from ``bundle_sequence``; it should swap trust
+            or raise to keep the current one (then it is delivered again on the
+            next connection).
+        bundle_sequence: The sequence of the bundle held now (0: unknown, so the
+            current one is delivered at the first connection).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3
+       ``on_bundle`` and ``bundle_sequence``.
     """
 
     def __init__(
@@ -112,6 +164,8 @@ class RevocationSet:
         crl_max_age: timedelta = timedelta(minutes=10),
         crl_interval: float | None = None,
         read_timeout: float = 40.0,
+        on_bundle: Callable[[BundleUpdate], None] | None = None,
+        bundle_sequence: int = 0,
     ) -> None:
         if not ca_url.startswith("https://"):
             raise ConfigError(
@@ -134,6 +188,11 @@ class RevocationSet:
         )
         self._ssl_context = ssl_context
         self._issuers = issuers
+        self._on_bundle = on_bundle
+        #: The bundle sequence last applied by ``on_bundle``.
+        self.bundle_sequence = bundle_sequence
+        self.bundle_updates = 0
+        self.bundle_failures = 0
         self._grace_s = grace.total_seconds()
         # Only the worker thread adds to this set (set.add is atomic); a CRL
         # refresh replaces it by a superset in one assignment.
@@ -437,10 +496,13 @@ class RevocationSet:
                 return
 
     def _follow(self, client: httpx.Client) -> None:
+        params: dict[str, int] = {"since": self.cursor}
+        if self._on_bundle is not None:
+            params["bundle"] = self.bundle_sequence
         with client.stream(
             "GET",
             "/v1/revocations/stream",
-            params={"since": self.cursor},
+            params=params,
             headers={"accept": "text/event-stream", "cache-control": "no-cache"},
         ) as response:
             _raise_for(response)
@@ -454,6 +516,8 @@ class RevocationSet:
                     return
                 if kind == "revocation":
                     self._add(json.loads(data))
+                elif kind == "bundle" and self._on_bundle is not None:
+                    self._bundle(json.loads(data))
                 elif kind == "closed":
                     log.error(
                         "the CA closed the revocation feed: %s (our own certificate was "
@@ -463,6 +527,46 @@ class RevocationSet:
                     )
                     raise _FeedClosedError(f"the CA closed the stream: {data}")
         raise httpx.ReadError("the CA ended the stream")
+
+    def _bundle(self, data: dict[str, Any]) -> None:
+        try:
+            update = BundleUpdate.from_event(data)
+        except ValueError as exc:
+            self.bundle_failures += 1
+            log.error(
+                "ignoring a bundle event from %s (%s); keeping the current trust bundle",
+                self.ca_url,
+                exc,
+                extra={"event": "bundle_update_failed"},
+            )
+            return
+        if update.sequence == self.bundle_sequence or self._on_bundle is None:
+            return
+        try:
+            self._on_bundle(update)
+        except Exception as exc:
+            self.bundle_failures += 1
+            log.error(
+                "TRUST BUNDLE UPDATE FAILED: bundle %d from %s was not applied (%s); keeping "
+                "the current trust bundle, retrying on the next connection",
+                update.sequence,
+                self.ca_url,
+                _describe(exc),
+                extra={"event": "bundle_update_failed", "bundle_sequence": update.sequence},
+            )
+            return
+        self.bundle_sequence = update.sequence
+        self.bundle_updates += 1
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_bundle(self, sequence: int, timeout: float) -> bool:
+        """Wait until bundle ``sequence`` (or a later one) was applied; False on timeout.
+
+        .. versionadded:: 0.3
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self.bundle_sequence >= sequence, timeout)
 
     # -- CRL fallback ---------------------------------------------------------------
 
