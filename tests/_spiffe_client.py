@@ -62,10 +62,12 @@ def sources(socket_path: str, renewal: float) -> dict[str, Any]:
 
     # doc: x509-source
     with X509Source(socket_path=socket_path, timeout_in_seconds=10) as x509_source:
-        svid = x509_source.get_x509_context().default_svid  # the current X509Svid: spiffe_id, leaf, cert_chain, private_key
+        # the current X509Svid (spiffe_id, leaf, cert_chain, private_key) and its bundle:
+        svid = x509_source.get_x509_context().default_svid
         bundle = x509_source.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
-        x509_source.subscribe_for_updates(on_update)  # each push: renewal, re-issue, new bundle
-        # ... later, x509_source.get_x509_context().default_svid is the renewed SVID
+        # called on each push (renewal, re-issue, new bundle); then get_x509_context()
+        # returns the new SVID:
+        x509_source.subscribe_for_updates(on_update)
         # end doc
         out["x509"] = {
             "spiffe_id": str(svid.spiffe_id),
@@ -196,6 +198,11 @@ def _read_all(conn: SSL.Connection) -> bytes:
     return b"".join(chunks)
 
 
+def ready(x509_source: X509Source) -> None:
+    me = x509_source.get_x509_context().default_svid.spiffe_id
+    print(json.dumps({"listening": str(me)}), flush=True)
+
+
 def listen_service(socket_path: str, address: str, count: int) -> dict[str, Any]:
     """A spiffe-tls mTLS server: answers ``count`` requests with the caller's SPIFFE ID."""
     served: list[str] = []
@@ -203,7 +210,7 @@ def listen_service(socket_path: str, address: str, count: int) -> dict[str, Any]
     with X509Source(socket_path=socket_path, timeout_in_seconds=10) as x509_source:
         options = ListenOptions(tls_mode=ServerTlsMode.MTLS, authorize_fn=authorize_any())
         listener = listen(address, x509_source, options)
-        print(json.dumps({"listening": str(x509_source.get_x509_context().default_svid.spiffe_id)}), flush=True)
+        ready(x509_source)
         for _ in range(count):
             conn, _addr = listener.accept()
             try:

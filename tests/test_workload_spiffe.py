@@ -418,3 +418,29 @@ def test_spiffe_tls_installs_with_our_spiffe() -> None:
     assert version("spiffe-tls") >= "0.4.0"
     assert any(r.replace(" ", "").startswith("spiffe<0.4.0") for r in requires("spiffe-tls") or [])
     assert version("spiffe").startswith("0.3.")
+
+
+@pytest.mark.slow
+def test_cancelled_fetches_free_their_worker_at_once(stack: Stack) -> None:
+    """Many open-first-response-cancel fetches (py-spiffe's `fetch_x509_svid`) in a burst
+    never hit the 256-stream limit: a cancelled stream releases its thread at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trustmesh.workload._proto import workload_pb2 as pb
+    from trustmesh.workload._proto import workload_pb2_grpc as pb_grpc
+
+    def burst(_: int) -> int:
+        done = 0
+        with grpc.insecure_channel(f"unix:{stack.socket}") as ch:
+            api = pb_grpc.SpiffeWorkloadAPIStub(ch)  # type: ignore[no-untyped-call]
+            for _ in range(60):
+                stream = api.FetchX509SVID(
+                    pb.X509SVIDRequest(), metadata=(("workload.spiffe.io", "true"),), timeout=10
+                )
+                assert next(stream).svids
+                stream.cancel()
+                done += 1
+        return done
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(burst, range(8))) == 480

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, Protocol
 
@@ -122,14 +123,25 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
         """
         seen_key: Any = object()
         snapshot = self.cache.snapshot()
-        while context.is_active() and not self.cache.closed:
+        # A client that takes the first response and cancels (py-spiffe's fetch_x509_svid)
+        # must free this worker thread at once, not after STREAM_POLL: bursts of such
+        # calls otherwise hit the concurrent-stream limit (RESOURCE_EXHAUSTED).
+        cancelled = threading.Event()
+
+        def on_done() -> None:
+            cancelled.set()
+            self.cache.wake()
+
+        if not context.add_callback(on_done):  # already over
+            cancelled.set()
+        while context.is_active() and not self.cache.closed and not cancelled.is_set():
             rendered = render(snapshot)
             if rendered is not None:
                 key, message = rendered
                 if key != seen_key:
                     seen_key = key
                     yield message
-            snapshot = self.cache.wait(snapshot.version, STREAM_POLL)
+            snapshot = self.cache.wait(snapshot.version, STREAM_POLL, cancelled=cancelled)
 
     # -- X.509 ------------------------------------------------------------------------
 
