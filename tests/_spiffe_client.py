@@ -27,12 +27,12 @@ from typing import Any
 import grpc
 from cryptography import x509
 from OpenSSL import SSL
-from spiffe.errors import PySpiffeError
-from spiffetls.errors import TLSConnectionError
 
 # doc: imports
 from spiffe import JwtSource, JwtSvid, SpiffeId, WorkloadApiClient, X509Source
+from spiffe.errors import PySpiffeError
 from spiffetls import ListenOptions, ServerTlsMode, dial, listen
+from spiffetls.errors import TLSConnectionError
 from spiffetls.tlsconfig.authorize import authorize_any, authorize_id
 
 # end doc
@@ -40,7 +40,9 @@ from spiffetls.tlsconfig.authorize import authorize_any, authorize_id
 AUDIENCE = "spiffe://example.org/db"
 
 
-def _spiffe_id(cert: x509.Certificate) -> str:
+def _spiffe_id(cert: x509.Certificate | None) -> str:
+    if cert is None:
+        raise RuntimeError("the peer sent no certificate")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return str(san.get_values_for_type(x509.UniformResourceIdentifier)[0])
 
@@ -103,6 +105,8 @@ def sources(socket_path: str, renewal: float) -> dict[str, Any]:
         jwt = jwt_source.fetch_svid(audience={AUDIENCE})  # a JwtSvid: token, spiffe_id, audience
         # the receiving side validates it offline against the JWT bundle the source keeps:
         jwt_bundle = jwt_source.get_bundle_for_trust_domain(jwt.spiffe_id.trust_domain)
+        if jwt_bundle is None:
+            raise RuntimeError(f"no JWT bundle for {jwt.spiffe_id.trust_domain}")
         checked = JwtSvid.parse_and_validate(jwt.token, jwt_bundle, {AUDIENCE})
         # end doc
         out["jwt"] = {"spiffe_id": str(jwt.spiffe_id), "aud": sorted(jwt.audience)}

@@ -246,8 +246,10 @@ def test_trustmesh_client_calls_spiffe_tls_server(stack: Stack, tmp_path: Path) 
     SPIFFE ID; a client from a foreign CA is refused in the handshake."""
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests._spiffe_client", "listen", str(stack.socket)]
-        + [f"127.0.0.1:{port}", "2"],
+        [
+            *(sys.executable, "-m", "tests._spiffe_client", "listen", str(stack.socket)),
+            *(f"127.0.0.1:{port}", "2"),
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -302,11 +304,14 @@ def test_every_method_without_the_security_header_is_invalid_argument(
     streaming = method in {"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles"}
     with grpc.insecure_channel(f"unix:{stack.socket}") as ch:
         path = f"/SpiffeWorkloadAPI/{method}"
-        with pytest.raises(grpc.RpcError) as info:
+
+        def call() -> object:
             if streaming:
-                next(iter(ch.unary_stream(path)(b"", timeout=5)))
-            else:
-                ch.unary_unary(path)(b"", timeout=5)
+                return next(iter(ch.unary_stream(path)(b"", timeout=5)))
+            return ch.unary_unary(path)(b"", timeout=5)
+
+        with pytest.raises(grpc.RpcError) as info:
+            call()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "security header missing" in info.value.details()
 
