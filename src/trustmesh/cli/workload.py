@@ -151,19 +151,19 @@ def workload_agent_command(
     server = WorkloadServer(agent.cache, path, mode=mode, jwt_issuer=agent.jwt_svid)
     add_secret_discovery_service(server)  # Envoy SDS v3 on the same socket
     server.forwarder.listen()  # a socket that cannot be made fails before enrolling
-    with _stop_on_signals() as stop:
-        outcome = agent.node.ensure()
-        logging.getLogger("trustmesh.workload").info("node identity: %s", outcome.describe())
-        agent.start_revocations()
-        try:
-            agent.sync()
-        except ConfigError:
-            raise
-        except Exception as exc:  # the loop retries; the socket serves what is held
-            logging.getLogger("trustmesh.workload").warning("first sync: %s", exc)
-        server.start()
-        try:
+    try:
+        with _stop_on_signals() as stop:
+            outcome = agent.node.ensure()
+            logging.getLogger("trustmesh.workload").info("node identity: %s", outcome.describe())
+            agent.start_revocations()
+            try:
+                agent.sync()
+            except ConfigError:
+                raise
+            except Exception as exc:  # the loop retries; the socket serves what is held
+                logging.getLogger("trustmesh.workload").warning("first sync: %s", exc)
+            server.start()
             agent.run(stop, raise_first=False)
-        finally:
-            server.stop()
-            agent.close()
+    finally:  # also when enrolling fails: no socket or private directory is left behind
+        server.stop()
+        agent.close()

@@ -154,13 +154,26 @@ class IdentityCache:
         """Return the current snapshot (immutable; safe to keep)."""
         return self._snapshot
 
-    def wait(self, seen: int, timeout: float) -> Snapshot:
-        """Block until the version is past ``seen`` (or ``timeout`` s, or :meth:`close`)."""
+    def wait(
+        self, seen: int, timeout: float, *, cancelled: threading.Event | None = None
+    ) -> Snapshot:
+        """Block until the version is past ``seen`` (or ``timeout`` s, :meth:`close`, or
+        ``cancelled`` set and :meth:`wake` called: a cancelled stream frees its thread)."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self._closed or self._snapshot.version > seen, timeout=timeout
+                lambda: (
+                    self._closed
+                    or self._snapshot.version > seen
+                    or (cancelled is not None and cancelled.is_set())
+                ),
+                timeout=timeout,
             )
             return self._snapshot
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait` to look at its ``cancelled`` event again."""
+        with self._changed:
+            self._changed.notify_all()
 
     @property
     def closed(self) -> bool:

@@ -152,12 +152,14 @@ class CredentialForwarder:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            self._remove_private_dir()
             raise ConfigError(
                 f"Cannot create the socket directory {path.parent}: {exc.strerror}. Pass "
                 f"--socket unix:///PATH in a directory the agent may write.",
                 path=str(path),
             ) from None
         if path.is_symlink() or (path.exists() and not path.is_socket()):
+            self._remove_private_dir()
             raise ConfigError(
                 f"{path} exists and is not a socket: refusing to replace it. Remove it or "
                 f"pass another --socket.",
@@ -176,6 +178,7 @@ class CredentialForwarder:
             sock.close()
             with contextlib.suppress(OSError):
                 staged.unlink()
+            self._remove_private_dir()
             raise ConfigError(
                 f"Cannot create the Workload API socket {path}: {exc.strerror}. Pass "
                 f"--socket unix:///PATH in a directory the agent may write.",
@@ -233,6 +236,11 @@ class CredentialForwarder:
             for info in self._peers.values():
                 info.close()
             self._peers.clear()
+        self._remove_private_dir()
+
+    def _remove_private_dir(self) -> None:
+        # Also when listen() fails: a refused start leaves nothing behind. It is never
+        # re-created (a name in /tmp freed once could be taken by another user).
         with contextlib.suppress(OSError):
             for leftover in self._dir.iterdir():
                 leftover.unlink()
