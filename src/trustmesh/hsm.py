@@ -209,6 +209,8 @@ class PKCS11URI:
 def _module() -> Any:
     try:
         import pkcs11
+        import pkcs11.exceptions  # not loaded by 'import pkcs11' alone
+        import pkcs11.util.ec
     except ImportError:
         raise ConfigError(
             "The PKCS#11 key backend needs the 'python-pkcs11' package, which is not "
