@@ -406,6 +406,9 @@ def test_offline_root_flow_then_ca_serve(tmp_path: Path) -> None:
     assert key_files(online) == ["intermediate.key"]
     show = ok("ca", "show", "--home", str(online))
     assert "offline (not on this machine)" in show
+    assert "rotation_auto = false" in (online / "config.toml").read_text()
+    line = refused("ca", "rotate", "intermediate", "prepare", "--home", str(online))
+    assert "kept offline" in line
     with running_server(online, tmp_path) as server:
         _identity, body = enroll(server, "spiffe://example.org/web", tmp_path / "web")
         with client(server) as http:

@@ -397,6 +397,8 @@ class CertificateAuthority:
             backdate=backdate,
             pkcs11=request.pkcs11,
         )
+        # ca serve cannot prepare the next intermediate without the root key
+        config = replace(config, rotation_auto=False)
         if request.key_ref.startswith("file:") and passphrase is not None:
             # fail now on a wrong passphrase rather than at the first issuance
             open_signer(
