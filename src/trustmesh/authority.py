@@ -8,20 +8,27 @@ audit event in the same transaction, and only then returns it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
 import socket
+import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509 import ocsp
 from sqlalchemy import Connection
 
@@ -69,8 +76,10 @@ from trustmesh.pki import (
     generate_private_key,
     issue_leaf,
     key_type_of,
+    load_private_key,
     match_spiffe_pattern,
     parse_reason,
+    parse_selector,
     request_matches_issuer,
     verify_chain,
 )
@@ -91,10 +100,15 @@ from trustmesh.rotation import retire as _retire
 from trustmesh.signers import OFFLINE_KEY_REF, Signer, open_signer
 from trustmesh.store import (
     CertificateRecord,
+    RegistrationEntry,
     RevocationEvent,
     Store,
+    add_entry,
     add_join_token,
     consume_join_token,
+    delete_entry,
+    find_entries,
+    get_entry,
     open_store,
 )
 
@@ -103,6 +117,7 @@ __all__ = [
     "ROOT_CRL_NAME",
     "CertificateAuthority",
     "Issued",
+    "IssuerExpiry",
     "default_actor",
     "default_home",
 ]
@@ -120,6 +135,11 @@ _SERIAL_ATTEMPTS = 5
 #: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
 JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+#: The JWT-SVID signing key (EC P-256, ES256), encrypted like the CA keys; made on first use.
+JWT_KEY_FILE = "jwt-svid.key"
+#: Lifetime of a JWT-SVID: short, as they are bearer tokens.
+JWT_SVID_TTL = timedelta(minutes=5)
+MAX_JWT_AUDIENCES = 10
 MAX_TOKEN_TTL = timedelta(days=7)
 
 log = logging.getLogger("trustmesh.authority")
@@ -182,8 +202,70 @@ class Issued:
     key: PrivateKey | None = None
 
 
+#: Warn when the intermediate has less than this much of its life left (or one third).
+INTERMEDIATE_EXPIRY_WARNING = timedelta(days=30)
+#: Warn when the root has less than this left.
+ROOT_EXPIRY_WARNING = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class IssuerExpiry:
+    """How long one of the CA's own certificates has left, and a warning when too little.
+
+    Attributes:
+        role: ``root`` or ``intermediate``.
+        not_after: When it expires.
+        seconds_left: Seconds until then (negative once expired).
+        lifetime: Its whole validity in seconds.
+        warning: One line for people and logs, or None while there is time.
+
+    .. versionadded:: 0.1
+    """
+
+    role: str
+    not_after: datetime
+    seconds_left: float
+    lifetime: float
+    warning: str | None
+
+    @classmethod
+    def of(cls, role: str, cert: x509.Certificate, now: datetime) -> IssuerExpiry:
+        """Return the expiry of ``cert`` in ``role`` at ``now``.
+
+        The intermediate warns with less than a third of its life or 30 days left;
+        the root with less than a year.
+        """
+        not_after = cert.not_valid_after_utc
+        left = not_after - now
+        lifetime = not_after - cert.not_valid_before_utc
+        days = left.total_seconds() / 86400
+        when = not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        warning = None
+        if left.total_seconds() <= 0:
+            warning = (
+                f"The {role} CA certificate expired at {when}: nothing it signed verifies; "
+                f"replace the CA (see docs/operations.md)."
+            )
+        elif role == "root" and left < ROOT_EXPIRY_WARNING:
+            warning = (
+                f"The root CA certificate expires in {days:.0f} days ({when}); plan the "
+                f"root rotation now: every relying party must receive the new root first."
+            )
+        elif role != "root" and (left < INTERMEDIATE_EXPIRY_WARNING or left < lifetime / 3):
+            warning = (
+                f"The {role} CA certificate expires in {days:.1f} days ({when}, "
+                f"{left / lifetime:.0%} of its life left); rotate it before then, or every "
+                f"certificate it signs stops verifying."
+            )
+        return cls(role, not_after, left.total_seconds(), lifetime.total_seconds(), warning)
+
+
 def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).replace(microsecond=0)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _sign_root_crl(
@@ -235,6 +317,8 @@ class CertificateAuthority:
         self._signers: dict[str, Signer] = {}
         self._root_crls: dict[str, x509.CertificateRevocationList] = {}
         self._issuers: IssuerSet = load_issuer_set(home, store)
+        self._jwt_key: ec.EllipticCurvePrivateKey | None = None
+        self._jwt_lock = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -605,6 +689,17 @@ class CertificateAuthority:
         """
         return self.key_of(self._issuers.active("intermediate"))
 
+    def issuer_expiry(self, now: datetime | None = None) -> tuple[IssuerExpiry, ...]:
+        """Return the expiry of the root and the intermediate (with warnings when near).
+
+        .. versionadded:: 0.1
+        """
+        at = now or datetime.now(UTC)
+        return (
+            IssuerExpiry.of("root", self.root, at),
+            IssuerExpiry.of("intermediate", self.intermediate, at),
+        )
+
     @property
     def bundle(self) -> tuple[x509.Certificate, ...]:
         """The trust anchors relying parties should trust: every published root."""
@@ -776,6 +871,72 @@ class CertificateAuthority:
             now=now,
             deliver=deliver,
             action="sign",
+            allowance=self._exactly(request),
+        )
+
+    def sign_request(
+        self,
+        request: LeafRequest,
+        *,
+        action: str,
+        actor: str,
+        profile: str | None = None,
+        ttl: timedelta | None = None,
+        extra: dict[str, str] | None = None,
+        within: Callable[[Connection, Issued], None] | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign a request built by a front end with its own checks (the ACME server).
+
+        The profile's rules apply again here (SPIFFE ID, DNS/IP SANs, key, lifetime),
+        so no front end can issue beyond them. ``within`` runs inside the transaction
+        that records and audits the certificate, after both: if it raises, nothing is
+        recorded (the ACME server marks its order valid there).
+
+        Args:
+            request: What to certify.
+            action: The audit action (``acme``).
+            actor: Who asks, for the audit log.
+            profile: Profile name (the default profile when None).
+            ttl: Lifetime (the profile's default when None).
+            extra: More audit details.
+            within: Called with the transaction's connection and the result before commit.
+            now: The current time (for tests).
+
+        Raises:
+            PolicyError, SpiffeIDError: The profile forbids the request.
+
+        .. versionadded:: 0.2
+        """
+        prof = self.config.profile(profile)
+        prof.check_spiffe_id(request.spiffe_id)
+        for name in request.dns:
+            prof.check_dns(name)
+        for ip in request.ips:
+            prof.check_ip(ip)
+        prof.check_key(request.public_key)
+        lifetime = prof.resolve_ttl(ttl)
+
+        opened: list[Connection] = []
+
+        def inside(conn: Connection) -> SANAllowance | None:
+            opened.append(conn)  # the transaction ``deliver`` runs in, for ``within``
+            return None
+
+        def deliver(issued: Issued) -> None:
+            if within is not None:
+                within(opened[-1], issued)
+
+        return self._sign(
+            request,
+            prof,
+            lifetime,
+            action=action,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            within=inside,
+            extra=extra,
             allowance=self._exactly(request),
         )
 
@@ -1138,6 +1299,314 @@ class CertificateAuthority:
         except NotFoundError:
             return True  # signed by our key but not recorded: fail closed
         return record.revoked_at is not None
+
+    # -- registration entries -------------------------------------------------------
+
+    def create_entry(
+        self,
+        spiffe_id: str,
+        *,
+        node_id: str,
+        selectors: Sequence[str],
+        dns: Sequence[str] = (),
+        ttl: timedelta | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> RegistrationEntry:
+        """Record that node ``node_id`` may obtain ``spiffe_id`` for callers matching
+        every one of ``selectors``.
+
+        Raises:
+            SpiffeIDError: ``spiffe_id`` or ``node_id`` is not a SPIFFE ID.
+            ConfigError: An ID outside the trust domain, the node's own ID, no or a bad
+                selector.
+            PolicyError: The default profile would never certify the ID, a DNS name or
+                the lifetime.
+        """
+        domain = self.config.trust_domain
+        sid = SpiffeID.parse(spiffe_id)
+        node = SpiffeID.parse(node_id)
+        for what, value, example in (
+            ("SPIFFE ID", sid, "svc/app"),
+            ("node ID", node, "node/host1"),
+        ):
+            if not value.member_of(domain) or not value.path:
+                raise ConfigError(
+                    f"The {what} {value} is not a workload in trust domain {domain}: "
+                    f"give an ID such as spiffe://{domain}/{example}.",
+                    field="node" if what == "node ID" else "spiffe_id",
+                )
+        if sid == node:
+            raise ConfigError(
+                f"An entry hands {sid} to workloads of node {node}: the two must differ.",
+                field="spiffe_id",
+            )
+        if not selectors:
+            raise ConfigError(
+                "An entry needs at least one --selector (e.g. --selector unix:uid:1001): "
+                "without one it would match every local process.",
+                field="selector",
+            )
+        parsed = sorted({parse_selector(s) for s in selectors})
+        profile = self.config.profile(None)
+        profile.check_spiffe_id(sid)
+        names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in dns))
+        for name in names:
+            profile.check_dns(name)
+        if ttl is not None:
+            profile.resolve_ttl(ttl)
+        at = _now(now)
+        entry = RegistrationEntry(
+            entry_id=str(uuid.uuid4()),
+            spiffe_id=sid.uri,
+            node_id=node.uri,
+            selectors=tuple(str(s) for s in parsed),
+            dns=names,
+            ttl=None if ttl is None else int(ttl.total_seconds()),
+            created_at=at,
+            created_by=actor or default_actor(),
+        )
+        with self.store.transaction() as conn:
+            add_entry(conn, entry)
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=entry.created_by,
+                action="entry-create",
+                subject=entry.entry_id,
+                details={
+                    "spiffe_id": entry.spiffe_id,
+                    "node_id": entry.node_id,
+                    "selectors": list(entry.selectors),
+                    "dns": list(entry.dns),
+                    "ttl": entry.ttl,
+                },
+            )
+        return entry
+
+    def list_entries(
+        self, *, node_id: str | None = None, spiffe_id: str | None = None
+    ) -> list[RegistrationEntry]:
+        """Return registration entries (of one node, or for one ID), oldest first."""
+        with self.store.reader() as conn:
+            return find_entries(conn, node_id=node_id, spiffe_id=spiffe_id)
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry:
+        """Return one registration entry.
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        with self.store.reader() as conn:
+            entry = get_entry(conn, entry_id.strip().lower())
+        if entry is None:
+            raise NotFoundError(
+                f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                entry_id=entry_id,
+            )
+        return entry
+
+    def delete_entry(
+        self, entry_id: str, *, actor: str | None = None, now: datetime | None = None
+    ) -> RegistrationEntry:
+        """Delete a registration entry (SVIDs already issued for it stay until they
+        expire or are revoked; the node agent drops them at its next refresh).
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        entry = self.get_entry(entry_id)
+        at = _now(now)
+        with self.store.transaction() as conn:
+            if not delete_entry(conn, entry.entry_id):
+                raise NotFoundError(
+                    f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                    entry_id=entry_id,
+                )
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="entry-delete",
+                subject=entry.entry_id,
+                details={"spiffe_id": entry.spiffe_id, "node_id": entry.node_id},
+            )
+        return entry
+
+    def node_identity(self, cert: x509.Certificate, *, now: datetime | None = None) -> SpiffeID:
+        """Return the SPIFFE ID a node's client certificate proves (chain, expiry, revocation).
+
+        Raises:
+            VerificationError: The certificate is expired, revoked or not ours.
+        """
+        return verify_chain(
+            cert,
+            [self.intermediate],
+            list(self.bundle),
+            usage="client",
+            now=_now(now),
+            is_revoked=self.is_revoked,
+        )
+
+    def sign_entry(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        csr: bytes,
+        *,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign an X.509-SVID for a registration entry, for the node the entry names.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            CSRError, PolicyError: The CSR is bad or asks for another ID.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        profile = self.config.profile(None)
+        request = check_csr(csr, profile, source="the entry CSR")
+        if request.spiffe_id.uri != entry.spiffe_id:
+            raise PolicyError(
+                f"Entry {entry.entry_id} is for {entry.spiffe_id}, but the CSR asks for "
+                f"{request.spiffe_id}: put exactly the entry's ID in the CSR.",
+                reason="identity_change",
+            )
+        for name in entry.dns:
+            profile.check_dns(name)
+        leaf = LeafRequest(request.public_key, request.spiffe_id, entry.dns, (), profile.eku)
+        lifetime = profile.resolve_ttl(None if entry.ttl is None else timedelta(seconds=entry.ttl))
+        return self._sign(
+            leaf,
+            profile,
+            lifetime,
+            action="entry-svid",
+            actor=node.uri,
+            now=start,
+            deliver=None,
+            extra={"entry_id": entry.entry_id},
+        )
+
+    # -- JWT-SVIDs -------------------------------------------------------------------
+
+    def _jwt_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The ES256 key for JWT-SVIDs, created (encrypted, mode 0600) on first use."""
+        with self._jwt_lock:
+            if self._jwt_key is not None:
+                return self._jwt_key
+            path = self.home / JWT_KEY_FILE
+            if path.exists():
+                key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+            else:
+                if not self._passphrase:
+                    raise ConfigError(
+                        "Signing JWT-SVIDs needs the CA passphrase: set "
+                        "TRUSTMESH_CA_PASSPHRASE or pass --passphrase-file."
+                    )
+                key = generate_private_key(KeyType.EC_P256)
+                tmp = stage_file(path, dump_private_key(key, self._passphrase), mode=0o600)
+                try:
+                    os.link(tmp, path)  # never replaces a key another process just made
+                except FileExistsError:
+                    key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+                finally:
+                    tmp.unlink()
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+                raise ConfigError(f"{path} is not an EC P-256 key: remove it to make a new one.")
+            self._jwt_key = key
+            return key
+
+    def jwt_keys(self) -> list[dict[str, str]]:
+        """Return the JWT-SVID public keys as JWKs with ``use: jwt-svid`` (the SPIFFE bundle).
+
+        Creates the key on first use when the passphrase is known; without it and
+        without a key yet, the list is empty.
+        """
+        if not (self.home / JWT_KEY_FILE).exists() and not self._passphrase:
+            return []
+        numbers = self._jwt_signing_key().public_key().public_numbers()
+        jwk = {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": _b64url(numbers.x.to_bytes(32, "big")),
+            "y": _b64url(numbers.y.to_bytes(32, "big")),
+        }
+        # RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order.
+        thumb = hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode())
+        return [{**jwk, "kid": _b64url(thumb.digest()), "use": "jwt-svid", "alg": "ES256"}]
+
+    def sign_jwt_svid(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        audience: Sequence[str],
+        *,
+        ttl: timedelta = JWT_SVID_TTL,
+        now: datetime | None = None,
+    ) -> tuple[str, datetime]:
+        """Sign a JWT-SVID (ES256) for an entry's SPIFFE ID, for the node the entry names.
+
+        Returns:
+            The token and when it expires.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            ConfigError: No audience, too many, or an empty one.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        audiences = list(dict.fromkeys(audience))
+        if not audiences or len(audiences) > MAX_JWT_AUDIENCES or not all(audiences):
+            raise ConfigError(
+                f"A JWT-SVID needs 1 to {MAX_JWT_AUDIENCES} non-empty audiences: name the "
+                f"service(s) it will be presented to.",
+                reason="bad_audience",
+            )
+        key = self._jwt_signing_key()
+        kid = self.jwt_keys()[0]["kid"]
+        expires = start + ttl
+        header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+        claims = {
+            "sub": entry.spiffe_id,
+            "aud": audiences,
+            "iat": int(start.timestamp()),
+            "exp": int(expires.timestamp()),
+        }
+        signing_input = ".".join(
+            _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+        )
+        r, s_value = decode_dss_signature(
+            key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        )
+        signature = r.to_bytes(32, "big") + s_value.to_bytes(32, "big")
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=start,
+                actor=node.uri,
+                action="jwt-svid",
+                subject=entry.spiffe_id,
+                details={"entry_id": entry.entry_id, "aud": audiences, "exp": claims["exp"]},
+            )
+        return f"{signing_input}.{_b64url(signature)}", expires
 
     # -- revocation -----------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -148,6 +149,21 @@ def _signed_by(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> b
     )
 
 
+def _check_creatable(directory: Path, path: Path) -> None:
+    """Refuse ``path`` when ``directory`` (not there yet) cannot be created: its nearest
+    existing ancestor must be a directory the agent may write. Creates nothing."""
+    parent = directory.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"Cannot write {path}: --out {directory} does not exist and {parent} is not a "
+            f"writable directory to create it in. Give --out and --crl paths the agent may "
+            f"write.",
+            path=str(path),
+        )
+
+
 @dataclass
 class _Hook:
     """One reload hook and its retry state."""
@@ -216,8 +232,12 @@ class CRLKeeper:
                 f"{self.path / 'chain-crl.pem'}.",
                 path=str(self.path),
             )
-        probe = stage_file(self.path, b"")  # the same temp file + rename a write uses
-        probe.unlink()
+        if self.path.parent.absolute() == self.out.absolute() and not self.out.exists():
+            # the agent creates --out before its first write: check what it will create it in
+            _check_creatable(self.out, self.path)
+        else:
+            probe = stage_file(self.path, b"")  # the same temp file + rename a write uses
+            probe.unlink()
         if self.haproxy is not None:
             self.haproxy.check(self.path)
 

@@ -29,6 +29,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -37,8 +38,9 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from trustmesh.acme import ACMEConfig, ACMEServer, sealing_key
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
     ConfigError,
@@ -89,6 +91,7 @@ class ServerSettings:
         enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
         feed_heartbeat: Seconds between keep-alive comments on the event stream.
         body_timeout: Seconds a request body may take to arrive (408 after).
+        acme: ACME provisioners served under ``/acme`` (none: no ACME).
     """
 
     admins: tuple[str, ...] = ()
@@ -99,6 +102,7 @@ class ServerSettings:
     enroll_burst_per_token: int = 5
     feed_heartbeat: float = 15.0
     body_timeout: float = BODY_TIMEOUT
+    acme: ACMEConfig | None = None
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _crl_cache: dict[str, tuple[tuple[int, int, int], float, bytes, int]] = field(
         default_factory=dict, repr=False
@@ -203,6 +207,7 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
+_ENTRY_ROUTE = "/v1/entries/{entry_id}"
 #: What a GET on the plain listener must look like to be read as an OCSP request
 #: (RFC 6960 A.1: the base64 DER appended to the responder URL; even the smallest
 #: request is longer than this).
@@ -213,7 +218,14 @@ _PLAIN_ONLY = (
     "PEM); everything else is on the HTTPS API."
 )
 #: Refusals on these routes are also written to the audit chain.
-_AUDITED_DENIALS = {"/v1/enroll", "/v1/renew", "/v1/revoke"}
+_AUDITED_DENIALS = {
+    "/v1/enroll",
+    "/v1/renew",
+    "/v1/revoke",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
+}
 
 
 class _Metrics:
@@ -247,8 +259,43 @@ class _Metrics:
             buckets=LATENCY_BUCKETS,
         )
 
+        self.expiry = Gauge(
+            "trustmesh_ca_certificate_expiry_seconds",
+            "Seconds until the CA's own certificate of this role expires (negative: expired)",
+            ["role"],
+            registry=self.registry,
+        )
+
+    def watch_expiry(self, ca: CertificateAuthority) -> None:
+        """Compute the expiry gauges on each scrape, so they never go stale."""
+
+        def left(role: str) -> Callable[[], float]:
+            return lambda: next(e.seconds_left for e in ca.issuer_expiry() if e.role == role)
+
+        for item in ca.issuer_expiry():
+            self.expiry.labels(role=item.role).set_function(left(item.role))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: The ACME resources (``/acme/PROVISIONER/RESOURCE``) counted as their own metric series.
+_ACME_RESOURCES = frozenset(
+    {
+        "directory",
+        "new-nonce",
+        "new-account",
+        "account",
+        "new-order",
+        "order",
+        "authz",
+        "chall",
+        "cert",
+        "revoke-cert",
+        "key-change",
+        "renewal-info",
+    }
+)
 
 
 def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
@@ -256,7 +303,19 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
-        if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
+        if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
+            route = _ENTRY_ROUTE
+        if path.startswith("/acme/"):
+            # /acme/PROVISIONER/RESOURCE[/ID]: one series per known resource, never per ID
+            # or per name a caller made up (the label set stays bounded).
+            parts = path.split("/")
+            resource = parts[3] if len(parts) > 3 else ""
+            route = f"/acme/{{provisioner}}/{resource if resource in _ACME_RESOURCES else 'other'}"
+        if (
+            route not in _KNOWN_ROUTES
+            and not route.startswith("/acme/")
+            and not route.endswith(("{request}", "{entry_id}"))
+        ):
             route = "other"
         if not path.endswith("/stream"):
             metrics.latency.labels(method, route, str(status)).observe(seconds)
@@ -278,6 +337,9 @@ _KNOWN_ROUTES = {
     "/v1/revoke",
     "/v1/revocations",
     "/v1/certificates",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
     "/v1/openapi.json",
 }
 
@@ -291,6 +353,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     opts = settings or ServerSettings()
     hub = RevocationHub(ca)
     metrics = _Metrics()
+    metrics.watch_expiry(ca)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
@@ -412,8 +475,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         # Short caching: a rotation step must reach pollers within the overlap.
         headers = {"Cache-Control": "max-age=30", "ETag": f'"bundle-{sequence}"'}
         if fmt == "spiffe":
+            jwt_keys = await run_in_threadpool(ca.jwt_keys)
             doc = {
-                "keys": [_jwk(c) for c in ca.bundle],
+                "keys": [_jwk(c) for c in ca.bundle] + jwt_keys,
                 "spiffe_refresh_hint": 60,
                 "spiffe_sequence": sequence,
             }
@@ -757,15 +821,155 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
         return await guarded(request, work)
 
+    def require_admin(spiffe_id: SpiffeID, what: str) -> None:
+        if not is_admin(spiffe_id):
+            raise ScopeError(
+                f"{what} is for admins ({list(opts.admins)}); {spiffe_id} is not one.",
+                reason="not_admin",
+            )
+
+    async def entries(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            if request.method == "POST":
+                require_admin(spiffe_id, "Creating registration entries")
+                return await create_entry(request, spiffe_id)
+            node = request.query_params.get("node")
+            if not is_admin(spiffe_id):
+                if node is not None and node != spiffe_id.uri:
+                    raise ScopeError(
+                        f"{spiffe_id} may list only its own entries (node={spiffe_id.uri}).",
+                        reason="not_admin",
+                    )
+                node = spiffe_id.uri  # a node sees its own entries
+            found = await run_in_threadpool(lambda: ca.list_entries(node_id=node))
+            return JSONResponse(
+                {"entries": [e.to_json() for e in found]}, headers={"Cache-Control": "no-store"}
+            )
+
+        return await guarded(request, work)
+
+    async def create_entry(request: Request, spiffe_id: SpiffeID) -> Response:
+        data = await _json_body(request, "spiffe_id", "node_id", timeout=opts.body_timeout)
+        if isinstance(data, Response):
+            return data
+        selectors, dns = data.get("selectors"), data.get("dns", [])
+        for name, value in (("selectors", selectors), ("dns", dns)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    f"'{name}' must be a list of strings, e.g. [\"unix:uid:1001\"].",
+                    reason="bad_entry",
+                )
+        entry = await run_in_threadpool(
+            lambda: ca.create_entry(
+                data["spiffe_id"],
+                node_id=data["node_id"],
+                selectors=selectors or [],
+                dns=dns,
+                ttl=ttl_field(data),
+                actor=str(spiffe_id),
+            )
+        )
+        log.info(
+            "created entry %s for %s on %s",
+            entry.entry_id,
+            entry.spiffe_id,
+            entry.node_id,
+            extra={"event": "entry-create", "entry_id": entry.entry_id},
+        )
+        return JSONResponse(entry.to_json(), status_code=201)
+
+    async def entry_item(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            entry_id = request.path_params["entry_id"]
+            if request.method == "DELETE":
+                require_admin(spiffe_id, "Deleting registration entries")
+                gone = await run_in_threadpool(
+                    lambda: ca.delete_entry(entry_id, actor=str(spiffe_id))
+                )
+                return JSONResponse({"deleted": gone.to_json()})
+            entry = await run_in_threadpool(ca.get_entry, entry_id)
+            if not is_admin(spiffe_id) and entry.node_id != spiffe_id.uri:
+                raise ScopeError(
+                    f"Entry {entry.entry_id} belongs to node {entry.node_id}; {spiffe_id} "
+                    f"may read only its own entries.",
+                    reason="wrong_node",
+                )
+            return JSONResponse(entry.to_json())
+
+        return await guarded(request, work)
+
+    async def entry_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_entry verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", "csr", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            issued = await run_in_threadpool(
+                lambda: ca.sign_entry(cert, data["entry_id"], data["csr"].encode())
+            )
+            metrics.issued.labels(kind="entry").inc()
+            log.info(
+                "issued %s serial %s for entry %s",
+                issued.record.spiffe_id,
+                issued.record.serial,
+                data["entry_id"],
+                extra={
+                    "event": "entry-svid",
+                    "spiffe_id": issued.record.spiffe_id,
+                    "serial": issued.record.serial,
+                },
+            )
+            return JSONResponse(_issued_json(issued), status_code=201)
+
+        return await guarded(request, work)
+
+    async def entry_jwt_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_jwt_svid verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            audience = data.get("audience")
+            if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+                raise ConfigError(
+                    "'audience' must be a list of strings, e.g. [\"spiffe://example.org/db\"].",
+                    reason="bad_audience",
+                )
+            token, expires = await run_in_threadpool(
+                lambda: ca.sign_jwt_svid(cert, data["entry_id"], audience)
+            )
+            metrics.issued.labels(kind="jwt-svid").inc()
+            return JSONResponse(
+                {"token": token, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                status_code=201,
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return await guarded(request, work)
+
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    acme: ACMEServer | None = None
+    if opts.acme is not None and opts.acme.provisioners:
+
+        async def acme_revoked() -> None:
+            await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
+
+        acme = ACMEServer(ca, opts.acme, eab_key=sealing_key(ca), on_revoked=acme_revoked)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await hub.start()
+        if acme is not None:
+            await acme.start()
         try:
             yield
         finally:
+            if acme is not None:
+                await acme.stop()
             await hub.stop()
 
     app = Starlette(
@@ -785,11 +989,17 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/revocations", revocations),
             Route("/v1/revocations/stream", revocation_stream),
             Route("/v1/certificates", certificates),
+            Route("/v1/entries", entries, methods=["GET", "POST"]),
+            Route("/v1/entries/svid", entry_svid, methods=["POST"]),
+            Route("/v1/entries/jwt-svid", entry_jwt_svid, methods=["POST"]),
+            Route("/v1/entries/{entry_id}", entry_item, methods=["GET", "DELETE"]),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),
+            *([Mount("/acme", app=acme.app)] if acme is not None else []),
         ],
     )
     app.state.hub = hub
+    app.state.acme = acme
 
     # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
     # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch

@@ -168,6 +168,7 @@ def run_schedule(
             ca.config.rotation_activate_at * 100,
             extra={"event": "rotation_schedule"},
         )
+    failing: str | None = None
     while not stop.wait(interval):
         try:
             if ca.config.rotation_auto:
@@ -182,11 +183,15 @@ def run_schedule(
             if identity.sequence != ca.bundle_sequence:
                 identity.renew(f"bundle sequence {ca.bundle_sequence}")
             identity.check()
+            failing = None
         except TrustmeshError as exc:
-            log.error(
-                "rotation schedule failed: %s",
-                exc.message,
-                extra={"event": "rotation_schedule_failed"},
-            )
+            # Once per distinct failure (e.g. root.key kept offline), not every few seconds.
+            if exc.message != failing:
+                failing = exc.message
+                log.error(
+                    "rotation schedule failed: %s",
+                    exc.message,
+                    extra={"event": "rotation_schedule_failed"},
+                )
         except Exception:  # the keeper must not die
             log.exception("CA keeper failed")

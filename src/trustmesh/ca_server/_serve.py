@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from trustmesh.acme import ACMEConfig
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError
 from trustmesh.pki import pem_certificates
@@ -52,12 +53,13 @@ def serve(
     log_level: str = "info",
     ocsp_listen: str | None = None,
     ocsp_ready: Callable[[str], None] | None = None,
+    acme: ACMEConfig | None = None,
 ) -> None:
     """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully).
 
     ``enroll_rate``/``enroll_burst`` are the per-client-address enrollment limit.
     ``ocsp_listen`` (HOST:PORT) adds the read-only plain-HTTP listener for OCSP and
-    the CRLs; it stops with the API.
+    the CRLs; it stops with the API. ``acme`` adds the ACME provisioners under ``/acme``.
 
     Raises:
         ConfigError: ``ocsp_listen`` cannot be bound (in use, or not an address here).
@@ -70,7 +72,10 @@ def serve(
         roots = pem_certificates(ca.bundle).decode()
 
         settings = ServerSettings(
-            admins=admins, enroll_rate_per_ip=enroll_rate, enroll_burst_per_ip=enroll_burst
+            admins=admins,
+            enroll_rate_per_ip=enroll_rate,
+            enroll_burst_per_ip=enroll_burst,
+            acme=acme,
         )
         app = create_app(ca, settings)
         # A rotation step (here, by the CLI or by another replica) re-issues our own
@@ -83,7 +88,10 @@ def serve(
         keeper.start()
         url = public_url(host, port)
         try:
-            with _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready):
+            with (
+                _expiry_warnings(ca),
+                _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready),
+            ):
                 log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
                 if ready is not None:
                     ready(url)
@@ -100,6 +108,46 @@ def serve(
         finally:
             stop.set()
             keeper.join(timeout=10)
+
+
+#: How often ``ca serve`` repeats a warning about its own certificates expiring.
+EXPIRY_CHECK_INTERVAL = 86400.0
+
+
+def log_expiry(ca: CertificateAuthority) -> int:
+    """Log a warning for each CA certificate near its end; return how many were logged."""
+    count = 0
+    for item in ca.issuer_expiry():
+        if item.warning:
+            log.warning(
+                "%s",
+                item.warning,
+                extra={
+                    "event": "ca_certificate_expiry",
+                    "role": item.role,
+                    "seconds_left": int(item.seconds_left),
+                },
+            )
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _expiry_warnings(ca: CertificateAuthority) -> Iterator[None]:
+    """Warn at start, then once a day while the block runs."""
+    log_expiry(ca)
+    stop = threading.Event()
+
+    def daily() -> None:
+        while not stop.wait(EXPIRY_CHECK_INTERVAL):
+            log_expiry(ca)
+
+    thread = threading.Thread(target=daily, name="ca-expiry-warnings", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _bind(listen: str) -> socket.socket:

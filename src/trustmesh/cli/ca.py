@@ -10,8 +10,9 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from trustmesh.acme import ACMEConfig, load_acme_config
 from trustmesh.authority import CertificateAuthority
-from trustmesh.config import CAConfig
+from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import ConfigError
 from trustmesh.files import atomic_write
 from trustmesh.logs import announce, configure_logging
@@ -36,6 +37,7 @@ from ._common import (
     print_json,
     resolve_home,
 )
+from .backup import backup_group, restore_command
 from .offline_root import root_group
 from .rotate import rotate_command
 
@@ -47,6 +49,8 @@ def ca_group() -> None:
     """Create and inspect the certificate authority."""
 
 
+ca_group.add_command(backup_group)
+ca_group.add_command(restore_command)
 ca_group.add_command(rotate_command)
 ca_group.add_command(root_group)
 
@@ -348,7 +352,10 @@ def _describe(ca: CertificateAuthority) -> dict[str, object]:
     keys = {
         i.role: i.key_ref for i in (ca.issuers.active("root"), ca.issuers.active("intermediate"))
     }
+    expiry = ca.issuer_expiry()
     return {
+        "warnings": [e.warning for e in expiry if e.warning],
+        "expires_in_seconds": {e.role: int(e.seconds_left) for e in expiry},
         "trust_domain": ca.config.trust_domain,
         "home": str(ca.home),
         "database": ca.store.url,
@@ -383,6 +390,9 @@ def _show(ca: CertificateAuthority) -> None:
             (f"{role} SHA-256", cert["sha256"]),
             (f"{role} expires", cert["not_after"]),
         ]
+    warnings = info["warnings"]
+    if isinstance(warnings, list):
+        rows += [("WARNING", w) for w in warnings]
     print_fields("trustmesh CA", rows)
 
 
@@ -396,6 +406,27 @@ def show_command(home: Path | None, as_json: bool) -> None:
             print_json(_describe(ca))
         else:
             _show(ca)
+
+
+def _acme_settings(ca: CertificateAuthority) -> ACMEConfig:
+    """Read [acme] from config.toml and say what ACME serves (and every default turned off)."""
+    acme = load_acme_config(ca.home / CONFIG_NAME, ca.config)
+    for name, provisioner in acme.provisioners.items():
+        announce(
+            f"ACME provisioner {name!r}: /acme/{name}/directory (profiles "
+            f"{list(provisioner.profiles)}, challenges {list(provisioner.challenges)})",
+            event="acme_provisioner",
+            provisioner=name,
+        )
+        if not provisioner.eab_required:
+            announce(
+                f"warning: ACME provisioner {name!r} has eab_required = false: anyone who "
+                f"reaches the CA and controls a name its profile allows gets a certificate.",
+                event="acme_eab_off",
+                level=logging.WARNING,
+                provisioner=name,
+            )
+    return acme
 
 
 @ca_group.command("serve")
@@ -475,6 +506,7 @@ def serve_command(
                 level=logging.WARNING,
             )
         announce(revocation_hint(ca.config), event="revocation_urls")
+        acme = _acme_settings(ca)
         serve(
             ca,
             listen=listen,
@@ -488,6 +520,7 @@ def serve_command(
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
             log_level=log_level,
+            acme=acme,
             ready=lambda url: announce(
                 f"trustmesh CA API listening on {url}", event="ready", url=url
             ),

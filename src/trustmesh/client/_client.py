@@ -445,6 +445,76 @@ class CAClient(_Base):
         response = self._request("POST", "/v1/revoke", "revoke", json=body)
         return _revoked(response)
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context this client calls the CA with (its identity, if any)."""
+        return self._ssl
+
+    def spiffe_bundle(self) -> dict[str, Any]:
+        """Return the SPIFFE bundle document (JWKS of X.509 roots and JWT-SVID keys).
+
+        Raises:
+            TransportError, APIError: As for :meth:`bundle`.
+        """
+        response = self._request("GET", "/v1/bundle", "bundle", params={"format": "spiffe"})
+        data = _json(response, "bundle")
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise APIError(
+                "The CA's SPIFFE bundle has no 'keys' list: check the CA's version.",
+                status=response.status_code,
+            )
+        return data
+
+    def crl(self) -> bytes:
+        """Return the CA's current CRL (DER)."""
+        return self._request("GET", "/v1/crl", "crl").content
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Return the registration entries of the node this client presents (mTLS).
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (no or a revoked identity...).
+        """
+        data = _json(self._request("GET", "/v1/entries", "list entries"), "list entries")
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise APIError(
+                "The CA's answer to list entries has no 'entries' list: check the CA's version.",
+                status=200,
+            )
+        return entries
+
+    def entry_svid(self, entry_id: str, csr_pem: bytes | str) -> EnrollResult:
+        """Obtain an X.509-SVID for one of this node's registration entries (mTLS).
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (another node's entry, wrong ID in the CSR...).
+        """
+        body = _csr_body(csr_pem, None, entry_id=entry_id)
+        response = self._request("POST", "/v1/entries/svid", "entry SVID", json=body)
+        return _enroll_result(response, "entry SVID")
+
+    def entry_jwt_svid(self, entry_id: str, audience: list[str]) -> tuple[str, datetime]:
+        """Obtain a JWT-SVID for one of this node's entries; return it and its expiry.
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused.
+        """
+        body = {"entry_id": entry_id, "audience": audience}
+        response = self._request("POST", "/v1/entries/jwt-svid", "JWT-SVID", json=body)
+        data = _json(response, "JWT-SVID")
+        token = data.get("token") if isinstance(data, dict) else None
+        expires = data.get("expires_at") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not isinstance(expires, str):
+            raise APIError(
+                "The CA's answer to JWT-SVID has no token: check the CA's version.",
+                status=response.status_code,
+            )
+        when = datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return token, when
+
 
 class AsyncCAClient(_Base):
     """The asynchronous twin of :class:`CAClient` (same arguments, same methods).

@@ -1,9 +1,20 @@
-"""Persistence: certificates, counters, join tokens and the audit chain (SQLite or PostgreSQL).
+"""Persistence: certificates, counters, join tokens, registration entries and the audit chain
+(SQLite or PostgreSQL).
 
 The identity server's tables (``idp_*``) are exported for :mod:`trustmesh.idp`, which
-queries them with SQLAlchemy Core inside :meth:`Store.transaction`.
+queries them with SQLAlchemy Core inside :meth:`Store.transaction`; the ACME
+server's (``acme_*``) likewise for :mod:`trustmesh.acme`.
 """
 
+from ._acme import (
+    acme_accounts,
+    acme_authorizations,
+    acme_challenges,
+    acme_eab_keys,
+    acme_nonces,
+    acme_orders,
+)
+from ._entries import RegistrationEntry, add_entry, delete_entry, find_entries, get_entry
 from ._issuers import (
     CA_STATE_COUNTER,
     IssuerRow,
@@ -25,6 +36,13 @@ from ._schema import (
     idp_signing_keys,
     idp_users,
 )
+from ._snapshot import (
+    RestoredDatabase,
+    SnapshotInfo,
+    describe_snapshot,
+    restore_snapshot,
+    snapshot_database,
+)
 from ._store import (
     REVOCATION_CHANNEL,
     CertificateRecord,
@@ -42,11 +60,25 @@ __all__ = [
     "IssuerRow",
     "JoinToken",
     "LiveCertificates",
+    "RegistrationEntry",
+    "RestoredDatabase",
     "RevocationEvent",
+    "SnapshotInfo",
     "Store",
+    "acme_accounts",
+    "acme_authorizations",
+    "acme_challenges",
+    "acme_eab_keys",
+    "acme_nonces",
+    "acme_orders",
+    "add_entry",
     "add_join_token",
     "advance_state",
     "consume_join_token",
+    "delete_entry",
+    "describe_snapshot",
+    "find_entries",
+    "get_entry",
     "idp_assertion_jtis",
     "idp_authorization_codes",
     "idp_clients",
@@ -61,6 +93,8 @@ __all__ = [
     "normalize_url",
     "open_store",
     "read_state",
+    "restore_snapshot",
+    "snapshot_database",
     "token_hash",
     "update_issuer",
 ]

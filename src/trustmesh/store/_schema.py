@@ -46,7 +46,7 @@ certificates = Table(
     Index("ix_certificates_revoked_at", "revoked_at"),
 )
 
-#: The CA's own certificates once a rotation started (see migration 0008 and
+#: The CA's own certificates once a rotation started (see migration 0009 and
 #: :mod:`trustmesh.store._issuers`). Times are Unix seconds.
 ca_issuers = Table(
     "ca_issuers",
@@ -104,6 +104,23 @@ join_tokens = Table(
     # SANs an enrollment with the token may claim (comma-separated; empty: none).
     Column("dns_patterns", Text, nullable=False, default=""),
     Column("ip_ranges", Text, nullable=False, default=""),
+)
+
+#: Registration entries: the CA signs ``spiffe_id`` for the node agent ``node_id`` only,
+#: and that agent hands it to local callers matching every selector (JSON list).
+registration_entries = Table(
+    "registration_entries",
+    metadata,
+    Column("entry_id", String(36), primary_key=True),  # UUID
+    Column("spiffe_id", Text, nullable=False),
+    Column("node_id", Text, nullable=False),
+    Column("selectors", Text, nullable=False),  # JSON list of "type:key:value"
+    Column("dns", Text, nullable=False, default=""),  # comma-separated
+    Column("ttl", Integer, nullable=True),  # seconds; None: the profile's default
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Index("ix_registration_entries_node_id", "node_id"),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
 )
 
 # --- The identity server (``idp serve``). Lists are space-separated; times Unix seconds. ---

@@ -10,8 +10,8 @@ root of its rotation, for peers that trust only that one. The ``ca_state`` count
 grows with every change; it is the SPIFFE bundle sequence, and ``ca serve`` replicas
 poll it to pick up a step done elsewhere.
 
-Revision ID: 0008
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
-down_revision = "0006"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
