@@ -231,6 +231,16 @@ def test_ca_serve_on_the_token_key_enrolls_and_renews(hsm_home: Path, tmp_path: 
         assert response.status_code == 201, response.text
         renewed = response.json()
         assert renewed["serial"] != first["serial"]
+        # the OCSP answer is signed in the token too, and openssl verifies it
+        (tmp_path / "renewed.pem").write_text(renewed["certificate"])
+        ocsp = subprocess.run(
+            ["openssl", "ocsp", "-issuer", str(hsm_home / "intermediate.pem"), "-cert",
+             str(tmp_path / "renewed.pem"), "-url", f"{server.url}/v1/ocsp", "-CAfile",
+             str(server.bundle)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "Response verify OK" in ocsp.stdout + ocsp.stderr, ocsp.stderr
+        assert f"{tmp_path / 'renewed.pem'}: good" in ocsp.stdout
         for n, body in enumerate((first, renewed)):
             (tmp_path / f"leaf{n}.pem").write_text(
                 body["chain"].split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
