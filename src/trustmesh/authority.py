@@ -21,7 +21,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -46,6 +46,13 @@ from trustmesh.errors import (
     TokenError,
 )
 from trustmesh.files import atomic_write, stage_file
+from trustmesh.hsm import PKCS11URI, check_token, generate_pkcs11_key
+from trustmesh.offline import (
+    IntermediateRequest,
+    check_imported_intermediate,
+    check_root_crl,
+    crl_distribution_urls,
+)
 from trustmesh.pki import (
     BACKDATE,
     KeyType,
@@ -82,13 +89,15 @@ from trustmesh.rotation import (
     RotationStatus,
     StepResult,
     current_version,
+    initial_issuers,
     load_issuer_set,
     rotation_status,
+    store_initial_issuers,
 )
 from trustmesh.rotation import activate as _activate
 from trustmesh.rotation import prepare as _prepare
 from trustmesh.rotation import retire as _retire
-from trustmesh.signers import Signer
+from trustmesh.signers import OFFLINE_KEY_REF, Signer, open_signer
 from trustmesh.store import (
     CertificateRecord,
     RegistrationEntry,
@@ -147,6 +156,17 @@ def _same_key(a: object, b: object) -> bool:
     return bool(
         getattr(a, "public_bytes")(der, spki) == getattr(b, "public_bytes")(der, spki)  # noqa: B009
     )
+
+
+def _refuse_existing(home: Path, *, allow: Sequence[str] = ()) -> None:
+    names = (CONFIG_NAME, *CA_FILES)
+    existing = [n for n in names if n not in allow and (home / n).exists()]
+    if existing:
+        raise ConfigError(
+            f"A CA already exists in {home} ({', '.join(existing)}); refusing to "
+            f"overwrite it. Use another TRUSTMESH_HOME or remove the directory.",
+            path=str(home),
+        )
 
 
 def default_home() -> Path:
@@ -308,7 +328,7 @@ class CertificateAuthority:
         home: Path,
         *,
         trust_domain: str,
-        passphrase: bytes,
+        passphrase: bytes | None,
         key_type: KeyType = KeyType.EC_P256,
         db_url: str | None = None,
         actor: str | None = None,
@@ -317,6 +337,7 @@ class CertificateAuthority:
         ocsp_urls: Sequence[str] = (),
         root_crl_urls: Sequence[str] | None = None,
         backdate: timedelta = BACKDATE,
+        pkcs11: str | None = None,
     ) -> CertificateAuthority:
         """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
 
@@ -326,22 +347,24 @@ class CertificateAuthority:
             root_crl_urls: Public URLs of the root-signed CRL, written into the
                 intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
                 that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
+            pkcs11: A PKCS#11 token URI (RFC 7512): both keys are generated in the
+                token (non-extractable) and no key file is written; ``passphrase``
+                may then be None.
 
         ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
         certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
-                the passphrase is empty, or the database cannot be reached.
+                the passphrase is empty, the token cannot be used (wrong PIN, no
+                such token), or the database cannot be reached.
+
+        .. versionchanged:: 0.3
+           ``pkcs11``.
         """
-        existing = [n for n in (CONFIG_NAME, *CA_FILES) if (home / n).exists()]
-        if existing:
-            raise ConfigError(
-                f"A CA already exists in {home} ({', '.join(existing)}); refusing to "
-                f"overwrite it. Use another TRUSTMESH_HOME or remove the directory.",
-                path=str(home),
-            )
-        if not passphrase:
+        _refuse_existing(home)
+        token = PKCS11URI.parse(pkcs11) if pkcs11 else None
+        if not passphrase and token is None:
             raise ConfigError(
                 "The CA passphrase is empty: set TRUSTMESH_CA_PASSPHRASE or pass "
                 "--passphrase-file with a non-empty passphrase."
@@ -358,13 +381,32 @@ class CertificateAuthority:
             ocsp_urls=tuple(ocsp_urls),
             root_crl_urls=roots_at,
             backdate=backdate,
+            pkcs11=str(replace(token, object=token.object, id=None)) if token else "",
         )  # checks the URLs before anything is created
+        if token is not None:
+            check_token(token)  # a wrong PIN or token fails before anything is created
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
-        root_key = generate_private_key(key_type)
+        files: dict[str, bytes] = {}
+        refs: dict[str, str] = {}
+        try:
+            if token is None:
+                root_key = generate_private_key(key_type)
+                inter_key = generate_private_key(key_type)
+            else:
+                base = token.object or "trustmesh"
+                stamp = f"{start:%Y%m%d%H%M%S}"
+                root_signer = generate_pkcs11_key(token, key_type, f"{base}-root-1-{stamp}")
+                inter_signer = generate_pkcs11_key(
+                    token, key_type, f"{base}-intermediate-1-{stamp}"
+                )
+                root_key, inter_key = root_signer.private_key(), inter_signer.private_key()
+                refs = {"root": root_signer.ref, "intermediate": inter_signer.ref}
+        except BaseException:
+            store.close()
+            raise
         root = create_root(root_key, trust_domain, now=start, backdate=backdate)
-        inter_key = generate_private_key(key_type)
         inter = create_intermediate(
             root,
             root_key,
@@ -374,14 +416,120 @@ class CertificateAuthority:
             crl_urls=config.root_crl_urls,
             backdate=backdate,
         )
+        if token is None:
+            assert passphrase  # noqa: S101 - checked above (mypy narrowing only)
+            files["root.key"] = dump_private_key(root_key, passphrase)
+            files["intermediate.key"] = dump_private_key(inter_key, passphrase)
+        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
+        return cls._create(
+            home,
+            config,
+            store,
+            root=root,
+            inter=inter,
+            key_files=files,
+            root_crl=root_crl,
+            refs=refs,
+            actor=actor,
+            at=start,
+            details={"key_type": key_type.value, **({"keys": "pkcs11"} if token else {})},
+            passphrase=passphrase,
+        )
+
+    @classmethod
+    def import_intermediate(
+        cls,
+        home: Path,
+        *,
+        intermediate: x509.Certificate,
+        root: x509.Certificate,
+        root_crl: x509.CertificateRevocationList | None = None,
+        passphrase: bytes | None = None,
+        db_url: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+        crl_urls: Sequence[str] = (),
+        ocsp_urls: Sequence[str] = (),
+        backdate: timedelta = BACKDATE,
+    ) -> CertificateAuthority:
+        """Finish an offline-root CA: the intermediate the offline root signed for the
+        request :func:`trustmesh.offline.create_intermediate_request` left in ``home``.
+
+        No root key is on this machine: the root's ``key_ref`` is ``offline``, and
+        the root-signed CRL (``root_crl``, signed offline) is re-signed offline too.
+
+        Raises:
+            ConfigError: No pending request, the certificate is not for its key, not
+                a CA certificate of the trust domain, or not signed by ``root``; a
+                root CRL not signed by ``root``.
+
+        .. versionadded:: 0.3
+        """
+        _refuse_existing(home, allow=("intermediate.key",))
+        request = IntermediateRequest.load(home)
+        at = _now(now)
+        check_imported_intermediate(request, intermediate, root, now=at)
+        if root_crl is not None:
+            check_root_crl(root_crl, root, now=at)
+        config = CAConfig.new(
+            request.trust_domain,
+            db_url or f"sqlite:///{home / 'trustmesh.db'}",
+            request.key_type,
+            crl_urls=tuple(crl_urls),
+            ocsp_urls=tuple(ocsp_urls),
+            root_crl_urls=crl_distribution_urls(intermediate),
+            backdate=backdate,
+            pkcs11=request.pkcs11,
+        )
+        # ca serve cannot prepare the next intermediate without the root key
+        config = replace(config, rotation_auto=False)
+        if request.key_ref.startswith("file:") and passphrase is not None:
+            # fail now on a wrong passphrase rather than at the first issuance
+            open_signer(
+                request.key_ref, home=home, key_pem=None, passphrase=passphrase, what="x"
+            ).private_key()
+        store = open_store(config.db)
+        ca = cls._create(
+            home,
+            config,
+            store,
+            root=root,
+            inter=intermediate,
+            key_files={},
+            root_crl=root_crl,
+            refs={"root": OFFLINE_KEY_REF, "intermediate": request.key_ref},
+            actor=actor,
+            at=at,
+            details={"key_type": request.key_type.value, "root": "offline"},
+            passphrase=passphrase,
+        )
+        request.done(home)
+        return ca
+
+    @classmethod
+    def _create(
+        cls,
+        home: Path,
+        config: CAConfig,
+        store: Store,
+        *,
+        root: x509.Certificate,
+        inter: x509.Certificate,
+        key_files: dict[str, bytes],
+        root_crl: x509.CertificateRevocationList | None,
+        refs: dict[str, str],
+        actor: str | None,
+        at: datetime,
+        details: dict[str, object],
+        passphrase: bytes | None,
+    ) -> CertificateAuthority:
+        """Write the CA's files (temp + rename, after the audit commits)."""
         pem = serialization.Encoding.PEM
         contents = {
             "root.pem": root.public_bytes(pem),
-            "root.key": dump_private_key(root_key, passphrase),
             "intermediate.pem": inter.public_bytes(pem),
-            "intermediate.key": dump_private_key(inter_key, passphrase),
+            **key_files,
         }
-        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
         staged: list[tuple[Path, Path]] = []
         try:
             for name, data in contents.items():
@@ -389,23 +537,34 @@ class CertificateAuthority:
             staged.append(
                 (stage_file(home / CONFIG_NAME, config.dumps().encode()), home / CONFIG_NAME)
             )
-            staged.append(
-                (
-                    stage_file(
-                        home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
-                    ),
-                    home / ROOT_CRL_NAME,
+            if root_crl is not None:
+                staged.append(
+                    (
+                        stage_file(
+                            home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
+                        ),
+                        home / ROOT_CRL_NAME,
+                    )
                 )
-            )
             with store.transaction() as conn:
+                if refs:
+                    store_initial_issuers(
+                        conn,
+                        initial_issuers(
+                            root,
+                            inter,
+                            root_ref=refs.get("root", "file:root.key"),
+                            inter_ref=refs.get("intermediate", "file:intermediate.key"),
+                        ),
+                    )
                 store.append_audit(
                     conn,
-                    at=start,
+                    at=at,
                     actor=actor or default_actor(),
                     action="init",
-                    subject=SpiffeID.trust_domain_id(trust_domain).uri,
+                    subject=SpiffeID.trust_domain_id(config.trust_domain).uri,
                     details={
-                        "key_type": key_type.value,
+                        **details,
                         "root_serial": _serial_hex(root.serial_number),
                         "intermediate_serial": _serial_hex(inter.serial_number),
                     },
@@ -430,6 +589,14 @@ class CertificateAuthority:
         config = CAConfig.load(home / CONFIG_NAME)
         store = open_store(config.db)
         return cls(home, config, store, passphrase)
+
+    def unlock(self, passphrase: bytes | None) -> None:
+        """Set the passphrase of the CA's encrypted keys (before the first signature).
+
+        .. versionadded:: 0.3
+        """
+        self._passphrase = passphrase
+        self._signers.clear()
 
     def close(self) -> None:
         """Release the database."""
@@ -566,9 +733,18 @@ class CertificateAuthority:
         return audit
 
     def rotate(
-        self, role: str, step: str, *, actor: str | None = None, now: datetime | None = None
+        self,
+        role: str,
+        step: str,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+        pkcs11: str | None = None,
     ) -> StepResult:
         """Run one rotation step (``prepare``, ``activate`` or ``retire``) for ``role``.
+
+        ``pkcs11`` (``prepare`` only): a token URI where the new keys are generated
+        (default: ``pkcs11`` of ``config.toml``).
 
         Raises:
             ConfigError: The step is not allowed now (the message says why and when).
@@ -580,6 +756,9 @@ class CertificateAuthority:
         steps = {"prepare": _prepare, "activate": _activate, "retire": _retire}
         if step not in steps:
             raise ConfigError(f"Unknown rotation step {step!r}: use prepare, activate or retire.")
+        if pkcs11 and step != "prepare":
+            raise ConfigError("--pkcs11 goes with 'prepare' only (it says where new keys go).")
+        extra: dict[str, str] = {"pkcs11": pkcs11} if pkcs11 else {}
         result = steps[step](
             role=role,
             home=self.home,
@@ -588,6 +767,7 @@ class CertificateAuthority:
             passphrase=self._passphrase,
             audit=self._rotation_audit(actor, at),
             now=at,
+            **extra,
         )
         self.refresh()
         if step == "retire":
@@ -1607,7 +1787,7 @@ class CertificateAuthority:
         issuer = self._live_issuer("root", root)
         entries = self._root_crl_entries(issuer)
         wanted = {e.serial for e in entries}
-        in_file = issuer.key_ref == "file:root.key"
+        in_file = issuer.generation == 1  # the root of 'ca init': its CRL is root.crl
         cached = self._root_crls.get(issuer.ski)
         if (cached is None or at >= _resign_at(cached)) and in_file:
             cached = self._stored_root_crl(issuer.certificate)
@@ -1623,8 +1803,10 @@ class CertificateAuthority:
             if cached is not None and cached.next_update_utc and at < cached.next_update_utc:
                 log.warning(
                     "The root CRL in %s is due to be re-signed but the root key cannot be "
-                    "used (%s); serving it until its nextUpdate %s. Run 'trustmesh crl "
-                    "--root' where root.key is and copy %s here.",
+                    "used (%s); serving it until its nextUpdate %s. Sign a new one where "
+                    "the root key is ('trustmesh ca root sign-crl' for an offline root, "
+                    "'trustmesh crl --root' otherwise) and import it with 'trustmesh ca "
+                    "root import-crl' (it becomes %s).",
                     self.home,
                     why,
                     f"{cached.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
@@ -1634,8 +1816,9 @@ class CertificateAuthority:
                 return cached
             raise ConfigError(
                 f"No valid root-signed CRL in {self.home / ROOT_CRL_NAME} and the root key "
-                f"cannot be used to sign one ({why}): run 'trustmesh crl --root' with the "
-                f"CA passphrase where root.key is, and copy {ROOT_CRL_NAME} into {self.home}.",
+                f"cannot be used to sign one ({why}): sign one where the root key is "
+                f"('trustmesh ca root sign-crl' for an offline root) and run 'trustmesh ca "
+                f"root import-crl FILE' here.",
                 path=str(self.home / ROOT_CRL_NAME),
             ) from None
         crl = _sign_root_crl(
@@ -1664,6 +1847,58 @@ class CertificateAuthority:
                 },
             )
         self._root_crls[issuer.ski] = crl
+        return crl
+
+    def import_root_crl(
+        self,
+        crl: x509.CertificateRevocationList,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> x509.CertificateRevocationList:
+        """Install a root CRL signed elsewhere (the offline root) as ``root.crl``.
+
+        ``ca serve`` picks it up when its cached one is due. A CRL that does not list
+        the intermediates a rotation retired is refused.
+
+        Raises:
+            ConfigError: Not signed by the first root, expired, older than the one
+                in place, or missing retired intermediates.
+
+        .. versionadded:: 0.3
+        """
+        at = _now(now)
+        root = next(i for i in self._issuers.issuers if i.role == "root" and i.generation == 1)
+        check_root_crl(crl, root.certificate, now=at)
+        missing = {e.serial for e in self._root_crl_entries(root)} - _crl_serials(crl)
+        if missing:
+            raise ConfigError(
+                f"The root CRL does not list the retired intermediate(s) "
+                f"{', '.join(format(m, 'x') for m in sorted(missing))}: sign it again with "
+                f"'trustmesh ca root sign-crl --revoke CERT.pem' for each."
+            )
+        current = self._stored_root_crl(root.certificate)
+        if current is not None and current.last_update_utc > crl.last_update_utc:
+            raise ConfigError(
+                f"The root CRL in place is newer ({current.last_update_utc:%Y-%m-%dT%H:%M:%SZ}) "
+                f"than this one ({crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}): import a fresh one."
+            )
+        atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="crl",
+                subject="root",
+                details={
+                    "imported": True,
+                    "entries": len(list(crl)),
+                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "issuer": root.ski,
+                },
+            )
+        self._root_crls[root.ski] = crl
         return crl
 
     def _stored_root_crl(self, root: x509.Certificate) -> x509.CertificateRevocationList | None:

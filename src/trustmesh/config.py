@@ -123,6 +123,9 @@ class CAConfig:
             intermediate's lifetime at which ``ca serve`` prepares and activates.
         intermediate_lifetime, root_lifetime: Lifetimes of the CA certificates a
             rotation creates.
+        pkcs11: The PKCS#11 token URI (RFC 7512, no PIN) where ``ca init --pkcs11``
+            put the CA keys; rotations create their new keys there too. Empty: keys
+            are files or in the store.
     """
 
     trust_domain: str
@@ -143,6 +146,7 @@ class CAConfig:
     rotation_activate_at: float = 2 / 3
     intermediate_lifetime: timedelta = timedelta(days=365)
     root_lifetime: timedelta = timedelta(days=3650)
+    pkcs11: str = ""
 
     @classmethod
     def new(
@@ -155,6 +159,7 @@ class CAConfig:
         ocsp_urls: tuple[str, ...] = (),
         root_crl_urls: tuple[str, ...] = (),
         backdate: timedelta = BACKDATE,
+        pkcs11: str = "",
     ) -> CAConfig:
         """Return the configuration ``ca init`` writes.
 
@@ -171,6 +176,7 @@ class CAConfig:
             root_crl_urls=check_urls("root_crl_urls", root_crl_urls, source="--root-crl-url"),
             profiles={profile.name: profile},
             backdate=backdate,
+            pkcs11=pkcs11,
         )
 
     def profile(self, name: str | None) -> Profile:
@@ -267,6 +273,7 @@ class CAConfig:
                 str(data.get("backdate", format_duration(BACKDATE))),
                 field=f"{path}: backdate",
             ),
+            pkcs11=str(data.get("pkcs11", "")),
         )
 
     def dumps(self) -> str:
@@ -300,6 +307,12 @@ class CAConfig:
             f"intermediate_lifetime = {_toml_value(format_duration(self.intermediate_lifetime))}",
             f"root_lifetime = {_toml_value(format_duration(self.root_lifetime))}",
         ]
+        if self.pkcs11:
+            lines += [
+                "# The PKCS#11 token holding the CA keys; rotations create new keys there",
+                "# (docs/hsm.md). The PIN comes from pin-source or TRUSTMESH_PKCS11_PIN.",
+                f"pkcs11 = {_toml_value(self.pkcs11)}",
+            ]
         for name, profile in self.profiles.items():
             lines += ["", f"[profiles.{name}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in profile.to_mapping().items()]

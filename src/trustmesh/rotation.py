@@ -27,7 +27,7 @@ counter (the bundle sequence that ``ca serve`` replicas poll) and the audit even
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +38,9 @@ from sqlalchemy import Connection
 
 from trustmesh.config import CAConfig
 from trustmesh.errors import ConfigError
+from trustmesh.hsm import PKCS11URI, generate_pkcs11_key
 from trustmesh.pki import (
+    PrivateKey,
     create_intermediate,
     create_root,
     cross_certify,
@@ -68,11 +70,13 @@ __all__ = [
     "StepResult",
     "activate",
     "current_version",
+    "initial_issuers",
     "load_issuer_set",
     "prepare",
     "retire",
     "rotation_status",
     "ski_of",
+    "store_initial_issuers",
 ]
 
 ROLES = ("intermediate", "root")
@@ -227,17 +231,17 @@ class IssuerSet:
         )
 
 
-def _files_issuers(home: Path) -> tuple[Issuer, Issuer]:
-    def load(name: str) -> x509.Certificate:
-        path = home / name
-        try:
-            return load_pem_certificates(path.read_bytes(), source=str(path))[0]
-        except FileNotFoundError:
-            raise ConfigError(
-                f"The CA in {home} is incomplete: {name} is missing.", path=str(path)
-            ) from None
+def initial_issuers(
+    root: x509.Certificate,
+    inter: x509.Certificate,
+    *,
+    root_ref: str = "file:root.key",
+    inter_ref: str = "file:intermediate.key",
+) -> tuple[Issuer, Issuer]:
+    """The root and intermediate ``ca init`` creates (generation 1, active).
 
-    root, inter = load("root.pem"), load("intermediate.pem")
+    .. versionadded:: 0.3
+    """
     root_ski = ski_of(root)
     return (
         Issuer(
@@ -247,7 +251,7 @@ def _files_issuers(home: Path) -> tuple[Issuer, Issuer]:
             state="active",
             parent=None,
             certificate=root,
-            key_ref="file:root.key",
+            key_ref=root_ref,
             prepared_at=root.not_valid_before_utc,
             activated_at=root.not_valid_before_utc,
         ),
@@ -258,11 +262,33 @@ def _files_issuers(home: Path) -> tuple[Issuer, Issuer]:
             state="active",
             parent=root_ski,
             certificate=inter,
-            key_ref="file:intermediate.key",
+            key_ref=inter_ref,
             prepared_at=inter.not_valid_before_utc,
             activated_at=inter.not_valid_before_utc,
         ),
     )
+
+
+def store_initial_issuers(conn: Connection, issuers: Sequence[Issuer]) -> None:
+    """Record the issuers of ``ca init`` when their keys are not the default files.
+
+    .. versionadded:: 0.3
+    """
+    for issuer in issuers:
+        insert_issuer(conn, issuer.to_row())
+
+
+def _files_issuers(home: Path) -> tuple[Issuer, Issuer]:
+    def load(name: str) -> x509.Certificate:
+        path = home / name
+        try:
+            return load_pem_certificates(path.read_bytes(), source=str(path))[0]
+        except FileNotFoundError:
+            raise ConfigError(
+                f"The CA in {home} is incomplete: {name} is missing.", path=str(path)
+            ) from None
+
+    return initial_issuers(load("root.pem"), load("intermediate.pem"))
 
 
 def _read_set(conn: Connection, home: Path) -> IssuerSet:
@@ -351,19 +377,37 @@ def prepare(
     passphrase: bytes | None,
     audit: AuditHook,
     now: datetime,
+    pkcs11: str | None = None,
 ) -> StepResult:
     """Create the next ``role`` (key + certificate) and publish it, not signing yet.
 
+    ``pkcs11`` (a token URI; default ``config.pkcs11``) puts the new keys in that
+    PKCS#11 token instead of the store.
+
     Raises:
-        ConfigError: A rotation is already under way (prepared, or not retired), or
-            the passphrase is missing.
+        ConfigError: A rotation is already under way (prepared, or not retired),
+            the passphrase is missing, or the token cannot be used.
         PKIError: The passphrase does not unlock the root key.
+
+    .. versionchanged:: 0.3
+       ``pkcs11``.
     """
     _role(role)
-    if not passphrase:
+    token = pkcs11 or config.pkcs11 or None
+    token_uri = PKCS11URI.parse(token) if token else None
+    if not passphrase and token_uri is None:
         raise ConfigError(
             "No CA passphrase: set TRUSTMESH_CA_PASSPHRASE or pass --passphrase-file."
         )
+
+    def new_key(kind: str, generation: int) -> tuple[PrivateKey, str, str | None]:
+        if token_uri is None:
+            key, pem = new_stored_key(config.key_type, passphrase or b"")
+            return key, STORE_KEY_REF, pem
+        label = f"{token_uri.object or 'trustmesh'}-{kind}-{generation}-{now:%Y%m%d%H%M%S}"
+        signer = generate_pkcs11_key(token_uri, config.key_type, label)
+        return signer.private_key(), signer.ref, None
+
     with store.transaction() as conn:
         current = _begin(conn, home)
         busy = _in_progress(current)
@@ -374,7 +418,7 @@ def prepare(
         next_gen = {r: 1 + max(i.generation for i in current.issuers if i.role == r) for r in ROLES}
         touched: list[Issuer] = []
         if role == "root":
-            new_root_key, new_root_pem = new_stored_key(config.key_type, passphrase)
+            new_root_key, new_root_ref, new_root_pem = new_key("root", next_gen["root"])
             new_root_cert = create_root(
                 new_root_key,
                 config.trust_domain,
@@ -390,7 +434,7 @@ def prepare(
                 state="prepared",
                 parent=None,
                 certificate=new_root_cert,
-                key_ref=STORE_KEY_REF,
+                key_ref=new_root_ref,
                 key_pem=new_root_pem,
                 prepared_at=now,
                 cross=cross_certify(
@@ -410,7 +454,7 @@ def prepare(
             parent, parent_key = new_root, new_root_key
         else:
             parent, parent_key = old_root, root_key
-        inter_key, inter_pem = new_stored_key(config.key_type, passphrase)
+        inter_key, inter_ref, inter_pem = new_key("intermediate", next_gen["intermediate"])
         inter_cert = create_intermediate(
             parent.certificate,
             parent_key,
@@ -429,7 +473,7 @@ def prepare(
             state="prepared",
             parent=parent.ski,
             certificate=inter_cert,
-            key_ref=STORE_KEY_REF,
+            key_ref=inter_ref,
             key_pem=inter_pem,
             prepared_at=now,
         )

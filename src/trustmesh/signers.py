@@ -3,9 +3,10 @@
 A :class:`Signer` hands out the key object that signs certificates, CRLs and OCSP
 answers. Today keys are PEM (PKCS#8, encrypted with the CA passphrase) in a file of
 ``TRUSTMESH_HOME`` (``file:NAME``, what ``ca init`` writes) or in the store
-(``store``, what a rotation creates, so every ``ca serve`` replica has it). A PKCS#11
-backend plugs in as another scheme of :func:`open_signer` (``pkcs11:...``) whose key
-object implements ``sign()`` inside the token; nothing else changes.
+(``store``, what a rotation creates, so every ``ca serve`` replica has it), in a
+PKCS#11 token (an RFC 7512 URI ``pkcs11:...``, see :mod:`trustmesh.hsm`; the key object
+signs inside the token), or nowhere on this machine (``offline``: the root of an
+offline-root CA, whose key is used only by ``trustmesh ca root`` on another machine).
 """
 
 from __future__ import annotations
@@ -16,13 +17,24 @@ from pathlib import Path
 from typing import Protocol
 
 from trustmesh.errors import ConfigError
+from trustmesh.hsm import PKCS11URI, PKCS11Signer, is_pkcs11_ref
 from trustmesh.pki import KeyType, PrivateKey, dump_private_key, generate_private_key
 from trustmesh.pki import load_private_key as _load_pem
 
-__all__ = ["STORE_KEY_REF", "FileSigner", "PEMSigner", "Signer", "new_stored_key", "open_signer"]
+__all__ = [
+    "OFFLINE_KEY_REF",
+    "STORE_KEY_REF",
+    "FileSigner",
+    "PEMSigner",
+    "Signer",
+    "new_stored_key",
+    "open_signer",
+]
 
 #: ``key_ref`` of a key kept (encrypted) in the store's ``ca_issuers.key_pem``.
 STORE_KEY_REF = "store"
+#: ``key_ref`` of a root whose key is kept on an offline machine (``trustmesh ca root``).
+OFFLINE_KEY_REF = "offline"
 
 
 class Signer(Protocol):
@@ -97,8 +109,11 @@ def open_signer(
     """Return the signer a ``key_ref`` names.
 
     Raises:
-        ConfigError: An unknown scheme (e.g. ``pkcs11:`` before that backend exists),
-            or ``store`` without a stored key.
+        ConfigError: An unknown scheme, ``store`` without a stored key, a bad
+            PKCS#11 URI, or an ``offline`` key.
+
+    .. versionchanged:: 0.3
+       ``pkcs11:`` URIs and ``offline``.
     """
     if ref.startswith("file:"):
         return FileSigner(home / ref.removeprefix("file:"), passphrase)
@@ -106,6 +121,14 @@ def open_signer(
         if not key_pem:
             raise ConfigError(f"The key of {what} is missing from the store.")
         return PEMSigner(key_pem.encode(), passphrase, source=what)
+    if is_pkcs11_ref(ref):
+        return PKCS11Signer(PKCS11URI.parse(ref), what=what)
+    if ref == OFFLINE_KEY_REF:
+        raise ConfigError(
+            f"The key of {what} is kept offline (not on this machine): sign with "
+            f"'trustmesh ca root ...' where the root key is (see docs/hsm.md).",
+            reason="offline",
+        )
     scheme = ref.partition(":")[0]
     raise ConfigError(
         f"The key of {what} is in a {scheme!r} key backend, which this trustmesh does not "

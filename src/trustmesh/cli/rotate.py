@@ -70,11 +70,23 @@ def _describe(result: StepResult) -> str:
 @click.command("rotate")
 @click.argument("role", type=click.Choice(["intermediate", "root"]))
 @click.argument("step", type=click.Choice(_STEPS))
+@click.option(
+    "--pkcs11",
+    default=None,
+    metavar="URI",
+    help="prepare: generate the new key(s) in this PKCS#11 token (default: 'pkcs11' "
+    "of config.toml, where 'ca init --pkcs11' put the keys; else the database).",
+)
 @home_option
 @passphrase_option
 @json_option
 def rotate_command(
-    role: str, step: str, home: Path | None, passphrase_file: Path | None, as_json: bool
+    role: str,
+    step: str,
+    pkcs11: str | None,
+    home: Path | None,
+    passphrase_file: Path | None,
+    as_json: bool,
 ) -> None:
     """Rotate the intermediate or the root in stages, without downtime.
 
@@ -94,7 +106,7 @@ def rotate_command(
                 _print_status(status)
         return
     with open_ca(home, passphrase_file, sign=True) as ca:
-        result = ca.rotate(role, step)
+        result = ca.rotate(role, step, pkcs11=pkcs11)
         if as_json:
             print_json(
                 {

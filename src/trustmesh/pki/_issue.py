@@ -227,7 +227,7 @@ def create_root(
 def create_intermediate(
     root: x509.Certificate,
     root_key: PrivateKey,
-    key: PrivateKey,
+    key: PrivateKey | PublicKey,
     trust_domain: str,
     *,
     lifetime: timedelta = DEFAULT_INTERMEDIATE_LIFETIME,
@@ -241,7 +241,8 @@ def create_intermediate(
     Args:
         root: The root certificate.
         root_key: The root's private key.
-        key: The intermediate's private key.
+        key: The intermediate's private key, or its public key (from a CSR, when
+            the root signs on an offline machine).
         trust_domain: The trust domain (subject ``O=`` and URI SAN).
         lifetime: Validity period (1 year by default), capped at the root's.
         now: The current time (for tests).
@@ -259,7 +260,7 @@ def create_intermediate(
     """
     start = _now(now)
     not_after = min(start + lifetime, root.not_valid_after_utc)
-    public = key.public_key()
+    public = key if isinstance(key, PublicKey) else key.public_key()
     builder = (
         x509.CertificateBuilder()
         .subject_name(_ca_name(trust_domain, ca_common_name("intermediate", generation)))
