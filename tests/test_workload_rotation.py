@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.pki import KeyType, pem_certificates
+from trustmesh.pki import KeyType, SpiffeID, pem_certificates
 from trustmesh.workload import WorkloadAgent
 from trustmesh.workload._proto import workload_pb2 as pb
 from trustmesh.workload._proto import workload_pb2_grpc as pb_grpc
@@ -126,7 +126,9 @@ def test_the_ca_is_verified_with_the_bundle_it_last_sent(tmp_path: Path) -> None
             ca.create_entry(APP, node_id=NODE, selectors=[f"unix:uid:{os.getuid()}"], actor="test")
         first = tmp_path / "first-bundle.pem"
         shutil.copy(server.bundle, first)
-        agent = WorkloadAgent(server.url, NODE, tmp_path / "data", bundle=first, token=token)
+        agent = WorkloadAgent(
+            server.url, SpiffeID.parse(NODE), tmp_path / "data", bundle=first, token=token
+        )
         try:
             agent.node.ensure()
             agent.sync()
