@@ -66,7 +66,13 @@ from ._clock import ClockWatch
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
-from ._problems import DATABASE_UNAVAILABLE, is_database_failure, problem, problem_for
+from ._problems import (
+    DATABASE_UNAVAILABLE,
+    is_database_failure,
+    is_driver_conflict,
+    problem,
+    problem_for,
+)
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
@@ -406,10 +412,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             route = request.url.path
             client = request.client.host if request.client else "?"
             metrics.denied.labels(route=route, reason=reason).inc()
-            if is_database_failure(exc):
+            if is_database_failure(exc) or is_driver_conflict(exc):
                 # The caller sees a generic detail; the cause (URL, driver error) is here.
                 log.error(
-                    "database failure on %s %s: %s",
+                    "database %s on %s %s: %s",
+                    "failure" if is_database_failure(exc) else "conflict",
                     request.method,
                     route,
                     exc.message,

@@ -6,7 +6,11 @@ from its cursor. When the stream drops it reconnects with backoff from the same
 cursor, so nothing revoked meanwhile is missed. While the feed is unreachable it
 refreshes the set from the CA's CRL (verified against the trust anchors), and when
 neither answered for longer than ``grace`` it fails closed: every serial counts as
-revoked (unless ``fail_closed=False``, which is logged as failing open).
+revoked (unless ``fail_closed=False``, which is logged as failing open). The CRL may
+be signed by any intermediate the CA publishes (during a rotation, the active one is
+not the one in our own chain): the set learns them from the feed's ``bundle`` events
+(or ``/v1/bundle?format=intermediates``) and accepts one only when it chains to a
+trust anchor of ``ssl_context()``.
 
 With ``on_bundle`` it also follows trust changes: the stream is opened with the
 bundle sequence it holds, and every ``bundle`` event (a CA rotation step, or a newer
@@ -35,7 +39,8 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from trustmesh.errors import ConfigError
+from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.pki import verify_ca_certificate
 
 __all__ = ["BundleUpdate", "RevocationSet", "canonical_serial"]
 
@@ -131,7 +136,11 @@ class RevocationSet:
         issuers: Returns the CA certificates that may sign the CRL (the
             intermediates of our chain, e.g. ``credentials.intermediates``); each
             must chain to a trust anchor of ``ssl_context()``. A CRL signed
-            directly by a trust anchor needs none.
+            directly by a trust anchor needs none. The intermediates the CA
+            publishes (from the feed's ``bundle`` events, or fetched from
+            ``/v1/bundle?format=intermediates`` when a CRL's signer is unknown) are
+            accepted too when they chain to a trust anchor, so the CRL of the
+            other intermediate verifies during a rotation.
         crl_max_age: A CRL whose ``thisUpdate`` is older than this still adds its
             serials, but does not count as contact for ``grace`` (a replayed or
             stale CRL must not keep a set that lost its feed from failing closed).
@@ -149,7 +158,7 @@ class RevocationSet:
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.3
-       ``on_bundle`` and ``bundle_sequence``.
+       ``on_bundle`` and ``bundle_sequence``; CRLs of every published intermediate.
     """
 
     def __init__(
@@ -193,6 +202,9 @@ class RevocationSet:
         self.bundle_sequence = bundle_sequence
         self.bundle_updates = 0
         self.bundle_failures = 0
+        #: The intermediates (and cross certificates) the CA last published; CRL
+        #: signers are looked up among them once verified to a trust anchor.
+        self.published_intermediates: tuple[x509.Certificate, ...] = ()
         self._grace_s = grace.total_seconds()
         # Only the worker thread adds to this set (set.add is atomic); a CRL
         # refresh replaces it by a superset in one assignment.
@@ -496,9 +508,9 @@ class RevocationSet:
                 return
 
     def _follow(self, client: httpx.Client) -> None:
-        params: dict[str, int] = {"since": self.cursor}
-        if self._on_bundle is not None:
-            params["bundle"] = self.bundle_sequence
+        # Always follow bundle events: their intermediates are the CRL signers the
+        # fallback accepts (the callback, if any, swaps trust too).
+        params: dict[str, int] = {"since": self.cursor, "bundle": self.bundle_sequence}
         with client.stream(
             "GET",
             "/v1/revocations/stream",
@@ -516,7 +528,7 @@ class RevocationSet:
                     return
                 if kind == "revocation":
                     self._add(json.loads(data))
-                elif kind == "bundle" and self._on_bundle is not None:
+                elif kind == "bundle":
                     self._bundle(json.loads(data))
                 elif kind == "closed":
                     log.error(
@@ -540,7 +552,14 @@ class RevocationSet:
                 extra={"event": "bundle_update_failed"},
             )
             return
-        if update.sequence == self.bundle_sequence or self._on_bundle is None:
+        # Only candidates: each is verified to a trust anchor before it may sign a CRL.
+        self.published_intermediates = update.intermediates
+        if update.sequence == self.bundle_sequence:
+            return
+        if self._on_bundle is None:
+            self.bundle_sequence = update.sequence
+            with self._changed:
+                self._changed.notify_all()
             return
         try:
             self._on_bundle(update)
@@ -650,8 +669,12 @@ class RevocationSet:
             raise ValueError("the answer is not a DER CRL") from None
         roots = [x509.load_der_x509_certificate(der) for der in ctx.get_ca_certs(binary_form=True)]
         candidates = list(self._issuers() if self._issuers else ())
-        issuer = _crl_issuer(crl, roots, candidates)
         now = datetime.now(UTC)
+        published = list(self.published_intermediates)
+        if not _known_signer(crl, [*roots, *candidates, *published]):
+            # A rotation we have not heard of (or no bundle event yet): ask the CA.
+            published = self._fetch_published(ctx) or published
+        issuer = _crl_issuer(crl, roots, candidates, published, now)
         if crl.next_update_utc is not None and crl.next_update_utc < now:
             raise ValueError(
                 f"the CRL's nextUpdate {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ} has passed"
@@ -664,13 +687,39 @@ class RevocationSet:
         serials = {format(entry.serial_number, "x") for entry in crl}
         return serials, number, crl.last_update_utc
 
+    def _fetch_published(self, ctx: ssl.SSLContext) -> list[x509.Certificate]:
+        """The CA's published intermediates (``[]`` when it does not answer)."""
+        try:
+            with httpx.Client(
+                base_url=self.ca_url, verify=ctx, timeout=5.0, trust_env=False
+            ) as client:
+                response = client.get("/v1/bundle", params={"format": "intermediates"})
+            _raise_for(response)
+            found = x509.load_pem_x509_certificates(response.content)
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            log.debug("could not fetch the CA's published intermediates: %s", _describe(exc))
+            return []
+        self.published_intermediates = tuple(found)
+        return found
+
+
+def _known_signer(crl: x509.CertificateRevocationList, certs: list[x509.Certificate]) -> bool:
+    return any(cert.subject == crl.issuer for cert in certs)
+
 
 def _crl_issuer(
     crl: x509.CertificateRevocationList,
     roots: list[x509.Certificate],
     candidates: list[x509.Certificate],
+    published: list[x509.Certificate],
+    now: datetime,
 ) -> x509.Certificate:
-    """Return the trusted certificate that signed ``crl``, or raise ValueError."""
+    """Return the trusted certificate that signed ``crl``, or raise ValueError.
+
+    ``candidates`` (our chain's intermediates) must be issued by a root directly;
+    ``published`` (the CA's published intermediates and cross certificates) must
+    verify up to a root, possibly through one another.
+    """
     for root in roots:
         if root.subject == crl.issuer and crl.is_signature_valid(root.public_key()):  # type: ignore[arg-type]
             return root
@@ -687,10 +736,20 @@ def _crl_issuer(
             except (ValueError, TypeError, Exception):  # noqa: S112 - try the next root
                 continue
             return cert
+    for cert in published:
+        if cert.subject != crl.issuer:
+            continue
+        try:
+            if not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+                continue
+            verify_ca_certificate(cert, published, roots, now=now)
+        except (TrustmeshError, ValueError, TypeError):
+            continue
+        return cert
     raise ValueError(
         f"the CRL issued by {crl.issuer.rfc4514_string()} is not signed by a trust anchor "
-        f"or by an intermediate that chains to one; pass issuers= (our chain's "
-        f"intermediates) so it can be verified"
+        f"or by an intermediate that chains to one (our chain's, or one the CA publishes); "
+        f"pass issuers= (our chain's intermediates) so it can be verified"
     )
 
 

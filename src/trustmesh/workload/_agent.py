@@ -6,7 +6,11 @@ registration entries on the CA, obtains an X.509-SVID for each (a fresh key per 
 in memory only), renews each at 2/3 of its life (with jitter), re-issues at once an SVID
 the revocation feed reports revoked, drops the SVIDs of deleted entries, and keeps the
 trust bundle, the CRL and the JWT-SVID keys current. Every change goes into the
-:class:`~._cache.IdentityCache` the socket services stream from.
+:class:`~._cache.IdentityCache` the socket services stream from. A trust bundle the CA
+publishes on its feed (a rotation step) is written to ``DATA/node/bundle.pem`` and
+pushed to the streams at once, not at the next poll; the CA itself is verified against
+the bundle the CA last sent (after a root retire the CA's certificate chains only to the
+new root, which the node's first ``--bundle`` does not hold).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from trustmesh.agent import Agent, new_key_and_csr, next_renewal
 from trustmesh.client import CAClient
 from trustmesh.errors import APIError, ClientError, ConfigError, TrustmeshError, VerificationError
 from trustmesh.pki import KeyType, SpiffeID, spiffe_id_of, verify_chain
-from trustmesh.tls import RevocationSet
+from trustmesh.tls import BundleUpdate, RevocationSet
 from trustmesh.tokens import jwt_svid_keys
 
 from ._cache import SVID, IdentityCache, entry_selectors
@@ -108,7 +112,7 @@ class WorkloadAgent:
     def _client(self) -> CAClient:
         return CAClient(
             self.ca_url,
-            bundle=self.node.trust_bundle,
+            bundle=self.node.ca_bundle(),
             cert_dir=self.node.out,
             timeout=self.timeout,
         )
@@ -281,10 +285,34 @@ class WorkloadAgent:
 
     # -- the loop ---------------------------------------------------------------------
 
+    def apply_bundle(self, update: BundleUpdate) -> None:
+        """Take a trust bundle the CA published: write it to the node's bundle.pem (as
+        ``trustmesh agent`` does) and push it to every Workload API and SDS stream.
+
+        Raises:
+            TrustmeshError: The bundle is empty or does not trust the node's own
+                certificate; what is held stays (the feed delivers it again).
+
+        .. versionadded:: 0.3
+        """
+        written = self.node.apply_bundle(update)
+        self.cache.update(bundle=list(update.roots))
+        log.info(
+            "trust bundle %d applied: %d root(s)%s",
+            update.sequence,
+            len(update.roots),
+            f"; wrote {', '.join(map(str, written))}" if written else "",
+            extra={"event": "bundle_updated", "bundle_sequence": update.sequence},
+        )
+
     def start_revocations(self) -> None:
-        """Follow the CA's revocation feed with the node identity."""
+        """Follow the CA's revocation feed (and its bundle events) with the node identity."""
         self.revocations = RevocationSet(
-            self.ca_url, lambda: self._client().ssl_context(), grace=timedelta(seconds=60)
+            self.ca_url,
+            lambda: self._client().ssl_context(),
+            grace=timedelta(seconds=60),
+            issuers=self._node_intermediates,
+            on_bundle=self.apply_bundle,
         )
         self.revocations.start()
 
