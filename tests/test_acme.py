@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -505,3 +506,42 @@ def test_expired_orders_and_nonces_are_cleaned_up(acme_server: ACMEServerUnderTe
         assert counts["nonces"] >= 1
         with ca.store.reader() as conn:
             assert conn.execute(select(func.count()).select_from(acme_nonces)).scalar() == 0
+
+
+@pytest.mark.slow
+def test_a_body_that_never_arrives_is_refused_within_the_body_timeout(
+    acme_server: ACMEServerUnderTest,
+) -> None:
+    """A client that announces a JWS body and sends none gets a 408 malformed problem after
+    the body time bound (as on /v1/*), and a declared body over the limit a 413 at once."""
+    url = httpx.URL(acme_server.server.url)
+    host, port = url.host, url.port
+    assert port is not None
+    context = _ctx(acme_server)
+
+    def exchange(head: bytes, wait: float) -> tuple[bytes, float]:
+        with socket.create_connection((host, port), timeout=wait) as raw:
+            with context.wrap_socket(raw, server_hostname=host) as tls:
+                started = time.monotonic()
+                tls.sendall(head)
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer, time.monotonic() - started
+
+    path = "/acme/open/new-account"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        "Content-Type: application/jose+json\r\nContent-Length: 100\r\n\r\n"
+    ).encode()
+    answer, took = exchange(head, wait=30)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"application/problem+json" in answer
+    assert 9 <= took < 20, took
+    big = head.replace(b"Content-Length: 100", b"Content-Length: 9999999")
+    answer, took = exchange(big, wait=10)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert took < 5

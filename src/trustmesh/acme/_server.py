@@ -66,6 +66,9 @@ __all__ = ["ACMEServer", "cert_id"]
 log = logging.getLogger("trustmesh.acme")
 
 _MAX_BODY = 64 * 1024
+#: Seconds a request body may take to arrive once the head is in (as ``/v1/*``): a client
+#: that announces a body and never sends it must not hold a connection and a task open.
+_BODY_TIMEOUT = 10.0
 _MAX_IDENTIFIERS = 100
 _JOSE = "application/jose+json"
 _PEM_CHAIN = "application/pem-certificate-chain"
@@ -315,13 +318,28 @@ class ACMEServer:
         """Read the body and check the JWS: content type, url, nonce, key and signature."""
         if request.headers.get("content-type", "").split(";")[0].strip() != _JOSE:
             raise ACMEProblem("malformed", f"Send the JWS with Content-Type {_JOSE}.", status=415)
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > _MAX_BODY:
-                raise ACMEProblem(
-                    "malformed", f"Request bodies are limited to {_MAX_BODY} bytes.", status=413
-                )
+        too_large = ACMEProblem(
+            "malformed", f"Request bodies are limited to {_MAX_BODY} bytes.", status=413
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > _MAX_BODY):
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(_BODY_TIMEOUT):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > _MAX_BODY:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ACMEProblem(
+                "malformed",
+                f"The request body did not arrive within {_BODY_TIMEOUT:g} s; send it at once.",
+                status=408,
+            ) from None
+        body = b"".join(chunks)
         jws = parse_jws(body)
         url = str(request.url)
         if jws.protected.get("url") != url:
