@@ -174,6 +174,25 @@ def test_root_rotation_cross_certifies_and_retires_into_the_root_crl(tmp_path: P
         assert len(ca.issue("spiffe://example.org/final", now=later).chain) == 2
 
 
+def test_a_prepared_root_rotation_is_steered_by_root_steps_only(tmp_path: Path) -> None:
+    """While a root rotation is prepared, a second prepare names the root and the root
+    step, and activating its intermediate alone (under a root that is not active) is
+    refused without changing anything, so the later root activate still works."""
+    with _ca(tmp_path, overlap="1s") as ca:
+        now = datetime.now(UTC).replace(microsecond=0)
+        ca.rotate("root", "prepare", now=now)
+        sequence, events = ca.bundle_sequence, _audit_count(ca)
+        with pytest.raises(ConfigError, match=r"root 2 \(.*rotate root activate") as info:
+            ca.rotate("root", "prepare", now=now)
+        assert "rotate intermediate" not in info.value.message
+        later = now + timedelta(seconds=2)
+        with pytest.raises(ConfigError, match="belongs to the prepared root rotation"):
+            ca.rotate("intermediate", "activate", now=later)
+        assert (ca.bundle_sequence, _audit_count(ca)) == (sequence, events)
+        ca.rotate("root", "activate", now=later)
+        assert ca.issue("spiffe://example.org/after").chain[-1].subject == ca.root.subject
+
+
 def test_intermediate_retire_lists_it_on_the_root_crl(tmp_path: Path) -> None:
     """The root-signed CRL lists a retired intermediate (reason superseded)."""
     with _ca(tmp_path, overlap="1s") as ca:
