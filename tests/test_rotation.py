@@ -298,3 +298,21 @@ def test_status_json_names_stage_issuers_and_live_certificates(
         (2, "active"),
     ]
     assert all(i["not_after"].endswith("Z") for i in data["issuers"])
+
+
+def test_crl_chain_names_every_published_root_as_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During a root rotation `crl --chain` describes the old root's CRL as a root CRL
+    too, not as an intermediate's."""
+    with _ca(tmp_path, overlap="1s") as ca:
+        home = ca.home
+        now = datetime.now(UTC).replace(microsecond=0)
+        ca.rotate("root", "prepare", now=now - timedelta(seconds=5))
+        ca.rotate("root", "activate", now=now)
+    out = tmp_path / "chain.pem"
+    argv = ["crl", "--chain", "--pem", "--out", str(out), "--home", str(home)]
+    assert main(argv) == 0
+    said = capsys.readouterr().err
+    assert said.count("root CRL number") == 2
+    assert said.count("intermediate CRL number") == 2
