@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from trustmesh.authority import CertificateAuthority
-from trustmesh.pki import KeyType
+from trustmesh.pki import KeyType, SpiffeID
 from trustmesh.workload import WorkloadAgent
 
 from ._server import running_server
@@ -41,7 +41,7 @@ def test_chain_crls_of_both_intermediates_are_held_during_rotation(tmp_path: Pat
                 actor="test",
             )
         agent = WorkloadAgent(
-            server.url, NODE, tmp_path / "data", bundle=server.bundle, token=token
+            server.url, SpiffeID.parse(NODE), tmp_path / "data", bundle=server.bundle, token=token
         )
         try:
             agent.node.ensure()

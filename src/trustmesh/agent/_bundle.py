@@ -73,13 +73,13 @@ class BundleFollower:
         if (out / "chain.pem").exists() and (out / "key.pem").exists():
             self.feed.start()
         else:
-            self._stopped = stop or threading.Event()
+            stopped = self._stopped = stop or threading.Event()
 
             def wait_for_identity() -> None:
-                while not self._stopped.wait(0.2):
+                while not stopped.wait(0.2):
                     if (out / "chain.pem").exists() and (out / "key.pem").exists():
                         self.feed.start()
-                        if self._stopped.is_set():  # stopped while it started
+                        if stopped.is_set():  # stopped while it started
                             self.feed.stop()
                         return
 
