@@ -644,6 +644,9 @@ def test_loop_renews_keeps_files_while_the_ca_is_down_and_stops_on_signals(
     assert f"enrolled {spiffe_id}" in text
     assert f"renewed {spiffe_id}" in text
     assert "SIGTERM received, stopping" in text
+    # The feed opens once there is an identity to open it with, not before.
+    assert "cannot reach the revocation feed" not in text
+    assert "CRL fallback failed" not in text
 
     steady = enrolled(server, "spiffe://example.org/steady", tmp_path / "steady", capsys)
     before = snapshot(steady)

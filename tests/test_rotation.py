@@ -174,6 +174,25 @@ def test_root_rotation_cross_certifies_and_retires_into_the_root_crl(tmp_path: P
         assert len(ca.issue("spiffe://example.org/final", now=later).chain) == 2
 
 
+def test_a_prepared_root_rotation_is_steered_by_root_steps_only(tmp_path: Path) -> None:
+    """While a root rotation is prepared, a second prepare names the root and the root
+    step, and activating its intermediate alone (under a root that is not active) is
+    refused without changing anything, so the later root activate still works."""
+    with _ca(tmp_path, overlap="1s") as ca:
+        now = datetime.now(UTC).replace(microsecond=0)
+        ca.rotate("root", "prepare", now=now)
+        sequence, events = ca.bundle_sequence, _audit_count(ca)
+        with pytest.raises(ConfigError, match=r"root 2 \(.*rotate root activate") as info:
+            ca.rotate("root", "prepare", now=now)
+        assert "rotate intermediate" not in info.value.message
+        later = now + timedelta(seconds=2)
+        with pytest.raises(ConfigError, match="belongs to the prepared root rotation"):
+            ca.rotate("intermediate", "activate", now=later)
+        assert (ca.bundle_sequence, _audit_count(ca)) == (sequence, events)
+        ca.rotate("root", "activate", now=later)
+        assert ca.issue("spiffe://example.org/after").chain[-1].subject == ca.root.subject
+
+
 def test_intermediate_retire_lists_it_on_the_root_crl(tmp_path: Path) -> None:
     """The root-signed CRL lists a retired intermediate (reason superseded)."""
     with _ca(tmp_path, overlap="1s") as ca:
@@ -279,3 +298,21 @@ def test_status_json_names_stage_issuers_and_live_certificates(
         (2, "active"),
     ]
     assert all(i["not_after"].endswith("Z") for i in data["issuers"])
+
+
+def test_crl_chain_names_every_published_root_as_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """During a root rotation `crl --chain` describes the old root's CRL as a root CRL
+    too, not as an intermediate's."""
+    with _ca(tmp_path, overlap="1s") as ca:
+        home = ca.home
+        now = datetime.now(UTC).replace(microsecond=0)
+        ca.rotate("root", "prepare", now=now - timedelta(seconds=5))
+        ca.rotate("root", "activate", now=now)
+    out = tmp_path / "chain.pem"
+    argv = ["crl", "--chain", "--pem", "--out", str(out), "--home", str(home)]
+    assert main(argv) == 0
+    said = capsys.readouterr().err
+    assert said.count("root CRL number") == 2
+    assert said.count("intermediate CRL number") == 2

@@ -340,7 +340,9 @@ def _begin(conn: Connection, home: Path) -> IssuerSet:
 
 
 def _in_progress(current: IssuerSet) -> str | None:
-    for role in ROLES:
+    # The root first: a root rotation also prepares (and later replaces) an
+    # intermediate, and its steps are the root's, not the intermediate's.
+    for role in reversed(ROLES):
         prepared = current.in_state(role, "prepared")
         if prepared:
             return (
@@ -520,6 +522,16 @@ def activate(
     with store.transaction() as conn:
         current = _begin(conn, home)
         pending = current.in_state(role, "prepared")
+        if role == "intermediate":
+            root = current.active("root")
+            staged = [i for i in pending if i.parent != root.ski]
+            if staged:
+                raise ConfigError(
+                    f"Refusing to activate {staged[-1].name} alone: it belongs to the "
+                    f"prepared root rotation and signs under a root that is not active "
+                    f"yet: run 'trustmesh ca rotate root activate' instead.",
+                    reason="root_rotation",
+                )
         if not pending:
             other = next((r for r in ROLES if r != role and current.in_state(r, "prepared")), None)
             hint = (

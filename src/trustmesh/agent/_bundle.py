@@ -37,6 +37,7 @@ class BundleFollower:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self._stopped: threading.Event | None = None
         self.feed = RevocationSet(
             agent.ca_url,
             self._context,
@@ -63,8 +64,28 @@ class BundleFollower:
             )
 
     def start(self, stop: threading.Event | None = None) -> None:
-        """Follow the feed in a daemon thread (until :meth:`stop`, or ``stop`` is set)."""
-        self.feed.start()
+        """Follow the feed in a daemon thread (until :meth:`stop`, or ``stop`` is set).
+
+        Before the first enrollment there is no identity to open the feed with: it is
+        opened once the agent has written its key and chain.
+        """
+        out = self.agent.out
+        if (out / "chain.pem").exists() and (out / "key.pem").exists():
+            self.feed.start()
+        else:
+            stopped = self._stopped = stop or threading.Event()
+
+            def wait_for_identity() -> None:
+                while not stopped.wait(0.2):
+                    if (out / "chain.pem").exists() and (out / "key.pem").exists():
+                        self.feed.start()
+                        if stopped.is_set():  # stopped while it started
+                            self.feed.stop()
+                        return
+
+            threading.Thread(
+                target=wait_for_identity, name="trustmesh-bundle-wait", daemon=True
+            ).start()
         if stop is not None:
 
             def watch() -> None:
@@ -75,4 +96,6 @@ class BundleFollower:
 
     def stop(self) -> None:
         """Stop following the feed."""
+        if self._stopped is not None:
+            self._stopped.set()
         self.feed.stop()

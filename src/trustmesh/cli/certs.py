@@ -431,8 +431,9 @@ def crl_command(
         return
     data = pem_crls(crls) if pem else crls[0].public_bytes(serialization.Encoding.DER)
     atomic_write(out, data)
+    roots = {r.subject for r in ca.bundle}  # every published root, old and new
     described = ", ".join(
-        f"{'root' if c.issuer == ca.root.subject else 'intermediate'} CRL number "
+        f"{'root' if c.issuer in roots else 'intermediate'} CRL number "
         f"{c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number} "
         f"({len(c)} entries)"
         for c in crls

@@ -390,6 +390,30 @@ class CAClient(_Base):
         """
         return self._request("GET", "/v1/bundle", "bundle").content
 
+    def intermediates(self) -> list[x509.Certificate]:
+        """Return every intermediate (and cross certificate) the CA publishes.
+
+        During a rotation these include the other intermediate, whose CRL
+        ``crl_chain()`` also returns.
+
+        .. versionadded:: 0.3
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA answered with an error, or not with PEM certificates.
+        """
+        response = self._request(
+            "GET", "/v1/bundle", "intermediates", params={"format": "intermediates"}
+        )
+        try:
+            return x509.load_pem_x509_certificates(response.content)
+        except ValueError:
+            raise APIError(
+                "The CA's published intermediates are not PEM certificates; check the "
+                "CA's version.",
+                status=response.status_code,
+            ) from None
+
     def enroll(
         self, token: str, csr_pem: bytes | str, *, ttl: str | timedelta | None = None
     ) -> EnrollResult:

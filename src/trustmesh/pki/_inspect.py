@@ -715,8 +715,9 @@ def crl_revocation_check(
         if not any(_crl_signed_by(crl, c) for c in issuers):
             raise PKIError(
                 f"The CRL of {crl.issuer.rfc4514_string()} is not signed by any CA "
-                f"certificate in the chain or the bundle: pass the CRL of the CA that "
-                f"issued the certificate.",
+                f"certificate in the input or the bundle: inspect the chain (chain.pem, "
+                f"which holds the intermediate) rather than cert.pem, or pass the CRL of "
+                f"the CA that issued the certificate.",
                 issuer=crl.issuer.rfc4514_string(),
             )
 

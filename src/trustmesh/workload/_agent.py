@@ -30,7 +30,7 @@ from cryptography import x509
 from trustmesh.agent import Agent, new_key_and_csr, next_renewal
 from trustmesh.client import CAClient
 from trustmesh.errors import APIError, ClientError, ConfigError, TrustmeshError, VerificationError
-from trustmesh.pki import KeyType, SpiffeID, spiffe_id_of, verify_chain
+from trustmesh.pki import KeyType, SpiffeID, spiffe_id_of, verify_ca_certificate, verify_chain
 from trustmesh.tls import BundleUpdate, RevocationSet
 from trustmesh.tokens import jwt_svid_keys
 
@@ -238,6 +238,10 @@ class WorkloadAgent:
         issuers = list(roots) + self._node_intermediates()
         for svid in self._svids.values():
             issuers.extend(svid.chain[1:])
+        crls = [x509.load_der_x509_crl(der) for der in ders]
+        if not all(any(_signed_by(crl, i) for i in issuers) for crl in crls):
+            # During a CA rotation the chain CRLs include the other intermediate's.
+            issuers += self._published_intermediates(client, roots)
         checked = []
         for der in ders:
             crl = x509.load_der_x509_crl(der)
@@ -249,6 +253,24 @@ class WorkloadAgent:
                 )
             checked.append(der)
         return tuple(checked)
+
+    def _published_intermediates(
+        self, client: CAClient, roots: list[x509.Certificate]
+    ) -> list[x509.Certificate]:
+        """The CA's published intermediates that chain to ``roots`` (none on failure)."""
+        try:
+            published = client.intermediates()
+        except TrustmeshError:
+            return []
+        now = datetime.now(UTC)
+        good = []
+        for cert in published:
+            try:
+                verify_ca_certificate(cert, published, roots, now=now)
+            except TrustmeshError:
+                continue
+            good.append(cert)
+        return good
 
     def _node_intermediates(self) -> list[x509.Certificate]:
         try:
