@@ -58,7 +58,7 @@ STRANGER_ID = "spiffe://example.org/svc/stranger"  # a valid SVID the policy doe
 ORDERS_ID = "spiffe://example.org/svc/orders"  # the outbound listener's upstream
 TRUST_DOMAIN_ID = "spiffe://example.org"
 #: Envoy's SVIDs live this long: renewed (at ~2/3) every few seconds under traffic.
-WEB_TTL = timedelta(seconds=6)
+WEB_TTL = timedelta(seconds=4)
 #: The documented values the test replaces with this run's.
 DOC_VALUES = {
     "/run/trustmesh/agent.sock": "socket",
@@ -309,8 +309,9 @@ def test_foreign_ca_client_fails_the_handshake(stack: Stack, tmp_path: Path) -> 
 
 
 def test_renewal_is_pushed_to_envoy_under_traffic_without_failures(stack: Stack) -> None:
-    """Envoy's 6 s SVID is renewed by the agent and pushed over SDS; Envoy serves each new
-    certificate on new connections without a restart while traffic loses no request."""
+    """Envoy's 4 s SVID is renewed by the agent every ~2.5 s and pushed over SDS: 10
+    rotations within 30 s of traffic, each served by Envoy on new connections without a
+    restart, and no request lost."""
     failures: list[str] = []
     done = threading.Event()
     count = 0
@@ -334,7 +335,7 @@ def test_renewal_is_pushed_to_envoy_under_traffic_without_failures(stack: Stack)
     client = SVIDClient(stack.good, stack.bundle)
     started = time.monotonic()
     try:
-        while time.monotonic() - started < 20 and len(set(serials)) < 3:
+        while time.monotonic() - started < 30 and len(set(serials)) < 11:
             status, _, served = client.call(stack.inbound)
             assert status == 200
             if not serials or serials[-1] != served:
@@ -345,7 +346,8 @@ def test_renewal_is_pushed_to_envoy_under_traffic_without_failures(stack: Stack)
         for worker in workers:
             worker.join(30)
     assert stack.envoy.poll() is None  # the same Envoy process throughout
-    assert len(set(serials)) >= 3, f"Envoy served only {serials} in 20 s"
+    took = time.monotonic() - started
+    assert len(set(serials)) >= 11, f"Envoy served {len(set(serials))} SVIDs in {took:.0f} s"
     assert failures == [], f"{len(failures)} of {count} requests failed: {failures[:5]}"
     assert count > 20
 
