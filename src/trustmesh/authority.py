@@ -1817,8 +1817,9 @@ class CertificateAuthority:
             raise ConfigError(
                 f"No valid root-signed CRL in {self.home / ROOT_CRL_NAME} and the root key "
                 f"cannot be used to sign one ({why}): sign one where the root key is "
-                f"('trustmesh ca root sign-crl' for an offline root) and run 'trustmesh ca "
-                f"root import-crl FILE' here.",
+                f"('trustmesh crl --root' with this CA's home, or 'trustmesh ca root "
+                f"sign-crl' for an offline root) and run 'trustmesh ca root import-crl FILE' "
+                f"here.",
                 path=str(self.home / ROOT_CRL_NAME),
             ) from None
         crl = _sign_root_crl(
