@@ -101,7 +101,7 @@ from cryptography import x509
 import trustmesh.authority as authority
 from trustmesh.authority import CertificateAuthority
 from trustmesh.ca_server._app import _issued_json
-from trustmesh.ca_server._serve import issue_server_identity
+from trustmesh.ca_server._serve import CA_SERVER_PATH, issue_server_identity
 from trustmesh.pki import spiffe_id_of, verify_chain
 
 P99_TARGET = 0.050
@@ -649,7 +649,7 @@ def fresh_ca(
         bundle = init_home(home, url)
         with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
             idents = [
-                write_identity(ca, caller_id(i), home / "callers" / str(i))
+                write_identity(ca, caller_id(i), home / "callers" / str(i), dns=[caller_dns(i)])
                 for i in range(len(bodies))
             ]
             before = ca.store.count_certificates()
@@ -661,6 +661,11 @@ def fresh_ca(
 
 def caller_id(i: int) -> str:
     return f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/caller-{i}"
+
+
+def caller_dns(i: int) -> str:
+    """The DNS SAN of caller ``i``: in its identity, so its renewals may keep it."""
+    return f"caller-{i}.bench.svc"
 
 
 def check_run(run: FreshCA, answered: int, sample: bytes) -> int:
@@ -690,10 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
         csrs = [
-            [
-                csr_pem(caller_id(i), dns=[f"caller-{i}.bench.svc"])
-                for _ in range(args.csrs_per_caller)
-            ]
+            [csr_pem(caller_id(i), dns=[caller_dns(i)]) for _ in range(args.csrs_per_caller)]
             for i in range(args.callers)
         ]
         tm_bodies = [tuple(json.dumps({"csr": c}).encode() for c in cs) for cs in csrs]
@@ -704,10 +706,12 @@ def main(argv: list[str] | None = None) -> int:
         setup_bundle = init_home(tmp / "setup", None)
         with CertificateAuthority.open(tmp / "setup", passphrase=PASSPHRASE) as ca:
             cf_idents = [
-                write_identity(ca, caller_id(i), tmp / "setup" / "callers" / str(i))
+                write_identity(
+                    ca, caller_id(i), tmp / "setup" / "callers" / str(i), dns=[caller_dns(i)]
+                )
                 for i in range(args.callers)
             ]
-            srv_chain, srv_key = issue_server_identity(ca, HOST, tmp / "setup")
+            srv_chain, srv_key = issue_server_identity(ca, HOST, tmp / "setup", path=CA_SERVER_PATH)
         cf_callers = [
             CallerSpec(str(d.chain), str(d.key), b)
             for d, b in zip(cf_idents, cf_bodies, strict=True)
