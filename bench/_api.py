@@ -150,11 +150,22 @@ class Server:
 
 @contextlib.contextmanager
 def ca_serve(
-    home: Path, bundle: Path, log_file: Path, *, admins: Sequence[str] = (ADMIN,)
+    home: Path,
+    bundle: Path,
+    log_file: Path,
+    *,
+    admins: Sequence[str] = (ADMIN,),
+    workers: int = 1,
 ) -> Iterator[Server]:
-    """Run ``python -m trustmesh ca serve`` on a free 127.0.0.1 port until the block ends."""
+    """Run ``python -m trustmesh ca serve`` on a free 127.0.0.1 port until the block ends.
+
+    ``workers`` > 1 passes ``--workers``; the yielded pid is then the supervisor's, and
+    :class:`CPUMeter` counts its children (the workers) too.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "trustmesh", "ca", "serve", "--listen", f"{HOST}:{port}"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     for admin in admins:
         cmd += ["--admin", admin]
     cmd += ["--log-level", "warning"]

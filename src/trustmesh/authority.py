@@ -15,6 +15,8 @@ import logging
 import os
 import secrets
 import socket
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +31,7 @@ from trustmesh.audit import AuditEvent, AuditReport
 from trustmesh.audit import verify_chain as verify_audit_chain
 from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import (
+    CertificateRevokedError,
     ConfigError,
     ConflictError,
     CSRError,
@@ -103,6 +106,48 @@ DEFAULT_TOKEN_TTL = timedelta(minutes=15)
 MAX_TOKEN_TTL = timedelta(days=7)
 
 log = logging.getLogger("trustmesh.authority")
+
+#: How many callers' verified chains :meth:`CertificateAuthority.verify_caller` keeps.
+CHAIN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _VerifiedChain:
+    """A client certificate whose chain verified, and what that verification relied on."""
+
+    spiffe_id: SpiffeID
+    valid_from: datetime  # the latest notBefore along the chain
+    valid_until: datetime  # the earliest notAfter along the chain
+    intermediate: x509.Certificate
+    roots: tuple[x509.Certificate, ...]
+
+
+class _ChainCache:
+    """Verified client chains by certificate (hashed and compared by DER), LRU-bounded.
+
+    Only the signatures, EKU and SPIFFE ID checks are remembered; the time window is
+    re-checked and the revocation status looked up on every use, and an entry counts
+    only for the CA certificates it was verified against (a rotation misses).
+    """
+
+    def __init__(self, size: int = CHAIN_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[x509.Certificate, _VerifiedChain] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cert: x509.Certificate) -> _VerifiedChain | None:
+        with self._lock:
+            entry = self._entries.get(cert)
+            if entry is not None:
+                self._entries.move_to_end(cert)
+            return entry
+
+    def put(self, cert: x509.Certificate, entry: _VerifiedChain) -> None:
+        with self._lock:
+            self._entries[cert] = entry
+            self._entries.move_to_end(cert)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
 
 def _root_crl_urls(crl_urls: Sequence[str]) -> tuple[str, ...]:
@@ -193,6 +238,7 @@ class CertificateAuthority:
         self._passphrase = passphrase
         self._key: PrivateKey | None = None
         self._root_crl: x509.CertificateRevocationList | None = None
+        self._chains = _ChainCache()
         self.root = self._load_cert("root.pem")
         self.intermediate = self._load_cert("intermediate.pem")
         ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -754,15 +800,7 @@ class CertificateAuthority:
             CSRError: The CSR reuses the current key (unless allowed) or is bad.
         """
         start = _now(now)
-        spiffe_id = verify_chain(
-            current,
-            [self.intermediate],
-            list(self.bundle),
-            usage="client",
-            now=start,
-            is_revoked=self.is_revoked,
-        )
-        old = self.store.get_certificate(_serial_hex(current.serial_number))
+        spiffe_id, old = self.verify_caller(current, now=start)
         profile = self.config.profile(old.profile if old.profile in self.config.profiles else None)
         request = check_csr(csr, profile, source="the renewal CSR")
         if request.spiffe_id != spiffe_id:
@@ -804,11 +842,59 @@ class CertificateAuthority:
         """
         if cert == self.intermediate or cert in self.bundle:
             return False
-        try:
-            record = self.store.get_certificate(_serial_hex(cert.serial_number))
-        except NotFoundError:
-            return True  # signed by our key but not recorded: fail closed
-        return record.revoked_at is not None
+        record = self.store.lookup_certificate(_serial_hex(cert.serial_number))
+        # Signed by our key but not recorded: fail closed.
+        return record is None or record.revoked_at is not None
+
+    def verify_caller(
+        self, cert: x509.Certificate, *, now: datetime | None = None
+    ) -> tuple[SpiffeID, CertificateRecord]:
+        """Verify a client certificate of this CA and return its SPIFFE ID and record.
+
+        What :func:`~trustmesh.pki.verify_chain` checks with :meth:`is_revoked`, for
+        the price of one lookup once the chain is known: the chain verification
+        (signatures, CA flags, EKU, SPIFFE ID) is remembered per certificate (by DER),
+        for the CA certificates it was verified against; the validity period is
+        checked on every call, and the revocation status is read from the store on
+        every call (never cached).
+
+        Raises:
+            CertificateExpiredError: Outside its (or its chain's) validity period.
+            CertificateRevokedError: Revoked, or never recorded by this CA.
+            VerificationError: Any other chain failure.
+
+        .. versionadded:: 0.3
+        """
+        when = _now(now)
+        entry = self._chains.get(cert)
+        roots = self.bundle
+        if (
+            entry is None
+            or entry.intermediate is not self.intermediate
+            or entry.roots != roots
+            or not entry.valid_from <= when <= entry.valid_until
+        ):
+            # The leaf's revocation is looked up below; this CA's own certificates are
+            # never revoked in its table (is_revoked says False for them).
+            spiffe_id = verify_chain(
+                cert, [self.intermediate], list(roots), usage="client", now=when
+            )
+            chain = (cert, self.intermediate, *roots)
+            entry = _VerifiedChain(
+                spiffe_id,
+                valid_from=max(c.not_valid_before_utc for c in chain),
+                valid_until=min(c.not_valid_after_utc for c in chain),
+                intermediate=self.intermediate,
+                roots=roots,
+            )
+            self._chains.put(cert, entry)
+        serial = _serial_hex(cert.serial_number)
+        record = self.store.lookup_certificate(serial)
+        if record is None or record.revoked_at is not None:
+            raise CertificateRevokedError(
+                f"Certificate {serial} ({entry.spiffe_id}) was revoked.", reason="revoked"
+            )
+        return entry.spiffe_id, record
 
     # -- revocation -----------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config
@@ -62,6 +62,7 @@ class _HotSQL:
     next_counter: str
     audit_hash: str
     insert_audit: str
+    select_certificate: str
 
     def for_postgresql(self) -> _HotSQL:
         """psycopg placeholders; a duplicate serial returns no row instead of aborting
@@ -73,6 +74,7 @@ class _HotSQL:
             next_counter=self.next_counter.replace("?", "%s"),
             audit_hash=self.audit_hash.replace("?", "%s"),
             insert_audit=self.insert_audit.replace("?", "%s"),
+            select_certificate=self.select_certificate.replace("?", "%s"),
         )
 
 
@@ -87,6 +89,12 @@ _SQLITE_SQL = _HotSQL(
     insert_audit=(
         "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    # What get_certificate selects (ix_certificates_serial), in _CERTIFICATE_COLUMNS order.
+    select_certificate=(
+        "SELECT issuer, serial, spiffe_id, dns, ips, profile, key_type, fingerprint, "
+        "not_before, not_after, issued_at, pem, revoked_at, revocation_reason, "
+        "allowed_dns, allowed_ips FROM certificates WHERE serial = ? ORDER BY id DESC LIMIT 1"
     ),
 )
 _HOT_SQL = {"sqlite": _SQLITE_SQL, "postgresql": _SQLITE_SQL.for_postgresql()}
@@ -235,6 +243,27 @@ def _certificate_filters(
     if valid_at is not None:
         clauses.append(certificates.c.not_after >= _ts(valid_at))
     return clauses
+
+
+class _CertificateRow(NamedTuple):
+    """The columns of :attr:`_HotSQL.select_certificate`, by name (as a Core row has)."""
+
+    issuer: str
+    serial: str
+    spiffe_id: str
+    dns: str
+    ips: str
+    profile: str
+    key_type: str
+    fingerprint: str
+    not_before: int
+    not_after: int
+    issued_at: int
+    pem: str
+    revoked_at: int | None
+    revocation_reason: str | None
+    allowed_dns: str
+    allowed_ips: str
 
 
 def _record(row: Any) -> CertificateRecord:
@@ -418,6 +447,41 @@ class Store:
                 serial=serial,
             )
         return _record(row)
+
+    def lookup_certificate(self, serial: str) -> CertificateRecord | None:
+        """Return the certificate with this serial (newest first), or None: what
+        :meth:`get_certificate` returns, on the driver's cursor of a pooled connection.
+
+        The hot path of every mTLS request (the caller's revocation status, the
+        renewed record): a Core SELECT through ``Connection.execute`` costs several
+        times the lookup itself (bench/RESULTS.md, issue 18). Outside any transaction:
+        it never takes SQLite's write lock.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        sql = _HOT_SQL[self.dialect].select_certificate
+        try:
+            dbapi_conn = self.engine.raw_connection()
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
+            ) from exc
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute(sql, (serial.lower().lstrip("0"),))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            if self.dialect == "postgresql":
+                dbapi_conn.commit()  # end the read's transaction here, not at check-in
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            dbapi_conn.invalidate(exc)
+            raise StoreError(f"The database at {self.url} failed: {exc}") from exc
+        finally:
+            dbapi_conn.close()
+        return None if row is None else _record(_CertificateRow._make(row))
 
     def find_certificates(
         self,
