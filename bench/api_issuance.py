@@ -954,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stages" in extras:
             print(
                 f"\nwhere a renewal's time goes (in-process on round 1's CA after its run, single "
-                f"thread, {args.breakdown} renewals, us/cert; wall time):"
+                f"thread, {args.breakdown} renewals, us of CPU per cert):"
             )
             for label, us in extras["stages"].items():
                 print(f"    {label:58s} {us:7.0f}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import anyio.to_thread
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -70,6 +71,9 @@ __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
 log = logging.getLogger("trustmesh.ca_server")
 
+#: Worker threads of the API (blocking work: the database, signing); the store's pool
+#: keeps as many connections (trustmesh.store._store.POOL_SIZE).
+THREADS = 16
 #: Request bodies larger than this are refused with 413.
 MAX_BODY = 64 * 1024
 #: A request body must arrive within this many seconds (slow senders get 408).
@@ -715,6 +719,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # As many threads as the store pools connections (anyio's default is 40): on
+        # two cores more threads only queue for the GIL and open pool overflow.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         await hub.start()
         try:
             yield
