@@ -78,7 +78,6 @@ THREADS = 16
 MAX_BODY = 64 * 1024
 #: A request body must arrive within this many seconds (slow senders get 408).
 BODY_TIMEOUT = 10.0
-PEM = serialization.Encoding.PEM
 
 
 @dataclass
@@ -139,15 +138,22 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     return jwk
 
 
+@functools.lru_cache(maxsize=16)
+def _ca_pem(certs: tuple[x509.Certificate, ...]) -> str:
+    # The intermediate and the bundle are the same in every answer: encoded once.
+    return pem_certificates(certs).decode()
+
+
 def _issued_json(issued: Issued) -> dict[str, Any]:
     record = issued.record
+    leaf = record.pem  # the record holds the leaf's PEM already
     return {
         "spiffe_id": record.spiffe_id,
         "serial": record.serial,
         "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "certificate": issued.certificate.public_bytes(PEM).decode(),
-        "chain": pem_certificates(issued.chain).decode(),
-        "bundle": pem_certificates(issued.bundle).decode(),
+        "certificate": leaf,
+        "chain": leaf + _ca_pem(tuple(issued.chain[1:])),
+        "bundle": _ca_pem(tuple(issued.bundle)),
     }
 
 
