@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -543,7 +544,32 @@ class CertificateAuthority:
                 ocsp_urls=self.config.ocsp_urls,
                 backdate=self.config.backdate,
             )
+
+            def details(record: CertificateRecord) -> dict[str, Any]:
+                return {
+                    "spiffe_id": record.spiffe_id,
+                    "profile": profile.name,
+                    "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "fingerprint": record.fingerprint,
+                    "dns": list(record.dns),
+                    "ips": list(record.ips),
+                    **(extra or {}),
+                }
+
             try:
+                if within is None and deliver is None:
+                    # Nothing else in the transaction (renewals): group-committed with
+                    # the other threads' records; returns once its own is durable.
+                    record = self._record_for(cert, request, profile, allowance or SANAllowance())
+                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
+                    self.store.record_issued(
+                        record,
+                        at=start,
+                        actor=actor or default_actor(),
+                        action=action,
+                        details=details(record),
+                    )
+                    return issued
                 with self.store.transaction() as conn:
                     granted = within(conn) if within is not None else None
                     record = self._record_for(
@@ -557,15 +583,7 @@ class CertificateAuthority:
                         actor=actor or default_actor(),
                         action=action,
                         subject=record.serial,
-                        details={
-                            "spiffe_id": record.spiffe_id,
-                            "profile": profile.name,
-                            "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                            "fingerprint": record.fingerprint,
-                            "dns": list(record.dns),
-                            "ips": list(record.ips),
-                            **(extra or {}),
-                        },
+                        details=details(record),
                     )
                     if deliver is not None:
                         deliver(issued)

@@ -317,6 +317,21 @@ def _migration_config(connection: Connection) -> Config:
     return cfg
 
 
+#: At most this many records go into one group commit.
+_MAX_GROUP = 64
+
+
+@dataclass
+class _Pending:
+    """One record waiting for a group commit, and what became of it."""
+
+    record: CertificateRecord
+    audit: dict[str, Any]
+    done: bool = False
+    event: AuditEvent | None = None
+    error: BaseException | None = None
+
+
 class _Depth(threading.local):
     """Whether this thread is inside a write transaction already (nested: no relock)."""
 
@@ -346,6 +361,9 @@ class Store:
         # stay for writers that do not take it.
         self._write_lock = threading.Lock()
         self._write_depth = _Depth()
+        self._group = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._leading = False
         database = engine.url.database if self.dialect == "sqlite" else None
         self._lock_path = f"{database}.writelock" if database and database != ":memory:" else None
         self._lock_fd: int | None = None
@@ -638,6 +656,85 @@ class Store:
         )
         with self._connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+    def record_issued(
+        self,
+        record: CertificateRecord,
+        *,
+        at: datetime,
+        actor: str,
+        action: str,
+        details: dict[str, Any],
+    ) -> AuditEvent:
+        """Insert a certificate record and its audit event (subject: the serial), durably,
+        committed together with the other threads' records that arrive meanwhile.
+
+        Group commit: the first thread in leads, taking every record waiting, in one
+        transaction; threads arriving while it commits wait, and the first of them leads
+        the next. Each caller returns only after the transaction holding its own record
+        and event has committed. The events are appended to the hash chain in the order
+        they are written, under the same lock as every other write (one chain across
+        processes). A transaction that fails is retried one record at a time, so one bad
+        record (a duplicate serial) fails only its own caller.
+
+        Raises:
+            ConflictError: The issuer already has this serial.
+            StoreError: The database failed.
+
+        .. versionadded:: 0.3
+        """
+        item = _Pending(record, {"at": at, "actor": actor, "action": action, "details": details})
+        with self._group:
+            self._waiting.append(item)
+            while not item.done:
+                if self._leading:
+                    self._group.wait()
+                    continue
+                self._leading = True
+                batch, self._waiting = self._waiting[:_MAX_GROUP], self._waiting[_MAX_GROUP:]
+                self._group.release()
+                try:
+                    self._commit_group(batch)
+                finally:
+                    self._group.acquire()
+                    self._leading = False
+                    self._group.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.event is not None  # noqa: S101 - set with done when error is None
+        return item.event
+
+    def _commit_group(self, batch: list[_Pending]) -> None:
+        """Commit ``batch`` in one transaction, or each alone if that fails; mark all done."""
+        try:
+            try:
+                events = self._write_group(batch)
+            except (ConflictError, StoreError):
+                if len(batch) == 1:
+                    raise
+                for item in batch:
+                    self._commit_group([item])
+                return
+            for item, event in zip(batch, events, strict=True):
+                item.event = event
+        except BaseException as exc:  # every waiter must hear, whatever happened
+            for item in batch:
+                if not item.done:
+                    item.error = exc
+                    item.done = True
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for item in batch:
+            item.done = True
+
+    def _write_group(self, batch: list[_Pending]) -> list[AuditEvent]:
+        with self.transaction() as conn:
+            events = []
+            for item in batch:
+                self.add_certificate(conn, item.record)
+                events.append(self.append_audit(conn, subject=item.record.serial, **item.audit))
+            return events
 
     # -- audit ----------------------------------------------------------------------
 
