@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -206,7 +206,7 @@ def pg_module_url() -> Iterator[str]:
     engine.dispose()
 
 
-def _start(tmp: Path, db_url: str | None) -> Iterator[Served]:
+def _start(tmp: Path, db_url: str | None) -> Generator[Served, None, None]:
     home = tmp / "home"
     CertificateAuthority.init(
         home,

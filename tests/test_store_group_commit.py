@@ -39,7 +39,7 @@ def _record(serial: str) -> CertificateRecord:
     )
 
 
-def _grouped(store: Store, records: list[CertificateRecord]) -> list[object]:
+def _grouped(store: Store, records: list[CertificateRecord]) -> tuple[list[object], list[int]]:
     """Call record_issued from one thread per record, all queued behind one leader."""
     results: list[object] = [None] * len(records)
     batches: list[int] = []
@@ -78,8 +78,7 @@ def _grouped(store: Store, records: list[CertificateRecord]) -> list[object]:
     for thread in threads:
         thread.join(10)
     store._write_group = original  # type: ignore[method-assign]
-    results.append(batches)
-    return results
+    return results, batches
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -101,7 +100,7 @@ def test_waiting_records_commit_in_one_transaction(authority: CertificateAuthori
     chain holds their ten events in order."""
     store = authority.store
     records = [_record(f"a{i:02x}") for i in range(10)]
-    *results, batches = _grouped(store, records)
+    results, batches = _grouped(store, records)
     assert batches == [10]
     seqs = sorted(r.seq for r in results)  # type: ignore[attr-defined]
     assert seqs == list(range(seqs[0], seqs[0] + 10))  # one run of the chain
@@ -119,11 +118,12 @@ def test_one_duplicate_fails_alone(authority: CertificateAuthority) -> None:
         store.add_certificate(conn, taken)
     records = [_record(f"b{i:02x}") for i in range(5)]
     records.insert(2, dataclasses.replace(taken, spiffe_id="spiffe://example.org/g/other"))
-    *results, batches = _grouped(store, records)
+    results, batches = _grouped(store, records)
     assert batches[0] == 6
     assert batches[1:] == [1] * 6
-    assert isinstance(results[2], ConflictError)
-    assert results[2].details["reason"] == "duplicate_serial"
+    refused = results[2]
+    assert isinstance(refused, ConflictError)
+    assert refused.details["reason"] == "duplicate_serial"
     assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 2)
     for i, record in enumerate(records):
         found = store.lookup_certificate(record.serial)

@@ -181,7 +181,11 @@ class _Supervisor:
             try:
                 for signum in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(signum, signal.SIG_DFL)
-                self.body(index, lambda: os.write(ready_fd, b"."))
+
+                def started() -> None:
+                    os.write(ready_fd, b".")
+
+                self.body(index, started)
                 code = 0
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
