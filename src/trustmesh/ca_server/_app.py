@@ -19,9 +19,10 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from cryptography import x509
@@ -40,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
@@ -296,6 +298,40 @@ _KNOWN_ROUTES = {
 }
 
 
+_T = TypeVar("_T")
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class _CAApp(Starlette):
+    """Starlette, with the hottest routes (renewal) dispatched straight to their
+    endpoint: the middleware stack and the router cost more than the endpoint's own
+    HTTP work (bench/RESULTS.md, issue 18). The endpoint still answers every refusal
+    itself (``guarded``); anything else it raises becomes a generic 500 here, with
+    the cause in the log, as ServerErrorMiddleware would.
+    """
+
+    def __init__(self, direct: dict[tuple[str, str], _Endpoint], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = (
+            self.direct.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+        )
+        if endpoint is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = problem(
+                500, "Internal server error", "The CA failed on this request; see its log."
+            )
+        await response(scope, receive, send)
+
+
 def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> TimedApp:
     """Build the ASGI app for an open CA (its signing key unlocked).
 
@@ -308,6 +344,13 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
+    # The hot routes' blocking work (renew, enroll, the caller check) hops to these
+    # threads: a plain executor hop costs a fraction of anyio's run_sync, which
+    # was the largest single item of a renewal's CPU (bench/RESULTS.md, issue 18).
+    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="ca-api")
+
+    async def offload(fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -326,7 +369,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         cert = peer(request)
         # The chain is verified once per certificate; its revocation status is looked
         # up on every request (a database read: off the loop).
-        spiffe_id, _ = await run_in_threadpool(ca.verify_caller, cert)
+        spiffe_id, _ = await offload(lambda: ca.verify_caller(cert))
         return cert, spiffe_id
 
     def ttl_field(data: dict[str, Any]) -> timedelta | None:
@@ -524,7 +567,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                     reason="rate_limited",
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
-            issued = await run_in_threadpool(
+            issued = await offload(
                 lambda: ca.enroll(
                     data["token"],
                     data["csr"].encode(),
@@ -554,9 +597,8 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             data = await _json_body(request, "csr", timeout=opts.body_timeout)
             if isinstance(data, Response):
                 return data
-            issued = await run_in_threadpool(
-                lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl_field(data))
-            )
+            ttl = ttl_field(data)
+            issued = await offload(lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl))
             metrics.issued.labels(kind="renew").inc()
             log.info(
                 "renewed %s serial %s",
@@ -733,8 +775,10 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             yield
         finally:
             await hub.stop()
+            pool.shutdown(wait=False)
 
-    app = Starlette(
+    app = _CAApp(
+        {("POST", "/v1/renew"): renew},
         lifespan=lifespan,
         routes=[
             Route("/healthz", healthz),
