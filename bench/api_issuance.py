@@ -102,7 +102,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import trustmesh.authority as authority
 from trustmesh.authority import CertificateAuthority
-from trustmesh.ca_server._app import _issued_json, _load_peer
+from trustmesh.ca_server._app import _issued_json
+
+try:
+    from trustmesh.ca_server._app import _load_peer
+except ImportError:  # code before issue 18 (the "before" rows): parsed per request
+
+    def _load_peer(pem: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(pem.encode())
 from trustmesh.ca_server._serve import CA_SERVER_PATH, issue_server_identity
 from trustmesh.pki import spiffe_id_of, verify_chain
 
