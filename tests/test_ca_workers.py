@@ -465,3 +465,14 @@ def test_verify_caller_caches_the_chain_not_the_status(ca: CertificateAuthority)
     renewed = ca._chains.get(other)
     assert renewed is not None
     assert renewed.intermediate is ca.intermediate
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_bad_workers_value_is_a_usage_error(
+    value: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`--workers` outside 1..64 exits 2 naming the option, before anything starts."""
+    from trustmesh.cli import main
+
+    assert main(["ca", "serve", "--home", str(tmp_path), "--workers", value]) == 2
+    assert "Invalid value for '--workers'" in capsys.readouterr().err

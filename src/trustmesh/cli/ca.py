@@ -230,7 +230,8 @@ def show_command(home: Path | None, as_json: bool) -> None:
     type=click.IntRange(min=1, max=64),
     default=1,
     show_default=True,
-    help="Worker processes serving the API (about one per core; see docs/operations.md). "
+    help="Worker processes serving the API (one per core the server has to itself; see "
+    "docs/operations.md). "
     "They share the port, the store and the audit chain; the enrollment limits are "
     "split between them.",
 )
