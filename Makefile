@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-revocation clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-envoy bench-revocation bench-workload clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,7 +74,16 @@ bench-gateway: $(STAMP)
 bench-sidecar: $(STAMP)
 	$(BIN)/python bench/sidecar.py $(BENCH_ARGS)
 
+# Envoy on trustmesh SDS vs HAProxy vs trustmesh proxy inbound --http (issue #16).
+bench-envoy: $(STAMP)
+	$(BIN)/python bench/envoy_sds.py $(BENCH_ARGS)
+
 # Revocation at nginx, HAProxy and Node.js (issue #15): revoke -> refused, p50/p99 over 30,
 # beside `trustmesh run` following the feed. Needs: apt-get install -y nginx-light haproxy socat nodejs.
 bench-revocation: $(STAMP)
 	$(BIN)/python bench/revocation_peers.py $(BENCH_ARGS)
+
+# SPIFFE Workload API (issue #16): FetchX509SVID p50/p99 and SVIDs/s (sequential, new
+# connection each, concurrent) beside a reflection round trip and reading the identity files.
+bench-workload: $(STAMP)
+	$(BIN)/python bench/workload_api.py $(BENCH_ARGS)

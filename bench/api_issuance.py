@@ -110,6 +110,8 @@ except ImportError:  # code before issue 18 (the "before" rows): parsed per requ
 
     def _load_peer(pem: str) -> x509.Certificate:
         return x509.load_pem_x509_certificate(pem.encode())
+
+
 from trustmesh.ca_server._serve import CA_SERVER_PATH, issue_server_identity
 from trustmesh.pki import spiffe_id_of, verify_chain
 

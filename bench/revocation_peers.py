@@ -3,17 +3,18 @@ its next new connection at nginx, HAProxy and a Node.js `https` server (and the 
 `HttpsServer` with --java), beside the same figure for a `trustmesh run` service that
 follows the revocation feed, measured in the same run (the baseline).
 
-Setup (untimed): a fresh ec-p256 CA under `ca serve`; the servers from
-tests/_peers_servers.py (the configs docs/runtimes shows), each with its own identity
-(DNS localhost, IP 127.0.0.1) and chain CRL; a `trustmesh run` whoami service with
-`--ca` (feed subscriber); one client identity per revocation and server.
+Setup (untimed): a fresh ec-p256 CA under `ca serve --ocsp-listen`; the servers from
+tests/_peers_servers.py (the configs docs/runtimes shows), each with its identity (DNS
+localhost, IP 127.0.0.1) and chain CRL file from a running `trustmesh agent` (--ttl 1h:
+no renewal during the run); a `trustmesh run` whoami service with `--ca` (feed
+subscriber); one client identity (`agent --once`) per revocation and server.
 
 Per revocation and server: the client is accepted once; the clock starts; `trustmesh
-revoke SERIAL` (the CLI on the CA home); for the CRL servers the chain CRL is written
-and the server's hook runs (nginx: `nginx -s reload`; HAProxy: the runtime API via
-haproxy-update.sh; Node, Java: they watch the file); then the client opens a new
-connection every 20 ms until refused (bounded by --timeout). The clock stops at the
-first refusal. For `trustmesh run` nothing is written: the feed carries it.
+revoke SERIAL` (the CLI on the CA home); nothing else is done: each server's agent
+rewrites its --crl file from the revocation feed and runs its hook (nginx: --on-crl
+`nginx -s reload`; HAProxy: --haproxy-socket, the runtime API; Node, Java: they watch the
+file); the client opens a new connection every 20 ms until refused (bounded by
+--timeout). The clock stops at the first refusal. For `trustmesh run` the feed carries it.
 
 Figures: p50 and p99 per server over --revocations (30) revocations, and the ratio of
 the p50 to the feed baseline's p50. The machine is small and shared: read medians.
@@ -41,13 +42,12 @@ sys.path.insert(0, str(REPO))
 from _common import print_machine  # noqa: E402
 from tests._peers_servers import (  # noqa: E402
     Client,
-    Mesh,
     PeerServer,
+    mesh,
     peer_servers,
     wait_until,
 )
 from tests._runtimes import running_service  # noqa: E402
-from tests._server import new_ca_server  # noqa: E402
 from tests.conftest import PASSPHRASE  # noqa: E402
 
 
@@ -69,9 +69,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         os.environ["TRUSTMESH_HOME"] = str(work / "unused-home")
-        with new_ca_server(work / "ca") as server:
-            mesh = Mesh(server, work / "ca")
-            with peer_servers(mesh, work / "peers") as started:
+        (work / "ca").mkdir()
+        with mesh(work / "ca") as ca:
+            server = ca.server
+            with peer_servers(ca, work / "peers", ttl="1h") as started:
                 servers = [
                     s
                     for s in started.values()
@@ -85,7 +86,7 @@ def main() -> int:
                 service_dir = work / "run"
                 service_dir.mkdir()
                 svc_id = "spiffe://example.org/bench/whoami"
-                mesh.issue(svc_id, service_dir / "certs", dns=("localhost",), ips=("127.0.0.1",))
+                ca.enroll(svc_id, service_dir / "certs", "--dns", "localhost", "--ip", "127.0.0.1")
                 with running_service(
                     service_dir,
                     *("--cert-dir", str(service_dir / "certs"), "--no-policy"),
@@ -96,7 +97,7 @@ def main() -> int:
                     for i in range(args.revocations):
                         for target in [*servers, None]:
                             name = "run (feed)" if target is None else target.kind
-                            ident = mesh.issue(
+                            ident = ca.enroll(
                                 f"spiffe://example.org/bench/c{i}-{name.split()[0]}",
                                 work / "clients" / f"{i}-{name.split()[0]}",
                             )
@@ -119,10 +120,7 @@ def main() -> int:
 
                             assert not refused(), f"{name} refused a good client"
                             start = time.monotonic()
-                            mesh.revoke(ident)
-                            if target is not None:
-                                mesh.write_chain_crl(target.crl)
-                                target.run_reload()
+                            ca.revoke(ident)
                             took = wait_until(refused, args.timeout, step=0.02)
                             if took is None:
                                 timeouts[name] += 1

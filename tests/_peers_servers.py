@@ -4,15 +4,25 @@ chain CRL, started from the configs and programs in tests/peers (the same files
 docs/runtimes shows), plus a trivial HTTP backend for the two proxies and a client that
 opens a new connection per call.
 
+Every server's identity (SPIFFE ID, DNS ``localhost``, IP ``127.0.0.1``) and its chain CRL
+file come from a real `trustmesh agent` process against a real `ca serve`: enrolled once
+with `agent --once` and a join token from `token create --dns --ip`, then renewed by the
+long-running agent, which runs the server's reload (`--exec`) and keeps the CRL file fresh
+(`--crl`, `--on-crl`, `--haproxy-socket`). Nothing is issued or signed by hand.
+
 The configs in tests/peers are written for the paths and ports the docs use
-(``/run/orders/``, ``127.0.0.1:8443`` in front of ``127.0.0.1:8080``); :func:`render`
-replaces exactly those, so what runs is what the docs show."""
+(``/run/orders/``, ``127.0.0.1:8443`` in front of ``127.0.0.1:8080``, the OCSP listener on
+``127.0.0.1:8081``); :func:`render` replaces exactly those, so what runs is what the docs
+show. The agent command lines are kept the same way: :func:`agent_options` gives them as
+the docs write them and :func:`render_argv` as they run here."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import io
 import json
-import os
+import shlex
 import shutil
 import socket
 import ssl
@@ -25,19 +35,16 @@ from base64 import b64decode
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from trustmesh.cli import main
-from trustmesh.pki import build_crl, load_private_key
 
 from ._runtimes import PEERS, LineProcess, compile_java, serial_of
-from ._server import Server, free_port, stop
+from ._server import Server, free_port, running_server, stop
 from .conftest import PASSPHRASE
 
 TRUST_DOMAIN = "example.org"
@@ -46,13 +53,22 @@ SERVER_ID = "spiffe://example.org/edge/orders"
 DOC_DIR = "/run/orders/"
 DOC_LISTEN = "127.0.0.1:8443"
 DOC_BACKEND = "127.0.0.1:8080"
+DOC_OCSP = "127.0.0.1:8081"
+DOC_HAPROXY_HOOK = "/etc/haproxy/haproxy-reload.sh"
 KINDS = ("nginx", "haproxy", "node", "java")
 NEEDS = {
     "nginx": ("nginx",),
-    "haproxy": ("haproxy", "socat"),
+    "haproxy": ("haproxy",),
     "node": ("node",),
     "java": ("java", "javac"),
 }
+#: The servers' certificate lifetime under the long-running agent: renewed every 7-8 s
+#: (at 7/12..2/3 of the lifetime), so 50 s of traffic see 5 renewals or more, and a stall
+#: of 4 s on a loaded machine still finds the served certificate valid.
+RENEWING_TTL = "12s"
+#: The first enrollment's lifetime: long enough to start the server and the agent (the
+#: agent renews it at 7/12..2/3 of it, then every 7-8 s).
+FIRST_TTL = "20s"
 
 
 def missing(kind: str) -> str | None:
@@ -61,13 +77,47 @@ def missing(kind: str) -> str | None:
     return f"{', '.join(absent)} not installed" if absent else None
 
 
-def render(template: Path, directory: Path, port: int, backend: int) -> str:
+def render(
+    template: Path, directory: Path, port: int, backend: int, ocsp: int | None = None
+) -> str:
     """``template`` with the docs' paths and ports replaced by this run's."""
     text = template.read_text()
     for token in (DOC_DIR, DOC_LISTEN):
         assert token in text, f"{template.name} no longer uses {token}"
     text = text.replace(DOC_DIR, f"{directory}/").replace(DOC_LISTEN, f"127.0.0.1:{port}")
+    if ocsp is not None:
+        assert DOC_OCSP in text, f"{template.name} no longer uses {DOC_OCSP}"
+        text = text.replace(DOC_OCSP, f"127.0.0.1:{ocsp}")
     return text.replace(DOC_BACKEND, f"127.0.0.1:{backend}")
+
+
+def agent_options(kind: str, *, once: bool) -> list[str]:
+    """The `trustmesh agent` options of ``kind``'s server, as docs/runtimes writes them
+    (besides --ca, --bundle, --token and --ttl): the first enrollment (``once``), which
+    runs before the server starts, or the long-running agent with the server's hooks."""
+    options = [
+        *("--id", SERVER_ID, "--out", DOC_DIR.rstrip("/")),
+        *("--dns", "localhost", "--ip", "127.0.0.1", "--crl", f"{DOC_DIR}chain-crl.pem"),
+    ]
+    if kind == "nginx" and not once:  # before nginx runs there is nothing to reload
+        options += ["--exec", "nginx -s reload", "--on-crl", "nginx -s reload"]
+    elif kind == "haproxy":  # the hook writes haproxy.pem, and reloads once HAProxy runs
+        options += ["--exec", f"sh {DOC_HAPROXY_HOOK} {DOC_DIR.rstrip('/')}"]
+        if not once:
+            options += ["--haproxy-socket", f"{DOC_DIR}haproxy.sock"]
+    return [*options, "--once"] if once else options
+
+
+def render_argv(options: list[str], directory: Path, nginx: list[str] | None = None) -> list[str]:
+    """:func:`agent_options` for this run: its directory, hook script and nginx command."""
+    out = []
+    for option in options:
+        option = option.replace(DOC_DIR.rstrip("/"), str(directory))
+        option = option.replace(DOC_HAPROXY_HOOK, str(PEERS / "haproxy-reload.sh"))
+        if nginx is not None and option == "nginx -s reload":
+            option = shlex.join([*nginx, "-s", "reload"])
+        out.append(option)
+    return out
 
 
 # -- the CA side -----------------------------------------------------------------------
@@ -75,37 +125,45 @@ def render(template: Path, directory: Path, port: int, backend: int) -> str:
 
 @dataclass
 class Mesh:
-    """A running `ca serve` plus the CLI operations the tests drive (issue, revoke, CRL)."""
+    """A running `ca serve --ocsp-listen` whose leaves name its CRL and OCSP URLs, plus the
+    CLI operations the tests drive (join tokens, one-shot enrollments, revocations)."""
 
     server: Server
     workdir: Path
+    ocsp_port: int
     passphrase_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.passphrase_file = self.workdir / "passphrase"
         self.passphrase_file.write_text(PASSPHRASE.decode() + "\n")
 
-    def cli(self, *argv: str) -> None:
-        code = main([*argv, "--home", str(self.server.home)])
-        assert code == 0, f"trustmesh {' '.join(argv)} exited {code}"
+    @property
+    def plain(self) -> str:
+        """The plain-HTTP OCSP/CRL listener's URL."""
+        return f"http://127.0.0.1:{self.ocsp_port}"
 
-    def issue(
-        self, spiffe_id: str, out: Path, *, dns: tuple[str, ...] = (), ips: tuple[str, ...] = ()
-    ) -> Path:
-        """`trustmesh issue` into a staging directory, then renamed into ``out`` file by
-        file, the way the agent replaces its files (chain and cert before the key)."""
-        staging = out.parent / f".{out.name}.new"
-        shutil.rmtree(staging, ignore_errors=True)
-        names = [arg for name in dns for arg in ("--dns", name)]
-        names += [arg for ip in ips for arg in ("--ip", ip)]
-        self.cli(
-            *("issue", spiffe_id, "--out", str(staging), *names),
-            *("--passphrase-file", str(self.passphrase_file)),
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        for name in ("bundle.pem", "cert.pem", "chain.pem", "key.pem"):
-            os.replace(staging / name, out / name)
-        staging.rmdir()
+    def cli(self, *argv: str) -> str:
+        """Run `trustmesh ARGV` in process on the CA home; return what it printed."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main([*argv, "--home", str(self.server.home)])
+        assert code == 0, f"trustmesh {' '.join(argv)} exited {code}"
+        return printed.getvalue()
+
+    def token(self, spiffe_id: str, *sans: str) -> str:
+        """`trustmesh token create SPIFFE_ID [--dns NAME] [--ip ADDR]`: a one-use token."""
+        return self.cli("token", "create", spiffe_id, *sans).strip()
+
+    def agent_argv(self, *options: str) -> list[str]:
+        """`trustmesh agent` against this CA with ``options``."""
+        return ["agent", "--ca", self.server.url, "--bundle", str(self.server.bundle), *options]
+
+    def enroll(self, spiffe_id: str, out: Path, *sans: str) -> Path:
+        """`trustmesh agent --once` with a new join token allowing ``sans`` (``--dns NAME``,
+        ``--ip ADDR``) and asking for them: an identity in ``out``."""
+        argv = self.agent_argv("--id", spiffe_id, "--out", str(out), "--once", *sans)
+        code = main([*argv, "--token", self.token(spiffe_id, *sans)])
+        assert code == 0, f"trustmesh agent --once for {spiffe_id} exited {code}"
         return out
 
     def revoke(self, ident: Path) -> str:
@@ -114,26 +172,28 @@ class Mesh:
         self.cli("revoke", serial, "--reason", "keyCompromise")
         return serial
 
-    def write_chain_crl(self, path: Path) -> None:
-        """Write the chain CRL (PEM): `trustmesh crl --pem` (the intermediate's) followed by
-        a root-signed CRL of the intermediate, atomically.
 
-        Interim until `trustmesh crl --chain --pem` lands: nginx, HAProxy and Node check
-        every certificate of the chain and refuse all clients without the root's CRL."""
-        leaf = path.parent / f".{path.name}.leaf"
-        self.cli(
-            *("crl", "--pem", "--out", str(leaf)),
-            *("--passphrase-file", str(self.passphrase_file)),
+@contextmanager
+def mesh(workdir: Path) -> Iterator[Mesh]:
+    """`ca init --crl-url --ocsp-url` (the plain listener's URLs) and `ca serve
+    --ocsp-listen`, on 127.0.0.1."""
+    ocsp_port = free_port()
+    plain = f"http://127.0.0.1:{ocsp_port}"
+    home = workdir / "home"
+    (workdir / "passphrase").write_text(PASSPHRASE.decode() + "\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(
+            [
+                *("ca", "init", "--trust-domain", TRUST_DOMAIN, "--home", str(home)),
+                *("--passphrase-file", str(workdir / "passphrase")),
+                *("--crl-url", f"{plain}/crl", "--ocsp-url", f"{plain}/"),
+            ]
         )
-        home = self.server.home
-        root = x509.load_pem_x509_certificate((home / "root.pem").read_bytes())
-        root_key = load_private_key((home / "root.key").read_bytes(), PASSPHRASE)
-        now = datetime.now(UTC) - timedelta(minutes=1)
-        root_crl = build_crl(root, root_key, [], number=int(time.time()), now=now)
-        tmp = path.parent / f".{path.name}.tmp"
-        tmp.write_bytes(leaf.read_bytes() + root_crl.public_bytes(serialization.Encoding.PEM))
-        leaf.unlink()
-        os.replace(tmp, path)
+    assert code == 0, "trustmesh ca init failed"
+    with running_server(
+        home, workdir, extra_args=("--ocsp-listen", f"127.0.0.1:{ocsp_port}")
+    ) as server:
+        yield Mesh(server, workdir, ocsp_port)
 
 
 # -- a backend for the proxies ---------------------------------------------------------
@@ -200,26 +260,20 @@ def backend() -> Iterator[int]:
 
 @dataclass
 class PeerServer:
-    """One started server: its kind, port, identity directory and CRL file.
+    """One started server and the `trustmesh agent` that keeps its identity and CRL fresh.
 
-    ``reload`` is what runs after new files are in place (the agent's ``--exec`` /
-    ``--on-crl``): nginx reloads, HAProxy takes them through its runtime API, Node and
-    Java watch the files themselves (None)."""
+    ``process`` is the server (nginx and HAProxy: the master process, which stays across
+    reloads); ``agent`` the long-running agent, logging to ``agent_log``."""
 
     kind: str
     port: int
     directory: Path
     crl: Path
     process: subprocess.Popen[str]
-    reload: list[str] | None
     log: Path
     peer: LineProcess | None = None
-
-    def run_reload(self) -> None:
-        if self.reload is None:
-            return
-        done = subprocess.run(self.reload, capture_output=True, text=True, timeout=30, check=False)
-        assert done.returncode == 0, f"{self.kind} reload failed: {done.stdout}{done.stderr}"
+    agent: subprocess.Popen[str] | None = None
+    agent_log: Path | None = None
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -259,41 +313,36 @@ http {{
 """
 
 
-def start_nginx(directory: Path, backend_port: int) -> PeerServer:
+def nginx_command(prefix: Path) -> list[str]:
+    """``nginx`` with this run's prefix and main config (what ``nginx`` alone is in the docs)."""
+    return ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+
+
+def start_nginx(
+    directory: Path,
+    backend_port: int,
+    *,
+    config: str = "nginx-mtls.conf",
+    ocsp: int | None = None,
+) -> PeerServer:
     prefix = directory.parent / "nginx"
-    prefix.mkdir()
+    prefix.mkdir(exist_ok=True)
     port = free_port()
-    (prefix / "mtls.conf").write_text(
-        render(PEERS / "nginx-mtls.conf", directory, port, backend_port)
-    )
+    (prefix / "mtls.conf").write_text(render(PEERS / config, directory, port, backend_port, ocsp))
     (prefix / "nginx.conf").write_text(NGINX_MAIN.format(prefix=prefix))
-    base = ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
     log = prefix / "error.log"
     with log.open("a") as out:
-        process = subprocess.Popen(base, stdout=out, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            nginx_command(prefix), stdout=out, stderr=subprocess.STDOUT, text=True
+        )
     _wait(port, process, "nginx", log)
-    return PeerServer(
-        "nginx", port, directory, directory / "chain-crl.pem", process, [*base, "-s", "reload"], log
-    )
+    return PeerServer("nginx", port, directory, directory / "chain-crl.pem", process, log)
 
 
 def start_haproxy(directory: Path, backend_port: int) -> PeerServer:
     port = free_port()
     config = directory.parent / "haproxy.cfg"
     config.write_text(render(PEERS / "haproxy-mtls.cfg", directory, port, backend_port))
-    update = [
-        "sh",
-        str(PEERS / "haproxy-update.sh"),
-        str(directory),
-        str(directory / "haproxy.sock"),
-    ]
-    # the hook's first half (the combined file) before the start; then it talks to the socket
-    combined = (directory / "chain.pem").read_bytes() + (directory / "key.pem").read_bytes()
-    (directory / "haproxy.pem").write_bytes(combined)
-    (directory / "haproxy.pem").chmod(0o600)
-    for name in ("haproxy.pem", "chain-crl.pem"):  # what the hook would have handed over
-        with (directory / name).open("rb") as src, (directory / f"{name}.pushed").open("wb") as dst:
-            subprocess.run(["cksum"], stdin=src, stdout=dst, check=True)
     log = directory.parent / "haproxy.log"
     with log.open("w") as out:
         process = subprocess.Popen(
@@ -303,7 +352,11 @@ def start_haproxy(directory: Path, backend_port: int) -> PeerServer:
             text=True,
         )
     _wait(port, process, "haproxy", log)
-    return PeerServer("haproxy", port, directory, directory / "chain-crl.pem", process, update, log)
+    deadline = time.monotonic() + 30  # the agent checks the runtime API at its start
+    while not (directory / "haproxy.sock").exists():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return PeerServer("haproxy", port, directory, directory / "chain-crl.pem", process, log)
 
 
 def _start_line_peer(kind: str, argv: list[str], directory: Path) -> PeerServer:
@@ -312,7 +365,7 @@ def _start_line_peer(kind: str, argv: list[str], directory: Path) -> PeerServer:
     port = int(line.split()[1])
     log = directory.parent / f"{kind}.log"
     return PeerServer(
-        kind, port, directory, directory / "chain-crl.pem", running.process, None, log, running
+        kind, port, directory, directory / "chain-crl.pem", running.process, log, running
     )
 
 
@@ -329,18 +382,81 @@ def start_java(directory: Path, backend_port: int, classes: Path) -> PeerServer:
     return _start_line_peer("java", argv, directory)
 
 
+def start_agent(mesh: Mesh, argv: list[str], log: Path) -> subprocess.Popen[str]:
+    """A long-running `python -m trustmesh agent` process; returns once it follows the
+    revocation feed (so a revocation from now on reaches its --crl file)."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trustmesh", *mesh.agent_argv(*argv), "--log-level", "info"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    deadline = time.monotonic() + 60
+    while "revocation set bootstrapped" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise RuntimeError(f"trustmesh agent did not start: {log.read_text()}")
+        time.sleep(0.1)
+    return process
+
+
 def close(server: PeerServer) -> None:
+    if server.agent is not None:
+        stop(server.agent)
     if server.peer is not None:
         server.peer.close()
     else:
         stop(server.process)
 
 
+def start_server(
+    mesh: Mesh,
+    kind: str,
+    workdir: Path,
+    backend_port: int,
+    *,
+    ttl: str = RENEWING_TTL,
+    first_ttl: str = FIRST_TTL,
+) -> PeerServer:
+    """Enroll ``kind``'s identity with `agent --once` (a token allowing DNS localhost and IP
+    127.0.0.1), start the server on it, then the long-running agent with its hooks."""
+    # not created here: the first agent creates --out, the --crl file's directory (as the
+    # docs run it, with no `install -d`)
+    directory = workdir / kind / "id"
+    nginx = nginx_command(workdir / kind / "nginx") if kind == "nginx" else None
+    if kind == "java":  # before the enrollment: the first certificate's clock runs
+        classes = compile_java(PEERS / "RevocationServer.java", workdir / "java-classes")
+    grant = mesh.token(SERVER_ID, "--dns", "localhost", "--ip", "127.0.0.1")
+    once = render_argv(agent_options(kind, once=True), directory, nginx)
+    code = main([*mesh.agent_argv(*once), "--token", grant, "--ttl", first_ttl])
+    assert code == 0, f"trustmesh agent --once for {kind} exited {code}"
+    assert (directory / "chain-crl.pem").exists()
+    if kind == "nginx":
+        running = start_nginx(directory, backend_port)
+    elif kind == "haproxy":
+        running = start_haproxy(directory, backend_port)
+    elif kind == "node":
+        running = start_node(directory, backend_port)
+    else:
+        running = start_java(directory, backend_port, classes)
+    try:
+        argv = render_argv(agent_options(kind, once=False), directory, nginx)
+        running.agent_log = workdir / kind / "agent.log"
+        running.agent = start_agent(mesh, [*argv, "--ttl", ttl], running.agent_log)
+    except BaseException:
+        close(running)
+        raise
+    return running
+
+
 @contextmanager
-def peer_servers(mesh: Mesh, workdir: Path) -> Iterator[dict[str, PeerServer | str]]:
-    """Start every server whose binaries are installed, each with its own identity
-    (``SERVER_ID`` with DNS ``localhost`` and IP ``127.0.0.1``) and chain CRL. Yields
-    kind -> server, or kind -> why it was skipped."""
+def peer_servers(
+    mesh: Mesh, workdir: Path, *, ttl: str = RENEWING_TTL
+) -> Iterator[dict[str, PeerServer | str]]:
+    """Start every server whose binaries are installed, each with its own agent-managed
+    identity (``SERVER_ID`` with DNS ``localhost`` and IP ``127.0.0.1``) and chain CRL.
+    Yields kind -> server, or kind -> why it was skipped."""
     started: dict[str, PeerServer | str] = {}
     with ExitStack() as stack:
         port = stack.enter_context(backend())
@@ -349,19 +465,7 @@ def peer_servers(mesh: Mesh, workdir: Path) -> Iterator[dict[str, PeerServer | s
             if reason is not None:
                 started[kind] = reason
                 continue
-            directory = mesh.issue(
-                SERVER_ID, workdir / kind / "id", dns=("localhost",), ips=("127.0.0.1",)
-            )
-            mesh.write_chain_crl(directory / "chain-crl.pem")
-            if kind == "nginx":
-                running = start_nginx(directory, port)
-            elif kind == "haproxy":
-                running = start_haproxy(directory, port)
-            elif kind == "node":
-                running = start_node(directory, port)
-            else:
-                classes = compile_java(PEERS / "RevocationServer.java", workdir / "java-classes")
-                running = start_java(directory, port, classes)
+            running = start_server(mesh, kind, workdir, port, ttl=ttl)
             stack.callback(close, running)
             started[kind] = running
         yield started

@@ -4,6 +4,7 @@ output lines the tests wait for."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -131,14 +132,19 @@ def running_service(workdir: Path, *args: str) -> Iterator[Service]:
 class LineProcess:
     """A peer process whose stdout lines are collected as they come (stderr kept apart)."""
 
-    def __init__(self, argv: Sequence[str], *, stdin: bool = False) -> None:
-        self.process = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    def __init__(
+        self, argv: Sequence[str], *, stdin: bool = False, stderr: Path | None = None
+    ) -> None:
+        self.stderr_file = stderr
+        with contextlib.ExitStack() as files:
+            err = files.enter_context(stderr.open("w")) if stderr else subprocess.PIPE
+            self.process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -170,6 +176,8 @@ class LineProcess:
         self.process.stdin.flush()
 
     def stderr(self) -> str:
+        if self.stderr_file is not None:
+            return self.stderr_file.read_text()
         if self.process.poll() is None or self.process.stderr is None:
             return "(still running)"
         return self.process.stderr.read()
@@ -194,10 +202,10 @@ def peer(argv: Sequence[str], *, stdin: bool = False) -> Iterator[LineProcess]:
         running.close()
 
 
-def compile_java(source: Path, classes: Path) -> Path:
-    """Compile a single-file program from tests/peers once into ``classes``."""
+def compile_java(source: Path, classes: Path, *more: Path) -> Path:
+    """Compile a single-file program from tests/peers (and ``more``) once into ``classes``."""
     done = subprocess.run(
-        ["javac", "-d", str(classes), str(source)],
+        ["javac", "-d", str(classes), str(source), *map(str, more)],
         capture_output=True,
         text=True,
         timeout=180,

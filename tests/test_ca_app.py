@@ -56,7 +56,7 @@ def test_renewal_route_failing_unexpectedly_answers_generic_500(
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("disk on fire")
 
-    ca.renew = broken  # type: ignore[method-assign]
+    ca.renew = broken  # type: ignore[method-assign,assignment]
     app = _with_client_cert(create_app(ca), pem)
 
     async def call() -> tuple[httpx.Response, httpx.Response]:

@@ -165,3 +165,38 @@ def test_database_outage_hides_the_cause_from_callers(
     assert any(name in line and "/v1/crl" in line for line in errors), errors
     assert any("/v1/enroll" in line and str(parsed.username) in line for line in errors), errors
     assert all('"level": "error"' in line for line in errors), errors
+
+
+def test_duplicate_refused_by_the_database_hides_the_driver_text(tmp_path: Path) -> None:
+    """A record the database refuses (here a SQLite trigger stands in for a UNIQUE
+    constraint) answers 409 with a generic detail; the driver's text goes to the log."""
+    home = tmp_path / "home"
+    with CertificateAuthority.init(
+        home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
+    ) as ca:
+        token = ca.create_join_token("spiffe://example.org/dup")
+    engine = create_engine(f"sqlite:///{home / 'trustmesh.db'}")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TRIGGER refuse_enroll BEFORE INSERT ON audit_events "
+                "WHEN NEW.details LIKE '%example.org/dup%' "
+                "OR NEW.subject LIKE '%example.org/dup%' BEGIN "
+                "SELECT RAISE(ABORT, 'UNIQUE constraint failed: certificates.secret_column'); END"
+            )
+        )
+    engine.dispose()
+    _, csr = make_csr("spiffe://example.org/dup")
+    with running_server(home, tmp_path) as server:
+        with http_client(server.url, server.bundle, None) as http:
+            answer = http.post("/v1/enroll", json={"token": token, "csr": csr})
+        log = (tmp_path / "serve.log").read_text()
+    problem = assert_problem(answer, 409, "duplicate")
+    assert "retry" in problem["detail"]
+    for secret in ("secret_column", "unique constraint", "sqlite", "integrityerror"):
+        assert secret not in answer.text.lower(), answer.text
+    assert any(
+        "secret_column" in line and "/v1/enroll" in line
+        for line in log.splitlines()
+        if '"database_error"' in line
+    ), log

@@ -33,6 +33,12 @@ MTLS = {
     ("/v1/revocations", "get"),
     ("/v1/revocations/stream", "get"),
     ("/v1/certificates", "get"),
+    ("/v1/entries", "get"),
+    ("/v1/entries", "post"),
+    ("/v1/entries/{entry_id}", "get"),
+    ("/v1/entries/{entry_id}", "delete"),
+    ("/v1/entries/svid", "post"),
+    ("/v1/entries/jwt-svid", "post"),
 }
 
 DOCS_API = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -617,7 +617,11 @@ def test_ca_certificates_profile(key_type: KeyType, hash_name: str | None) -> No
     pki = make_pki(key_type)
     root_bc = pki.root.extensions.get_extension_for_class(x509.BasicConstraints)
     inter_bc = pki.intermediate.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert (root_bc.critical, root_bc.value.ca, root_bc.value.path_length) == (True, True, 1)
+    assert (root_bc.critical, root_bc.value.ca, root_bc.value.path_length) == (
+        True,
+        True,
+        2,
+    )  # 2: a root rotation adds a cross certificate
     assert (inter_bc.critical, inter_bc.value.ca, inter_bc.value.path_length) == (True, True, 0)
     for cert in (pki.root, pki.intermediate):
         ku = cert.extensions.get_extension_for_class(x509.KeyUsage)

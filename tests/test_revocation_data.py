@@ -513,6 +513,60 @@ def test_agent_crl_bad_input_exits_2_before_enrolling(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.pem"]
 
 
+def test_agent_crl_inside_an_out_directory_not_created_yet(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`agent --out DIR --crl DIR/chain-crl.pem --once` with DIR (and its parent) not there
+    yet: the agent creates DIR, enrolls and writes the chain CRL file in it."""
+    out = tmp_path / "run" / "orders"
+    capsys.readouterr()
+    home = str(stack.server.home)
+    assert main(["token", "create", "spiffe://example.org/crl-in-out", "--home", home]) == 0
+    token = capsys.readouterr().out.strip()
+    code = main(
+        [
+            *("agent", "--ca", stack.server.url, "--bundle", str(stack.server.bundle)),
+            *("--id", "spiffe://example.org/crl-in-out", "--out", str(out)),
+            *("--crl", str(out / "chain-crl.pem"), "--token", token, "--once"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (out / "cert.pem").exists()
+    pem = (out / "chain-crl.pem").read_bytes()
+    assert pem.count(b"-----BEGIN X509 CRL-----") == 2
+    x509.load_pem_x509_crl(pem)  # the first (leaf) CRL parses
+
+
+@pytest.mark.parametrize(
+    ("out", "crl"),
+    [
+        # --out cannot be created: its nearest existing ancestor is a file
+        ("{tmp}/old.pem/id", "{tmp}/old.pem/id/chain-crl.pem"),
+        # a directory under --out that the agent does not create
+        ("{tmp}/id", "{tmp}/id/crl/chain-crl.pem"),
+    ],
+)
+def test_agent_crl_in_an_uncreatable_directory_exits_2_before_enrolling(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str, crl: str
+) -> None:
+    """A --crl path whose directory the agent would not or could not create: one line,
+    exit 2, nothing enrolled or created."""
+    (tmp_path / "old.pem").write_bytes(b"old CRL")
+    code = main(
+        [
+            *("agent", "--ca", stack.server.url, "--bundle", str(stack.server.bundle)),
+            *("--id", "spiffe://example.org/bad-input", "--out", out.format(tmp=tmp_path)),
+            *("--crl", crl.format(tmp=tmp_path), "--token", "tmj_unused", "--once"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"Cannot write {crl.format(tmp=tmp_path)}" in err
+    assert len([line for line in err.splitlines() if line]) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pem"]
+    assert (tmp_path / "old.pem").read_bytes() == b"old CRL"
+
+
 # -- HAProxy through its runtime API ------------------------------------------------------
 
 

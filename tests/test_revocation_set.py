@@ -306,6 +306,73 @@ def test_falls_back_to_a_verified_crl_while_the_feed_is_down(
     assert any("does not count as contact" in m for m in messages)
 
 
+@pytest.mark.slow
+def test_crl_fallback_accepts_the_active_intermediate_during_a_rotation(
+    tmp_path: Path, identities: Setup
+) -> None:
+    """After an intermediate rotation, a set whose own chain holds the old intermediate
+    accepts the CRL the new one signs (learnt from the feed's bundle event, verified to
+    the root) while the feed is down: it learns a revocation of a new-issuer certificate
+    and stays healthy past grace; a CRL of another CA is still refused."""
+    home = identities.home
+    config = home / "config.toml"
+    config.write_text(
+        config.read_text().replace('rotation_min_overlap = "1h"', 'rotation_min_overlap = "1s"')
+    )
+    mirror_dir = tmp_path / "subscriber"
+    mirror = CRLServer(
+        server_context(
+            mirror_dir / "chain.pem",
+            mirror_dir / "key.pem",
+            client_cert="optional",
+            cadata=(mirror_dir / "bundle.pem").read_text(),
+        )
+    )
+    try:
+        with running_server(home, tmp_path) as server:
+            revset = subscriber_set(
+                tmp_path,
+                server.url,
+                grace=timedelta(seconds=1.5),
+                crl_url=mirror.url,
+                crl_interval=0.2,
+            )
+            revset.start()
+            assert revset.wait_connected(10)
+            with open_ca(home) as ca:
+                now = datetime.now(UTC).replace(microsecond=0)
+                ca.rotate("intermediate", "prepare", now=now)
+                activated = ca.rotate("intermediate", "activate", now=now + timedelta(seconds=2))
+                sequence = ca.bundle_sequence
+            assert activated is not None
+            # The running CA picks the steps up and pushes a bundle event.
+            assert revset.wait_bundle(sequence, 15)
+            assert len(revset.published_intermediates) == 2
+            crash(server)
+        with revset_stopped(revset):
+            assert wait_until(lambda: not revset.connected, 10)
+            own = RotatingCredentials(tmp_path / "subscriber").intermediates()
+            with open_ca(home) as ca:
+                newcomer = ca.issue("spiffe://example.org/svc/newcomer")
+                ca.revoke(newcomer.record.serial)
+                crl = ca.crl()
+            assert crl.issuer not in {c.subject for c in own}  # the other intermediate's
+            mirror.der = crl.public_bytes(serialization.Encoding.DER)
+            assert revset.wait_revoked(newcomer.record.serial, 5)
+            time.sleep(2.0)  # longer than grace: the new intermediate's CRL is contact
+            assert revset.healthy
+            assert not revset.is_revoked(identities.victims[0])
+
+            foreign_home = setup_ca(tmp_path / "foreign")
+            with open_ca(foreign_home) as foreign:
+                mirror.der = foreign.crl().public_bytes(serialization.Encoding.DER)
+            failures = revset.crl_failures
+            assert wait_until(lambda: revset.crl_failures > failures, 5)
+            assert wait_until(lambda: not revset.healthy, 5)
+    finally:
+        mirror.close()
+
+
 class revset_stopped:  # noqa: N801 - used as a context manager
     def __init__(self, revset: RevocationSet) -> None:
         self.revset = revset

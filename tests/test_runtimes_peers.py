@@ -1,12 +1,16 @@
-"""nginx, HAProxy, a Node.js `https` server and a Java `HttpsServer` on trustmesh identities
-(host names in the certificate, the chain CRL): curl and a Java client verify their host
-names, our clients get in, a foreign CA's do not, a revoked client is refused on its next
-connection without a restart, and renewals under traffic lose no request."""
+"""nginx, HAProxy, a Node.js `https` server and a Java `HttpsServer` on identities that a real
+`trustmesh agent` enrolls and renews (host names in the certificate) and with the chain CRL
+file the agent keeps fresh: curl and a Java client verify their host names, our clients get
+in, a foreign CA's do not, a revoked client is refused on its next connection without a
+restart, and the agent's renewals under traffic lose no request. Also nginx asking the
+CA's plain-HTTP OCSP responder (`ssl_ocsp leaf`) instead of reading a CRL file."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
+import shlex
 import threading
 import time
 from collections.abc import Iterator
@@ -17,18 +21,22 @@ import pytest
 from trustmesh.authority import CertificateAuthority
 from trustmesh.cli import main
 
+from . import _peers_servers
 from ._peers_servers import (
     KINDS,
     SERVER_ID,
     Client,
     Mesh,
     PeerServer,
+    agent_options,
+    backend,
+    close,
     peer_servers,
     require,
+    start_nginx,
     wait_until,
 )
 from ._runtimes import PEERS, compile_java, needs_java, peer, run_tool, serial_of, write_identity
-from ._server import new_ca_server
 from .conftest import PASSPHRASE
 
 CLIENT_ID = "spiffe://example.org/svc/billing"
@@ -41,9 +49,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    workdir = tmp_path_factory.mktemp("peers-ca")
-    with new_ca_server(workdir) as server:
-        yield Mesh(server, workdir)
+    with _peers_servers.mesh(tmp_path_factory.mktemp("peers-ca")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,8 @@ def servers(
 
 @pytest.fixture(scope="module")
 def good(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trustmesh client identity that is never revoked."""
-    return mesh.issue(CLIENT_ID, tmp_path_factory.mktemp("good") / "id")
+    """A trustmesh client identity (`agent --once`) that is never revoked."""
+    return mesh.enroll(CLIENT_ID, tmp_path_factory.mktemp("good") / "id")
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +181,12 @@ def test_a_foreign_ca_client_is_refused(
 def test_a_revoked_client_is_refused_on_its_next_connection(
     servers: dict[str, PeerServer | str], mesh: Mesh, good: Path, tmp_path: Path, kind: str
 ) -> None:
-    """After `trustmesh revoke` and the new chain CRL (nginx: reload; HAProxy: runtime API;
-    Node and Java: they watch the file), the revoked client's next new connection is
-    refused within the bound, the server process is the same, and others still get in."""
+    """After `trustmesh revoke`, with nothing done by hand (the agent rewrites the --crl
+    file; nginx: its --on-crl reload; HAProxy: its --haproxy-socket push; Node and Java
+    watch the file), the revoked client's next new connection is refused within the
+    bound, the server process is the same, and others still get in."""
     server = require(servers, kind)
-    ident = mesh.issue(f"spiffe://example.org/svc/{kind}-caller", tmp_path / "id")
+    ident = mesh.enroll(f"spiffe://example.org/svc/{kind}-caller", tmp_path / "id")
     client = Client(ident, ident / "bundle.pem")
     status, body = client.get(server)
     assert status == 200
@@ -187,8 +195,6 @@ def test_a_revoked_client_is_refused_on_its_next_connection(
 
     start = time.monotonic()
     mesh.revoke(ident)
-    mesh.write_chain_crl(server.crl)
-    server.run_reload()
     took = wait_until(
         lambda: client.refused(server), REFUSED_WITHIN[kind] - (time.monotonic() - start)
     )
@@ -198,15 +204,24 @@ def test_a_revoked_client_is_refused_on_its_next_connection(
     assert elapsed < REFUSED_WITHIN[kind]
     assert server.alive()
     assert server.process.pid == pid
+    assert server.agent is not None
+    assert server.agent.poll() is None
+    assert server.agent_log is not None
+    said = server.agent_log.read_text()
+    if kind == "nginx":
+        assert "CRL reloaded with ran nginx" in said
+    elif kind == "haproxy":
+        assert "CRL reloaded with HAProxy runtime API" in said
     status, body = Client(good, good / "bundle.pem").get(server)
     assert (status, body["caller"]) == (200, CLIENT_ID)
 
 
-def test_renewals_under_traffic_lose_no_request(
-    servers: dict[str, PeerServer | str], mesh: Mesh, good: Path
+def test_agent_renewals_under_traffic_lose_no_request(
+    servers: dict[str, PeerServer | str], good: Path
 ) -> None:
-    """5 renewals of each server's identity during 30 s of calls (a new connection each) at
-    every server: no call fails, and the calls see the renewed certificates."""
+    """During 50 s of calls (a new connection each) at every server, its agent renews the
+    identity 5 times or more (short --ttl) and runs the reload by itself: no call fails,
+    every call sees the host names, and the calls see the renewed certificates."""
     running = [s for s in servers.values() if isinstance(s, PeerServer)]
     if not running:
         pytest.skip(f"no server could start: {servers}")
@@ -214,16 +229,18 @@ def test_renewals_under_traffic_lose_no_request(
     stop = threading.Event()
     calls = {s.kind: 0 for s in running}
     failures: dict[str, list[str]] = {s.kind: [] for s in running}
-    seen: dict[str, set[str]] = {s.kind: set() for s in running}
+    seen: dict[str, list[str]] = {s.kind: [] for s in running}
 
     def traffic(server: PeerServer) -> None:
+        hosts = ("localhost", "127.0.0.1")
         while not stop.is_set():
             try:
-                status, _, presented = client.call(server)
+                status, _, presented = client.call(server, hosts[calls[server.kind] % 2])
             except (OSError, http.client.HTTPException) as exc:
                 failures[server.kind].append(repr(exc))
             else:
-                seen[server.kind].add(presented)
+                if presented not in seen[server.kind]:
+                    seen[server.kind].append(presented)
                 if status != 200:
                     failures[server.kind].append(f"status {status}")
             calls[server.kind] += 1
@@ -232,33 +249,70 @@ def test_renewals_under_traffic_lose_no_request(
     threads = [threading.Thread(target=traffic, args=(s,), daemon=True) for s in running]
     for thread in threads:
         thread.start()
-    first = {s.kind: serial_of(s.directory / "cert.pem") for s in running}
     try:
-        for _ in range(5):
-            time.sleep(5)
-            for server in running:
-                mesh.issue(SERVER_ID, server.directory, dns=("localhost",), ips=("127.0.0.1",))
-                server.run_reload()
-        time.sleep(5)
+        time.sleep(50)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
     for server in running:
-        last = serial_of(server.directory / "cert.pem")
-        assert failures[server.kind] == [], f"{server.kind}: {failures[server.kind][:5]}"
-        assert calls[server.kind] > 50, calls
-        assert first[server.kind] in seen[server.kind]
-        assert last in seen[server.kind], f"{server.kind} never served its last certificate"
-        assert len(seen[server.kind]) >= 4, f"{server.kind} served {len(seen[server.kind])}"
+        kind = server.kind
+        assert failures[kind] == [], f"{kind}: {failures[kind][:5]}"
+        assert calls[kind] > 50, calls
+        # the first certificate seen, then one per renewal picked up by the server
+        assert len(seen[kind]) >= 6, f"{kind} served {len(seen[kind])} certificates in 50 s"
         assert server.alive()
+        assert server.agent is not None
+        assert server.agent.poll() is None
+        assert server.agent_log is not None
+        if kind == "nginx":
+            assert "ran nginx" in server.agent_log.read_text()
+
+
+@pytest.mark.skipif(_peers_servers.missing("nginx") is not None, reason="nginx not installed")
+def test_nginx_ssl_ocsp_leaf_refuses_a_revoked_client(
+    mesh: Mesh, good: Path, tmp_path: Path
+) -> None:
+    """nginx with `ssl_ocsp leaf` and `ssl_ocsp_responder` at `ca serve --ocsp-listen` (no
+    CRL file, an agent-enrolled identity): a good client is served; after `trustmesh
+    revoke`, the revoked client's next connection is refused within 5 s, no reload."""
+    directory = tmp_path / "id"
+    directory.mkdir(mode=0o700)
+    grant = mesh.token(SERVER_ID, "--dns", "localhost", "--ip", "127.0.0.1")
+    once = [
+        *("--id", SERVER_ID, "--out", str(directory), "--dns", "localhost"),
+        *("--ip", "127.0.0.1", "--once", "--token", grant),
+    ]
+    assert main(mesh.agent_argv(*once)) == 0
+    ident = mesh.enroll("spiffe://example.org/svc/ocsp-caller", tmp_path / "caller")
+    with backend() as port:
+        server = start_nginx(directory, port, config="nginx-ocsp.conf", ocsp=mesh.ocsp_port)
+        try:
+            pid = server.process.pid
+            for who, spiffe_id in (
+                (good, CLIENT_ID),
+                (ident, "spiffe://example.org/svc/ocsp-caller"),
+            ):
+                status, body = Client(who, who / "bundle.pem").get(server, "localhost")
+                assert (status, body["caller"]) == (200, spiffe_id)
+            client = Client(ident, ident / "bundle.pem")
+            start = time.monotonic()
+            mesh.revoke(ident)
+            took = wait_until(lambda: client.refused(server), 5.0)
+            assert took is not None, server.log.read_text()
+            assert server.process.pid == pid
+            status, body = Client(good, good / "bundle.pem").get(server)
+            assert (status, body["caller"]) == (200, CLIENT_ID)
+            assert time.monotonic() - start < 10
+        finally:
+            close(server)
 
 
 @pytest.mark.parametrize(
     ("page", "files"),
     [
-        ("nginx.md", ["nginx-mtls.conf"]),
-        ("haproxy.md", ["haproxy-mtls.cfg", "haproxy-update.sh"]),
+        ("nginx.md", ["nginx-mtls.conf", "nginx-ocsp.conf"]),
+        ("haproxy.md", ["haproxy-mtls.cfg", "haproxy-reload.sh"]),
         ("nodejs.md", ["crl_server.js"]),
         ("java.md", ["RevocationServer.java"]),
     ],
@@ -268,3 +322,45 @@ def test_runtime_pages_show_the_configs_the_tests_run(page: str, files: list[str
     text = (PEERS.parent.parent / "docs" / "runtimes" / page).read_text()
     for name in files:
         assert (PEERS / name).read_text() in text, f"{page} does not show {name} as tested"
+
+
+def _agent_commands(text: str) -> list[list[str]]:
+    """Every `trustmesh agent ...` command in the page's ```sh blocks, split like a shell."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:2] == ["trustmesh", "agent"]:
+                commands.append(argv[2:])
+    return commands
+
+
+def _pairs(argv: list[str]) -> set[tuple[str, str]]:
+    flags = {"--once", "--renew-now", "--json", "--rekey-stores", "--pkcs12-legacy"}
+    pairs, i = set(), 0
+    while i < len(argv):
+        if argv[i] in flags or not argv[i].startswith("--") or i + 1 == len(argv):
+            pairs.add((argv[i], ""))
+            i += 1
+        else:
+            pairs.add((argv[i], argv[i + 1]))
+            i += 2
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("once", [True, False])
+def test_runtime_pages_show_the_agent_commands_the_tests_run(kind: str, once: bool) -> None:
+    """docs/runtimes shows the `trustmesh agent` commands the harness runs for each server:
+    the same options and hooks (besides the CA URL, bundle, token and --ttl)."""
+    page = {"nginx": "nginx.md", "haproxy": "haproxy.md", "node": "nodejs.md", "java": "java.md"}
+    text = (PEERS.parent.parent / "docs" / "runtimes" / page[kind]).read_text()
+    tested = _pairs(agent_options(kind, once=once))
+    shown = [_pairs(argv) for argv in _agent_commands(text)]
+    hooks = {"--exec", "--on-crl", "--haproxy-socket", "--signal", "--once"}
+    matching = [
+        s
+        for s in shown
+        if tested <= s and {p for p in s if p[0] in hooks} == {p for p in tested if p[0] in hooks}
+    ]
+    assert matching, f"{page[kind]} shows no agent command with {sorted(tested)}: {shown}"

@@ -8,23 +8,29 @@ audit event in the same transaction, and only then returns it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
+import hashlib
 import ipaddress
+import json
 import logging
 import os
 import secrets
 import socket
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509 import ocsp
 from sqlalchemy import Connection
 
@@ -43,6 +49,13 @@ from trustmesh.errors import (
     TokenError,
 )
 from trustmesh.files import atomic_write, stage_file
+from trustmesh.hsm import PKCS11URI, check_token, generate_pkcs11_key
+from trustmesh.offline import (
+    IntermediateRequest,
+    check_imported_intermediate,
+    check_root_crl,
+    crl_distribution_urls,
+)
 from trustmesh.pki import (
     BACKDATE,
     KeyType,
@@ -66,19 +79,39 @@ from trustmesh.pki import (
     generate_private_key,
     issue_leaf,
     key_type_of,
-    load_pem_certificates,
     load_private_key,
     match_spiffe_pattern,
     parse_reason,
+    parse_selector,
     request_matches_issuer,
     verify_chain,
 )
+from trustmesh.rotation import (
+    Issuer,
+    IssuerSet,
+    RotationStatus,
+    StepResult,
+    current_version,
+    initial_issuers,
+    load_issuer_set,
+    rotation_status,
+    store_initial_issuers,
+)
+from trustmesh.rotation import activate as _activate
+from trustmesh.rotation import prepare as _prepare
+from trustmesh.rotation import retire as _retire
+from trustmesh.signers import OFFLINE_KEY_REF, Signer, open_signer
 from trustmesh.store import (
     CertificateRecord,
+    RegistrationEntry,
     RevocationEvent,
     Store,
+    add_entry,
     add_join_token,
     consume_join_token,
+    delete_entry,
+    find_entries,
+    get_entry,
     open_store,
 )
 
@@ -87,6 +120,7 @@ __all__ = [
     "ROOT_CRL_NAME",
     "CertificateAuthority",
     "Issued",
+    "IssuerExpiry",
     "default_actor",
     "default_home",
 ]
@@ -104,6 +138,11 @@ _SERIAL_ATTEMPTS = 5
 #: Join tokens look like ``tmj_...`` so secret scanners and people recognise them.
 JOIN_TOKEN_PREFIX = "tmj_"  # noqa: S105 - a prefix, not a secret
 DEFAULT_TOKEN_TTL = timedelta(minutes=15)
+#: The JWT-SVID signing key (EC P-256, ES256), encrypted like the CA keys; made on first use.
+JWT_KEY_FILE = "jwt-svid.key"
+#: Lifetime of a JWT-SVID: short, as they are bearer tokens.
+JWT_SVID_TTL = timedelta(minutes=5)
+MAX_JWT_AUDIENCES = 10
 MAX_TOKEN_TTL = timedelta(days=7)
 
 log = logging.getLogger("trustmesh.authority")
@@ -119,8 +158,7 @@ class _VerifiedChain:
     spiffe_id: SpiffeID
     valid_from: datetime  # the latest notBefore along the chain
     valid_until: datetime  # the earliest notAfter along the chain
-    intermediate: x509.Certificate
-    roots: tuple[x509.Certificate, ...]
+    issuers: IssuerSet  # the snapshot it was verified against (a rotation replaces it)
 
 
 class _ChainCache:
@@ -128,7 +166,7 @@ class _ChainCache:
 
     Only the signatures, EKU and SPIFFE ID checks are remembered; the time window is
     re-checked and the revocation status looked up on every use, and an entry counts
-    only for the CA certificates it was verified against (a rotation misses).
+    only for the issuer snapshot it was verified against (a rotation misses).
     """
 
     def __init__(self, size: int = CHAIN_CACHE_SIZE) -> None:
@@ -164,6 +202,17 @@ def _same_key(a: object, b: object) -> bool:
     )
 
 
+def _refuse_existing(home: Path, *, allow: Sequence[str] = ()) -> None:
+    names = (CONFIG_NAME, *CA_FILES)
+    existing = [n for n in names if n not in allow and (home / n).exists()]
+    if existing:
+        raise ConfigError(
+            f"A CA already exists in {home} ({', '.join(existing)}); refusing to "
+            f"overwrite it. Use another TRUSTMESH_HOME or remove the directory.",
+            path=str(home),
+        )
+
+
 def default_home() -> Path:
     """Return ``$TRUSTMESH_HOME`` or ``~/.trustmesh``."""
     return Path(os.environ.get("TRUSTMESH_HOME") or Path.home() / ".trustmesh")
@@ -197,17 +246,89 @@ class Issued:
     key: PrivateKey | None = None
 
 
+#: Warn when the intermediate has less than this much of its life left (or one third).
+INTERMEDIATE_EXPIRY_WARNING = timedelta(days=30)
+#: Warn when the root has less than this left.
+ROOT_EXPIRY_WARNING = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class IssuerExpiry:
+    """How long one of the CA's own certificates has left, and a warning when too little.
+
+    Attributes:
+        role: ``root`` or ``intermediate``.
+        not_after: When it expires.
+        seconds_left: Seconds until then (negative once expired).
+        lifetime: Its whole validity in seconds.
+        warning: One line for people and logs, or None while there is time.
+
+    .. versionadded:: 0.1
+    """
+
+    role: str
+    not_after: datetime
+    seconds_left: float
+    lifetime: float
+    warning: str | None
+
+    @classmethod
+    def of(cls, role: str, cert: x509.Certificate, now: datetime) -> IssuerExpiry:
+        """Return the expiry of ``cert`` in ``role`` at ``now``.
+
+        The intermediate warns with less than a third of its life or 30 days left;
+        the root with less than a year.
+        """
+        not_after = cert.not_valid_after_utc
+        left = not_after - now
+        lifetime = not_after - cert.not_valid_before_utc
+        days = left.total_seconds() / 86400
+        when = not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+        warning = None
+        if left.total_seconds() <= 0:
+            warning = (
+                f"The {role} CA certificate expired at {when}: nothing it signed verifies; "
+                f"replace the CA (see docs/operations.md)."
+            )
+        elif role == "root" and left < ROOT_EXPIRY_WARNING:
+            warning = (
+                f"The root CA certificate expires in {days:.0f} days ({when}); plan the "
+                f"root rotation now: every relying party must receive the new root first."
+            )
+        elif role != "root" and (left < INTERMEDIATE_EXPIRY_WARNING or left < lifetime / 3):
+            warning = (
+                f"The {role} CA certificate expires in {days:.1f} days ({when}, "
+                f"{left / lifetime:.0%} of its life left); rotate it before then, or every "
+                f"certificate it signs stops verifying."
+            )
+        return cls(role, not_after, left.total_seconds(), lifetime.total_seconds(), warning)
+
+
 def _now(now: datetime | None) -> datetime:
     return (now or datetime.now(UTC)).replace(microsecond=0)
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def _sign_root_crl(
-    root: x509.Certificate, root_key: PrivateKey, at: datetime, lifetime: timedelta
+    root: x509.Certificate,
+    root_key: PrivateKey,
+    at: datetime,
+    lifetime: timedelta,
+    entries: Sequence[RevokedEntry] = (),
 ) -> x509.CertificateRevocationList:
-    # Lists revoked intermediates: none can be revoked yet (there is one, and rotating it
-    # is not built), so the list is empty. The CRL number is the signing time in seconds:
-    # it increases without a database counter, so an offline root host can sign it too.
-    return build_crl(root, root_key, [], number=int(at.timestamp()), now=at, lifetime=lifetime)
+    # Lists revoked intermediates: the ones a rotation retired (reason superseded). The
+    # CRL number is the signing time in seconds: it increases without a database
+    # counter, so an offline root host can sign it too.
+    return build_crl(
+        root, root_key, list(entries), number=int(at.timestamp()), now=at, lifetime=lifetime
+    )
+
+
+def _crl_serials(crl: x509.CertificateRevocationList) -> set[int]:
+    return {entry.serial_number for entry in crl}
 
 
 def _resign_at(crl: x509.CertificateRevocationList) -> datetime:
@@ -237,13 +358,12 @@ class CertificateAuthority:
         self.config = config
         self.store = store
         self._passphrase = passphrase
-        self._key: PrivateKey | None = None
-        self._root_crl: x509.CertificateRevocationList | None = None
+        self._signers: dict[str, Signer] = {}
+        self._root_crls: dict[str, x509.CertificateRevocationList] = {}
+        self._issuers: IssuerSet = load_issuer_set(home, store)
+        self._jwt_key: ec.EllipticCurvePrivateKey | None = None
+        self._jwt_lock = threading.Lock()
         self._chains = _ChainCache()
-        self.root = self._load_cert("root.pem")
-        self.intermediate = self._load_cert("intermediate.pem")
-        ski = self.intermediate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        self.issuer_id = ski.value.digest.hex()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -253,7 +373,7 @@ class CertificateAuthority:
         home: Path,
         *,
         trust_domain: str,
-        passphrase: bytes,
+        passphrase: bytes | None,
         key_type: KeyType = KeyType.EC_P256,
         db_url: str | None = None,
         actor: str | None = None,
@@ -262,6 +382,7 @@ class CertificateAuthority:
         ocsp_urls: Sequence[str] = (),
         root_crl_urls: Sequence[str] | None = None,
         backdate: timedelta = BACKDATE,
+        pkcs11: str | None = None,
     ) -> CertificateAuthority:
         """Create a root and an intermediate CA in ``home``, and the root-signed CRL.
 
@@ -271,22 +392,24 @@ class CertificateAuthority:
             root_crl_urls: Public URLs of the root-signed CRL, written into the
                 intermediate (CDP). None: ``URL/root`` for each ``crl_urls`` entry
                 that ends in ``/crl`` (the layout of ``ca serve --ocsp-listen``).
+            pkcs11: A PKCS#11 token URI (RFC 7512): both keys are generated in the
+                token (non-extractable) and no key file is written; ``passphrase``
+                may then be None.
 
         ``backdate`` (0 to 10 minutes) is written to ``config.toml`` and used for the CA
         certificates and every certificate issued later.
 
         Raises:
             ConfigError: A CA already exists there, the trust domain is invalid,
-                the passphrase is empty, or the database cannot be reached.
+                the passphrase is empty, the token cannot be used (wrong PIN, no
+                such token), or the database cannot be reached.
+
+        .. versionchanged:: 0.3
+           ``pkcs11``.
         """
-        existing = [n for n in (CONFIG_NAME, *CA_FILES) if (home / n).exists()]
-        if existing:
-            raise ConfigError(
-                f"A CA already exists in {home} ({', '.join(existing)}); refusing to "
-                f"overwrite it. Use another TRUSTMESH_HOME or remove the directory.",
-                path=str(home),
-            )
-        if not passphrase:
+        _refuse_existing(home)
+        token = PKCS11URI.parse(pkcs11) if pkcs11 else None
+        if not passphrase and token is None:
             raise ConfigError(
                 "The CA passphrase is empty: set TRUSTMESH_CA_PASSPHRASE or pass "
                 "--passphrase-file with a non-empty passphrase."
@@ -303,13 +426,32 @@ class CertificateAuthority:
             ocsp_urls=tuple(ocsp_urls),
             root_crl_urls=roots_at,
             backdate=backdate,
+            pkcs11=str(replace(token, object=token.object, id=None)) if token else "",
         )  # checks the URLs before anything is created
+        if token is not None:
+            check_token(token)  # a wrong PIN or token fails before anything is created
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = open_store(url)  # fail on a bad database before writing any file
         start = _now(now)
-        root_key = generate_private_key(key_type)
+        files: dict[str, bytes] = {}
+        refs: dict[str, str] = {}
+        try:
+            if token is None:
+                root_key = generate_private_key(key_type)
+                inter_key = generate_private_key(key_type)
+            else:
+                base = token.object or "trustmesh"
+                stamp = f"{start:%Y%m%d%H%M%S}"
+                root_signer = generate_pkcs11_key(token, key_type, f"{base}-root-1-{stamp}")
+                inter_signer = generate_pkcs11_key(
+                    token, key_type, f"{base}-intermediate-1-{stamp}"
+                )
+                root_key, inter_key = root_signer.private_key(), inter_signer.private_key()
+                refs = {"root": root_signer.ref, "intermediate": inter_signer.ref}
+        except BaseException:
+            store.close()
+            raise
         root = create_root(root_key, trust_domain, now=start, backdate=backdate)
-        inter_key = generate_private_key(key_type)
         inter = create_intermediate(
             root,
             root_key,
@@ -319,14 +461,120 @@ class CertificateAuthority:
             crl_urls=config.root_crl_urls,
             backdate=backdate,
         )
+        if token is None:
+            assert passphrase  # noqa: S101 - checked above (mypy narrowing only)
+            files["root.key"] = dump_private_key(root_key, passphrase)
+            files["intermediate.key"] = dump_private_key(inter_key, passphrase)
+        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
+        return cls._create(
+            home,
+            config,
+            store,
+            root=root,
+            inter=inter,
+            key_files=files,
+            root_crl=root_crl,
+            refs=refs,
+            actor=actor,
+            at=start,
+            details={"key_type": key_type.value, **({"keys": "pkcs11"} if token else {})},
+            passphrase=passphrase,
+        )
+
+    @classmethod
+    def import_intermediate(
+        cls,
+        home: Path,
+        *,
+        intermediate: x509.Certificate,
+        root: x509.Certificate,
+        root_crl: x509.CertificateRevocationList | None = None,
+        passphrase: bytes | None = None,
+        db_url: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+        crl_urls: Sequence[str] = (),
+        ocsp_urls: Sequence[str] = (),
+        backdate: timedelta = BACKDATE,
+    ) -> CertificateAuthority:
+        """Finish an offline-root CA: the intermediate the offline root signed for the
+        request :func:`trustmesh.offline.create_intermediate_request` left in ``home``.
+
+        No root key is on this machine: the root's ``key_ref`` is ``offline``, and
+        the root-signed CRL (``root_crl``, signed offline) is re-signed offline too.
+
+        Raises:
+            ConfigError: No pending request, the certificate is not for its key, not
+                a CA certificate of the trust domain, or not signed by ``root``; a
+                root CRL not signed by ``root``.
+
+        .. versionadded:: 0.3
+        """
+        _refuse_existing(home, allow=("intermediate.key",))
+        request = IntermediateRequest.load(home)
+        at = _now(now)
+        check_imported_intermediate(request, intermediate, root, now=at)
+        if root_crl is not None:
+            check_root_crl(root_crl, root, now=at)
+        config = CAConfig.new(
+            request.trust_domain,
+            db_url or f"sqlite:///{home / 'trustmesh.db'}",
+            request.key_type,
+            crl_urls=tuple(crl_urls),
+            ocsp_urls=tuple(ocsp_urls),
+            root_crl_urls=crl_distribution_urls(intermediate),
+            backdate=backdate,
+            pkcs11=request.pkcs11,
+        )
+        # ca serve cannot prepare the next intermediate without the root key
+        config = replace(config, rotation_auto=False)
+        if request.key_ref.startswith("file:") and passphrase is not None:
+            # fail now on a wrong passphrase rather than at the first issuance
+            open_signer(
+                request.key_ref, home=home, key_pem=None, passphrase=passphrase, what="x"
+            ).private_key()
+        store = open_store(config.db)
+        ca = cls._create(
+            home,
+            config,
+            store,
+            root=root,
+            inter=intermediate,
+            key_files={},
+            root_crl=root_crl,
+            refs={"root": OFFLINE_KEY_REF, "intermediate": request.key_ref},
+            actor=actor,
+            at=at,
+            details={"key_type": request.key_type.value, "root": "offline"},
+            passphrase=passphrase,
+        )
+        request.done(home)
+        return ca
+
+    @classmethod
+    def _create(
+        cls,
+        home: Path,
+        config: CAConfig,
+        store: Store,
+        *,
+        root: x509.Certificate,
+        inter: x509.Certificate,
+        key_files: dict[str, bytes],
+        root_crl: x509.CertificateRevocationList | None,
+        refs: dict[str, str],
+        actor: str | None,
+        at: datetime,
+        details: dict[str, object],
+        passphrase: bytes | None,
+    ) -> CertificateAuthority:
+        """Write the CA's files (temp + rename, after the audit commits)."""
         pem = serialization.Encoding.PEM
         contents = {
             "root.pem": root.public_bytes(pem),
-            "root.key": dump_private_key(root_key, passphrase),
             "intermediate.pem": inter.public_bytes(pem),
-            "intermediate.key": dump_private_key(inter_key, passphrase),
+            **key_files,
         }
-        root_crl = _sign_root_crl(root, root_key, start, config.root_crl_lifetime)
         staged: list[tuple[Path, Path]] = []
         try:
             for name, data in contents.items():
@@ -334,23 +582,34 @@ class CertificateAuthority:
             staged.append(
                 (stage_file(home / CONFIG_NAME, config.dumps().encode()), home / CONFIG_NAME)
             )
-            staged.append(
-                (
-                    stage_file(
-                        home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
-                    ),
-                    home / ROOT_CRL_NAME,
+            if root_crl is not None:
+                staged.append(
+                    (
+                        stage_file(
+                            home / ROOT_CRL_NAME, root_crl.public_bytes(serialization.Encoding.DER)
+                        ),
+                        home / ROOT_CRL_NAME,
+                    )
                 )
-            )
             with store.transaction() as conn:
+                if refs:
+                    store_initial_issuers(
+                        conn,
+                        initial_issuers(
+                            root,
+                            inter,
+                            root_ref=refs.get("root", "file:root.key"),
+                            inter_ref=refs.get("intermediate", "file:intermediate.key"),
+                        ),
+                    )
                 store.append_audit(
                     conn,
-                    at=start,
+                    at=at,
                     actor=actor or default_actor(),
                     action="init",
-                    subject=SpiffeID.trust_domain_id(trust_domain).uri,
+                    subject=SpiffeID.trust_domain_id(config.trust_domain).uri,
                     details={
-                        "key_type": key_type.value,
+                        **details,
                         "root_serial": _serial_hex(root.serial_number),
                         "intermediate_serial": _serial_hex(inter.serial_number),
                     },
@@ -376,6 +635,14 @@ class CertificateAuthority:
         store = open_store(config.db)
         return cls(home, config, store, passphrase)
 
+    def unlock(self, passphrase: bytes | None) -> None:
+        """Set the passphrase of the CA's encrypted keys (before the first signature).
+
+        .. versionadded:: 0.3
+        """
+        self._passphrase = passphrase
+        self._signers.clear()
+
     def close(self) -> None:
         """Release the database."""
         self.store.close()
@@ -386,31 +653,182 @@ class CertificateAuthority:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load_cert(self, name: str) -> x509.Certificate:
-        path = self.home / name
-        try:
-            return load_pem_certificates(path.read_bytes(), source=str(path))[0]
-        except FileNotFoundError:
-            raise ConfigError(
-                f"The CA in {self.home} is incomplete: {name} is missing.", path=str(path)
-            ) from None
+    # -- issuers --------------------------------------------------------------------
+
+    @property
+    def issuers(self) -> IssuerSet:
+        """The current snapshot of the CA's roots and intermediates (see :mod:`trustmesh.rotation`).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers
+
+    @property
+    def root(self) -> x509.Certificate:
+        """The active root (the one above the signing intermediate)."""
+        return self._issuers.active("root").certificate
+
+    @property
+    def intermediate(self) -> x509.Certificate:
+        """The intermediate that signs new certificates."""
+        return self._issuers.active("intermediate").certificate
+
+    @property
+    def issuer_id(self) -> str:
+        """SKI hex of the signing intermediate (the ``issuer`` of new records)."""
+        return self._issuers.active("intermediate").ski
+
+    @property
+    def bundle_sequence(self) -> int:
+        """Grows with every change of the issuers (the SPIFFE bundle sequence).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers.version
+
+    def refresh(self) -> bool:
+        """Re-read the issuers when another process (the CLI, a replica) changed them.
+
+        Returns:
+            True when they changed.
+
+        .. versionadded:: 0.3
+        """
+        if current_version(self.store) == self._issuers.version:
+            return False
+        fresh = load_issuer_set(self.home, self.store)
+        changed = fresh.version != self._issuers.version
+        self._issuers = fresh
+        if changed:
+            log.info(
+                "CA issuers changed (bundle sequence %d): %s signs; bundle %s",
+                fresh.version,
+                fresh.active("intermediate").name,
+                ", ".join(c.subject.rfc4514_string() for c in fresh.roots),
+                extra={"event": "ca_issuers_changed", "bundle_sequence": fresh.version},
+            )
+        return changed
+
+    def key_of(self, issuer: Issuer) -> PrivateKey:
+        """The private key of an intermediate, unlocked on first use and kept.
+
+        Raises:
+            PKIError: No or a wrong passphrase.
+            ConfigError: The key is missing.
+
+        .. versionadded:: 0.3
+        """
+        signer = self._signers.get(issuer.ski)
+        if signer is None:
+            signer = self._signers[issuer.ski] = self._issuers.signer(
+                issuer, self.home, self._passphrase
+            )
+        return signer.private_key()
 
     @property
     def signing_key(self) -> PrivateKey:
-        """The intermediate's private key, decrypted on first use.
+        """The signing intermediate's private key, decrypted on first use.
 
         Raises:
             PKIError: No or a wrong passphrase.
         """
-        if self._key is None:
-            path = self.home / "intermediate.key"
-            self._key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
-        return self._key
+        return self.key_of(self._issuers.active("intermediate"))
+
+    def issuer_expiry(self, now: datetime | None = None) -> tuple[IssuerExpiry, ...]:
+        """Return the expiry of the root and the intermediate (with warnings when near).
+
+        .. versionadded:: 0.1
+        """
+        at = now or datetime.now(UTC)
+        return (
+            IssuerExpiry.of("root", self.root, at),
+            IssuerExpiry.of("intermediate", self.intermediate, at),
+        )
 
     @property
     def bundle(self) -> tuple[x509.Certificate, ...]:
-        """The trust anchors relying parties should trust."""
-        return (self.root,)
+        """The trust anchors relying parties should trust: every published root."""
+        return self._issuers.roots
+
+    @property
+    def chain_certificates(self) -> tuple[x509.Certificate, ...]:
+        """Every published intermediate and cross certificate (to verify chains).
+
+        .. versionadded:: 0.3
+        """
+        return self._issuers.intermediates + self._issuers.crosses
+
+    # -- rotation ---------------------------------------------------------------------
+
+    def _rotation_audit(self, actor: str | None, at: datetime) -> Callable[..., None]:
+        def audit(conn: Connection, subject: str, details: dict[str, object]) -> None:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="rotate",
+                subject=subject,
+                details=details,
+            )
+            # Every replica's feed hears of the bundle change at commit.
+            sequence = details.get("bundle_sequence")
+            if isinstance(sequence, int):
+                self.store.notify_bundle(conn, sequence)
+
+        return audit
+
+    def rotate(
+        self,
+        role: str,
+        step: str,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+        pkcs11: str | None = None,
+    ) -> StepResult:
+        """Run one rotation step (``prepare``, ``activate`` or ``retire``) for ``role``.
+
+        ``pkcs11`` (``prepare`` only): a token URI where the new keys are generated
+        (default: ``pkcs11`` of ``config.toml``).
+
+        Raises:
+            ConfigError: The step is not allowed now (the message says why and when).
+            PKIError: The passphrase does not unlock a key the step needs.
+
+        .. versionadded:: 0.3
+        """
+        at = _now(now)
+        steps = {"prepare": _prepare, "activate": _activate, "retire": _retire}
+        if step not in steps:
+            raise ConfigError(f"Unknown rotation step {step!r}: use prepare, activate or retire.")
+        if pkcs11 and step != "prepare":
+            raise ConfigError("--pkcs11 goes with 'prepare' only (it says where new keys go).")
+        extra: dict[str, str] = {"pkcs11": pkcs11} if pkcs11 else {}
+        result = steps[step](
+            role=role,
+            home=self.home,
+            config=self.config,
+            store=self.store,
+            passphrase=self._passphrase,
+            audit=self._rotation_audit(actor, at),
+            now=at,
+            **extra,
+        )
+        self.refresh()
+        if step == "retire":
+            for root in self._issuers.live("root"):
+                with contextlib.suppress(ConfigError):
+                    self.root_crl(root=root.ski, actor=actor, now=at)  # lists the retired
+        return result
+
+    def rotation_status(self, role: str, *, now: datetime | None = None) -> RotationStatus:
+        """Where the rotation of ``role`` stands.
+
+        .. versionadded:: 0.3
+        """
+        return rotation_status(
+            role=role, home=self.home, config=self.config, store=self.store, now=_now(now)
+        )
 
     # -- issuance -------------------------------------------------------------------
 
@@ -501,6 +919,72 @@ class CertificateAuthority:
             allowance=self._exactly(request),
         )
 
+    def sign_request(
+        self,
+        request: LeafRequest,
+        *,
+        action: str,
+        actor: str,
+        profile: str | None = None,
+        ttl: timedelta | None = None,
+        extra: dict[str, str] | None = None,
+        within: Callable[[Connection, Issued], None] | None = None,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign a request built by a front end with its own checks (the ACME server).
+
+        The profile's rules apply again here (SPIFFE ID, DNS/IP SANs, key, lifetime),
+        so no front end can issue beyond them. ``within`` runs inside the transaction
+        that records and audits the certificate, after both: if it raises, nothing is
+        recorded (the ACME server marks its order valid there).
+
+        Args:
+            request: What to certify.
+            action: The audit action (``acme``).
+            actor: Who asks, for the audit log.
+            profile: Profile name (the default profile when None).
+            ttl: Lifetime (the profile's default when None).
+            extra: More audit details.
+            within: Called with the transaction's connection and the result before commit.
+            now: The current time (for tests).
+
+        Raises:
+            PolicyError, SpiffeIDError: The profile forbids the request.
+
+        .. versionadded:: 0.2
+        """
+        prof = self.config.profile(profile)
+        prof.check_spiffe_id(request.spiffe_id)
+        for name in request.dns:
+            prof.check_dns(name)
+        for ip in request.ips:
+            prof.check_ip(ip)
+        prof.check_key(request.public_key)
+        lifetime = prof.resolve_ttl(ttl)
+
+        opened: list[Connection] = []
+
+        def inside(conn: Connection) -> SANAllowance | None:
+            opened.append(conn)  # the transaction ``deliver`` runs in, for ``within``
+            return None
+
+        def deliver(issued: Issued) -> None:
+            if within is not None:
+                within(opened[-1], issued)
+
+        return self._sign(
+            request,
+            prof,
+            lifetime,
+            action=action,
+            actor=actor,
+            now=now,
+            deliver=deliver,
+            within=inside,
+            extra=extra,
+            allowance=self._exactly(request),
+        )
+
     @staticmethod
     def _exactly(request: LeafRequest) -> SANAllowance:
         # The operator named these SANs by hand: renewals may keep (or drop) them.
@@ -532,11 +1016,13 @@ class CertificateAuthority:
         allowance: SANAllowance | None = None,
     ) -> Issued:
         start = _now(now)
-        signing_key = self.signing_key
+        issuers = self._issuers  # one snapshot for the whole issuance
+        signer = issuers.active("intermediate")
+        signing_key = self.key_of(signer)
         for attempt in range(_SERIAL_ATTEMPTS):
             cert = issue_leaf(
                 request,
-                self.intermediate,
+                signer.certificate,
                 signing_key,
                 ttl=ttl,
                 now=start,
@@ -560,8 +1046,11 @@ class CertificateAuthority:
                 if within is None and deliver is None:
                     # Nothing else in the transaction (renewals): group-committed with
                     # the other threads' records; returns once its own is durable.
-                    record = self._record_for(cert, request, profile, allowance or SANAllowance())
-                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
+                    record = self._record_for(
+                        cert, request, profile, allowance or SANAllowance(), signer.ski
+                    )
+                    chain = (cert, *issuers.chain_tail(signer))
+                    issued = Issued(cert, chain, issuers.roots, record, key)
                     self.store.record_issued(
                         record,
                         at=start,
@@ -573,9 +1062,10 @@ class CertificateAuthority:
                 with self.store.transaction() as conn:
                     granted = within(conn) if within is not None else None
                     record = self._record_for(
-                        cert, request, profile, granted or allowance or SANAllowance()
+                        cert, request, profile, granted or allowance or SANAllowance(), signer.ski
                     )
-                    issued = Issued(cert, (cert, self.intermediate), self.bundle, record, key)
+                    chain = (cert, *issuers.chain_tail(signer))
+                    issued = Issued(cert, chain, issuers.roots, record, key)
                     self.store.add_certificate(conn, record)
                     self.store.append_audit(
                         conn,
@@ -602,10 +1092,11 @@ class CertificateAuthority:
         request: LeafRequest,
         profile: Profile,
         allowance: SANAllowance,
+        issuer: str,
     ) -> CertificateRecord:
         ktype = key_type_of(request.public_key)
         return CertificateRecord(
-            issuer=self.issuer_id,
+            issuer=issuer,
             serial=_serial_hex(cert.serial_number),
             spiffe_id=request.spiffe_id.uri,
             dns=request.dns,
@@ -858,7 +1349,7 @@ class CertificateAuthority:
 
         CA certificates (ours) are never in the table and count as not revoked.
         """
-        if cert == self.intermediate or cert in self.bundle:
+        if cert in self.chain_certificates or cert in self.bundle:
             return False
         record = self.store.lookup_certificate(_serial_hex(cert.serial_number))
         # Signed by our key but not recorded: fail closed.
@@ -872,7 +1363,7 @@ class CertificateAuthority:
         What :func:`~trustmesh.pki.verify_chain` checks with :meth:`is_revoked`, for
         the price of one lookup once the chain is known: the chain verification
         (signatures, CA flags, EKU, SPIFFE ID) is remembered per certificate (by DER),
-        for the CA certificates it was verified against; the validity period is
+        for the issuer snapshot it was verified against; the validity period is
         checked on every call, and the revocation status is read from the store on
         every call (never cached).
 
@@ -885,25 +1376,28 @@ class CertificateAuthority:
         """
         when = _now(now)
         entry = self._chains.get(cert)
-        roots = self.bundle
+        issuers = self._issuers
         if (
             entry is None
-            or entry.intermediate is not self.intermediate
-            or entry.roots != roots
+            or entry.issuers is not issuers
             or not entry.valid_from <= when <= entry.valid_until
         ):
             # The leaf's revocation is looked up below; this CA's own certificates are
             # never revoked in its table (is_revoked says False for them).
+            published = self.chain_certificates
             spiffe_id = verify_chain(
-                cert, [self.intermediate], list(roots), usage="client", now=when
+                cert, list(published), list(self.bundle), usage="client", now=when
             )
-            chain = (cert, self.intermediate, *roots)
+            # The window: the leaf and every published certificate that could have
+            # carried it to an anchor (a cross certificate shares its intermediate's
+            # subject), so an entry is never used past any of them.
+            path = [cert, *(c for c in published if c.subject == cert.issuer)]
+            path += [r for r in self.bundle if any(r.subject == c.issuer for c in path[1:])]
             entry = _VerifiedChain(
                 spiffe_id,
-                valid_from=max(c.not_valid_before_utc for c in chain),
-                valid_until=min(c.not_valid_after_utc for c in chain),
-                intermediate=self.intermediate,
-                roots=roots,
+                valid_from=max(c.not_valid_before_utc for c in path),
+                valid_until=min(c.not_valid_after_utc for c in path),
+                issuers=issuers,
             )
             self._chains.put(cert, entry)
         serial = _serial_hex(cert.serial_number)
@@ -913,6 +1407,314 @@ class CertificateAuthority:
                 f"Certificate {serial} ({entry.spiffe_id}) was revoked.", reason="revoked"
             )
         return entry.spiffe_id, record
+
+    # -- registration entries -------------------------------------------------------
+
+    def create_entry(
+        self,
+        spiffe_id: str,
+        *,
+        node_id: str,
+        selectors: Sequence[str],
+        dns: Sequence[str] = (),
+        ttl: timedelta | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> RegistrationEntry:
+        """Record that node ``node_id`` may obtain ``spiffe_id`` for callers matching
+        every one of ``selectors``.
+
+        Raises:
+            SpiffeIDError: ``spiffe_id`` or ``node_id`` is not a SPIFFE ID.
+            ConfigError: An ID outside the trust domain, the node's own ID, no or a bad
+                selector.
+            PolicyError: The default profile would never certify the ID, a DNS name or
+                the lifetime.
+        """
+        domain = self.config.trust_domain
+        sid = SpiffeID.parse(spiffe_id)
+        node = SpiffeID.parse(node_id)
+        for what, value, example in (
+            ("SPIFFE ID", sid, "svc/app"),
+            ("node ID", node, "node/host1"),
+        ):
+            if not value.member_of(domain) or not value.path:
+                raise ConfigError(
+                    f"The {what} {value} is not a workload in trust domain {domain}: "
+                    f"give an ID such as spiffe://{domain}/{example}.",
+                    field="node" if what == "node ID" else "spiffe_id",
+                )
+        if sid == node:
+            raise ConfigError(
+                f"An entry hands {sid} to workloads of node {node}: the two must differ.",
+                field="spiffe_id",
+            )
+        if not selectors:
+            raise ConfigError(
+                "An entry needs at least one --selector (e.g. --selector unix:uid:1001): "
+                "without one it would match every local process.",
+                field="selector",
+            )
+        parsed = sorted({parse_selector(s) for s in selectors})
+        profile = self.config.profile(None)
+        profile.check_spiffe_id(sid)
+        names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in dns))
+        for name in names:
+            profile.check_dns(name)
+        if ttl is not None:
+            profile.resolve_ttl(ttl)
+        at = _now(now)
+        entry = RegistrationEntry(
+            entry_id=str(uuid.uuid4()),
+            spiffe_id=sid.uri,
+            node_id=node.uri,
+            selectors=tuple(str(s) for s in parsed),
+            dns=names,
+            ttl=None if ttl is None else int(ttl.total_seconds()),
+            created_at=at,
+            created_by=actor or default_actor(),
+        )
+        with self.store.transaction() as conn:
+            add_entry(conn, entry)
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=entry.created_by,
+                action="entry-create",
+                subject=entry.entry_id,
+                details={
+                    "spiffe_id": entry.spiffe_id,
+                    "node_id": entry.node_id,
+                    "selectors": list(entry.selectors),
+                    "dns": list(entry.dns),
+                    "ttl": entry.ttl,
+                },
+            )
+        return entry
+
+    def list_entries(
+        self, *, node_id: str | None = None, spiffe_id: str | None = None
+    ) -> list[RegistrationEntry]:
+        """Return registration entries (of one node, or for one ID), oldest first."""
+        with self.store.reader() as conn:
+            return find_entries(conn, node_id=node_id, spiffe_id=spiffe_id)
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry:
+        """Return one registration entry.
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        with self.store.reader() as conn:
+            entry = get_entry(conn, entry_id.strip().lower())
+        if entry is None:
+            raise NotFoundError(
+                f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                entry_id=entry_id,
+            )
+        return entry
+
+    def delete_entry(
+        self, entry_id: str, *, actor: str | None = None, now: datetime | None = None
+    ) -> RegistrationEntry:
+        """Delete a registration entry (SVIDs already issued for it stay until they
+        expire or are revoked; the node agent drops them at its next refresh).
+
+        Raises:
+            NotFoundError: No entry has this id.
+        """
+        entry = self.get_entry(entry_id)
+        at = _now(now)
+        with self.store.transaction() as conn:
+            if not delete_entry(conn, entry.entry_id):
+                raise NotFoundError(
+                    f"No registration entry {entry_id!r}: see 'trustmesh entry list'.",
+                    entry_id=entry_id,
+                )
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="entry-delete",
+                subject=entry.entry_id,
+                details={"spiffe_id": entry.spiffe_id, "node_id": entry.node_id},
+            )
+        return entry
+
+    def node_identity(self, cert: x509.Certificate, *, now: datetime | None = None) -> SpiffeID:
+        """Return the SPIFFE ID a node's client certificate proves (chain, expiry, revocation).
+
+        Raises:
+            VerificationError: The certificate is expired, revoked or not ours.
+        """
+        return verify_chain(
+            cert,
+            [self.intermediate],
+            list(self.bundle),
+            usage="client",
+            now=_now(now),
+            is_revoked=self.is_revoked,
+        )
+
+    def sign_entry(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        csr: bytes,
+        *,
+        now: datetime | None = None,
+    ) -> Issued:
+        """Sign an X.509-SVID for a registration entry, for the node the entry names.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            CSRError, PolicyError: The CSR is bad or asks for another ID.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        profile = self.config.profile(None)
+        request = check_csr(csr, profile, source="the entry CSR")
+        if request.spiffe_id.uri != entry.spiffe_id:
+            raise PolicyError(
+                f"Entry {entry.entry_id} is for {entry.spiffe_id}, but the CSR asks for "
+                f"{request.spiffe_id}: put exactly the entry's ID in the CSR.",
+                reason="identity_change",
+            )
+        for name in entry.dns:
+            profile.check_dns(name)
+        leaf = LeafRequest(request.public_key, request.spiffe_id, entry.dns, (), profile.eku)
+        lifetime = profile.resolve_ttl(None if entry.ttl is None else timedelta(seconds=entry.ttl))
+        return self._sign(
+            leaf,
+            profile,
+            lifetime,
+            action="entry-svid",
+            actor=node.uri,
+            now=start,
+            deliver=None,
+            extra={"entry_id": entry.entry_id},
+        )
+
+    # -- JWT-SVIDs -------------------------------------------------------------------
+
+    def _jwt_signing_key(self) -> ec.EllipticCurvePrivateKey:
+        """The ES256 key for JWT-SVIDs, created (encrypted, mode 0600) on first use."""
+        with self._jwt_lock:
+            if self._jwt_key is not None:
+                return self._jwt_key
+            path = self.home / JWT_KEY_FILE
+            if path.exists():
+                key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+            else:
+                if not self._passphrase:
+                    raise ConfigError(
+                        "Signing JWT-SVIDs needs the CA passphrase: set "
+                        "TRUSTMESH_CA_PASSPHRASE or pass --passphrase-file."
+                    )
+                key = generate_private_key(KeyType.EC_P256)
+                tmp = stage_file(path, dump_private_key(key, self._passphrase), mode=0o600)
+                try:
+                    os.link(tmp, path)  # never replaces a key another process just made
+                except FileExistsError:
+                    key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
+                finally:
+                    tmp.unlink()
+            if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+                raise ConfigError(f"{path} is not an EC P-256 key: remove it to make a new one.")
+            self._jwt_key = key
+            return key
+
+    def jwt_keys(self) -> list[dict[str, str]]:
+        """Return the JWT-SVID public keys as JWKs with ``use: jwt-svid`` (the SPIFFE bundle).
+
+        Creates the key on first use when the passphrase is known; without it and
+        without a key yet, the list is empty.
+        """
+        if not (self.home / JWT_KEY_FILE).exists() and not self._passphrase:
+            return []
+        numbers = self._jwt_signing_key().public_key().public_numbers()
+        jwk = {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": _b64url(numbers.x.to_bytes(32, "big")),
+            "y": _b64url(numbers.y.to_bytes(32, "big")),
+        }
+        # RFC 7638 thumbprint: SHA-256 of the required members in lexicographic order.
+        thumb = hashlib.sha256(json.dumps(jwk, separators=(",", ":"), sort_keys=True).encode())
+        return [{**jwk, "kid": _b64url(thumb.digest()), "use": "jwt-svid", "alg": "ES256"}]
+
+    def sign_jwt_svid(
+        self,
+        node_cert: x509.Certificate,
+        entry_id: str,
+        audience: Sequence[str],
+        *,
+        ttl: timedelta = JWT_SVID_TTL,
+        now: datetime | None = None,
+    ) -> tuple[str, datetime]:
+        """Sign a JWT-SVID (ES256) for an entry's SPIFFE ID, for the node the entry names.
+
+        Returns:
+            The token and when it expires.
+
+        Raises:
+            VerificationError: ``node_cert`` is expired, revoked or not ours.
+            NotFoundError: No such entry.
+            ScopeError: The entry belongs to another node.
+            ConfigError: No audience, too many, or an empty one.
+        """
+        start = _now(now)
+        node = self.node_identity(node_cert, now=start)
+        entry = self.get_entry(entry_id)
+        if entry.node_id != node.uri:
+            raise ScopeError(
+                f"Entry {entry.entry_id} is for node {entry.node_id}, not {node}: a node "
+                f"obtains only the identities of its own entries.",
+                reason="wrong_node",
+            )
+        audiences = list(dict.fromkeys(audience))
+        if not audiences or len(audiences) > MAX_JWT_AUDIENCES or not all(audiences):
+            raise ConfigError(
+                f"A JWT-SVID needs 1 to {MAX_JWT_AUDIENCES} non-empty audiences: name the "
+                f"service(s) it will be presented to.",
+                reason="bad_audience",
+            )
+        key = self._jwt_signing_key()
+        kid = self.jwt_keys()[0]["kid"]
+        expires = start + ttl
+        header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+        claims = {
+            "sub": entry.spiffe_id,
+            "aud": audiences,
+            "iat": int(start.timestamp()),
+            "exp": int(expires.timestamp()),
+        }
+        signing_input = ".".join(
+            _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+        )
+        r, s_value = decode_dss_signature(
+            key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+        )
+        signature = r.to_bytes(32, "big") + s_value.to_bytes(32, "big")
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=start,
+                actor=node.uri,
+                action="jwt-svid",
+                subject=entry.spiffe_id,
+                details={"entry_id": entry.entry_id, "aud": audiences, "exp": claims["exp"]},
+            )
+        return f"{signing_input}.{_b64url(signature)}", expires
 
     # -- revocation -----------------------------------------------------------------
 
@@ -988,20 +1790,50 @@ class CertificateAuthority:
                 field="serial",
             ) from None
 
+    def _live_issuer(self, role: str, ski: str | None) -> Issuer:
+        issuers = self._issuers
+        if ski is None:
+            return issuers.active(role)
+        found = issuers.by_ski(ski.lower())
+        if found is None or found.role != role or found not in issuers.live(role):
+            known = ", ".join(i.ski for i in issuers.live(role))
+            raise NotFoundError(
+                f"No published {role} has SKI {ski!r}: this CA publishes {known}.",
+                reason="unknown_issuer",
+            )
+        return found
+
     def crl(
-        self, *, actor: str | None = None, now: datetime | None = None
+        self,
+        *,
+        issuer: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
     ) -> x509.CertificateRevocationList:
-        """Build a CRL of unexpired revoked certificates with the next CRL number."""
+        """Build an intermediate's CRL of its unexpired revoked certificates, with the
+        next CRL number.
+
+        Args:
+            issuer: SKI hex of a published intermediate (default: the signing one).
+                During a rotation each intermediate has its own CRL.
+
+        Raises:
+            NotFoundError: No published intermediate has that SKI.
+
+        .. versionchanged:: 0.3
+           ``issuer``.
+        """
         at = _now(now)
+        inter = self._live_issuer("intermediate", issuer)
         entries = [
             RevokedEntry(int(serial, 16), datetime.fromtimestamp(revoked_at, UTC), reason)
-            for serial, revoked_at, reason in self.store.revoked_entries(now=at)
+            for serial, revoked_at, reason in self.store.revoked_entries(now=at, issuer=inter.ski)
         ]
-        key = self.signing_key
+        key = self.key_of(inter)
         with self.store.transaction() as conn:
             number = self.store.next_counter(conn, "crl_number")
             crl = build_crl(
-                self.intermediate,
+                inter.certificate,
                 key,
                 entries,
                 number=number,
@@ -1014,45 +1846,75 @@ class CertificateAuthority:
                 actor=actor or default_actor(),
                 action="crl",
                 subject=str(number),
-                details={"entries": len(entries)},
+                details={"entries": len(entries), "issuer": inter.ski},
             )
         return crl
 
+    def _root_crl_entries(self, root: Issuer) -> list[RevokedEntry]:
+        """The intermediates of ``root`` that a rotation retired."""
+        return [
+            RevokedEntry(
+                i.certificate.serial_number,
+                i.retired_at or i.superseded_at or _now(None),
+                "superseded",
+            )
+            for i in self._issuers.issuers
+            if i.role == "intermediate" and i.parent == root.ski and i.state == "retired"
+        ]
+
     def root_crl(
-        self, *, actor: str | None = None, now: datetime | None = None
+        self,
+        *,
+        root: str | None = None,
+        actor: str | None = None,
+        now: datetime | None = None,
     ) -> x509.CertificateRevocationList:
-        """Return the root-signed CRL of the intermediates.
+        """Return a root-signed CRL of the intermediates (the active root's by default).
 
         Peers that check revocation for the whole chain (nginx ``ssl_crl``, HAProxy
         ``crl-file``, ``openssl verify -crl_check_all``) need a CRL for the
-        intermediate too, and only the root can sign it. It is kept in
+        intermediate too, and only the root can sign it. It lists the intermediates
+        a rotation retired (reason superseded). The first root's is kept in
         ``root.crl`` (written by ``ca init``) and re-signed with the root key once
-        half of its ``root_crl_lifetime`` has passed, or when the file is missing
-        or not the root's. The root key is decrypted only for that (with the CA
-        passphrase) and not kept. When ``root.key`` is not here (kept offline),
-        the stored CRL is served until its ``nextUpdate`` with a warning; re-sign
-        it with ``trustmesh crl --root`` where the root key is.
+        half of its ``root_crl_lifetime`` has passed, when it does not list what it
+        should, or when the file is missing or not the root's. The root key is
+        decrypted only for that (with the CA passphrase) and not kept. When
+        ``root.key`` is not here (kept offline), the stored CRL is served until its
+        ``nextUpdate`` with a warning; re-sign it with ``trustmesh crl --root``
+        where the root key is.
 
         Raises:
             ConfigError: No valid root CRL is stored and the root key cannot be
                 unlocked.
+            NotFoundError: ``root`` is not the SKI of a published root.
+
+        .. versionchanged:: 0.3
+           ``root``; retired intermediates are listed.
         """
         at = _now(now)
-        cached = self._root_crl
-        if cached is None or at >= _resign_at(cached):
-            cached = self._root_crl = self._stored_root_crl()
+        issuer = self._live_issuer("root", root)
+        entries = self._root_crl_entries(issuer)
+        wanted = {e.serial for e in entries}
+        in_file = issuer.generation == 1  # the root of 'ca init': its CRL is root.crl
+        cached = self._root_crls.get(issuer.ski)
+        if (cached is None or at >= _resign_at(cached)) and in_file:
+            cached = self._stored_root_crl(issuer.certificate)
+        if cached is not None and _crl_serials(cached) != wanted:
+            cached = None
         if cached is not None and at < _resign_at(cached):
+            self._root_crls[issuer.ski] = cached
             return cached
-        path = self.home / "root.key"
         try:
-            root_key = load_private_key(path.read_bytes(), self._passphrase, source=str(path))
-        except (OSError, PKIError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) else exc.message
+            root_key = self._issuers.signer(issuer, self.home, self._passphrase).private_key()
+        except (ConfigError, PKIError) as exc:
+            why = exc.message
             if cached is not None and cached.next_update_utc and at < cached.next_update_utc:
                 log.warning(
                     "The root CRL in %s is due to be re-signed but the root key cannot be "
-                    "used (%s); serving it until its nextUpdate %s. Run 'trustmesh crl "
-                    "--root' where root.key is and copy %s here.",
+                    "used (%s); serving it until its nextUpdate %s. Sign a new one where "
+                    "the root key is ('trustmesh ca root sign-crl' for an offline root, "
+                    "'trustmesh crl --root' otherwise) and import it with 'trustmesh ca "
+                    "root import-crl' (it becomes %s).",
                     self.home,
                     why,
                     f"{cached.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
@@ -1062,16 +1924,22 @@ class CertificateAuthority:
                 return cached
             raise ConfigError(
                 f"No valid root-signed CRL in {self.home / ROOT_CRL_NAME} and the root key "
-                f"cannot be used to sign one ({why}): run 'trustmesh crl --root' with the "
-                f"CA passphrase where root.key is, and copy {ROOT_CRL_NAME} into {self.home}.",
+                f"cannot be used to sign one ({why}): sign one where the root key is "
+                f"('trustmesh ca root sign-crl' for an offline root) and run 'trustmesh ca "
+                f"root import-crl FILE' here.",
                 path=str(self.home / ROOT_CRL_NAME),
             ) from None
-        crl = _sign_root_crl(self.root, root_key, at, self.config.root_crl_lifetime)
+        crl = _sign_root_crl(
+            issuer.certificate, root_key, at, self.config.root_crl_lifetime, entries
+        )
         del root_key
-        try:
-            atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
-        except ConfigError as exc:
-            log.warning("could not keep the re-signed root CRL: %s", exc.message)
+        if in_file:
+            try:
+                atomic_write(
+                    self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER)
+                )
+            except ConfigError as exc:
+                log.warning("could not keep the re-signed root CRL: %s", exc.message)
         with self.store.transaction() as conn:
             self.store.append_audit(
                 conn,
@@ -1080,16 +1948,69 @@ class CertificateAuthority:
                 action="crl",
                 subject="root",
                 details={
-                    "entries": 0,
+                    "entries": len(entries),
                     "number": int(at.timestamp()),
                     "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "issuer": issuer.ski,
                 },
             )
-        self._root_crl = crl
+        self._root_crls[issuer.ski] = crl
         return crl
 
-    def _stored_root_crl(self) -> x509.CertificateRevocationList | None:
-        """The root CRL in the home, when it is readable and signed by our root."""
+    def import_root_crl(
+        self,
+        crl: x509.CertificateRevocationList,
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> x509.CertificateRevocationList:
+        """Install a root CRL signed elsewhere (the offline root) as ``root.crl``.
+
+        ``ca serve`` picks it up when its cached one is due. A CRL that does not list
+        the intermediates a rotation retired is refused.
+
+        Raises:
+            ConfigError: Not signed by the first root, expired, older than the one
+                in place, or missing retired intermediates.
+
+        .. versionadded:: 0.3
+        """
+        at = _now(now)
+        root = next(i for i in self._issuers.issuers if i.role == "root" and i.generation == 1)
+        check_root_crl(crl, root.certificate, now=at)
+        missing = {e.serial for e in self._root_crl_entries(root)} - _crl_serials(crl)
+        if missing:
+            raise ConfigError(
+                f"The root CRL does not list the retired intermediate(s) "
+                f"{', '.join(format(m, 'x') for m in sorted(missing))}: sign it again with "
+                f"'trustmesh ca root sign-crl --revoke CERT.pem' for each."
+            )
+        current = self._stored_root_crl(root.certificate)
+        if current is not None and current.last_update_utc > crl.last_update_utc:
+            raise ConfigError(
+                f"The root CRL in place is newer ({current.last_update_utc:%Y-%m-%dT%H:%M:%SZ}) "
+                f"than this one ({crl.last_update_utc:%Y-%m-%dT%H:%M:%SZ}): import a fresh one."
+            )
+        atomic_write(self.home / ROOT_CRL_NAME, crl.public_bytes(serialization.Encoding.DER))
+        with self.store.transaction() as conn:
+            self.store.append_audit(
+                conn,
+                at=at,
+                actor=actor or default_actor(),
+                action="crl",
+                subject="root",
+                details={
+                    "imported": True,
+                    "entries": len(list(crl)),
+                    "next_update": f"{crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ}",
+                    "issuer": root.ski,
+                },
+            )
+        self._root_crls[root.ski] = crl
+        return crl
+
+    def _stored_root_crl(self, root: x509.Certificate) -> x509.CertificateRevocationList | None:
+        """The root CRL in the home, when it is readable and signed by ``root``."""
         path = self.home / ROOT_CRL_NAME
         try:
             crl = x509.load_der_x509_crl(path.read_bytes())
@@ -1098,8 +2019,8 @@ class CertificateAuthority:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable %s (%s)", path, exc)
             return None
-        if crl.issuer != self.root.subject or not crl.is_signature_valid(
-            self.root.public_key()  # type: ignore[arg-type]
+        if crl.issuer != root.subject or not crl.is_signature_valid(
+            root.public_key()  # type: ignore[arg-type]
         ):
             log.warning("ignoring %s: it is not signed by this CA's root", path)
             return None
@@ -1107,33 +2028,57 @@ class CertificateAuthority:
 
     def chain_crls(
         self, *, actor: str | None = None, now: datetime | None = None
-    ) -> tuple[x509.CertificateRevocationList, x509.CertificateRevocationList]:
-        """Return the CRLs for the whole chain: the intermediate's (leaves), the root's.
+    ) -> tuple[x509.CertificateRevocationList, ...]:
+        """Return the CRLs for every chain: each published intermediate's (leaves),
+        then each published root's (intermediates). Outside a rotation: two.
 
         Raises:
             ConfigError: See :meth:`root_crl`.
+
+        .. versionchanged:: 0.3
+           One CRL per published issuer.
         """
-        return self.crl(actor=actor, now=now), self.root_crl(actor=actor, now=now)
+        issuers = self._issuers
+        leaves = [
+            self.crl(issuer=i.ski, actor=actor, now=now) for i in issuers.live("intermediate")
+        ]
+        roots = [self.root_crl(root=r.ski, actor=actor, now=now) for r in issuers.live("root")]
+        return (*leaves, *roots)
 
     def ocsp_response(
         self, request: ocsp.OCSPRequest, *, now: datetime | None = None
     ) -> ocsp.OCSPResponse:
-        """Answer an OCSP request for a certificate of this CA."""
-        if not request_matches_issuer(request, self.intermediate):
+        """Answer an OCSP request for a certificate of a published intermediate, signed
+        by that intermediate ("unknown", signed by the active one, for anything else)."""
+        issuers = self._issuers
+        responder = next(
+            (
+                i
+                for i in issuers.live("intermediate")
+                if request_matches_issuer(request, i.certificate)
+            ),
+            None,
+        )
+        if responder is None:
             status = OCSPStatus("unknown")
+            responder = issuers.active("intermediate")
         else:
             try:
                 record = self.store.get_certificate(_serial_hex(request.serial_number))
             except NotFoundError:
                 status = OCSPStatus("unknown")
             else:
-                if record.revoked_at is not None:
+                if record.issuer != responder.ski:
+                    status = OCSPStatus("unknown")
+                elif record.revoked_at is not None:
                     status = OCSPStatus(
                         "revoked", record.revoked_at, record.revocation_reason or "unspecified"
                     )
                 else:
                     status = OCSPStatus("good")
-        return build_ocsp_response(request, status, self.intermediate, self.signing_key, now=now)
+        return build_ocsp_response(
+            request, status, responder.certificate, self.key_of(responder), now=now
+        )
 
     # -- listing, export, audit -----------------------------------------------------
 

@@ -22,11 +22,33 @@ from trustmesh.pki import (
     parse_duration,
 )
 
-__all__ = ["CONFIG_NAME", "DEFAULT_ROOT_CRL_LIFETIME", "URL_KEYS", "CAConfig", "check_urls"]
+__all__ = [
+    "CONFIG_NAME",
+    "DEFAULT_MIN_OVERLAP",
+    "DEFAULT_ROOT_CRL_LIFETIME",
+    "URL_KEYS",
+    "CAConfig",
+    "check_urls",
+]
 
 CONFIG_NAME = "config.toml"
 #: Lifetime of the root-signed CRL of the intermediates (re-signed at half of it).
 DEFAULT_ROOT_CRL_LIFETIME = timedelta(days=30)
+#: How long a prepared issuer's bundle is published before it may sign (rotation).
+DEFAULT_MIN_OVERLAP = timedelta(hours=1)
+
+
+def _fraction(data: Mapping[str, object], key: str, default: float, path: Path) -> float:
+    raw = data.get(key, default)
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < 1:
+        raise ConfigError(
+            f"{path}: {key} = {raw!r} must be a fraction of the intermediate's lifetime "
+            f"between 0 and 1 (default {default:g}).",
+            field=key,
+        )
+    return float(raw)
+
+
 #: Config keys holding public URLs, and what each is for (in error messages).
 URL_KEYS = {
     "crl_urls": "the leaf CRL (e.g. http://ca.internal:8080/crl)",
@@ -93,6 +115,17 @@ class CAConfig:
         admins: SPIFFE IDs (or globs) that may revoke any certificate over the API.
         backdate: How far ``notBefore`` of every certificate lies before the CA's clock
             (0 to 10 minutes), to absorb clock skew between hosts.
+        rotation_min_overlap: How long a prepared issuer's bundle must have been
+            published before ``ca rotate ... activate`` lets it sign.
+        rotation_auto: ``ca serve`` prepares, activates and retires intermediate
+            rotations by itself (see docs/rotation.md).
+        rotation_prepare_at, rotation_activate_at: Fractions of the active
+            intermediate's lifetime at which ``ca serve`` prepares and activates.
+        intermediate_lifetime, root_lifetime: Lifetimes of the CA certificates a
+            rotation creates.
+        pkcs11: The PKCS#11 token URI (RFC 7512, no PIN) where ``ca init --pkcs11``
+            put the CA keys; rotations create their new keys there too. Empty: keys
+            are files or in the store.
     """
 
     trust_domain: str
@@ -107,6 +140,13 @@ class CAConfig:
     default_profile: str = "service"
     admins: tuple[str, ...] = ()
     backdate: timedelta = BACKDATE
+    rotation_min_overlap: timedelta = DEFAULT_MIN_OVERLAP
+    rotation_auto: bool = True
+    rotation_prepare_at: float = 0.5
+    rotation_activate_at: float = 2 / 3
+    intermediate_lifetime: timedelta = timedelta(days=365)
+    root_lifetime: timedelta = timedelta(days=3650)
+    pkcs11: str = ""
 
     @classmethod
     def new(
@@ -119,6 +159,7 @@ class CAConfig:
         ocsp_urls: tuple[str, ...] = (),
         root_crl_urls: tuple[str, ...] = (),
         backdate: timedelta = BACKDATE,
+        pkcs11: str = "",
     ) -> CAConfig:
         """Return the configuration ``ca init`` writes.
 
@@ -135,6 +176,7 @@ class CAConfig:
             root_crl_urls=check_urls("root_crl_urls", root_crl_urls, source="--root-crl-url"),
             profiles={profile.name: profile},
             backdate=backdate,
+            pkcs11=pkcs11,
         )
 
     def profile(self, name: str | None) -> Profile:
@@ -184,7 +226,34 @@ class CAConfig:
             raise ConfigError(
                 f"{path}: default_profile {default!r} is not one of {sorted(profiles)}."
             )
+        prepare_at = _fraction(data, "rotation_prepare_at", 0.5, path)
+        activate_at = _fraction(data, "rotation_activate_at", 2 / 3, path)
+        if activate_at <= prepare_at:
+            raise ConfigError(
+                f"{path}: rotation_activate_at ({activate_at:g}) must come after "
+                f"rotation_prepare_at ({prepare_at:g}).",
+                field="rotation_activate_at",
+            )
+        auto = data.get("rotation_auto", True)
+        if not isinstance(auto, bool):
+            raise ConfigError(
+                f"{path}: rotation_auto must be true or false.", field="rotation_auto"
+            )
         return cls(
+            rotation_min_overlap=parse_duration(
+                str(data.get("rotation_min_overlap", format_duration(DEFAULT_MIN_OVERLAP))),
+                field=f"{path}: rotation_min_overlap",
+            ),
+            rotation_auto=auto,
+            rotation_prepare_at=prepare_at,
+            rotation_activate_at=activate_at,
+            intermediate_lifetime=parse_duration(
+                str(data.get("intermediate_lifetime", "365d")),
+                field=f"{path}: intermediate_lifetime",
+            ),
+            root_lifetime=parse_duration(
+                str(data.get("root_lifetime", "3650d")), field=f"{path}: root_lifetime"
+            ),
             trust_domain=trust_domain,
             db=db,
             key_type=KeyType.parse(str(data.get("key_type", "ec-p256"))),
@@ -204,6 +273,7 @@ class CAConfig:
                 str(data.get("backdate", format_duration(BACKDATE))),
                 field=f"{path}: backdate",
             ),
+            pkcs11=str(data.get("pkcs11", "")),
         )
 
     def dumps(self) -> str:
@@ -227,7 +297,22 @@ class CAConfig:
             f"default_profile = {_toml_value(self.default_profile)}",
             "# SPIFFE IDs (or globs) allowed to revoke any certificate through 'ca serve'.",
             f"admins = {_toml_value(list(self.admins))}",
+            "# Staged rotation of the intermediate and the root; see docs/rotation.md.",
+            "# A prepared issuer's bundle is published this long before it may sign:",
+            f"rotation_min_overlap = {_toml_value(format_duration(self.rotation_min_overlap))}",
+            "# 'ca serve' rotates the intermediate by itself at these fractions of its life.",
+            f"rotation_auto = {_toml_value(self.rotation_auto)}",
+            f"rotation_prepare_at = {self.rotation_prepare_at:.4g}",
+            f"rotation_activate_at = {self.rotation_activate_at:.4g}",
+            f"intermediate_lifetime = {_toml_value(format_duration(self.intermediate_lifetime))}",
+            f"root_lifetime = {_toml_value(format_duration(self.root_lifetime))}",
         ]
+        if self.pkcs11:
+            lines += [
+                "# The PKCS#11 token holding the CA keys; rotations create new keys there",
+                "# (docs/hsm.md). The PIN comes from pin-source or TRUSTMESH_PKCS11_PIN.",
+                f"pkcs11 = {_toml_value(self.pkcs11)}",
+            ]
         for name, profile in self.profiles.items():
             lines += ["", f"[profiles.{name}]"]
             lines += [f"{k} = {_toml_value(v)}" for k, v in profile.to_mapping().items()]

@@ -8,6 +8,7 @@ status; the servers map classes to statuses by walking the MRO.
 
     TrustmeshError                  # root: one except catches all of ours
     ├── ConfigError                 # bad settings or CLI input (CLI exit code 2)
+    │   └── BackupError             # a backup archive is damaged, truncated or locked
     ├── PKIError
     │   ├── CSRError                # unparsable, bad signature, too large
     │   ├── PolicyError             # profile forbids SAN/EKU/key/lifetime
@@ -35,6 +36,7 @@ from __future__ import annotations
 __all__ = [
     "APIError",
     "AuditError",
+    "BackupError",
     "CSRError",
     "CertificateExpiredError",
     "CertificateRevokedError",
@@ -72,6 +74,15 @@ class TrustmeshError(Exception):
 
 class ConfigError(TrustmeshError):
     """Bad settings, bad command-line input, or a missing/invalid file."""
+
+
+class BackupError(ConfigError):
+    """A backup archive cannot be read: wrong passphrase, damaged, truncated, unknown format.
+
+    ``details["reason"]`` is ``passphrase``, ``damaged``, ``truncated`` or ``format``.
+
+    .. versionadded:: 0.1
+    """
 
 
 class PKIError(TrustmeshError):

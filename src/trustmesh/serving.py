@@ -73,11 +73,18 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def issue_server_identity(
-    ca: CertificateAuthority, host: str, directory: Path, *, path: str, actor: str = "ca-server"
+    ca: CertificateAuthority,
+    host: str,
+    directory: Path,
+    *,
+    path: str,
+    actor: str = "ca-server",
+    ttl: timedelta | None = None,
 ) -> tuple[Path, Path]:
     """Issue a server's own certificate (SPIFFE ID path ``path``) into ``directory``.
 
     It names ``localhost``, ``127.0.0.1`` and the listen address; the key is mode 0600.
+    ``ttl``: its lifetime (default: 7 days, capped by the default profile's max_ttl).
     Returns the chain and key paths.
     """
     ips: list[str] = []
@@ -95,7 +102,7 @@ def issue_server_identity(
         f"spiffe://{ca.config.trust_domain}{path}",
         dns=dns,
         ips=ips,
-        ttl=min(timedelta(days=7), ca.config.profile(None).max_ttl),
+        ttl=ttl or min(timedelta(days=7), ca.config.profile(None).max_ttl),
         actor=actor,
     )
     assert issued.key is not None  # noqa: S101 - issue() always generates one
@@ -157,16 +164,19 @@ def run_https(
     roots: str,
     name: str,
     log_level: str = "info",
+    context: Callable[[], ssl.SSLContext] | None = None,
     sockets: Sequence[socket.socket] | None = None,
     started: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
     Client certificates are requested (verified against ``roots``), not required; the
-    TLS shim hands them to the app in the ASGI ``tls`` extension. A SIGTERM ends with
-    exit status 0, so supervisors see a clean stop. ``sockets`` are already bound
-    listening sockets to serve on instead of binding ``listen`` (worker processes);
-    ``started`` is called once the server accepts connections.
+    TLS shim hands them to the app in the ASGI ``tls`` extension. ``context`` (when
+    given) builds the listener context instead, e.g. one whose ``sni_callback``
+    swaps in a re-issued certificate. A SIGTERM ends with exit status 0, so
+    supervisors see a clean stop. ``sockets`` are already bound listening sockets to
+    serve on instead of binding ``listen`` (worker processes); ``started`` is called
+    once the server accepts connections.
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -175,6 +185,8 @@ def run_https(
     host, port = parse_listen(listen)
 
     def context_factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        if context is not None:
+            return context()
         return server_context(chain, key, cadata=roots, client_cert="optional")
 
     log_refused_handshakes()

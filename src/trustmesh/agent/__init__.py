@@ -2,6 +2,7 @@
 and the chain CRL file) fresh on disk."""
 
 from ._agent import MAX_SLEEP, RELOAD_TIMEOUT, Agent, Outcome, Reload
+from ._bundle import BundleFollower
 from ._crl import CRLKeeper, HAProxyRuntime
 from ._identity import (
     IDENTITY_FILES,
@@ -29,6 +30,7 @@ __all__ = [
     "RELOAD_TIMEOUT",
     "RENEW_FRACTION",
     "Agent",
+    "BundleFollower",
     "CRLKeeper",
     "HAProxyRuntime",
     "LocalIdentity",

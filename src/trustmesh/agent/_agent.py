@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh.client import DEFAULT_TIMEOUT, CAClient, EnrollResult, check_ca_url
 from trustmesh.errors import APIError, ConfigError, TransportError, TrustmeshError
@@ -39,7 +40,9 @@ from trustmesh.pki import (
     parse_dns_name,
     parse_duration,
     parse_ip_address,
+    verify_chain,
 )
+from trustmesh.tls import BundleUpdate
 
 from ._identity import (
     IDENTITY_FILES,
@@ -428,10 +431,81 @@ class Agent:
 
     # -- calls to the CA --------------------------------------------------------------
 
+    def ca_bundle(self) -> Path:
+        """The PEM file to verify the CA server with: the bundle.pem the CA last sent
+        (over TLS verified against the bundle before it), else ``bundle``.
+
+        After a root rotation the CA's own certificate chains only to the new root,
+        which an initial ``--bundle`` file does not hold.
+        """
+        written = self.out / "bundle.pem"
+        if written != self.trust_bundle and written.exists():
+            try:
+                if x509.load_pem_x509_certificates(written.read_bytes()):
+                    return written
+            except (OSError, ValueError):
+                log.warning("ignoring unreadable %s", written)
+        return self.trust_bundle
+
+    def apply_bundle(self, update: BundleUpdate, *, now: datetime | None = None) -> list[Path]:
+        """Write a trust bundle the CA published to bundle.pem and the truststore, then
+        reload the workload; nothing when the files already hold it.
+
+        Returns:
+            The files written.
+
+        Raises:
+            TrustmeshError: The bundle is empty, or our own certificate does not verify
+                against it (it would cut us off): the current files stay.
+            ConfigError: The files cannot be written (the current ones stay).
+
+        .. versionadded:: 0.3
+        """
+        if not update.roots:
+            raise TrustmeshError(f"bundle {update.sequence} holds no certificate")
+        when = now or datetime.now(UTC)
+        state = self.current(when)
+        if isinstance(state, LocalIdentity):
+            chain = x509.load_pem_x509_certificates((self.out / "chain.pem").read_bytes())
+            try:
+                verify_chain(
+                    chain[0],
+                    [*chain[1:], *update.intermediates],
+                    update.roots,
+                    usage="client",
+                    now=when,
+                )
+            except TrustmeshError as exc:
+                raise TrustmeshError(
+                    f"bundle {update.sequence} does not trust our own certificate "
+                    f"{state.serial} ({exc.message})"
+                ) from None
+        bundle_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in update.roots)
+        path = self.out / "bundle.pem"
+        try:
+            same = path.read_bytes() == bundle_pem
+        except OSError:
+            same = False
+        entries: list[tuple[Path, bytes, int]] = [] if same else [(path, bundle_pem, 0o644)]
+        if self.stores is not None and self.stores.truststore is not None:
+            trust_only = PKCS12Stores(
+                truststore=self.stores.truststore,
+                password=self.stores.password,
+                legacy=self.stores.legacy,
+            )
+            if same is False or trust_only.outdated([], list(update.roots)):
+                entries += trust_only.render(None, [], list(update.roots))  # type: ignore[arg-type]
+        if not entries:
+            return []
+        self._prepare()
+        written = replace_files(entries, what="trust bundle")
+        self._reload(written, "bundle update", str(self.spiffe_id), f"bundle {update.sequence}")
+        return written
+
     def _client(self, *, identity: bool) -> CAClient:
         return CAClient(
             self.ca_url,
-            bundle=self.trust_bundle,
+            bundle=self.ca_bundle(),
             cert_dir=self.out if identity else None,
             timeout=self.timeout,
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -30,7 +31,7 @@ from cryptography import x509
 
 from trustmesh.errors import ConfigError, TransportError, TrustmeshError
 from trustmesh.files import atomic_write, stage_file
-from trustmesh.pki import pem_crls
+from trustmesh.pki import pem_crls, verify_ca_certificate
 from trustmesh.tls import RevocationSet, client_context
 
 from ._agent import Reload
@@ -148,6 +149,21 @@ def _signed_by(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> b
     )
 
 
+def _check_creatable(directory: Path, path: Path) -> None:
+    """Refuse ``path`` when ``directory`` (not there yet) cannot be created: its nearest
+    existing ancestor must be a directory the agent may write. Creates nothing."""
+    parent = directory.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"Cannot write {path}: --out {directory} does not exist and {parent} is not a "
+            f"writable directory to create it in. Give --out and --crl paths the agent may "
+            f"write.",
+            path=str(path),
+        )
+
+
 @dataclass
 class _Hook:
     """One reload hook and its retry state."""
@@ -216,8 +232,12 @@ class CRLKeeper:
                 f"{self.path / 'chain-crl.pem'}.",
                 path=str(self.path),
             )
-        probe = stage_file(self.path, b"")  # the same temp file + rename a write uses
-        probe.unlink()
+        if self.path.parent.absolute() == self.out.absolute() and not self.out.exists():
+            # the agent creates --out before its first write: check what it will create it in
+            _check_creatable(self.out, self.path)
+        else:
+            probe = stage_file(self.path, b"")  # the same temp file + rename a write uses
+            probe.unlink()
         if self.haproxy is not None:
             self.haproxy.check(self.path)
 
@@ -254,6 +274,9 @@ class CRLKeeper:
         except (OSError, ValueError):
             issuers = []
         now = datetime.now(UTC)
+        if not all(any(_signed_by(crl, c) for c in (*roots, *issuers)) for crl in crls):
+            # During a CA rotation the chain CRLs include the other intermediate's.
+            issuers += self._published_intermediates(roots, now)
         for crl in crls:
             if not any(_signed_by(crl, c) for c in (*roots, *issuers)):
                 raise TrustmeshError(
@@ -273,6 +296,26 @@ class CRLKeeper:
             )
         self._schedule_refresh(crls, now)
         return pem_crls(crls)
+
+    def _published_intermediates(
+        self, roots: list[x509.Certificate], now: datetime
+    ) -> list[x509.Certificate]:
+        """The CA's published intermediates that chain to ``roots`` (none on failure)."""
+        url = f"{self.ca_url}/v1/bundle"
+        try:
+            with httpx.Client(verify=self._context(), timeout=self.timeout, trust_env=False) as c:
+                response = c.get(url, params={"format": "intermediates"})
+            published = x509.load_pem_x509_certificates(response.content)
+        except (httpx.HTTPError, OSError, ValueError):
+            return []
+        good = []
+        for cert in published:
+            try:
+                verify_ca_certificate(cert, published, roots, now=now)
+            except TrustmeshError:
+                continue
+            good.append(cert)
+        return good
 
     def _schedule_refresh(self, crls: list[x509.CertificateRevocationList], now: datetime) -> None:
         due = min(

@@ -32,6 +32,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -40,9 +41,10 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
+from trustmesh.acme import ACMEConfig, ACMEServer, sealing_key
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import (
     ConfigError,
@@ -67,7 +69,13 @@ from ._clock import ClockWatch
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
-from ._problems import DATABASE_UNAVAILABLE, is_database_failure, problem, problem_for
+from ._problems import (
+    DATABASE_UNAVAILABLE,
+    is_database_failure,
+    is_driver_conflict,
+    problem,
+    problem_for,
+)
 
 __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
@@ -94,6 +102,7 @@ class ServerSettings:
         enroll_rate_per_token, enroll_burst_per_token: Token bucket per join token.
         feed_heartbeat: Seconds between keep-alive comments on the event stream.
         body_timeout: Seconds a request body may take to arrive (408 after).
+        acme: ACME provisioners served under ``/acme`` (none: no ACME).
     """
 
     admins: tuple[str, ...] = ()
@@ -104,8 +113,11 @@ class ServerSettings:
     enroll_burst_per_token: int = 5
     feed_heartbeat: float = 15.0
     body_timeout: float = BODY_TIMEOUT
+    acme: ACMEConfig | None = None
     _crl_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _crl_cache: tuple[tuple[int, int], float, bytes, int] | None = field(default=None, repr=False)
+    _crl_cache: dict[str, tuple[tuple[int, int, int], float, bytes, int]] = field(
+        default_factory=dict, repr=False
+    )
 
 
 def _b64url(data: bytes) -> str:
@@ -219,6 +231,7 @@ def _peer_certificate(request: Request) -> x509.Certificate | None:
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
+_ENTRY_ROUTE = "/v1/entries/{entry_id}"
 #: What a GET on the plain listener must look like to be read as an OCSP request
 #: (RFC 6960 A.1: the base64 DER appended to the responder URL; even the smallest
 #: request is longer than this).
@@ -229,7 +242,14 @@ _PLAIN_ONLY = (
     "PEM); everything else is on the HTTPS API."
 )
 #: Refusals on these routes are also written to the audit chain.
-_AUDITED_DENIALS = {"/v1/enroll", "/v1/renew", "/v1/revoke"}
+_AUDITED_DENIALS = {
+    "/v1/enroll",
+    "/v1/renew",
+    "/v1/revoke",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
+}
 
 
 class _Metrics:
@@ -263,8 +283,43 @@ class _Metrics:
             buckets=LATENCY_BUCKETS,
         )
 
+        self.expiry = Gauge(
+            "trustmesh_ca_certificate_expiry_seconds",
+            "Seconds until the CA's own certificate of this role expires (negative: expired)",
+            ["role"],
+            registry=self.registry,
+        )
+
+    def watch_expiry(self, ca: CertificateAuthority) -> None:
+        """Compute the expiry gauges on each scrape, so they never go stale."""
+
+        def left(role: str) -> Callable[[], float]:
+            return lambda: next(e.seconds_left for e in ca.issuer_expiry() if e.role == role)
+
+        for item in ca.issuer_expiry():
+            self.expiry.labels(role=item.role).set_function(left(item.role))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: The ACME resources (``/acme/PROVISIONER/RESOURCE``) counted as their own metric series.
+_ACME_RESOURCES = frozenset(
+    {
+        "directory",
+        "new-nonce",
+        "new-account",
+        "account",
+        "new-order",
+        "order",
+        "authz",
+        "chall",
+        "cert",
+        "revoke-cert",
+        "key-change",
+        "renewal-info",
+    }
+)
 
 
 def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
@@ -272,7 +327,19 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
-        if route not in _KNOWN_ROUTES and not route.endswith("{request}"):
+        if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
+            route = _ENTRY_ROUTE
+        if path.startswith("/acme/"):
+            # /acme/PROVISIONER/RESOURCE[/ID]: one series per known resource, never per ID
+            # or per name a caller made up (the label set stays bounded).
+            parts = path.split("/")
+            resource = parts[3] if len(parts) > 3 else ""
+            route = f"/acme/{{provisioner}}/{resource if resource in _ACME_RESOURCES else 'other'}"
+        if (
+            route not in _KNOWN_ROUTES
+            and not route.startswith("/acme/")
+            and not route.endswith(("{request}", "{entry_id}"))
+        ):
             route = "other"
         if not path.endswith("/stream"):
             metrics.latency.labels(method, route, str(status)).observe(seconds)
@@ -294,6 +361,9 @@ _KNOWN_ROUTES = {
     "/v1/revoke",
     "/v1/revocations",
     "/v1/certificates",
+    "/v1/entries",
+    "/v1/entries/svid",
+    "/v1/entries/jwt-svid",
     "/v1/openapi.json",
 }
 
@@ -341,6 +411,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     opts = settings or ServerSettings()
     hub = RevocationHub(ca)
     metrics = _Metrics()
+    metrics.watch_expiry(ca)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
@@ -394,10 +465,11 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             route = request.url.path
             client = request.client.host if request.client else "?"
             metrics.denied.labels(route=route, reason=reason).inc()
-            if is_database_failure(exc):
+            if is_database_failure(exc) or is_driver_conflict(exc):
                 # The caller sees a generic detail; the cause (URL, driver error) is here.
                 log.error(
-                    "database failure on %s %s: %s",
+                    "database %s on %s %s: %s",
+                    "failure" if is_database_failure(exc) else "conflict",
                     request.method,
                     route,
                     exc.message,
@@ -459,42 +531,56 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def bundle(request: Request) -> Response:
         fmt = request.query_params.get("format", "pem")
+        sequence = ca.bundle_sequence
+        # Short caching: a rotation step must reach pollers within the overlap.
+        headers = {"Cache-Control": "max-age=30", "ETag": f'"bundle-{sequence}"'}
         if fmt == "spiffe":
+            jwt_keys = await run_in_threadpool(ca.jwt_keys)
             doc = {
-                "keys": [_jwk(c) for c in ca.bundle],
-                "spiffe_refresh_hint": 300,
-                "spiffe_sequence": 1,
+                "keys": [_jwk(c) for c in ca.bundle] + jwt_keys,
+                "spiffe_refresh_hint": 60,
+                "spiffe_sequence": sequence,
             }
-            return JSONResponse(doc, headers={"Cache-Control": "max-age=300"})
+            return JSONResponse(doc, headers=headers)
+        if fmt == "intermediates":
+            return Response(
+                pem_certificates(ca.chain_certificates),
+                media_type="application/x-pem-file",
+                headers=headers,
+            )
         if fmt != "pem":
-            return problem(400, "Bad request", f"Unknown format {fmt!r}: use 'pem' or 'spiffe'.")
+            return problem(
+                400,
+                "Bad request",
+                f"Unknown format {fmt!r}: use 'pem', 'spiffe' or 'intermediates'.",
+            )
         return Response(
-            pem_certificates(ca.bundle),
-            media_type="application/x-pem-file",
-            headers={"Cache-Control": "max-age=300"},
+            pem_certificates(ca.bundle), media_type="application/x-pem-file", headers=headers
         )
 
-    def current_crl() -> tuple[bytes, int]:
-        state = ca.store.revocation_state()
+    def current_crl(issuer: str | None = None) -> tuple[bytes, int]:
+        state = (*ca.store.revocation_state(), ca.bundle_sequence)
+        key = issuer or ca.issuer_id
         with opts._crl_lock:
-            cached = opts._crl_cache
+            cached = opts._crl_cache.get(key)
             if (
                 cached is not None
                 and cached[0] == state
                 and time.monotonic() - cached[1] < opts.crl_max_age
             ):
                 return cached[2], cached[3]
-            crl = ca.crl(actor="ca-server")
+            crl = ca.crl(issuer=key, actor="ca-server")
             number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
             der = crl.public_bytes(serialization.Encoding.DER)
-            opts._crl_cache = (state, time.monotonic(), der, number)
+            opts._crl_cache[key] = (state, time.monotonic(), der, number)
             return der, number
 
     async def crl(request: Request) -> Response:
         return await guarded(request, lambda: crl_response(request))
 
     async def crl_response(request: Request) -> Response:
-        der, number = await run_in_threadpool(current_crl)
+        issuer = request.query_params.get("issuer")
+        der, number = await run_in_threadpool(current_crl, issuer)
         etag = f'"crl-{number}"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"ETag": etag})
@@ -519,20 +605,29 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             headers={"Cache-Control": "max-age=3600"},
         )
 
+    def root_crl_of(ski: str) -> x509.CertificateRevocationList:
+        return ca.root_crl(root=ski, actor="ca-server")
+
     async def crl_chain(request: Request) -> Response:
         async def work() -> Response:
-            der, number = await run_in_threadpool(current_crl)
+            issuers = ca.issuers
+            leaves = [
+                await run_in_threadpool(current_crl, i.ski) for i in issuers.live("intermediate")
+            ]
             try:
-                root = await run_in_threadpool(ca.root_crl, actor="ca-server")
+                roots = [await run_in_threadpool(root_crl_of, r.ski) for r in issuers.live("root")]
             except ConfigError as exc:
                 log.error("cannot serve the chain CRLs: %s", exc.message)
                 return problem(503, "Root CRL unavailable", exc.message)
-            root_number = root.extensions.get_extension_for_class(x509.CRLNumber).value
-            etag = f'"crl-{number}-root-{root_number.crl_number}"'
+            numbers = [str(n) for _, n in leaves] + [
+                str(r.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+                for r in roots
+            ]
+            etag = f'"crl-{"-".join(numbers)}"'
             if request.headers.get("if-none-match") == etag:
                 return Response(status_code=304, headers={"ETag": etag})
             return Response(
-                pem_crls([x509.load_der_x509_crl(der), root]),
+                pem_crls([x509.load_der_x509_crl(der) for der, _ in leaves] + roots),
                 media_type="application/x-pem-file",
                 headers={"Cache-Control": f"max-age={min(opts.crl_max_age, 60)}", "ETag": etag},
             )
@@ -694,11 +789,34 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             subscriber, _ = await caller(request)
             subscriber_serial = format(subscriber.serial_number, "x")
             since = cursor_param(request)
+            # Subscribers that follow trust changes pass the bundle sequence they hold
+            # (0: none): they get a bundle event now if theirs is not the current one,
+            # and one after every rotation step.
+            raw_bundle = request.query_params.get("bundle")
+            if raw_bundle is not None and not raw_bundle.isdigit():
+                raise ConfigError(
+                    f"bundle={raw_bundle!r} is not a bundle sequence: pass the sequence of "
+                    f"the bundle you hold (an integer), or 0.",
+                    reason="bad_bundle_sequence",
+                )
+            held = None if raw_bundle is None else int(raw_bundle)
+
+            def bundle_event() -> str:
+                data = {
+                    "sequence": ca.bundle_sequence,
+                    "bundle": pem_certificates(ca.bundle).decode(),
+                    "intermediates": pem_certificates(ca.chain_certificates).decode(),
+                }
+                return f"event: bundle\ndata: {json.dumps(data)}\n\n"
 
             async def events() -> AsyncIterator[str]:
+                nonlocal held
                 cursor = since
                 yield "retry: 1000\n: trustmesh revocation feed\n\n"
                 while True:
+                    if held is not None and held != hub.bundle_sequence:
+                        held = hub.bundle_sequence
+                        yield bundle_event()
                     batch = await hub.events_since(cursor)
                     for event in batch:
                         cursor = event.cursor
@@ -712,7 +830,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                             return
                     if len(batch) == 1000:
                         continue
-                    if not await hub.wait_beyond(cursor, opts.feed_heartbeat):
+                    if not await hub.wait_beyond(cursor, opts.feed_heartbeat, held):
                         yield ": keep-alive\n\n"
                     if await request.is_disconnected():
                         return
@@ -762,8 +880,144 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
         return await guarded(request, work)
 
+    def require_admin(spiffe_id: SpiffeID, what: str) -> None:
+        if not is_admin(spiffe_id):
+            raise ScopeError(
+                f"{what} is for admins ({list(opts.admins)}); {spiffe_id} is not one.",
+                reason="not_admin",
+            )
+
+    async def entries(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            if request.method == "POST":
+                require_admin(spiffe_id, "Creating registration entries")
+                return await create_entry(request, spiffe_id)
+            node = request.query_params.get("node")
+            if not is_admin(spiffe_id):
+                if node is not None and node != spiffe_id.uri:
+                    raise ScopeError(
+                        f"{spiffe_id} may list only its own entries (node={spiffe_id.uri}).",
+                        reason="not_admin",
+                    )
+                node = spiffe_id.uri  # a node sees its own entries
+            found = await run_in_threadpool(lambda: ca.list_entries(node_id=node))
+            return JSONResponse(
+                {"entries": [e.to_json() for e in found]}, headers={"Cache-Control": "no-store"}
+            )
+
+        return await guarded(request, work)
+
+    async def create_entry(request: Request, spiffe_id: SpiffeID) -> Response:
+        data = await _json_body(request, "spiffe_id", "node_id", timeout=opts.body_timeout)
+        if isinstance(data, Response):
+            return data
+        selectors, dns = data.get("selectors"), data.get("dns", [])
+        for name, value in (("selectors", selectors), ("dns", dns)):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(
+                    f"'{name}' must be a list of strings, e.g. [\"unix:uid:1001\"].",
+                    reason="bad_entry",
+                )
+        entry = await run_in_threadpool(
+            lambda: ca.create_entry(
+                data["spiffe_id"],
+                node_id=data["node_id"],
+                selectors=selectors or [],
+                dns=dns,
+                ttl=ttl_field(data),
+                actor=str(spiffe_id),
+            )
+        )
+        log.info(
+            "created entry %s for %s on %s",
+            entry.entry_id,
+            entry.spiffe_id,
+            entry.node_id,
+            extra={"event": "entry-create", "entry_id": entry.entry_id},
+        )
+        return JSONResponse(entry.to_json(), status_code=201)
+
+    async def entry_item(request: Request) -> Response:
+        async def work() -> Response:
+            _, spiffe_id = await caller(request)
+            entry_id = request.path_params["entry_id"]
+            if request.method == "DELETE":
+                require_admin(spiffe_id, "Deleting registration entries")
+                gone = await run_in_threadpool(
+                    lambda: ca.delete_entry(entry_id, actor=str(spiffe_id))
+                )
+                return JSONResponse({"deleted": gone.to_json()})
+            entry = await run_in_threadpool(ca.get_entry, entry_id)
+            if not is_admin(spiffe_id) and entry.node_id != spiffe_id.uri:
+                raise ScopeError(
+                    f"Entry {entry.entry_id} belongs to node {entry.node_id}; {spiffe_id} "
+                    f"may read only its own entries.",
+                    reason="wrong_node",
+                )
+            return JSONResponse(entry.to_json())
+
+        return await guarded(request, work)
+
+    async def entry_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_entry verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", "csr", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            issued = await run_in_threadpool(
+                lambda: ca.sign_entry(cert, data["entry_id"], data["csr"].encode())
+            )
+            metrics.issued.labels(kind="entry").inc()
+            log.info(
+                "issued %s serial %s for entry %s",
+                issued.record.spiffe_id,
+                issued.record.serial,
+                data["entry_id"],
+                extra={
+                    "event": "entry-svid",
+                    "spiffe_id": issued.record.spiffe_id,
+                    "serial": issued.record.serial,
+                },
+            )
+            return JSONResponse(_issued_json(issued), status_code=201)
+
+        return await guarded(request, work)
+
+    async def entry_jwt_svid(request: Request) -> Response:
+        async def work() -> Response:
+            cert = peer(request)  # ca.sign_jwt_svid verifies it (chain, expiry, revocation)
+            data = await _json_body(request, "entry_id", timeout=opts.body_timeout)
+            if isinstance(data, Response):
+                return data
+            audience = data.get("audience")
+            if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+                raise ConfigError(
+                    "'audience' must be a list of strings, e.g. [\"spiffe://example.org/db\"].",
+                    reason="bad_audience",
+                )
+            token, expires = await run_in_threadpool(
+                lambda: ca.sign_jwt_svid(cert, data["entry_id"], audience)
+            )
+            metrics.issued.labels(kind="jwt-svid").inc()
+            return JSONResponse(
+                {"token": token, "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%SZ")},
+                status_code=201,
+                headers={"Cache-Control": "no-store"},
+            )
+
+        return await guarded(request, work)
+
     async def metrics_endpoint(_: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    acme: ACMEServer | None = None
+    if opts.acme is not None and opts.acme.provisioners:
+
+        async def acme_revoked() -> None:
+            await hub.bump(await run_in_threadpool(ca.store.latest_revocation_cursor))
+
+        acme = ACMEServer(ca, opts.acme, eab_key=sealing_key(ca), on_revoked=acme_revoked)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -771,9 +1025,13 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         # two cores more threads only queue for the GIL and open pool overflow.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         await hub.start()
+        if acme is not None:
+            await acme.start()
         try:
             yield
         finally:
+            if acme is not None:
+                await acme.stop()
             await hub.stop()
             pool.shutdown(wait=False)
 
@@ -795,11 +1053,17 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             Route("/v1/revocations", revocations),
             Route("/v1/revocations/stream", revocation_stream),
             Route("/v1/certificates", certificates),
+            Route("/v1/entries", entries, methods=["GET", "POST"]),
+            Route("/v1/entries/svid", entry_svid, methods=["POST"]),
+            Route("/v1/entries/jwt-svid", entry_jwt_svid, methods=["POST"]),
+            Route("/v1/entries/{entry_id}", entry_item, methods=["GET", "DELETE"]),
             Route("/metrics", metrics_endpoint),
             Route("/v1/openapi.json", openapi_response),
+            *([Mount("/acme", app=acme.app)] if acme is not None else []),
         ],
     )
     app.state.hub = hub
+    app.state.acme = acme
 
     # The plain-HTTP listener (``ca serve --ocsp-listen``): the same OCSP and CRL
     # handlers, nothing else. Plain HTTP is what RFC 6960 and RFC 5280 peers fetch

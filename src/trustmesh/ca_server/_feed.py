@@ -6,6 +6,11 @@ PostgreSQL ``LISTEN`` on the channel every revocation ``NOTIFY``s at commit
 (sub-second across replicas), plus a periodic poll of the newest cursor as the
 safety net (and the only mechanism on SQLite). A subscriber that reconnects with
 its last cursor misses nothing, whatever happened meanwhile.
+
+The same poll (and ``NOTIFY`` payloads ``bundle:SEQUENCE``) notices when the CA's
+issuers change (a rotation step by the CLI or another replica): the hub re-reads
+them (:meth:`CertificateAuthority.refresh`), so this replica signs with the active
+issuer and serves the new bundle, and wakes every stream to send a ``bundle`` event.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -39,6 +45,9 @@ class RevocationHub:
         postgres = ca.store.dialect == "postgresql"
         self.poll_interval = poll_interval or (1.0 if postgres else 0.25)
         self.latest = 0
+        #: The CA's bundle sequence as last seen (streams send a bundle event when it grows).
+        self.bundle_sequence = ca.bundle_sequence
+        self._bundle_listeners: list[Callable[[int], None]] = []
         self._changed: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -69,6 +78,27 @@ class RevocationHub:
             async with self._changed:
                 self._changed.notify_all()
 
+    def add_bundle_listener(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback(sequence)`` (in a worker thread) after the issuers changed."""
+        self._bundle_listeners.append(callback)
+
+    async def check_bundle(self) -> bool:
+        """Re-read the CA's issuers if they changed; wake the streams when they did."""
+        changed = await run_in_threadpool(self.ca.refresh)
+        sequence = self.ca.bundle_sequence
+        if not changed and sequence == self.bundle_sequence:
+            return False
+        self.bundle_sequence = sequence
+        for callback in list(self._bundle_listeners):
+            try:
+                await run_in_threadpool(callback, sequence)
+            except Exception:  # a listener must not stop the feed
+                log.exception("bundle listener %r failed", callback)
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+        return True
+
     async def bump(self, cursor: int) -> None:
         """Record that revocations up to ``cursor`` exist and wake waiters."""
         if cursor <= self.latest or self._changed is None:
@@ -82,21 +112,25 @@ class RevocationHub:
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self.bump(cursor), self._loop)
 
-    async def wait_beyond(self, cursor: int, timeout: float) -> bool:
-        """Wait until a revocation newer than ``cursor`` is known; False on timeout."""
-        if self.latest > cursor:
+    async def wait_beyond(self, cursor: int, timeout: float, bundle: int | None = None) -> bool:
+        """Wait until a revocation newer than ``cursor`` is known, or (when ``bundle``
+        is given) the bundle sequence differs from it; False on timeout."""
+
+        def news() -> bool:
+            return self.latest > cursor or (bundle is not None and self.bundle_sequence != bundle)
+
+        if news():
             return True
         if self._changed is None:
             return False
         async with self._changed:
             try:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.latest > cursor or self._stop.is_set()),
-                    timeout,
+                    self._changed.wait_for(lambda: news() or self._stop.is_set()), timeout
                 )
             except TimeoutError:
                 return False
-        return self.latest > cursor
+        return news()
 
     async def events_since(self, cursor: int) -> list[RevocationEvent]:
         """Return the events after ``cursor``, sharing one query among concurrent callers.
@@ -115,6 +149,7 @@ class RevocationHub:
         while not self._stop.is_set():
             try:
                 await self.bump(await run_in_threadpool(self.ca.store.latest_revocation_cursor))
+                await self.check_bundle()
             except Exception as exc:  # the database may be down: keep trying
                 log.warning("revocation poll failed: %s", exc)
             await asyncio.sleep(self.poll_interval)
@@ -138,6 +173,10 @@ class RevocationHub:
                 self._stop.wait(1.0)
 
     def _on_notify(self, note: Any) -> None:
+        if str(note.payload).startswith("bundle:"):
+            if self._loop is not None:
+                asyncio.run_coroutine_threadsafe(self.check_bundle(), self._loop)
+            return
         try:
             self.bump_threadsafe(int(note.payload))
         except ValueError:

@@ -22,7 +22,15 @@ from trustmesh.errors import (
 )
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
 
-__all__ = ["DATABASE_UNAVAILABLE", "is_database_failure", "problem", "problem_for", "status_for"]
+__all__ = [
+    "DATABASE_UNAVAILABLE",
+    "DUPLICATE_RECORD",
+    "is_database_failure",
+    "is_driver_conflict",
+    "problem",
+    "problem_for",
+    "status_for",
+]
 
 # Most specific first: the first class in an exception's MRO found here wins.
 _STATUS: dict[type[BaseException], tuple[int, str]] = {
@@ -44,6 +52,18 @@ _STATUS: dict[type[BaseException], tuple[int, str]] = {
 DATABASE_UNAVAILABLE = (
     "The CA's database is unavailable; retry in a few seconds. The server log has the cause."
 )
+
+
+#: The public detail of a record the database refused as a duplicate: the driver's
+#: message (table, columns, values) is for the server log only.
+DUPLICATE_RECORD = (
+    "The CA's database refused a duplicate record; retry the request. The server log has the cause."
+)
+
+
+def is_driver_conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a duplicate the database driver refused (its text is private)."""
+    return isinstance(exc, ConflictError) and exc.details.get("reason") == "duplicate"
 
 
 def is_database_failure(exc: BaseException) -> bool:
@@ -78,8 +98,9 @@ def problem(
 def problem_for(exc: TrustmeshError) -> Response:
     """Return the problem response for one of our exceptions.
 
-    A database failure gets the generic :data:`DATABASE_UNAVAILABLE` detail: its message
-    names the database URL and the driver's error, which the caller logs instead.
+    A database failure gets the generic :data:`DATABASE_UNAVAILABLE` detail, and a
+    duplicate the driver refused :data:`DUPLICATE_RECORD`: their messages name the
+    database URL or the driver's error, which the caller logs instead.
     """
     status, title = status_for(exc)
     if is_database_failure(exc):
@@ -90,6 +111,8 @@ def problem_for(exc: TrustmeshError) -> Response:
             reason="database_unavailable",
             headers={"Retry-After": "5"},
         )
+    if is_driver_conflict(exc):
+        return problem(status, title, DUPLICATE_RECORD, reason="duplicate")
     reason = exc.details.get("reason")
     # ``san``: the refused host-name SAN (``DNS:name`` or ``IP:address``), when one was.
     return problem(status, title, exc.message, reason=reason, san=exc.details.get("san"))

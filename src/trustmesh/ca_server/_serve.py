@@ -33,11 +33,12 @@ from typing import Any
 
 import uvicorn
 
+from trustmesh.acme import ACMEConfig
 from trustmesh.authority import CertificateAuthority
 from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.hsm import is_pkcs11_ref
 from trustmesh.pki import pem_certificates
 from trustmesh.serving import (
-    issue_server_identity,
     parse_listen,
     public_url,
     run_https,
@@ -45,6 +46,7 @@ from trustmesh.serving import (
 )
 
 from ._app import ServerSettings, create_app
+from ._keeper import ServerIdentity, run_schedule
 
 __all__ = ["CA_SERVER_PATH", "parse_listen", "serve"]
 
@@ -71,6 +73,7 @@ def serve(
     log_level: str = "info",
     ocsp_listen: str | None = None,
     ocsp_ready: Callable[[str], None] | None = None,
+    acme: ACMEConfig | None = None,
     workers: int = 1,
 ) -> None:
     """Run the CA API until interrupted (SIGINT/SIGTERM shut it down gracefully).
@@ -78,12 +81,14 @@ def serve(
     ``enroll_rate``/``enroll_burst`` are the per-client-address enrollment limit
     (with several workers each enforces its share, so the total stays the same).
     ``ocsp_listen`` (HOST:PORT) adds the read-only plain-HTTP listener for OCSP and
-    the CRLs; it stops with the API. ``workers`` processes serve both (see the
-    module docstring).
+    the CRLs; it stops with the API. ``acme`` adds the ACME provisioners under
+    ``/acme``. ``workers`` processes serve all of it (see the module docstring); each
+    keeps its own server certificate and runs the rotation schedule as a replica does.
 
     Raises:
         ConfigError: ``ocsp_listen`` or (with several workers) ``listen`` cannot be
-            bound, or ``workers`` is out of range.
+            bound, ``workers`` is out of range, or several workers were asked for with
+            the signing key in a PKCS#11 token.
         TrustmeshError: A worker failed to start.
 
     .. versionchanged:: 0.3
@@ -91,55 +96,90 @@ def serve(
     """
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(
-            f"--workers {workers}: give 1 to {MAX_WORKERS} (about one per core).",
+            f"--workers {workers}: give 1 to {MAX_WORKERS} (one per core the server has to "
+            f"itself).",
+            field="workers",
+        )
+    if workers > 1 and is_pkcs11_ref(ca.issuers.active("intermediate").key_ref):
+        raise ConfigError(
+            "--workers: the signing key is in a PKCS#11 token, whose session a forked "
+            "worker cannot share; run one worker per process and several ca serve "
+            "replicas on PostgreSQL instead.",
             field="workers",
         )
     host, port = parse_listen(listen)
     plain_socket = _bind(ocsp_listen, "--ocsp-listen") if ocsp_listen is not None else None
     api_sockets = _bind_api(listen, workers) if workers > 1 else None
-    with tempfile.TemporaryDirectory(prefix="trustmesh-ca-serve-") as tmp:
-        os.chmod(tmp, 0o700)
-        chain, key = issue_server_identity(ca, host, Path(tmp), path=CA_SERVER_PATH)
-        roots = pem_certificates(ca.bundle).decode()
-        defaults = ServerSettings()
-        # Each worker limits the addresses (and tokens) it sees to its share.
-        settings = ServerSettings(
-            admins=admins,
-            enroll_rate_per_ip=enroll_rate / workers,
-            enroll_burst_per_ip=max(1, math.ceil(enroll_burst / workers)),
-            enroll_rate_per_token=defaults.enroll_rate_per_token / workers,
-            enroll_burst_per_token=max(1, math.ceil(defaults.enroll_burst_per_token / workers)),
-        )
-        url = public_url(host, port)
+    defaults = ServerSettings()
+    # Each worker limits the addresses (and tokens) it sees to its share.
+    settings = ServerSettings(
+        admins=admins,
+        enroll_rate_per_ip=enroll_rate / workers,
+        enroll_burst_per_ip=max(1, math.ceil(enroll_burst / workers)),
+        enroll_rate_per_token=defaults.enroll_rate_per_token / workers,
+        enroll_burst_per_token=max(1, math.ceil(defaults.enroll_burst_per_token / workers)),
+        acme=acme,
+    )
+    url = public_url(host, port)
 
-        def run(sockets: list[socket.socket] | None, started: Callable[[], None] | None) -> None:
-            app = create_app(ca, settings)
-            announce_plain = ocsp_ready if sockets is None else None
-            with _plain_listener(app.state.plain_app, plain_socket, log_level, announce_plain):
-                if sockets is None:
+    def run(
+        directory: Path,
+        sockets: list[socket.socket] | None,
+        started: Callable[[], None] | None,
+        index: int,
+    ) -> None:
+        """One serving process: its certificate, app, keeper and listeners."""
+        single = sockets is None
+        identity = ServerIdentity(ca, host, directory, path=CA_SERVER_PATH)
+        roots = pem_certificates(ca.bundle).decode()
+        app = create_app(ca, settings)
+        # A rotation step (here, by the CLI or by another replica) re-issues our own
+        # certificate by the active intermediate, for the new trust bundle.
+        app.state.hub.add_bundle_listener(identity.on_bundle)
+        stop = threading.Event()
+        keeper = threading.Thread(
+            target=run_schedule, args=(ca, identity, stop), name="ca-keeper", daemon=True
+        )
+        keeper.start()
+        try:
+            with (
+                _expiry_warnings(ca) if index == 0 else contextlib.nullcontext(),
+                _plain_listener(
+                    app.state.plain_app, plain_socket, log_level, ocsp_ready if single else None
+                ),
+            ):
+                if single:
                     log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
                     if ready is not None:
                         ready(url)
                 run_https(
                     app,
                     listen=listen,
-                    chain=chain,
-                    key=key,
+                    chain=identity.chain,
+                    key=identity.key,
                     roots=roots,
                     name="CA API",
                     log_level=log_level,
+                    context=identity.listener,
                     sockets=sockets,
                     started=started,
                 )
+        finally:
+            stop.set()
+            keeper.join(timeout=10)
 
+    with tempfile.TemporaryDirectory(prefix="trustmesh-ca-serve-") as tmp:
+        os.chmod(tmp, 0o700)
         if api_sockets is None:
-            run(None, None)
+            run(Path(tmp), None, None, 0)
             return
 
         def worker(index: int, started: Callable[[], None]) -> None:
             # A forked child: its own connections (the parent's stay the parent's).
             ca.store.engine.dispose(close=False)
-            run([api_sockets[index % len(api_sockets)]], started)
+            directory = Path(tmp) / f"worker-{index}"
+            directory.mkdir(mode=0o700, exist_ok=True)
+            run(directory, [api_sockets[index % len(api_sockets)]], started, index)
 
         def all_ready() -> None:
             log.info(
@@ -162,6 +202,46 @@ def serve(
                 sock.close()
             if plain_socket is not None:
                 plain_socket.close()
+
+
+#: How often ``ca serve`` repeats a warning about its own certificates expiring.
+EXPIRY_CHECK_INTERVAL = 86400.0
+
+
+def log_expiry(ca: CertificateAuthority) -> int:
+    """Log a warning for each CA certificate near its end; return how many were logged."""
+    count = 0
+    for item in ca.issuer_expiry():
+        if item.warning:
+            log.warning(
+                "%s",
+                item.warning,
+                extra={
+                    "event": "ca_certificate_expiry",
+                    "role": item.role,
+                    "seconds_left": int(item.seconds_left),
+                },
+            )
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def _expiry_warnings(ca: CertificateAuthority) -> Iterator[None]:
+    """Warn at start, then once a day while the block runs."""
+    log_expiry(ca)
+    stop = threading.Event()
+
+    def daily() -> None:
+        while not stop.wait(EXPIRY_CHECK_INTERVAL):
+            log_expiry(ca)
+
+    thread = threading.Thread(target=daily, name="ca-expiry-warnings", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 class _Supervisor:

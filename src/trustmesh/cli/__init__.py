@@ -15,10 +15,12 @@ from trustmesh import __version__
 from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
 from trustmesh.logs import announce, reset_logging_format
 
+from .acme import acme_group
 from .agent import agent_command
 from .audit import audit_group
 from .ca import ca_group
 from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
+from .entry import entry_group
 from .export import export_group
 from .gateway import gateway_group
 from .idp import idp_group
@@ -27,6 +29,7 @@ from .policy import policy_group
 from .proxy import proxy_group
 from .run import run_command
 from .token import token_group
+from .workload import workload_agent_command
 
 __all__ = ["cli", "main"]
 
@@ -50,12 +53,15 @@ cli.add_command(inspect_command)
 cli.add_command(export_group)
 cli.add_command(audit_group)
 cli.add_command(token_group)
+cli.add_command(entry_group)
 cli.add_command(idp_group)
 cli.add_command(agent_command)
+cli.add_command(workload_agent_command)
 cli.add_command(policy_group)
 cli.add_command(run_command)
 cli.add_command(gateway_group)
 cli.add_command(proxy_group)
+cli.add_command(acme_group)
 
 
 def _error(message: str) -> None:

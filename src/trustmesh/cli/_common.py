@@ -16,6 +16,7 @@ from rich.text import Text
 
 from trustmesh.authority import CertificateAuthority, default_home
 from trustmesh.errors import ConfigError
+from trustmesh.hsm import is_pkcs11_ref
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,10 +134,22 @@ def ca_passphrase(path: Path | None, *, confirm: bool = False) -> bytes:
 def open_ca(
     home: Path | None, passphrase_file: Path | None = None, *, sign: bool = False
 ) -> CertificateAuthority:
-    """Open the CA, unlocking its key when ``sign`` is True."""
-    passphrase = ca_passphrase(passphrase_file) if sign else None
-    ca = CertificateAuthority.open(resolve_home(home), passphrase=passphrase)
+    """Open the CA, unlocking its key when ``sign`` is True.
+
+    A CA whose signing key is in a PKCS#11 token needs no passphrase (the token PIN
+    comes from the URI's pin-source); one given is still used for stored keys.
+    """
+    ca = CertificateAuthority.open(resolve_home(home))
     if sign:
+        try:
+            in_token = is_pkcs11_ref(ca.issuers.active("intermediate").key_ref)
+            if in_token and passphrase_file is None:
+                ca.unlock(os.environ.get("TRUSTMESH_CA_PASSPHRASE", "").encode() or None)
+            else:
+                ca.unlock(ca_passphrase(passphrase_file))
+        except BaseException:
+            ca.close()
+            raise
         try:
             _ = ca.signing_key  # fail now on a wrong passphrase, before any work
         except BaseException:

@@ -285,7 +285,7 @@ def agent_command(
     --once: 0 valid files are in place, 1 the CA was unreachable or refused (or the
     reload failed), 2 bad input such as a missing token or an unreadable bundle.
     """
-    from trustmesh.agent import Agent, CRLKeeper, HAProxyRuntime, Reload
+    from trustmesh.agent import Agent, BundleFollower, CRLKeeper, HAProxyRuntime, Reload
 
     if crl_file is None and (on_crl is not None or haproxy_socket is not None):
         given = "--on-crl" if on_crl is not None else "--haproxy-socket"
@@ -339,7 +339,12 @@ def agent_command(
         with _stop_on_signals() as stop:
             if keeper is not None:
                 keeper.start(stop)
+            # Trust changes (CA rotation steps) reach bundle.pem and the truststore from
+            # the feed; until the first enrollment it retries with backoff.
+            follower = BundleFollower(agent)
+            follower.start(stop)
             agent.run(stop, renew_now=renew_now)
+            follower.stop()
         return
     outcome = agent.ensure(force=renew_now)
     crl_line = None
@@ -378,7 +383,7 @@ def start_agent(
     renews it while serving: the agent's own loop, restarted if it ever gives up.
 
     Shared by ``trustmesh run --id``, ``trustmesh gateway serve`` and ``trustmesh proxy``."""
-    from trustmesh.agent import Agent
+    from trustmesh.agent import Agent, BundleFollower
 
     # httpx logs every request at INFO; the agent's own lines say what happened.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -398,6 +403,9 @@ def start_agent(
     _log.info("%s", outcome.describe(), extra={"event": f"identity_{outcome.action}"})
 
     def keep(stop: threading.Event) -> None:
+        # Trust changes (CA rotation steps) reach bundle.pem from the feed; the server's
+        # RotatingCredentials picks the new bundle up from there.
+        BundleFollower(agent).start(stop)
         while not stop.is_set():
             try:
                 agent.run(stop)

@@ -83,7 +83,7 @@ class _Trust:
 
 def _store_check(ca: CertificateAuthority) -> Callable[[x509.Certificate], bool]:
     def is_revoked(cert: x509.Certificate) -> bool:
-        if cert.issuer != ca.intermediate.subject:
+        if not any(cert.issuer == c.subject for c in ca.issuers.intermediates):
             return False
         try:
             record = ca.store.get_certificate(format(cert.serial_number, "x"))
@@ -351,8 +351,10 @@ def inspect_command(
             if (ca_home / "config.toml").is_file():
                 ca = CertificateAuthority.open(ca_home)
                 trust.roots = ca.bundle
-                trust.ca_certs = [ca.intermediate, *ca.bundle]
-                trust.intermediates = [ca.intermediate]
+                # Every published intermediate (two while a rotation lasts), and the
+                # cross certificates of a root rotation.
+                trust.ca_certs = [*ca.chain_certificates, *ca.bundle]
+                trust.intermediates = list(ca.chain_certificates)
                 trust.label = f"the CA in {ca_home}"
                 trust.revocation.append("the CA's records")
                 trust.checks.append(_store_check(ca))

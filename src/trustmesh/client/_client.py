@@ -21,6 +21,8 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh import __version__
 from trustmesh.errors import APIError, ConfigError, TransportError
@@ -444,6 +446,102 @@ class CAClient(_Base):
         body = _revoke_body(serial, spiffe_id, reason)
         response = self._request("POST", "/v1/revoke", "revoke", json=body)
         return _revoked(response)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The client context this client calls the CA with (its identity, if any)."""
+        return self._ssl
+
+    def spiffe_bundle(self) -> dict[str, Any]:
+        """Return the SPIFFE bundle document (JWKS of X.509 roots and JWT-SVID keys).
+
+        Raises:
+            TransportError, APIError: As for :meth:`bundle`.
+        """
+        response = self._request("GET", "/v1/bundle", "bundle", params={"format": "spiffe"})
+        data = _json(response, "bundle")
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise APIError(
+                "The CA's SPIFFE bundle has no 'keys' list: check the CA's version.",
+                status=response.status_code,
+            )
+        return data
+
+    def crl(self) -> bytes:
+        """Return the CA's current CRL (DER)."""
+        return self._request("GET", "/v1/crl", "crl").content
+
+    def crl_chain(self) -> list[bytes]:
+        """Return the CRLs of the whole chain, DER: the leaf CRL, then the root-signed one.
+
+        .. versionadded:: 0.1
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (503: no valid root CRL) or the answer is not PEM CRLs.
+        """
+        response = self._request(
+            "GET", "/v1/crl/chain", "chain CRL", headers={"accept": "application/x-pem-file"}
+        )
+        marker = b"-----BEGIN X509 CRL-----"
+        try:
+            crls = [
+                x509.load_pem_x509_crl(marker + part) for part in response.content.split(marker)[1:]
+            ]
+        except ValueError:
+            crls = []
+        if not crls:
+            raise APIError(
+                "The CA's /v1/crl/chain is not PEM CRLs: check the CA's version.",
+                status=response.status_code,
+            )
+        return [crl.public_bytes(serialization.Encoding.DER) for crl in crls]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Return the registration entries of the node this client presents (mTLS).
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (no or a revoked identity...).
+        """
+        data = _json(self._request("GET", "/v1/entries", "list entries"), "list entries")
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise APIError(
+                "The CA's answer to list entries has no 'entries' list: check the CA's version.",
+                status=200,
+            )
+        return entries
+
+    def entry_svid(self, entry_id: str, csr_pem: bytes | str) -> EnrollResult:
+        """Obtain an X.509-SVID for one of this node's registration entries (mTLS).
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused (another node's entry, wrong ID in the CSR...).
+        """
+        body = _csr_body(csr_pem, None, entry_id=entry_id)
+        response = self._request("POST", "/v1/entries/svid", "entry SVID", json=body)
+        return _enroll_result(response, "entry SVID")
+
+    def entry_jwt_svid(self, entry_id: str, audience: list[str]) -> tuple[str, datetime]:
+        """Obtain a JWT-SVID for one of this node's entries; return it and its expiry.
+
+        Raises:
+            TransportError: The CA could not be reached.
+            APIError: The CA refused.
+        """
+        body = {"entry_id": entry_id, "audience": audience}
+        response = self._request("POST", "/v1/entries/jwt-svid", "JWT-SVID", json=body)
+        data = _json(response, "JWT-SVID")
+        token = data.get("token") if isinstance(data, dict) else None
+        expires = data.get("expires_at") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not isinstance(expires, str):
+            raise APIError(
+                "The CA's answer to JWT-SVID has no token: check the CA's version.",
+                status=response.status_code,
+            )
+        when = datetime.strptime(expires, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return token, when
 
 
 class AsyncCAClient(_Base):

@@ -42,9 +42,11 @@ from ._issue import (
     BACKDATE,
     MAX_BACKDATE,
     LeafRequest,
+    ca_common_name,
     check_backdate,
     create_intermediate,
     create_root,
+    cross_certify,
     issue_leaf,
     new_serial,
     parse_backdate,
@@ -63,6 +65,7 @@ from ._keys import (
 from ._ocsp import OCSPStatus, build_ocsp_response, request_matches_issuer
 from ._profiles import Profile, default_profile
 from ._sans import SANAllowance, parse_dns_name, parse_ip_address
+from ._selectors import SELECTOR_KEYS, Selector, parse_selector, selectors_match
 from ._spiffe import SpiffeID, glob_match, match_spiffe_pattern
 from ._verify import spiffe_id_of, verify_ca_certificate, verify_chain
 
@@ -73,6 +76,7 @@ __all__ = [
     "MAX_CSR_BYTES",
     "MAX_INSPECT_BYTES",
     "REASONS",
+    "SELECTOR_KEYS",
     "BasicConstraintsSummary",
     "CRLSummary",
     "CSRSummary",
@@ -88,15 +92,18 @@ __all__ = [
     "RevokedEntry",
     "RevokedSummary",
     "SANAllowance",
+    "Selector",
     "SpiffeID",
     "build_crl",
     "build_ocsp_response",
+    "ca_common_name",
     "check_backdate",
     "check_chain",
     "check_csr",
     "create_intermediate",
     "create_root",
     "crl_revocation_check",
+    "cross_certify",
     "default_profile",
     "describe_key",
     "dump_private_key",
@@ -117,6 +124,7 @@ __all__ = [
     "parse_duration",
     "parse_ip_address",
     "parse_reason",
+    "parse_selector",
     "pem_certificates",
     "pem_crls",
     "pkcs12_keystore",
@@ -124,6 +132,7 @@ __all__ = [
     "relative_time",
     "request_from_csr",
     "request_matches_issuer",
+    "selectors_match",
     "signature_hash_for",
     "spiffe_id_of",
     "summarize_certificate",

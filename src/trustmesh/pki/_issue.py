@@ -30,9 +30,11 @@ __all__ = [
     "DEFAULT_ROOT_LIFETIME",
     "MAX_BACKDATE",
     "LeafRequest",
+    "ca_common_name",
     "check_backdate",
     "create_intermediate",
     "create_root",
+    "cross_certify",
     "issue_leaf",
     "new_serial",
     "parse_backdate",
@@ -114,6 +116,20 @@ def _ca_name(trust_domain: str, common_name: str) -> x509.Name:
     )
 
 
+def ca_common_name(role: str, generation: int = 1) -> str:
+    """Return the CN of a CA certificate: ``trustmesh Root CA``, ``trustmesh
+    Intermediate CA 2``...
+
+    Every generation gets its own name, so a CRL (matched to its issuer by name in
+    OpenSSL, Java and nginx) can never be mistaken for the other issuer's during a
+    rotation's overlap.
+
+    .. versionadded:: 0.3
+    """
+    base = {"root": "trustmesh Root CA", "intermediate": "trustmesh Intermediate CA"}[role]
+    return base if generation <= 1 else f"{base} {generation}"
+
+
 def _ca_key_usage() -> x509.KeyUsage:
     return x509.KeyUsage(
         digital_signature=True,
@@ -161,6 +177,7 @@ def create_root(
     lifetime: timedelta = DEFAULT_ROOT_LIFETIME,
     now: datetime | None = None,
     backdate: timedelta = BACKDATE,
+    generation: int = 1,
 ) -> x509.Certificate:
     """Create a self-signed root CA certificate for a trust domain.
 
@@ -171,12 +188,17 @@ def create_root(
         lifetime: Validity period (10 years by default).
         now: The current time (for tests).
         backdate: How far ``notBefore`` lies before ``now`` (0 to :data:`MAX_BACKDATE`).
+        generation: 1 for the first root, 2 for the one that replaces it...
+            (see :func:`ca_common_name`).
 
     Returns:
         The root certificate.
+
+    .. versionchanged:: 0.3
+       ``generation``.
     """
     start = _now(now)
-    name = _ca_name(trust_domain, "trustmesh Root CA")
+    name = _ca_name(trust_domain, ca_common_name("root", generation))
     public = key.public_key()
     builder = (
         x509.CertificateBuilder()
@@ -186,7 +208,10 @@ def create_root(
         .serial_number(new_serial())
         .not_valid_before(start - check_backdate(backdate))
         .not_valid_after(start + lifetime)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        # pathlen 2, not 1: OpenSSL checks the anchor's pathlen too, and during a root
+        # rotation a leaf of the next root reaches this one through two CA certificates
+        # (the next intermediate and the next root certified by this one).
+        .add_extension(x509.BasicConstraints(ca=True, path_length=2), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(
@@ -202,20 +227,22 @@ def create_root(
 def create_intermediate(
     root: x509.Certificate,
     root_key: PrivateKey,
-    key: PrivateKey,
+    key: PrivateKey | PublicKey,
     trust_domain: str,
     *,
     lifetime: timedelta = DEFAULT_INTERMEDIATE_LIFETIME,
     now: datetime | None = None,
     crl_urls: Sequence[str] = (),
     backdate: timedelta = BACKDATE,
+    generation: int = 1,
 ) -> x509.Certificate:
     """Create the online intermediate CA (pathlen 0) signed by the root.
 
     Args:
         root: The root certificate.
         root_key: The root's private key.
-        key: The intermediate's private key.
+        key: The intermediate's private key, or its public key (from a CSR, when
+            the root signs on an offline machine).
         trust_domain: The trust domain (subject ``O=`` and URI SAN).
         lifetime: Validity period (1 year by default), capped at the root's.
         now: The current time (for tests).
@@ -223,16 +250,20 @@ def create_intermediate(
             so peers that check the whole chain (``openssl -crl_check_all``, Java
             with CRLDP) find it.
         backdate: How far ``notBefore`` lies before ``now`` (0 to :data:`MAX_BACKDATE`).
+        generation: 1 for the first intermediate, 2 for the next... (its CN).
 
     Returns:
         The intermediate certificate.
+
+    .. versionchanged:: 0.3
+       ``generation``.
     """
     start = _now(now)
     not_after = min(start + lifetime, root.not_valid_after_utc)
-    public = key.public_key()
+    public = key if isinstance(key, PublicKey) else key.public_key()
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_ca_name(trust_domain, "trustmesh Intermediate CA"))
+        .subject_name(_ca_name(trust_domain, ca_common_name("intermediate", generation)))
         .issuer_name(root.subject)
         .public_key(public)
         .serial_number(new_serial())
@@ -255,6 +286,56 @@ def create_intermediate(
     if crl_urls:
         builder = builder.add_extension(_distribution_points(crl_urls), critical=False)
     return builder.sign(root_key, signature_hash_for(root_key))
+
+
+def cross_certify(
+    subject: x509.Certificate,
+    issuer: x509.Certificate,
+    issuer_key: PrivateKey,
+    *,
+    now: datetime | None = None,
+    backdate: timedelta = BACKDATE,
+) -> x509.Certificate:
+    """Certify root ``subject`` (its name and key) under another root, ``issuer``.
+
+    During a root rotation the old root certifies the new one (so peers that trust
+    only the old root accept chains under the new one) and the new root certifies
+    the old one (for peers that trust only the new root). The cross certificate
+    keeps the subject's name and SKI, gets pathlen 1 (an intermediate below it),
+    and expires with the earlier of the two roots.
+
+    Raises:
+        ValueError: ``subject`` and ``issuer`` are the same certificate.
+
+    .. versionadded:: 0.3
+    """
+    if subject == issuer:
+        raise ValueError("a root cannot cross-certify itself")
+    start = _now(now)
+    public = subject.public_key()
+    ski = subject.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject.subject)
+        .issuer_name(issuer.subject)
+        .public_key(public)
+        .serial_number(new_serial())
+        .not_valid_before(start - check_backdate(backdate))
+        .not_valid_after(min(subject.not_valid_after_utc, issuer.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    try:
+        san = subject.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        builder = builder.add_extension(san.value, critical=False)
+    except x509.ExtensionNotFound:
+        pass
+    return builder.sign(issuer_key, signature_hash_for(issuer_key))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,29 @@ certificates = Table(
     Index("ix_certificates_revoked_at", "revoked_at"),
 )
 
-#: Named monotonic counters: ``audit_seq``, ``crl_number``.
+#: The CA's own certificates once a rotation started (see migration 0009 and
+#: :mod:`trustmesh.store._issuers`). Times are Unix seconds.
+ca_issuers = Table(
+    "ca_issuers",
+    metadata,
+    Column("ski", String(64), primary_key=True),  # SKI hex, the certificates' issuer
+    Column("role", String(16), nullable=False),  # root | intermediate
+    Column("generation", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # prepared|active|previous|retired
+    Column("parent", String(64), nullable=True),  # SKI of the root that signed it
+    Column("certificate_pem", Text, nullable=False),
+    Column("cross_pem", Text, nullable=True),  # a root certified by the other root
+    Column("key_ref", Text, nullable=False),  # "store" or "file:NAME" (later pkcs11:)
+    Column("key_pem", Text, nullable=True),  # encrypted with the CA passphrase
+    Column("not_after", BigInteger, nullable=False),
+    Column("prepared_at", BigInteger, nullable=False),
+    Column("activated_at", BigInteger, nullable=True),
+    Column("superseded_at", BigInteger, nullable=True),
+    Column("retired_at", BigInteger, nullable=True),
+    UniqueConstraint("role", "generation", name="uq_ca_issuers_role_generation"),
+)
+
+#: Named monotonic counters: ``audit_seq``, ``crl_number``, ``ca_state``.
 counters = Table(
     "counters",
     metadata,
@@ -82,6 +104,23 @@ join_tokens = Table(
     # SANs an enrollment with the token may claim (comma-separated; empty: none).
     Column("dns_patterns", Text, nullable=False, default=""),
     Column("ip_ranges", Text, nullable=False, default=""),
+)
+
+#: Registration entries: the CA signs ``spiffe_id`` for the node agent ``node_id`` only,
+#: and that agent hands it to local callers matching every selector (JSON list).
+registration_entries = Table(
+    "registration_entries",
+    metadata,
+    Column("entry_id", String(36), primary_key=True),  # UUID
+    Column("spiffe_id", Text, nullable=False),
+    Column("node_id", Text, nullable=False),
+    Column("selectors", Text, nullable=False),  # JSON list of "type:key:value"
+    Column("dns", Text, nullable=False, default=""),  # comma-separated
+    Column("ttl", Integer, nullable=True),  # seconds; None: the profile's default
+    Column("created_at", BigInteger, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Index("ix_registration_entries_node_id", "node_id"),
+    Index("ix_registration_entries_spiffe_id", "spiffe_id"),
 )
 
 # --- The identity server (``idp serve``). Lists are space-separated; times Unix seconds. ---

@@ -611,8 +611,11 @@ class Store:
             )
         return self.get_certificate(serial, conn)
 
-    def revoked_entries(self, *, now: datetime) -> list[tuple[str, int, str]]:
-        """Return ``(serial_hex, revoked_at, reason)`` of revoked, unexpired certificates."""
+    def revoked_entries(
+        self, *, now: datetime, issuer: str | None = None
+    ) -> list[tuple[str, int, str]]:
+        """Return ``(serial_hex, revoked_at, reason)`` of revoked, unexpired certificates
+        (of one issuer, by SKI hex, when ``issuer`` is given)."""
         query = (
             select(
                 certificates.c.serial,
@@ -622,6 +625,8 @@ class Store:
             .where(certificates.c.revoked_at.is_not(None))
             .where(certificates.c.not_after >= _ts(now))
         )
+        if issuer is not None:
+            query = query.where(certificates.c.issuer == issuer)
         with self._connect() as conn:
             return [(r[0], int(r[1]), r[2] or "unspecified") for r in conn.execute(query)]
 
@@ -790,6 +795,15 @@ class Store:
             conn.execute(
                 text("SELECT pg_notify(:channel, :payload)"),
                 {"channel": REVOCATION_CHANNEL, "payload": str(cursor)},
+            )
+
+    def notify_bundle(self, conn: Connection, sequence: int) -> None:
+        """Tell ``ca serve`` replicas at commit that the CA's issuers changed (PostgreSQL
+        ``NOTIFY`` with payload ``bundle:SEQUENCE``; SQLite replicas poll the counter)."""
+        if self.dialect == "postgresql":
+            conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": REVOCATION_CHANNEL, "payload": f"bundle:{sequence}"},
             )
 
     def revocation_events(self, *, since: int, limit: int = 1000) -> list[RevocationEvent]:

@@ -3,12 +3,13 @@ the peer certificate for ASGI apps."""
 
 from ._contexts import TLS12_CIPHERS, client_context, server_context
 from ._handshakes import add_refusal_listener, handshake_refusal_reason, log_refused_handshakes
-from ._revocation import RevocationSet, canonical_serial
+from ._revocation import BundleUpdate, RevocationSet, canonical_serial
 from ._rotation import RotatingCredentials
 from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
 
 __all__ = [
     "TLS12_CIPHERS",
+    "BundleUpdate",
     "RevocationSet",
     "RotatingCredentials",
     "TLSH11Protocol",

@@ -6,7 +6,16 @@ from its cursor. When the stream drops it reconnects with backoff from the same
 cursor, so nothing revoked meanwhile is missed. While the feed is unreachable it
 refreshes the set from the CA's CRL (verified against the trust anchors), and when
 neither answered for longer than ``grace`` it fails closed: every serial counts as
-revoked (unless ``fail_closed=False``, which is logged as failing open).
+revoked (unless ``fail_closed=False``, which is logged as failing open). The CRL may
+be signed by any intermediate the CA publishes (during a rotation, the active one is
+not the one in our own chain): the set learns them from the feed's ``bundle`` events
+(or ``/v1/bundle?format=intermediates``) and accepts one only when it chains to a
+trust anchor of ``ssl_context()``.
+
+With ``on_bundle`` it also follows trust changes: the stream is opened with the
+bundle sequence it holds, and every ``bundle`` event (a CA rotation step, or a newer
+bundle than ours at connect) is handed to the callback; a callback that raises keeps
+the sequence, so the next connection delivers the bundle again.
 
 Lookups (:meth:`RevocationSet.is_revoked`) are a set membership test plus two
 attribute reads: no lock, safe from any number of threads. One daemon thread does
@@ -30,9 +39,10 @@ from typing import Any
 import httpx
 from cryptography import x509
 
-from trustmesh.errors import ConfigError
+from trustmesh.errors import ConfigError, TrustmeshError
+from trustmesh.pki import verify_ca_certificate
 
-__all__ = ["RevocationSet", "canonical_serial"]
+__all__ = ["BundleUpdate", "RevocationSet", "canonical_serial"]
 
 log = logging.getLogger("trustmesh.tls.revocation")
 
@@ -65,6 +75,45 @@ def canonical_serial(serial: int | str) -> str:
     return format(value, "x")
 
 
+class BundleUpdate:
+    """A trust bundle the CA published (a ``bundle`` event of the feed).
+
+    Attributes:
+        sequence: The CA's bundle sequence (grows with every rotation step).
+        roots: The trust anchors (never empty).
+        intermediates: The CA's published intermediates and cross certificates.
+
+    .. versionadded:: 0.3
+    """
+
+    __slots__ = ("intermediates", "roots", "sequence")
+
+    def __init__(
+        self,
+        sequence: int,
+        roots: Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate],
+    ) -> None:
+        self.sequence = sequence
+        self.roots = tuple(roots)
+        self.intermediates = tuple(intermediates)
+
+    @classmethod
+    def from_event(cls, data: dict[str, Any]) -> BundleUpdate:
+        """Parse the JSON of a ``bundle`` event.
+
+        Raises:
+            ValueError: Malformed, or a bundle without certificates.
+        """
+        sequence, bundle = data.get("sequence"), data.get("bundle")
+        if not isinstance(sequence, int) or not isinstance(bundle, str):
+            raise ValueError(f"malformed bundle event {str(data)[:200]!r}")
+        roots = x509.load_pem_x509_certificates(bundle.encode())  # raises on none
+        extra = data.get("intermediates") or ""
+        chain = x509.load_pem_x509_certificates(extra.encode()) if extra.strip() else []
+        return cls(sequence, roots, chain)
+
+
 class _FeedClosedError(Exception):
     """The CA ended the stream on purpose (our own certificate was revoked)."""
 
@@ -87,7 +136,11 @@ class RevocationSet:
         issuers: Returns the CA certificates that may sign the CRL (the
             intermediates of our chain, e.g. ``credentials.intermediates``); each
             must chain to a trust anchor of ``ssl_context()``. A CRL signed
-            directly by a trust anchor needs none.
+            directly by a trust anchor needs none. The intermediates the CA
+            publishes (from the feed's ``bundle`` events, or fetched from
+            ``/v1/bundle?format=intermediates`` when a CRL's signer is unknown) are
+            accepted too when they chain to a trust anchor, so the CRL of the
+            other intermediate verifies during a rotation.
         crl_max_age: A CRL whose ``thisUpdate`` is older than this still adds its
             serials, but does not count as contact for ``grace`` (a replayed or
             stale CRL must not keep a set that lost its feed from failing closed).
@@ -96,8 +149,16 @@ class RevocationSet:
             a third of ``grace``, between 0.5 and 30).
         read_timeout: Seconds of silence after which an open stream is considered
             dead (the CA sends a keep-alive every 15 s by default).
+        on_bundle: Called (in the worker thread) with each trust bundle the CA
+            publishes that differs from ``bundle_sequence``; it should swap trust
+            or raise to keep the current one (then it is delivered again on the
+            next connection).
+        bundle_sequence: The sequence of the bundle held now (0: unknown, so the
+            current one is delivered at the first connection).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3
+       ``on_bundle`` and ``bundle_sequence``; CRLs of every published intermediate.
     """
 
     def __init__(
@@ -112,6 +173,8 @@ class RevocationSet:
         crl_max_age: timedelta = timedelta(minutes=10),
         crl_interval: float | None = None,
         read_timeout: float = 40.0,
+        on_bundle: Callable[[BundleUpdate], None] | None = None,
+        bundle_sequence: int = 0,
     ) -> None:
         if not ca_url.startswith("https://"):
             raise ConfigError(
@@ -134,6 +197,14 @@ class RevocationSet:
         )
         self._ssl_context = ssl_context
         self._issuers = issuers
+        self._on_bundle = on_bundle
+        #: The bundle sequence last applied by ``on_bundle``.
+        self.bundle_sequence = bundle_sequence
+        self.bundle_updates = 0
+        self.bundle_failures = 0
+        #: The intermediates (and cross certificates) the CA last published; CRL
+        #: signers are looked up among them once verified to a trust anchor.
+        self.published_intermediates: tuple[x509.Certificate, ...] = ()
         self._grace_s = grace.total_seconds()
         # Only the worker thread adds to this set (set.add is atomic); a CRL
         # refresh replaces it by a superset in one assignment.
@@ -437,10 +508,13 @@ class RevocationSet:
                 return
 
     def _follow(self, client: httpx.Client) -> None:
+        # Always follow bundle events: their intermediates are the CRL signers the
+        # fallback accepts (the callback, if any, swaps trust too).
+        params: dict[str, int] = {"since": self.cursor, "bundle": self.bundle_sequence}
         with client.stream(
             "GET",
             "/v1/revocations/stream",
-            params={"since": self.cursor},
+            params=params,
             headers={"accept": "text/event-stream", "cache-control": "no-cache"},
         ) as response:
             _raise_for(response)
@@ -454,6 +528,8 @@ class RevocationSet:
                     return
                 if kind == "revocation":
                     self._add(json.loads(data))
+                elif kind == "bundle":
+                    self._bundle(json.loads(data))
                 elif kind == "closed":
                     log.error(
                         "the CA closed the revocation feed: %s (our own certificate was "
@@ -463,6 +539,53 @@ class RevocationSet:
                     )
                     raise _FeedClosedError(f"the CA closed the stream: {data}")
         raise httpx.ReadError("the CA ended the stream")
+
+    def _bundle(self, data: dict[str, Any]) -> None:
+        try:
+            update = BundleUpdate.from_event(data)
+        except ValueError as exc:
+            self.bundle_failures += 1
+            log.error(
+                "ignoring a bundle event from %s (%s); keeping the current trust bundle",
+                self.ca_url,
+                exc,
+                extra={"event": "bundle_update_failed"},
+            )
+            return
+        # Only candidates: each is verified to a trust anchor before it may sign a CRL.
+        self.published_intermediates = update.intermediates
+        if update.sequence == self.bundle_sequence:
+            return
+        if self._on_bundle is None:
+            self.bundle_sequence = update.sequence
+            with self._changed:
+                self._changed.notify_all()
+            return
+        try:
+            self._on_bundle(update)
+        except Exception as exc:
+            self.bundle_failures += 1
+            log.error(
+                "TRUST BUNDLE UPDATE FAILED: bundle %d from %s was not applied (%s); keeping "
+                "the current trust bundle, retrying on the next connection",
+                update.sequence,
+                self.ca_url,
+                _describe(exc),
+                extra={"event": "bundle_update_failed", "bundle_sequence": update.sequence},
+            )
+            return
+        self.bundle_sequence = update.sequence
+        self.bundle_updates += 1
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_bundle(self, sequence: int, timeout: float) -> bool:
+        """Wait until bundle ``sequence`` (or a later one) was applied; False on timeout.
+
+        .. versionadded:: 0.3
+        """
+        with self._changed:
+            return self._changed.wait_for(lambda: self.bundle_sequence >= sequence, timeout)
 
     # -- CRL fallback ---------------------------------------------------------------
 
@@ -546,8 +669,12 @@ class RevocationSet:
             raise ValueError("the answer is not a DER CRL") from None
         roots = [x509.load_der_x509_certificate(der) for der in ctx.get_ca_certs(binary_form=True)]
         candidates = list(self._issuers() if self._issuers else ())
-        issuer = _crl_issuer(crl, roots, candidates)
         now = datetime.now(UTC)
+        published = list(self.published_intermediates)
+        if not _known_signer(crl, [*roots, *candidates, *published]):
+            # A rotation we have not heard of (or no bundle event yet): ask the CA.
+            published = self._fetch_published(ctx) or published
+        issuer = _crl_issuer(crl, roots, candidates, published, now)
         if crl.next_update_utc is not None and crl.next_update_utc < now:
             raise ValueError(
                 f"the CRL's nextUpdate {crl.next_update_utc:%Y-%m-%dT%H:%M:%SZ} has passed"
@@ -560,13 +687,39 @@ class RevocationSet:
         serials = {format(entry.serial_number, "x") for entry in crl}
         return serials, number, crl.last_update_utc
 
+    def _fetch_published(self, ctx: ssl.SSLContext) -> list[x509.Certificate]:
+        """The CA's published intermediates (``[]`` when it does not answer)."""
+        try:
+            with httpx.Client(
+                base_url=self.ca_url, verify=ctx, timeout=5.0, trust_env=False
+            ) as client:
+                response = client.get("/v1/bundle", params={"format": "intermediates"})
+            _raise_for(response)
+            found = x509.load_pem_x509_certificates(response.content)
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            log.debug("could not fetch the CA's published intermediates: %s", _describe(exc))
+            return []
+        self.published_intermediates = tuple(found)
+        return found
+
+
+def _known_signer(crl: x509.CertificateRevocationList, certs: list[x509.Certificate]) -> bool:
+    return any(cert.subject == crl.issuer for cert in certs)
+
 
 def _crl_issuer(
     crl: x509.CertificateRevocationList,
     roots: list[x509.Certificate],
     candidates: list[x509.Certificate],
+    published: list[x509.Certificate],
+    now: datetime,
 ) -> x509.Certificate:
-    """Return the trusted certificate that signed ``crl``, or raise ValueError."""
+    """Return the trusted certificate that signed ``crl``, or raise ValueError.
+
+    ``candidates`` (our chain's intermediates) must be issued by a root directly;
+    ``published`` (the CA's published intermediates and cross certificates) must
+    verify up to a root, possibly through one another.
+    """
     for root in roots:
         if root.subject == crl.issuer and crl.is_signature_valid(root.public_key()):  # type: ignore[arg-type]
             return root
@@ -583,10 +736,20 @@ def _crl_issuer(
             except (ValueError, TypeError, Exception):  # noqa: S112 - try the next root
                 continue
             return cert
+    for cert in published:
+        if cert.subject != crl.issuer:
+            continue
+        try:
+            if not crl.is_signature_valid(cert.public_key()):  # type: ignore[arg-type]
+                continue
+            verify_ca_certificate(cert, published, roots, now=now)
+        except (TrustmeshError, ValueError, TypeError):
+            continue
+        return cert
     raise ValueError(
         f"the CRL issued by {crl.issuer.rfc4514_string()} is not signed by a trust anchor "
-        f"or by an intermediate that chains to one; pass issuers= (our chain's "
-        f"intermediates) so it can be verified"
+        f"or by an intermediate that chains to one (our chain's, or one the CA publishes); "
+        f"pass issuers= (our chain's intermediates) so it can be verified"
     )
 
 

@@ -24,6 +24,14 @@ from ._config import (
 )
 from ._errors import REASONS, ExpiredTokenError, InvalidTokenError, TokenVerifierUnavailableError
 from ._keys import ASYMMETRIC_ALGORITHMS, KeySet, VerificationKey, load_jwk, load_jwks
+from ._svid import (
+    JWT_SVID_ALGORITHMS,
+    JWT_SVID_LEEWAY,
+    JWT_SVID_MAX_LIFETIME,
+    VerifiedJWTSVID,
+    jwt_svid_keys,
+    verify_jwt_svid,
+)
 from ._verifier import DEFAULT_TOKEN_CACHE_SIZE, AsyncVerifier, Verifier
 
 __all__ = [
@@ -32,6 +40,9 @@ __all__ = [
     "DEFAULT_LEEWAY",
     "DEFAULT_MAX_LIFETIME",
     "DEFAULT_TOKEN_CACHE_SIZE",
+    "JWT_SVID_ALGORITHMS",
+    "JWT_SVID_LEEWAY",
+    "JWT_SVID_MAX_LIFETIME",
     "MAX_TOKEN_BYTES",
     "REASONS",
     "AccessTokenClaims",
@@ -43,8 +54,11 @@ __all__ = [
     "KeySet",
     "TokenVerifierUnavailableError",
     "VerificationKey",
+    "VerifiedJWTSVID",
     "Verifier",
     "certificate_thumbprint",
+    "jwt_svid_keys",
     "load_jwk",
     "load_jwks",
+    "verify_jwt_svid",
 ]

@@ -1,0 +1,1 @@
+"""Generated code for the SPIFFE Workload API (``workload.proto``); see ``generate.py``."""
