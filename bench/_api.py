@@ -195,7 +195,8 @@ def _run_app_server(home: str, port: int, settings_kw: dict[str, Any], log_level
     import uvicorn
 
     from trustmesh.ca_server import ServerSettings, create_app
-    from trustmesh.ca_server._serve import CA_SERVER_PATH, issue_server_identity
+    from trustmesh.ca_server._serve import CA_SERVER_PATH
+    from trustmesh.serving import issue_server_identity
     from trustmesh.tls import TLSHttpToolsProtocol, server_context
 
     logging.basicConfig(level=log_level.upper())

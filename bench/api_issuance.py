@@ -112,8 +112,9 @@ except ImportError:  # code before issue 18 (the "before" rows): parsed per requ
         return x509.load_pem_x509_certificate(pem.encode())
 
 
-from trustmesh.ca_server._serve import CA_SERVER_PATH, issue_server_identity
+from trustmesh.ca_server._serve import CA_SERVER_PATH
 from trustmesh.pki import spiffe_id_of, verify_chain
+from trustmesh.serving import issue_server_identity
 
 P99_TARGET = 0.050
 RENEW = "/v1/renew"
