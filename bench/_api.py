@@ -76,9 +76,12 @@ class Identity:
     key: Path
 
 
-def write_identity(ca: CertificateAuthority, spiffe_id: str, directory: Path) -> Identity:
-    """Issue ``spiffe_id`` (ec-p256) and write its chain and key under ``directory``."""
-    issued = ca.issue(spiffe_id, actor="bench")
+def write_identity(
+    ca: CertificateAuthority, spiffe_id: str, directory: Path, *, dns: Sequence[str] = ()
+) -> Identity:
+    """Issue ``spiffe_id`` (ec-p256, DNS SANs ``dns``, which its renewals may keep) and
+    write its chain and key under ``directory``."""
+    issued = ca.issue(spiffe_id, dns=dns, actor="bench")
     directory.mkdir(parents=True, exist_ok=True)
     assert issued.key is not None
     chain, key = directory / "chain.pem", directory / "key.pem"
@@ -147,11 +150,22 @@ class Server:
 
 @contextlib.contextmanager
 def ca_serve(
-    home: Path, bundle: Path, log_file: Path, *, admins: Sequence[str] = (ADMIN,)
+    home: Path,
+    bundle: Path,
+    log_file: Path,
+    *,
+    admins: Sequence[str] = (ADMIN,),
+    workers: int = 1,
 ) -> Iterator[Server]:
-    """Run ``python -m trustmesh ca serve`` on a free 127.0.0.1 port until the block ends."""
+    """Run ``python -m trustmesh ca serve`` on a free 127.0.0.1 port until the block ends.
+
+    ``workers`` > 1 passes ``--workers``; the yielded pid is then the supervisor's, and
+    :class:`CPUMeter` counts its children (the workers) too.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "trustmesh", "ca", "serve", "--listen", f"{HOST}:{port}"]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     for admin in admins:
         cmd += ["--admin", admin]
     cmd += ["--log-level", "warning"]
@@ -181,14 +195,15 @@ def _run_app_server(home: str, port: int, settings_kw: dict[str, Any], log_level
     import uvicorn
 
     from trustmesh.ca_server import ServerSettings, create_app
-    from trustmesh.ca_server._serve import issue_server_identity
+    from trustmesh.ca_server._serve import CA_SERVER_PATH
+    from trustmesh.serving import issue_server_identity
     from trustmesh.tls import TLSHttpToolsProtocol, server_context
 
     logging.basicConfig(level=log_level.upper())
     ca = CertificateAuthority.open(Path(home), passphrase=PASSPHRASE)
     _ = ca.signing_key
     with tempfile.TemporaryDirectory(prefix="tm-bench-serve-") as tmp:
-        chain, key = issue_server_identity(ca, HOST, Path(tmp))
+        chain, key = issue_server_identity(ca, HOST, Path(tmp), path=CA_SERVER_PATH)
         roots = pem_certificates(ca.bundle).decode()
 
         def context_factory(_config: Any, _default: Any) -> ssl.SSLContext:

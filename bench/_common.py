@@ -279,15 +279,23 @@ def loadavg() -> str:
 class CPUMeter:
     """CPU used by some processes and by the whole machine over a window."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, int], *, trees: bool = False) -> None:
+        """``trees``: count each process's children too (a supervisor's workers, which
+        must live through the window)."""
         self.pids = pids
-        self.start_proc = {k: process_cpu(p) for k, p in pids.items()}
+        self.trees = trees
+        self.start_proc = {k: self._cpu(p) for k, p in pids.items()}
         self.start_sys = system_busy()
         self.start_wall = time.monotonic()
 
+    def _cpu(self, pid: int) -> float:
+        if not self.trees:
+            return process_cpu(pid)
+        return sum(process_cpu(p) for p in process_tree(pid))
+
     def stop(self) -> dict[str, float]:
         """Seconds of CPU per named process, ``machine`` (all busy CPU) and ``wall``."""
-        out = {k: process_cpu(p) - self.start_proc[k] for k, p in self.pids.items()}
+        out = {k: self._cpu(p) - self.start_proc[k] for k, p in self.pids.items()}
         out["machine"] = system_busy() - self.start_sys
         out["wall"] = time.monotonic() - self.start_wall
         return out

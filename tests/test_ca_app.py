@@ -1,11 +1,15 @@
-"""The CA app in-process (no TLS needed for these checks): slow bodies time out."""
+"""The CA app in-process (no TLS needed for these checks): slow bodies time out, and
+the directly dispatched renewal route still fails safe."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
 
 from trustmesh.authority import CertificateAuthority
 from trustmesh.ca_server import ServerSettings, create_app
@@ -28,3 +32,43 @@ def test_slow_request_body_gets_408(ca: CertificateAuthority) -> None:
     assert response.status_code == 408
     assert response.headers["content-type"] == "application/problem+json"
     assert "within 0.2 s" in response.json()["detail"]
+
+
+def _with_client_cert(app: Any, pem: str) -> Any:
+    """The app as the TLS shim presents it: the client certificate in the scope."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "extensions": {"tls": {"client_cert_chain": [pem]}}}
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+def test_renewal_route_failing_unexpectedly_answers_generic_500(
+    ca: CertificateAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    """POST /v1/renew skips Starlette's middleware, yet an unexpected failure still
+    answers a generic problem+json 500 with the cause only in the log; GET is 405."""
+    issued = ca.issue("spiffe://example.org/svc/a")
+    pem = issued.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    ca.renew = broken  # type: ignore[method-assign,assignment]
+    app = _with_client_cert(create_app(ca), pem)
+
+    async def call() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ca") as client:
+            post = await client.post("/v1/renew", json={"csr": "x"})
+            get = await client.get("/v1/renew")
+            return post, get
+
+    post, get = asyncio.run(call())
+    assert post.status_code == 500
+    assert post.headers["content-type"] == "application/problem+json"
+    assert "disk on fire" not in post.text
+    assert "disk on fire" in caplog.text
+    assert get.status_code == 405

@@ -20,10 +20,12 @@ import secrets
 import socket
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,6 +38,7 @@ from trustmesh.audit import AuditEvent, AuditReport
 from trustmesh.audit import verify_chain as verify_audit_chain
 from trustmesh.config import CONFIG_NAME, CAConfig
 from trustmesh.errors import (
+    CertificateRevokedError,
     ConfigError,
     ConflictError,
     CSRError,
@@ -143,6 +146,47 @@ MAX_JWT_AUDIENCES = 10
 MAX_TOKEN_TTL = timedelta(days=7)
 
 log = logging.getLogger("trustmesh.authority")
+
+#: How many callers' verified chains :meth:`CertificateAuthority.verify_caller` keeps.
+CHAIN_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _VerifiedChain:
+    """A client certificate whose chain verified, and what that verification relied on."""
+
+    spiffe_id: SpiffeID
+    valid_from: datetime  # the latest notBefore along the chain
+    valid_until: datetime  # the earliest notAfter along the chain
+    issuers: IssuerSet  # the snapshot it was verified against (a rotation replaces it)
+
+
+class _ChainCache:
+    """Verified client chains by certificate (hashed and compared by DER), LRU-bounded.
+
+    Only the signatures, EKU and SPIFFE ID checks are remembered; the time window is
+    re-checked and the revocation status looked up on every use, and an entry counts
+    only for the issuer snapshot it was verified against (a rotation misses).
+    """
+
+    def __init__(self, size: int = CHAIN_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[x509.Certificate, _VerifiedChain] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, cert: x509.Certificate) -> _VerifiedChain | None:
+        with self._lock:
+            entry = self._entries.get(cert)
+            if entry is not None:
+                self._entries.move_to_end(cert)
+            return entry
+
+    def put(self, cert: x509.Certificate, entry: _VerifiedChain) -> None:
+        with self._lock:
+            self._entries[cert] = entry
+            self._entries.move_to_end(cert)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
 
 def _root_crl_urls(crl_urls: Sequence[str]) -> tuple[str, ...]:
@@ -319,6 +363,7 @@ class CertificateAuthority:
         self._issuers: IssuerSet = load_issuer_set(home, store)
         self._jwt_key: ec.EllipticCurvePrivateKey | None = None
         self._jwt_lock = threading.Lock()
+        self._chains = _ChainCache()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -985,7 +1030,35 @@ class CertificateAuthority:
                 ocsp_urls=self.config.ocsp_urls,
                 backdate=self.config.backdate,
             )
+
+            def details(record: CertificateRecord) -> dict[str, Any]:
+                return {
+                    "spiffe_id": record.spiffe_id,
+                    "profile": profile.name,
+                    "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "fingerprint": record.fingerprint,
+                    "dns": list(record.dns),
+                    "ips": list(record.ips),
+                    **(extra or {}),
+                }
+
             try:
+                if within is None and deliver is None:
+                    # Nothing else in the transaction (renewals): group-committed with
+                    # the other threads' records; returns once its own is durable.
+                    record = self._record_for(
+                        cert, request, profile, allowance or SANAllowance(), signer.ski
+                    )
+                    chain = (cert, *issuers.chain_tail(signer))
+                    issued = Issued(cert, chain, issuers.roots, record, key)
+                    self.store.record_issued(
+                        record,
+                        at=start,
+                        actor=actor or default_actor(),
+                        action=action,
+                        details=details(record),
+                    )
+                    return issued
                 with self.store.transaction() as conn:
                     granted = within(conn) if within is not None else None
                     record = self._record_for(
@@ -1000,15 +1073,7 @@ class CertificateAuthority:
                         actor=actor or default_actor(),
                         action=action,
                         subject=record.serial,
-                        details={
-                            "spiffe_id": record.spiffe_id,
-                            "profile": profile.name,
-                            "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                            "fingerprint": record.fingerprint,
-                            "dns": list(record.dns),
-                            "ips": list(record.ips),
-                            **(extra or {}),
-                        },
+                        details=details(record),
                     )
                     if deliver is not None:
                         deliver(issued)
@@ -1244,15 +1309,7 @@ class CertificateAuthority:
             CSRError: The CSR reuses the current key (unless allowed) or is bad.
         """
         start = _now(now)
-        spiffe_id = verify_chain(
-            current,
-            list(self.chain_certificates),
-            list(self.bundle),
-            usage="client",
-            now=start,
-            is_revoked=self.is_revoked,
-        )
-        old = self.store.get_certificate(_serial_hex(current.serial_number))
+        spiffe_id, old = self.verify_caller(current, now=start)
         profile = self.config.profile(old.profile if old.profile in self.config.profiles else None)
         request = check_csr(csr, profile, source="the renewal CSR")
         if request.spiffe_id != spiffe_id:
@@ -1294,11 +1351,62 @@ class CertificateAuthority:
         """
         if cert in self.chain_certificates or cert in self.bundle:
             return False
-        try:
-            record = self.store.get_certificate(_serial_hex(cert.serial_number))
-        except NotFoundError:
-            return True  # signed by our key but not recorded: fail closed
-        return record.revoked_at is not None
+        record = self.store.lookup_certificate(_serial_hex(cert.serial_number))
+        # Signed by our key but not recorded: fail closed.
+        return record is None or record.revoked_at is not None
+
+    def verify_caller(
+        self, cert: x509.Certificate, *, now: datetime | None = None
+    ) -> tuple[SpiffeID, CertificateRecord]:
+        """Verify a client certificate of this CA and return its SPIFFE ID and record.
+
+        What :func:`~trustmesh.pki.verify_chain` checks with :meth:`is_revoked`, for
+        the price of one lookup once the chain is known: the chain verification
+        (signatures, CA flags, EKU, SPIFFE ID) is remembered per certificate (by DER),
+        for the issuer snapshot it was verified against; the validity period is
+        checked on every call, and the revocation status is read from the store on
+        every call (never cached).
+
+        Raises:
+            CertificateExpiredError: Outside its (or its chain's) validity period.
+            CertificateRevokedError: Revoked, or never recorded by this CA.
+            VerificationError: Any other chain failure.
+
+        .. versionadded:: 0.3
+        """
+        when = _now(now)
+        entry = self._chains.get(cert)
+        issuers = self._issuers
+        if (
+            entry is None
+            or entry.issuers is not issuers
+            or not entry.valid_from <= when <= entry.valid_until
+        ):
+            # The leaf's revocation is looked up below; this CA's own certificates are
+            # never revoked in its table (is_revoked says False for them).
+            published = self.chain_certificates
+            spiffe_id = verify_chain(
+                cert, list(published), list(self.bundle), usage="client", now=when
+            )
+            # The window: the leaf and every published certificate that could have
+            # carried it to an anchor (a cross certificate shares its intermediate's
+            # subject), so an entry is never used past any of them.
+            path = [cert, *(c for c in published if c.subject == cert.issuer)]
+            path += [r for r in self.bundle if any(r.subject == c.issuer for c in path[1:])]
+            entry = _VerifiedChain(
+                spiffe_id,
+                valid_from=max(c.not_valid_before_utc for c in path),
+                valid_until=min(c.not_valid_after_utc for c in path),
+                issuers=issuers,
+            )
+            self._chains.put(cert, entry)
+        serial = _serial_hex(cert.serial_number)
+        record = self.store.lookup_certificate(serial)
+        if record is None or record.revoked_at is not None:
+            raise CertificateRevokedError(
+                f"Certificate {serial} ({entry.spiffe_id}) was revoked.", reason="revoked"
+            )
+        return entry.spiffe_id, record
 
     # -- registration entries -------------------------------------------------------
 

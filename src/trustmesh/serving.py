@@ -7,10 +7,11 @@ import ipaddress
 import json
 import logging
 import signal
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,19 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling ``started`` when it accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, started: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_started = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
+
+
 def run_https(
     app: Any,
     *,
@@ -151,14 +165,18 @@ def run_https(
     name: str,
     log_level: str = "info",
     context: Callable[[], ssl.SSLContext] | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    started: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
     Client certificates are requested (verified against ``roots``), not required; the
     TLS shim hands them to the app in the ASGI ``tls`` extension. ``context`` (when
     given) builds the listener context instead, e.g. one whose ``sni_callback``
-    swaps in a re-issued certificate. A SIGTERM ends with
-    exit status 0, so supervisors see a clean stop.
+    swaps in a re-issued certificate. A SIGTERM ends with exit status 0, so
+    supervisors see a clean stop. ``sockets`` are already bound listening sockets to
+    serve on instead of binding ``listen`` (worker processes); ``started`` is called
+    once the server accepts connections.
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -194,14 +212,14 @@ def run_https(
         # address that per-address rate limits key on.
         proxy_headers=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, started)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
     # dying by the signal.
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        server.run()
+        server.run(sockets=None if sockets is None else list(sockets))
     except SystemExit as exc:
         if exc.code == STARTUP_FAILURE and not server.started:
             raise TrustmeshError(

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -39,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from trustmesh.acme import ACMEConfig, ACMEServer, sealing_key
 from trustmesh.authority import CertificateAuthority, Issued
@@ -57,7 +61,6 @@ from trustmesh.pki import (
     parse_duration,
     pem_certificates,
     pem_crls,
-    verify_chain,
 )
 from trustmesh.serving import LATENCY_BUCKETS, TimedApp
 from trustmesh.store import token_hash
@@ -78,11 +81,13 @@ __all__ = ["MAX_BODY", "ServerSettings", "create_app"]
 
 log = logging.getLogger("trustmesh.ca_server")
 
+#: Worker threads of the API (blocking work: the database, signing); the store's pool
+#: keeps as many connections (trustmesh.store._store.POOL_SIZE).
+THREADS = 16
 #: Request bodies larger than this are refused with 413.
 MAX_BODY = 64 * 1024
 #: A request body must arrive within this many seconds (slow senders get 408).
 BODY_TIMEOUT = 10.0
-PEM = serialization.Encoding.PEM
 
 
 @dataclass
@@ -147,15 +152,22 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
     return jwk
 
 
+@functools.lru_cache(maxsize=16)
+def _ca_pem(certs: tuple[x509.Certificate, ...]) -> str:
+    # The intermediate and the bundle are the same in every answer: encoded once.
+    return pem_certificates(certs).decode()
+
+
 def _issued_json(issued: Issued) -> dict[str, Any]:
     record = issued.record
+    leaf = record.pem  # the record holds the leaf's PEM already
     return {
         "spiffe_id": record.spiffe_id,
         "serial": record.serial,
         "not_after": record.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "certificate": issued.certificate.public_bytes(PEM).decode(),
-        "chain": pem_certificates(issued.chain).decode(),
-        "bundle": pem_certificates(issued.bundle).decode(),
+        "certificate": leaf,
+        "chain": leaf + _ca_pem(tuple(issued.chain[1:])),
+        "bundle": _ca_pem(tuple(issued.bundle)),
     }
 
 
@@ -204,12 +216,18 @@ async def _json_body(
     return data
 
 
+@functools.lru_cache(maxsize=4096)
+def _load_peer(pem: str) -> x509.Certificate:
+    # Parsed once per client certificate, not once per request on a kept-alive connection.
+    return x509.load_pem_x509_certificate(pem.encode())
+
+
 def _peer_certificate(request: Request) -> x509.Certificate | None:
     tls = request.scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     if not chain:
         return None
-    return x509.load_pem_x509_certificate(chain[0].encode())
+    return _load_peer(chain[0])
 
 
 _ROUTE_TEMPLATES = ("/v1/ocsp/",)
@@ -350,6 +368,40 @@ _KNOWN_ROUTES = {
 }
 
 
+_T = TypeVar("_T")
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class _CAApp(Starlette):
+    """Starlette, with the hottest routes (renewal) dispatched straight to their
+    endpoint: the middleware stack and the router cost more than the endpoint's own
+    HTTP work (bench/RESULTS.md, issue 18). The endpoint still answers every refusal
+    itself (``guarded``); anything else it raises becomes a generic 500 here, with
+    the cause in the log, as ServerErrorMiddleware would.
+    """
+
+    def __init__(self, direct: dict[tuple[str, str], _Endpoint], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = (
+            self.direct.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+        )
+        if endpoint is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = problem(
+                500, "Internal server error", "The CA failed on this request; see its log."
+            )
+        await response(scope, receive, send)
+
+
 def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None) -> TimedApp:
     """Build the ASGI app for an open CA (its signing key unlocked).
 
@@ -363,6 +415,13 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
+    # The hot routes' blocking work (renew, enroll, the caller check) hops to these
+    # threads: a plain executor hop costs a fraction of anyio's run_sync, which
+    # was the largest single item of a renewal's CPU (bench/RESULTS.md, issue 18).
+    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="ca-api")
+
+    async def offload(fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -379,15 +438,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def caller(request: Request) -> tuple[x509.Certificate, SpiffeID]:
         cert = peer(request)
-        # Signature checks and the revocation lookup take milliseconds: off the loop.
-        spiffe_id = await run_in_threadpool(
-            verify_chain,
-            cert,
-            list(ca.chain_certificates),
-            list(ca.bundle),
-            usage="client",
-            is_revoked=ca.is_revoked,
-        )
+        # The chain is verified once per certificate; its revocation status is looked
+        # up on every request (a database read: off the loop).
+        spiffe_id, _ = await offload(lambda: ca.verify_caller(cert))
         return cert, spiffe_id
 
     def ttl_field(data: dict[str, Any]) -> timedelta | None:
@@ -609,7 +662,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                     reason="rate_limited",
                     headers={"Retry-After": str(max(1, round(wait)))},
                 )
-            issued = await run_in_threadpool(
+            issued = await offload(
                 lambda: ca.enroll(
                     data["token"],
                     data["csr"].encode(),
@@ -635,13 +688,12 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     async def renew(request: Request) -> Response:
         async def work() -> Response:
-            cert = peer(request)  # ca.renew verifies it (chain, expiry, revocation)
+            cert = peer(request)  # ca.renew verifies it (ca.verify_caller)
             data = await _json_body(request, "csr", timeout=opts.body_timeout)
             if isinstance(data, Response):
                 return data
-            issued = await run_in_threadpool(
-                lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl_field(data))
-            )
+            ttl = ttl_field(data)
+            issued = await offload(lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl))
             metrics.issued.labels(kind="renew").inc()
             log.info(
                 "renewed %s serial %s",
@@ -969,6 +1021,9 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # As many threads as the store pools connections (anyio's default is 40): on
+        # two cores more threads only queue for the GIL and open pool overflow.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         await hub.start()
         if acme is not None:
             await acme.start()
@@ -978,8 +1033,10 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             if acme is not None:
                 await acme.stop()
             await hub.stop()
+            pool.shutdown(wait=False)
 
-    app = Starlette(
+    app = _CAApp(
+        {("POST", "/v1/renew"): renew},
         lifespan=lifespan,
         routes=[
             Route("/healthz", healthz),

@@ -462,6 +462,16 @@ def _acme_settings(ca: CertificateAuthority) -> ACMEConfig:
     help="Enrollments one client address may make at once before --enroll-rate applies. "
     "Raise both when many agents enroll through one NAT or load balancer.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    help="Worker processes serving the API (one per core the server has to itself; see "
+    "docs/operations.md). "
+    "They share the port, the store and the audit chain; the enrollment limits are "
+    "split between them.",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
     "--log-format",
@@ -478,6 +488,7 @@ def serve_command(
     admins: tuple[str, ...],
     enroll_rate: float,
     enroll_burst: int,
+    workers: int,
     log_level: str,
     log_format: str,
     home: Path | None,
@@ -519,6 +530,7 @@ def serve_command(
             admins=tuple(ca.config.admins) + admins,
             enroll_rate=enroll_rate,
             enroll_burst=enroll_burst,
+            workers=workers,
             log_level=log_level,
             acme=acme,
             ready=lambda url: announce(

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config
@@ -51,6 +53,10 @@ __all__ = [
 ]
 
 
+#: Connections each store keeps open for reuse (``ca serve`` runs this many threads).
+POOL_SIZE = 16
+
+
 # The issuance hot path (add_certificate, next_counter, append_audit) runs these on
 # the driver's cursor (see _execute): building, compiling and executing Core
 # statements cost several times more than the database work itself (see
@@ -62,6 +68,7 @@ class _HotSQL:
     next_counter: str
     audit_hash: str
     insert_audit: str
+    select_certificate: str
 
     def for_postgresql(self) -> _HotSQL:
         """psycopg placeholders; a duplicate serial returns no row instead of aborting
@@ -73,6 +80,7 @@ class _HotSQL:
             next_counter=self.next_counter.replace("?", "%s"),
             audit_hash=self.audit_hash.replace("?", "%s"),
             insert_audit=self.insert_audit.replace("?", "%s"),
+            select_certificate=self.select_certificate.replace("?", "%s"),
         )
 
 
@@ -87,6 +95,12 @@ _SQLITE_SQL = _HotSQL(
     insert_audit=(
         "INSERT INTO audit_events (seq, at, actor, action, subject, details, prev_hash, hash) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    ),
+    # What get_certificate selects (ix_certificates_serial), in _CERTIFICATE_COLUMNS order.
+    select_certificate=(
+        "SELECT issuer, serial, spiffe_id, dns, ips, profile, key_type, fingerprint, "
+        "not_before, not_after, issued_at, pem, revoked_at, revocation_reason, "
+        "allowed_dns, allowed_ips FROM certificates WHERE serial = ? ORDER BY id DESC LIMIT 1"
     ),
 )
 _HOT_SQL = {"sqlite": _SQLITE_SQL, "postgresql": _SQLITE_SQL.for_postgresql()}
@@ -237,6 +251,27 @@ def _certificate_filters(
     return clauses
 
 
+class _CertificateRow(NamedTuple):
+    """The columns of :attr:`_HotSQL.select_certificate`, by name (as a Core row has)."""
+
+    issuer: str
+    serial: str
+    spiffe_id: str
+    dns: str
+    ips: str
+    profile: str
+    key_type: str
+    fingerprint: str
+    not_before: int
+    not_after: int
+    issued_at: int
+    pem: str
+    revoked_at: int | None
+    revocation_reason: str | None
+    allowed_dns: str
+    allowed_ips: str
+
+
 def _record(row: Any) -> CertificateRecord:
     return CertificateRecord(
         issuer=row.issuer,
@@ -282,6 +317,27 @@ def _migration_config(connection: Connection) -> Config:
     return cfg
 
 
+#: At most this many records go into one group commit.
+_MAX_GROUP = 64
+
+
+@dataclass
+class _Pending:
+    """One record waiting for a group commit, and what became of it."""
+
+    record: CertificateRecord
+    audit: dict[str, Any]
+    done: bool = False
+    event: AuditEvent | None = None
+    error: BaseException | None = None
+
+
+class _Depth(threading.local):
+    """Whether this thread is inside a write transaction already (nested: no relock)."""
+
+    value = 0
+
+
 class Store:
     """Certificates, counters and audit events in one database.
 
@@ -296,6 +352,55 @@ class Store:
         self.url = engine.url.render_as_string(hide_password=True)
         self.dialect = engine.dialect.name
         self._lock = threading.Lock()
+        # SQLite has one writer at a time, and a writer that finds the database locked
+        # sleeps in SQLite's busy handler (1, 2, 5 ... 100 ms steps) before it tries
+        # again: under concurrent writes that, not the work, sets the latency. So
+        # writers queue here instead: one thread of this process at a time, and one
+        # process at a time by flock() on a file beside the database, which wakes the
+        # next writer as soon as the lock is released. BEGIN IMMEDIATE and busy_timeout
+        # stay for writers that do not take it.
+        self._write_lock = threading.Lock()
+        self._write_depth = _Depth()
+        self._group = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._leading = False
+        database = engine.url.database if self.dialect == "sqlite" else None
+        self._lock_path = f"{database}.writelock" if database and database != ":memory:" else None
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
+
+    def _file_lock(self) -> int | None:
+        """The open lock file (reopened in a forked child: flock locks are per open file);
+        None where it cannot be opened (a read-only home: BEGIN IMMEDIATE still holds)."""
+        if self._lock_path is None:
+            return None
+        if self._lock_fd is None or self._lock_pid != os.getpid():
+            try:
+                self._lock_fd = os.open(
+                    self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+            except OSError:
+                self._lock_path = None
+                return None
+            self._lock_pid = os.getpid()
+        return self._lock_fd
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[None]:
+        if self.dialect != "sqlite" or self._write_depth.value:
+            yield
+            return
+        with self._write_lock:
+            fd = self._file_lock()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            self._write_depth.value = 1
+            try:
+                yield
+            finally:
+                self._write_depth.value = 0
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         """Release all connections."""
@@ -324,7 +429,7 @@ class Store:
             StoreError: The database failed.
         """
         try:
-            with self.engine.begin() as conn:
+            with self._writer(), self.engine.begin() as conn:
                 yield conn
         except IntegrityError as exc:
             raise ConflictError(
@@ -418,6 +523,41 @@ class Store:
                 serial=serial,
             )
         return _record(row)
+
+    def lookup_certificate(self, serial: str) -> CertificateRecord | None:
+        """Return the certificate with this serial (newest first), or None: what
+        :meth:`get_certificate` returns, on the driver's cursor of a pooled connection.
+
+        The hot path of every mTLS request (the caller's revocation status, the
+        renewed record): a Core SELECT through ``Connection.execute`` costs several
+        times the lookup itself (bench/RESULTS.md, issue 18). Outside any transaction:
+        it never takes SQLite's write lock.
+
+        Raises:
+            StoreError: The database failed.
+        """
+        sql = _HOT_SQL[self.dialect].select_certificate
+        try:
+            dbapi_conn = self.engine.raw_connection()
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
+            ) from exc
+        try:
+            cursor = dbapi_conn.cursor()
+            try:
+                cursor.execute(sql, (serial.lower().lstrip("0"),))
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            if self.dialect == "postgresql":
+                dbapi_conn.commit()  # end the read's transaction here, not at check-in
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            dbapi_conn.invalidate(exc)
+            raise StoreError(f"The database at {self.url} failed: {exc}") from exc
+        finally:
+            dbapi_conn.close()
+        return None if row is None else _record(_CertificateRow._make(row))
 
     def find_certificates(
         self,
@@ -521,6 +661,85 @@ class Store:
         )
         with self._connect() as conn:
             return int(conn.execute(query).scalar_one())
+
+    def record_issued(
+        self,
+        record: CertificateRecord,
+        *,
+        at: datetime,
+        actor: str,
+        action: str,
+        details: dict[str, Any],
+    ) -> AuditEvent:
+        """Insert a certificate record and its audit event (subject: the serial), durably,
+        committed together with the other threads' records that arrive meanwhile.
+
+        Group commit: the first thread in leads, taking every record waiting, in one
+        transaction; threads arriving while it commits wait, and the first of them leads
+        the next. Each caller returns only after the transaction holding its own record
+        and event has committed. The events are appended to the hash chain in the order
+        they are written, under the same lock as every other write (one chain across
+        processes). A transaction that fails is retried one record at a time, so one bad
+        record (a duplicate serial) fails only its own caller.
+
+        Raises:
+            ConflictError: The issuer already has this serial.
+            StoreError: The database failed.
+
+        .. versionadded:: 0.3
+        """
+        item = _Pending(record, {"at": at, "actor": actor, "action": action, "details": details})
+        with self._group:
+            self._waiting.append(item)
+            while not item.done:
+                if self._leading:
+                    self._group.wait()
+                    continue
+                self._leading = True
+                batch, self._waiting = self._waiting[:_MAX_GROUP], self._waiting[_MAX_GROUP:]
+                self._group.release()
+                try:
+                    self._commit_group(batch)
+                finally:
+                    self._group.acquire()
+                    self._leading = False
+                    self._group.notify_all()
+        if item.error is not None:
+            raise item.error
+        assert item.event is not None  # noqa: S101 - set with done when error is None
+        return item.event
+
+    def _commit_group(self, batch: list[_Pending]) -> None:
+        """Commit ``batch`` in one transaction, or each alone if that fails; mark all done."""
+        try:
+            try:
+                events = self._write_group(batch)
+            except (ConflictError, StoreError):
+                if len(batch) == 1:
+                    raise
+                for item in batch:
+                    self._commit_group([item])
+                return
+            for item, event in zip(batch, events, strict=True):
+                item.event = event
+        except BaseException as exc:  # every waiter must hear, whatever happened
+            for item in batch:
+                if not item.done:
+                    item.error = exc
+                    item.done = True
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for item in batch:
+            item.done = True
+
+    def _write_group(self, batch: list[_Pending]) -> list[AuditEvent]:
+        with self.transaction() as conn:
+            events = []
+            for item in batch:
+                self.add_certificate(conn, item.record)
+                events.append(self.append_audit(conn, subject=item.record.serial, **item.audit))
+            return events
 
     # -- audit ----------------------------------------------------------------------
 
@@ -698,7 +917,9 @@ def open_store(url: str, *, migrate: bool = True) -> Store:
             f"supports sqlite:/// and postgresql:// URLs.",
             field="db",
         )
-    kwargs: dict[str, Any] = {}
+    # As many pooled connections as the CA server runs threads (POOL_SIZE): a
+    # connection beyond the pool is closed when returned and opened anew later.
+    kwargs: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": POOL_SIZE}
     if parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
         kwargs["pool_pre_ping"] = True
