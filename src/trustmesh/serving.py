@@ -151,6 +151,7 @@ def run_https(
     name: str,
     log_level: str = "info",
     context: Callable[[], ssl.SSLContext] | None = None,
+    on_exit: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
@@ -158,7 +159,9 @@ def run_https(
     TLS shim hands them to the app in the ASGI ``tls`` extension. ``context`` (when
     given) builds the listener context instead, e.g. one whose ``sni_callback``
     swaps in a re-issued certificate. A SIGTERM ends with
-    exit status 0, so supervisors see a clean stop.
+    exit status 0, so supervisors see a clean stop. ``on_exit`` is called (in the
+    signal handler, so it must only schedule work) when the stop begins, before
+    uvicorn waits for open connections: endless responses (event streams) end there.
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -194,7 +197,7 @@ def run_https(
         # address that per-address rate limits key on.
         proxy_headers=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, on_exit)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
     # dying by the signal.
     previous = None
@@ -212,6 +215,19 @@ def run_https(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling ``on_exit`` once when SIGINT/SIGTERM begins the stop."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._on_exit is not None and not self.should_exit:
+            self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 class TimedApp:

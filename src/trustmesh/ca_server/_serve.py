@@ -104,6 +104,7 @@ def serve(
                     name="CA API",
                     log_level=log_level,
                     context=identity.listener,
+                    on_exit=app.state.hub.close_streams,
                 )
         finally:
             stop.set()
