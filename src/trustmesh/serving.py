@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -152,6 +153,7 @@ def run_https(
     log_level: str = "info",
     context: Callable[[], ssl.SSLContext] | None = None,
     on_exit: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
@@ -162,6 +164,7 @@ def run_https(
     exit status 0, so supervisors see a clean stop. ``on_exit`` is called (in the
     signal handler, so it must only schedule work) when the stop begins, before
     uvicorn waits for open connections: endless responses (event streams) end there.
+    ``ready`` is called once the socket is bound and the server accepts connections.
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -197,7 +200,7 @@ def run_https(
         # address that per-address rate limits key on.
         proxy_headers=False,
     )
-    server = _Server(config, on_exit)
+    server = _Server(config, on_exit, ready)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
     # dying by the signal.
     previous = None
@@ -218,11 +221,23 @@ def run_https(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, calling ``on_exit`` once when SIGINT/SIGTERM begins the stop."""
+    """uvicorn's server, calling ``ready`` once it listens and ``on_exit`` once when
+    SIGINT/SIGTERM begins the stop."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None] | None,
+        ready: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit and self._ready is not None:
+            self._ready()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self._on_exit is not None and not self.should_exit:

@@ -92,9 +92,12 @@ def serve(
                 _expiry_warnings(ca),
                 _plain_listener(app.state.plain_app, plain_socket, log_level, ocsp_ready),
             ):
-                log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
-                if ready is not None:
-                    ready(url)
+
+                def listening() -> None:
+                    log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
+                    if ready is not None:
+                        ready(url)
+
                 run_https(
                     app,
                     listen=listen,
@@ -105,6 +108,7 @@ def serve(
                     log_level=log_level,
                     context=identity.listener,
                     on_exit=app.state.hub.close_streams,
+                    ready=listening,
                 )
         finally:
             stop.set()
