@@ -572,6 +572,14 @@ def test_revoke_through_the_server(
     assert run(["revoke", web_serial, "--cert", str(web / "chain.pem")], capsys)[0] == 2
     assert run(["revoke", web_serial, "--ca", server.url], capsys)[0] == 2
 
+    # bad input is exit 2 with the local command's message, as without --ca
+    code, _, err = revoke(web, web_serial, "--reason", "keycompromized")
+    assert code == 2
+    assert "Unknown revocation reason 'keycompromized'" in err
+    code, _, err = revoke(web, "zz")
+    assert code == 2
+    assert "'zz' is not a certificate serial" in err
+
 
 def test_reload_parsing() -> None:
     """--exec is split like a shell would but run without one; --signal takes PID:NAME or number."""

@@ -363,7 +363,8 @@ def test_curl_enrolls_and_renews(server: Server, tmp_path: Path) -> None:
 
 
 def test_port_in_use_exits_1_and_sigterm_exits_0(server: Server) -> None:
-    """A second `ca serve` on a taken port says what to change; SIGTERM is a clean stop."""
+    """A second `ca serve` on a taken port says what to change and never says it is
+    listening; SIGTERM is a clean stop."""
     port = server.url.rsplit(":", 1)[1]
     result = subprocess.run(
         [sys.executable, "-m", "trustmesh", "ca", "serve", "--listen", f"127.0.0.1:{port}"],
@@ -376,5 +377,7 @@ def test_port_in_use_exits_1_and_sigterm_exits_0(server: Server) -> None:
     assert result.returncode == 1, result.stderr
     assert "The CA API could not start" in result.stderr
     assert "port in use" in result.stderr
+    # nothing announced it as listening (a script waiting for "ready" would go on)
+    assert "listening on" not in result.stderr
     server.process.terminate()
     assert server.process.wait(timeout=20) == 0

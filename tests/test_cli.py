@@ -232,6 +232,14 @@ def _bad_csr_signature() -> bytes:
         (["revoke", "abcdef"], None, "No certificate with serial"),
         (["revoke", "xyz"], None, "not a certificate serial"),
         (["revoke", "1", "--reason", "bored"], None, "Unknown revocation reason"),
+        # click's own refusals are one line too, naming the option and where help is
+        (
+            ["issue", "spiffe://example.org/a", "--key-type", "ecp256"],
+            None,
+            "error: Invalid value for '--key-type': 'ecp256' is not one of",
+        ),
+        (["list", "--limit", "0"], None, "See 'trustmesh list --help'."),
+        (["issue", "spiffe://example.org/a", "--tll", "1h"], None, "No such option '--tll'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(

@@ -306,3 +306,26 @@ def test_subscribers_woken_together_share_one_query(ca: CertificateAuthority) ->
     assert all([e.serial for e in batch] == [serial] for batch in results)
     assert asyncio.run(hub.events_since(0))[0].serial == serial  # done: the next one asks again
     assert queries == [0, 0]
+
+
+def test_sigterm_ends_open_streams_and_stops_promptly(tmp_path: Path) -> None:
+    """SIGTERM with feed subscribers connected ends their streams and stops `ca serve` in
+    well under the 10 s graceful-shutdown limit, exit 0, with no traceback in the log."""
+    home, bundle = _setup(tmp_path, None)
+    with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
+        reader, _ = identity(ca, "spiffe://example.org/reader", tmp_path / "reader")
+    with running_server(home, tmp_path) as server:
+        subscribers = [Subscriber(server.url, bundle, reader) for _ in range(2)]
+        started = time.monotonic()
+        server.process.terminate()
+        for subscriber in subscribers:
+            subscriber.thread.join(timeout=5)
+            assert not subscriber.thread.is_alive(), "the stream did not end"
+            subscriber.close()  # as the agent does before it reconnects
+        code = server.process.wait(timeout=30)
+        took = time.monotonic() - started
+    log = (tmp_path / "serve.log").read_text()
+    assert code == 0, log
+    assert took < 5, f"ca serve took {took:.1f}s to stop with open streams"
+    assert "Traceback" not in log
+    assert "Exception in ASGI application" not in log

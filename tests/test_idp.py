@@ -743,11 +743,13 @@ def test_db_option_points_idp_commands_elsewhere(
 
 
 def test_port_in_use_exits_1(idp: Idp) -> None:
-    """A second server on a taken port fails with exit 1 and says what to change."""
+    """A second server on a taken port fails with exit 1, says what to change and never
+    says it is listening."""
     port = idp.url.rsplit(":", 1)[1]
     result = idp.cli("idp", "serve", "--listen", f"127.0.0.1:{port}", check=False)
     assert result.returncode == 1
     assert "port in use" in result.stderr
+    assert "listening on" not in result.stderr
 
 
 def test_our_verifier_accepts_bound_tokens_and_honours_revocation(idp: Idp, tmp_path: Path) -> None:

@@ -448,7 +448,7 @@ def test_agent_failing_on_crl_hook_is_logged_and_retried(stack: Stack, tmp_path:
     log = stack.work / "agent-failing-hook.log"
     try:
         _wait(
-            lambda: log.read_text().count("CRL reload with ran false failed") >= 2,
+            lambda: log.read_text().count("CRL reload (ran false) failed") >= 2,
             20,
             "two failures of the hook",
         )
@@ -592,7 +592,8 @@ def test_haproxy_refuses_revoked_client_after_runtime_api_update(
     stack: Stack, tmp_path: Path
 ) -> None:
     """HAProxy with crl-file and the agent's --haproxy-socket: a good client is served, a
-    client revoked with `trustmesh revoke` is refused within 2 s, HAProxy never restarts."""
+    client revoked with `trustmesh revoke` is refused within 2 s, HAProxy never restarts,
+    and the --exec reload (for certificates) is not run for new CRLs."""
     home = stack.server.home
     with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
         server = write_identity(
@@ -625,6 +626,7 @@ def test_haproxy_refuses_revoked_client_after_runtime_api_update(
                 return False
 
         _wait(served, 15, "HAProxy serving the good client")
+        marker = tmp_path / "exec-ran-for-crl"
         agent = _agent(
             stack,
             "haproxy-agent",
@@ -633,6 +635,9 @@ def test_haproxy_refuses_revoked_client_after_runtime_api_update(
             str(crl),
             "--haproxy-socket",
             str(sock),
+            # the certificate reload; it must not run for CRLs, which go through the socket
+            "--exec",
+            f"sh -c 'test -z \"$TRUSTMESH_CRL\" || touch {marker}'",
         )
         agent_log = stack.work / "agent-haproxy-agent.log"
         _wait(
@@ -643,7 +648,8 @@ def test_haproxy_refuses_revoked_client_after_runtime_api_update(
         _revoke_cli(stack, client / "cert.pem")
         took = _wait(lambda: not served(), 5, "HAProxy refusing the revoked client")
         assert took < 2.0, f"HAProxy refused the revoked client only after {took:.2f}s"
-        assert "CRL reloaded with HAProxy runtime API" in agent_log.read_text()
+        assert "CRL reloaded (HAProxy runtime API" in agent_log.read_text()
+        assert not marker.exists(), "--exec ran for a CRL that went through the socket"
         assert haproxy.poll() is None
         with CertificateAuthority.open(home, passphrase=PASSPHRASE) as ca:
             other = write_identity(ca.issue("spiffe://example.org/other"), tmp_path / "other")

@@ -47,6 +47,26 @@ def test_parse_rejects_invalid_ids_with_reason(value: str, fragment: str) -> Non
 
 
 @pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("example.org/x", "a path is not part of a trust domain"),
+        ("spiffe://example.org", "it starts with 'spiffe://'"),
+        ("Example.org", "must be lower case"),
+        ("example.org:8443", "a port is not allowed"),
+        ("", "it is empty"),
+    ],
+)
+def test_trust_domain_id_refuses_what_is_not_a_bare_trust_domain(value: str, fragment: str) -> None:
+    """A trust domain is a bare lower-case name: a path, a scheme or a port is refused with
+    a message about the trust domain (not about a SPIFFE ID the user never typed)."""
+    with pytest.raises(SpiffeIDError, match=f"Invalid trust domain {value!r}") as info:
+        SpiffeID.trust_domain_id(value)
+    assert fragment in info.value.message
+    assert "spiffe://spiffe://" not in info.value.message
+    assert SpiffeID.trust_domain_id("my-td_1.example").uri == "spiffe://my-td_1.example"
+
+
+@pytest.mark.parametrize(
     ("value", "pattern", "expected"),
     [
         ("spiffe://example.org/ns/prod/api", "spiffe://example.org/ns/*/api", True),

@@ -142,19 +142,6 @@ def _exit_cleanly(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling ``started`` when it accepts connections."""
-
-    def __init__(self, config: uvicorn.Config, started: Callable[[], None] | None) -> None:
-        super().__init__(config)
-        self._on_started = started
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started and self._on_started is not None:
-            self._on_started()
-
-
 def run_https(
     app: Any,
     *,
@@ -167,6 +154,8 @@ def run_https(
     context: Callable[[], ssl.SSLContext] | None = None,
     sockets: Sequence[socket.socket] | None = None,
     started: Callable[[], None] | None = None,
+    on_exit: Callable[[], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
@@ -176,7 +165,11 @@ def run_https(
     swaps in a re-issued certificate. A SIGTERM ends with exit status 0, so
     supervisors see a clean stop. ``sockets`` are already bound listening sockets to
     serve on instead of binding ``listen`` (worker processes); ``started`` is called
-    once the server accepts connections.
+    once the server accepts connections (the worker supervisor's signal). ``on_exit`` is
+    called (in the signal handler, so it must only schedule work) when the stop begins,
+    before uvicorn waits for open connections: endless responses (event streams) end
+    there. ``ready`` is called once the socket is bound and the server accepts
+    connections (the operator's ready line).
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -212,7 +205,7 @@ def run_https(
         # address that per-address rate limits key on.
         proxy_headers=False,
     )
-    server = _Server(config, started)
+    server = _Server(config, on_exit, ready, started)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; exit 0 instead of
     # dying by the signal.
     previous = None
@@ -230,6 +223,36 @@ def run_https(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling ``started`` and ``ready`` once it listens and ``on_exit``
+    once when SIGINT/SIGTERM begins the stop."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None] | None,
+        ready: Callable[[], None] | None = None,
+        started: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._ready = ready
+        self._on_started = started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and not self.should_exit:
+            if self._on_started is not None:
+                self._on_started()
+            if self._ready is not None:
+                self._ready()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._on_exit is not None and not self.should_exit:
+            self._on_exit()
+        super().handle_exit(sig, frame)
 
 
 class TimedApp:

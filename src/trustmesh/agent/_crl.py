@@ -372,7 +372,7 @@ class CRLKeeper:
                 hook.failing, hook.attempt, hook.retry_at = why, hook.attempt + 1, now + delay
                 failures.append(why)
                 log.error(
-                    "CRL reload with %s failed: %s Retrying in %.0fs.",
+                    "CRL reload (%s) failed: %s Retrying in %.0fs.",
                     hook.describe,
                     why,
                     delay,
@@ -381,10 +381,10 @@ class CRLKeeper:
                 continue
             if hook.attempt:
                 log.warning(
-                    "CRL reload with %s succeeded after %d failure(s)", hook.describe, hook.attempt
+                    "CRL reload (%s) succeeded after %d failure(s)", hook.describe, hook.attempt
                 )
             else:
-                log.info("CRL reloaded with %s", hook.describe, extra={"event": "crl_reloaded"})
+                log.info("CRL reloaded (%s)", hook.describe, extra={"event": "crl_reloaded"})
             hook.failing, hook.attempt = None, 0
         return failures
 

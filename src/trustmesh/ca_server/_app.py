@@ -831,6 +831,8 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                     if len(batch) == 1000:
                         continue
                     if not await hub.wait_beyond(cursor, opts.feed_heartbeat, held):
+                        if hub.closing:
+                            return  # the server is stopping: subscribers reconnect
                         yield ": keep-alive\n\n"
                     if await request.is_disconnected():
                         return

@@ -78,6 +78,26 @@ class RevocationHub:
             async with self._changed:
                 self._changed.notify_all()
 
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close_streams` or :meth:`stop` was called."""
+        return self._stop.is_set()
+
+    def close_streams(self) -> None:
+        """End every feed stream: the server is stopping (safe in a signal handler).
+
+        Streams return at their next wake-up, which this brings forward, so uvicorn's
+        graceful shutdown does not wait for them until its timeout.
+        """
+        self._stop.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._wake()))
+
+    async def _wake(self) -> None:
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+
     def add_bundle_listener(self, callback: Callable[[int], None]) -> None:
         """Call ``callback(sequence)`` (in a worker thread) after the issuers changed."""
         self._bundle_listeners.append(callback)

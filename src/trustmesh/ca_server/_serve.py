@@ -148,10 +148,12 @@ def serve(
                     app.state.plain_app, plain_socket, log_level, ocsp_ready if single else None
                 ),
             ):
-                if single:
+
+                def listening() -> None:
                     log.info("CA API on %s (trust domain %s)", url, ca.config.trust_domain)
                     if ready is not None:
                         ready(url)
+
                 run_https(
                     app,
                     listen=listen,
@@ -163,6 +165,8 @@ def serve(
                     context=identity.listener,
                     sockets=sockets,
                     started=started,
+                    on_exit=app.state.hub.close_streams,
+                    ready=listening if single else None,
                 )
         finally:
             stop.set()

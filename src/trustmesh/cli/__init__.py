@@ -83,9 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 1
+    except click.UsageError as exc:
+        # One line like every other refusal (click's own form is usage + hint + error).
+        where = f" See '{exc.ctx.command_path} --help'." if exc.ctx is not None else ""
+        _error(f"{exc.format_message()}{where}")
+        return 2
     except click.ClickException as exc:
         exc.show()
-        return 2 if isinstance(exc, click.UsageError) else exc.exit_code
+        return exc.exit_code
     except _INPUT_ERRORS as exc:
         _error(exc.message)
         return 2

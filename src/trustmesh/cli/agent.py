@@ -211,7 +211,8 @@ def _stores(
     "--on-crl",
     default=None,
     help="Command run (without a shell) after each new --crl file, e.g. 'nginx -s reload' "
-    "(default: the --exec command or --signal, if given). Retried until it succeeds.",
+    "(default: the --exec command or --signal, if given, unless --haproxy-socket). "
+    "Retried until it succeeds.",
 )
 @click.option(
     "--haproxy-socket",
@@ -325,12 +326,19 @@ def agent_command(
     )
     keeper = None
     if crl_file is not None:
+        # --haproxy-socket replaces the reload for CRLs (no reload, as documented): the
+        # --exec/--signal fallback then serves certificates only; --on-crl still runs.
+        crl_reload = (
+            Reload.from_command(on_crl, option="--on-crl")
+            if on_crl
+            else (reload if haproxy_socket is None else None)
+        )
         keeper = CRLKeeper(
             agent.ca_url,
             out,
             agent.trust_bundle,
             crl_file.absolute(),
-            reload=Reload.from_command(on_crl, option="--on-crl") if on_crl else reload,
+            reload=crl_reload,
             haproxy=HAProxyRuntime(haproxy_socket) if haproxy_socket is not None else None,
             timeout=timeout,
         )

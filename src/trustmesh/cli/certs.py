@@ -20,6 +20,7 @@ from trustmesh.pki import (
     dump_private_key,
     glob_match,
     parse_duration,
+    parse_reason,
     pem_certificates,
     pem_crls,
 )
@@ -263,7 +264,13 @@ def revoke_command(
     else:
         if cert is None or key is None or bundle is None:
             raise click.UsageError("--ca needs --cert, --key and --bundle.")
+        from trustmesh.authority import CertificateAuthority
         from trustmesh.client import CAClient
+
+        # bad input is exit 2 here too, before the call (the CA would answer 400: exit 1)
+        reason = parse_reason(reason)
+        if serial is not None:
+            serial = CertificateAuthority._normalize_serial(serial)
 
         with CAClient(ca_url, bundle=bundle, cert=cert, key=key) as client:
             records = client.revoke(serial, spiffe_id, reason=reason)

@@ -64,7 +64,7 @@ def serve(
         issuer: Issuer URL (default ``https://HOST:PORT``).
         settings: Runtime settings (``issuer`` is overridden by the one resolved here).
         extensions: Extensions to mount (default: :func:`default_extensions`).
-        ready: Called with the URL once the listening socket is about to open.
+        ready: Called with the URL once the server listens.
         log_level: uvicorn's log level.
     """
     host, port = parse_listen(listen)
@@ -84,8 +84,6 @@ def serve(
             url,
             extra={"event": "start", "issuer": url},
         )
-        if ready is not None:
-            ready(url)
         try:
             run_https(
                 app,
@@ -95,6 +93,7 @@ def serve(
                 roots=roots,
                 name="identity server",
                 log_level=log_level,
+                ready=None if ready is None else lambda: ready(url),
             )
         finally:
             log.info("identity server stopped", extra={"event": "stop"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from trustmesh.errors import SpiffeIDError
@@ -34,18 +35,29 @@ def _fail(value: str, problem: str) -> SpiffeIDError:
     )
 
 
-def _check_trust_domain(value: str, trust_domain: str) -> None:
+def _fail_trust_domain(value: str, problem: str) -> SpiffeIDError:
+    shown = value if len(value) <= 120 else value[:117] + "..."
+    return SpiffeIDError(
+        f"Invalid trust domain {shown!r}: {problem}. Give a bare lower-case name such as "
+        f"example.org.",
+        value=shown,
+    )
+
+
+def _check_trust_domain(
+    value: str, trust_domain: str, fail: Callable[[str, str], SpiffeIDError] = _fail
+) -> None:
     if not trust_domain:
-        raise _fail(value, "the trust domain is empty")
+        raise fail(value, "the trust domain is empty")
     bad = sorted(set(trust_domain) - _TRUST_DOMAIN_CHARS)
     if bad:
         if ":" in bad:
-            raise _fail(value, "a port is not allowed in the trust domain")
+            raise fail(value, "a port is not allowed in the trust domain")
         if "@" in bad:
-            raise _fail(value, "user info is not allowed in the trust domain")
+            raise fail(value, "user info is not allowed in the trust domain")
         if any(c.isupper() for c in bad):
-            raise _fail(value, "the trust domain must be lower case")
-        raise _fail(
+            raise fail(value, "the trust domain must be lower case")
+        raise fail(
             value,
             f"the trust domain contains {''.join(bad)!r}; only a-z, 0-9, '.', '-' "
             f"and '_' are allowed",
@@ -122,8 +134,16 @@ class SpiffeID:
         """Return the ID of a trust domain itself (``spiffe://example.org``).
 
         Raises:
-            SpiffeIDError: The trust domain name is not valid.
+            SpiffeIDError: The trust domain name is not valid (or holds a scheme or
+                a path); the message is about the trust domain.
         """
+        if not trust_domain:
+            raise _fail_trust_domain(trust_domain, "it is empty")
+        if trust_domain.lower().startswith(_SCHEME):
+            raise _fail_trust_domain(trust_domain, "it starts with 'spiffe://'")
+        if "/" in trust_domain:
+            raise _fail_trust_domain(trust_domain, "a path is not part of a trust domain")
+        _check_trust_domain(trust_domain, trust_domain, fail=_fail_trust_domain)
         return cls.from_parts(trust_domain, "")
 
     @property
