@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import http.server
+import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
 from acme import challenges, client, crypto_util, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +36,11 @@ ips = ["127.0.0.0/8"]
 default_ttl = "1h"
 max_ttl = "2h"
 eku = ["server"]
+
+[profiles.pinned]
+spiffe_ids = ["spiffe://example.org/acme/**"]
+dns = ["app*.pinned.localhost"]
+eku = ["server"]
 """
 
 
@@ -40,6 +52,7 @@ class ACMEServerUnderTest:
     http_port: int
     tls_port: int
     ocsp_url: str
+    dns: TXTServer
 
     def directory(self, provisioner: str = "web") -> str:
         return f"{self.server.url}/acme/{provisioner}/directory"
@@ -52,7 +65,7 @@ class ACMEServerUnderTest:
             return create_eab_key(ca, provisioner, actor="test")
 
 
-def acme_config(http_port: int, tls_port: int) -> str:
+def acme_config(http_port: int, tls_port: int, dns_port: int = 53) -> str:
     """The [acme] tables the test CA serves."""
     return f"""
 [acme]
@@ -69,6 +82,13 @@ eab_required = false
 challenges = ["http-01"]
 http01_port = {http_port}
 
+[acme.provisioners.dns]
+eab_required = false
+profiles = ["service", "pinned"]
+dns_resolvers = ["127.0.0.1:{dns_port}"]
+http01_port = {http_port}
+tlsalpn01_port = {tls_port}
+
 [acme.provisioners.brief]
 eab_required = false
 order_lifetime = "2s"
@@ -84,11 +104,93 @@ def acme_ca_server(workdir: Path) -> Iterator[ACMEServerUnderTest]:
         home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
     ).close()
     http_port, tls_port, ocsp_port = free_port(), free_port(), free_port()
-    with (home / "config.toml").open("a") as config:
-        config.write(SHORT_PROFILE + acme_config(http_port, tls_port))
-    extra = ("--ocsp-listen", f"127.0.0.1:{ocsp_port}")
-    with running_server(home, workdir, extra_args=extra) as server:
-        yield ACMEServerUnderTest(server, http_port, tls_port, f"http://127.0.0.1:{ocsp_port}")
+    with TXTServer(workdir / "dns-records") as txt:
+        with (home / "config.toml").open("a") as config:
+            config.write(SHORT_PROFILE + acme_config(http_port, tls_port, txt.port))
+        extra = ("--ocsp-listen", f"127.0.0.1:{ocsp_port}")
+        with running_server(home, workdir, extra_args=extra) as server:
+            yield ACMEServerUnderTest(
+                server, http_port, tls_port, f"http://127.0.0.1:{ocsp_port}", txt
+            )
+
+
+class TXTServer:
+    """A tiny authoritative DNS server on 127.0.0.1 (UDP and TCP, one port) answering TXT
+    queries from ``records`` (name -> values) and from files in ``directory`` (file
+    ``_acme-challenge.NAME.``, one value per line: what lego's exec script writes).
+
+    A UDP answer over 512 bytes goes out truncated (TC) with no records, so the
+    client must retry over TCP. Every other query answers NXDOMAIN.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.records: dict[str, list[str]] = {}
+        self.queries: list[tuple[str, str]] = []  # (transport, name)
+        owner = self
+
+        class UDP(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                wire = owner.answer(data, "udp")
+                if wire is not None:
+                    sock.sendto(wire, self.client_address)
+
+        class TCP(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                size = int.from_bytes(self.rfile.read(2), "big")
+                wire = owner.answer(self.rfile.read(size), "tcp")
+                if wire is not None:
+                    self.wfile.write(len(wire).to_bytes(2, "big") + wire)
+
+        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), UDP)
+        self.port = self.udp.server_address[1]
+        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), TCP)
+        self.threads = [
+            threading.Thread(target=s.serve_forever, daemon=True) for s in (self.udp, self.tcp)
+        ]
+
+    def values(self, name: str) -> list[str] | None:
+        name = name.lower().rstrip(".") + "."
+        found = list(self.records.get(name, []))
+        path = self.directory / name
+        if path.exists():
+            found += [line for line in path.read_text().splitlines() if line]
+        return found if found or name in self.records or path.exists() else None
+
+    def answer(self, data: bytes, transport: str) -> bytes | None:
+        try:
+            query = dns.message.from_wire(data)
+        except Exception:
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        question = query.question[0]
+        self.queries.append((transport, question.name.to_text()))
+        values = self.values(question.name.to_text())
+        if values is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.TXT and values:
+            response.answer.append(
+                dns.rrset.from_text_list(question.name, 60, "IN", "TXT", [f'"{v}"' for v in values])
+            )
+        wire = response.to_wire()
+        if transport == "udp" and len(wire) > 512:
+            response.answer.clear()
+            response.flags |= dns.flags.TC
+            wire = response.to_wire()
+        return wire
+
+    def __enter__(self) -> TXTServer:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in (self.udp, self.tcp):
+            server.shutdown()
+            server.server_close()
 
 
 class ChallengeServer:

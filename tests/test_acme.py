@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from acme import client, messages
+from acme import challenges, client, messages
 from acme import errors as acme_errors
 from acme import jws as acme_jws
 from cryptography import x509
@@ -28,6 +28,7 @@ from trustmesh.authority import CertificateAuthority
 from ._acme import (
     ACMEServerUnderTest,
     ChallengeServer,
+    TXTServer,
     acme_ca_server,
     acme_client,
     answer_http01,
@@ -545,3 +546,126 @@ def test_a_body_that_never_arrives_is_refused_within_the_body_timeout(
     answer, took = exchange(big, wait=10)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert took < 5
+
+
+# -- dns-01 (RFC 8555 8.4) and wildcards ---------------------------------------------------
+
+
+def _answer_dns01(
+    acme: client.ClientV2, key: jwk.JWK, order: messages.OrderResource, txt: TXTServer
+) -> None:
+    """Publish base64url(SHA-256(keyAuthorization)) for each authorization, and answer."""
+    for authz in order.authorizations:
+        body = next(c for c in authz.body.challenges if isinstance(c.chall, challenges.DNS01))
+        name = body.chall.validation_domain_name(authz.body.identifier.value) + "."
+        txt.records.setdefault(name, []).append(body.chall.validation(key))
+        acme.answer_challenge(body, body.chall.response(key))
+
+
+def test_dns01_issues_a_wildcard_and_its_base_name_over_tcp_fallback(
+    acme_server: ACMEServerUnderTest,
+) -> None:
+    """An order for *.wild.example.internal and wild.example.internal on the dns
+    provisioner: the wildcard's authorization names the base with wildcard=true and
+    offers dns-01 only; both TXT values at _acme-challenge.wild.example.internal (among
+    decoys too big for one UDP answer, so the CA retries over TCP) validate, and the
+    certificate names both."""
+    acme, key, _ = acme_client(acme_server, provisioner="dns", eab=False)
+    names = ["*.wild.example.internal", "wild.example.internal"]
+    _, csr = make_csr(names)
+    order = acme.new_order(csr)
+    by_wildcard = {a.body.wildcard or False: a.body for a in order.authorizations}
+    assert by_wildcard[True].identifier.value == "wild.example.internal"
+    assert [c.chall.typ for c in by_wildcard[True].challenges] == ["dns-01"]
+    offered = {c.to_partial_json()["type"] for c in by_wildcard[False].challenges}
+    assert offered == {"dns-01", "http-01", "tls-alpn-01"}
+    record = "_acme-challenge.wild.example.internal."
+    acme_server.dns.records[record] = [f"decoy-{i:02d}-" + "x" * 40 for i in range(12)]
+    _answer_dns01(acme, key, order, acme_server.dns)
+    order = acme.poll_and_finalize(order, dt.datetime.now() + dt.timedelta(seconds=30))
+    leaf = x509.load_pem_x509_certificates(order.fullchain_pem.encode())[0]
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(sans.get_values_for_type(x509.DNSName)) == sorted(names)
+    assert ("udp", record) in acme_server.dns.queries
+    assert ("tcp", record) in acme_server.dns.queries
+
+
+def _order_status(acme: client.ClientV2, order: messages.OrderResource) -> dict[str, object]:
+    return dict(acme._post_as_get(order.uri).json())
+
+
+def test_dns01_wrong_txt_value_invalidates_the_order_and_nothing_is_recorded(
+    acme_server: ACMEServerUnderTest,
+) -> None:
+    """A TXT record that is not base64url(SHA-256(keyAuthorization)) makes the dns-01
+    challenge invalid with incorrectResponse and the order invalid; finalize is refused
+    and no certificate is recorded."""
+    acme, key, _ = acme_client(acme_server, provisioner="dns", eab=False)
+    before = _records(acme_server)
+    _, csr = make_csr(["*.wrong.example.internal"])
+    order = acme.new_order(csr)
+    body = order.authorizations[0].body.challenges[0]
+    assert body.chall.typ == "dns-01"
+    acme_server.dns.records["_acme-challenge.wrong.example.internal."] = [
+        challenges.DNS01(token=b"x" * 32).validation(key)  # another challenge's value
+    ]
+    acme.answer_challenge(body, body.chall.response(key))
+    with pytest.raises(acme_errors.ValidationError) as caught:
+        acme.poll_authorizations(order, dt.datetime.now() + dt.timedelta(seconds=30))
+    error = caught.value.failed_authzrs[0].body.challenges[0].error
+    assert error is not None
+    assert error.typ == "urn:ietf:params:acme:error:incorrectResponse"
+    assert "_acme-challenge.wrong.example.internal." in str(error.detail)
+    assert _order_status(acme, order)["status"] == "invalid"
+    with pytest.raises(messages.Error) as refused:
+        acme.begin_finalization(order)
+    assert refused.value.typ == "urn:ietf:params:acme:error:orderNotReady"
+    assert _records(acme_server) == before
+
+
+def test_dns01_without_a_record_is_a_dns_problem(acme_server: ACMEServerUnderTest) -> None:
+    """No _acme-challenge record at the configured resolver (NXDOMAIN) is a dns problem."""
+    acme, key, _ = acme_client(acme_server, provisioner="dns", eab=False)
+    _, csr = make_csr(["absent.example.internal"])
+    order = acme.new_order(csr)
+    body = next(
+        c for c in order.authorizations[0].body.challenges if isinstance(c.chall, challenges.DNS01)
+    )
+    acme.answer_challenge(body, body.chall.response(key))
+    with pytest.raises(acme_errors.ValidationError) as caught:
+        acme.poll_authorizations(order, dt.datetime.now() + dt.timedelta(seconds=30))
+    failed = caught.value.failed_authzrs[0].body.challenges
+    error = next(c.error for c in failed if c.chall.typ == "dns-01")
+    assert error is not None
+    assert error.typ == "urn:ietf:params:acme:error:dns"
+    assert "NXDOMAIN" in str(error.detail)
+
+
+@pytest.mark.parametrize(
+    ("provisioner", "profile", "name", "message"),
+    [
+        ("open", None, "*.x.example.internal", "needs dns-01"),
+        ("dns", None, "a.*.example.internal", "must be '*.' followed by"),
+        ("dns", "pinned", "*.pinned.localhost", "allows DNS names matching"),
+    ],
+)
+def test_wildcards_need_dns01_and_a_profile_allowing_them(
+    acme_server: ACMEServerUnderTest,
+    provisioner: str,
+    profile: str | None,
+    name: str,
+    message: str,
+) -> None:
+    """A wildcard is rejectedIdentifier on a provisioner without dns-01, when '*' is not
+    the whole leftmost label, and when the profile's patterns do not cover every name
+    it stands for (app*.pinned.localhost does not cover *.pinned.localhost)."""
+    acme, _, _ = acme_client(acme_server, provisioner=provisioner, eab=False)
+    before = _records(acme_server)
+    _, csr = make_csr([name])
+    with pytest.raises(messages.Error) as caught:
+        acme.new_order(csr, profile=profile)
+    assert caught.value.typ == "urn:ietf:params:acme:error:rejectedIdentifier"
+    assert message in str(caught.value.detail)
+    assert _records(acme_server) == before
+    if profile == "pinned":  # the same profile takes a name its pattern covers
+        acme.new_order(make_csr(["app1.pinned.localhost"])[1], profile=profile)

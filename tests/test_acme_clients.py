@@ -256,3 +256,76 @@ def test_eab_create_prints_the_key_once_and_refuses_unknown_provisioners(
     err = capsys.readouterr().err
     assert "Unknown" in err or "No ACME provisioner 'nope'" in err
     assert "brief" in err
+
+
+#: lego's `--dns exec` hook: writes (present) or removes (cleanup) the TXT value in the
+#: test DNS server's record directory, one file per name, one value a line.
+LEGO_EXEC = """#!/bin/sh
+set -eu
+file="$TXT_DIR/$2"
+case "$1" in
+  present) printf '%s\\n' "$3" >> "$file" ;;
+  cleanup)
+    [ -f "$file" ] || exit 0
+    grep -vxF "$3" "$file" > "$file.tmp" || true
+    mv "$file.tmp" "$file" ;;
+esac
+"""
+
+
+@pytest.mark.skipif(LEGO is None, reason="lego is not installed (apt-get install lego)")
+def test_lego_issues_a_wildcard_over_dns01(
+    acme_server: ACMEServerUnderTest, tmp_path: Path
+) -> None:
+    """lego (--dns exec, its hook writing into the test DNS server, --dns.resolvers at
+    that server, --dns.disable-cp) gets a certificate for *.lego.example.internal and
+    lego.example.internal from the dns provisioner."""
+    assert LEGO is not None
+    hook = tmp_path / "txt-hook.sh"
+    hook.write_text(LEGO_EXEC)
+    hook.chmod(0o755)
+    resolver = f"127.0.0.1:{acme_server.dns.port}"
+    done = subprocess.run(
+        [
+            LEGO,
+            "--server",
+            acme_server.directory("dns"),
+            "--accept-tos",
+            "--email",
+            "ops@example.org",
+            "--path",
+            str(tmp_path / "lego"),
+            "--domains",
+            "*.lego.example.internal",
+            "--domains",
+            "lego.example.internal",
+            "--dns",
+            "exec",
+            "--dns.resolvers",
+            resolver,
+            "--dns.disable-cp",
+            "run",
+        ],
+        env={
+            **os.environ,
+            "LEGO_CA_CERTIFICATES": str(acme_server.server.bundle),
+            "EXEC_PATH": str(hook),
+            "EXEC_POLLING_INTERVAL": "1",
+            "EXEC_PROPAGATION_TIMEOUT": "30",
+            # Both names share one TXT record; lego solves them in turn (60 s apart by default).
+            "EXEC_SEQUENCE_INTERVAL": "1",
+            "TXT_DIR": str(acme_server.dns.directory),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Trying to solve DNS-01" in output
+    cert_path = tmp_path / "lego" / "certificates" / "_.lego.example.internal.crt"
+    leaf = _leaf(cert_path)
+    assert sorted(_record(acme_server, leaf).dns) == [
+        "*.lego.example.internal",
+        "lego.example.internal",
+    ]

@@ -35,7 +35,12 @@ def test_defaults_are_secure(ca: CertificateAuthority) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ('challenges = ["dns-01"]', "dns-01 is not offered"),
+        ('challenges = ["dns-01"]', "challenges lists dns-01 but dns_resolvers is empty"),
+        ('dns_resolvers = ["ns.example.internal"]', "must be IP addresses"),
+        ('dns_resolvers = ["127.0.0.1:0"]', "dns_resolvers entries"),
+        ('dns_resolvers = ["[::1"]', "dns_resolvers entries"),
+        ('dns_resolvers = "127.0.0.1"', "dns_resolvers must be a list"),
+        ('challenges = ["dns-02"]', "challenges must be a non-empty list"),
         ('profile = "nope"', "Unknown profile 'nope'"),
         ("http01_port = 0", "http01_port must be a port"),
         ("eab_required = 1", "eab_required must be true or false"),
@@ -47,6 +52,15 @@ def test_bad_settings_are_named(ca: CertificateAuthority, settings: str, message
     path = _with(ca, f"\n[acme.provisioners.web]\n{settings}\n")
     with pytest.raises(ConfigError, match=message):
         load_acme_config(path, ca.config)
+
+
+def test_dns_resolvers_enable_dns01(ca: CertificateAuthority) -> None:
+    """dns_resolvers adds dns-01 to the default challenges; ports default to 53 and
+    IPv6 addresses take brackets."""
+    text = '\n[acme.provisioners.web]\ndns_resolvers = ["10.0.0.53", "[::1]:5353"]\n'
+    web = load_acme_config(_with(ca, text), ca.config).provisioner("web")
+    assert web.challenges == ("http-01", "tls-alpn-01", "dns-01")
+    assert web.dns_resolvers == (("10.0.0.53", 53), ("::1", 5353))
 
 
 def test_profile_without_server_eku_or_acme_ids_is_refused(ca: CertificateAuthority) -> None:

@@ -8,6 +8,7 @@ external account binding unless told otherwise, and lists its challenge types.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -27,9 +28,9 @@ __all__ = [
     "load_acme_config",
 ]
 
-#: Challenge types this server validates. dns-01 needs a resolver the CA can ask for
-#: TXT records of every name; none is configurable yet (see docs/acme.md).
-CHALLENGE_TYPES = ("http-01", "tls-alpn-01")
+#: Challenge types this server validates. dns-01 is offered only by a provisioner that
+#: names the resolver(s) to ask for TXT records (``dns_resolvers``, see docs/acme.md).
+CHALLENGE_TYPES = ("http-01", "tls-alpn-01", "dns-01")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _KNOWN = {
     "profile",
@@ -39,6 +40,7 @@ _KNOWN = {
     "http01_port",
     "tlsalpn01_port",
     "order_lifetime",
+    "dns_resolvers",
 }
 
 
@@ -61,16 +63,19 @@ class Provisioner:
         http01_port: The port http-01 fetches from (80 by RFC 8555).
         tlsalpn01_port: The port tls-alpn-01 connects to (443 by RFC 8737).
         order_lifetime: How long a pending order and its authorizations live.
+        dns_resolvers: ``(address, port)`` of the DNS server(s) dns-01 asks for
+            ``_acme-challenge`` TXT records (empty: no dns-01).
     """
 
     name: str
     profile: str
     profiles: tuple[str, ...]
     eab_required: bool = True
-    challenges: tuple[str, ...] = CHALLENGE_TYPES
+    challenges: tuple[str, ...] = CHALLENGE_TYPES[:2]
     http01_port: int = 80
     tlsalpn01_port: int = 443
     order_lifetime: timedelta = timedelta(hours=1)
+    dns_resolvers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,33 @@ def _port(value: object, key: str, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
         raise ConfigError(f"{where}: {key} must be a port number from 1 to 65535.", field=key)
     return value
+
+
+def _resolver(value: object, where: str) -> tuple[str, int]:
+    """``"ADDRESS"``, ``"ADDRESS:PORT"`` or ``"[IPv6]:PORT"`` as (address, port)."""
+    fix = (
+        f"{where}: dns_resolvers entries must be IP addresses with an optional port, such "
+        f"as '10.0.0.53', '127.0.0.1:5353' or '[::1]:53' (no host names: the CA would "
+        f"have to resolve them), got {value!r}."
+    )
+    if not isinstance(value, str):
+        raise ConfigError(fix, field="dns_resolvers")
+    host, port = value.strip(), "53"
+    if host.startswith("["):
+        host, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(fix, field="dns_resolvers")
+        port = rest[1:] if rest else port
+    elif host.count(":") == 1:
+        host, port = host.split(":")
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise ConfigError(fix, field="dns_resolvers") from None
+    if not 1 <= number <= 65535:
+        raise ConfigError(fix, field="dns_resolvers")
+    return str(address), number
 
 
 def _provisioner(name: str, body: object, ca: CAConfig, where: str) -> Provisioner:
@@ -150,16 +182,30 @@ def _provisioner(name: str, body: object, ca: CAConfig, where: str) -> Provision
     eab = body.get("eab_required", True)
     if not isinstance(eab, bool):
         raise ConfigError(f"{where}: eab_required must be true or false.", field="eab_required")
-    challenges = body.get("challenges", list(CHALLENGE_TYPES))
+    raw_resolvers = body.get("dns_resolvers", [])
+    if not isinstance(raw_resolvers, list):
+        raise ConfigError(
+            f'{where}: dns_resolvers must be a list such as ["127.0.0.1:5353"].',
+            field="dns_resolvers",
+        )
+    resolvers = tuple(dict.fromkeys(_resolver(r, where) for r in raw_resolvers))
+    offered = CHALLENGE_TYPES if resolvers else CHALLENGE_TYPES[:2]
+    challenges = body.get("challenges", list(offered))
     if (
         not isinstance(challenges, list)
         or not challenges
         or any(c not in CHALLENGE_TYPES for c in challenges)
     ):
         raise ConfigError(
-            f"{where}: challenges must be a non-empty list of {list(CHALLENGE_TYPES)} "
-            f"(dns-01 is not offered: the CA has no resolver setting yet), got {challenges!r}.",
+            f"{where}: challenges must be a non-empty list of {list(CHALLENGE_TYPES)}, "
+            f"got {challenges!r}.",
             field="challenges",
+        )
+    if "dns-01" in challenges and not resolvers:
+        raise ConfigError(
+            f"{where}: challenges lists dns-01 but dns_resolvers is empty: name the DNS "
+            f'server(s) to ask for TXT records, e.g. dns_resolvers = ["10.0.0.53:53"].',
+            field="dns_resolvers",
         )
     lifetime = body.get("order_lifetime", "1h")
     if not isinstance(lifetime, str):
@@ -173,6 +219,7 @@ def _provisioner(name: str, body: object, ca: CAConfig, where: str) -> Provision
         http01_port=_port(body.get("http01_port", 80), "http01_port", where),
         tlsalpn01_port=_port(body.get("tlsalpn01_port", 443), "tlsalpn01_port", where),
         order_lifetime=parse_duration(lifetime, field="order_lifetime"),
+        dns_resolvers=resolvers,
     )
 
 

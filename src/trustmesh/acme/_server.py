@@ -59,7 +59,7 @@ from ._jws import (
     verify_eab,
 )
 from ._problems import ACMEProblem, problem_response
-from ._validate import validate_http01, validate_tls_alpn01
+from ._validate import validate_dns01, validate_http01, validate_tls_alpn01
 
 __all__ = ["ACMEServer", "cert_id"]
 
@@ -693,11 +693,7 @@ class ACMEServer:
                 if kind == "dns":
                     value = value.lower().rstrip(".")
                     if "*" in value:
-                        raise ACMEProblem(
-                            "rejectedIdentifier",
-                            f"Wildcard {value!r} needs dns-01, which this CA does not offer: "
-                            f"order each name.",
-                        )
+                        self._check_wildcard(provisioner, value)
                     profile.check_dns(value)
                 elif kind == "ip":
                     try:
@@ -732,6 +728,28 @@ class ACMEServer:
             )
             raise ACMEProblem(first["type"].rsplit(":", 1)[-1], detail, subproblems=subproblems)
         return result
+
+    @staticmethod
+    def _check_wildcard(provisioner: Provisioner, value: str) -> None:
+        """RFC 8555 7.1.3: ``*.`` as the whole leftmost label, validated by dns-01 only.
+
+        The profile's ``dns`` patterns then decide (``Profile.check_dns``): a literal
+        ``*`` label matches only a pattern label that is itself all wildcard
+        (``*.example.internal`` or ``**.internal``), so a wildcard is allowed only
+        where every name it covers is.
+        """
+        if "dns-01" not in provisioner.challenges:
+            raise ACMEProblem(
+                "rejectedIdentifier",
+                f"Wildcard {value!r} needs dns-01, which provisioner {provisioner.name!r} "
+                f"does not offer (it needs dns_resolvers): order each name.",
+            )
+        if not value.startswith("*.") or "*" in value[2:]:
+            raise ACMEProblem(
+                "rejectedIdentifier",
+                f"Wildcard {value!r} must be '*.' followed by a name without '*' "
+                f"(e.g. '*.example.internal').",
+            )
 
     async def new_order(self, request: Request) -> Response:
         async def work(provisioner: Provisioner, base: str) -> _Reply:
@@ -791,6 +809,11 @@ class ACMEServer:
                     )
                 )
                 for challenge_type in provisioner.challenges:
+                    # dns-01 cannot prove an IP address (RFC 8738 7); a wildcard only dns-01.
+                    if (kind == "ip" and challenge_type == "dns-01") or (
+                        value.startswith("*.") and challenge_type != "dns-01"
+                    ):
+                        continue
                     conn.execute(
                         acme_challenges.insert().values(
                             id=_new_id(),
@@ -974,12 +997,17 @@ class ACMEServer:
         shown = challenges
         if authz["status"] == "valid":
             shown = [c for c in challenges if c["status"] == "valid"] or challenges
-        return {
-            "identifier": {"type": authz["identifier_type"], "value": authz["identifier_value"]},
+        value = authz["identifier_value"]
+        doc: dict[str, Any] = {
+            # RFC 8555 7.1.4: a wildcard's authorization names the base domain.
+            "identifier": {"type": authz["identifier_type"], "value": value.removeprefix("*.")},
             "status": authz["status"],
             "expires": _iso(authz["expires_at"]),
             "challenges": [self._challenge_json(base, c) for c in shown],
         }
+        if value.startswith("*."):
+            doc["wildcard"] = True
+        return doc
 
     async def authz(self, request: Request) -> Response:
         async def work(provisioner: Provisioner, base: str) -> _Reply:
@@ -1074,6 +1102,10 @@ class ACMEServer:
                     challenge["token"],
                     key_authorization,
                     port=ctx.provisioner.http01_port,
+                )
+            elif challenge["type"] == "dns-01":
+                await validate_dns01(
+                    value, key_authorization, resolvers=ctx.provisioner.dns_resolvers
                 )
             else:
                 await validate_tls_alpn01(

@@ -1,4 +1,5 @@
-"""Challenge validation: http-01 (RFC 8555 8.3) and tls-alpn-01 (RFC 8737).
+"""Challenge validation: http-01 (RFC 8555 8.3), tls-alpn-01 (RFC 8737) and dns-01
+(RFC 8555 8.4, asking only the provisioner's configured resolvers).
 
 The CA connects to the name being validated. Names under ``localhost`` resolve to
 the loopback address without asking DNS (RFC 6761 6.3); others through the host's
@@ -9,23 +10,41 @@ resolver. Every failure is an ACME problem (``connection``, ``incorrectResponse`
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import ipaddress
 import socket
 import ssl
+from collections.abc import Sequence
 
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
 import httpx
 from cryptography import x509
 from cryptography.x509.oid import ObjectIdentifier
 
 from ._problems import ACMEProblem
 
-__all__ = ["ACME_IDENTIFIER_OID", "resolve", "validate_http01", "validate_tls_alpn01"]
+__all__ = [
+    "ACME_IDENTIFIER_OID",
+    "dns01_value",
+    "resolve",
+    "validate_dns01",
+    "validate_http01",
+    "validate_tls_alpn01",
+]
 
 #: id-pe-acmeIdentifier (RFC 8737 6.1).
 ACME_IDENTIFIER_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 _TIMEOUT = 10.0
 _MAX_BODY = 4096
+#: dns-01: seconds per query to one resolver, and for the whole lookup.
+_DNS_TIMEOUT = 2.0
+_DNS_LIFETIME = 5.0
 
 
 async def resolve(kind: str, value: str) -> str:
@@ -179,4 +198,59 @@ def check_alpn_certificate(
             "incorrectResponse",
             "The acmeIdentifier extension must be critical and hold SHA-256 of this "
             "challenge's key authorization.",
+        )
+
+
+def dns01_value(key_authorization: str) -> str:
+    """The TXT value of a dns-01 challenge: base64url(SHA-256(keyAuthorization)) (RFC 8555 8.4)."""
+    digest = hashlib.sha256(key_authorization.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+async def validate_dns01(
+    value: str, key_authorization: str, *, resolvers: Sequence[tuple[str, int]]
+) -> None:
+    """Ask the configured resolvers for TXT ``_acme-challenge.NAME`` and compare.
+
+    ``NAME`` is the identifier without a leading ``*.`` (RFC 8555 8.4). Only the
+    given resolvers are asked (UDP, TCP when the answer is truncated); the host's
+    resolver configuration is not read.
+
+    Raises:
+        ACMEProblem: ``dns`` when the lookup fails, ``incorrectResponse`` when no
+            TXT record holds the expected value.
+    """
+    base = value[2:] if value.startswith("*.") else value
+    name = f"_acme-challenge.{base}."
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(a, port) for a, port in resolvers]
+    resolver.timeout = _DNS_TIMEOUT
+    resolver.lifetime = _DNS_LIFETIME
+    resolver.cache = None
+    asked = ", ".join(f"{a}:{p}" for a, p in resolvers)
+    try:
+        answer = await resolver.resolve(
+            dns.name.from_text(name), dns.rdatatype.TXT, search=False, tcp=False
+        )
+    except dns.resolver.NXDOMAIN:
+        raise ACMEProblem(
+            "dns", f"{name} does not exist at {asked} (NXDOMAIN): publish the TXT record there."
+        ) from None
+    except dns.resolver.NoAnswer:
+        raise ACMEProblem(
+            "dns", f"{name} has no TXT record at {asked}: publish the TXT record there."
+        ) from None
+    except dns.exception.Timeout:
+        raise ACMEProblem(
+            "dns", f"No answer for TXT {name} from {asked} within {_DNS_LIFETIME:g} s."
+        ) from None
+    except dns.exception.DNSException as exc:
+        raise ACMEProblem("dns", f"Cannot look up TXT {name} at {asked}: {exc}") from None
+    expected = dns01_value(key_authorization)
+    found = [b"".join(r.strings).decode(errors="replace") for r in answer]
+    if expected not in found:
+        raise ACMEProblem(
+            "incorrectResponse",
+            f"TXT {name} at {asked} holds {len(found)} value(s), none of them "
+            f"base64url(SHA-256(key authorization)) of this challenge.",
         )
