@@ -63,8 +63,10 @@ def _certs(path: Path) -> list[x509.Certificate]:
 
 def _keytool_entries(store: Path, password: str) -> int:
     done = subprocess.run(
-        ["keytool", "-list", "-keystore", str(store), "-storetype", "PKCS12"]
-        + ["-storepass", password],
+        [
+            *("keytool", "-list", "-keystore", str(store)),
+            *("-storetype", "PKCS12", "-storepass", password),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,7 +135,8 @@ def test_agent_offline_during_root_prepare_and_activate_catches_up(tmp_path: Pat
                 assert done.returncode == 0, done.stdout + done.stderr
             with server.ca() as ca:
                 root2, inter2 = ca.root, ca.intermediate
-            assert root2 != root1 and inter2 != inter1
+            assert root2 != root1
+            assert inter2 != inter1
             # Nothing wrote the offline agent's files meanwhile: it holds root 1 alone.
             assert _certs(out / "bundle.pem") == [root1]
             assert _keytool_entries(truststore, "changeit") == 1
@@ -168,8 +171,10 @@ def test_agent_offline_during_root_prepare_and_activate_catches_up(tmp_path: Pat
             assert len(chain) == 3  # leaf, intermediate under root 2, root 2 by root 1
             (tmp_path / "untrusted.pem").write_bytes(pem_certificates(chain[1:]))
             verify = subprocess.run(
-                ["openssl", "verify", "-CAfile", str(out / "bundle.pem")]
-                + ["-untrusted", str(tmp_path / "untrusted.pem"), str(out / "cert.pem")],
+                [
+                    *("openssl", "verify", "-CAfile", str(out / "bundle.pem")),
+                    *("-untrusted", str(tmp_path / "untrusted.pem"), str(out / "cert.pem")),
+                ],
                 capture_output=True,
                 text=True,
                 check=False,
