@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-envoy bench-revocation bench-workload clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-envoy bench-revocation bench-workload bench-bundle-fanout clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ bench-gateway: $(STAMP)
 # Needs: apt-get install -y haproxy wrk gcc libssl-dev nodejs (not installed by CI).
 bench-sidecar: $(STAMP)
 	$(BIN)/python bench/sidecar.py $(BENCH_ARGS)
+
+# A rotation step's bundle event vs a revocation reaching 100 feed subscribers (issue #17).
+bench-bundle-fanout: $(STAMP)
+	$(BIN)/python bench/bundle_fanout.py $(BENCH_ARGS)
 
 # Envoy on trustmesh SDS vs HAProxy vs trustmesh proxy inbound --http (issue #16).
 bench-envoy: $(STAMP)
