@@ -338,15 +338,9 @@ def test_intermediate_rotation_under_node_java_and_python_load(tmp_path: Path) -
             assert accepted.startswith("HTTP/1.1 200"), accepted
             audit = _cli(home, "audit", "verify")
             assert audit.returncode == 0, audit.stdout + audit.stderr
-            if refused.startswith("HTTP/1.1 200"):
-                # Known defect (issue 17): the service checks only the caller's leaf serial
-                # against the revocation feed (middleware/_core.py); the retired
-                # intermediate is listed only on the root CRL (reason superseded) and
-                # still chains to the same root, so its leaves are accepted.
-                pytest.xfail(
-                    "a leaf signed by the retired intermediate is still accepted by "
-                    f"`trustmesh run` after the retire ({refused})"
-                )
+            # The service refuses it: the intermediate is no longer published (issue 17).
+            assert not refused.startswith("HTTP/1.1 200"), refused
+            assert refused.startswith(("HTTP/1.1 4", "refused:")), refused
         finally:
             for load in loads:
                 load.stop()

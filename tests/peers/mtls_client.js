@@ -17,15 +17,30 @@ function checkSpiffeId(expected) {
   };
 }
 
-const req = https.get(url, {
-  cert: fs.readFileSync(chain),
-  key: fs.readFileSync(key),
-  ca: fs.readFileSync(bundle),
-  minVersion: 'TLSv1.2',
-  ...(serverId ? { checkServerIdentity: checkSpiffeId(serverId) } : {}),
-}, (res) => {
-  let body = '';
-  res.on('data', (chunk) => { body += chunk; });
-  res.on('end', () => { console.log(`${res.statusCode} ${body}`); });
-});
-req.on('error', (err) => { console.error(`error: ${err.code || ''} ${err.message}`); process.exit(1); });
+// The agent renames chain.pem and key.pem into place one after the other, so a read that
+// falls between the two pairs a new chain with the old key (Node throws "key values
+// mismatch"): read both again, a few times, before giving up.
+function call(attempt) {
+  let req;
+  try {
+    req = https.get(url, {
+      cert: fs.readFileSync(chain),
+      key: fs.readFileSync(key),
+      ca: fs.readFileSync(bundle),
+      minVersion: 'TLSv1.2',
+      ...(serverId ? { checkServerIdentity: checkSpiffeId(serverId) } : {}),
+    }, (res) => {
+      let body = '';
+      res.on('data', (chunk) => { body += chunk; });
+      res.on('end', () => { console.log(`${res.statusCode} ${body}`); });
+    });
+  } catch (err) {
+    if (attempt < 5 && /KEY_VALUES_MISMATCH|key values mismatch/.test(`${err.code} ${err.message}`)) {
+      setTimeout(() => call(attempt + 1), 100);
+      return;
+    }
+    throw err;
+  }
+  req.on('error', (err) => { console.error(`error: ${err.code || ''} ${err.message}`); process.exit(1); });
+}
+call(0);

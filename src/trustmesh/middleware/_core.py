@@ -430,7 +430,8 @@ class Gate:
             )
 
     def check_revoked(self, caller: Caller) -> None:
-        """Refuse (and close the connection) when the caller's serial is revoked."""
+        """Refuse (and close the connection) when the caller's serial is revoked, or its
+        certificate comes from an intermediate the CA no longer publishes."""
         if self.revocation is None or caller.serial is None:
             return
         if self.revocation.is_revoked(caller.serial):
@@ -439,6 +440,23 @@ class Gate:
                 "Client certificate revoked: this identity may no longer call; enroll again",
                 f"Certificate {caller.serial_hex} of {caller.spiffe_id} is revoked (or the "
                 f"revocation feed is lost and this service fails closed).",
+                close=True,
+                subject=caller.spiffe_id,
+            )
+        # A RevocationSet also knows the intermediates the CA publishes; other
+        # RevocationLike objects may know only serials.
+        withdrawn = getattr(self.revocation, "issuer_withdrawn", None)
+        if (
+            caller.certificate is not None
+            and withdrawn is not None
+            and withdrawn(caller.certificate)
+        ):
+            raise _cert_refusal(
+                "issuer_retired",
+                "Client certificate from a retired intermediate: renew it (the trustmesh "
+                "agent does) and reconnect",
+                f"Certificate {caller.serial_hex} of {caller.spiffe_id} was signed by an "
+                f"intermediate the CA no longer publishes (retired by a rotation).",
                 close=True,
                 subject=caller.spiffe_id,
             )

@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.pki import verify_ca_certificate
@@ -73,6 +74,10 @@ def canonical_serial(serial: int | str) -> str:
     if value < 0:
         raise ValueError(f"{serial!r} is negative")
     return format(value, "x")
+
+
+#: Leaves whose issuer check (:meth:`RevocationSet.issuer_withdrawn`) is remembered.
+_WITHDRAWN_CACHE_SIZE = 4096
 
 
 class BundleUpdate:
@@ -205,6 +210,10 @@ class RevocationSet:
         #: The intermediates (and cross certificates) the CA last published; CRL
         #: signers are looked up among them once verified to a trust anchor.
         self.published_intermediates: tuple[x509.Certificate, ...] = ()
+        self._withdrawn_cache: tuple[tuple[x509.Certificate, ...], dict[x509.Certificate, bool]] = (
+            (),
+            {},
+        )
         self._grace_s = grace.total_seconds()
         # Only the worker thread adds to this set (set.add is atomic); a CRL
         # refresh replaces it by a superset in one assignment.
@@ -267,6 +276,36 @@ class RevocationSet:
         if not self._closed_logged:
             self._log_fail_closed(stale)
         return True
+
+    def issuer_withdrawn(self, cert: x509.Certificate) -> bool:
+        """Return True when the CA publishes its intermediates and none of them signed
+        ``cert``: a leaf of a retired intermediate (after ``ca rotate ... retire``), which
+        still chains to the root the handshake trusts. False while no intermediates are
+        known yet (before the first bundle event). The answer is cached per certificate
+        until the published set changes.
+        """
+        published = self.published_intermediates
+        if not published:
+            return False
+        cache = self._withdrawn_cache
+        if cache[0] is not published:
+            cache = (published, {})
+            self._withdrawn_cache = cache
+        known = cache[1].get(cert)
+        if known is not None:
+            return known
+        withdrawn = True
+        for issuer in published:
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            withdrawn = False
+            break
+        if len(cache[1]) >= _WITHDRAWN_CACHE_SIZE:
+            cache[1].clear()
+        cache[1][cert] = withdrawn
+        return withdrawn
 
     @property
     def healthy(self) -> bool:
