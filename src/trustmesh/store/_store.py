@@ -539,7 +539,9 @@ class Store:
         sql = _HOT_SQL[self.dialect].select_certificate
         try:
             dbapi_conn = self.engine.raw_connection()
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, self.engine.dialect.loaded_dbapi.Error) as exc:
+            # The pool hands the driver's own error through when a new connection fails
+            # (PostgreSQL down): both are a failed database, 503 at the API.
             raise StoreError(
                 f"The database at {self.url} failed: {getattr(exc, 'orig', exc)}"
             ) from exc
