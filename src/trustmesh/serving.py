@@ -3,6 +3,7 @@ and running it on uvicorn with the TLS shim."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -21,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
 
@@ -253,6 +255,40 @@ class _Server(uvicorn.Server):
         if self._on_exit is not None and not self.should_exit:
             self._on_exit()
         super().handle_exit(sig, frame)
+
+
+class BodyTooLarge(Exception):  # noqa: N818 - a refusal, mapped to 413 by each API
+    """The request body is (or declares itself) larger than the limit."""
+
+
+class BodyTimeout(Exception):  # noqa: N818 - a refusal, mapped to 408 by each API
+    """The request body did not arrive within the time bound."""
+
+
+async def read_bounded_body(request: Request, *, limit: int, timeout: float) -> bytes:
+    """Read ``request``'s body, at most ``limit`` bytes, within ``timeout`` seconds of the
+    head: the one bound every API of ``ca serve`` (``/v1/*``, ACME) puts on bodies.
+
+    Raises:
+        BodyTooLarge: ``Content-Length`` says more than ``limit`` (or is not a number),
+            or more than ``limit`` bytes arrived.
+        BodyTimeout: The body was not complete within ``timeout``.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout from None
+    return b"".join(chunks)
 
 
 class TimedApp:

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from trustmesh.authority import CertificateAuthority, Issued
 from trustmesh.errors import CSRError, NotFoundError, PolicyError, TrustmeshError
 from trustmesh.pki import LeafRequest, load_csr, pem_certificates
+from trustmesh.serving import BodyTimeout, BodyTooLarge, read_bounded_body
 from trustmesh.store import (
     acme_accounts,
     acme_authorizations,
@@ -318,28 +319,18 @@ class ACMEServer:
         """Read the body and check the JWS: content type, url, nonce, key and signature."""
         if request.headers.get("content-type", "").split(";")[0].strip() != _JOSE:
             raise ACMEProblem("malformed", f"Send the JWS with Content-Type {_JOSE}.", status=415)
-        too_large = ACMEProblem(
-            "malformed", f"Request bodies are limited to {_MAX_BODY} bytes.", status=413
-        )
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > _MAX_BODY):
-            raise too_large
-        chunks: list[bytes] = []
-        size = 0
         try:
-            async with asyncio.timeout(_BODY_TIMEOUT):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > _MAX_BODY:
-                        raise too_large
-                    chunks.append(chunk)
-        except TimeoutError:
+            body = await read_bounded_body(request, limit=_MAX_BODY, timeout=_BODY_TIMEOUT)
+        except BodyTooLarge:
+            raise ACMEProblem(
+                "malformed", f"Request bodies are limited to {_MAX_BODY} bytes.", status=413
+            ) from None
+        except BodyTimeout:
             raise ACMEProblem(
                 "malformed",
                 f"The request body did not arrive within {_BODY_TIMEOUT:g} s; send it at once.",
                 status=408,
             ) from None
-        body = b"".join(chunks)
         jws = parse_jws(body)
         url = str(request.url)
         if jws.protected.get("url") != url:

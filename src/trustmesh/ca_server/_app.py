@@ -62,7 +62,13 @@ from trustmesh.pki import (
     pem_certificates,
     pem_crls,
 )
-from trustmesh.serving import LATENCY_BUCKETS, TimedApp
+from trustmesh.serving import (
+    LATENCY_BUCKETS,
+    BodyTimeout,
+    BodyTooLarge,
+    TimedApp,
+    read_bounded_body,
+)
 from trustmesh.store import token_hash
 
 from ._clock import ClockWatch
@@ -172,28 +178,18 @@ def _issued_json(issued: Issued) -> dict[str, Any]:
 
 
 async def _read_body(request: Request, timeout: float = BODY_TIMEOUT) -> bytes | Response:
-    too_large = problem(
-        413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
-    )
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        return too_large
-    chunks: list[bytes] = []
-    size = 0
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_BODY:
-                    return too_large
-                chunks.append(chunk)
-    except TimeoutError:
+        return await read_bounded_body(request, limit=MAX_BODY, timeout=timeout)
+    except BodyTooLarge:
+        return problem(
+            413, "Request body too large", f"Request bodies are limited to {MAX_BODY} bytes."
+        )
+    except BodyTimeout:
         return problem(
             408,
             "Request timeout",
             f"The request body did not arrive within {timeout:g} s; send it at once.",
         )
-    return b"".join(chunks)
 
 
 async def _json_body(
