@@ -1,17 +1,20 @@
-"""The verifiers: every check on an access token, the JWKS and revocation caches.
+"""The verifiers: every check on an access token, the token and revocation caches.
 
 One :class:`AsyncVerifier` trusts one or more issuers. A check never does I/O
 when what it needs is cached; when it needs keys, a revocation list or an
 introspection answer, it raises the private :class:`_NeedFetch`, the caller
 fetches (single-flight, rate-limited) and checks again. :class:`Verifier` runs
 the same checks synchronously and does its rare fetches on a private event loop.
+
+Each issuer's keys come from a :class:`~._keysource.KeySource` and its opaque
+tokens are asked about through an :class:`~._introspection.Introspector`; both
+fetch through the issuer's :class:`~._provider.ProviderHTTP`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import hashlib
 import hmac
 import logging
 import threading
@@ -22,14 +25,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType, TracebackType
 
-import httpx
 from cryptography import x509
 
+from ._cache import evict_oldest
 from ._claims import AccessTokenClaims, certificate_thumbprint
 from ._config import MAX_TOKEN_BYTES, IssuerConfig
 from ._errors import ExpiredTokenError, InvalidTokenError, TokenVerifierUnavailableError
+from ._introspection import IntrospectionClient, Introspector
 from ._json import MAX_DATE, NonStandardJSONError, loads
-from ._keys import KeySet, load_jwks
+from ._keysource import JWKSKeySource, KeySource
+from ._provider import FetchError, ProviderHTTP
 
 __all__ = ["DEFAULT_TOKEN_CACHE_SIZE", "AsyncVerifier", "Verifier"]
 
@@ -37,8 +42,6 @@ log = logging.getLogger("trustmesh.tokens")
 
 #: Verified tokens kept (until their ``exp``) by default; 0 turns the cache off.
 DEFAULT_TOKEN_CACHE_SIZE = 10_000
-#: Discovery, JWKS, revocation and introspection answers larger than this are refused.
-MAX_DOCUMENT_BYTES = 512 * 1024
 
 #: Distinct JOSE headers whose checks are remembered (providers use a handful).
 _MAX_HEADERS = 64
@@ -48,10 +51,6 @@ _AT_JWT = frozenset({"at+jwt", "application/at+jwt"})
 _PLAIN_JWT = frozenset({None, "jwt", "application/jwt"})
 
 Cert = x509.Certificate | bytes | None
-
-
-class _FetchError(Exception):
-    """A provider document could not be fetched or used (logged, never raised to callers)."""
 
 
 class _NeedFetch(Exception):  # noqa: N818 - control flow, not an error
@@ -104,7 +103,7 @@ def _refuse(reason: str, message: str, **details: str | int | None) -> InvalidTo
 
 
 class _IssuerState:
-    """What we know about one issuer: its keys, endpoints and revocation list."""
+    """What we know about one issuer: its claim rules, key source, revocation list."""
 
     def __init__(self, config: IssuerConfig) -> None:
         self.config = config
@@ -115,7 +114,6 @@ class _IssuerState:
         self.strict = config.strict_rfc9068
         self.leeway = config.leeway.total_seconds()
         self.max_lifetime = config.max_lifetime.total_seconds()
-        self.max_age = config.jwks_max_age.total_seconds()
         self.min_refetch = config.jwks_min_refetch_interval.total_seconds()
         self.poll = config.revocation_poll_interval.total_seconds()
         self.max_stale = (
@@ -123,30 +121,26 @@ class _IssuerState:
             if config.revocation_max_stale is None
             else config.revocation_max_stale.total_seconds()
         )
-        self.keys: KeySet | None = None
-        self.keys_at = 0.0
-        self.keys_attempt: float | None = None
-        #: The last JWKS fetch failed: an unknown kid may then be a rotated-in key.
-        self.keys_failed = False
-        self.generation = 0
-        self.jwks_url = config.jwks_url
-        self.revocation_url = config.revocation_list_url
-        self.introspection_url = config.introspection.url if config.introspection else None
+        self.http = ProviderHTTP(config)
+        self.key_source: KeySource = JWKSKeySource(self.http)
+        self.introspector: Introspector | None = (
+            None
+            if config.introspection is None
+            else IntrospectionClient(
+                self.http,
+                config.introspection,
+                leeway=self.leeway,
+                to_claims=lambda doc, now: _introspected_claims(self, doc, now),
+            )
+        )
         self.revoked: dict[str, float] = {}
         self.revoked_at: float | None = None
         self.revoked_attempt: float | None = None
+        #: One fetch (keys or revocation list) at a time per issuer.
         self.lock = asyncio.Lock()
-        self.client: httpx.AsyncClient | None = None
-        self.fetches = 0
-
-    def keys_due(self, mono: float) -> bool:
-        return self.keys is None or mono - self.keys_at >= self.max_age
-
-    def can_fetch_keys(self, mono: float) -> bool:
-        return self.keys_attempt is None or mono - self.keys_attempt >= self.min_refetch
 
     def revocation_due(self, mono: float) -> bool:
-        if self.revocation_url is None:
+        if self.http.revocation_url is None:
             return False
         if self.revoked_at is not None and mono - self.revoked_at < self.poll:
             return False
@@ -154,56 +148,20 @@ class _IssuerState:
         return self.revoked_attempt is None or mono - self.revoked_attempt >= retry
 
     def revocation_stale(self, mono: float) -> bool:
-        if self.revocation_url is None or self.max_stale is None:
+        if self.http.revocation_url is None or self.max_stale is None:
             return False
         return self.revoked_at is None or mono - self.revoked_at > self.max_stale
 
-    def apply_discovery(self, doc: object) -> None:
-        url = self.config.discovery_url
-        if not isinstance(doc, dict):
-            raise _FetchError(f"{url} is not a JSON object")
-        if doc.get("issuer") != self.issuer:
-            # OpenID Connect Discovery §4.3: the issuer must match exactly.
-            raise _FetchError(f"{url} names issuer {doc.get('issuer')!r}, expected {self.issuer!r}")
-        jwks_uri = doc.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not self._usable(jwks_uri):
-            raise _FetchError(f"{url} has no usable https jwks_uri ({jwks_uri!r})")
-        self.jwks_url = jwks_uri
-        if self.config.revocation_list_url is None:
-            revocation = doc.get("revocation_list_endpoint")
-            self.revocation_url = (
-                revocation if isinstance(revocation, str) and self._usable(revocation) else None
-            )
-        if self.config.introspection is not None and self.config.introspection.url is None:
-            endpoint = doc.get("introspection_endpoint")
-            if isinstance(endpoint, str) and self._usable(endpoint):
-                self.introspection_url = endpoint
-
-    def _usable(self, url: str) -> bool:
-        return url.startswith("https://") or (
-            self.config.allow_insecure_http and url.startswith("http://")
-        )
-
-    def apply_keys(self, keyset: KeySet, mono: float) -> None:
-        old = self.keys
-        if old is not None and old.material - keyset.material:
-            # A key went away (rotated out, or withdrawn after a compromise, perhaps
-            # under the same kid): tokens it verified must be verified again.
-            self.generation += 1
-        self.keys_failed = False
-        self.keys = keyset
-        self.keys_at = mono
-
     def apply_revocations(self, doc: object, now: float, mono: float) -> None:
-        url = self.revocation_url
+        url = self.http.revocation_url
         if not isinstance(doc, dict) or not isinstance(doc.get("revoked"), list):
-            raise _FetchError(f"{url} is not a revocation list (no 'revoked' list)")
+            raise FetchError(f"{url} is not a revocation list (no 'revoked' list)")
         if "issuer" in doc and doc["issuer"] != self.issuer:
-            raise _FetchError(f"{url} names issuer {doc['issuer']!r}, expected {self.issuer!r}")
+            raise FetchError(f"{url} names issuer {doc['issuer']!r}, expected {self.issuer!r}")
         revoked: dict[str, float] = {}
         for entry in doc["revoked"]:
             if not isinstance(entry, dict) or not isinstance(entry.get("jti"), str):
-                raise _FetchError(f"{url} has an entry without a string jti")
+                raise FetchError(f"{url} has an entry without a string jti")
             exp = entry.get("exp")
             # An entry without a usable exp stays revoked for a whole token lifetime.
             expiry = float(exp) if _is_date(exp) else now + self.max_lifetime  # type: ignore[arg-type]
@@ -212,19 +170,28 @@ class _IssuerState:
         self.revoked = revoked
         self.revoked_at = mono
 
+    async def fetch_revocations(self, mono: float) -> None:
+        url = self.http.revocation_url
+        if not self.revocation_due(mono) or url is None:
+            return
+        self.revoked_attempt = mono
+        try:
+            doc = await self.http.get_json(url)
+            self.apply_revocations(doc, time.time(), time.monotonic())
+        except FetchError as exc:
+            log.warning(
+                "tokens: issuer %s: revocation list not refreshed (%s); keeping %d entries",
+                self.issuer,
+                exc,
+                len(self.revoked),
+            )
+
 
 @dataclass(slots=True)
 class _Cached:
     claims: AccessTokenClaims
     state: _IssuerState
     generation: int
-    valid_until: float
-
-
-@dataclass(slots=True)
-class _Introspected:
-    claims: AccessTokenClaims | None
-    refusal: InvalidTokenError | None
     valid_until: float
 
 
@@ -262,14 +229,13 @@ class AsyncVerifier:
             self._issuers[config.issuer] = _IssuerState(config)
         self._algorithms = frozenset(a for c in configs for a in c.algorithms)
         self._introspecting = next(
-            (s for s in self._issuers.values() if s.config.introspection is not None), None
+            (s for s in self._issuers.values() if s.introspector is not None), None
         )
         if token_cache_size < 0:
             raise ValueError("token_cache_size must be >= 0")
         self._cache_size = token_cache_size
         self._cache: dict[str, _Cached] = {}
         self._cache_lock = threading.Lock()
-        self._introspected: dict[bytes, _Introspected] = {}
         self._headers: dict[str, tuple[str, str | None, bool]] = {}
         self._skip_binding_logged = False
 
@@ -324,9 +290,7 @@ class AsyncVerifier:
     async def aclose(self) -> None:
         """Close the HTTP connections to the providers."""
         for state in self._issuers.values():
-            if state.client is not None:
-                await state.client.aclose()
-                state.client = None
+            await state.http.aclose()
 
     async def __aenter__(self) -> AsyncVerifier:
         return self
@@ -341,7 +305,7 @@ class AsyncVerifier:
 
     def fetch_count(self, issuer: str) -> int:
         """How many HTTP requests went to ``issuer`` (for metrics and tests)."""
-        return self._issuers[issuer].fetches
+        return self._issuers[issuer].http.fetches
 
     def _warn_skip_binding(self) -> None:
         if not self._skip_binding_logged:
@@ -373,13 +337,14 @@ class AsyncVerifier:
         cached = self._cache.get(token) if self._cache_size else None
         if cached is not None:
             owner = cached.state
+            source = owner.key_source
             if (
-                owner.keys_due(mono)
+                source.due(mono)
                 and "keys" not in attempted
-                and (owner.can_fetch_keys(mono) or owner.lock.locked())
+                and (source.can_fetch(mono) or owner.lock.locked())
             ):
                 raise _NeedFetch(owner, "keys")
-            if cached.generation == owner.generation and now <= cached.valid_until:
+            if cached.generation == source.generation and now <= cached.valid_until:
                 self._check_revocation(owner, cached.claims, mono, attempted)
                 if not skip_binding:
                     self._check_binding(owner, cached.claims, cert)
@@ -433,22 +398,24 @@ class AsyncVerifier:
                 f"{sorted(state.allowed)}.",
                 alg=alg,
             )
-        if state.keys is None or mono - state.keys_at >= state.max_age:
+        source = state.key_source
+        keys = source.keys
+        if keys is None or source.due(mono):
             # A fetch in flight (lock held) is waited for rather than reported as failed.
-            if "keys" not in attempted and (state.can_fetch_keys(mono) or state.lock.locked()):
+            if "keys" not in attempted and (source.can_fetch(mono) or state.lock.locked()):
                 raise _NeedFetch(state, "keys")
-            if state.keys is None:
+            if keys is None:
                 raise TokenVerifierUnavailableError(
                     "keys_unavailable",
                     f"No signing keys for issuer {state.issuer!r}: its JWKS could not be "
                     f"fetched (see the log). Check the provider is up and trusted (CA bundle).",
                     issuer=state.issuer,
                 )
-        key, known = state.keys.find(kid, alg)
+        key, known = keys.find(kid, alg)
         if key is None:
             if not known:
                 if "keys" not in attempted and "kid" not in attempted:
-                    if state.can_fetch_keys(mono) or state.lock.locked():
+                    if source.can_fetch(mono) or state.lock.locked():
                         raise _NeedFetch(state, "kid")
                 if kid is None:
                     raise _refuse(
@@ -456,7 +423,7 @@ class AsyncVerifier:
                         f"Token has no kid and issuer {state.issuer!r} has several {alg} keys; "
                         f"the provider must set kid.",
                     )
-                if state.keys_failed:
+                if source.failed:
                     # The provider could not be asked: the key may have been rotated in
                     # since the last fetch. Fail closed, but as "try again", not "forged".
                     raise TokenVerifierUnavailableError(
@@ -469,7 +436,7 @@ class AsyncVerifier:
                 raise _refuse(
                     "unknown_kid",
                     f"Token kid {kid[:64]!r} is not in the JWKS of {state.issuer!r} (refetched "
-                    f"at most every {state.min_refetch:g} s). The key was rotated out or the "
+                    f"at most every {source.min_refetch:g} s). The key was rotated out or the "
                     f"token is forged.",
                     kid=kid[:64],
                 )
@@ -487,17 +454,17 @@ class AsyncVerifier:
                 kid=kid,
             )
         claims = self._claims(state, payload, now)
-        if state.revocation_url is not None:
+        if state.http.revocation_url is not None:
             self._check_revocation(state, claims, mono, attempted)
         if not skip_binding and (claims.certificate_thumbprint is not None or state.require_bound):
             self._check_binding(state, claims, cert)
         if self._cache_size:
-            entry = _Cached(claims, state, state.generation, claims.expires_at + state.leeway)
+            entry = _Cached(claims, state, source.generation, claims.expires_at + state.leeway)
             # Verifier threads may insert at once; only this miss path (after a signature
             # check) takes the lock, and it keeps the cache within its bound.
             with self._cache_lock:
                 if len(self._cache) >= self._cache_size:
-                    self._evict(self._cache)
+                    evict_oldest(self._cache)
                 self._cache[token] = entry
         return claims
 
@@ -592,7 +559,7 @@ class AsyncVerifier:
         if type(aud) is str and aud in state.audiences:
             audience: tuple[str, ...] = (aud,)
         else:
-            audience = self._audience(state, aud)
+            audience = _audience(state, aud)
         sub = payload.get("sub")
         client_id = payload.get("client_id")
         jti = payload.get("jti")
@@ -622,28 +589,6 @@ class AsyncVerifier:
             MappingProxyType(payload),
         )
 
-    @staticmethod
-    def _audience(state: _IssuerState, aud: object) -> tuple[str, ...]:
-        if aud is None or aud == "" or aud == []:
-            raise _refuse(
-                "missing_aud",
-                f"Token has no aud claim; {state.issuer!r} tokens must name their audience "
-                f"(expected {sorted(state.audiences)}).",
-            )
-        if isinstance(aud, str):
-            audience: tuple[str, ...] = (aud,)
-        elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
-            audience = tuple(str(a) for a in aud)
-        else:
-            raise _refuse("bad_claim", "Token aud is not a string or list of strings.", claim="aud")
-        if state.audiences.isdisjoint(audience):
-            raise _refuse(
-                "bad_audience",
-                f"Token audience {list(audience)[:5]} is not this service's; expected one of "
-                f"{sorted(state.audiences)}. Request a token for this audience.",
-            )
-        return audience
-
     def _check_revocation(
         self,
         state: _IssuerState,
@@ -651,7 +596,8 @@ class AsyncVerifier:
         mono: float,
         attempted: AbstractSet[str],
     ) -> None:
-        if state.revocation_url is None:
+        url = state.http.revocation_url
+        if url is None:
             return
         if "revocation" not in attempted and (
             state.revocation_due(mono)
@@ -665,7 +611,7 @@ class AsyncVerifier:
                 "revocation_unavailable",
                 f"The revocation list of {state.issuer!r} could not be fetched for over "
                 f"{state.max_stale:g} s, so revoked tokens cannot be told apart. Check "
-                f"{state.revocation_url}.",
+                f"{url}.",
                 issuer=state.issuer,
             )
         if claims.jwt_id is not None and claims.jwt_id in state.revoked:
@@ -713,22 +659,19 @@ class AsyncVerifier:
         mono: float,
         attempted: AbstractSet[str],
     ) -> AccessTokenClaims:
-        intro = self._introspecting
-        if intro is None or token.count(".") == 2 or not token.isprintable() or not token:
+        state = self._introspecting
+        if state is None or token.count(".") == 2 or not token.isprintable() or not token:
             raise _refuse(
-                "malformed" if token.count(".") == 2 or intro is None else "opaque_unsupported",
+                "malformed" if token.count(".") == 2 or state is None else "opaque_unsupported",
                 "Token is not a compact JWS (three base64url parts) and no issuer has "
                 "introspection configured for opaque tokens.",
             )
-        state = intro
-        digest = hashlib.sha256(token.encode()).digest()
-        entry = self._introspected.get(digest)
-        if entry is not None and now > entry.valid_until:
-            self._introspected.pop(digest, None)
-            entry = None
+        introspector = state.introspector
+        assert introspector is not None  # noqa: S101 - why it is the introspecting issuer
+        entry = introspector.answer(token, now)
         if entry is None:
-            if state.introspection_url is None:
-                if "keys" not in attempted and state.can_fetch_keys(mono):
+            if introspector.url is None:
+                if "keys" not in attempted and state.key_source.can_fetch(mono):
                     raise _NeedFetch(state, "keys")
                 raise TokenVerifierUnavailableError(
                     "introspection_unavailable",
@@ -748,196 +691,81 @@ class AsyncVerifier:
             self._check_binding(state, entry.claims, cert)
         return entry.claims
 
-    @staticmethod
-    def _evict(cache: dict[str, _Cached] | dict[bytes, _Introspected]) -> None:
-        # Oldest first (dicts keep insertion order). Verifier threads may race here;
-        # losing the race only means another thread evicted first.
-        try:
-            del cache[next(iter(cache))]  # type: ignore[arg-type]
-        except (KeyError, RuntimeError, StopIteration):
-            pass
-
     # -- fetching ---------------------------------------------------------------------
-
-    def _client(self, state: _IssuerState) -> httpx.AsyncClient:
-        if state.client is None:
-            timeout = state.config.http_timeout.total_seconds()
-            state.client = httpx.AsyncClient(
-                verify=state.config.client_ssl_context(),
-                timeout=timeout,
-                follow_redirects=False,
-                trust_env=False,
-                headers={"Accept": "application/json", "User-Agent": "trustmesh-tokens"},
-            )
-        return state.client
-
-    async def _get_json(self, state: _IssuerState, url: str, **kwargs: object) -> object:
-        client = self._client(state)
-        state.fetches += 1
-        method = "POST" if "data" in kwargs else "GET"
-        try:
-            request = client.build_request(
-                method,
-                url,
-                data=kwargs.get("data"),  # type: ignore[arg-type]
-            )
-            auth = kwargs.get("auth")
-            response = await client.send(
-                request, auth=auth if isinstance(auth, httpx.BasicAuth) else None, stream=True
-            )
-            try:
-                if response.status_code != 200:
-                    raise _FetchError(f"{url} answered HTTP {response.status_code}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        raise _FetchError(f"{url} sent more than {MAX_DOCUMENT_BYTES} bytes")
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            raise _FetchError(f"{url}: {type(exc).__name__}: {exc}") from exc
-        try:
-            return loads(body)
-        except NonStandardJSONError as exc:
-            raise _FetchError(f"{url} did not send JSON: {exc}") from exc
-        except ValueError as exc:
-            raise _FetchError(f"{url} did not send JSON") from exc
 
     async def _fetch(self, state: _IssuerState, kind: str, token: str | bytes, now: float) -> None:
         if kind == "introspect":
             # Per token, so not serialised behind the issuer's lock.
-            await self._introspect(state, token if isinstance(token, str) else "", now)
+            if state.introspector is not None and isinstance(token, str):
+                await state.introspector.introspect(token, now)
             return
         async with state.lock:
-            mono = time.monotonic()
             if kind in ("keys", "kid"):
-                await self._fetch_keys(state, mono)
+                await state.key_source.fetch()
             elif kind == "revocation":
-                await self._fetch_revocations(state, mono)
+                await state.fetch_revocations(time.monotonic())
 
-    async def _fetch_keys(self, state: _IssuerState, mono: float) -> None:
-        if not state.can_fetch_keys(mono):
-            return  # rate limit: someone else just fetched, or the provider is failing
-        state.keys_attempt = mono
-        try:
-            if state.config.discovery_url is not None:
-                try:
-                    state.apply_discovery(await self._get_json(state, state.config.discovery_url))
-                except _FetchError as exc:
-                    if state.jwks_url is None:
-                        raise
-                    log.warning(
-                        "tokens: issuer %s: discovery failed (%s); using the JWKS URL found before",
-                        state.issuer,
-                        exc,
-                    )
-            url = state.jwks_url
-            assert url is not None  # noqa: S101 - configured or discovered
-            keyset = load_jwks(await self._get_json(state, url), source=url)
-        except (_FetchError, ValueError) as exc:
-            # Stale-if-error: the keys we have stay in use; an empty or broken set is
-            # never cached.
-            state.keys_failed = True
-            cached = len(state.keys) if state.keys is not None else 0
-            log.warning(
-                "tokens: issuer %s: keys not refreshed (%s); %d cached key(s) stay in use, "
-                "next try in %g s",
-                state.issuer,
-                exc,
-                cached,
-                state.min_refetch,
-            )
-            return
-        state.apply_keys(keyset, time.monotonic())
 
-    async def _fetch_revocations(self, state: _IssuerState, mono: float) -> None:
-        if not state.revocation_due(mono) or state.revocation_url is None:
-            return
-        state.revoked_attempt = mono
-        try:
-            doc = await self._get_json(state, state.revocation_url)
-            state.apply_revocations(doc, time.time(), time.monotonic())
-        except _FetchError as exc:
-            log.warning(
-                "tokens: issuer %s: revocation list not refreshed (%s); keeping %d entries",
-                state.issuer,
-                exc,
-                len(state.revoked),
-            )
-
-    async def _introspect(self, state: _IssuerState, token: str, now: float) -> None:
-        settings = state.config.introspection
-        url = state.introspection_url
-        if settings is None or url is None or not token:
-            return
-        digest = hashlib.sha256(token.encode()).digest()
-        if digest in self._introspected:
-            return
-        try:
-            doc = await self._get_json(
-                state,
-                url,
-                data={"token": token, "token_type_hint": "access_token"},
-                auth=httpx.BasicAuth(settings.client_id, settings.client_secret),
-            )
-        except _FetchError as exc:
-            log.warning("tokens: issuer %s: introspection failed (%s)", state.issuer, exc)
-            raise TokenVerifierUnavailableError(
-                "introspection_unavailable",
-                f"Introspection at {url} failed, so the opaque token cannot be checked. "
-                f"Check the provider and the resource server's credentials.",
-                issuer=state.issuer,
-            ) from None
-        ttl = settings.cache_ttl.total_seconds()
-        try:
-            claims = self._introspected_claims(state, doc, now)
-            entry = _Introspected(claims, None, min(now + ttl, claims.expires_at + state.leeway))
-        except InvalidTokenError as exc:
-            entry = _Introspected(None, exc, now + ttl)
-        if len(self._introspected) >= settings.cache_size:
-            self._evict(self._introspected)
-        self._introspected[digest] = entry
-
-    def _introspected_claims(
-        self, state: _IssuerState, doc: object, now: float
-    ) -> AccessTokenClaims:
-        if not isinstance(doc, dict):
-            raise _refuse("inactive", "The introspection answer is not a JSON object.")
-        if doc.get("active") is not True:
-            raise _refuse(
-                "inactive",
-                f"{state.issuer!r} says the token is not active (expired, revoked or unknown).",
-            )
-        token_type = doc.get("token_type")
-        if isinstance(token_type, str) and token_type.lower() == "refresh_token":
-            raise _refuse("not_access_token", "Introspection says this is a refresh token.")
-        iss = doc.get("iss", state.issuer)
-        if iss != state.issuer:
-            raise _refuse("bad_issuer", f"Introspection names issuer {str(iss)[:200]!r}.")
-        exp = _optional_date(doc, "exp")
-        iat = _optional_date(doc, "iat")
-        nbf = _optional_date(doc, "nbf")
-        expires = float(exp) if exp is not None else now + state.max_lifetime
-        if now > expires + state.leeway:
-            raise ExpiredTokenError("expired", "The introspected token has expired.")
-        audience = self._audience(state, doc.get("aud"))
-        sub, client_id, jti = doc.get("sub"), doc.get("client_id"), doc.get("jti")
-        return AccessTokenClaims(
-            issuer=state.issuer,
-            subject=sub if isinstance(sub, str) else str(client_id or ""),
-            audience=audience,
-            client_id=client_id if isinstance(client_id, str) else None,
-            expires_at=int(expires),
-            issued_at=None if iat is None else int(iat),
-            not_before=None if nbf is None else int(nbf),
-            jwt_id=jti if isinstance(jti, str) else None,
-            scopes=_scopes(doc.get("scope")),
-            roles=_roles(doc.get("roles")),
-            certificate_thumbprint=_thumbprint(doc.get("cnf")),
-            claims=MappingProxyType(doc),
-            source="introspection",
+def _introspected_claims(state: _IssuerState, doc: object, now: float) -> AccessTokenClaims:
+    """The claims of an introspection answer (RFC 7662 §2.2), or the refusal."""
+    if not isinstance(doc, dict):
+        raise _refuse("inactive", "The introspection answer is not a JSON object.")
+    if doc.get("active") is not True:
+        raise _refuse(
+            "inactive",
+            f"{state.issuer!r} says the token is not active (expired, revoked or unknown).",
         )
+    token_type = doc.get("token_type")
+    if isinstance(token_type, str) and token_type.lower() == "refresh_token":
+        raise _refuse("not_access_token", "Introspection says this is a refresh token.")
+    iss = doc.get("iss", state.issuer)
+    if iss != state.issuer:
+        raise _refuse("bad_issuer", f"Introspection names issuer {str(iss)[:200]!r}.")
+    exp = _optional_date(doc, "exp")
+    iat = _optional_date(doc, "iat")
+    nbf = _optional_date(doc, "nbf")
+    expires = float(exp) if exp is not None else now + state.max_lifetime
+    if now > expires + state.leeway:
+        raise ExpiredTokenError("expired", "The introspected token has expired.")
+    audience = _audience(state, doc.get("aud"))
+    sub, client_id, jti = doc.get("sub"), doc.get("client_id"), doc.get("jti")
+    return AccessTokenClaims(
+        issuer=state.issuer,
+        subject=sub if isinstance(sub, str) else str(client_id or ""),
+        audience=audience,
+        client_id=client_id if isinstance(client_id, str) else None,
+        expires_at=int(expires),
+        issued_at=None if iat is None else int(iat),
+        not_before=None if nbf is None else int(nbf),
+        jwt_id=jti if isinstance(jti, str) else None,
+        scopes=_scopes(doc.get("scope")),
+        roles=_roles(doc.get("roles")),
+        certificate_thumbprint=_thumbprint(doc.get("cnf")),
+        claims=MappingProxyType(doc),
+        source="introspection",
+    )
+
+
+def _audience(state: _IssuerState, aud: object) -> tuple[str, ...]:
+    if aud is None or aud == "" or aud == []:
+        raise _refuse(
+            "missing_aud",
+            f"Token has no aud claim; {state.issuer!r} tokens must name their audience "
+            f"(expected {sorted(state.audiences)}).",
+        )
+    if isinstance(aud, str):
+        audience: tuple[str, ...] = (aud,)
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        audience = tuple(str(a) for a in aud)
+    else:
+        raise _refuse("bad_claim", "Token aud is not a string or list of strings.", claim="aud")
+    if state.audiences.isdisjoint(audience):
+        raise _refuse(
+            "bad_audience",
+            f"Token audience {list(audience)[:5]} is not this service's; expected one of "
+            f"{sorted(state.audiences)}. Request a token for this audience.",
+        )
+    return audience
 
 
 def _b64(value: str) -> bytes:
