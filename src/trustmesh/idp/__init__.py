@@ -38,6 +38,7 @@ How the user side plugs in
 """
 
 from ._app import IdpExtension, create_app, discovery_document, oauth_error, oauth_request, problem
+from ._client_auth import CLIENT_AUTH_METHODS, JWT_BEARER_ASSERTION
 from ._clients import (
     AUTH_METHODS,
     GRANT_TYPES,
@@ -52,6 +53,7 @@ from ._clients import (
 )
 from ._context import IdpContext, IdpMetrics, IdpSettings
 from ._extensions import default_extensions
+from ._grants import IdpClientCredentialsGrant
 from ._keys import (
     DEFAULT_PUBLISH_DELAY,
     SIGNING_ALGORITHMS,
@@ -62,16 +64,9 @@ from ._keys import (
     list_signing_keys,
     rotate_signing_key,
 )
+from ._oauth import IdpOAuth2Request, InvalidTargetError
 from ._serve import IDP_SERVER_PATH, create_context, serve
-from ._server import (
-    CLIENT_AUTH_METHODS,
-    JWT_BEARER_ASSERTION,
-    IdpAuthorizationServer,
-    IdpClientCredentialsGrant,
-    IdpOAuth2Request,
-    InvalidTargetError,
-    create_server,
-)
+from ._server import IdpAuthorizationServer, create_server
 from ._tokens import (
     ACCESS_TOKEN_TYPE,
     MintedToken,

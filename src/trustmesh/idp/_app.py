@@ -34,7 +34,8 @@ from trustmesh.limits import RateLimiter
 from trustmesh.serving import TimedApp
 
 from ._context import METRICS_CONTENT_TYPE, IdpContext
-from ._server import IdpOAuth2Request, create_server
+from ._oauth import IdpOAuth2Request
+from ._server import create_server
 from ._tokens import revoked_access_tokens
 
 __all__ = ["IdpExtension", "create_app", "oauth_error", "oauth_request", "problem"]

@@ -29,7 +29,7 @@ from trustmesh.limits import RateLimiter
 from ._app import oauth_request
 from ._context import IdpContext
 from ._login import AUTHORIZE_PARAMS, LOGIN_COOKIE, error_page, login_page, security_headers
-from ._server import IdpOAuth2Request
+from ._oauth import IdpOAuth2Request
 from ._user_grants import UserSide
 
 __all__ = ["AuthorizeEndpoint"]

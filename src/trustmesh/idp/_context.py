@@ -10,9 +10,10 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,11 +29,15 @@ from trustmesh.serving import LATENCY_BUCKETS
 from trustmesh.store import Store
 
 from ._keys import KeyRing
+from ._oauth import IdpOAuth2Request
 
-if TYPE_CHECKING:
-    from ._server import IdpAuthorizationServer
-
-__all__ = ["METRICS_CONTENT_TYPE", "IdpContext", "IdpMetrics", "IdpSettings"]
+__all__ = [
+    "METRICS_CONTENT_TYPE",
+    "AuthorizationServerHandle",
+    "IdpContext",
+    "IdpMetrics",
+    "IdpSettings",
+]
 
 log = logging.getLogger("trustmesh.idp")
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -107,6 +112,42 @@ class IdpMetrics:
         return generate_latest(self.registry)
 
 
+class AuthorizationServerHandle(Protocol):
+    """What the context hands out of the Authlib server (``IdpAuthorizationServer``).
+
+    The context holds this interface, not the server class, so the server module can
+    import the context without a cycle; extensions see the server through it.
+    """
+
+    #: Called as ``listener(token_dict, request)`` after every issued token.
+    token_listeners: list[Callable[[dict[str, Any], IdpOAuth2Request], None]]
+
+    @property
+    def grant_types_supported(self) -> list[str]: ...
+
+    @property
+    def response_types_supported(self) -> list[str]: ...
+
+    @property
+    def client_auth_methods(self) -> list[str]: ...
+
+    def register_grant(self, grant_cls: Any, extensions: Any = None) -> None: ...
+
+    def register_token_generator(self, grant_type: str, func: Callable[..., Any]) -> None: ...
+
+    def get_authorization_grant(self, request: Any) -> Any: ...
+
+    def generate_bearer_token(
+        self,
+        grant_type: str,
+        client: Any,
+        user: Any = None,
+        scope: str | None = None,
+        expires_in: int | None = None,
+        include_refresh_token: bool = True,
+    ) -> dict[str, Any]: ...
+
+
 @dataclass
 class IdpContext:
     """The identity server's shared state.
@@ -127,7 +168,7 @@ class IdpContext:
     settings: IdpSettings
     metrics: IdpMetrics = field(default_factory=IdpMetrics)
     metadata: dict[str, Any] = field(default_factory=dict)
-    server: IdpAuthorizationServer | None = None
+    server: AuthorizationServerHandle | None = None
     # SQLite has one writer at a time and makes waiting writers sleep (busy timeout back-off);
     # queueing our own writers on a lock instead keeps p99 latency down.
     _writes: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -137,7 +178,7 @@ class IdpContext:
         """The issuer URL."""
         return self.settings.issuer
 
-    def authorization_server(self) -> IdpAuthorizationServer:
+    def authorization_server(self) -> AuthorizationServerHandle:
         """The Authlib server (raises if the app was not built yet)."""
         if self.server is None:
             raise RuntimeError("The AuthorizationServer is created by create_app().")

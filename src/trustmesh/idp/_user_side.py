@@ -20,10 +20,10 @@ from starlette.routing import BaseRoute, Route
 from trustmesh.errors import TokenError, TokenExpiredError
 
 from ._authorize import AuthorizeEndpoint
+from ._client_auth import CLIENT_AUTH_METHODS
 from ._context import IdpContext
 from ._keys import SIGNING_ALGORITHMS
 from ._login import FormSigner
-from ._server import CLIENT_AUTH_METHODS
 from ._tokens import certificate_thumbprint, is_access_token_revoked, read_access_token
 from ._user_grants import UserSide, at_hash, user_grants
 from ._userinfo import UserinfoEndpoint, user_discovery
