@@ -1,10 +1,11 @@
 """The gateway's YAML configuration: loaded, validated, and every error pointing at
 its line and key.
 
-The file is composed into YAML nodes (``yaml.compose``) and walked here, so each
+The file is walked with the located walker of :mod:`trustmesh.yamlwalk`, so each
 value keeps its position: an error reads ``gateway.yaml:12: routes[0].upstream.id:
 'orders' is not a SPIFFE ID ...``. Unknown keys are errors (a typo must not silently
-turn a check off), and so are duplicate keys. Relative file names are taken from the
+turn a check off), and so are duplicate keys. This module is the gateway's schema:
+what each key means and which values are valid. Relative file names are taken from the
 configuration file's directory. The result is plain frozen data; the app compiles it.
 """
 
@@ -15,11 +16,10 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,6 +28,7 @@ from trustmesh.errors import ConfigError, SpiffeIDError
 from trustmesh.pki import SpiffeID, parse_dns_name, parse_ip_address
 from trustmesh.policy import HTTP_METHODS, Policy, PolicyConfigError
 from trustmesh.serving import parse_listen
+from trustmesh.yamlwalk import FailAt, YamlValue, compose
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -179,158 +180,12 @@ class GatewayConfig:
         raise KeyError(name)
 
 
-# -- YAML nodes with positions ------------------------------------------------------------
-
-
-class _Fail:
-    """Raises ConfigError as ``FILE:LINE: KEY: problem``."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def __call__(self, node: yaml.Node | None, key: str, problem: str) -> NoReturn:
-        line = node.start_mark.line + 1 if node is not None else 0
-        where = f"{self.source}:{line}" if line else self.source
-        raise ConfigError(f"{where}: {key}: {problem}", field=key, line=line, path=self.source)
-
-
-_KIND = {
-    yaml.ScalarNode: "a single value",
-    yaml.SequenceNode: "a list",
-    yaml.MappingNode: "a mapping",
-}
-
-
-class _Value:
-    """One YAML node with its key path, and typed accessors that fail with a position."""
-
-    __slots__ = ("fail", "key", "node")
-
-    def __init__(self, node: yaml.Node, key: str, fail: _Fail) -> None:
-        self.node = node
-        self.key = key
-        self.fail = fail
-
-    def error(self, problem: str) -> NoReturn:
-        self.fail(self.node, self.key, problem)
-
-    @property
-    def line(self) -> int:
-        return int(self.node.start_mark.line) + 1
-
-    def _scalar(self) -> Any:
-        if not isinstance(self.node, yaml.ScalarNode):
-            self.error(f"expected a single value, got {_KIND.get(type(self.node), 'something')}")
-        try:
-            return yaml.constructor.SafeConstructor().construct_object(self.node)
-        except yaml.YAMLError as exc:
-            self.error(f"cannot read the value ({getattr(exc, 'problem', exc)})")
-
-    def is_null(self) -> bool:
-        return isinstance(self.node, yaml.ScalarNode) and self._scalar() is None
-
-    def string(self) -> str:
-        value = self._scalar()
-        if not isinstance(value, str) or not value.strip():
-            self.error(f"expected a non-empty string, got {value!r}")
-        return value.strip()
-
-    def boolean(self) -> bool:
-        value = self._scalar()
-        if not isinstance(value, bool):
-            self.error(f"expected true or false, got {value!r}")
-        return value
-
-    def integer(self, *, minimum: int = 0) -> int:
-        value = self._scalar()
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.error(f"expected a whole number, got {value!r}")
-        if value < minimum:
-            self.error(f"must be at least {minimum}, got {value}")
-        return value
-
-    def number(self, *, positive: bool = True) -> float:
-        value = self._scalar()
-        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-            self.error(f"expected a number, got {value!r}")
-        if positive and value <= 0:
-            self.error(f"must be greater than 0, got {value}")
-        return float(value)
-
-    def duration(self, *, allow_zero: bool = False) -> float:
-        """Seconds: a number, or text such as ``500ms``, ``2s``, ``1.5m``, ``1h``."""
-        value = self._scalar()
-        seconds: float | None = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
-        elif isinstance(value, str):
-            match = _DURATION.fullmatch(value.strip().lower())
-            if match:
-                seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        if seconds is None or math.isnan(seconds) or math.isinf(seconds):
-            self.error(f"expected a duration such as 500ms, 10s, 5m or 1h, got {value!r}")
-        if seconds < 0 or (seconds == 0 and not allow_zero):
-            self.error(f"must be {'0 or more' if allow_zero else 'greater than 0'}, got {value!r}")
-        return seconds
-
-    def items(self) -> list[_Value]:
-        if not isinstance(self.node, yaml.SequenceNode):
-            self.error(f"expected a list, got {_KIND.get(type(self.node), 'something')}")
-        return [_Value(n, f"{self.key}[{i}]", self.fail) for i, n in enumerate(self.node.value)]
-
-    def strings(self) -> tuple[str, ...]:
-        return tuple(item.string() for item in self.items())
-
-    def mapping(self, allowed: Collection[str], *, required: Collection[str] = ()) -> _Mapping:
-        if not isinstance(self.node, yaml.MappingNode):
-            self.error(f"expected a mapping, got {_KIND.get(type(self.node), 'something')}")
-        children: dict[str, _Value] = {}
-        for key_node, value_node in self.node.value:
-            key_value = _Value(key_node, self.key, self.fail)._scalar()
-            key = str(key_value)
-            path = f"{self.key}.{key}" if self.key else key
-            if key in children:
-                self.fail(key_node, path, f"duplicate key (first at line {children[key].line})")
-            if key not in allowed:
-                hint = get_close_matches(key, list(allowed), n=1)
-                known = f"did you mean {hint[0]!r}?" if hint else f"known: {', '.join(allowed)}"
-                self.fail(key_node, path, f"unknown key; {known}")
-            children[key] = _Value(value_node, path, self.fail)
-        for key in required:
-            if key not in children:
-                where = f"{self.key}.{key}" if self.key else key
-                self.fail(self.node, where, "is required")
-        return _Mapping(self, children)
-
-
-class _Mapping:
-    __slots__ = ("children", "value")
-
-    def __init__(self, value: _Value, children: dict[str, _Value]) -> None:
-        self.value = value
-        self.children = children
-
-    def get(self, key: str) -> _Value | None:
-        child = self.children.get(key)
-        if child is None or child.is_null():
-            return None
-        return child
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.children)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 _HOST = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _PATH_SEGMENT_BAD = re.compile(r"[\s%?#\\]")
 
 
-def _spiffe_id(value: _Value) -> str:
+def _spiffe_id(value: YamlValue) -> str:
     text = value.string()
     try:
         return SpiffeID.parse(text).uri
@@ -338,7 +193,7 @@ def _spiffe_id(value: _Value) -> str:
         value.error(f"{text!r} is not a SPIFFE ID ({exc.message})")
 
 
-def _https_url(value: _Value, *, what: str = "an https:// URL", path_ok: bool = True) -> str:
+def _https_url(value: YamlValue, *, what: str = "an https:// URL", path_ok: bool = True) -> str:
     text = value.string()
     parts = urlsplit(text)
     if parts.scheme != "https" or not parts.hostname:
@@ -357,8 +212,8 @@ def _https_url(value: _Value, *, what: str = "an https:// URL", path_ok: bool = 
     return text.rstrip("/") if not path_ok else text
 
 
-def _listen(value: _Value) -> str:
-    raw = value._scalar()
+def _listen(value: YamlValue) -> str:
+    raw = value.scalar()
     text = str(raw).strip() if raw is not None else ""
     try:
         parse_listen(text)
@@ -367,7 +222,7 @@ def _listen(value: _Value) -> str:
     return text
 
 
-def _file(value: _Value, base: Path, *, must_exist: bool = True) -> Path:
+def _file(value: YamlValue, base: Path, *, must_exist: bool = True) -> Path:
     path = Path(os.path.expanduser(value.string()))
     if not path.is_absolute():
         path = base / path
@@ -379,12 +234,12 @@ def _file(value: _Value, base: Path, *, must_exist: bool = True) -> Path:
     return path
 
 
-def _directory(value: _Value, base: Path) -> Path:
+def _directory(value: YamlValue, base: Path) -> Path:
     path = Path(os.path.expanduser(value.string()))
     return path if path.is_absolute() else base / path
 
 
-def _cidrs(value: _Value) -> tuple[str, ...]:
+def _cidrs(value: YamlValue) -> tuple[str, ...]:
     entries: list[str] = []
     for item in value.items():
         text = item.string()
@@ -399,7 +254,7 @@ def _cidrs(value: _Value) -> tuple[str, ...]:
     return tuple(entries)
 
 
-def _rate(value: _Value) -> RateSpec:
+def _rate(value: YamlValue) -> RateSpec:
     block = value.mapping(("rate", "burst"), required=("rate",))
     rate_value = block.get("rate")
     assert rate_value is not None  # noqa: S101 - required above
@@ -409,7 +264,7 @@ def _rate(value: _Value) -> RateSpec:
     return RateSpec(rate, burst)
 
 
-def _rate_limits(value: _Value) -> RateLimitsConfig:
+def _rate_limits(value: YamlValue) -> RateLimitsConfig:
     block = value.mapping(("per_ip", "per_client"))
     per_ip, per_client = block.get("per_ip"), block.get("per_client")
     return RateLimitsConfig(
@@ -418,7 +273,7 @@ def _rate_limits(value: _Value) -> RateLimitsConfig:
     )
 
 
-def _route_path(value: _Value) -> str:
+def _route_path(value: YamlValue) -> str:
     path = value.string()
     if not path.startswith("/"):
         value.error(f"{path!r} must start with '/'")
@@ -438,7 +293,7 @@ def _route_path(value: _Value) -> str:
     return path
 
 
-def _host(value: _Value) -> str:
+def _host(value: YamlValue) -> str:
     host = value.string().lower().rstrip(".")
     if not _HOST.fullmatch(host):
         value.error(
@@ -448,7 +303,7 @@ def _host(value: _Value) -> str:
     return host
 
 
-def _upstream(value: _Value) -> UpstreamConfig:
+def _upstream(value: YamlValue) -> UpstreamConfig:
     block = value.mapping(
         ("urls", "id", "timeout", "connect_timeout", "retries", "eject_after", "eject_for"),
         required=("urls", "id"),
@@ -486,7 +341,7 @@ _AUTH_USER_KEYS = ("required", "scopes", "roles", "claims")
 
 
 def _auth(
-    value: _Value, issuers: Mapping[str, IssuerEntry]
+    value: YamlValue, issuers: Mapping[str, IssuerEntry]
 ) -> tuple[bool, dict[str, Any], tuple[str, ...] | None]:
     block = value.mapping(("public", *_AUTH_USER_KEYS, "issuers"))
     public_value = block.get("public")
@@ -524,7 +379,7 @@ def _auth(
     return False, user, allowed
 
 
-def _check_user_block(value: _Value, name: str, user: Mapping[str, Any]) -> None:
+def _check_user_block(value: YamlValue, name: str, user: Mapping[str, Any]) -> None:
     """Compile the requirement with the gateway's own builder (the policy library's parser),
     so a bad block is refused here, at load, pointing at its key."""
     from ._auth import route_policy
@@ -545,7 +400,7 @@ def _check_user_block(value: _Value, name: str, user: Mapping[str, Any]) -> None
 
 
 def _route(
-    value: _Value,
+    value: YamlValue,
     index: int,
     base: Path,
     issuers: Mapping[str, IssuerEntry],
@@ -635,7 +490,7 @@ def _route(
     )
 
 
-def _issuer(value: _Value, base: Path) -> IssuerEntry:
+def _issuer(value: YamlValue, base: Path) -> IssuerEntry:
     block = value.mapping(
         (
             "issuer",
@@ -726,24 +581,6 @@ _TOP_KEYS = (
 )
 
 
-def _document(text: str, source: str) -> yaml.Node:
-    fail = _Fail(source)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(
-            f"{source}:{line}: (yaml): {problem}", field="(yaml)", line=line, path=source
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: (yaml): {exc}", field="(yaml)", path=source) from None
-    if node is None:
-        fail(None, "(file)", "is empty; it needs at least 'listen' and 'routes'")
-    return node
-
-
 def parse_config(text: str, *, source: str = "<config>", base: Path | None = None) -> GatewayConfig:
     """Validate a configuration given as YAML text.
 
@@ -760,8 +597,10 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     .. versionadded:: 0.1
     """
     base = base or Path.cwd()
-    fail = _Fail(source)
-    root = _Value(_document(text, source), "", fail)
+    fail = FailAt(source)
+    root = YamlValue(
+        compose(text, source, empty="it needs at least 'listen' and 'routes'"), "", fail
+    )
     top = root.mapping(_TOP_KEYS, required=("listen", "routes"))
     get = top.get
     listen_value = get("listen")
@@ -881,7 +720,7 @@ def parse_config(text: str, *, source: str = "<config>", base: Path | None = Non
     )
 
 
-def _sans(value: _Value, parse: Callable[..., str]) -> tuple[str, ...]:
+def _sans(value: YamlValue, parse: Callable[..., str]) -> tuple[str, ...]:
     """A list of DNS names or IP addresses for the agent's CSR, each checked."""
     out: list[str] = []
     for item in value.items():
@@ -893,7 +732,7 @@ def _sans(value: _Value, parse: Callable[..., str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _webhook(value: _Value) -> str:
+def _webhook(value: YamlValue) -> str:
     text = value.string()
     parts = urlsplit(text)
     if parts.scheme not in ("https", "http") or not parts.hostname:
