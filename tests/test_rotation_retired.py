@@ -38,7 +38,7 @@ from ._server import Server, free_port, running_server, stop
 from ._services import Identity, bundle_pem, forge, issue
 from ._sidecar import SIDECAR_ID, Sidecar, node_app, sidecar, write_identity
 from .conftest import PASSPHRASE
-from .test_proxy_inbound import _line, _refused, _tls
+from .test_proxy_inbound import _closed, _line, _refused, _tls
 from .test_rotation_catchup import _wait
 
 CLIENT = "spiffe://example.org/svc/orders"
@@ -150,11 +150,36 @@ def _accepted(ca: CertificateAuthority, caller: Identity, port: int) -> str:
         return spiffe_id
 
 
-def _inbound_refusal(ca: CertificateAuthority, old: Identity, proxy: Sidecar) -> dict[str, Any]:
-    """Wait until the sidecar refuses ``old``; return its log line (the sidecar's feed may
-    lag the test's by a moment)."""
+@contextmanager
+def _lingering(ca: CertificateAuthority, caller: Identity, port: int) -> Iterator[Any]:
+    """A connection as ``caller`` that reached the app and stays open; yields the socket
+    and the id the sidecar gave it (from the PROXY header)."""
+    with _tls(ca, caller, port) as sock:
+        header = json.loads(_line(sock))
+        assert header["spiffe_id"] == caller.spiffe_id
+        yield sock, header["unique_id"]
+
+
+def _inbound_refusal(
+    ca: CertificateAuthority, old: Identity, proxy: Sidecar, lingering: str
+) -> dict[str, Any]:
+    """Wait until the sidecar refuses a new connection as ``old`` (its feed may lag the
+    test's by a moment); return the refusal's log line."""
     _wait(lambda: _refused(ca, old, proxy.port), 15, "the sidecar to refuse the old leaf")
-    return proxy.wait_for("proxy_refused", reason=RETIRED)
+    found = [
+        e
+        for e in proxy.events("proxy_refused")
+        if e["reason"] == RETIRED and e["connection"] != lingering
+    ]
+    assert found, proxy.log_path.read_text()
+    return found[0]
+
+
+def _assert_lingering_cut(proxy: Sidecar, sock: Any, lingering: str) -> None:
+    """The watchdog closed the connection opened before the retire (issuer_retired)."""
+    closed = proxy.wait_for("proxy_connection_closed", connection=lingering)
+    assert closed["reason"] == RETIRED
+    assert _closed(sock)
 
 
 def _assert_refused_before_the_app(
@@ -221,9 +246,10 @@ def test_after_an_intermediate_retire_sidecars_and_mtls_client_refuse_its_leaves
 ) -> None:
     """Leaves the old intermediate signs pass during the overlap; after `ca rotate
     intermediate retire` `proxy inbound` (TCP mode) closes such a caller before the app sees
-    a byte, `mtls_client` refuses such a server naming the intermediate, and `proxy
-    outbound` cuts such a server (all issuer_retired), while leaves of the active
-    intermediate still pass and a client without the revocation set would not notice."""
+    a byte and cuts the one still open, `mtls_client` refuses such a server naming the
+    intermediate, and `proxy outbound` cuts such a server (all issuer_retired), while
+    leaves of the active intermediate still pass and a client without the revocation set
+    would not notice."""
     with _rotated("intermediate", tmp_path) as rotation, rotation.ca() as ca:
         retired = rotation.old[0]
         old_caller = forge(ca, tmp_path, [CLIENT], signed_by=rotation.old)
@@ -250,13 +276,13 @@ def test_after_an_intermediate_retire_sidecars_and_mtls_client_refuse_its_leaves
         ):
             old_url, new_url = f"https://127.0.0.1:{old_port}/", f"https://127.0.0.1:{new_port}/"
             # The overlap: the old intermediate is published, its leaves pass everywhere.
-            assert _accepted(ca, old_caller, inbound.port) == CLIENT
             with mtls_client(ctx, expect_id=SERVER, revocation=watch, timeout=10) as http:
                 assert http.get(old_url).status_code == 200
             assert not _outbound_cut(outbound.port)
-
-            rotation.retire(watch)
-            inbound_refusal = _inbound_refusal(ca, old_caller, inbound)
+            with _lingering(ca, old_caller, inbound.port) as (sock, lingering):
+                rotation.retire(watch)
+                inbound_refusal = _inbound_refusal(ca, old_caller, inbound, lingering)
+                _assert_lingering_cut(inbound, sock, lingering)
             assert _accepted(ca, new_caller, inbound.port) == CLIENT
             with mtls_client(ctx, expect_id=SERVER, revocation=watch, timeout=10) as http:
                 with pytest.raises(httpx.ConnectError, match=RETIRED) as refused:
@@ -283,8 +309,8 @@ def test_after_a_root_retire_the_tcp_sidecar_refuses_leaves_under_the_old_root(
 ) -> None:
     """After `ca rotate root retire`, `proxy inbound` (TCP mode) whose bundle.pem still
     holds the old root, so that the handshake passes, refuses a caller whose chain ends at
-    the old root as issuer_retired before the app sees a byte; a caller of the new root
-    passes."""
+    the old root as issuer_retired before the app sees a byte and cuts the one still open;
+    a caller of the new root passes."""
     with _rotated("root", tmp_path) as rotation, rotation.ca() as ca:
         old_root, new_root = ca.bundle[1], ca.root
         assert ca.bundle == (new_root, old_root)  # both while the rotation lasts
@@ -294,9 +320,10 @@ def test_after_a_root_retire_the_tcp_sidecar_refuses_leaves_under_the_old_root(
         new_caller = issue(ca, CLIENT, tmp_path)
         watch = rotation.watcher()
         with _tcp_inbound(rotation, tmp_path) as (inbound, record):
-            assert _accepted(ca, old_caller, inbound.port) == CLIENT
-            rotation.retire(watch)
-            refusal = _inbound_refusal(ca, old_caller, inbound)
+            with _lingering(ca, old_caller, inbound.port) as (sock, lingering):
+                rotation.retire(watch)
+                refusal = _inbound_refusal(ca, old_caller, inbound, lingering)
+                _assert_lingering_cut(inbound, sock, lingering)
             assert _accepted(ca, new_caller, inbound.port) == CLIENT
             assert inbound.stop() == 0, inbound.log_path.read_text()
         with rotation.ca() as after:
