@@ -70,14 +70,17 @@ def forge(
         ExtendedKeyUsageOID.CLIENT_AUTH,
         ExtendedKeyUsageOID.SERVER_AUTH,
     ),
+    signed_by: tuple[x509.Certificate, PrivateKey] | None = None,
 ) -> Identity:
-    """A leaf trustmesh would never issue, signed by the CA's real intermediate key."""
+    """A leaf trustmesh would never issue, signed by the CA's real intermediate key (or by
+    ``signed_by``, an intermediate and its key, e.g. one retired since)."""
+    issuer, signing = signed_by or (ca.intermediate, ca.signing_key)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "example.org")]))
-        .issuer_name(ca.intermediate.subject)
+        .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(new_serial())
         .not_valid_before(now - timedelta(minutes=1))
@@ -89,9 +92,8 @@ def forge(
         )
         .add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
     )
-    signing = ca.signing_key
     cert = builder.sign(signing, hash_for(signing))
-    return save_identity(workdir, uris[0] if uris else "", (cert, ca.intermediate), key)
+    return save_identity(workdir, uris[0] if uris else "", (cert, issuer), key)
 
 
 def bundle_pem(ca: CertificateAuthority) -> str:

@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Self, TypeVar
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -398,16 +398,47 @@ def _digest(data: bytes, algorithm: hashes.HashAlgorithm | Prehashed) -> bytes:
     return h.finalize()
 
 
-class PKCS11ECKey(ec.EllipticCurvePrivateKey):
+_Public = TypeVar("_Public", ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
+
+
+class _TokenKey(Generic[_Public]):
+    """What both token keys share: a handle in a session and the public half; the private
+    half never leaves the token, and a copy is the same handle.
+
+    Listed before the cryptography base class, so these satisfy its abstract methods.
+    """
+
+    def __init__(self, handle: Any, public: _Public, session: _Session):
+        self._handle = handle
+        self._public: _Public = public
+        self._session = session
+
+    def public_key(self) -> _Public:
+        return self._public
+
+    def private_numbers(self) -> NoReturn:
+        _no_export()
+
+    def private_bytes(
+        self,
+        encoding: serialization.Encoding,
+        format: serialization.PrivateFormat,
+        encryption_algorithm: serialization.KeySerializationEncryption,
+    ) -> bytes:
+        _no_export()
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class PKCS11ECKey(_TokenKey[ec.EllipticCurvePublicKey], ec.EllipticCurvePrivateKey):
     """An EC private key in a token: ``sign()`` runs ``CKM_ECDSA`` there.
 
     .. versionadded:: 0.3
     """
-
-    def __init__(self, handle: Any, public: ec.EllipticCurvePublicKey, session: _Session):
-        self._handle = handle
-        self._public = public
-        self._session = session
 
     def sign(
         self,
@@ -425,9 +456,6 @@ class PKCS11ECKey(ec.EllipticCurvePrivateKey):
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         )
 
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._public
-
     @property
     def curve(self) -> ec.EllipticCurve:
         return self._public.curve
@@ -439,23 +467,6 @@ class PKCS11ECKey(ec.EllipticCurvePrivateKey):
     def exchange(self, algorithm: ec.ECDH, peer_public_key: ec.EllipticCurvePublicKey) -> bytes:
         raise UnsupportedAlgorithm("A trustmesh CA key in a PKCS#11 token only signs.")
 
-    def private_numbers(self) -> NoReturn:
-        _no_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> PKCS11ECKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> PKCS11ECKey:
-        return self
-
 
 _RSA_MECHANISMS = {
     "sha256": "SHA256_RSA_PKCS",
@@ -464,16 +475,11 @@ _RSA_MECHANISMS = {
 }
 
 
-class PKCS11RSAKey(rsa.RSAPrivateKey):
+class PKCS11RSAKey(_TokenKey[rsa.RSAPublicKey], rsa.RSAPrivateKey):
     """An RSA private key in a token: ``sign()`` runs ``CKM_SHA256_RSA_PKCS`` (etc.) there.
 
     .. versionadded:: 0.3
     """
-
-    def __init__(self, handle: Any, public: rsa.RSAPublicKey, session: _Session):
-        self._handle = handle
-        self._public = public
-        self._session = session
 
     def sign(
         self,
@@ -490,32 +496,12 @@ class PKCS11RSAKey(rsa.RSAPrivateKey):
         with self._session.lock:
             return bytes(self._handle.sign(bytes(data), mechanism=mechanism))
 
-    def public_key(self) -> rsa.RSAPublicKey:
-        return self._public
-
     @property
     def key_size(self) -> int:
         return self._public.key_size
 
     def decrypt(self, ciphertext: bytes, padding: padding.AsymmetricPadding) -> bytes:
         raise UnsupportedAlgorithm("A trustmesh CA key in a PKCS#11 token only signs.")
-
-    def private_numbers(self) -> NoReturn:
-        _no_export()
-
-    def private_bytes(
-        self,
-        encoding: serialization.Encoding,
-        format: serialization.PrivateFormat,
-        encryption_algorithm: serialization.KeySerializationEncryption,
-    ) -> bytes:
-        _no_export()
-
-    def __copy__(self) -> PKCS11RSAKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> PKCS11RSAKey:
-        return self
 
 
 _PKCS1v15 = padding.PKCS1v15

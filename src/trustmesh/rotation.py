@@ -27,10 +27,11 @@ counter (the bundle sequence that ``ca serve`` replicas poll) and the audit even
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -370,6 +371,43 @@ class StepResult:
     audit_details: dict[str, object]
 
 
+#: The timestamp a step sets with each state it moves issuers to.
+_STAMPS = {"active": "activated_at", "previous": "superseded_at", "retired": "retired_at"}
+
+
+def _move(
+    conn: Connection, issuers: Sequence[Issuer], state: str, now: datetime
+) -> tuple[Issuer, ...]:
+    """Put ``issuers`` in ``state`` and stamp when (``activated_at`` for ``active``...);
+    return them as they are now."""
+    changes: dict[str, Any] = {"state": state, _STAMPS[state]: now}
+    for issuer in issuers:
+        update_issuer(conn, issuer.ski, **changes)
+    return tuple(replace(i, **changes) for i in issuers)
+
+
+def _names(issuers: Iterable[Issuer]) -> list[str]:
+    """How the audit details name issuers: ``intermediate 2 SKI``."""
+    return [f"{i.role} {i.generation} {i.ski}" for i in issuers]
+
+
+def _finish(
+    conn: Connection,
+    current: IssuerSet,
+    audit: AuditHook,
+    step: str,
+    role: str,
+    touched: Sequence[Issuer],
+    details: Mapping[str, object],
+) -> StepResult:
+    """Close a step inside its transaction: move the bundle sequence on (compare-and-set
+    against ``current``) and append the audit event ``ROLE:STEP``."""
+    version = advance_state(conn, current.version)
+    full: dict[str, object] = {"step": step, "role": role, "bundle_sequence": version, **details}
+    audit(conn, f"{role}:{step}", full)
+    return StepResult(step, role, version, tuple(touched), full)
+
+
 def prepare(
     *,
     role: str,
@@ -481,11 +519,7 @@ def prepare(
         )
         insert_issuer(conn, inter.to_row())
         touched.append(inter)
-        version = advance_state(conn, current.version)
         details: dict[str, object] = {
-            "step": "prepare",
-            "role": role,
-            "bundle_sequence": version,
             "activate_from": f"{now + config.rotation_min_overlap:{_TIME}}",
             **{
                 f"new_{i.role}": {
@@ -497,8 +531,7 @@ def prepare(
                 for i in touched
             },
         }
-        audit(conn, f"{role}:prepare", details)
-    return StepResult("prepare", role, version, tuple(touched), details)
+        return _finish(conn, current, audit, "prepare", role, touched, details)
 
 
 def activate(
@@ -561,21 +594,10 @@ def activate(
             switching = [target]
         current.signer(new_inter, home, passphrase).private_key()  # the passphrase works
         replaced = [current.active(r.role) for r in switching]
-        for old in replaced:
-            update_issuer(conn, old.ski, state="previous", superseded_at=now)
-        for new in switching:
-            update_issuer(conn, new.ski, state="active", activated_at=now)
-        version = advance_state(conn, current.version)
-        details: dict[str, object] = {
-            "step": "activate",
-            "role": role,
-            "bundle_sequence": version,
-            "active": [f"{i.role} {i.generation} {i.ski}" for i in switching],
-            "previous": [f"{i.role} {i.generation} {i.ski}" for i in replaced],
-        }
-        audit(conn, f"{role}:activate", details)
-    touched = tuple(replace(i, state="active", activated_at=now) for i in switching)
-    return StepResult("activate", role, version, touched, details)
+        _move(conn, replaced, "previous", now)
+        touched = _move(conn, switching, "active", now)
+        details = {"active": _names(switching), "previous": _names(replaced)}
+        return _finish(conn, current, audit, "activate", role, touched, details)
 
 
 def _retiring(current: IssuerSet, role: str) -> list[Issuer]:
@@ -633,18 +655,8 @@ def retire(
                 count=live.count,
                 allowed_at=f"{live.last_not_after:{_TIME}}",
             )
-        for issuer in going:
-            update_issuer(conn, issuer.ski, state="retired", retired_at=now)
-        version = advance_state(conn, current.version)
-        details: dict[str, object] = {
-            "step": "retire",
-            "role": role,
-            "bundle_sequence": version,
-            "retired": [f"{i.role} {i.generation} {i.ski}" for i in going],
-        }
-        audit(conn, f"{role}:retire", details)
-    touched = tuple(replace(i, state="retired", retired_at=now) for i in going)
-    return StepResult("retire", role, version, touched, details)
+        touched = _move(conn, going, "retired", now)
+        return _finish(conn, current, audit, "retire", role, touched, {"retired": _names(going)})
 
 
 # -- status ------------------------------------------------------------------------

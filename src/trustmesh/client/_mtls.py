@@ -23,6 +23,7 @@ from cryptography import x509
 from trustmesh.context import inbound_token
 from trustmesh.errors import ConfigError, SpiffeIDError, VerificationError
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, spiffe_id_of
+from trustmesh.tls import RevocationLike, issuer_withdrawn
 
 __all__ = [
     "AsyncMTLSTransport",
@@ -68,15 +69,10 @@ def _context_for(credentials: ClientCredentials, check: _PeerCheck) -> ssl.SSLCo
     return credentials.client_context(check_hostname=check.expect_id is None)
 
 
-class RevocationLike(Protocol):
-    """Anything that knows revoked serials (``trustmesh.tls.RevocationSet``)."""
-
-    def is_revoked(self, serial: int | str, /) -> bool: ...
-
-
 class _PeerCheck:
     """Compare the server's SPIFFE ID with ``expect_id`` (exact, or a glob with ``*``),
-    and refuse a revoked server certificate when a revocation set is given.
+    and refuse a revoked server certificate, or one signed by an intermediate the CA no
+    longer publishes (retired by a rotation), when a revocation set is given.
 
     Public as ``trustmesh.client.PeerCheck``: call it with the connection's SSL object,
     host and port right after the handshake (``trustmesh.http1.Pool``'s ``check_peer``
@@ -132,6 +128,22 @@ class _PeerCheck:
             raise httpcore.ConnectError(
                 f"Refusing {where}: the certificate of {found} (serial "
                 f"{leaf.serial_number:x}) is revoked."
+            )
+        if issuer_withdrawn(self.revocation, leaf):
+            issuer = leaf.issuer.rfc4514_string()
+            log.warning(
+                "mtls client: refused %s: the certificate of %s (serial %x) was signed by %s, "
+                "which the CA no longer publishes (issuer_retired)",
+                where,
+                found,
+                leaf.serial_number,
+                issuer,
+            )
+            raise httpcore.ConnectError(
+                f"Refusing {where}: the certificate of {found} (serial "
+                f"{leaf.serial_number:x}) was signed by {issuer}, an intermediate the CA no "
+                f"longer publishes (retired by a rotation: issuer_retired). The server must "
+                f"renew its certificate from the active intermediate (the trustmesh agent does)."
             )
         if self.expect_id is None:
             return
@@ -347,9 +359,10 @@ class MTLSTransport(httpx.BaseTransport):
         forward_token: Send the inbound user token (from the middleware) as
             ``Authorization: Bearer`` unless the request sets its own.
         revocation: Revoked serials (``trustmesh.tls.RevocationSet``): a server whose
-            certificate is revoked is refused right after the handshake, like a
-            wrong ID. Connections made before a revocation are not re-checked; start
-            a new pool (rotate) to drop them.
+            certificate is revoked, or signed by an intermediate the CA no longer
+            publishes, is refused right after the handshake, like a wrong ID.
+            Connections made before a revocation are not re-checked; start a new
+            pool (rotate) to drop them.
         **pool_options: ``limits``, ``http1``, ``http2``, ``retries``,
             ``local_address``, ``socket_options`` as for ``httpx.HTTPTransport``.
 
@@ -566,7 +579,8 @@ def mtls_client(
         forward_token: Forward the inbound user token of the request being handled
             as ``Authorization: Bearer`` unless the request sets its own.
         revocation: Revoked serials (``trustmesh.tls.RevocationSet``); a server with
-            a revoked certificate is refused before anything is sent.
+            a revoked certificate, or one signed by an intermediate the CA no longer
+            publishes (``ca rotate ... retire``), is refused before anything is sent.
         **httpx_kwargs: For ``httpx.Client`` (``base_url``, ``timeout``,
             ``headers``...), plus pool options (``limits``, ``http2``, ``retries``).
             ``verify``, ``cert``, ``transport``, ``mounts`` and ``proxy`` are refused.

@@ -26,6 +26,7 @@ from trustmesh.headers import IDENTITY_HEADER_PREFIX, IDENTITY_HEADERS
 from trustmesh.pki import SpiffeID, match_spiffe_pattern, verify_chain
 from trustmesh.policy import PolicyRequest
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
+from trustmesh.tls import RevocationLike
 from trustmesh.tokens import AccessTokenClaims, InvalidTokenError, TokenVerifierUnavailableError
 
 __all__ = [
@@ -142,12 +143,6 @@ class PolicyLike(Protocol):
     """Anything that decides a ``trustmesh.policy.PolicyRequest`` (``Policy``, ``PolicyFile``)."""
 
     def evaluate(self, request: PolicyRequest, /) -> DecisionLike: ...
-
-
-class RevocationLike(Protocol):
-    """Anything that knows revoked serials (``trustmesh.tls.RevocationSet``)."""
-
-    def is_revoked(self, serial: int | str, /) -> bool: ...
 
 
 # -- refusals ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What both sidecars share: settings, metrics, the table of live connections (with its
-watchdog for connection age, peer expiry and revocation), and the process around them
-(credentials, revocation feed, metrics endpoint, the identity keeper)."""
+watchdog for connection age, peer expiry, revocation and retired issuers), and the process
+around them (credentials, revocation feed, metrics endpoint, the identity keeper)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from trustmesh.errors import ConfigError, TrustmeshError, VerificationError
 from trustmesh.pki import SpiffeID, spiffe_id_of
 from trustmesh.serving import LATENCY_BUCKETS, parse_listen
-from trustmesh.tls import RevocationSet, RotatingCredentials
+from trustmesh.tls import RevocationSet, RotatingCredentials, issuer_withdrawn
 
 __all__ = [
     "Connection",
@@ -240,6 +240,8 @@ class Connection:
     peer_id: str | None = None
     serial: int | None = None
     not_after: datetime | None = None
+    #: The peer's leaf, for the watchdog's issuer check (TCP mode).
+    certificate: x509.Certificate | None = None
     bytes_in: int = 0
     bytes_out: int = 0
     last_activity: float = field(default_factory=time.monotonic)
@@ -266,7 +268,8 @@ class Tracker:
 
     The watchdog closes TCP connections older than ``max_age`` (once idle for a second,
     at the latest :data:`MAX_AGE_GRACE` seconds later), whose peer certificate expired,
-    or whose peer serial the revocation set now lists.
+    whose peer serial the revocation set now lists, or whose peer leaf was signed by an
+    intermediate the CA no longer publishes.
     """
 
     def __init__(
@@ -395,6 +398,16 @@ class Tracker:
                     )
                     conn.close("revoked")
                     continue
+            if conn.certificate is not None and issuer_withdrawn(self.revocation, conn.certificate):
+                self.refused(
+                    conn,
+                    "issuer_retired",
+                    f"certificate {conn.serial or 0:x} of {conn.peer_id} was signed by "
+                    f"{conn.certificate.issuer.rfc4514_string()}, an intermediate the CA no "
+                    f"longer publishes; closing",
+                )
+                conn.close("issuer_retired")
+                continue
             if conn.not_after is not None and wall > conn.not_after:
                 conn.close("peer_certificate_expired")
                 continue

@@ -1,11 +1,11 @@
 """The byte-pipe sidecars: ``proxy inbound`` in TCP mode and ``proxy outbound``.
 
 Inbound: accept TCP, complete the mTLS handshake (client certificate required, the
-current credentials), check the caller (trust domain, revocation, the callers-only
-policy), connect to the app, send the PROXY v2 header, then pipe. Outbound: accept plain
-TCP on loopback, open mTLS to the service with the current client credentials, check the
-server's SPIFFE ID right after the handshake, then pipe. Nothing reaches the other side
-before its checks passed.
+current credentials), check the caller (trust domain, revocation, an issuer the CA still
+publishes, the callers-only policy), connect to the app, send the PROXY v2 header, then
+pipe. Outbound: accept plain TCP on loopback, open mTLS to the service with the current
+client credentials, check the server's SPIFFE ID, revocation and issuer right after the
+handshake, then pipe. Nothing reaches the other side before its checks passed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.pki import match_spiffe_pattern
 from trustmesh.serving import parse_listen
-from trustmesh.tls import handshake_refusal_reason
+from trustmesh.tls import handshake_refusal_reason, issuer_withdrawn
 
 from ._callers import CallerRules
 from ._proxy_protocol import TLSInfo, proxy_v2_header
@@ -29,6 +29,7 @@ from ._sidecar import (
     Connection,
     InboundSettings,
     OutboundSettings,
+    PeerIdentity,
     Sidecar,
     Tracker,
     parse_target,
@@ -56,6 +57,27 @@ _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None
 def _address(writer: asyncio.StreamWriter, name: str) -> tuple[str, int]:
     info = writer.get_extra_info(name)
     return (str(info[0]), int(info[1])) if isinstance(info, tuple) else ("0.0.0.0", 0)  # noqa: S104
+
+
+def _certificate_refusal(
+    sidecar: Sidecar, peer: PeerIdentity, whose: str
+) -> tuple[str, str] | None:
+    """(reason, detail) when the revocation set refuses ``peer``'s certificate: its serial
+    is revoked (or the set fails closed), or it was signed by an intermediate the CA no
+    longer publishes (retired by ``ca rotate ... retire``); None when it may pass."""
+    if sidecar.revocation is None:
+        return None
+    cert = peer.certificate
+    serial = cert.serial_number
+    if sidecar.revocation.is_revoked(serial):
+        return "revoked", f"{whose} {serial:x} of {peer.spiffe_id} is revoked"
+    if issuer_withdrawn(sidecar.revocation, cert):
+        return "issuer_retired", (
+            f"{whose} {serial:x} of {peer.spiffe_id} was signed by "
+            f"{cert.issuer.rfc4514_string()}, an intermediate the CA no longer publishes "
+            f"(retired by a rotation); it must renew from the active one"
+        )
+    return None
 
 
 def _shown(address: tuple[str, int]) -> str:
@@ -243,10 +265,10 @@ async def serve_inbound_tcp(
         conn.peer_id = peer.spiffe_id.uri
         conn.serial = peer.certificate.serial_number
         conn.not_after = peer.certificate.not_valid_after_utc
-        if sidecar.revocation is not None and sidecar.revocation.is_revoked(conn.serial):
-            tracker.refused(
-                conn, "revoked", f"certificate {conn.serial:x} of {conn.peer_id} is revoked"
-            )
+        conn.certificate = peer.certificate
+        refusal = _certificate_refusal(sidecar, peer, "certificate")
+        if refusal is not None:
+            tracker.refused(conn, *refusal)
             return
         allowed, why = callers.decide(conn.peer_id)
         if not allowed:
@@ -343,15 +365,14 @@ async def serve_outbound(sidecar: Sidecar, ready: Callable[[str], None] | None) 
                     f"closing without sending a byte",
                 )
                 return
-            serial = server.certificate.serial_number
-            if sidecar.revocation is not None and sidecar.revocation.is_revoked(serial):
-                tracker.refused(
-                    conn, "revoked", f"server certificate {serial:x} of {server.spiffe_id}"
-                )
+            refusal = _certificate_refusal(sidecar, server, "server certificate")
+            if refusal is not None:
+                tracker.refused(conn, *refusal)
                 return
             conn.peer_id = server.spiffe_id.uri
-            conn.serial = serial
+            conn.serial = server.certificate.serial_number
             conn.not_after = server.certificate.not_valid_after_utc
+            conn.certificate = server.certificate
             tracker.identified(conn)
             await _relay(tracker, conn, (reader, writer), upstream)
         finally:

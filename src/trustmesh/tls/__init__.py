@@ -3,13 +3,20 @@ the peer certificate for ASGI apps."""
 
 from ._contexts import TLS12_CIPHERS, client_context, server_context
 from ._handshakes import add_refusal_listener, handshake_refusal_reason, log_refused_handshakes
-from ._revocation import BundleUpdate, RevocationSet, canonical_serial
+from ._revocation import (
+    BundleUpdate,
+    RevocationLike,
+    RevocationSet,
+    canonical_serial,
+    issuer_withdrawn,
+)
 from ._rotation import RotatingCredentials
 from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
 
 __all__ = [
     "TLS12_CIPHERS",
     "BundleUpdate",
+    "RevocationLike",
     "RevocationSet",
     "RotatingCredentials",
     "TLSH11Protocol",
@@ -18,6 +25,7 @@ __all__ = [
     "canonical_serial",
     "client_context",
     "handshake_refusal_reason",
+    "issuer_withdrawn",
     "log_refused_handshakes",
     "server_context",
     "tls_extension",

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from cryptography import x509
@@ -43,7 +43,13 @@ from cryptography.exceptions import InvalidSignature
 from trustmesh.errors import ConfigError, TrustmeshError
 from trustmesh.pki import verify_ca_certificate
 
-__all__ = ["BundleUpdate", "RevocationSet", "canonical_serial"]
+__all__ = [
+    "BundleUpdate",
+    "RevocationLike",
+    "RevocationSet",
+    "canonical_serial",
+    "issuer_withdrawn",
+]
 
 log = logging.getLogger("trustmesh.tls.revocation")
 
@@ -74,6 +80,36 @@ def canonical_serial(serial: int | str) -> str:
     if value < 0:
         raise ValueError(f"{serial!r} is negative")
     return format(value, "x")
+
+
+class RevocationLike(Protocol):
+    """Anything that knows revoked serials (:class:`RevocationSet`).
+
+    The middleware, the mTLS client and the sidecar take one; a :class:`RevocationSet`
+    also knows the intermediates the CA publishes (see :func:`issuer_withdrawn`).
+
+    .. versionadded:: 0.1
+    .. versionchanged:: 0.3
+       Defined once here for the middleware and the client
+       (``trustmesh.middleware.RevocationLike`` is this class).
+    """
+
+    def is_revoked(self, serial: int | str, /) -> bool: ...
+
+
+def issuer_withdrawn(revocation: RevocationLike | None, cert: x509.Certificate) -> bool:
+    """Return True when ``revocation`` knows the CA no longer publishes the issuer of
+    ``cert``: a leaf of an intermediate retired by ``ca rotate intermediate retire``, or
+    of any intermediate under a root retired by ``ca rotate root retire``.
+
+    False when ``revocation`` is None or knows only serials (a :class:`RevocationLike`
+    without :meth:`RevocationSet.issuer_withdrawn`), and while it has not heard which
+    intermediates the CA publishes.
+
+    .. versionadded:: 0.3
+    """
+    check = getattr(revocation, "issuer_withdrawn", None)
+    return check is not None and bool(check(cert))
 
 
 #: Leaves whose issuer check (:meth:`RevocationSet.issuer_withdrawn`) is remembered.
