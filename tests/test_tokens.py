@@ -936,6 +936,11 @@ def test_opaque_tokens_are_introspected_and_cached(
         assert claims.scopes == {"orders:read"}
         assert v.verify_access_token("opaque-active").subject == "u-1"
         assert provider.count("/introspect") == 1
+        # A bytes token (a raw header value) is verified like a str one, here from the cache.
+        assert v.verify_access_token(b"opaque-active").subject == "u-1"
+        assert provider.count("/introspect") == 1
+        assert v.verify_access_token(b"opaque-short").client_id == "web"
+        assert provider.count("/introspect") == 2
         refused(v, "opaque-unknown", "inactive")
         refused(v, "opaque-other-aud", "bad_audience")
         refused(v, "opaque-refresh", "not_access_token")

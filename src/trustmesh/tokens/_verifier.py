@@ -453,8 +453,10 @@ class AsyncVerifier:
     async def _fetch(self, state: IssuerState, kind: str, token: str | bytes, now: float) -> None:
         if kind == "introspect":
             # Per token, so not serialised behind the issuer's lock.
-            if state.introspector is not None and isinstance(token, str):
-                await state.introspector.introspect(token, now)
+            if state.introspector is not None:
+                # _check refused a non-ASCII token before asking for this fetch.
+                text = token.decode("ascii") if isinstance(token, bytes) else token
+                await state.introspector.introspect(text, now)
             return
         async with state.lock:
             if kind in ("keys", "kid"):
