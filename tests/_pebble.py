@@ -114,6 +114,7 @@ class Pebble:
     challtestsrv: str
     eab_keys: dict[str, str] = field(default_factory=dict)
     log: Path | None = None
+    used: set[str] = field(default_factory=set)
 
     @property
     def directory(self) -> str:
@@ -121,8 +122,9 @@ class Pebble:
 
     def eab(self) -> tuple[str, str]:
         """A (kid, HMAC key) from pebble's config: pebble has no command to make more."""
-        kid = next(k for k in self.eab_keys if k not in _USED)
-        _USED.add(kid)
+        kid = next((k for k in self.eab_keys if k not in self.used), None)
+        assert kid is not None, f"all {len(self.eab_keys)} EAB keys of this pebble are used"
+        self.used.add(kid)
         return kid, self.eab_keys[kid]
 
     def tls(self) -> ssl.SSLContext:
@@ -143,9 +145,6 @@ class Pebble:
 
     def clear_txt(self, name: str) -> None:
         httpx.post(f"{self.challtestsrv}/clear-txt", json={"host": name}).raise_for_status()
-
-
-_USED: set[str] = set()
 
 
 @contextmanager

@@ -9,6 +9,7 @@ dns-01 hook is the same script for both."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import ssl
@@ -22,8 +23,9 @@ from pathlib import Path
 import httpx
 import josepy
 import pytest
-from acme import challenges, client, messages
+from acme import challenges, client, jws, messages
 from cryptography import x509
+from josepy import jwa
 
 from trustmesh.authority import CertificateAuthority
 
@@ -599,3 +601,82 @@ def test_directory_and_order_objects(pebble: Target, trustmesh: Target) -> None:
         "authz_hours": 1,
         "challenges": ["http-01", "tls-alpn-01"],
     }
+
+
+# -- pebble's deliberate quirks, each on a pebble of its own --------------------------------
+
+
+def _pebble_with(
+    tmp_path: Path, challtest: tuple[int, str], env: dict[str, str]
+) -> contextlib.AbstractContextManager[Pebble]:
+    return running_pebble(
+        tmp_path / "quirky-pebble",
+        http_port=free_port(),
+        tls_port=free_port(),
+        dns_port=challtest[0],
+        challtestsrv=challtest[1],
+        env=env,
+    )
+
+
+def _bad_nonces(directory: str, bundle: Path, tries: int) -> int:
+    """How many of ``tries`` newAccount lookups (onlyReturnExisting), each signed with a
+    fresh nonce from newNonce, come back badNonce."""
+    key = new_key()
+    rejected = 0
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(bundle))) as http:
+        urls = http.get(directory).json()
+        for _ in range(tries):
+            nonce = http.head(urls["newNonce"]).headers["Replay-Nonce"]
+            signed = jws.JWS.sign(
+                b'{"onlyReturnExisting": true}',
+                key=key,
+                alg=jwa.ES256,
+                nonce=josepy.b64decode(nonce),
+                url=urls["newAccount"],
+            )
+            answer = http.post(
+                urls["newAccount"],
+                content=signed.json_dumps(),
+                headers={"Content-Type": "application/jose+json"},
+            )
+            assert answer.status_code >= 400  # no such account on either server
+            rejected += answer.json()["type"].endswith(":badNonce")
+    return rejected
+
+
+def test_pebble_rejects_good_nonces_trustmesh_never(
+    trustmesh: Target, challtest: tuple[int, str], tmp_path: Path
+) -> None:
+    """PEBBLE_WFE_NONCEREJECT (5 % by default, 99 % here) answers badNonce to nonces it
+    handed out itself, to exercise client retries; trustmesh rejects only a nonce it did not
+    hand out or that was used. Ten fresh nonces each: pebble rejects most, trustmesh none."""
+    with _pebble_with(tmp_path, challtest, {"PEBBLE_WFE_NONCEREJECT": "99"}) as peb:
+        assert _bad_nonces(peb.directory, peb.bundle, 10) >= 5
+    assert _bad_nonces(trustmesh.directory, trustmesh.listener_bundle, 10) == 0
+
+
+def test_authorization_reuse_and_alternate_chains(
+    trustmesh: Target, challtest: tuple[int, str], tmp_path: Path
+) -> None:
+    """With PEBBLE_AUTHZREUSE=100 pebble puts the account's valid authorization into its next
+    order for the same name (ready at once; 50 % of the time by default); trustmesh always
+    makes a new pending one (RFC 8555 7.1.3 allows either). With PEBBLE_ALTERNATE_ROOTS=1
+    pebble links an alternate chain (RFC 8555 7.4.2); trustmesh has one chain."""
+    env = {"PEBBLE_AUTHZREUSE": "100", "PEBBLE_ALTERNATE_ROOTS": "1"}
+    with _pebble_with(tmp_path, challtest, env) as peb:
+        targets = (_pebble_target(peb, tmp_path), trustmesh)
+        found = {}
+        for target in targets:
+            acme, _, order = _validated_order(target, "reuse.localhost")
+            done = acme.finalize_order(
+                order, dt.datetime.now() + dt.timedelta(seconds=20), fetch_alternative_chains=True
+            )
+            again = acme.new_order(make_csr(["reuse.localhost"])[1])
+            found[target.name] = (
+                again.body.status.name,
+                again.authorizations[0].body.status.name,
+                len(done.alternative_fullchains_pem),
+            )
+    assert found["pebble"] == ("ready", "valid", 1)
+    assert found["trustmesh"] == ("pending", "pending", 0)
