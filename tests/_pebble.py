@@ -13,10 +13,11 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import httpx
 from cryptography import x509
@@ -133,7 +134,7 @@ class Pebble:
     def root_pem(self) -> bytes:
         return httpx.get(f"{self.management}/roots/0", verify=self.tls()).content
 
-    def cert_status(self, serial: int) -> dict[str, object]:
+    def cert_status(self, serial: int) -> dict[str, Any]:
         answer = httpx.get(f"{self.management}/cert-status-by-serial/{serial:x}", verify=self.tls())
         answer.raise_for_status()
         return dict(answer.json())
@@ -184,16 +185,16 @@ def running_challtestsrv(workdir: Path) -> Iterator[tuple[int, str]]:
         log.close()
 
 
-def _wait(probe: object, process: subprocess.Popen[bytes], log: object) -> None:
+def _wait(probe: Callable[[], object], process: subprocess.Popen[bytes], log: BinaryIO) -> None:
     deadline = time.monotonic() + 20
     while True:
         try:
-            probe()  # type: ignore[operator]
+            probe()
             return
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{process.args[0]} did not start: see {getattr(log, 'name', '')}")
+            raise RuntimeError(f"{process.args!r} did not start: see {log.name}")
         time.sleep(0.1)
 
 

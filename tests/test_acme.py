@@ -232,6 +232,32 @@ def test_forbidden_name_is_rejected_identifier_and_nothing_recorded(
     assert _records(acme_server) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("bad_name.localhost", "is not a host name"),
+        ("-lead.localhost", "is not a host name"),
+        (("a" * 64) + ".localhost", "is not a host name"),
+        ("a.*.example.internal", "must be '*.' followed by"),
+        ("*.*.example.internal", "must be '*.' followed by"),
+        ("10.1.2.3", "send it as an 'ip' identifier"),
+    ],
+)
+def test_a_dns_identifier_that_is_not_a_host_name_is_malformed(
+    acme_server: ACMEServerUnderTest, name: str, message: str
+) -> None:
+    """A dns identifier outside host name syntax (RFC 1123 labels, '*.' only as a whole
+    leftmost label, no IP address) is malformed before any profile applies, even where the
+    profile's pattern (**.localhost) would match it; nothing is recorded."""
+    acme, _, _ = acme_client(acme_server, provisioner="dns", eab=False)
+    before = _records(acme_server)
+    with pytest.raises(messages.Error) as caught:
+        acme.new_order(make_csr([name])[1])
+    assert caught.value.typ == "urn:ietf:params:acme:error:malformed"
+    assert message in str(caught.value.detail)
+    assert _records(acme_server) == before
+
+
 def test_csr_not_matching_the_order_is_bad_csr_and_nothing_recorded(
     acme_server: ACMEServerUnderTest, challenge_server: ChallengeServer
 ) -> None:
