@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import ipaddress
 import json
 import os
 import secrets
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -32,8 +34,6 @@ MISSING = "pebble is not installed (apt-get install pebble)"
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -66,8 +66,6 @@ def listener_certificate(directory: Path) -> tuple[Path, Path, Path]:
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
@@ -186,7 +184,7 @@ def running_challtestsrv(workdir: Path) -> Iterator[tuple[int, str]]:
 
 
 def _wait(probe: Callable[[], object], process: subprocess.Popen[bytes], log: BinaryIO) -> None:
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # pebble makes RSA root and intermediate keys first
     while True:
         try:
             probe()
