@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PEERS := tests/peers/node_modules/.installed
 
-.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-envoy bench-revocation bench-workload bench-bundle-fanout clean
+.PHONY: venv peers check lint types layers test demo bench bench-tokens bench-idp bench-policy bench-service bench-gateway bench-sidecar bench-envoy bench-revocation bench-workload bench-bundle-fanout bench-acme clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench-sidecar: $(STAMP)
 # A rotation step's bundle event vs a revocation reaching 100 feed subscribers (issue #17).
 bench-bundle-fanout: $(STAMP)
 	$(BIN)/python bench/bundle_fanout.py $(BENCH_ARGS)
+
+# ACME orders beside direct renewal; BENCH_ARGS=--pebble adds Debian's pebble for a ratio
+bench-acme: $(STAMP)
+	$(BIN)/python bench/acme.py $(BENCH_ARGS)
 
 # Envoy on trustmesh SDS vs HAProxy vs trustmesh proxy inbound --http (issue #16).
 bench-envoy: $(STAMP)

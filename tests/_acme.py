@@ -97,8 +97,9 @@ http01_port = {http_port}
 
 
 @contextmanager
-def acme_ca_server(workdir: Path) -> Iterator[ACMEServerUnderTest]:
-    """A new CA with ACME provisioners, served by `python -m trustmesh ca serve`."""
+def acme_ca_server(workdir: Path, *, dns_port: int | None = None) -> Iterator[ACMEServerUnderTest]:
+    """A new CA with ACME provisioners, served by `python -m trustmesh ca serve`. The ``dns``
+    provisioner asks the test TXT server, or the DNS server on ``dns_port`` when given."""
     home = workdir / "home"
     CertificateAuthority.init(
         home, trust_domain="example.org", passphrase=PASSPHRASE, key_type=KeyType.EC_P256
@@ -106,7 +107,7 @@ def acme_ca_server(workdir: Path) -> Iterator[ACMEServerUnderTest]:
     http_port, tls_port, ocsp_port = free_port(), free_port(), free_port()
     with TXTServer(workdir / "dns-records") as txt:
         with (home / "config.toml").open("a") as config:
-            config.write(SHORT_PROFILE + acme_config(http_port, tls_port, txt.port))
+            config.write(SHORT_PROFILE + acme_config(http_port, tls_port, dns_port or txt.port))
         extra = ("--ocsp-listen", f"127.0.0.1:{ocsp_port}")
         with running_server(home, workdir, extra_args=extra) as server:
             yield ACMEServerUnderTest(

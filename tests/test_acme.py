@@ -232,6 +232,32 @@ def test_forbidden_name_is_rejected_identifier_and_nothing_recorded(
     assert _records(acme_server) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("bad_name.localhost", "is not a host name"),
+        ("-lead.localhost", "is not a host name"),
+        (("a" * 64) + ".localhost", "is not a host name"),
+        ("a.*.example.internal", "must be '*.' followed by"),
+        ("*.*.example.internal", "must be '*.' followed by"),
+        ("10.1.2.3", "send it as an 'ip' identifier"),
+    ],
+)
+def test_a_dns_identifier_that_is_not_a_host_name_is_malformed(
+    acme_server: ACMEServerUnderTest, name: str, message: str
+) -> None:
+    """A dns identifier outside host name syntax (RFC 1123 labels, '*.' only as a whole
+    leftmost label, no IP address) is malformed before any profile applies, even where the
+    profile's pattern (**.localhost) would match it; nothing is recorded."""
+    acme, _, _ = acme_client(acme_server, provisioner="dns", eab=False)
+    before = _records(acme_server)
+    with pytest.raises(messages.Error) as caught:
+        acme.new_order(make_csr([name])[1])
+    assert caught.value.typ == "urn:ietf:params:acme:error:malformed"
+    assert message in str(caught.value.detail)
+    assert _records(acme_server) == before
+
+
 def test_csr_not_matching_the_order_is_bad_csr_and_nothing_recorded(
     acme_server: ACMEServerUnderTest, challenge_server: ChallengeServer
 ) -> None:
@@ -645,7 +671,6 @@ def test_dns01_without_a_record_is_a_dns_problem(acme_server: ACMEServerUnderTes
     ("provisioner", "profile", "name", "message"),
     [
         ("open", None, "*.x.example.internal", "needs dns-01"),
-        ("dns", None, "a.*.example.internal", "must be '*.' followed by"),
         ("dns", "pinned", "*.pinned.localhost", "allows DNS names matching"),
     ],
 )
@@ -656,9 +681,10 @@ def test_wildcards_need_dns01_and_a_profile_allowing_them(
     name: str,
     message: str,
 ) -> None:
-    """A wildcard is rejectedIdentifier on a provisioner without dns-01, when '*' is not
-    the whole leftmost label, and when the profile's patterns do not cover every name
-    it stands for (app*.pinned.localhost does not cover *.pinned.localhost)."""
+    """A wildcard is rejectedIdentifier on a provisioner without dns-01 and when the
+    profile's patterns do not cover every name it stands for (app*.pinned.localhost does
+    not cover *.pinned.localhost). ('*' other than as the whole leftmost label is malformed:
+    tests/test_acme_pebble.py, as pebble answers.)"""
     acme, _, _ = acme_client(acme_server, provisioner=provisioner, eab=False)
     before = _records(acme_server)
     _, csr = make_csr([name])

@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ _MAX_BODY = 64 * 1024
 #: that announces a body and never sends it must not hold a connection and a task open.
 _BODY_TIMEOUT = 10.0
 _MAX_IDENTIFIERS = 100
+#: One label of a host name (RFC 1123 2.1, RFC 5280 4.2.1.6's preferred name syntax):
+#: letters, digits and hyphens, 1 to 63 of them, no hyphen first or last.
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _JOSE = "application/jose+json"
 _PEM_CHAIN = "application/pem-certificate-chain"
 #: RFC 5280 reason codes an ACME client may give (RFC 8555 7.6), and their names.
@@ -683,6 +687,7 @@ class ACMEServer:
             try:
                 if kind == "dns":
                     value = value.lower().rstrip(".")
+                    self._check_dns_syntax(value)
                     if "*" in value:
                         self._check_wildcard(provisioner, value)
                     profile.check_dns(value)
@@ -721,8 +726,38 @@ class ACMEServer:
         return result
 
     @staticmethod
+    def _check_dns_syntax(value: str) -> None:
+        """A ``dns`` identifier must be a host name (RFC 8555 7.1.4; RFC 5280 4.2.1.6): what is
+        not one is ``malformed`` (as pebble and Boulder answer), before any policy applies.
+
+        ``*.`` as the whole leftmost label is the only ``*`` allowed (RFC 8555 7.1.3); an IP
+        address belongs in an ``ip`` identifier (RFC 8738 3).
+        """
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(value)
+            raise ACMEProblem(
+                "malformed", f"{value!r} is an IP address: send it as an 'ip' identifier."
+            )
+        labels = value.split(".")
+        if labels[0] == "*":
+            labels = labels[1:]
+        if any("*" in label for label in labels) or not labels:
+            raise ACMEProblem(
+                "malformed",
+                f"Wildcard {value!r} must be '*.' followed by a name without '*' "
+                f"(e.g. '*.example.internal').",
+            )
+        if len(value) > 253 or not all(_LDH_LABEL.fullmatch(label) for label in labels):
+            raise ACMEProblem(
+                "malformed",
+                f"{value!r} is not a host name: use letters, digits and hyphens in labels "
+                f"of 1-63 characters (IDNs as xn-- A-labels).",
+            )
+
+    @staticmethod
     def _check_wildcard(provisioner: Provisioner, value: str) -> None:
-        """RFC 8555 7.1.3: ``*.`` as the whole leftmost label, validated by dns-01 only.
+        """RFC 8555 7.1.3: a wildcard (its shape checked by ``_check_dns_syntax``) is
+        validated by dns-01 only.
 
         The profile's ``dns`` patterns then decide (``Profile.check_dns``): a literal
         ``*`` label matches only a pattern label that is itself all wildcard
@@ -734,12 +769,6 @@ class ACMEServer:
                 "rejectedIdentifier",
                 f"Wildcard {value!r} needs dns-01, which provisioner {provisioner.name!r} "
                 f"does not offer (it needs dns_resolvers): order each name.",
-            )
-        if not value.startswith("*.") or "*" in value[2:]:
-            raise ACMEProblem(
-                "rejectedIdentifier",
-                f"Wildcard {value!r} must be '*.' followed by a name without '*' "
-                f"(e.g. '*.example.internal').",
             )
 
     async def new_order(self, request: Request) -> Response:
