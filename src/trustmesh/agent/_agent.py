@@ -634,9 +634,22 @@ class Agent:
             self._prepare()  # a spent token must not end in files we cannot write
             with _san_refusal_is_bad_input():
                 action, key, result = ("enrolled", *self._enroll(token))
+        bundle_path = self.out / "bundle.pem"
+        before = bundle_path.read_bytes() if bundle_path.exists() else None
         files = write_identity(
             self.out, key, result, self.spiffe_id, datetime.now(UTC), stores=self.stores
         )
+        if before is not None and bundle_path in files and bundle_path.read_bytes() != before:
+            # A rotation step reached this agent with its renewal (e.g. it was offline
+            # while the feed announced it): say so as loudly as a feed bundle event.
+            roots = x509.load_pem_x509_certificates(bundle_path.read_bytes())
+            log.info(
+                "trust bundle changed with the %s: %d root(s); wrote %s",
+                "renewal" if action == "renewed" else "enrollment",
+                len(roots),
+                bundle_path,
+                extra={"event": "bundle_updated"},
+            )
         leaf = x509.load_pem_x509_certificate(result.certificate.encode())
         not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
         reloaded, reload_error = self._reload(files, action, result.spiffe_id, result.serial)
