@@ -220,7 +220,8 @@ class Gate:
         trust_bundle: Trust anchors (and intermediates) to verify a certificate a
             trusted proxy forwards in ``Client-Cert``.
         has_verifier: Whether a token verifier is configured.
-        log_allowed: Log allowed requests too (one line each); denials are always logged.
+        log_allowed: Log allowed requests too (one DEBUG line each); denials are always
+            logged (WARNING).
         metrics_registry: Where to count decisions (``trustmesh_service_requests_total``
             by ``outcome`` and ``reason``); None counts nothing.
     """
@@ -668,7 +669,16 @@ class Gate:
         decision: DecisionLike | None,
         refusal: Refusal | None,
     ) -> None:
-        """Write one structured line: allow, deny or audit-deny, with the reason."""
+        """Write one structured line: allow, deny or audit-deny, with the reason.
+
+        Denials and audit-mode would-denies are WARNING, always; allowed requests
+        are DEBUG (``log_allowed=False`` drops them), and cost nothing more than
+        the metric when the logger is not enabled for DEBUG.
+        """
+        if refusal is None and (decision is None or not decision.would_deny):
+            self._count("allow", "allowed")
+            if not self.log_allowed or not log.isEnabledFor(logging.DEBUG):
+                return
         fields: dict[str, object] = {
             "event": "trustmesh.request",
             "method": method,
@@ -710,11 +720,9 @@ class Gate:
                 extra=_clean(fields),
             )
             return
-        self._count("allow", "allowed")
-        if self.log_allowed:
-            reason = decision.reason if decision is not None else "no policy configured"
-            fields.update(outcome="allow", reason=reason)
-            log.info("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
+        reason = decision.reason if decision is not None else "no policy configured"
+        fields.update(outcome="allow", reason=reason)
+        log.debug("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
 
     def _count(self, outcome: str, reason: str) -> None:
         if self._counter is not None:
