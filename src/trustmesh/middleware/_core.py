@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -283,7 +284,8 @@ class Gate:
             if metrics_registry is not None
             else None
         )
-        self._leaves: dict[str | bytes, Caller | Refusal] = {}
+        # leaf -> (caller, not before, not after as POSIX seconds) or the refusal.
+        self._leaves: dict[str | bytes, tuple[Caller, float, float] | Refusal] = {}
         if policy is None:
             log.warning(
                 "%s middleware: no policy configured; every verified caller of %s is allowed",
@@ -325,16 +327,30 @@ class Gate:
             )
         cached = self._leaves.get(leaf)
         if cached is None:
-            cached = self._parse_leaf(leaf)
+            parsed = self._parse_leaf(leaf)
+            if isinstance(parsed, Refusal):
+                cached = parsed
+            else:
+                cert = parsed.certificate
+                assert cert is not None  # a leaf from the connection always has one
+                window = (
+                    cert.not_valid_before_utc.timestamp(),
+                    cert.not_valid_after_utc.timestamp(),
+                )
+                cached = (parsed, *window)
             # Plain dict operations only: WSGI servers call this from many threads.
             if len(self._leaves) >= _PEM_CACHE_SIZE:
                 self._leaves.clear()
             self._leaves[leaf] = cached
         if isinstance(cached, Refusal):
             raise dataclasses.replace(cached)
-        self._check_time(cached, now)
-        self.check_revoked(cached)
-        return cached
+        caller, not_before, not_after = cached
+        # Inside the validity window by the clock: no datetimes to build. At or past an
+        # edge (or with an explicit ``now``) the exact check decides and words the refusal.
+        if now is not None or not not_before < time.time() < not_after:
+            self._check_time(caller, now)
+        self.check_revoked(caller)
+        return caller
 
     def _parse_leaf(self, leaf: str | bytes) -> Caller | Refusal:
         try:
