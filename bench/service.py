@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import os
 import pstats
 import shutil
 import ssl
@@ -125,6 +126,9 @@ STRANGER = f"spiffe://{TRUST_DOMAIN}/svc/stranger"
 PATH = "/items/7"
 BODY = '{"item":"7"}'
 SYSTEMS = ("trustmesh", "uvicorn-tls", "uvicorn-mtls", "uvicorn-mtls-full", "nginx")
+# --compare-src DIR: also `trustmesh run` of that source tree (e.g. `git archive main src`),
+# as "trustmesh-base", in the same rounds: before/after under the same load.
+COMPARE_SRC: list[Path] = []
 # --breakdown: the trustmesh stack built up one piece at a time (keep-alive CPU per request).
 BREAKDOWN = (
     "uvicorn-mtls",
@@ -322,14 +326,17 @@ def start_python(
         cmd += ["-m", "trustmesh", "run", "svc_app:app", "--app-dir", str(work)]
         cmd += ["--cert-dir", str(work / "server"), "--listen", f"{HOST}:{port}"]
         cmd += ["--policy", str(work / "policy.yaml"), "--ca", ca_url]
-        if kind == "trustmesh":  # like the other servers; trustmesh-info keeps the default
+        if kind in {"trustmesh", "trustmesh-base"}:  # like the others; trustmesh-info: default
             cmd += ["--log-level", "warning"]
     else:
         cmd = [sys.executable, __file__, "--serve", kind, "--port", str(port), "--dir", str(work)]
         cmd += ["--ca-url", ca_url]
         if profile_out is not None:
             cmd += ["--profile-out", str(profile_out)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = None
+    if kind == "trustmesh-base":  # `trustmesh run` of another source tree (--compare-src)
+        env = {**os.environ, "PYTHONPATH": str(COMPARE_SRC[0])}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     wait_ready(port, ctx, proc, log)
     return Running(kind, port, proc)
 
@@ -809,12 +816,14 @@ def ticket_runs(args: argparse.Namespace, work: Path, caller: Identity, shim: Pa
         print(f"  {kind}: connections resumed by wrk, % per round: {spread(resumed[kind])}")
 
 
-def print_profile(path: Path, requests: int, new_conn: bool) -> None:
+def print_profile(path: Path, requests: int, new_conn: bool, system: str = "trustmesh") -> None:
     stats = pstats.Stats(str(path))
     kind = "new-connection" if new_conn else "keep-alive"
-    print(f"\ncProfile of `trustmesh run` (main thread) over {requests} {kind} requests")
+    print(f"\ncProfile of {system} (main thread) over {requests} {kind} requests")
     print("(seconds; the profiler itself slows Python code several-fold):")
     stats.sort_stats("tottime").print_stats(25)
+    if system != "trustmesh":
+        return
     if new_conn:
         stats.print_callers(r"do_handshake|getpeercert")
         stats.print_callees(r"_uvicorn.py:\d+\(connection_made\)")
@@ -840,6 +849,11 @@ def main() -> None:
     )
     parser.add_argument("--skip", action="append", default=[], help="skip a measurement (1/2/3)")
     parser.add_argument(
+        "--compare-src",
+        type=Path,
+        help="a src/ directory of another commit to run as trustmesh-base in the same rounds",
+    )
+    parser.add_argument(
         "--tickets",
         action="store_true",
         help="wrk's session resumption per ticket setting, on a bare asyncio server",
@@ -853,6 +867,10 @@ def main() -> None:
     if args.serve:
         serve(args)
         return
+    if args.compare_src is not None:
+        if not (args.compare_src / "trustmesh" / "__init__.py").is_file():
+            raise SystemExit(f"--compare-src {args.compare_src}: no trustmesh package in it")
+        COMPARE_SRC.append(args.compare_src.resolve())
     need_tools(
         ("wrk", "nginx", "gcc", "setpriv"), "apt-get install -y nginx-light wrk gcc libssl-dev"
     )
@@ -900,6 +918,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
             for kind in SYSTEMS[:4]:
                 servers.append(start_python(kind, work, ca_server.url, ctx))
             servers.append(start_nginx(work, ctx))
+            if COMPARE_SRC:
+                servers.append(start_python("trustmesh-base", work, ca_server.url, ctx))
             print(f"servers: {', '.join(f'{s.name} :{s.port}' for s in servers)}")
             check_refusals(servers[0].port, work, stranger, revoked)
             # Warm-up: a short untimed keep-alive and handshake run per system.
@@ -925,12 +945,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
                     f"median of {args.rounds} rounds [per round]",
                     keep,
                     "req/s",
-                    SYSTEMS,
+                    (*SYSTEMS, "trustmesh-base"),
                 )
                 results["keep"] = ratio_line(keep, "trustmesh", "uvicorn-tls")
                 ratio_line(keep, "uvicorn-tls", "trustmesh", "server_cpu_us")
                 ratio_line(keep, "trustmesh", "uvicorn-mtls")
                 ratio_line(keep, "trustmesh", "nginx")
+                if COMPARE_SRC:
+                    ratio_line(keep, "trustmesh-base", "trustmesh", "server_cpu_us")
+                    ratio_line(keep, "uvicorn-tls", "trustmesh-base", "server_cpu_us")
                 busy = spread([v * 100 for s in SYSTEMS for v in keep.values(s, "machine_busy")])
                 print(f"machine busy during the runs, % of all cores: {busy}")
             if "2" not in args.skip:
@@ -939,7 +962,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                     f"-c{args.hs_connections} -H 'Connection: close', median of {args.rounds}",
                     hand,
                     "handshakes/s",
-                    SYSTEMS,
+                    (*SYSTEMS, "trustmesh-base"),
                 )
                 results["hand"] = ratio_line(hand, "trustmesh", "nginx")
                 # Issue 18: the CPython limit, plain uvicorn doing the same handshake.
@@ -947,6 +970,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 # ... and the same full handshake (uvicorn-mtls's tickets let wrk resume).
                 results["hand_py"] = ratio_line(hand, "trustmesh", "uvicorn-mtls-full")
                 ratio_line(hand, "uvicorn-mtls-full", "trustmesh", "server_cpu_us")
+                if COMPARE_SRC:
+                    ratio_line(hand, "trustmesh-base", "trustmesh", "server_cpu_us")
+                    ratio_line(hand, "uvicorn-mtls-full", "trustmesh-base", "server_cpu_us")
                 ratio_line(hand, "uvicorn-mtls", "nginx")
                 ratio_line(hand, "uvicorn-tls", "nginx")
             tm = servers[0]
@@ -996,6 +1022,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 with started([profiled]):
                     r = run_wrk(profiled, caller, shim, args, new_conn=new_conn)
                 print_profile(prof, r.requests, new_conn)
+            # The baseline of the new-connection target, profiled the same way.
+            prof = work / "uvicorn-mtls-full.prof"
+            profiled = start_python("uvicorn-mtls-full", work, ca_server.url, ctx, profile_out=prof)
+            with started([profiled]):
+                r = run_wrk(profiled, caller, shim, args, new_conn=True)
+            print_profile(prof, r.requests, True, "uvicorn-mtls-full")
 
 
 if __name__ == "__main__":
