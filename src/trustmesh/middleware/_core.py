@@ -332,10 +332,11 @@ class Gate:
                 cached = parsed
             else:
                 cert = parsed.certificate
-                assert cert is not None  # a leaf from the connection always has one
+                # A leaf from the connection always has its certificate.
                 window = (
-                    cert.not_valid_before_utc.timestamp(),
-                    cert.not_valid_after_utc.timestamp(),
+                    (cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
+                    if cert is not None
+                    else (float("-inf"), float("inf"))
                 )
                 cached = (parsed, *window)
             # Plain dict operations only: WSGI servers call this from many threads.
@@ -480,6 +481,8 @@ class Gate:
 
     def is_trusted_proxy(self, caller: Caller) -> bool:
         """Whether the connection's own peer is a configured gateway or sidecar."""
+        if not self.trusted_proxies:
+            return False
         return caller.via is None and any(
             match_spiffe_pattern(caller.spiffe_id, p) for p in self.trusted_proxies
         )
