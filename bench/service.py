@@ -18,6 +18,10 @@ Systems (each its own process, one worker, started once, before the rounds):
   uvicorn-tls    the same app on plain uvicorn (httptools) over TLS, no client auth
   uvicorn-mtls   the same, with client certificates required (``ssl_cert_reqs``), no
                  middleware: the reference the issue's "about 10k req/s" figure names
+  uvicorn-mtls-full  the same without TLS 1.3 session tickets (num_tickets 0): wrk
+                 resumes sessions when it reconnects, so only this baseline does the
+                 full client-certificate handshake of every new connection that
+                 `trustmesh run` does (issue 18's target; see --tickets)
   nginx          nginx (Debian's 1.22, ``worker_processes 1``) with
                  ``ssl_verify_client on`` against the same CA, returning the same body
                  from ``return 200``; config generated into a temp dir, run in the
@@ -56,7 +60,12 @@ functions. --breakdown runs the stack built up piece by piece (tm-shim, tm-mw, t
 tm-full, tm-rot, tm-notix: see the table title it prints) under the same keep-alive load
 and times the middleware's pieces in-process; --breakdown-handshakes adds new-connection
 runs and the server CPU of one TLS 1.3 handshake per server context in-process (memory
-BIOs); --only NAME restricts the breakdown to some systems.
+BIOs); --only NAME restricts the breakdown to some systems. --tickets counts, on a bare
+asyncio server, how many of wrk's new connections are resumed per ticket setting.
+--compare-src DIR also runs `trustmesh run` of another source tree as trustmesh-base in
+the same rounds. Before timing, the measured `trustmesh run` must refuse a connection
+without a client certificate, a caller and a path the policy does not allow, and a
+revoked caller (the script stops otherwise).
 
 Install the tools first (not part of CI):
   apt-get install -y nginx-light wrk gcc libssl-dev
