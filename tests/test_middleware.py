@@ -38,6 +38,7 @@ from trustmesh.middleware import (
 from trustmesh.middleware.fastapi import CallerDep, UserDep
 from trustmesh.middleware.flask import current_caller, current_user
 from trustmesh.pki import KeyType
+from trustmesh.policy import PolicyFile
 from trustmesh.tokens import AsyncVerifier, IssuerConfig, Verifier
 
 from ._idp import Idp, running_idp
@@ -150,7 +151,8 @@ def refused(response: httpx.Response, status: int, reason: str) -> dict[str, Any
 
 @pytest.fixture(autouse=True)
 def _log_level(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="trustmesh.middleware")
+    # Allowed requests are logged at DEBUG (denials at WARNING): see every line.
+    caplog.set_level(logging.DEBUG, logger="trustmesh.middleware")
 
 
 # -- the caller's certificate -----------------------------------------------------------
@@ -575,6 +577,74 @@ def test_policy_allows_denies_and_audits(
         ("deny", "policy_denied"),
         ("audit_deny", f"no rule allows {ORDERS} to DELETE /items/1"),
     ]
+
+
+def test_cached_policy_decisions_still_deny_log_and_follow_a_reload(
+    ca: CertificateAuthority,
+    server_id: Identity,
+    orders: Identity,
+    workdir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With a PolicyFile (whose decisions are cached per caller, method and path), every
+    repeat of a denied request on one keep-alive connection is refused, logged at WARNING
+    and counted; after the file is reloaded the cached allow no longer answers: the same
+    request on the same connection is refused by the new rules."""
+    path = workdir / "cached-policy.yaml"
+    path.write_text(f'rules:\n  - {{name: reads, callers: ["{ORDERS}"], methods: [GET]}}\n')
+    policy = PolicyFile(path, check_interval=3600)  # reloaded by reload() below only
+    registry = CollectorRegistry()
+    app = protect(echo_app(), policy=policy, metrics_registry=registry)
+    with serve_asgi(app, ca, server_id) as url, client(ca, orders) as http:
+        for _ in range(3):
+            assert http.get(f"{url}/items/1").status_code == 200
+            body = refused(http.delete(f"{url}/items/1"), 403, "policy_denied")
+            assert "closest 'reads' (rules[0]): method DELETE not in ['GET']" in body["detail"]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f'rules:\n  - {{name: writes, callers: ["{ORDERS}"], methods: [DELETE]}}\n')
+        tmp.replace(path)
+        assert policy.reload() is True
+        for _ in range(2):
+            refused(http.get(f"{url}/items/1"), 403, "policy_denied")
+            assert http.delete(f"{url}/items/1").status_code == 200
+    counted = "trustmesh_service_requests_total"
+    assert registry.get_sample_value(counted, {"outcome": "allow", "reason": "allowed"}) == 5
+    assert registry.get_sample_value(counted, {"outcome": "deny", "reason": "policy_denied"}) == 5
+    denials = [
+        r
+        for r in caplog.records
+        if getattr(r, "event", None) == "trustmesh.request" and r.levelno >= logging.INFO
+    ]
+    assert [(r.levelno, getattr(r, "outcome", None)) for r in denials] == [
+        (logging.WARNING, "deny")
+    ] * 5
+    assert [getattr(r, "method", None) for r in denials] == ["DELETE"] * 3 + ["GET"] * 2
+    allows = [d for d in decisions(caplog) if d["outcome"] == "allow"]
+    assert len(allows) == 5  # at DEBUG
+
+
+def test_allowed_requests_log_nothing_above_debug(
+    ca: CertificateAuthority,
+    server_id: Identity,
+    orders: Identity,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """At INFO (trustmesh run's default) an allowed request writes no line and is counted;
+    a denial is still logged."""
+    caplog.set_level(logging.INFO, logger="trustmesh.middleware")
+    registry = CollectorRegistry()
+
+    def reads_only(request: Any) -> str | None:
+        return "reads" if request.method == "GET" else None
+
+    app = protect(echo_app(), policy=CallablePolicy(reads_only), metrics_registry=registry)
+    with serve_asgi(app, ca, server_id) as url, client(ca, orders) as http:
+        caplog.clear()
+        assert http.get(f"{url}/items").status_code == 200
+        refused(http.post(f"{url}/items"), 403, "policy_denied")
+    assert [(d["outcome"], d["reason"]) for d in decisions(caplog)] == [("deny", "policy_denied")]
+    counted = "trustmesh_service_requests_total"
+    assert registry.get_sample_value(counted, {"outcome": "allow", "reason": "allowed"}) == 1
 
 
 # -- tokens -----------------------------------------------------------------------------

@@ -1025,3 +1025,112 @@ def test_policy_file_reloads_safely_under_concurrent_requests(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert policy.evaluate(_req(path="/items/1")).rule == "items"  # the last version written
     assert policy.generation > 2
+
+
+# --- the decision cache (issue 18) ---------------------------------------------------------
+
+
+def test_decision_cache_repeats_the_same_answer_deny_reasons_included() -> None:
+    """A repeated token-less request gets the decision the rules give, from the cache: the
+    same allow rule, and for a deny the same rule or default-deny explanation."""
+    text = (
+        "rules:\n"
+        '  - {name: no-admin, effect: deny, callers: ["*"], paths: ["/admin/**"]}\n'
+        f'  - {{name: reads, callers: ["{ORDERS}"], methods: [GET], paths: ["/items/*"]}}\n'
+    )
+    cached, fresh = _policy(text), _policy(text)
+    cases = [
+        _req(path="/items/1"),
+        _req(path="/admin/x"),
+        _req(method="DELETE", path="/items/1"),
+        _req(BILLING, path="/items/1"),
+        _req(None, path="/items/1"),
+        _req(path="/items/%2F"),
+    ]
+    for request in cases:
+        first = cached.evaluate(request)
+        again = cached.evaluate(_req(request.caller, request.method, request.path))
+        assert again is first  # from the cache
+        assert again == fresh._evaluate(request)  # what the rules say
+        assert again.reason == fresh._evaluate(request).reason
+    assert [cached.evaluate(r).allowed for r in cases] == [True, False, False, False, False, False]
+    assert cached.evaluate(_req(path="/admin/x")).rule == "no-admin"
+    assert "closest 'reads' (rules[1]): method DELETE not in ['GET']" in (
+        cached.evaluate(_req(method="DELETE", path="/items/1")).reason
+    )
+    assert "ambiguous" in cached.evaluate(_req(path="/items/%2F")).reason
+
+
+def test_decision_cache_keeps_method_case_and_audit_mode_apart() -> None:
+    """The raw method is part of the key (the answer names it as sent); audit mode caches the
+    would-deny, still flagged."""
+    policy = _policy(
+        f'mode: audit\nrules:\n  - {{name: r, callers: ["{ORDERS}"], methods: [GET]}}\n'
+    )
+    assert policy.evaluate(_req(method="get")).rule == "r"
+    denied = policy.evaluate(_req(method="POST"))
+    assert denied.allowed
+    assert denied.would_deny
+    again = policy.evaluate(_req(method="POST"))
+    assert again is denied
+
+
+def test_requests_with_a_token_are_decided_every_time() -> None:
+    """Claims, scopes and roles are not part of the key, so token requests bypass the cache."""
+    policy = _policy(ISSUE_EXAMPLE)
+    with_scope = _req(path="/items/1", **_user("inventory:read"))
+    without = _req(path="/items/1", **_user())
+    assert policy.evaluate(with_scope).allowed
+    assert not policy.evaluate(without).allowed
+    assert "missing scope 'inventory:read'" in policy.evaluate(without).reason
+    assert policy.evaluate(with_scope).allowed
+    assert not policy.evaluate(_req(path="/items/1")).allowed  # no token: 'no user token'
+    assert "no user token" in policy.evaluate(_req(path="/items/1")).reason
+    assert list(policy._decisions) == [(ORDERS, "GET", "/items/1")]
+
+
+def test_decision_cache_is_bounded_and_skips_long_paths() -> None:
+    """Callers choose the paths: the cache never holds more than its size, stays right when
+    cleared, and does not keep very long paths."""
+    from trustmesh.policy._policy import DECISION_CACHE_SIZE
+
+    policy = _policy(ALLOW_ITEMS)
+    for i in range(DECISION_CACHE_SIZE + 100):
+        assert policy.evaluate(_req(path=f"/items/{i}")).allowed
+        assert len(policy._decisions) <= DECISION_CACHE_SIZE
+    long_path = "/items/" + "a" * 1000
+    assert policy.evaluate(_req(path=long_path)).allowed
+    assert (ORDERS, "GET", long_path) not in policy._decisions
+    assert not policy.evaluate(_req(path="/orders/1")).allowed
+
+
+def test_decision_cache_is_dropped_when_the_policy_file_reloads(tmp_path: Path) -> None:
+    """Cached allows and denies of one generation never answer for the next: after a change
+    (seen by the check or by reload()) the new rules decide, then are cached in turn."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(ALLOW_ITEMS)
+    policy = PolicyFile(path, check_interval=3600)  # only reload() looks at the file
+    for _ in range(3):
+        assert policy.evaluate(_req(path="/items/1")).rule == "items"
+        assert not policy.evaluate(_req(path="/orders/1")).allowed
+    _write_atomic(path, ALLOW_ORDERS)
+    assert policy.evaluate(_req(path="/items/1")).allowed  # not looked at yet: generation 1
+    assert policy.reload() is True
+    assert policy.generation == 2
+    for _ in range(3):
+        denied = policy.evaluate(_req(path="/items/1"))
+        assert not denied.allowed
+        assert "no rule allows" in denied.reason
+        assert "'orders'" in denied.reason
+        assert policy.evaluate(_req(path="/orders/1")).rule == "orders"
+    # A broken version keeps generation 2 and its cached answers, which stay right.
+    _write_atomic(path, "rules: [")
+    assert policy.reload() is False
+    assert not policy.evaluate(_req(path="/items/1")).allowed
+    assert policy.evaluate(_req(path="/orders/1")).allowed
+    # The periodic check drops it too.
+    _write_atomic(path, ALLOW_ITEMS)
+    policy.check_interval = 0
+    policy._next_check = 0.0
+    assert policy.evaluate(_req(path="/items/1")).rule == "items"
+    assert policy.generation == 3

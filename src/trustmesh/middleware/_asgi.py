@@ -33,6 +33,32 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+# What the middleware does with a header, by its raw name (see _header_kind).
+_KEEP, _AUTHORIZATION, _IDENTITY, _STRIPPED = 0, 1, 2, 3
+_HEADER_KINDS_LIMIT = 4096  # callers choose the names: bounded, cleared when full
+_header_kinds: dict[bytes, int] = {}
+
+
+def _header_kind(raw_name: bytes) -> int:
+    """Keep, Authorization, identity header (stripped unless from a trusted proxy) or
+    another header only a trusted proxy may set (stripped); remembered per spelling."""
+    kind = _header_kinds.get(raw_name)
+    if kind is None:
+        name = raw_name.decode("latin-1")
+        if is_identity_header(name):
+            kind = _IDENTITY
+        elif is_spoofable(raw_name):
+            kind = _STRIPPED
+        elif name.lower() == "authorization":
+            kind = _AUTHORIZATION
+        else:
+            kind = _KEEP
+        if len(_header_kinds) >= _HEADER_KINDS_LIMIT:
+            _header_kinds.clear()
+        _header_kinds[raw_name] = kind
+    return kind
+
+
 class AsyncTokenVerifier(Protocol):
     """Verifies access tokens in the event loop (``trustmesh.tokens.AsyncVerifier``)."""
 
@@ -69,7 +95,8 @@ class MTLSMiddleware:
         trust_bundle: Certificates to verify a forwarded ``Client-Cert`` against.
         exempt_paths: Exact paths served without any check (e.g. ``/healthz``
             for a load balancer); logged at startup.
-        log_allowed: Log allowed requests too (denials are always logged).
+        log_allowed: Log allowed requests too, at DEBUG (denials are always logged, at
+            WARNING).
         metrics_registry: A prometheus ``CollectorRegistry`` to count decisions in
             (``trustmesh_service_requests_total{outcome,reason}``); None counts nothing.
 
@@ -141,28 +168,36 @@ class MTLSMiddleware:
             tls = (scope.get("extensions") or {}).get("tls") or {}
             chain = tls.get("client_cert_chain") or []
             peer = gate.caller_from_peer(chain[0] if chain else None)
+            headers = scope.get("headers", ())
             identity_headers: dict[str, list[str]] = {}
             authorization: list[str] = []
-            kept: list[tuple[bytes, bytes]] = []
-            for raw_name, raw_value in scope.get("headers", ()):
-                name = raw_name.decode("latin-1")
-                if is_identity_header(name):
-                    identity_headers.setdefault(normalize_header(name), []).append(
-                        raw_value.decode("latin-1")
-                    )
+            stripped = False
+            for raw_name, raw_value in headers:
+                kind = _header_kind(raw_name)
+                if kind == _KEEP:
                     continue
-                if is_spoofable(raw_name):
-                    # Client-address and request-line override headers: only a trusted
-                    # proxy may set them (trustmesh.headers, as the gateway strips).
-                    continue
-                if name.lower() == "authorization":
+                if kind == _AUTHORIZATION:
                     authorization.append(raw_value.decode("latin-1"))
-                kept.append((raw_name, raw_value))
+                    continue
+                # Identity headers, client-address and request-line override headers:
+                # only a trusted proxy may set them (trustmesh.headers, as the gateway
+                # strips).
+                stripped = True
+                if kind == _IDENTITY:
+                    identity_headers.setdefault(
+                        normalize_header(raw_name.decode("latin-1")), []
+                    ).append(raw_value.decode("latin-1"))
+            # The common case (nothing to strip) passes the header list through as is.
+            kept = (
+                [(k, v) for k, v in headers if _header_kind(k) <= _AUTHORIZATION]
+                if stripped
+                else headers
+            )
             caller = peer
             if gate.is_trusted_proxy(peer):
                 caller = gate.forwarded_caller(peer, identity_headers)
                 # The app sees what the trusted proxy sent (minus nothing).
-                kept = list(scope.get("headers", ()))
+                kept = list(headers)
             token = gate.bearer_token(authorization)
             if token is not None and self.verifier is not None:
                 bound = caller.certificate or peer.certificate

@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -215,7 +216,8 @@ class Gate:
         trust_bundle: Trust anchors (and intermediates) to verify a certificate a
             trusted proxy forwards in ``Client-Cert``.
         has_verifier: Whether a token verifier is configured.
-        log_allowed: Log allowed requests too (one line each); denials are always logged.
+        log_allowed: Log allowed requests too (one DEBUG line each); denials are always
+            logged (WARNING).
         metrics_registry: Where to count decisions (``trustmesh_service_requests_total``
             by ``outcome`` and ``reason``); None counts nothing.
     """
@@ -277,7 +279,8 @@ class Gate:
             if metrics_registry is not None
             else None
         )
-        self._leaves: dict[str | bytes, Caller | Refusal] = {}
+        # leaf -> (caller, not before, not after as POSIX seconds) or the refusal.
+        self._leaves: dict[str | bytes, tuple[Caller, float, float] | Refusal] = {}
         if policy is None:
             log.warning(
                 "%s middleware: no policy configured; every verified caller of %s is allowed",
@@ -319,16 +322,31 @@ class Gate:
             )
         cached = self._leaves.get(leaf)
         if cached is None:
-            cached = self._parse_leaf(leaf)
+            parsed = self._parse_leaf(leaf)
+            if isinstance(parsed, Refusal):
+                cached = parsed
+            else:
+                cert = parsed.certificate
+                # A leaf from the connection always has its certificate.
+                window = (
+                    (cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp())
+                    if cert is not None
+                    else (float("-inf"), float("inf"))
+                )
+                cached = (parsed, *window)
             # Plain dict operations only: WSGI servers call this from many threads.
             if len(self._leaves) >= _PEM_CACHE_SIZE:
                 self._leaves.clear()
             self._leaves[leaf] = cached
         if isinstance(cached, Refusal):
             raise dataclasses.replace(cached)
-        self._check_time(cached, now)
-        self.check_revoked(cached)
-        return cached
+        caller, not_before, not_after = cached
+        # Inside the validity window by the clock: no datetimes to build. At or past an
+        # edge (or with an explicit ``now``) the exact check decides and words the refusal.
+        if now is not None or not not_before < time.time() < not_after:
+            self._check_time(caller, now)
+        self.check_revoked(caller)
+        return caller
 
     def _parse_leaf(self, leaf: str | bytes) -> Caller | Refusal:
         try:
@@ -458,6 +476,8 @@ class Gate:
 
     def is_trusted_proxy(self, caller: Caller) -> bool:
         """Whether the connection's own peer is a configured gateway or sidecar."""
+        if not self.trusted_proxies:
+            return False
         return caller.via is None and any(
             match_spiffe_pattern(caller.spiffe_id, p) for p in self.trusted_proxies
         )
@@ -663,7 +683,16 @@ class Gate:
         decision: DecisionLike | None,
         refusal: Refusal | None,
     ) -> None:
-        """Write one structured line: allow, deny or audit-deny, with the reason."""
+        """Write one structured line: allow, deny or audit-deny, with the reason.
+
+        Denials and audit-mode would-denies are WARNING, always; allowed requests
+        are DEBUG (``log_allowed=False`` drops them), and cost nothing more than
+        the metric when the logger is not enabled for DEBUG.
+        """
+        if refusal is None and (decision is None or not decision.would_deny):
+            self._count("allow", "allowed")
+            if not self.log_allowed or not log.isEnabledFor(logging.DEBUG):
+                return
         fields: dict[str, object] = {
             "event": "trustmesh.request",
             "method": method,
@@ -705,11 +734,9 @@ class Gate:
                 extra=_clean(fields),
             )
             return
-        self._count("allow", "allowed")
-        if self.log_allowed:
-            reason = decision.reason if decision is not None else "no policy configured"
-            fields.update(outcome="allow", reason=reason)
-            log.info("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
+        reason = decision.reason if decision is not None else "no policy configured"
+        fields.update(outcome="allow", reason=reason)
+        log.debug("allow %s %s from %s: %s", method, path, caller, reason, extra=_clean(fields))
 
     def _count(self, outcome: str, reason: str) -> None:
         if self._counter is not None:

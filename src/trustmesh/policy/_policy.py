@@ -33,6 +33,11 @@ MAX_POLICY_BYTES = 1024 * 1024
 EXPLAIN_RULES = 3
 # Distinct callers remembered per policy (cleared when full).
 _CALLER_CACHE_SIZE = 4096
+#: Decisions remembered per policy, by (caller, method, raw path), for requests without
+#: a token (cleared when full; a reload builds a new Policy, so a new, empty cache).
+DECISION_CACHE_SIZE = 4096
+# Longer paths are decided every time, so the cache stays small (4096 x 512 bytes of keys).
+_CACHED_PATH_LENGTH = 512
 
 _TOP_KEYS = frozenset({"mode", "rules"})
 _RULE_KEYS = frozenset({"name", "description", "effect", "callers", "methods", "paths", "user"})
@@ -190,7 +195,7 @@ class Policy:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_allow", "_by_caller", "_deny", "mode", "rules", "source")
+    __slots__ = ("_allow", "_by_caller", "_decisions", "_deny", "mode", "rules", "source")
 
     def __init__(self, mode: str, rules: tuple[Rule, ...], source: str) -> None:
         self.mode = mode
@@ -201,6 +206,9 @@ class Policy:
         # caller -> (deny rules, allow rules) whose callers match it. A service sees a
         # handful of callers, so each request only tries the rules that can apply.
         self._by_caller: dict[str | None, tuple[tuple[Rule, ...], tuple[Rule, ...]]] = {}
+        # (caller, method, raw path) -> the decision, for requests without a token: the
+        # rules are immutable, so the same request always gets the same decision.
+        self._decisions: dict[tuple[str | None, str, str], Decision] = {}
 
     def _rules_for(self, caller: str | None) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
         entry = self._by_caller.get(caller)
@@ -309,7 +317,27 @@ class Policy:
 
         Returns:
             The decision; it never raises for any request.
+
+        Requests without a token (``claims`` None, no scopes or roles) are
+        remembered by (caller, method, path), up to :data:`DECISION_CACHE_SIZE`
+        per policy: a service sees the same few calls over and over, and the
+        answer (allow or deny, rule, reason) is the same every time. A reloaded
+        :class:`PolicyFile` is a new :class:`Policy` with an empty cache.
         """
+        if request.claims is not None or request.scopes or request.roles:
+            return self._evaluate(request)
+        key = (request.caller, request.method, request.path)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._evaluate(request)
+            if len(request.path) <= _CACHED_PATH_LENGTH:
+                # Plain dict operations only: WSGI servers decide from many threads.
+                if len(self._decisions) >= DECISION_CACHE_SIZE:
+                    self._decisions.clear()
+                self._decisions[key] = decision
+        return decision
+
+    def _evaluate(self, request: PolicyRequest) -> Decision:
         method = request.method.upper()
         try:
             key = normalize_path(request.path)

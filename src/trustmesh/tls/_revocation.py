@@ -246,10 +246,12 @@ class RevocationSet:
         #: The intermediates (and cross certificates) the CA last published; CRL
         #: signers are looked up among them once verified to a trust anchor.
         self.published_intermediates: tuple[x509.Certificate, ...] = ()
-        self._withdrawn_cache: tuple[tuple[x509.Certificate, ...], dict[x509.Certificate, bool]] = (
-            (),
-            {},
-        )
+        # (the published set it is for, {id(cert): (cert, answer)}): keyed by identity, as
+        # a connection's leaf is one object for all its requests (hashing a certificate
+        # costs more than the lookup); the entry holds the cert, so its id is not reused.
+        self._withdrawn_cache: tuple[
+            tuple[x509.Certificate, ...], dict[int, tuple[x509.Certificate, bool]]
+        ] = ((), {})
         self._grace_s = grace.total_seconds()
         # Only the worker thread adds to this set (set.add is atomic); a CRL
         # refresh replaces it by a superset in one assignment.
@@ -327,9 +329,9 @@ class RevocationSet:
         if cache[0] is not published:
             cache = (published, {})
             self._withdrawn_cache = cache
-        known = cache[1].get(cert)
-        if known is not None:
-            return known
+        known = cache[1].get(id(cert))
+        if known is not None and known[0] is cert:
+            return known[1]
         withdrawn = True
         for issuer in published:
             try:
@@ -340,7 +342,7 @@ class RevocationSet:
             break
         if len(cache[1]) >= _WITHDRAWN_CACHE_SIZE:
             cache[1].clear()
-        cache[1][cert] = withdrawn
+        cache[1][id(cert)] = (cert, withdrawn)
         return withdrawn
 
     @property

@@ -19,12 +19,26 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 __all__ = ["TLSH11Protocol", "TLSHttpToolsProtocol", "tls_extension"]
 
 _VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
+# DER -> PEM of the leaves seen lately: a caller reconnecting gets the same PEM string
+# (no re-encoding; the middleware's parsed-leaf cache finds it by its cached hash).
+_PEM_CACHE_SIZE = 1024
+_pems: dict[bytes, str] = {}
+
+
+def _pem(der: bytes) -> str:
+    pem = _pems.get(der)
+    if pem is None:
+        pem = ssl.DER_cert_to_PEM_cert(der)
+        if len(_pems) >= _PEM_CACHE_SIZE:
+            _pems.clear()
+        _pems[der] = pem
+    return pem
 
 
 def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     """Return the ASGI TLS extension dict for a completed handshake."""
     der = ssl_object.getpeercert(binary_form=True)
-    chain = [ssl.DER_cert_to_PEM_cert(der)] if der else []
+    chain = [_pem(der)] if der else []
     cipher = ssl_object.cipher()
     return {
         "server_cert": None,
@@ -46,8 +60,12 @@ class _TLSApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] in {"http", "websocket"}:
-            scope = dict(scope)
-            scope["extensions"] = {**scope.get("extensions", {}), "tls": self.extension}
+            # uvicorn builds a new scope dict per request: add to it rather than copy it
+            # (the inner extensions dict is uvicorn's, so it is copied, not changed).
+            extensions = scope.get("extensions")
+            scope["extensions"] = (
+                {**extensions, "tls": self.extension} if extensions else {"tls": self.extension}
+            )
         await self.app(scope, receive, send)
 
 
