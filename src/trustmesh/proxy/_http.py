@@ -44,7 +44,7 @@ from trustmesh.http1 import Http1Error, Pool
 from trustmesh.middleware import FORWARDED_CALLER_HEADER, forwarded_certificate_header
 from trustmesh.middleware._core import Gate, Refusal
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
-from trustmesh.serving import parse_listen, public_url
+from trustmesh.addresses import parse_listen, public_url
 from trustmesh.tls import log_refused_handshakes
 
 from ._sidecar import Connection, InboundSettings, Sidecar, Tracker, parse_target, peer_identity

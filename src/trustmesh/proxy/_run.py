@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from trustmesh.errors import ConfigError
 from trustmesh.pki import SpiffeID
-from trustmesh.serving import is_loopback, parse_listen
+from trustmesh.addresses import is_loopback, parse_listen
 
 from ._callers import CallerRules, allow_ids_policy
 from ._sidecar import (

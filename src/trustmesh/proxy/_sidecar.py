@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from trustmesh.errors import ConfigError, TrustmeshError, VerificationError
 from trustmesh.pki import SpiffeID, spiffe_id_of
-from trustmesh.serving import LATENCY_BUCKETS, parse_listen
+from trustmesh.addresses import LATENCY_BUCKETS, parse_listen
 from trustmesh.tls import RevocationSet, RotatingCredentials
 
 __all__ = [

@@ -5,7 +5,13 @@ from ._contexts import TLS12_CIPHERS, client_context, server_context
 from ._handshakes import add_refusal_listener, handshake_refusal_reason, log_refused_handshakes
 from ._revocation import BundleUpdate, RevocationSet, canonical_serial
 from ._rotation import RotatingCredentials
-from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
+
+#: Loaded on first use: they import uvicorn, which the sidecars do not need.
+_UVICORN = frozenset({"TLSH11Protocol", "TLSHttpToolsProtocol", "tls_extension"})
 
 __all__ = [
     "TLS12_CIPHERS",
@@ -22,3 +28,11 @@ __all__ = [
     "server_context",
     "tls_extension",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _UVICORN:
+        from . import _uvicorn
+
+        return getattr(_uvicorn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
