@@ -38,13 +38,13 @@ from typing import Any
 import httptools
 from cryptography import x509
 
+from trustmesh.addresses import parse_listen, public_url
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.headers import is_spoofable
 from trustmesh.http1 import Http1Error, Pool
 from trustmesh.middleware import FORWARDED_CALLER_HEADER, forwarded_certificate_header
 from trustmesh.middleware._core import Gate, Refusal
 from trustmesh.problems import PROBLEM_CONTENT_TYPE, problem_document
-from trustmesh.addresses import parse_listen, public_url
 from trustmesh.tls import log_refused_handshakes
 
 from ._sidecar import Connection, InboundSettings, Sidecar, Tracker, parse_target, peer_identity
@@ -889,7 +889,7 @@ class _InboundProtocol(asyncio.Protocol):
             first = await anext(stream)
         except StopAsyncIteration:
             shared.answered(status)
-            self._send(head + (b"0\r\n\r\n" if chunked else b""))
+            self._send(head + (b"0\r\n\r\n" if chunked else b""), 0)
             return
         except Http1Error as exc:
             log.error(
@@ -911,15 +911,15 @@ class _InboundProtocol(asyncio.Protocol):
             return
         shared.answered(status)
         if chunked:
-            self._send(head + b"%x\r\n%b\r\n" % (len(first), first))
+            self._send(head + b"%x\r\n%b\r\n" % (len(first), first), len(first))
         else:
-            self._send(head + first)
+            self._send(head + first, len(first))
         try:
             async for piece in stream:
                 if chunked:
-                    self._send(b"%x\r\n%b\r\n" % (len(piece), piece))
+                    self._send(b"%x\r\n%b\r\n" % (len(piece), piece), len(piece))
                 else:
-                    self._send(piece)
+                    self._send(piece, len(piece))
                 if self._write_paused:
                     await self.drain()
         except Http1Error as exc:
@@ -937,12 +937,13 @@ class _InboundProtocol(asyncio.Protocol):
                 self.transport.abort()
             raise _ClientLeft() from None
         if chunked:
-            self._send(b"0\r\n\r\n")
+            self._send(b"0\r\n\r\n", 0)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, body: int) -> None:
+        """Write to the caller; ``body`` response body bytes of it are counted as sent."""
         self.write(data)
         if self.conn is not None:
-            self.s.tracker.count(self.conn, sent=len(data))
+            self.s.tracker.count(self.conn, sent=body)
 
     def _send_problem(self, problem: _Problem) -> None:
         body = problem_document(
@@ -979,7 +980,7 @@ class _InboundProtocol(asyncio.Protocol):
             parts.append(b"connection: close\r\n")
         parts += (b"\r\n", body)
         self.s.answered(status)
-        self._send(b"".join(parts))
+        self._send(b"".join(parts), len(body))
 
 
 def _decoded(raw_path: str) -> str:
