@@ -295,7 +295,13 @@ class _InboundProtocol(asyncio.Protocol):
         self._paused = 0
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        # Timers are armed rarely, not per request: the idle check re-arms itself for the
+        # rest of the keep-alive time, and the head timer starts only when a head is split
+        # over several reads.
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0
+        self._head_started = 0.0
         self._problem: _Problem | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -325,7 +331,9 @@ class _InboundProtocol(asyncio.Protocol):
                 conn.peer_id = identity.spiffe_id.uri
                 conn.serial = identity.certificate.serial_number
                 tracker.identified(conn)
-        self._arm(KEEP_ALIVE, self._idle_timeout)
+        loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        self._idle_timer = loop.call_later(KEEP_ALIVE, self._idle_check)
         if shared.draining:
             self.shutdown()
 
@@ -337,6 +345,12 @@ class _InboundProtocol(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            request = self.current
+            if request is not None and not request.queued and self._head_timer is None:
+                # A head split over reads: it gets HEAD_TIMEOUT from its first byte.
+                loop = asyncio.get_running_loop()
+                left = HEAD_TIMEOUT - (loop.time() - self._head_started)
+                self._head_timer = loop.call_later(max(left, 0.0), self._head_timeout)
         except httptools.HttpParserUpgrade:
             # Not relayed as an upgrade: the request went to the queue as a plain one (its
             # Upgrade and Connection headers are hop-by-hop); the connection closes after
@@ -368,7 +382,9 @@ class _InboundProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self._cancel_timer()
+        for timer in (self._idle_timer, self._head_timer):
+            if timer is not None:
+                timer.cancel()
         self.s.connections.discard(self)
         for request in (self.current, *self.queue):
             if request is not None:
@@ -396,7 +412,7 @@ class _InboundProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.current = _Request()
         self.head_bytes = 0
-        self._arm(HEAD_TIMEOUT, self._head_timeout)
+        self._head_started = asyncio.get_running_loop().time()
 
     def on_url(self, url: bytes) -> None:
         request = self.current
@@ -417,7 +433,9 @@ class _InboundProtocol(asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
-        self._cancel_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         try:
             self._framing(request)
         except _Problem as problem:
@@ -557,23 +575,21 @@ class _InboundProtocol(asyncio.Protocol):
 
     # -- timers -----------------------------------------------------------------------
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _idle_timeout(self) -> None:
-        self._timer = None
-        if self.task is None and self.current is None and not self.queue:
+    def _idle_check(self) -> None:
+        """Close a connection idle (nothing in flight, no head begun) for KEEP_ALIVE s."""
+        self._idle_timer = None
+        if self.lost:
+            return
+        loop = asyncio.get_running_loop()
+        busy = self.task is not None or self.current is not None or bool(self.queue)
+        idle = 0.0 if busy else loop.time() - self._idle_since
+        if idle >= KEEP_ALIVE:
             self._close()
+            return
+        self._idle_timer = loop.call_later(KEEP_ALIVE - idle, self._idle_check)
 
     def _head_timeout(self) -> None:
-        self._timer = None
+        self._head_timer = None
         if self.current is not None and not self.lost:
             self._stop()
             self._refuse_next(
@@ -653,8 +669,8 @@ class _InboundProtocol(asyncio.Protocol):
         if self.closing:
             self._stop()
             self._close()
-        elif self.current is None:
-            self._arm(KEEP_ALIVE, self._idle_timeout)
+        else:
+            self._idle_since = asyncio.get_running_loop().time()
 
     async def _answer(self, request: _Request) -> None:
         if request.problem is not None and request.problem.status != 413:
