@@ -8,7 +8,7 @@ through the same :class:`~trustmesh.middleware._core.Gate`): the caller's leaf f
 verified TLS chain must be a workload certificate of the trust domain, valid now and not
 revoked (asked on every request, so a keep-alive connection of a revoked caller is refused
 at its next request and closed); the bearer token is verified when present (or required);
-the policy decides. The policy decision for (caller, method, path) without a token is
+the policy decides. An allowed decision for (caller, method, path) without a token is
 remembered per connection until the policy in force changes (a reload). Refusals are
 problem+json, counted and logged; allowed requests are logged at DEBUG only.
 
@@ -196,34 +196,17 @@ class _Decisions(dict[tuple[str, str, str], Any]):
         self.policy: object = None
 
 
-class _CachingPolicy:
-    """The policy the gate asks: decisions without a token come from the connection's
-    cache (set in :attr:`cache` just before each decision) while the policy object in
-    force is the one they were made with; a reloaded policy file empties the cache."""
+class _PolicySource:
+    """Which policy object is in force: a policy file's current one (checked for changes
+    as the file itself does), or the fixed ``--allow-id`` policy. The decisions a
+    connection remembers are dropped when this object changes."""
 
     def __init__(self, policy: Any) -> None:
-        self._source = policy
+        self.source = policy
         self._file = hasattr(policy, "generation") and hasattr(policy, "policy")
-        self.cache: _Decisions | None = None
 
     def current(self) -> Any:
-        return self._source.policy if self._file else self._source
-
-    def evaluate(self, request: Any) -> Any:
-        policy = self.current()
-        cache = self.cache
-        if cache is None or request.claims is not None:
-            return policy.evaluate(request)
-        if cache.policy is not policy:
-            cache.clear()
-            cache.policy = policy
-        key = (request.caller, request.method, request.path)
-        decision = cache.get(key)
-        if decision is None:
-            decision = policy.evaluate(request)
-            if len(cache) < _DECISIONS:
-                cache[key] = decision
-        return decision
+        return self.source.policy if self._file else self.source
 
 
 class _Shared:
@@ -233,7 +216,7 @@ class _Shared:
         self,
         *,
         gate: Gate,
-        policy: _CachingPolicy,
+        policy: _PolicySource,
         verifier: Any,
         pool: Pool,
         tracker: Tracker,
@@ -731,11 +714,7 @@ class _InboundProtocol(asyncio.Protocol):
                 except InvalidTokenError as exc:
                     raise gate.token_refusal(exc) from None
                 gate.check_scopes(user)
-            shared.policy.cache = self.decisions
-            try:
-                decision = gate.decide(caller, user, method, raw_path)
-            finally:
-                shared.policy.cache = None
+            decision = self._decide(caller, user, method, raw_path)
         except Refusal as refusal:
             gate.log_decision(
                 method=method,
@@ -780,6 +759,27 @@ class _InboundProtocol(asyncio.Protocol):
             self.closing = True
             conn.close_reason = "max_connection_age"
         await self._relay(request, target, kept)
+
+    def _decide(self, caller: Any, user: Any, method: str, path: str) -> Any:
+        """The gate's policy decision; an allowed one without a token is remembered for
+        this connection while the policy object in force stays the same (a reloaded file
+        is a new object), so the next request for it skips the policy. Refusals are never
+        remembered: each is decided, logged and counted again."""
+        gate = self.s.gate
+        if user is not None:
+            return gate.decide(caller, user, method, path)
+        decisions = self.decisions
+        current = self.s.policy.current()
+        if decisions.policy is not current:
+            decisions.clear()
+            decisions.policy = current
+        key = (caller.spiffe_id.uri, method, path)
+        decision = decisions.get(key)
+        if decision is None:
+            decision = gate.decide(caller, user, method, path)
+            if len(decisions) < _DECISIONS:
+                decisions[key] = decision
+        return decision
 
     @staticmethod
     def _origin_form(target: bytes) -> bytes | None:
@@ -1023,7 +1023,7 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
         from ._callers import allow_ids_policy
 
         source = allow_ids_policy(settings.allow_ids)
-    policy = _CachingPolicy(source)
+    policy = _PolicySource(source)
     verifier = None
     if settings.issuer is not None:
         from trustmesh.tokens import AsyncVerifier, IssuerConfig
@@ -1047,7 +1047,7 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
     )
     gate = Gate(
         trust_domain=sidecar.trust_domain,
-        policy=policy,
+        policy=source,
         revocation=sidecar.revocation,
         require_token=settings.require_token,
         required_scopes=(),
