@@ -290,8 +290,8 @@ class _InboundProtocol(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - a stream server
-        self.transport = transport
+        # A stream server's transport (uvloop's TLS transport is no asyncio.Transport).
+        self.transport = transport  # type: ignore[assignment]
         shared = self.s
         shared.connections.add(self)
         peer = transport.get_extra_info("peername")
@@ -667,8 +667,8 @@ class _InboundProtocol(asyncio.Protocol):
         method = request.method.decode("latin-1")
         target = request.target
         if not target.startswith(b"/"):
-            target = self._origin_form(target)
-            if target is None:
+            origin_form = self._origin_form(target)
+            if origin_form is None:
                 self._send_problem(
                     _Problem(
                         400,
@@ -680,6 +680,7 @@ class _InboundProtocol(asyncio.Protocol):
                 )
                 self.closing = True
                 return
+            target = origin_form
         raw_path = target.partition(b"?")[0].decode("latin-1")
         caller = None
         user = None
@@ -1083,7 +1084,7 @@ async def _serve(sidecar: Sidecar, ready: Callable[[str], None] | None) -> None:
     log_refused_handshakes()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    handled: list[int] = []
+    handled: list[signal.Signals] = []
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
