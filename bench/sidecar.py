@@ -117,6 +117,7 @@ SYSTEMS = ("direct", "trustmesh-http", "haproxy-http", "trustmesh-tcp", "haproxy
 TARGET_RATIO = 0.50
 TARGET_ADDED_P50_MS = 0.5
 LINKERD_PROXY_MB = 26
+TARGET_IDLE_RSS_MB = 50
 
 POLICY = f"""\
 mode: enforce
@@ -384,6 +385,9 @@ def main() -> None:
             "gcc": ["gcc", "--version"],
         }
     )
+    import trustmesh
+
+    print(f"trustmesh package: {Path(trustmesh.__file__).parent}")
     with tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmp:
         run(args, Path(tmp))
 
@@ -542,13 +546,18 @@ def measure(
     sidecar = memory.memory.get("sidecar (trustmesh-http)")
     if sidecar is not None:
         peak_mb = sidecar.peak[0] / 1024
+        idle_mb = sidecar.idle[0] / 1024
+        verdicts.append(
+            f"sidecar idle RSS (HTTP mode) <= {TARGET_IDLE_RSS_MB} MB (issue #18): "
+            f"{idle_mb:.1f} MB {'met' if idle_mb <= TARGET_IDLE_RSS_MB else 'MISSED'}"
+        )
         verdicts.append(
             f"sidecar memory (HTTP mode): idle {sidecar.idle[0] / 1024:.1f} MB RSS "
             f"({sidecar.idle[1] / 1024:.1f} MB PSS), peak under load {peak_mb:.1f} MB RSS; "
             f"Linkerd's proxy {LINKERD_PROXY_MB} MB: "
             f"{'below' if peak_mb <= LINKERD_PROXY_MB else 'above'} (a reference, no target)"
         )
-    print_targets("issue #7", verdicts)
+    print_targets("issues #7 and #18", verdicts)
 
 
 if __name__ == "__main__":

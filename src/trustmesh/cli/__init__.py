@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 the operation failed, 2 bad usage or bad input.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -15,53 +16,60 @@ from trustmesh import __version__
 from trustmesh.errors import ConfigError, NotFoundError, PKIError, TrustmeshError
 from trustmesh.logs import announce, reset_logging_format
 
-from .acme import acme_group
-from .agent import agent_command
-from .audit import audit_group
-from .ca import ca_group
-from .certs import crl_command, issue_command, list_command, revoke_command, sign_command
-from .entry import entry_group
-from .export import export_group
-from .gateway import gateway_group
-from .idp import idp_group
-from .inspection import inspect_command
-from .policy import policy_group
-from .proxy import proxy_group
-from .run import run_command
-from .token import token_group
-from .workload import workload_agent_command
-
 __all__ = ["cli", "main"]
 
 #: Errors caused by what the user gave us: exit code 2.
 _INPUT_ERRORS = (ConfigError, PKIError, NotFoundError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+#: Command name -> (module, attribute). A command's module is imported when the command
+#: runs (or help lists it): ``trustmesh proxy`` does not load the CA, the servers or rich.
+_COMMANDS = {
+    "ca": ("ca", "ca_group"),
+    "issue": ("certs", "issue_command"),
+    "sign": ("certs", "sign_command"),
+    "revoke": ("certs", "revoke_command"),
+    "list": ("certs", "list_command"),
+    "crl": ("certs", "crl_command"),
+    "inspect": ("inspection", "inspect_command"),
+    "export": ("export", "export_group"),
+    "audit": ("audit", "audit_group"),
+    "token": ("token", "token_group"),
+    "entry": ("entry", "entry_group"),
+    "idp": ("idp", "idp_group"),
+    "agent": ("agent", "agent_command"),
+    "workload-agent": ("workload", "workload_agent_command"),
+    "policy": ("policy", "policy_group"),
+    "run": ("run", "run_command"),
+    "gateway": ("gateway", "gateway_group"),
+    "proxy": ("proxy", "proxy_group"),
+    "acme": ("acme", "acme_group"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is not None or cmd_name not in _COMMANDS:
+            return found
+        module, attribute = _COMMANDS[cmd_name]
+        command: click.Command = getattr(importlib.import_module(f".{module}", __name__), attribute)
+        self.add_command(command, cmd_name)
+        return command
+
+
+@click.group(
+    cls=_LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="trustmesh")
 def cli() -> None:
     """trustmesh: short-lived SPIFFE identities and mutual TLS for microservices."""
-
-
-cli.add_command(ca_group)
-cli.add_command(issue_command)
-cli.add_command(sign_command)
-cli.add_command(revoke_command)
-cli.add_command(list_command)
-cli.add_command(crl_command)
-cli.add_command(inspect_command)
-cli.add_command(export_group)
-cli.add_command(audit_group)
-cli.add_command(token_group)
-cli.add_command(entry_group)
-cli.add_command(idp_group)
-cli.add_command(agent_command)
-cli.add_command(workload_agent_command)
-cli.add_command(policy_group)
-cli.add_command(run_command)
-cli.add_command(gateway_group)
-cli.add_command(proxy_group)
-cli.add_command(acme_group)
 
 
 def _error(message: str) -> None:

@@ -7,16 +7,20 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
-from trustmesh.authority import CertificateAuthority, default_home
 from trustmesh.errors import ConfigError
-from trustmesh.hsm import is_pkcs11_ref
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
+
+    from trustmesh.authority import CertificateAuthority
+
+# rich and the CA (its store, SQLAlchemy) load on first use: commands that need neither
+# (the sidecars, the agents) stay small.
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -24,16 +28,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 # printed here is data (fingerprints, SPIFFE IDs, names chosen by users): no emoji codes
 # (":ab:" inside a SHA-256 fingerprint became an emoji), no console markup ("[red]" in a
 # client name) and no highlighting. Issue 14, item 5.
-console = Console(
-    highlight=False,
-    emoji=False,
-    markup=False,
-    width=None if sys.stdout.isatty() else 160,
-)
+_console: Console | None = None
+
+
+def get_console() -> Console:
+    """The console tables are printed on (made on first use)."""
+    global _console
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(
+            highlight=False,
+            emoji=False,
+            markup=False,
+            width=None if sys.stdout.isatty() else 160,
+        )
+    return _console
+
+
+def __getattr__(name: str) -> object:
+    if name == "console":
+        return get_console()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _text(value: object) -> Text:
     """A table cell or title shown verbatim (Text is never parsed for markup or emoji)."""
+    from rich.text import Text
+
     return Text("" if value is None else str(value))
 
 
@@ -90,6 +112,8 @@ def refuse_overwrite(paths: Sequence[Path], *, force: bool, option: str = "--out
 
 def resolve_home(home: Path | None) -> Path:
     """Return the CA directory to use."""
+    from trustmesh.authority import default_home
+
     return home if home is not None else default_home()
 
 
@@ -139,6 +163,9 @@ def open_ca(
     A CA whose signing key is in a PKCS#11 token needs no passphrase (the token PIN
     comes from the URI's pin-source); one given is still used for stored keys.
     """
+    from trustmesh.authority import CertificateAuthority
+    from trustmesh.hsm import is_pkcs11_ref
+
     ca = CertificateAuthority.open(resolve_home(home))
     if sign:
         try:
@@ -167,6 +194,8 @@ def print_table(
     title: str | None, columns: Sequence[str], rows: Sequence[Sequence[object]]
 ) -> None:
     """Print a Rich table for people."""
+    from rich.table import Table
+
     table = Table(
         title=None if title is None else _text(title), show_lines=False, header_style="bold"
     )
@@ -174,14 +203,16 @@ def print_table(
         table.add_column(_text(column), overflow="fold")
     for row in rows:
         table.add_row(*(_text(v) for v in row))
-    console.print(table)
+    get_console().print(table)
 
 
 def print_fields(title: str, fields: Sequence[tuple[str, object]]) -> None:
     """Print a two-column key/value table."""
+    from rich.table import Table
+
     table = Table(title=_text(title), show_header=False, header_style="bold")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in fields:
         table.add_row(_text(key), _text(value))
-    console.print(table)
+    get_console().print(table)

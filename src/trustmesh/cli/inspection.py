@@ -38,7 +38,14 @@ from trustmesh.pki import (
     summarize_csr,
 )
 
-from ._common import console, home_option, json_option, print_json, read_secret, resolve_home
+from ._common import (
+    get_console,
+    home_option,
+    json_option,
+    print_json,
+    read_secret,
+    resolve_home,
+)
 
 _Fields = list[tuple[str, str]]
 
@@ -245,7 +252,7 @@ def _print_fields(title: str, fields: _Fields) -> None:
     table.add_column("value", overflow="fold")
     for key, value in fields:
         table.add_row(Text(key), Text(value))
-    console.print(table)
+    get_console().print(table)
 
 
 def _print_verdict(verdict: dict[str, object]) -> None:
@@ -257,12 +264,12 @@ def _print_verdict(verdict: dict[str, object]) -> None:
     else:
         line.append("NOT CHECKED", style="yellow bold")
     line.append(f": {verdict['message']}")
-    console.print(line, soft_wrap=True)
+    get_console().print(line, soft_wrap=True)
     if verdict["bundle"]:
         revocation = verdict["revocation"]
         checked = ", ".join(str(r) for r in revocation) if isinstance(revocation, list) else ""
         details = Text(f"  bundle: {verdict['bundle']}; revocation: {checked or 'not checked'}")
-        console.print(details, soft_wrap=True)
+        get_console().print(details, soft_wrap=True)
 
 
 def _print_human(
@@ -273,15 +280,15 @@ def _print_human(
     crls: list[CRLSummary],
     verdict: dict[str, object] | None,
 ) -> None:
-    console.print(Text(f"{result['source']}: {found.kind} ({found.format})", style="bold"))
+    get_console().print(Text(f"{result['source']}: {found.kind} ({found.format})", style="bold"))
     if found.format == "pkcs12":
         key = "none"
         if found.has_private_key:
             matches = "matches" if found.key_matches_certificate else "DOES NOT MATCH"
             key = f"present, {matches} the first certificate"
-        console.print(Text(f"private key: {key} (never printed)"))
+        get_console().print(Text(f"private key: {key} (never printed)"))
     elif found.has_private_key:
-        console.print(Text("a private key block was skipped (never printed)"))
+        get_console().print(Text("a private key block was skipped (never printed)"))
     for i, cert in enumerate(certs, start=1):
         role = "CA" if cert["basic_constraints"] and cert["basic_constraints"]["ca"] else "leaf"
         _print_fields(f"certificate {i} of {len(certs)} ({role})", _certificate_fields(cert))

@@ -5,6 +5,14 @@ PROXY protocol v2, or HTTP mode with the full policy); ``trustmesh proxy outboun
 plain local client call an mTLS service. See docs/sidecars.md.
 """
 
+import sys
+
+if "httpx" not in sys.modules:
+    # The revocation feed's client is httpx, whose package imports its own command line
+    # (rich and pygments, ~5 MB resident) whenever they are installed. A sidecar never
+    # runs that command line: its import fails quietly and httpx.main says so if called.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 from ._proxy_protocol import (
     PP2_SIGNATURE,
     PP2_SUBTYPE_SSL_CIPHER,

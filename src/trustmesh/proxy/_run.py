@@ -6,9 +6,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from trustmesh.addresses import is_loopback, parse_listen
 from trustmesh.errors import ConfigError
 from trustmesh.pki import SpiffeID
-from trustmesh.serving import is_loopback, parse_listen
 
 from ._callers import CallerRules, allow_ids_policy
 from ._sidecar import (

@@ -20,9 +20,9 @@ from typing import Any
 from cryptography import x509
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from trustmesh.addresses import LATENCY_BUCKETS, parse_listen
 from trustmesh.errors import ConfigError, TrustmeshError, VerificationError
 from trustmesh.pki import SpiffeID, spiffe_id_of
-from trustmesh.serving import LATENCY_BUCKETS, parse_listen
 from trustmesh.tls import RevocationSet, RotatingCredentials, issuer_withdrawn
 
 __all__ = [

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.pki import match_spiffe_pattern
-from trustmesh.serving import parse_listen
+from trustmesh.addresses import parse_listen
 from trustmesh.tls import handshake_refusal_reason, issuer_withdrawn
 
 from ._callers import CallerRules

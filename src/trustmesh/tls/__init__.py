@@ -11,7 +11,13 @@ from ._revocation import (
     issuer_withdrawn,
 )
 from ._rotation import RotatingCredentials
-from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._uvicorn import TLSH11Protocol, TLSHttpToolsProtocol, tls_extension
+
+#: Loaded on first use: they import uvicorn, which the sidecars do not need.
+_UVICORN = frozenset({"TLSH11Protocol", "TLSHttpToolsProtocol", "tls_extension"})
 
 __all__ = [
     "TLS12_CIPHERS",
@@ -30,3 +36,11 @@ __all__ = [
     "server_context",
     "tls_extension",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _UVICORN:
+        from . import _uvicorn
+
+        return getattr(_uvicorn, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
