@@ -72,6 +72,7 @@ from trustmesh.serving import (
 from trustmesh.store import token_hash
 
 from ._clock import ClockWatch
+from ._direct import DirectRequest
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
 from ._openapi import openapi_response
@@ -179,6 +180,8 @@ def _issued_json(issued: Issued) -> dict[str, Any]:
 
 async def _read_body(request: Request, timeout: float = BODY_TIMEOUT) -> bytes | Response:
     try:
+        if isinstance(request, DirectRequest):  # served without ASGI (_direct.py)
+            return await request.bounded_body(limit=MAX_BODY, timeout=timeout)
         return await read_bounded_body(request, limit=MAX_BODY, timeout=timeout)
     except BodyTooLarge:
         return problem(
@@ -320,8 +323,15 @@ _ACME_RESOURCES = frozenset(
 
 def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
     """Record request latency by route template and status (never per raw path)."""
+    # The histogram child of each known (method, route, status): a label lookup per
+    # request costs more than the observation (bench/RESULTS.md, issue 18).
+    known: dict[tuple[str, str, int], Any] = {}
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
+        child = known.get((method, path, status))
+        if child is not None:
+            child.observe(seconds)
+            return
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
         if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
             route = _ENTRY_ROUTE
@@ -338,7 +348,10 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
         ):
             route = "other"
         if not path.endswith("/stream"):
-            metrics.latency.labels(method, route, str(status)).observe(seconds)
+            child = metrics.latency.labels(method, route, str(status))
+            if path == route and len(known) < 1024:  # known routes only: bounded
+                known[(method, path, status)] = child
+            child.observe(seconds)
 
     return observe
 
@@ -408,6 +421,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     hub = RevocationHub(ca)
     metrics = _Metrics()
     metrics.watch_expiry(ca)
+    renewed = metrics.issued.labels(kind="renew")
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
@@ -690,7 +704,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 return data
             ttl = ttl_field(data)
             issued = await offload(lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl))
-            metrics.issued.labels(kind="renew").inc()
+            renewed.inc()
             log.info(
                 "renewed %s serial %s",
                 issued.record.spiffe_id,
@@ -1094,4 +1108,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         metrics.latency.labels(method, f"http:{route}", str(status)).observe(seconds)
 
     app.state.plain_app = TimedApp(plain, observe_plain)
+    # The routes ``ca serve`` answers from the HTTP protocol, without ASGI (_direct.py):
+    # the same endpoints, timed into the same histogram.
+    app.state.direct = {("POST", "/v1/renew"): (renew, observe)}
     return TimedApp(app, observe)
