@@ -9,7 +9,6 @@ against the store (revocation) before acting.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -19,7 +18,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -75,6 +73,7 @@ from ._clock import ClockWatch
 from ._direct import DirectRequest
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
+from ._offload import Offload
 from ._openapi import openapi_response
 from ._problems import (
     DATABASE_UNAVAILABLE,
@@ -426,12 +425,13 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
     # The hot routes' blocking work (renew, enroll, the caller check) hops to these
-    # threads: a plain executor hop costs a fraction of anyio's run_sync, which
-    # was the largest single item of a renewal's CPU (bench/RESULTS.md, issue 18).
-    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="ca-api")
+    # threads: cheaper than anyio's run_sync (once the largest single item of a
+    # renewal's CPU) and than run_in_executor, finished jobs handed back to the loop
+    # in batches (_offload.py; bench/RESULTS.md, issue 18).
+    pool = Offload(THREADS, "ca-api")
 
     async def offload(fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        return await pool(fn)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -1045,7 +1045,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             if acme is not None:
                 await acme.stop()
             await hub.stop()
-            pool.shutdown(wait=False)
+            pool.shutdown()
 
     app = _CAApp(
         {("POST", "/v1/renew"): renew},
