@@ -10,10 +10,11 @@ the time with the GIL released (OpenSSL's record layer inside `ssl`, SQLite's C 
 cryptography's signing, socket system calls). Each sample is charged to a stage:
 the renewal's own stages (store, lookup, CSR, leaf, record, answer, body, metrics)
 when one of their functions is anywhere on the stack, else the plumbing stage of the
-innermost frame a rule matches (thread hand-off, glue, ASGI, HTTP, TLS, loop); the figures are microseconds per renewal. py-spy drops samples when it
-waits for a CPU itself, so on a busy machine the GIL-held figures are low and the
-"GIL released" remainder high: compare runs made back to back. Every renewal is checked to be recorded and
-the audit chain to verify, as in api_issuance.py.
+innermost frame a rule matches (thread hand-off, glue, ASGI, HTTP, TLS, loop); the
+figures are microseconds per renewal. py-spy drops samples when it waits for a CPU
+itself, so on a busy machine the GIL-held figures are low and the "GIL released"
+remainder high: compare runs made back to back. Every renewal is checked to be
+recorded and the audit chain to verify, as in api_issuance.py.
 
 Needs py-spy (`.venv/bin/pip install py-spy`) and permission to ptrace the server
 (root, or kernel.yama.ptrace_scope=0).
@@ -176,9 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(2.5 + 0.02 * args.callers + load.warmup + 0.5)
                 meter = CPUMeter({"server": srv.pid}, trees=True)
                 subprocess.run(
-                    [spy, "record", "--pid", str(srv.pid), "--gil", "--nonblocking"]
-                    + ["--rate", str(args.rate), "--duration", str(int(args.seconds))]
-                    + ["--format", "raw", "--output", str(raw)],
+                    [
+                        *(spy, "record", "--pid", str(srv.pid), "--gil", "--nonblocking"),
+                        *("--rate", str(args.rate), "--duration", str(int(args.seconds))),
+                        *("--format", "raw", "--output", str(raw)),
+                    ],
                     check=True,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -205,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         f"= {held_us:.0f} us per renewal in Python; load average {loadavg()}"
     )
     rows = [(stage, n / args.rate / renewals * 1e6) for stage, n in stages.items()]
-    rows.append(("GIL released: OpenSSL, SQLite/libpq C code, signing, syscalls", cpu_us - held_us))
-    print(f"\n| stage | us per renewal | share |\n|---|---|---|")
+    released = "GIL released: OpenSSL, SQLite/libpq C code, signing, syscalls"
+    rows.append((released, cpu_us - held_us))
+    print("\n| stage | us per renewal | share |\n|---|---|---|")
     for stage, us in sorted(rows, key=lambda r: -r[1]):
         print(f"| {stage} | {us:.0f} | {us / cpu_us:.1%} |")
     print(f"| **total** | **{cpu_us:.0f}** | |")

@@ -4,6 +4,7 @@ the directly dispatched renewal route still fails safe."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -100,15 +101,20 @@ def test_offload_returns_results_and_errors_in_batches() -> None:
             wakeups += 1
             return original(*args, **kwargs)
 
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
         slow = asyncio.ensure_future(pool(lambda: gate.wait(5)))
-        tasks = [asyncio.ensure_future(pool(lambda i=i: job(i))) for i in range(3)]
+        tasks = [asyncio.ensure_future(pool(functools.partial(job, i))) for i in range(3)]
         results: list[object] = list(await asyncio.gather(*tasks, slow))
         try:
             await pool(lambda: job(3))
         except ValueError as exc:
             results.append(str(exc))
-        cancelled = asyncio.ensure_future(pool(lambda: time.sleep(0.2) or 1))
+
+        def sleepy() -> int:
+            time.sleep(0.2)
+            return 1
+
+        cancelled = asyncio.ensure_future(pool(sleepy))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         results.append(await pool(lambda: 7))

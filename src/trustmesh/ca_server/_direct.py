@@ -76,7 +76,7 @@ class DirectRequest:
     @property
     def headers(self) -> Headers:
         if self._headers is None:
-            self._headers = Headers(raw=self._cycle.scope["headers"])
+            self._headers = Headers(raw=list(self._cycle.scope["headers"]))
         return self._headers
 
     async def bounded_body(self, *, limit: int, timeout: float) -> bytes:
@@ -125,7 +125,7 @@ async def _write(cycle: RequestResponseCycle, response: Response) -> None:
         return
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    content = [STATUS_LINE[response.status_code]]
+    content: list[bytes | memoryview] = [STATUS_LINE[response.status_code]]
     for name, value in cycle.default_headers:
         content += (name, b": ", value, b"\r\n")
     for name, value in response.raw_headers:
