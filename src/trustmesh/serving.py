@@ -123,6 +123,7 @@ def run_https(
     started: Callable[[], None] | None = None,
     on_exit: Callable[[], None] | None = None,
     ready: Callable[[], None] | None = None,
+    protocol: type[asyncio.Protocol] | None = None,
 ) -> None:
     """Serve ``app`` on uvicorn over HTTPS until SIGINT/SIGTERM, then shut down gracefully.
 
@@ -136,7 +137,9 @@ def run_https(
     called (in the signal handler, so it must only schedule work) when the stop begins,
     before uvicorn waits for open connections: endless responses (event streams) end
     there. ``ready`` is called once the socket is bound and the server accepts
-    connections (the operator's ready line).
+    connections (the operator's ready line). ``protocol`` is the HTTP protocol class
+    (default :class:`trustmesh.tls.TLSHttpToolsProtocol`; a subclass of it, e.g. one
+    serving hot routes without ASGI).
 
     Raises:
         TrustmeshError: The server could not start (the port is in use, say); the
@@ -154,7 +157,7 @@ def run_https(
         app,
         host=host,
         port=port,
-        http=TLSHttpToolsProtocol,
+        http=protocol or TLSHttpToolsProtocol,
         # The stdlib event loop, not uvloop: refused handshakes are logged by a hook on
         # asyncio's SSLProtocol (trustmesh.tls.log_refused_handshakes), which uvloop's
         # own TLS transport never calls.

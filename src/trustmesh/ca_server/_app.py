@@ -9,7 +9,6 @@ against the store (revocation) before acting.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
@@ -19,7 +18,6 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -72,8 +70,10 @@ from trustmesh.serving import (
 from trustmesh.store import token_hash
 
 from ._clock import ClockWatch
+from ._direct import DirectRequest
 from ._feed import RevocationHub
 from ._ocsp import answer_ocsp, decode_ocsp_path
+from ._offload import Offload
 from ._openapi import openapi_response
 from ._problems import (
     DATABASE_UNAVAILABLE,
@@ -179,6 +179,8 @@ def _issued_json(issued: Issued) -> dict[str, Any]:
 
 async def _read_body(request: Request, timeout: float = BODY_TIMEOUT) -> bytes | Response:
     try:
+        if isinstance(request, DirectRequest):  # served without ASGI (_direct.py)
+            return await request.bounded_body(limit=MAX_BODY, timeout=timeout)
         return await read_bounded_body(request, limit=MAX_BODY, timeout=timeout)
     except BodyTooLarge:
         return problem(
@@ -320,8 +322,15 @@ _ACME_RESOURCES = frozenset(
 
 def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
     """Record request latency by route template and status (never per raw path)."""
+    # The histogram child of each known (method, route, status): a label lookup per
+    # request costs more than the observation (bench/RESULTS.md, issue 18).
+    known: dict[tuple[str, str, int], Any] = {}
 
     def observe(method: str, path: str, status: int, seconds: float) -> None:
+        child = known.get((method, path, status))
+        if child is not None:
+            child.observe(seconds)
+            return
         route = next((t + "{request}" for t in _ROUTE_TEMPLATES if path.startswith(t)), path)
         if path.startswith("/v1/entries/") and path not in _KNOWN_ROUTES:
             route = _ENTRY_ROUTE
@@ -338,7 +347,10 @@ def _observer(metrics: _Metrics) -> Callable[[str, str, int, float], None]:
         ):
             route = "other"
         if not path.endswith("/stream"):
-            metrics.latency.labels(method, route, str(status)).observe(seconds)
+            child = metrics.latency.labels(method, route, str(status))
+            if path == route and len(known) < 1024:  # known routes only: bounded
+                known[(method, path, status)] = child
+            child.observe(seconds)
 
     return observe
 
@@ -408,16 +420,18 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
     hub = RevocationHub(ca)
     metrics = _Metrics()
     metrics.watch_expiry(ca)
+    renewed = metrics.issued.labels(kind="renew")
     per_ip = RateLimiter(opts.enroll_rate_per_ip, opts.enroll_burst_per_ip)
     per_token = RateLimiter(opts.enroll_rate_per_token, opts.enroll_burst_per_token)
     clock = ClockWatch(ca.config.backdate)
     # The hot routes' blocking work (renew, enroll, the caller check) hops to these
-    # threads: a plain executor hop costs a fraction of anyio's run_sync, which
-    # was the largest single item of a renewal's CPU (bench/RESULTS.md, issue 18).
-    pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="ca-api")
+    # threads: cheaper than anyio's run_sync (once the largest single item of a
+    # renewal's CPU) and than run_in_executor, finished jobs handed back to the loop
+    # in batches (_offload.py; bench/RESULTS.md, issue 18).
+    pool = Offload(THREADS, "ca-api")
 
     async def offload(fn: Callable[[], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        return await pool(fn)
 
     def is_admin(spiffe_id: SpiffeID) -> bool:
         return any(match_spiffe_pattern(spiffe_id, p) for p in opts.admins)
@@ -690,7 +704,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
                 return data
             ttl = ttl_field(data)
             issued = await offload(lambda: ca.renew(cert, data["csr"].encode(), ttl=ttl))
-            metrics.issued.labels(kind="renew").inc()
+            renewed.inc()
             log.info(
                 "renewed %s serial %s",
                 issued.record.spiffe_id,
@@ -1031,7 +1045,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
             if acme is not None:
                 await acme.stop()
             await hub.stop()
-            pool.shutdown(wait=False)
+            pool.shutdown()
 
     app = _CAApp(
         {("POST", "/v1/renew"): renew},
@@ -1094,4 +1108,7 @@ def create_app(ca: CertificateAuthority, settings: ServerSettings | None = None)
         metrics.latency.labels(method, f"http:{route}", str(status)).observe(seconds)
 
     app.state.plain_app = TimedApp(plain, observe_plain)
+    # The routes ``ca serve`` answers from the HTTP protocol, without ASGI (_direct.py):
+    # the same endpoints, timed into the same histogram.
+    app.state.direct = {("POST", "/v1/renew"): (renew, observe)}
     return TimedApp(app, observe)

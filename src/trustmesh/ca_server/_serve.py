@@ -46,6 +46,7 @@ from trustmesh.serving import (
 )
 
 from ._app import ServerSettings, create_app
+from ._direct import direct_protocol
 from ._keeper import ServerIdentity, run_schedule
 
 __all__ = ["CA_SERVER_PATH", "parse_listen", "serve"]
@@ -167,6 +168,7 @@ def serve(
                     started=started,
                     on_exit=app.state.hub.close_streams,
                     ready=listening if single else None,
+                    protocol=direct_protocol(app.state.direct),
                 )
         finally:
             stop.set()

@@ -8,7 +8,7 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, NamedTuple
@@ -330,6 +330,9 @@ class _Pending:
     done: bool = False
     event: AuditEvent | None = None
     error: BaseException | None = None
+    #: Held until this item's thread is woken (its record committed, or its turn to
+    #: lead): one wake-up per waiter, not every waiter on every commit.
+    wake: Any = field(default_factory=threading.Lock)
 
 
 class _Depth(threading.local):
@@ -361,7 +364,7 @@ class Store:
         # stay for writers that do not take it.
         self._write_lock = threading.Lock()
         self._write_depth = _Depth()
-        self._group = threading.Condition()
+        self._group = threading.Lock()
         self._waiting: list[_Pending] = []
         self._leading = False
         database = engine.url.database if self.dialect == "sqlite" else None
@@ -691,21 +694,31 @@ class Store:
         .. versionadded:: 0.3
         """
         item = _Pending(record, {"at": at, "actor": actor, "action": action, "details": details})
+        item.wake.acquire()
         with self._group:
             self._waiting.append(item)
-            while not item.done:
-                if self._leading:
-                    self._group.wait()
-                    continue
-                self._leading = True
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            item.wake.acquire()  # released once: committed, or this thread leads next
+        while not item.done:
+            with self._group:
                 batch, self._waiting = self._waiting[:_MAX_GROUP], self._waiting[_MAX_GROUP:]
-                self._group.release()
-                try:
-                    self._commit_group(batch)
-                finally:
-                    self._group.acquire()
-                    self._leading = False
-                    self._group.notify_all()
+            successor = None
+            try:
+                self._commit_group(batch)
+            finally:
+                for other in batch:
+                    if other is not item:
+                        other.wake.release()
+                if item.done:
+                    with self._group:
+                        if self._waiting:
+                            successor = self._waiting[0]  # stays leading: it takes over
+                        else:
+                            self._leading = False
+                    if successor is not None:
+                        successor.wake.release()
         if item.error is not None:
             raise item.error
         assert item.event is not None  # noqa: S101 - set with done when error is None
