@@ -18,9 +18,9 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from trustmesh.addresses import parse_listen
 from trustmesh.errors import TrustmeshError, VerificationError
 from trustmesh.pki import match_spiffe_pattern
-from trustmesh.addresses import parse_listen
 from trustmesh.tls import handshake_refusal_reason, issuer_withdrawn
 
 from ._callers import CallerRules
