@@ -237,14 +237,16 @@ def _handshakes_refused(log: Path) -> int:
 
 
 @contextmanager
-def _forged_server(chain: bytes, key: bytes, workdir: Path) -> Iterator[int]:
+def _forged_server(
+    chain: bytes, key: bytes, workdir: Path, name: str = "forged-server"
+) -> Iterator[int]:
     """A TLS server on 127.0.0.1 presenting CHAIN (a leaf of a retired issuer); its port.
     It answers 200 to whoever completes a handshake, so a client that says anything but
     "refused" trusted it."""
-    (workdir / "forged-server-chain.pem").write_bytes(chain)
-    (workdir / "forged-server-key.pem").write_bytes(key)
+    (workdir / f"{name}-chain.pem").write_bytes(chain)
+    (workdir / f"{name}-key.pem").write_bytes(key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(workdir / "forged-server-chain.pem", workdir / "forged-server-key.pem")
+    ctx.load_cert_chain(workdir / f"{name}-chain.pem", workdir / f"{name}-key.pem")
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -259,7 +261,7 @@ def _forged_server(chain: bytes, key: bytes, workdir: Path) -> Iterator[int]:
                     tls.settimeout(5)
                     tls.recv(65536)
                     tls.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nforged"
                     )
             except (OSError, ssl.SSLError):
                 pass
@@ -280,9 +282,11 @@ def _refused_everywhere(
     workdir: Path,
     *,
     expect_403: bool,
+    logs: tuple[Path, ...] = (),
 ) -> dict[str, str]:
     """Present the forged client identity to every mTLS listener in PORTS; each must refuse
-    it (a failed handshake, or with EXPECT_403 a 403 after it). Returns the answers."""
+    it (a failed handshake, or with EXPECT_403 a 403 after it, logged as issuer_retired
+    in each of LOGS). Returns the answers."""
     chain, key = workdir / f"{label}-chain.pem", workdir / f"{label}-key.pem"
     chain.write_bytes(forged[0])
     key.write_bytes(forged[1])
@@ -293,6 +297,14 @@ def _refused_everywhere(
             assert answer.startswith("HTTP/1.1 403"), (label, name, answer)
         else:
             assert answer.startswith(("HTTP/1.1 4", "refused:")), (label, name, answer)
+    if expect_403:
+        serial = format(x509.load_pem_x509_certificates(forged[0])[0].serial_number, "x")
+        for log in logs:
+            _wait(
+                lambda log=log: f"issuer_retired (Certificate {serial} " in log.read_text(),
+                10,
+                f"issuer_retired for {serial} in {log}",
+            )
     return answers
 
 
@@ -357,25 +369,21 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                 )
                 url = f"https://127.0.0.1:{port}"
                 gateway_yaml = tmp_path / "gateway.yaml"
-                gateway_yaml.write_text(
-                    yaml.safe_dump(
+                gateway_config: dict[str, Any] = {
+                    "listen": f"127.0.0.1:{free_port()}",
+                    "id": GATEWAY_ID,
+                    "ca": server.url,
+                    "dns": ["localhost"],
+                    "routes": [
                         {
-                            "listen": f"127.0.0.1:{free_port()}",
-                            "id": GATEWAY_ID,
-                            "ca": server.url,
-                            "dns": ["localhost"],
-                            "routes": [
-                                {
-                                    "name": "svc",
-                                    "path": "/",
-                                    "upstream": {"urls": [url], "id": SERVICE},
-                                    "auth": {"public": True},
-                                }
-                            ],
-                        },
-                        sort_keys=False,
-                    )
-                )
+                            "name": "svc",
+                            "path": "/svc",
+                            "upstream": {"urls": [url], "id": SERVICE},
+                            "auth": {"public": True},
+                        }
+                    ],
+                }
+                gateway_yaml.write_text(yaml.safe_dump(gateway_config, sort_keys=False))
                 spawn(
                     "gateway",
                     *("gateway", "serve", "--config", str(gateway_yaml)),
@@ -412,8 +420,9 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                     return found[-1].rstrip("/") if found else None
 
                 _wait(gateway_url, 60, "the gateway to listen")
-                gw_url = gateway_url()
-                assert gw_url is not None
+                gateway_base = gateway_url()
+                assert gateway_base is not None
+                gw_url = gateway_base + "/svc"
                 node_direct = _node_call(url, node_dir, SERVICE)
                 node_gateway = _node_call(gw_url, node_dir, GATEWAY_ID)
                 _wait(lambda: node_direct() is None, 60, "the service to listen")
@@ -572,13 +581,15 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                 # A leaf its key still makes chains to the (unchanged) root: the handshake
                 # passes, the service and the sidecar answer 403 issuer_retired.
                 forged = _forge(old["inter"], old["key"], CLIENT)
+                logs = (tmp_path / "run.log", proxy.log_path)
                 _refused_everywhere(
-                    "inter", forged, listeners, py_dir / "bundle.pem", tmp_path, expect_403=True
+                    *("inter", forged, listeners, py_dir / "bundle.pem", tmp_path),
+                    expect_403=True,
+                    logs=logs,
                 )
                 # -- the root: prepare -> activate -> retire -----------------------------
                 old = rotate("root")
                 chain_pem, key_pem = _forge(old["inter"], old["key"], CLIENT)
-                logs = (tmp_path / "run.log", proxy.log_path)
                 before = [_handshakes_refused(log) for log in logs]
                 # leaf -> intermediate of the retired root -> the retired root: no path to
                 # the new root, the handshake fails.
@@ -609,6 +620,7 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                     py_dir / "bundle.pem",
                     tmp_path,
                     expect_403=True,
+                    logs=logs,
                 )
                 # Still accepted: the current identity.
                 accepted = _present(
@@ -616,9 +628,16 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                 )
                 assert accepted.startswith("HTTP/1.1 200"), accepted
                 # The clients refuse a server presenting a leaf of the retired root.
-                with _forged_server(
-                    *_forge(old["inter"], old["key"], SERVICE), tmp_path
-                ) as bad_port:
+                server_chain, server_key = _forge(old["inter"], old["key"], SERVICE)
+                with (
+                    _forged_server(server_chain, server_key, tmp_path) as bad_port,
+                    _forged_server(
+                        server_chain + pem_certificates([old["cross"]]),
+                        server_key,
+                        tmp_path,
+                        "forged-cross-server",
+                    ) as cross_port,
+                ):
                     bad = f"https://127.0.0.1:{bad_port}"
                     node_answer = _node_call(bad, node_dir, SERVICE)()
                     assert node_answer is not None
@@ -626,6 +645,40 @@ def test_intermediate_then_root_rotation_through_gateway_sidecar_and_every_runti
                     python_answer = _python_call(credentials, bad, SERVICE, is_ok)()
                     assert python_answer is not None
                     assert "ConnectError" in python_answer, python_answer
+                    # The gateway refuses it as an upstream (a route to it, added by a
+                    # reload of gateway.yaml, written atomically).
+                    # The one with the cross certificate passes the handshake and is
+                    # refused by the gateway's issuer check (PeerCheck, issuer_retired).
+                    for name, forged_port in (("forged", bad_port), ("forged-cross", cross_port)):
+                        gateway_config["routes"].append(
+                            {
+                                "name": name,
+                                "path": f"/{name}",
+                                "upstream": {
+                                    "urls": [f"https://127.0.0.1:{forged_port}"],
+                                    "id": SERVICE,
+                                },
+                                "auth": {"public": True},
+                            },
+                        )
+                    staged = tmp_path / "gateway.yaml.tmp"
+                    staged.write_text(yaml.safe_dump(gateway_config, sort_keys=False))
+                    staged.replace(gateway_yaml)
+                    trust = credentials.client_context(check_hostname=False)
+                    answer: list[httpx.Response] = []
+
+                    def through_gateway(path: str) -> bool:
+                        with mtls_client(
+                            trust, expect_id=GATEWAY_ID, base_url=gateway_base, timeout=30
+                        ) as http:
+                            answer[:] = [http.get(path)]
+                        return answer[0].status_code != 404
+
+                    for path in ("/forged/x", "/forged-cross/x"):
+                        _wait(lambda p=path: through_gateway(p), 30, f"the gateway route {path}")
+                        assert answer[0].status_code == 502, (path, answer[0].text)
+                        reason = answer[0].json()["reason"]
+                        assert reason == "upstream_unavailable", (path, answer[0].text)
 
                 for loop in loops:
                     loop.stop()
