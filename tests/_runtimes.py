@@ -184,7 +184,8 @@ class LineProcess:
 
     def close(self) -> None:
         if self.process.stdin is not None:
-            self.process.stdin.close()
+            with contextlib.suppress(BrokenPipeError):  # the peer already exited
+                self.process.stdin.close()
         stop(self.process)
         self.reader.join(timeout=15)
         for stream in (self.process.stdout, self.process.stderr):
