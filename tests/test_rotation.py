@@ -5,6 +5,9 @@ bundle update (never to a bundle that does not trust it)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,10 +26,12 @@ from trustmesh.errors import ConfigError, ConflictError, PKIError, TrustmeshErro
 from trustmesh.files import atomic_write
 from trustmesh.pki import (
     KeyType,
+    LeafRequest,
     SpiffeID,
     create_root,
     dump_private_key,
     generate_private_key,
+    issue_leaf,
     pem_certificates,
     verify_chain,
 )
@@ -169,6 +174,13 @@ def test_root_rotation_cross_certifies_and_retires_into_the_root_crl(tmp_path: P
         later = max(before.record.not_after, after.record.not_after) + timedelta(seconds=1)
         with pytest.raises(ConfigError, match="still valid"):
             ca.rotate("root", "retire", now=now + timedelta(seconds=3))
+        # The old root certified by the new one lives as long as a leaf of the old chain
+        # could (max_ttl after prepare), and retire waits for it too.
+        cross_end = now + ca.config.profile(None).max_ttl
+        assert before.chain[2].not_valid_after_utc == cross_end
+        with pytest.raises(ConfigError, match=r"the cross certificate .* is valid until"):
+            ca.rotate("root", "retire", now=later)
+        later = max(later, cross_end + timedelta(seconds=1))
         ca.rotate("root", "retire", now=later)
         assert list(ca.bundle) == [r2]
         assert len(ca.issue("spiffe://example.org/final", now=later).chain) == 2
@@ -316,3 +328,118 @@ def test_crl_chain_names_every_published_root_as_root(
     said = capsys.readouterr().err
     assert said.count("root CRL number") == 2
     assert said.count("intermediate CRL number") == 2
+
+
+def _openssl_verify(
+    anchor: x509.Certificate,
+    untrusted: Sequence[x509.Certificate],
+    leaf: x509.Certificate,
+    at: datetime,
+    tmp_path: Path,
+) -> subprocess.CompletedProcess[str]:
+    openssl = shutil.which("openssl")
+    assert openssl is not None
+    files = {
+        "anchor.pem": pem_certificates([anchor]),
+        "untrusted.pem": pem_certificates(list(untrusted)),
+        "leaf.pem": pem_certificates([leaf]),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return subprocess.run(
+        [
+            openssl,
+            "verify",
+            "-attime",
+            str(int(at.timestamp())),
+            "-CAfile",
+            str(tmp_path / "anchor.pem"),
+            "-untrusted",
+            str(tmp_path / "untrusted.pem"),
+            str(tmp_path / "leaf.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_old_by_new_cross_certificate_expires_before_root_retire(tmp_path: Path) -> None:
+    """The old root certified by the new one chains leaves of the old root to a peer
+    that trusts the new root alone during the overlap, and no longer once retire is
+    possible: after retire, OpenSSL with the new root alone, the old intermediate and
+    every old-by-new cross certificate the CA ever published refuses a leaf made with
+    the old intermediate's key."""
+    with _ca(tmp_path, overlap="1s") as ca:
+        now = datetime.now(UTC).replace(microsecond=0)
+        max_ttl = ca.config.profile(None).max_ttl
+        r1 = ca.root
+        old_inter = ca.issuers.active("intermediate")
+        old_key = ca.key_of(old_inter)
+        ca.rotate("root", "prepare", now=now)
+        r2 = next(c for c in ca.bundle if c != r1)
+        # Issued just before activate: one with the default lifetime, one with the
+        # longest, which outlives the cross certificate of prepare (activate's covers it).
+        late_at = now + max_ttl - timedelta(hours=1)
+        early = ca.issue("spiffe://example.org/early", now=late_at - timedelta(minutes=1))
+        late = ca.issue("spiffe://example.org/late", ttl=max_ttl, now=late_at)
+        activated = late_at + timedelta(minutes=1)
+        ca.rotate("root", "activate", now=activated)
+
+        def old_by_new(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+            return [c for c in certs if c.subject == r1.subject and c.issuer == r2.subject]
+
+        published: dict[int, x509.Certificate] = {}
+        for cert in old_by_new([*early.chain, *late.chain, *ca.chain_certificates]):
+            published[cert.serial_number] = cert
+        for issuer in ca.issuers.issuers:
+            if issuer.cross is not None:
+                published.update({c.serial_number: c for c in old_by_new([issuer.cross])})
+        assert len(published) == 2  # prepare's and activate's
+        ends = sorted(c.not_valid_after_utc for c in published.values())
+        assert ends == [now + max_ttl, late.record.not_after]
+
+        # During the overlap a leaf of the old chain verifies with the new root alone
+        # and the chain it was issued with.
+        overlap = activated + timedelta(minutes=1)
+        for leaf in (early, late):
+            done = _openssl_verify(r2, leaf.chain[1:], leaf.certificate, overlap, tmp_path)
+            assert done.returncode == 0, done.stdout + done.stderr
+        # After prepare's cross certificate expired, the late leaf verifies with the
+        # cross certificate the CA publishes now (its own chain's has expired: the
+        # narrow case docs/rotation.md names).
+        after_prepare_cross = now + max_ttl + timedelta(hours=1)
+        done = _openssl_verify(
+            r2, ca.chain_certificates, late.certificate, after_prepare_cross, tmp_path
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        with pytest.raises(ConfigError, match="certificate it signed is still valid"):
+            ca.rotate("root", "retire", now=late.record.not_after - timedelta(seconds=1))
+        # Its last leaf has expired, the cross certificate of activate not yet.
+        with pytest.raises(ConfigError, match=r"the cross certificate .* is valid until"):
+            ca.rotate("root", "retire", now=late.record.not_after)
+        retired_at = late.record.not_after + timedelta(seconds=1)
+        ca.rotate("root", "retire", now=retired_at)
+        assert list(ca.bundle) == [r2]
+
+        forged = issue_leaf(
+            LeafRequest(
+                public_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+                spiffe_id=SpiffeID.parse("spiffe://example.org/forged"),
+            ),
+            old_inter.certificate,
+            old_key,
+            ttl=timedelta(days=1),
+            now=retired_at,
+        )
+        untrusted = [old_inter.certificate, *published.values()]
+        for at in (retired_at, retired_at + timedelta(hours=1)):
+            done = _openssl_verify(r2, untrusted, forged, at, tmp_path)
+            assert done.returncode != 0, done.stdout
+            assert "certificate has expired" in done.stdout + done.stderr
+        # The same forgery with the old root as anchor still verifies: only the cross
+        # certificate's expiry is what refuses it above.
+        done = _openssl_verify(r1, [old_inter.certificate], forged, retired_at, tmp_path)
+        assert done.returncode == 0, done.stdout + done.stderr

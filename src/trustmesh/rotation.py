@@ -42,6 +42,7 @@ from trustmesh.errors import ConfigError
 from trustmesh.hsm import PKCS11URI, generate_pkcs11_key
 from trustmesh.pki import (
     PrivateKey,
+    Profile,
     create_intermediate,
     create_root,
     cross_certify,
@@ -386,6 +387,42 @@ def _move(
     return tuple(replace(i, **changes) for i in issuers)
 
 
+def _max_leaf_ttl(config: CAConfig) -> timedelta:
+    """The longest lifetime a leaf of this CA may get (the largest profile ``max_ttl``)."""
+    default = Profile(name="default", spiffe_ids=()).max_ttl
+    return max((p.max_ttl for p in config.profiles.values()), default=default)
+
+
+def _old_by_new(old_root: Issuer, new_root: Issuer) -> x509.Certificate | None:
+    """The old root certified by the new one, if that is what ``old_root`` carries."""
+    cross = old_root.cross
+    if cross is None or cross.issuer != new_root.certificate.subject:
+        return None
+    return cross
+
+
+def _bounded(cross: x509.Certificate, old_root: Issuer, new_root: Issuer) -> bool:
+    """False for a cross certificate made before it was bounded to the old chain's
+    leaves (it expires with the roots): ``retire`` does not wait for that one."""
+    ends = min(old_root.certificate.not_valid_after_utc, new_root.certificate.not_valid_after_utc)
+    return cross.not_valid_after_utc < ends
+
+
+def _cross_wait(
+    current: IssuerSet, going: Sequence[Issuer], now: datetime
+) -> x509.Certificate | None:
+    """The bounded old-by-new cross certificate of a retiring root still valid at ``now``."""
+    new_root = current.active("root")
+    for old in going:
+        if old.role != "root":
+            continue
+        cross = _old_by_new(old, new_root)
+        if cross is not None and _bounded(cross, old, new_root):
+            if cross.not_valid_after_utc >= now:
+                return cross
+    return None
+
+
 def _names(issuers: Iterable[Issuer]) -> list[str]:
     """How the audit details name issuers: ``intermediate 2 SKI``."""
     return [f"{i.role} {i.generation} {i.ski}" for i in issuers]
@@ -485,8 +522,18 @@ def prepare(
                     backdate=config.backdate,
                 ),
             )
+            # The old root certified by the new one chains leaves of the old root to
+            # the new root alone; after retire it must not (a peer off the revocation
+            # feed would still accept a leaf made with a retired key). It covers the
+            # leaves the old chain may issue from now on; activate re-issues it for the
+            # leaves issued until then, and retire waits until it has expired.
             old_cross = cross_certify(
-                old_root.certificate, new_root_cert, new_root_key, now=now, backdate=config.backdate
+                old_root.certificate,
+                new_root_cert,
+                new_root_key,
+                now=now,
+                backdate=config.backdate,
+                not_after=now + _max_leaf_ttl(config),
             )
             update_issuer(conn, old_root.ski, cross_pem=_pem(old_cross))
             insert_issuer(conn, new_root.to_row())
@@ -594,10 +641,48 @@ def activate(
             switching = [target]
         current.signer(new_inter, home, passphrase).private_key()  # the passphrase works
         replaced = [current.active(r.role) for r in switching]
+        if role == "root":
+            _reissue_old_cross(conn, current, replaced[0], target, home, passphrase, config, now)
         _move(conn, replaced, "previous", now)
         touched = _move(conn, switching, "active", now)
         details = {"active": _names(switching), "previous": _names(replaced)}
         return _finish(conn, current, audit, "activate", role, touched, details)
+
+
+def _reissue_old_cross(
+    conn: Connection,
+    current: IssuerSet,
+    old_root: Issuer,
+    new_root: Issuer,
+    home: Path,
+    passphrase: bytes | None,
+    config: CAConfig,
+    now: datetime,
+) -> None:
+    """At root activate: certify the old root by the new one again, until the last
+    leaf the old root's intermediates signed expires (they sign nothing from now on),
+    and never earlier than the certificate of ``prepare`` (so the stored one is always
+    the last to expire of those the CA published, which is what ``retire`` waits for)."""
+    old_skis = [i.ski for i in current.issuers if i.parent == old_root.ski]
+    live = live_certificates(conn, old_skis, now=now)
+    end = live.last_not_after or now
+    previous = _old_by_new(old_root, new_root)
+    if previous is not None:
+        # A cross certificate of an older prepare (expiring with the roots) counts
+        # only as far as a bounded one would have reached.
+        bounded = _bounded(previous, old_root, new_root)
+        reach = previous.not_valid_after_utc
+        end = max(end, reach if bounded else new_root.prepared_at + _max_leaf_ttl(config))
+    key = current.signer(new_root, home, passphrase).private_key()
+    cross = cross_certify(
+        old_root.certificate,
+        new_root.certificate,
+        key,
+        now=now,
+        backdate=config.backdate,
+        not_after=end,
+    )
+    update_issuer(conn, old_root.ski, cross_pem=_pem(cross))
 
 
 def _retiring(current: IssuerSet, role: str) -> list[Issuer]:
@@ -654,6 +739,18 @@ def retire(
                 reason="still_valid",
                 count=live.count,
                 allowed_at=f"{live.last_not_after:{_TIME}}",
+            )
+        cross = _cross_wait(current, going, now) if role == "root" else None
+        if cross is not None:
+            ends = cross.not_valid_after_utc
+            raise ConfigError(
+                f"Refusing to retire {', '.join(i.name for i in going if i.role == role)}: "
+                f"the cross certificate that chains it to the new root (serial "
+                f"{cross.serial_number:x}) is valid until {ends:{_TIME}}; retire is allowed "
+                f"from {_when(ends + timedelta(seconds=1), now)}.",
+                reason="still_valid",
+                count=0,
+                allowed_at=f"{ends + timedelta(seconds=1):{_TIME}}",
             )
         touched = _move(conn, going, "retired", now)
         return _finish(conn, current, audit, "retire", role, touched, {"retired": _names(going)})
@@ -741,10 +838,14 @@ def rotation_status(
         stage = "overlap"
         assert old_live is not None  # noqa: S101 - previous issuers exist
         retire_at = old_live.last_not_after or now
+        waiting = _cross_wait(current, current.in_state(role, "previous"), now)
+        if waiting is not None:
+            retire_at = max(retire_at, waiting.not_valid_after_utc + timedelta(seconds=1))
         message = (
             f"{current.active(role).name} signs; {old_live.count} live certificate"
             f"{'s' if old_live.count != 1 else ''} still signed by the old one; retire "
-            f"allowed from {retire_at:{_TIME}}" + (" (now)" if not old_live.count else "")
+            f"allowed from {retire_at:{_TIME}}"
+            + (" (now)" if not old_live.count and waiting is None else "")
         )
     else:
         stage = "idle"

@@ -295,6 +295,7 @@ def cross_certify(
     *,
     now: datetime | None = None,
     backdate: timedelta = BACKDATE,
+    not_after: datetime | None = None,
 ) -> x509.Certificate:
     """Certify root ``subject`` (its name and key) under another root, ``issuer``.
 
@@ -302,16 +303,22 @@ def cross_certify(
     only the old root accept chains under the new one) and the new root certifies
     the old one (for peers that trust only the new root). The cross certificate
     keeps the subject's name and SKI, gets pathlen 1 (an intermediate below it),
-    and expires with the earlier of the two roots.
+    and expires with the earlier of the two roots, or at ``not_after`` if that is
+    earlier (a rotation bounds the old-by-new direction to the old chain's leaves).
 
     Raises:
         ValueError: ``subject`` and ``issuer`` are the same certificate.
 
     .. versionadded:: 0.3
+    .. versionchanged:: 0.4
+       ``not_after``.
     """
     if subject == issuer:
         raise ValueError("a root cannot cross-certify itself")
     start = _now(now)
+    end = min(subject.not_valid_after_utc, issuer.not_valid_after_utc)
+    if not_after is not None:
+        end = max(min(end, not_after), start)
     public = subject.public_key()
     ski = subject.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
@@ -321,7 +328,7 @@ def cross_certify(
         .public_key(public)
         .serial_number(new_serial())
         .not_valid_before(start - check_backdate(backdate))
-        .not_valid_after(min(subject.not_valid_after_utc, issuer.not_valid_after_utc))
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(_ca_key_usage(), critical=True)
         .add_extension(ski, critical=False)
