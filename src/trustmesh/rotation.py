@@ -19,7 +19,10 @@ TRUSTMESH_HOME). Each issuer is in one state:
 A new root is cross-certified both ways with the old one (:func:`cross_certify`):
 leaves of the new chain carry the new root certified by the old one, so peers that
 still trust only the old root accept them; leaves of the old chain carry the old
-root certified by the new one, for peers that trust only the new root.
+root certified by the new one, for peers that trust only the new root. That one
+lives only as long as leaves of the old chain can (``max_ttl`` from prepare; activate
+re-issues it until the last one expires) and retire waits until it has expired, so it
+never chains a leaf made with a retired key to the new root.
 
 Every step is one transaction: the rows, a compare-and-set on the ``ca_state``
 counter (the bundle sequence that ``ca serve`` replicas poll) and the audit event.
@@ -641,11 +644,18 @@ def activate(
             switching = [target]
         current.signer(new_inter, home, passphrase).private_key()  # the passphrase works
         replaced = [current.active(r.role) for r in switching]
+        crossed: dict[str, object] = {}
         if role == "root":
-            _reissue_old_cross(conn, current, replaced[0], target, home, passphrase, config, now)
+            cross = _reissue_old_cross(
+                conn, current, replaced[0], target, home, passphrase, config, now
+            )
+            crossed["old_root_cross"] = {
+                "serial": format(cross.serial_number, "x"),
+                "not_after": f"{cross.not_valid_after_utc:{_TIME}}",
+            }
         _move(conn, replaced, "previous", now)
         touched = _move(conn, switching, "active", now)
-        details = {"active": _names(switching), "previous": _names(replaced)}
+        details = {"active": _names(switching), "previous": _names(replaced), **crossed}
         return _finish(conn, current, audit, "activate", role, touched, details)
 
 
@@ -658,7 +668,7 @@ def _reissue_old_cross(
     passphrase: bytes | None,
     config: CAConfig,
     now: datetime,
-) -> None:
+) -> x509.Certificate:
     """At root activate: certify the old root by the new one again, until the last
     leaf the old root's intermediates signed expires (they sign nothing from now on),
     and never earlier than the certificate of ``prepare`` (so the stored one is always
@@ -683,6 +693,7 @@ def _reissue_old_cross(
         not_after=end,
     )
     update_issuer(conn, old_root.ski, cross_pem=_pem(cross))
+    return cross
 
 
 def _retiring(current: IssuerSet, role: str) -> list[Issuer]:
