@@ -28,7 +28,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -42,6 +42,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from google.protobuf import any_pb2
 
 from ._cache import SVID, IdentityCache, Snapshot
+from ._grpc import Attest, abort, attested, deny
 from ._peer import PeerInfo
 
 __all__ = [
@@ -64,15 +65,9 @@ BUNDLE_ALIASES = ("ROOTCA", "ALL")
 #: Streams re-check that their caller is still connected this often (seconds).
 STREAM_POLL = 1.0
 
-Attest = Callable[[grpc.ServicerContext], PeerInfo | None]
 _PEM = serialization.Encoding.PEM
 _CHANGED = object()
 _END = object()
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
 def _tls_certificate(name: str, svid: SVID) -> Any:
@@ -131,30 +126,10 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # ty
     # -- who asks, and what they get ------------------------------------------------
 
     def _caller(self, context: grpc.ServicerContext, method: str) -> PeerInfo:
-        peer = self._attest(context)
-        if peer is None:
-            _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the caller could not be attested: connect through the agent's socket",
-            )
-        log.debug("%s from %s", method, peer.describe())
-        return peer
+        return attested(self._attest, context, method, log)
 
     def _deny(self, context: grpc.ServicerContext, peer: PeerInfo, method: str) -> NoReturn:
-        log.info(
-            "%s denied: no registration entry matches %s",
-            method,
-            peer.describe(),
-            extra={"event": "deny", "uid": peer.uid, "gid": peer.gid, "pid": peer.pid},
-        )
-        _abort(
-            context,
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"no identity issued: no registration entry of this node matches uid {peer.uid} "
-            f"gid {peer.gid} ({peer.exe or 'unknown executable'}); ask for one with "
-            f"'trustmesh entry create ... --selector unix:uid:{peer.uid}'",
-        )
+        deny(context, peer, method, log)
 
     def render(
         self,
@@ -205,7 +180,7 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # ty
 
     def _check_type(self, request: Any, context: grpc.ServicerContext) -> None:
         if request.type_url and request.type_url != SECRET_TYPE_URL:
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"this SDS serves {SECRET_TYPE_URL} only, not {request.type_url!r}",
@@ -317,7 +292,7 @@ class SecretDiscoveryService(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # ty
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
         """Not served: use ``api_type: GRPC`` (state of the world) in Envoy's sds_config."""
-        _abort(
+        abort(
             context,
             grpc.StatusCode.UNIMPLEMENTED,
             "DeltaSecrets is not served: set api_type: GRPC (not DELTA_GRPC) in sds_config",

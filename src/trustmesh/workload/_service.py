@@ -24,6 +24,7 @@ from trustmesh.errors import TrustmeshError
 from trustmesh.tokens import InvalidTokenError, verify_jwt_svid
 
 from ._cache import SVID, IdentityCache, Snapshot
+from ._grpc import Attest, abort, attested, deny
 from ._peer import PeerInfo
 from ._proto import workload_pb2 as pb
 from ._proto import workload_pb2_grpc as pb_grpc
@@ -44,14 +45,6 @@ class JWTIssuer(Protocol):
     """Obtains a JWT-SVID for an SVID's identity and audiences (the agent asks the CA)."""
 
     def __call__(self, svid: SVID, audience: tuple[str, ...]) -> str: ...
-
-
-Attest = Callable[[grpc.ServicerContext], PeerInfo | None]
-
-
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
 class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
@@ -77,39 +70,19 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
     def _caller(self, context: grpc.ServicerContext, method: str) -> PeerInfo:
         metadata = dict(context.invocation_metadata() or ())
         if metadata.get(SECURITY_HEADER) != "true":
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "security header missing from request: send the metadata "
                 f"'{SECURITY_HEADER}: true' (every SPIFFE Workload API client does)",
             )
-        peer = self._attest(context)
-        if peer is None:
-            _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the caller could not be attested: connect through the agent's socket",
-            )
-        log.debug("%s from %s", method, peer.describe())
-        return peer
+        return attested(self._attest, context, method, log)
 
     def _entitled(self, snapshot: Snapshot, peer: PeerInfo) -> list[SVID]:
         return snapshot.svids_for(lambda with_hash: peer.selectors(with_hash=with_hash))
 
     def _deny(self, context: grpc.ServicerContext, peer: PeerInfo, method: str) -> NoReturn:
-        log.info(
-            "%s denied: no registration entry matches %s",
-            method,
-            peer.describe(),
-            extra={"event": "deny", "uid": peer.uid, "gid": peer.gid, "pid": peer.pid},
-        )
-        _abort(
-            context,
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"no identity issued: no registration entry of this node matches uid {peer.uid} "
-            f"gid {peer.gid} ({peer.exe or 'unknown executable'}); ask for one with "
-            f"'trustmesh entry create ... --selector unix:uid:{peer.uid}'",
-        )
+        deny(context, peer, method, log)
 
     def _stream(
         self,
@@ -197,7 +170,7 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
         peer = self._caller(context, "FetchJWTSVID")
         audience = tuple(a for a in request.audience if a)
         if not audience:
-            _abort(
+            abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "audience must be specified: ask for a JWT-SVID for the service you call",
@@ -208,7 +181,7 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
         if not svids:
             self._deny(context, peer, "FetchJWTSVID")
         if self._jwt_issuer is None:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, "this agent does not issue JWT-SVIDs")
+            abort(context, grpc.StatusCode.UNAVAILABLE, "this agent does not issue JWT-SVIDs")
         tokens = []
         for svid in svids:
             try:
@@ -217,7 +190,7 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
                 )
             except TrustmeshError as exc:
                 log.warning("JWT-SVID for %s failed: %s", svid.spiffe_id, exc.message)
-                _abort(
+                abort(
                     context,
                     grpc.StatusCode.UNAVAILABLE,
                     f"could not obtain a JWT-SVID for {svid.spiffe_id}: {exc.message}",
@@ -247,9 +220,9 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
         if not self._entitled(snapshot, peer):
             self._deny(context, peer, "ValidateJWTSVID")
         if not request.audience:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
         if not request.svid:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
         try:
             verified = verify_jwt_svid(
                 request.svid,
@@ -258,7 +231,7 @@ class WorkloadAPIService(pb_grpc.SpiffeWorkloadAPIServicer):
                 trust_domain=snapshot.trust_domain,
             )
         except InvalidTokenError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         claims = struct_pb2.Struct()
         claims.update(verified.claims)  # type: ignore[arg-type]  # JSON values
         return pb.ValidateJWTSVIDResponse(spiffe_id=verified.spiffe_id, claims=claims)
